@@ -1,0 +1,108 @@
+"""Device and process-group setup: CUDA+NCCL (Transformer Engine when importable) or CPU+gloo."""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import psutil
+import torch
+import torch.distributed as dist
+
+# Dense BF16 peak per device, used only for MFU. Keys are substrings of
+# torch.cuda.get_device_name(); unknown GPUs report no MFU rather than a guess.
+_PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "B200": 2250.0}
+
+
+def te_available() -> bool:
+    """True when Transformer Engine imports (it needs CUDA)."""
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # ImportError, or a CUDA/driver error raised at import
+        return False
+    return True
+
+
+def resolve_device(requested: str) -> str:
+    """``auto`` means CUDA when torch sees a GPU, else CPU."""
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but torch sees no GPU; use train.device=cpu or auto")
+    return requested
+
+
+@dataclass
+class Backend:
+    """What the rest of the code may ask about the device."""
+
+    device: str
+    """``cuda`` or ``cpu``."""
+    use_te: bool
+    """Build layers from Transformer Engine specs (else megatron-core local specs)."""
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device == "cuda":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    @property
+    def batch_p2p_comm(self) -> bool:
+        """Batched pipeline send/recv. With interleaved PP=2 both neighbours are the
+        same rank, and gloo matches untagged messages between a pair in posting
+        order: the batched order (send_prev, recv_prev, send_next, recv_next)
+        then pairs activations with gradients. megatron-core's unbatched path
+        orders ops by even/odd rank, which matches. NCCL keeps the batched path."""
+        return self.device == "cuda"
+
+    def memory_gib(self) -> float:
+        """Peak memory of this process so far: CUDA allocator peak, or CPU resident set."""
+        if self.device == "cuda":
+            return torch.cuda.max_memory_allocated() / 2**30
+        return psutil.Process().memory_info().rss / 2**30
+
+    def peak_tflops(self) -> float | None:
+        """Dense BF16 peak of this device for MFU; None where unknown (CPU included)."""
+        if self.device != "cuda":
+            return None
+        name = torch.cuda.get_device_name()
+        return next((v for k, v in _PEAK_BF16_TFLOPS.items() if k in name), None)
+
+    def synchronize(self) -> None:
+        """Wait for queued device work so wall-clock timings are real."""
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+
+def init(requested_device: str = "auto", timeout_minutes: int = 30) -> Backend:
+    """Create the default process group for this rank (env:// from torchrun or SLURM) and return the backend."""
+    device = resolve_device(requested_device)
+    if device == "cpu":
+        from megatron_swift.backend import cpu_compat
+
+        cpu_compat.apply()
+    else:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    _init_process_group("nccl" if device == "cuda" else "gloo", timeout_minutes)
+    return Backend(device=device, use_te=device == "cuda" and te_available())
+
+
+def _init_process_group(backend: str, timeout_minutes: int) -> None:
+    if dist.is_initialized():
+        return
+    # A plain `python launch/train.py` is a world of one: give it a rendezvous.
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

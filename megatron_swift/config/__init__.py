@@ -1,0 +1,1 @@
+"""Typed config schemas (ConfigStore), composition helpers and validation."""

@@ -1,0 +1,252 @@
+"""Typed configuration: one dataclass per Hydra group, registered in the ConfigStore.
+
+Every field carries a one-line docstring (a test checks this).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from omegaconf import MISSING
+
+
+@dataclass
+class ModelConfig:
+    """Which model to build; architecture fields left at None come from the family's size table."""
+
+    family: str = MISSING
+    """Model family, chosen with +model=<family> (llama, qwen2, qwen3, qwen3_moe)."""
+    size: str = "tiny"
+    """Named size in the family's table (tiny for CPU, or a published size such as 8b)."""
+    num_layers: Optional[int] = None
+    """Number of transformer layers (None: from the size table)."""
+    hidden_size: Optional[int] = None
+    """Hidden width (None: from the size table)."""
+    ffn_hidden_size: Optional[int] = None
+    """Dense MLP width (None: from the size table)."""
+    num_attention_heads: Optional[int] = None
+    """Number of query heads (None: from the size table)."""
+    num_query_groups: Optional[int] = None
+    """Number of key/value heads for GQA (None: from the size table)."""
+    kv_channels: Optional[int] = None
+    """Per-head dimension (None: from the size table, else hidden/heads)."""
+    vocab_size: Optional[int] = None
+    """Vocabulary size before padding (None: from the size table, else the tokenizer)."""
+    make_vocab_size_divisible_by: int = 128
+    """Pad the vocabulary to a multiple of this times parallel.tp."""
+    max_position_embeddings: Optional[int] = None
+    """Longest sequence the position embedding is set up for (None: from the size table)."""
+    rotary_base: Optional[float] = None
+    """RoPE base theta (None: from the size table)."""
+    norm_epsilon: Optional[float] = None
+    """Epsilon of the RMSNorm layers (None: from the size table)."""
+    untie_embeddings: Optional[bool] = None
+    """Separate output layer instead of reusing the input embedding (None: from the size table)."""
+    num_experts: Optional[int] = None
+    """Number of routed experts for MoE families (None: from the size table)."""
+    moe_ffn_hidden_size: Optional[int] = None
+    """Width of each expert's MLP (None: from the size table)."""
+    moe_router_topk: Optional[int] = None
+    """Experts chosen per token (None: from the size table)."""
+    moe_aux_loss_coeff: float = 0.0
+    """Weight of the load-balancing auxiliary loss (0 disables it)."""
+    moe_token_dispatcher: str = "alltoall"
+    """MoE token dispatcher: alltoall or allgather."""
+    hidden_dropout: float = 0.0
+    """Dropout after attention and MLP blocks."""
+    attention_dropout: float = 0.0
+    """Dropout on attention probabilities."""
+    init_method_std: float = 0.02
+    """Standard deviation of the random weight initialisation."""
+    load: Optional[str] = None
+    """Megatron checkpoint (run dir, checkpoints dir or iter_N dir) to take initial weights from; optimizer state is not loaded."""
+
+
+@dataclass
+class ParallelConfig:
+    """How the model and data are split over ranks; world = tp * pp * cp * dp."""
+
+    tp: int = 1
+    """Tensor-parallel size."""
+    pp: int = 1
+    """Pipeline-parallel size."""
+    vpp: Optional[int] = None
+    """Virtual pipeline stages per pipeline rank (interleaved 1F1B); None or 1 disables."""
+    sp: bool = False
+    """Sequence parallelism for norms and dropout (needs tp > 1)."""
+    cp: int = 1
+    """Context-parallel size (needs Transformer Engine)."""
+    ep: int = 1
+    """Expert-parallel size for MoE models."""
+    etp: Optional[int] = None
+    """Expert tensor-parallel size (None: same as tp)."""
+    distributed_optimizer: bool = False
+    """Shard optimizer state over data-parallel ranks (ZeRO-1)."""
+    overlap_grad_reduce: bool = False
+    """Overlap the gradient reduce-scatter/all-reduce with backward."""
+    overlap_param_gather: bool = False
+    """Overlap the distributed optimizer's parameter all-gather with forward."""
+
+
+@dataclass
+class DataConfig:
+    """Where training samples come from and how text becomes tokens."""
+
+    source: str = "jsonl"
+    """Data source: jsonl (text rows), indexed (megatron .bin/.idx prefixes) or mock (random tokens)."""
+    path: List[str] = field(default_factory=list)
+    """Files (jsonl) or path prefixes without .bin/.idx (indexed)."""
+    text_key: str = "text"
+    """Key of the text field in each JSONL row."""
+    tokenizer: str = "byte"
+    """Tokenizer: byte (built in, 256 bytes + specials), an HF tokenizer folder/tokenizer.json, or a SentencePiece .model."""
+    mock_samples: int = 256
+    """Number of samples in the mock source."""
+    shuffle: bool = True
+    """Shuffle samples each epoch (seeded by train.seed and the epoch)."""
+    eval_path: List[str] = field(default_factory=list)
+    """Held-out files for evaluation (same source kind); empty disables evaluation."""
+
+
+@dataclass
+class TrainConfig:
+    """Batching, optimisation, run length, precision and checkpointing."""
+
+    micro_batch_size: int = 2
+    """Samples per micro-batch on one data-parallel rank."""
+    global_batch_size: int = 8
+    """Samples per optimizer step across all data-parallel ranks."""
+    seq_length: int = 128
+    """Tokens per sample."""
+    lr: float = 3.0e-4
+    """Peak learning rate."""
+    min_lr: float = 3.0e-5
+    """Learning rate at the end of decay."""
+    lr_warmup_iters: int = 0
+    """Linear warmup steps from 0 to lr."""
+    lr_decay_style: str = "cosine"
+    """Decay after warmup: cosine, linear or constant."""
+    lr_decay_iters: Optional[int] = None
+    """Steps over which lr decays (None: the whole run)."""
+    weight_decay: float = 0.1
+    """AdamW weight decay (not applied to norms and biases)."""
+    adam_beta1: float = 0.9
+    """Adam beta1."""
+    adam_beta2: float = 0.95
+    """Adam beta2."""
+    adam_eps: float = 1.0e-8
+    """Adam epsilon."""
+    clip_grad: float = 1.0
+    """Clip the global gradient norm to this value (0 disables)."""
+    precision: str = "auto"
+    """Compute precision: auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 (dynamic loss scaling) or fp32."""
+    fp8: Optional[str] = None
+    """FP8 format through Transformer Engine: e4m3 or hybrid (None disables)."""
+    recompute: str = "none"
+    """Activation recompute: none, selective (core attention) or full."""
+    recompute_num_layers: int = 1
+    """Layers per recompute chunk when recompute=full."""
+    seed: int = 1234
+    """Seed for weights, dropout and data order."""
+    max_epochs: Optional[int] = None
+    """Stop after this many passes over the training samples (None: no epoch limit)."""
+    train_iters: Optional[int] = None
+    """Stop after this many optimizer steps (None: no step limit); the run stops at whichever limit comes first."""
+    eval_interval: int = 0
+    """Evaluate every this many steps (0 disables)."""
+    eval_iters: int = 4
+    """Global batches per evaluation."""
+    save_interval: int = 0
+    """Save a checkpoint every this many steps (0: only at the end and at epoch ends when asked)."""
+    save_at_epoch_end: bool = True
+    """Save a checkpoint when an epoch ends."""
+    save_at_end: bool = True
+    """Save a checkpoint when training stops."""
+    keep_last: int = 2
+    """Keep this many most recent checkpoints (0 keeps all)."""
+    resume: str = "auto"
+    """auto: continue from the latest checkpoint in output_dir if one exists; none: start fresh (refuses a dir that has checkpoints); or a checkpoint path."""
+    output_dir: Optional[str] = None
+    """Run directory for checkpoints and logs (None: outputs/<family>-<size>)."""
+    device: str = "auto"
+    """auto (CUDA if available), cuda or cpu."""
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases logging."""
+
+    project: Optional[str] = None
+    """WandB project; None disables WandB."""
+    name: Optional[str] = None
+    """Run name (None: the run directory's name)."""
+    tags: List[str] = field(default_factory=list)
+    """Run tags."""
+    mode: str = "online"
+    """online, offline or disabled."""
+
+
+@dataclass
+class LoggingConfig:
+    """Console progress, metrics file, TensorBoard and WandB."""
+
+    log_interval: int = 1
+    """Print and log every this many steps."""
+    tensorboard: bool = True
+    """Write TensorBoard events under <output_dir>/tensorboard."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """Weights & Biases settings."""
+
+
+@dataclass
+class ClusterConfig:
+    """Where the ranks run; the local group is a single node started by torchrun."""
+
+    name: str = "local"
+    """Cluster kind: local (torchrun on this node)."""
+    nodes: int = 1
+    """Number of nodes."""
+    gpus_per_node: int = 8
+    """Devices per node (used for planning and launch scripts)."""
+    dist_timeout_minutes: int = 30
+    """Timeout of collective operations before a hang is reported."""
+
+
+@dataclass
+class Config:
+    """A whole run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Model family, size and overrides."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Parallel layout."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training data."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation and run length."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Logging sinks."""
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    """Cluster description."""
+
+
+def asset_path(name: str) -> str:
+    """Absolute path of a file bundled in megatron_swift/assets (the ``${asset:...}`` resolver)."""
+    import os
+
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", name)
+
+
+def register() -> None:
+    """Register the schemas so YAML in conf/ is type-checked against them."""
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("asset"):
+        OmegaConf.register_new_resolver("asset", asset_path)
+
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    for group, node in (("model", ModelConfig), ("parallel", ParallelConfig), ("data", DataConfig),
+                        ("train", TrainConfig), ("logging", LoggingConfig), ("cluster", ClusterConfig)):
+        cs.store(group=group, name=f"base_{group}", node=node)

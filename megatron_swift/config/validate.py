@@ -1,0 +1,156 @@
+"""Checks that run before any process group, model or checkpoint is touched.
+
+Each failure says which key to change. ``validate`` collects every problem so
+a user fixes them in one go.
+"""
+from __future__ import annotations
+
+import os
+from typing import List, Optional
+
+from omegaconf import OmegaConf
+
+from megatron_swift.models import families
+
+
+class ConfigError(ValueError):
+    """One or more configuration problems, each naming the key to change."""
+
+    def __init__(self, problems: List[str]):
+        self.problems = problems
+        super().__init__("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def _choice(problems, key, value, allowed):
+    if value not in allowed:
+        problems.append(f"{key}={value} is not one of: {', '.join(map(str, allowed))}")
+
+
+def _layout(cfg, arch, te_available: bool, problems: List[str]) -> None:
+    par = cfg.parallel
+    for key in ("tp", "pp", "cp", "ep"):
+        if getattr(par, key) < 1:
+            problems.append(f"parallel.{key}={getattr(par, key)} must be >= 1")
+    if problems:
+        return
+    heads, groups = arch.num_attention_heads, arch.num_query_groups
+    if heads % par.tp:
+        problems.append(f"parallel.tp={par.tp} does not divide model.num_attention_heads={heads}")
+    if groups % par.tp:
+        problems.append(f"parallel.tp={par.tp} does not divide model.num_query_groups={groups}")
+    if heads % groups:
+        problems.append(f"model.num_query_groups={groups} does not divide model.num_attention_heads={heads}")
+    vpp = par.vpp or 1
+    if arch.num_layers % (par.pp * vpp):
+        problems.append(
+            f"model.num_layers={arch.num_layers} is not divisible by parallel.pp*parallel.vpp={par.pp}*{vpp}"
+        )
+    if vpp > 1 and par.pp < 2:
+        problems.append(f"parallel.vpp={vpp} needs parallel.pp >= 2")
+    if par.sp and par.tp < 2:
+        problems.append("parallel.sp=true needs parallel.tp > 1 (sequence parallelism splits over TP ranks)")
+    if par.sp and cfg.train.seq_length % par.tp:
+        problems.append(f"parallel.tp={par.tp} does not divide train.seq_length={cfg.train.seq_length} (needed by parallel.sp)")
+    if par.cp > 1 and not te_available:
+        problems.append(
+            f"parallel.cp={par.cp} needs Transformer Engine (megatron-core's local attention has no context "
+            "parallelism): install the [te] extra on a CUDA machine, or set parallel.cp=1"
+        )
+    if par.ep > 1 and not arch.is_moe:
+        problems.append(f"parallel.ep={par.ep} needs a MoE model (model.num_experts is not set for {arch.family.name})")
+    if arch.is_moe:
+        if arch.num_experts % par.ep:
+            problems.append(f"parallel.ep={par.ep} does not divide model.num_experts={arch.num_experts}")
+        if par.etp is not None and arch.moe_ffn_hidden_size % par.etp:
+            problems.append(f"parallel.etp={par.etp} does not divide model.moe_ffn_hidden_size={arch.moe_ffn_hidden_size}")
+    if par.overlap_param_gather and not par.distributed_optimizer:
+        problems.append("parallel.overlap_param_gather=true needs parallel.distributed_optimizer=true")
+
+
+def _batch(cfg, world_size: Optional[int], problems: List[str]) -> None:
+    par, train = cfg.parallel, cfg.train
+    model_parallel = par.tp * par.pp * par.cp
+    if world_size is not None:
+        if world_size % model_parallel:
+            problems.append(
+                f"world size {world_size} is not divisible by parallel.tp*pp*cp={par.tp}*{par.pp}*{par.cp}; "
+                "change the layout or the number of processes"
+            )
+            return
+        dp = world_size // model_parallel
+        expert_mp = par.ep * (par.etp if par.etp is not None else par.tp) * par.pp
+        if world_size % expert_mp:
+            problems.append(f"world size {world_size} is not divisible by parallel.ep*etp*pp={expert_mp}")
+        if train.global_batch_size % (train.micro_batch_size * dp):
+            problems.append(
+                f"train.global_batch_size={train.global_batch_size} is not divisible by "
+                f"train.micro_batch_size*dp={train.micro_batch_size}*{dp}"
+            )
+        elif (par.vpp or 1) > 1 and (train.global_batch_size // (train.micro_batch_size * dp)) % par.pp:
+            problems.append(
+                f"interleaved pipeline needs the number of micro-batches "
+                f"({train.global_batch_size // (train.micro_batch_size * dp)}) to be a multiple of parallel.pp={par.pp}"
+            )
+
+
+def _run(cfg, problems: List[str]) -> None:
+    train = cfg.train
+    if train.max_epochs is None and train.train_iters is None:
+        problems.append("set train.max_epochs or train.train_iters (or both: the run stops at whichever comes first)")
+    for key in ("max_epochs", "train_iters"):
+        value = getattr(train, key)
+        if value is not None and value < 0:
+            problems.append(f"train.{key}={value} must be >= 0")
+    _choice(problems, "train.lr_decay_style", train.lr_decay_style, ("cosine", "linear", "constant"))
+    _choice(problems, "train.precision", train.precision, ("auto", "bf16", "fp16", "fp32"))
+    _choice(problems, "train.recompute", train.recompute, ("none", "selective", "full"))
+    _choice(problems, "train.device", train.device, ("auto", "cuda", "cpu"))
+    _choice(problems, "logging.wandb.mode", cfg.logging.wandb.mode, ("online", "offline", "disabled"))
+    if train.fp8 is not None:
+        _choice(problems, "train.fp8", train.fp8, ("e4m3", "hybrid"))
+    if train.micro_batch_size < 1 or train.seq_length < 1:
+        problems.append("train.micro_batch_size and train.seq_length must be >= 1")
+    if train.min_lr > train.lr:
+        problems.append(f"train.min_lr={train.min_lr} is above train.lr={train.lr}")
+
+
+def _data(cfg, problems: List[str]) -> None:
+    data = cfg.data
+    _choice(problems, "data.source", data.source, ("jsonl", "indexed", "mock"))
+    if data.source == "mock":
+        return
+    if not data.path:
+        problems.append(f"data.path is empty; give the {data.source} file(s) to train on")
+    for path in list(data.path) + list(data.eval_path):
+        files = [path] if data.source == "jsonl" else [path + ".bin", path + ".idx"]
+        for file in files:
+            if not os.path.isfile(file):
+                problems.append(f"data file not found: {file} (data.path)")
+
+
+def _backend(cfg, te_available: bool, device: str, problems: List[str]) -> None:
+    if cfg.train.fp8 and not te_available:
+        problems.append("train.fp8 needs Transformer Engine on CUDA; unset train.fp8 or install the [te] extra")
+    if device == "cpu" and cfg.train.precision == "fp16":
+        problems.append("train.precision=fp16 is not supported on CPU; use fp32 or bf16")
+
+
+def validate(cfg, world_size: Optional[int], te_available: bool = False, device: str = "cpu"):
+    """Raise :class:`ConfigError` listing every problem; return the resolved architecture."""
+    from megatron_swift.models.arch import resolve
+
+    if OmegaConf.is_missing(cfg.model, "family"):
+        raise ConfigError([f"no model chosen: add +model=<family>, one of: {', '.join(families.names())}"])
+    try:
+        arch = resolve(cfg.model)
+    except KeyError as e:
+        raise ConfigError([str(e.args[0])]) from None
+    problems: List[str] = []
+    _layout(cfg, arch, te_available, problems)
+    _batch(cfg, world_size, problems)
+    _run(cfg, problems)
+    _data(cfg, problems)
+    _backend(cfg, te_available, device, problems)
+    if problems:
+        raise ConfigError(problems)
+    return arch

@@ -1,0 +1,1 @@
+"""Tokenizers, pretraining sample sources and the resumable data-parallel batch sampler."""

@@ -1,0 +1,73 @@
+"""Which samples each rank sees at each step: a pure function of (epoch, step).
+
+One epoch is one pass over a permutation of the ``N`` samples (re-drawn each
+epoch from ``seed + epoch``). It holds ``N // global_batch_size`` optimizer
+steps; the ``N % global_batch_size`` samples left over at the end of the
+permutation are not used in that epoch (a different remainder each epoch when
+shuffling). Data parallelism splits each global batch, it never changes how
+many steps an epoch has. Because the position follows from the iteration
+count alone, a resumed run reads exactly the samples an uninterrupted run
+would have read next.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List
+
+import torch
+
+
+@dataclass
+class Batch:
+    """One micro-batch as the model consumes it."""
+
+    tokens: torch.Tensor
+    labels: torch.Tensor
+    loss_mask: torch.Tensor
+    position_ids: torch.Tensor
+
+
+@dataclass
+class DataParallelSampler:
+    """Micro-batches for one data-parallel rank."""
+
+    num_samples: int
+    global_batch_size: int
+    micro_batch_size: int
+    dp_size: int
+    dp_rank: int
+    seed: int
+    shuffle: bool = True
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_samples // self.global_batch_size
+
+    @property
+    def num_microbatches(self) -> int:
+        return self.global_batch_size // (self.micro_batch_size * self.dp_size)
+
+    def _order(self, epoch: int) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.num_samples)
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        return torch.randperm(self.num_samples, generator=generator)
+
+    def global_batch(self, iteration: int) -> torch.Tensor:
+        """Sample indices of the whole global batch at ``iteration`` (0-based)."""
+        epoch, step = divmod(iteration, self.steps_per_epoch)
+        start = step * self.global_batch_size
+        return self._order(epoch)[start : start + self.global_batch_size]
+
+    def microbatch_indices(self, iteration: int) -> List[torch.Tensor]:
+        """This rank's micro-batches: micro-batch ``k`` of rank ``r`` is slot ``k * dp + r`` of the global batch."""
+        chunks = self.global_batch(iteration).split(self.micro_batch_size)
+        return [chunks[k * self.dp_size + self.dp_rank] for k in range(self.num_microbatches)]
+
+
+def collate(samples: List[torch.Tensor]) -> Batch:
+    """Stack windows of ``S + 1`` tokens into inputs and next-token labels."""
+    windows = torch.stack(samples)
+    tokens, labels = windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+    positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens).contiguous()
+    return Batch(tokens, labels, torch.ones_like(labels, dtype=torch.float32), positions)

@@ -1,0 +1,95 @@
+"""Pretraining sample sources: one long token stream cut into fixed windows.
+
+Documents are tokenized, each followed by the end-of-document token, and
+concatenated in file order (as Megatron's GPTDataset does). Sample ``i`` is
+``stream[i*S : i*S + S + 1]`` (inputs plus the shifted label), so a dataset of
+``T`` tokens has ``(T - 1) // S`` samples and a trailing partial window is
+dropped. The sources are small enough to hold in memory; streaming and
+on-disk blending belong to the data issue.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import List, Sequence
+
+import numpy as np
+import torch
+
+from megatron_swift.data.errors import DataError
+
+
+class TokenWindows(torch.utils.data.Dataset):
+    """Fixed windows of ``seq_length + 1`` tokens over one token stream."""
+
+    def __init__(self, stream: np.ndarray, seq_length: int, description: str):
+        self.stream = torch.from_numpy(np.ascontiguousarray(stream, dtype=np.int64))
+        self.seq_length = seq_length
+        self.description = description
+
+    def __len__(self) -> int:
+        return max(0, (len(self.stream) - 1) // self.seq_length)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        start = index * self.seq_length
+        return self.stream[start : start + self.seq_length + 1]
+
+
+def _read_jsonl(path: str, text_key: str, tokenizer) -> List[int]:
+    if not os.path.isfile(path):
+        raise DataError(path, None, "data file not found (check data.path)")
+    tokens: List[int] = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(path, line_no, f"invalid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict) or not isinstance(row.get(text_key), str):
+                raise DataError(path, line_no, f"row has no string field '{text_key}' (set data.text_key)")
+            tokens.extend(tokenizer.encode(row[text_key]))
+            tokens.append(tokenizer.eod)
+    return tokens
+
+
+def jsonl_source(paths: Sequence[str], text_key: str, tokenizer, seq_length: int) -> TokenWindows:
+    """``{"text": ...}`` rows from one or more JSONL files."""
+    stream: List[int] = []
+    for path in paths:
+        stream.extend(_read_jsonl(path, text_key, tokenizer))
+    return TokenWindows(np.asarray(stream, dtype=np.int64), seq_length, f"jsonl:{','.join(paths)}")
+
+
+def indexed_source(prefixes: Sequence[str], seq_length: int) -> TokenWindows:
+    """megatron-core indexed datasets (``prefix.bin`` + ``prefix.idx``), read with its IndexedDataset."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    parts = []
+    for prefix in prefixes:
+        for ext in (".bin", ".idx"):
+            if not os.path.isfile(prefix + ext):
+                raise DataError(prefix + ext, None, "indexed dataset file not found (data.path takes prefixes without .bin/.idx)")
+        dataset = IndexedDataset(prefix, mmap=True)
+        parts.extend(np.asarray(dataset[i], dtype=np.int64) for i in range(len(dataset)))
+    stream = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    return TokenWindows(stream, seq_length, f"indexed:{','.join(prefixes)}")
+
+
+def mock_source(num_samples: int, vocab_size: int, seq_length: int, seed: int) -> TokenWindows:
+    """Random tokens, fixed by the seed: for smoke tests and benchmarks."""
+    rng = np.random.default_rng(seed)
+    stream = rng.integers(0, vocab_size, size=num_samples * seq_length + 1, dtype=np.int64)
+    return TokenWindows(stream, seq_length, f"mock:{num_samples}")
+
+
+def build_source(data_cfg, paths: Sequence[str], tokenizer, seq_length: int, seed: int) -> TokenWindows:
+    """The source named by ``data.source`` over ``paths``."""
+    if data_cfg.source == "jsonl":
+        return jsonl_source(paths, data_cfg.text_key, tokenizer, seq_length)
+    if data_cfg.source == "indexed":
+        return indexed_source(paths, seq_length)
+    if data_cfg.source == "mock":
+        return mock_source(data_cfg.mock_samples, tokenizer.vocab_size, seq_length, seed)
+    raise ValueError(f"data.source={data_cfg.source}: expected jsonl, indexed or mock")

@@ -1,0 +1,92 @@
+"""Tokenizers behind one small interface: ``encode``, ``decode``, ``vocab_size``, ``eod``.
+
+``byte`` needs no files (UTF-8 bytes plus three specials) and is what the
+bundled demo uses; a folder or ``tokenizer.json`` loads an HF fast tokenizer;
+a ``.model`` file loads SentencePiece.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import List
+
+
+class ByteTokenizer:
+    """UTF-8 bytes 0..255, then <eod>=256, <bos>=257, <pad>=258."""
+
+    vocab_size = 259
+    eod = 256
+    bos = 257
+    pad = 258
+
+    def encode(self, text: str) -> List[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: List[int]) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    """An HF ``tokenizer.json`` read with the ``tokenizers`` library (no remote code)."""
+
+    def __init__(self, path: str):
+        from tokenizers import Tokenizer
+
+        folder = path if os.path.isdir(path) else os.path.dirname(path)
+        file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"data.tokenizer={path}: no tokenizer.json there")
+        self._tok = Tokenizer.from_file(file)
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        self.eod = self._special(folder, ("eos_token",), ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>"))
+
+    def _special(self, folder: str, keys, fallbacks) -> int:
+        config = os.path.join(folder, "tokenizer_config.json")
+        candidates = []
+        if os.path.isfile(config):
+            with open(config, encoding="utf-8") as f:
+                data = json.load(f)
+            for key in keys:
+                value = data.get(key)
+                candidates.append(value.get("content") if isinstance(value, dict) else value)
+        for token in [c for c in candidates if c] + list(fallbacks):
+            token_id = self._tok.token_to_id(token)
+            if token_id is not None:
+                return token_id
+        raise ValueError(f"tokenizer in {folder} has no end-of-document token (looked for eos_token, {fallbacks})")
+
+    def encode(self, text: str) -> List[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: List[int]) -> str:
+        return self._tok.decode(ids)
+
+
+class SentencePieceTokenizer:
+    """A SentencePiece ``.model`` file; its EOS id ends each document."""
+
+    def __init__(self, path: str):
+        import sentencepiece as spm
+
+        self._sp = spm.SentencePieceProcessor(model_file=path)
+        self.vocab_size = self._sp.get_piece_size()
+        if self._sp.eos_id() < 0:
+            raise ValueError(f"SentencePiece model {path} defines no EOS piece")
+        self.eod = self._sp.eos_id()
+
+    def encode(self, text: str) -> List[int]:
+        return self._sp.encode(text)
+
+    def decode(self, ids: List[int]) -> str:
+        return self._sp.decode(ids)
+
+
+def build_tokenizer(spec: str):
+    """``byte``, an HF tokenizer folder or ``tokenizer.json``, or a SentencePiece ``.model``."""
+    if spec == "byte":
+        return ByteTokenizer()
+    if spec.endswith(".model"):
+        return SentencePieceTokenizer(spec)
+    if os.path.isdir(spec) or spec.endswith(".json"):
+        return HFTokenizer(spec)
+    raise ValueError(f"data.tokenizer={spec}: expected 'byte', an HF tokenizer folder/tokenizer.json, or a .model file")

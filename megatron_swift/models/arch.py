@@ -1,0 +1,53 @@
+"""Resolve a model config against its family's size table into concrete numbers."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+from megatron_swift.models import families
+from megatron_swift.models.families import Family
+
+
+@dataclass(frozen=True)
+class Arch:
+    """Every architecture number a run needs, after size table and overrides are merged."""
+
+    family: Family
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    kv_channels: int
+    vocab_size: Optional[int]
+    max_position_embeddings: int
+    rotary_base: float
+    norm_epsilon: float
+    untie_embeddings: bool
+    num_experts: Optional[int]
+    moe_ffn_hidden_size: Optional[int]
+    moe_router_topk: Optional[int]
+
+    @property
+    def is_moe(self) -> bool:
+        return bool(self.num_experts)
+
+
+def resolve(model_cfg) -> Arch:
+    """Apply the non-None fields of ``model_cfg`` on top of its family's named size."""
+    family = families.get(model_cfg.family)
+    size = family.size(model_cfg.size)
+    values = {}
+    for f in dataclasses.fields(size):
+        override = getattr(model_cfg, f.name, None)
+        values[f.name] = override if override is not None else getattr(size, f.name)
+    if values["kv_channels"] is None:
+        values["kv_channels"] = values["hidden_size"] // values["num_attention_heads"]
+    return Arch(family=family, **values)
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
+    """Megatron pads the vocabulary so each TP rank holds an equal, aligned slice."""
+    multiple = divisible_by * tp
+    return ((vocab_size + multiple - 1) // multiple) * multiple

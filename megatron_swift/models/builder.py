@@ -1,0 +1,116 @@
+"""Build this rank's megatron-core GPTModel chunk(s) from a resolved architecture."""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state as ps
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+from megatron.core.transformer import TransformerConfig
+
+from megatron_swift.backend import Backend
+from megatron_swift.models.arch import Arch
+from megatron_swift.models.norm import swap_torch_norms
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def resolve_precision(precision: str, backend: Backend) -> str:
+    """``auto`` is bf16 on CUDA and fp32 on CPU (CPU bf16 matmuls are slow and less exact)."""
+    if precision == "auto":
+        return "bf16" if backend.device == "cuda" else "fp32"
+    return precision
+
+
+def transformer_config(arch: Arch, cfg, backend: Backend) -> TransformerConfig:
+    """megatron-core TransformerConfig for this run: architecture, layout, precision, recompute."""
+    model, par, train = cfg.model, cfg.parallel, cfg.train
+    precision = resolve_precision(train.precision, backend)
+    dtype = _DTYPES[precision]
+    kwargs = dict(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_query_groups,
+        kv_channels=arch.kv_channels,
+        normalization="RMSNorm",
+        layernorm_epsilon=arch.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=arch.family.add_qkv_bias,
+        qk_layernorm=arch.family.qk_layernorm,
+        hidden_dropout=model.hidden_dropout,
+        attention_dropout=model.attention_dropout,
+        init_method_std=model.init_method_std,
+        tensor_model_parallel_size=par.tp,
+        pipeline_model_parallel_size=par.pp,
+        virtual_pipeline_model_parallel_size=par.vpp if (par.vpp or 1) > 1 else None,
+        sequence_parallel=par.sp,
+        context_parallel_size=par.cp,
+        expert_model_parallel_size=par.ep,
+        expert_tensor_parallel_size=par.etp if par.etp is not None else par.tp,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu_initialization=backend.device == "cpu",
+        perform_initialization=True,
+        # Loss is a sum over tokens divided by the global token count (finalize_model_grads).
+        calculate_per_token_loss=True,
+        apply_rope_fusion=backend.use_te,
+        bias_activation_fusion=backend.use_te,
+        masked_softmax_fusion=backend.use_te,
+        gradient_accumulation_fusion=False,
+        deallocate_pipeline_outputs=True,
+        batch_p2p_comm=backend.batch_p2p_comm,
+    )
+    if train.recompute != "none":
+        kwargs.update(recompute_granularity=train.recompute)
+        if train.recompute == "full":
+            kwargs.update(recompute_method="uniform", recompute_num_layers=train.recompute_num_layers)
+    if train.fp8:
+        kwargs.update(fp8=train.fp8, fp8_recipe="delayed")
+    if arch.is_moe:
+        kwargs.update(
+            num_moe_experts=arch.num_experts,
+            moe_ffn_hidden_size=arch.moe_ffn_hidden_size,
+            moe_router_topk=arch.moe_router_topk,
+            moe_token_dispatcher_type=model.moe_token_dispatcher,
+            moe_aux_loss_coeff=model.moe_aux_loss_coeff,
+            moe_router_load_balancing_type="aux_loss" if model.moe_aux_loss_coeff > 0 else "none",
+            moe_grouped_gemm=backend.use_te,
+            moe_router_pre_softmax=arch.family.moe_router_pre_softmax,
+            moe_router_dtype="fp32",
+        )
+    return TransformerConfig(**kwargs)
+
+
+def build_model(arch: Arch, tconfig: TransformerConfig, padded_vocab: int, seq_length: int,
+                backend: Backend) -> List[GPTModel]:
+    """One GPTModel per virtual pipeline stage held by this rank (one when vpp is off)."""
+    vpp = tconfig.virtual_pipeline_model_parallel_size or 1
+    chunks = []
+    for vp_stage in range(vpp):
+        stage = vp_stage if vpp > 1 else None
+        block_spec = get_gpt_decoder_block_spec(tconfig, use_transformer_engine=backend.use_te, vp_stage=stage)
+        if not backend.use_te:
+            swap_torch_norms(block_spec)
+        model = GPTModel(
+            config=tconfig,
+            transformer_layer_spec=block_spec,
+            vocab_size=padded_vocab,
+            max_sequence_length=max(arch.max_position_embeddings, seq_length),
+            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+            share_embeddings_and_output_weights=not arch.untie_embeddings,
+            position_embedding_type="rope",
+            rotary_base=arch.rotary_base,
+            vp_stage=stage,
+        )
+        model.to(backend.torch_device)
+        chunks.append(model)
+    return chunks

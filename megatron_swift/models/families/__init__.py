@@ -1,0 +1,49 @@
+"""Model families, registered by name and by Hugging Face architecture.
+
+A family is one small module in this package that defines ``FAMILY``; adding a
+module here is all it takes to add a family.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from typing import Dict
+
+from megatron_swift.models.families.base import Family, Size  # noqa: F401
+
+_BY_NAME: Dict[str, Family] = {}
+_BY_HF_ARCH: Dict[str, Family] = {}
+
+
+def _discover() -> None:
+    if _BY_NAME:
+        return
+    for info in pkgutil.iter_modules(__path__):
+        if info.name == "base":
+            continue
+        family = importlib.import_module(f"{__name__}.{info.name}").FAMILY
+        _BY_NAME[family.name] = family
+        for arch in family.hf_architectures:
+            _BY_HF_ARCH[arch] = family
+
+
+def names() -> list[str]:
+    """Registered family names, sorted."""
+    _discover()
+    return sorted(_BY_NAME)
+
+
+def get(name: str) -> Family:
+    """The family called ``name``; the error lists the known ones."""
+    _discover()
+    if name not in _BY_NAME:
+        raise KeyError(f"unknown model family '{name}'; available: {', '.join(names())}")
+    return _BY_NAME[name]
+
+
+def by_hf_architecture(arch: str) -> Family:
+    """The family registered for an HF ``architectures`` entry."""
+    _discover()
+    if arch not in _BY_HF_ARCH:
+        raise KeyError(f"unsupported HF architecture '{arch}'; supported: {', '.join(sorted(_BY_HF_ARCH))}")
+    return _BY_HF_ARCH[arch]

@@ -1,0 +1,48 @@
+"""What a model family declares: fixed architecture traits plus a table of named sizes."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Tuple
+
+
+@dataclass(frozen=True)
+class Size:
+    """One published (or test) configuration of a family."""
+
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    kv_channels: Optional[int] = None
+    vocab_size: Optional[int] = None  # None: take the tokenizer's
+    max_position_embeddings: int = 4096
+    rotary_base: float = 10000.0
+    norm_epsilon: float = 1e-6
+    untie_embeddings: bool = True
+    num_experts: Optional[int] = None
+    moe_ffn_hidden_size: Optional[int] = None
+    moe_router_topk: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class Family:
+    """Architecture traits shared by every size of a family."""
+
+    name: str
+    hf_architectures: Tuple[str, ...]
+    sizes: Dict[str, Size]
+    qk_layernorm: bool = False
+    add_qkv_bias: bool = False
+    moe: bool = False
+    # Qwen3-MoE normalises the top-k routing weights to sum to 1.
+    moe_router_pre_softmax: bool = False
+    moe_norm_topk_prob: bool = True
+    extra: Dict[str, object] = field(default_factory=dict)
+
+    def size(self, name: str) -> Size:
+        if name not in self.sizes:
+            raise KeyError(
+                f"model.size={name} is not a size of family {self.name}; choose one of: {', '.join(self.sizes)}"
+            )
+        return self.sizes[name]

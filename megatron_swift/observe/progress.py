@@ -1,0 +1,46 @@
+"""The console progress line."""
+from __future__ import annotations
+
+import time
+from typing import Dict, Optional
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def _si(value: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.1f}{unit}"
+    return f"{value:.0f}"
+
+
+class Progress:
+    """Formats one line per logged step; ETA from the mean step time since start (or resume)."""
+
+    def __init__(self, total_iters: int, max_epochs: Optional[int], start_iter: int):
+        self.total_iters = total_iters
+        self.max_epochs = max_epochs
+        self.start_iter = start_iter
+        self.start_time = time.monotonic()
+
+    def line(self, m: Dict[str, float]) -> str:
+        done = m["iteration"] - self.start_iter
+        elapsed = time.monotonic() - self.start_time
+        eta = elapsed / max(done, 1) * (self.total_iters - m["iteration"])
+        epochs = f"/{self.max_epochs}" if self.max_epochs else ""
+        parts = [
+            f"step {m['iteration']}/{self.total_iters}",
+            f"epoch {m['epoch']:.2f}{epochs}",
+            f"loss {m['loss']:.4f}",
+            f"lr {m['lr']:.2e}",
+            f"gnorm {m['grad_norm']:.3f}",
+            f"{_si(m['tokens_per_s'])} tok/s",
+            f"{m['tflops_per_device']:.2f} TFLOP/s/dev",
+        ]
+        if m.get("mfu") is not None:
+            parts.append(f"MFU {100 * m['mfu']:.1f}%")
+        parts += [f"mem {m['memory_gib']:.2f} GiB", f"ETA {_hms(eta)}"]
+        return " | ".join(parts)

@@ -1,0 +1,208 @@
+"""Megatron distributed checkpoints (torch_dist), saved atomically, pruned to the last K.
+
+Layout of a run directory::
+
+    <output_dir>/checkpoints/iter_0000042/      one complete checkpoint
+        megatron_swift.json                    iteration, epoch, samples, layout (written last)
+        ...                                    dist_checkpointing shards + metadata
+    <output_dir>/checkpoints/.tmp.iter_0000050/ a save in progress (never loaded)
+
+A save goes to ``.tmp.iter_N`` and is renamed to ``iter_N`` by rank 0 only
+after every rank has finished writing, so a crash mid-save leaves the previous
+checkpoint as the latest complete one. Model weights are stored per
+parameter in global (unsharded) coordinates by megatron-core, so they load
+under any TP/PP/EP layout; optimizer and RNG state are restored only under
+the layout they were saved with.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core import parallel_state as ps
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+META = "megatron_swift.json"
+_ITER_RE = re.compile(r"^iter_(\d{7})$")
+
+
+@dataclass
+class TrainState:
+    """Counters that say where a run is; saved with every checkpoint."""
+
+    iteration: int = 0
+    consumed_samples: int = 0
+    epoch: int = 0
+
+
+def checkpoints_dir(output_dir: str) -> str:
+    return os.path.join(output_dir, "checkpoints")
+
+
+def _iter_name(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+def complete_checkpoints(ckpt_dir: str) -> List[str]:
+    """Complete checkpoint directories, oldest first."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    names = [n for n in os.listdir(ckpt_dir) if _ITER_RE.match(n) and os.path.isfile(os.path.join(ckpt_dir, n, META))]
+    return [os.path.join(ckpt_dir, n) for n in sorted(names)]
+
+
+def find_checkpoint(path: str) -> str:
+    """Accept a run dir, its checkpoints dir or an iter_N dir; return the latest complete iter_N dir."""
+    if os.path.isfile(os.path.join(path, META)):
+        return path
+    for candidate in (checkpoints_dir(path), path):
+        found = complete_checkpoints(candidate)
+        if found:
+            return found[-1]
+    raise FileNotFoundError(f"no complete megatron-swift checkpoint under {path}")
+
+
+def read_meta(ckpt: str) -> dict:
+    with open(os.path.join(ckpt, META), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _unwrap(chunk):
+    """DDP and Float16Module wrap the GPTModel; checkpoints address the GPTModel."""
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
+def _model_sharded(model) -> Dict[str, dict]:
+    if len(model) == 1:
+        return {"model": _unwrap(model[0]).sharded_state_dict()}
+    return {f"model{i}": _unwrap(chunk).sharded_state_dict() for i, chunk in enumerate(model)}
+
+
+def _layout() -> Dict[str, int]:
+    return {
+        "world": dist.get_world_size(),
+        "tp": ps.get_tensor_model_parallel_world_size(),
+        "pp": ps.get_pipeline_model_parallel_world_size(),
+        "ep": ps.get_expert_model_parallel_world_size(),
+        "vpp": ps.get_virtual_pipeline_model_parallel_world_size() or 1,
+    }
+
+
+def _rng_state() -> dict:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": get_cuda_rng_tracker().get_states(),
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _rng_sharded(state: Optional[dict]) -> ShardedObject:
+    # One object per global rank: RNG state only makes sense under the same layout.
+    return ShardedObject("rng_state", state, (dist.get_world_size(),), (dist.get_rank(),), replica_id=0)
+
+
+def _full_sharded_state(model, optimizer, scheduler, for_loading: bool) -> dict:
+    state = _model_sharded(model)
+    merged = {}
+    for value in state.values():
+        merged.update(value)
+    state["optimizer"] = optimizer.sharded_state_dict(merged, is_loading=for_loading)
+    state["scheduler"] = scheduler.state_dict()
+    state["rng"] = _rng_sharded(None if for_loading else _rng_state())
+    return state
+
+
+def save(output_dir: str, state: TrainState, model, optimizer, scheduler, config_yaml: str, keep_last: int) -> str:
+    """Write ``iter_N`` atomically (temporary dir, then rename) and prune to ``keep_last``."""
+    ckpt_dir = checkpoints_dir(output_dir)
+    final = os.path.join(ckpt_dir, _iter_name(state.iteration))
+    tmp = os.path.join(ckpt_dir, ".tmp." + _iter_name(state.iteration))
+    rank0 = dist.get_rank() == 0
+    if rank0:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp)  # left by a save that crashed
+        os.makedirs(tmp)
+    dist.barrier()
+    sharded = _full_sharded_state(model, optimizer, scheduler, for_loading=False)
+    dist_checkpointing.save(sharded, tmp)
+    dist.barrier()
+    if rank0:
+        meta = dict(state.__dict__, layout=_layout())
+        with open(os.path.join(tmp, "config.yaml"), "w", encoding="utf-8") as f:
+            f.write(config_yaml)
+        with open(os.path.join(tmp, META), "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        if os.path.isdir(final):
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _prune(ckpt_dir, keep_last)
+    dist.barrier()
+    return final
+
+
+def _prune(ckpt_dir: str, keep_last: int) -> None:
+    if keep_last <= 0:
+        return
+    for old in complete_checkpoints(ckpt_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_weights(path: str, model) -> str:
+    """Load only model weights from a checkpoint (any layout); returns the iter dir used."""
+    ckpt = find_checkpoint(path)
+    sharded = _model_sharded(model)
+    _load_model(dist_checkpointing.load(sharded, ckpt), list(sharded), model)
+    return ckpt
+
+
+def _load_model(loaded: dict, keys: List[str], model) -> None:
+    for key, chunk in zip(keys, model):
+        _unwrap(chunk).load_state_dict(loaded[key], strict=True)
+
+
+def load_full(ckpt: str, model, optimizer, scheduler) -> TrainState:
+    """Restore weights, optimizer, scheduler, RNG and counters to continue a run.
+
+    Refuses a checkpoint from another layout: the optimizer state is sharded
+    by layout (use model.load to start a new run from its weights instead)."""
+    meta = read_meta(ckpt)
+    if meta["layout"] != _layout():
+        raise ValueError(
+            f"checkpoint {ckpt} was saved with layout {meta['layout']} but this run uses {_layout()}; "
+            "resume under the same layout, or start a new run from its weights with model.load="
+            f"{ckpt} train.resume=none and a new train.output_dir"
+        )
+    sharded = _full_sharded_state(model, optimizer, scheduler, for_loading=True)
+    model_keys = [k for k in sharded if k.startswith("model")]
+    loaded = dist_checkpointing.load(sharded, ckpt)
+    _load_model(loaded, model_keys, model)
+    optimizer.load_state_dict(loaded["optimizer"])
+    scheduler.load_state_dict(loaded["scheduler"])
+    _set_rng_state(loaded["rng"])
+    counters = {k: meta[k] for k in ("iteration", "consumed_samples", "epoch")}
+    return TrainState(**counters)

@@ -1,0 +1,31 @@
+"""The pretraining forward step handed to megatron-core's pipeline schedules.
+
+The loss contract is megatron-core's per-token one: ``loss_func`` returns the
+*sum* of token losses, the token count and a report; with
+``calculate_per_token_loss`` the schedule does not divide by the number of
+micro-batches and ``finalize_model_grads`` divides gradients by the token
+count of the whole global batch (all micro-batches, all DP ranks). The loss
+is therefore the mean over every loss-carrying token of the global batch,
+whatever the layout.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Sum of masked token losses, token count, and ``[sum, count]`` for reporting."""
+    mask = loss_mask.reshape(-1).float()
+    loss_sum = (output_tensor.float().reshape(-1) * mask).sum()
+    num_tokens = mask.sum().to(torch.int)
+    report = torch.stack([loss_sum.detach(), mask.sum().detach()])
+    return loss_sum, num_tokens, {"lm loss": report}
+
+
+def forward_step(data_iterator, model):
+    """Run one micro-batch; GPTModel returns per-token losses when given labels."""
+    batch = next(data_iterator)
+    output = model(batch.tokens, batch.position_ids, None, labels=batch.labels)
+    return output, partial(loss_func, batch.loss_mask)

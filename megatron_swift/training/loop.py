@@ -1,0 +1,297 @@
+"""The training loop: set up a run from its config, then step, log, evaluate and checkpoint.
+
+Read top to bottom: ``run`` validates and sets up (nothing heavy happens
+before validation passes), ``Trainer.fit`` is the loop.
+"""
+from __future__ import annotations
+
+import os
+import random
+import time
+from dataclasses import dataclass
+from typing import List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+from omegaconf import OmegaConf
+
+from megatron_swift import backend as backend_mod
+from megatron_swift.config.validate import ConfigError, validate
+from megatron_swift.data.sampler import Batch, DataParallelSampler, collate
+from megatron_swift.data.sources import build_source
+from megatron_swift.data.tokenizer import build_tokenizer
+from megatron_swift.models.arch import padded_vocab_size
+from megatron_swift.models.builder import build_model, transformer_config
+from megatron_swift.observe import Sinks
+from megatron_swift.observe.progress import Progress
+from megatron_swift.training import checkpoint as ckpt
+from megatron_swift.training import run_length
+from megatron_swift.training.flops import flops_per_step
+from megatron_swift.training.forward_step import forward_step
+from megatron_swift.training.optim import build_optimizer, build_scheduler, wrap_model
+
+
+def output_dir_of(cfg) -> str:
+    """The run directory; the same on every rank because it derives from the config only."""
+    return cfg.train.output_dir or os.path.join("outputs", f"{cfg.model.family}-{cfg.model.size}")
+
+
+def resume_source(cfg, output_dir: str) -> Optional[str]:
+    """The checkpoint to continue from, or None; refuses to start over existing checkpoints."""
+    existing = ckpt.complete_checkpoints(ckpt.checkpoints_dir(output_dir))
+    mode = cfg.train.resume
+    if mode == "auto":
+        return existing[-1] if existing else None
+    if mode == "none":
+        if existing:
+            raise ConfigError([
+                f"train.resume=none but {output_dir} already holds checkpoints ({os.path.basename(existing[-1])}); "
+                "use train.resume=auto to continue, or a new train.output_dir"
+            ])
+        return None
+    try:
+        return ckpt.find_checkpoint(mode)
+    except FileNotFoundError as e:
+        raise ConfigError([f"train.resume={mode}: {e}"]) from None
+
+
+def _seed(seed: int) -> None:
+    # Megatron-LM's convention: each pipeline stage draws different initial weights.
+    seed = seed + 100 * ps.get_pipeline_model_parallel_rank()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def _log_rank() -> bool:
+    # The last rank is on the last pipeline stage, where the loss is.
+    return dist.get_rank() == dist.get_world_size() - 1
+
+
+def _print0(*args) -> None:
+    if dist.get_rank() == 0:
+        print(*args, flush=True)
+
+
+@dataclass
+class Trainer:
+    cfg: object
+    backend: object
+    arch: object
+    model: List[torch.nn.Module]
+    optimizer: object
+    scheduler: object
+    train_data: object
+    eval_data: Optional[object]
+    sampler: DataParallelSampler
+    length: run_length.RunLength
+    output_dir: str
+    flops_per_step: float
+    state: ckpt.TrainState
+    sinks: Optional[Sinks] = None
+
+    def _microbatches(self, dataset, sampler, iteration: int) -> List[Batch]:
+        device = self.backend.torch_device
+        batches = []
+        for indices in sampler.microbatch_indices(iteration):
+            b = collate([dataset[int(i)] for i in indices])
+            batches.append(Batch(*(t.to(device) for t in (b.tokens, b.labels, b.loss_mask, b.position_ids))))
+        return batches
+
+    def _forward_backward(self, batches: List[Batch], forward_only: bool):
+        # One iterator per model chunk: each virtual stage walks the same micro-batches.
+        iterators = [iter(batches) for _ in self.model]
+        return get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iterators if len(iterators) > 1 else iterators[0],
+            model=self.model,
+            num_microbatches=len(batches),
+            seq_length=self.cfg.train.seq_length,
+            micro_batch_size=self.cfg.train.micro_batch_size,
+            forward_only=forward_only,
+        )
+
+    def _global_loss(self, reports) -> float:
+        """Mean token loss over the global batch (valid on the last pipeline stage)."""
+        total = torch.zeros(2, dtype=torch.float64, device=self.backend.torch_device)
+        for r in reports:
+            total += r["lm loss"].to(total)
+        dist.all_reduce(total, group=ps.get_data_parallel_group())
+        return (total[0] / total[1].clamp(min=1)).item()
+
+    def train_step(self, iteration: int):
+        """One optimizer step over the global batch; returns (loss or None, grad norm, skipped)."""
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
+        reports = self._forward_backward(self._microbatches(self.train_data, self.sampler, iteration), False)
+        ok, grad_norm, _ = self.optimizer.step()
+        if ok:
+            self.scheduler.step(increment=1)
+        loss = self._global_loss(reports) if ps.is_pipeline_last_stage(ignore_virtual=True) else None
+        return loss, grad_norm, lr, not ok
+
+    def evaluate(self) -> Optional[float]:
+        sampler = DataParallelSampler(len(self.eval_data), self.cfg.train.global_batch_size,
+                                      self.cfg.train.micro_batch_size, ps.get_data_parallel_world_size(),
+                                      ps.get_data_parallel_rank(), seed=0, shuffle=False)
+        steps = min(self.cfg.train.eval_iters, sampler.steps_per_epoch)
+        for chunk in self.model:
+            chunk.eval()
+        reports = []
+        with torch.no_grad():
+            for i in range(steps):
+                reports += self._forward_backward(self._microbatches(self.eval_data, sampler, i), True) or []
+        for chunk in self.model:
+            chunk.train()
+        return self._global_loss(reports) if ps.is_pipeline_last_stage(ignore_virtual=True) else None
+
+    def _metrics(self, loss, grad_norm, lr: float, step_time: float) -> dict:
+        train = self.cfg.train
+        world = dist.get_world_size()
+        tflops = self.flops_per_step / step_time / world / 1e12
+        peak = self.backend.peak_tflops()
+        return {
+            "iteration": self.state.iteration,
+            "epoch": self.state.iteration / self.length.steps_per_epoch,
+            "consumed_samples": self.state.consumed_samples,
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "loss_scale": float(self.optimizer.get_loss_scale()) if train.precision == "fp16" else None,
+            "step_time_s": step_time,
+            "tokens_per_s": train.global_batch_size * train.seq_length / step_time,
+            "tflops_per_device": tflops,
+            "mfu": tflops / peak if peak else None,
+            "memory_gib": self.backend.memory_gib(),
+        }
+
+    def _save(self) -> None:
+        path = ckpt.save(self.output_dir, self.state, self.model, self.optimizer, self.scheduler,
+                         OmegaConf.to_yaml(self.cfg), self.cfg.train.keep_last)
+        _print0(f"saved checkpoint {path}")
+
+    def _should_save(self, done: int) -> bool:
+        train = self.cfg.train
+        return bool(
+            (train.save_interval and done % train.save_interval == 0)
+            or (train.save_at_epoch_end and self.length.ends_epoch(done))
+        )
+
+    def fit(self) -> ckpt.TrainState:
+        train, log_every = self.cfg.train, self.cfg.logging.log_interval
+        while self.state.iteration < self.length.total_iters:
+            start = time.perf_counter()
+            loss, grad_norm, lr, skipped = self.train_step(self.state.iteration)
+            self.backend.synchronize()
+            step_time = time.perf_counter() - start
+            self.state.iteration += 1
+            self.state.consumed_samples += train.global_batch_size
+            self.state.epoch = self.state.iteration // self.length.steps_per_epoch
+            if self.state.iteration % log_every == 0 or self.state.iteration == self.length.total_iters:
+                metrics = self._metrics(loss, grad_norm, lr, step_time)
+                metrics["skipped"] = skipped
+                self.sinks.log(metrics)
+            if train.eval_interval and self.eval_data is not None and self.state.iteration % train.eval_interval == 0:
+                eval_loss = self.evaluate()
+                if eval_loss is not None:
+                    self.sinks.log_eval(self.state.iteration, eval_loss)
+            if self.length.ends_epoch(self.state.iteration):
+                _print0(f"epoch {self.state.epoch} done at step {self.state.iteration} "
+                        f"({self.state.consumed_samples} samples consumed)")
+            if self._should_save(self.state.iteration):
+                self._save()
+        # Also covers train.train_iters=0, which writes the initial weights as iter_0000000.
+        if train.save_at_end and not self._saved(self.state.iteration):
+            self._save()
+        return self.state
+
+    def _saved(self, iteration: int) -> bool:
+        latest = ckpt.complete_checkpoints(ckpt.checkpoints_dir(self.output_dir))
+        return bool(latest) and ckpt.read_meta(latest[-1])["iteration"] == iteration
+
+
+def setup(cfg) -> Trainer:
+    """Validate, then build everything a run needs; returns a Trainer positioned at its start or resume point."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = backend_mod.resolve_device(cfg.train.device)
+    te = device == "cuda" and backend_mod.device.te_available()
+    arch = validate(cfg, world, te_available=te, device=device)
+    output_dir = output_dir_of(cfg)
+    resume_from = resume_source(cfg, output_dir)
+
+    be = backend_mod.init(cfg.train.device, cfg.cluster.dist_timeout_minutes)
+    par = cfg.parallel
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=par.tp,
+        pipeline_model_parallel_size=par.pp,
+        virtual_pipeline_model_parallel_size=par.vpp if (par.vpp or 1) > 1 else None,
+        context_parallel_size=par.cp,
+        expert_model_parallel_size=par.ep,
+        expert_tensor_parallel_size=par.etp,
+        distributed_timeout_minutes=cfg.cluster.dist_timeout_minutes,
+    )
+    _seed(cfg.train.seed)
+
+    # Data before model: bad data stops the run before any weights or checkpoints are touched.
+    tokenizer = build_tokenizer(cfg.data.tokenizer)
+    train_data = build_source(cfg.data, cfg.data.path, tokenizer, cfg.train.seq_length, cfg.train.seed)
+    eval_data = (build_source(cfg.data, cfg.data.eval_path, tokenizer, cfg.train.seq_length, cfg.train.seed + 1)
+                 if cfg.data.eval_path else None)
+    length = run_length.plan(len(train_data), cfg.train.global_batch_size, cfg.train.max_epochs, cfg.train.train_iters)
+    sampler = DataParallelSampler(len(train_data), cfg.train.global_batch_size, cfg.train.micro_batch_size,
+                                  ps.get_data_parallel_world_size(), ps.get_data_parallel_rank(),
+                                  cfg.train.seed, cfg.data.shuffle)
+
+    vocab = arch.vocab_size or tokenizer.vocab_size
+    if tokenizer.vocab_size > vocab:
+        raise ConfigError([f"tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size={vocab}; "
+                           "raise model.vocab_size or use the model's tokenizer"])
+    padded = padded_vocab_size(vocab, cfg.model.make_vocab_size_divisible_by, par.tp)
+    tconfig = transformer_config(arch, cfg, be)
+    chunks = build_model(arch, tconfig, padded, cfg.train.seq_length, be)
+    if cfg.model.load and resume_from is None:
+        _print0(f"initial weights from {ckpt.load_weights(cfg.model.load, chunks)}")
+    model = wrap_model(chunks, tconfig, par)
+    optimizer = build_optimizer(model, tconfig, cfg.train, par)
+    scheduler = build_scheduler(optimizer, cfg.train, length.total_iters)
+    state = ckpt.TrainState()
+    if resume_from is not None:
+        state = ckpt.load_full(resume_from, model, optimizer, scheduler)
+        _print0(f"resumed from {resume_from} at step {state.iteration} (epoch {state.epoch}, "
+                f"{state.consumed_samples} samples consumed)")
+
+    n_params = sum(p.numel() for c in chunks for p in c.parameters())
+    _print0(f"megatron-swift: {arch.family.name}-{cfg.model.size} on {world} {be.device} rank(s) "
+            f"(tp={par.tp} pp={par.pp} vpp={par.vpp or 1} dp={ps.get_data_parallel_world_size()} ep={par.ep} "
+            f"sp={par.sp}), {n_params / 1e6:.2f}M params on rank 0, TE={'on' if be.use_te else 'off'}; "
+            f"data {train_data.description}: {len(train_data)} samples, {length.steps_per_epoch} steps/epoch, "
+            f"{length.total_iters} steps in all; output {output_dir}")
+    trainer = Trainer(cfg, be, arch, model, optimizer, scheduler, train_data, eval_data, sampler, length,
+                      output_dir, flops_per_step(arch, cfg.train.seq_length, padded, cfg.train.global_batch_size),
+                      state)
+    progress = Progress(length.total_iters, cfg.train.max_epochs, state.iteration)
+    trainer.sinks = Sinks(cfg, output_dir, OmegaConf.to_container(cfg, resolve=True), _log_rank(), progress)
+    if dist.get_rank() == 0:
+        os.makedirs(output_dir, exist_ok=True)
+        with open(os.path.join(output_dir, "config.yaml"), "w", encoding="utf-8") as f:
+            f.write(OmegaConf.to_yaml(cfg))
+    return trainer
+
+
+def run(cfg) -> ckpt.TrainState:
+    """Train as the config says; returns the final counters."""
+    trainer = setup(cfg)
+    try:
+        state = trainer.fit()
+    finally:
+        trainer.sinks.close()
+    _print0(f"done: {state.iteration} steps, epoch {state.iteration / trainer.length.steps_per_epoch:.2f}, "
+            f"{state.consumed_samples} samples consumed")
+    return state
