@@ -33,6 +33,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
 META = "megatron_swift.json"
+_OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 _ITER_RE = re.compile(r"^iter_(\d{7})$")
 
 
@@ -124,12 +125,36 @@ def _rng_sharded(state: Optional[dict]) -> ShardedObject:
     return ShardedObject("rng_state", state, (dist.get_world_size(),), (dist.get_rank(),), replica_id=0)
 
 
+def _prime_adam_state(optimizer) -> None:
+    """Give every parameter of a fresh torch Adam an all-zero state with ``step``.
+
+    megatron-core 0.16 builds the loading template from the optimizer's own
+    state dict; without TE/Apex its Adam is torch's, whose state is empty until
+    the first step, and the template then fails (``assert len(steps) == 1`` in
+    ``DistributedOptimizer.state_dict``). Zeros of the right shapes are a valid
+    template; the checkpoint overwrites them."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if inner is None:
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                if not inner.state[p]:
+                    inner.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                                      "exp_avg_sq": torch.zeros_like(p)}
+
+
 def _full_sharded_state(model, optimizer, scheduler, for_loading: bool) -> dict:
     state = _model_sharded(model)
+    if for_loading:
+        _prime_adam_state(optimizer)
     merged = {}
     for value in state.values():
         merged.update(value)
-    state["optimizer"] = optimizer.sharded_state_dict(merged, is_loading=for_loading)
+    # dp_reshardable: each rank writes its own optimizer shard with no gathering
+    # (the 0.16 default, fully_sharded_model_space, is refused by its own ShardedTensor
+    # validation); resharding is limited to DP, and resume already requires the same layout.
+    state["optimizer"] = optimizer.sharded_state_dict(merged, is_loading=for_loading, metadata=_OPTIM_METADATA)
     state["scheduler"] = scheduler.state_dict()
     state["rng"] = _rng_sharded(None if for_loading else _rng_state())
     return state
@@ -201,7 +226,10 @@ def load_full(ckpt: str, model, optimizer, scheduler) -> TrainState:
     model_keys = [k for k in sharded if k.startswith("model")]
     loaded = dist_checkpointing.load(sharded, ckpt)
     _load_model(loaded, model_keys, model)
-    optimizer.load_state_dict(loaded["optimizer"])
+    # fp32 main params are views of the model's leaf params; megatron-core's
+    # dp_reshardable loader copies into them outside no_grad (0.16).
+    with torch.no_grad():
+        optimizer.load_state_dict(loaded["optimizer"])
     scheduler.load_state_dict(loaded["scheduler"])
     _set_rng_state(loaded["rng"])
     counters = {k: meta[k] for k in ("iteration", "consumed_samples", "epoch")}
