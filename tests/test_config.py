@@ -1,0 +1,126 @@
+"""Config schemas, composition and validation (in-process, no training)."""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+
+import pytest
+
+from megatron_swift.config import schema
+from megatron_swift.config.compose import compose
+from megatron_swift.config.validate import ConfigError, validate
+from megatron_swift.models import families
+from megatron_swift.models.arch import padded_vocab_size, resolve
+
+
+def _schema_classes():
+    return [obj for _, obj in inspect.getmembers(schema, inspect.isclass)
+            if dataclasses.is_dataclass(obj) and obj.__module__ == schema.__name__]
+
+
+def test_every_config_field_has_a_one_line_docstring():
+    tree = ast.parse(inspect.getsource(schema))
+    undocumented = []
+    for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
+        body = cls.body
+        for i, node in enumerate(body):
+            if isinstance(node, ast.AnnAssign):
+                nxt = body[i + 1] if i + 1 < len(body) else None
+                doc = nxt.value.value if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) else None
+                if not isinstance(doc, str) or not doc.strip() or "\n" in doc.strip():
+                    undocumented.append(f"{cls.name}.{node.target.id}")
+    assert not undocumented, f"fields without a one-line docstring: {undocumented}"
+    assert len(_schema_classes()) >= 7
+
+
+def test_public_command_form_composes():
+    cfg = compose(["+model=qwen3", "model.size=8b", "parallel.tp=4", "parallel.pp=2", "train.max_epochs=2"])
+    assert cfg.model.family == "qwen3" and cfg.model.size == "8b"
+    assert cfg.parallel.tp == 4 and cfg.train.max_epochs == 2
+    assert cfg.data.path[0].endswith("megatron_swift/assets/demo_corpus.jsonl")
+
+
+def test_schema_rejects_wrong_types():
+    with pytest.raises(Exception, match="parallel.tp"):
+        compose(["+model=qwen3", "parallel.tp=four"])
+
+
+def _problems(overrides, world=1, te=False):
+    with pytest.raises(ConfigError) as e:
+        validate(compose(["+model=qwen3", *overrides]), world, te_available=te)
+    return e.value.problems
+
+
+@pytest.mark.parametrize("overrides,world,message", [
+    (["parallel.tp=3"], 3, "parallel.tp=3 does not divide model.num_attention_heads=4"),
+    (["parallel.tp=4"], 4, "parallel.tp=4 does not divide model.num_query_groups=2"),
+    (["parallel.pp=4"], 4, "model.num_layers=2 is not divisible by parallel.pp*parallel.vpp=4*1"),
+    (["parallel.pp=2", "parallel.vpp=2"], 2, "model.num_layers=2 is not divisible by parallel.pp*parallel.vpp=2*2"),
+    (["parallel.sp=true"], 1, "parallel.sp=true needs parallel.tp > 1"),
+    (["parallel.tp=2"], 3, "world size 3 is not divisible by parallel.tp*pp*cp=2*1*1"),
+    (["train.global_batch_size=6", "train.micro_batch_size=2"], 2,
+     "train.global_batch_size=6 is not divisible by train.micro_batch_size*dp=2*2"),
+    (["parallel.cp=2"], 2, "parallel.cp=2 needs Transformer Engine"),
+    (["parallel.ep=2"], 2, "parallel.ep=2 needs a MoE model"),
+    (["train.max_epochs=null"], 1, "set train.max_epochs or train.train_iters"),
+    (["train.lr_decay_style=step"], 1, "train.lr_decay_style=step is not one of: cosine, linear, constant"),
+    (["train.fp8=e4m3"], 1, "train.fp8 needs Transformer Engine on CUDA"),
+])
+def test_validation_names_the_key_to_change(overrides, world, message):
+    assert any(message in p for p in _problems(overrides, world)), _problems(overrides, world)
+
+
+def test_experts_must_divide_by_ep():
+    with pytest.raises(ConfigError, match="parallel.ep=3 does not divide model.num_experts=4"):
+        validate(compose(["+model=qwen3_moe", "parallel.ep=3"]), 3)
+
+
+def test_all_problems_reported_together():
+    problems = _problems(["parallel.tp=3", "train.lr_decay_style=step"], world=3)
+    assert len(problems) >= 3
+
+
+def test_valid_layouts_pass():
+    arch = validate(compose(["+model=qwen3", "model.num_layers=4", "parallel.tp=2", "parallel.pp=2",
+                             "parallel.vpp=2", "parallel.sp=true"]), 4)
+    assert arch.num_layers == 4
+    validate(compose(["+model=qwen3_moe", "parallel.ep=2"]), 2)
+
+
+@pytest.mark.parametrize("name", families.names())
+def test_every_family_size_resolves(name):
+    family = families.get(name)
+    assert "tiny" in family.sizes
+    for size in family.sizes:
+        cfg = compose([f"+model={name}", f"model.size={size}"])
+        arch = resolve(cfg.model)
+        assert arch.num_attention_heads % arch.num_query_groups == 0
+        assert arch.is_moe == family.moe
+
+
+def test_published_size_numbers():
+    # Qwen3-8B config.json: 36 layers, hidden 4096, 32 heads, 8 KV heads, head_dim 128, vocab 151936.
+    arch = resolve(compose(["+model=qwen3", "model.size=8b"]).model)
+    assert (arch.num_layers, arch.hidden_size, arch.ffn_hidden_size) == (36, 4096, 12288)
+    assert (arch.num_attention_heads, arch.num_query_groups, arch.kv_channels) == (32, 8, 128)
+    assert arch.vocab_size == 151936 and arch.untie_embeddings
+
+
+def test_overrides_beat_the_size_table():
+    arch = resolve(compose(["+model=llama", "model.size=llama3-8b", "model.num_layers=4"]).model)
+    assert arch.num_layers == 4 and arch.hidden_size == 4096
+
+
+def test_families_registered_by_hf_architecture():
+    assert families.by_hf_architecture("MistralForCausalLM").name == "llama"
+    assert families.by_hf_architecture("Qwen3MoeForCausalLM").name == "qwen3_moe"
+    with pytest.raises(KeyError, match="supported: "):
+        families.by_hf_architecture("GPT2LMHeadModel")
+
+
+def test_padded_vocab():
+    assert padded_vocab_size(259, 128, 1) == 384
+    assert padded_vocab_size(259, 128, 2) == 512
+    assert padded_vocab_size(151936, 128, 1) == 151936
+    assert padded_vocab_size(151936, 128, 4) == 152064

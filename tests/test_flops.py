@@ -1,0 +1,22 @@
+"""The FLOP formula, checked against a hand count for a small architecture."""
+from megatron_swift.config.compose import compose
+from megatron_swift.models.arch import resolve
+from megatron_swift.training.flops import flops_per_step, flops_per_token
+
+
+def test_dense_flops_by_hand():
+    arch = resolve(compose(["+model=qwen3"]).model)  # tiny: 2 layers, h=64, f=128, 4 heads, 2 groups, d=16
+    s, v = 32, 512
+    q, kv = 4 * 16, 2 * 16
+    per_layer = 64 * (q + 2 * kv) + q * 64 + 2 * s * q + 3 * 64 * 128
+    expected = 6 * (2 * per_layer + 64 * v)
+    assert flops_per_token(arch, s, v) == expected
+    assert flops_per_step(arch, s, v, 8) == expected * s * 8
+
+
+def test_moe_counts_only_routed_experts():
+    arch = resolve(compose(["+model=qwen3_moe"]).model)  # 4 experts, top-2, expert width 32
+    s, v = 32, 512
+    q, kv = 4 * 16, 2 * 16
+    per_layer = 64 * (q + 2 * kv) + q * 64 + 2 * s * q + 2 * 3 * 64 * 32 + 64 * 4
+    assert flops_per_token(arch, s, v) == 6 * (2 * per_layer + 64 * v)
