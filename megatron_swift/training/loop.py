@@ -184,31 +184,39 @@ class Trainer:
             or (train.save_at_epoch_end and self.length.ends_epoch(done))
         )
 
+    def step(self) -> None:
+        """One whole step as the loop runs it: train, count, log, evaluate, checkpoint."""
+        train = self.cfg.train
+        start = time.perf_counter()
+        loss, grad_norm, lr, skipped = self.train_step(self.state.iteration)
+        self.backend.synchronize()
+        step_time = time.perf_counter() - start
+        self.state.iteration += 1
+        self.state.consumed_samples += train.global_batch_size
+        self.state.epoch = self.state.iteration // self.length.steps_per_epoch
+        if self.state.iteration % self.cfg.logging.log_interval == 0 or self.state.iteration == self.length.total_iters:
+            metrics = self._metrics(loss, grad_norm, lr, step_time)
+            metrics["skipped"] = skipped
+            self.sinks.log(metrics)
+        if train.eval_interval and self.eval_data is not None and self.state.iteration % train.eval_interval == 0:
+            eval_loss = self.evaluate()
+            if eval_loss is not None:
+                self.sinks.log_eval(self.state.iteration, eval_loss)
+        if self.length.ends_epoch(self.state.iteration):
+            _print0(f"epoch {self.state.epoch} done at step {self.state.iteration} "
+                    f"({self.state.consumed_samples} samples consumed)")
+        if self._should_save(self.state.iteration):
+            self._save()
+
     def fit(self) -> ckpt.TrainState:
-        train, log_every = self.cfg.train, self.cfg.logging.log_interval
+        if self.state.iteration >= self.length.total_iters:
+            _print0(f"nothing to train: {self.output_dir} is already at step {self.state.iteration} of "
+                    f"{self.length.total_iters}; raise train.max_epochs/train.train_iters to continue, "
+                    "or use a new train.output_dir")
         while self.state.iteration < self.length.total_iters:
-            start = time.perf_counter()
-            loss, grad_norm, lr, skipped = self.train_step(self.state.iteration)
-            self.backend.synchronize()
-            step_time = time.perf_counter() - start
-            self.state.iteration += 1
-            self.state.consumed_samples += train.global_batch_size
-            self.state.epoch = self.state.iteration // self.length.steps_per_epoch
-            if self.state.iteration % log_every == 0 or self.state.iteration == self.length.total_iters:
-                metrics = self._metrics(loss, grad_norm, lr, step_time)
-                metrics["skipped"] = skipped
-                self.sinks.log(metrics)
-            if train.eval_interval and self.eval_data is not None and self.state.iteration % train.eval_interval == 0:
-                eval_loss = self.evaluate()
-                if eval_loss is not None:
-                    self.sinks.log_eval(self.state.iteration, eval_loss)
-            if self.length.ends_epoch(self.state.iteration):
-                _print0(f"epoch {self.state.epoch} done at step {self.state.iteration} "
-                        f"({self.state.consumed_samples} samples consumed)")
-            if self._should_save(self.state.iteration):
-                self._save()
+            self.step()
         # Also covers train.train_iters=0, which writes the initial weights as iter_0000000.
-        if train.save_at_end and not self._saved(self.state.iteration):
+        if self.cfg.train.save_at_end and not self._saved(self.state.iteration):
             self._save()
         return self.state
 

@@ -1,0 +1,14 @@
+"""README's two set-up commands stay true: CI runs the test one verbatim."""
+from tests.conftest import ROOT
+
+
+def test_ci_runs_the_readme_test_command():
+    ci_line = [l for l in (ROOT / ".ci" / "run").read_text().splitlines() if l.startswith("pip install")]
+    assert len(ci_line) == 1
+    readme = (ROOT / "README.md").read_text().splitlines()
+    assert ci_line[0] in readme
+
+
+def test_readme_demo_command_uses_the_public_interface():
+    readme = (ROOT / "README.md").read_text()
+    assert "torchrun --nproc_per_node 2 launch/train.py +model=qwen3" in readme
