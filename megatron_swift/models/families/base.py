@@ -1,7 +1,7 @@
 """What a model family declares: fixed architecture traits plus a table of named sizes."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 
@@ -35,10 +35,9 @@ class Family:
     qk_layernorm: bool = False
     add_qkv_bias: bool = False
     moe: bool = False
-    # Qwen3-MoE normalises the top-k routing weights to sum to 1.
+    # False: softmax over the top-k logits, i.e. top-k weights that sum to 1 (Qwen3-MoE's
+    # norm_topk_prob=True); True: top-k of a softmax over all experts.
     moe_router_pre_softmax: bool = False
-    moe_norm_topk_prob: bool = True
-    extra: Dict[str, object] = field(default_factory=dict)
 
     def size(self, name: str) -> Size:
         if name not in self.sizes:
