@@ -124,3 +124,24 @@ def test_padded_vocab():
     assert padded_vocab_size(259, 128, 2) == 512
     assert padded_vocab_size(151936, 128, 1) == 151936
     assert padded_vocab_size(151936, 128, 4) == 152064
+
+
+def test_pretrained_folder_must_be_an_hf_checkpoint(tmp_path):
+    with pytest.raises(ConfigError, match="not a Hugging Face checkpoint folder"):
+        validate(compose(["+model=qwen3", f"model.pretrained={tmp_path}"]), 1)
+
+
+def test_pretrained_architecture_must_match_the_family(tmp_path):
+    (tmp_path / "config.json").write_text('{"architectures": ["Qwen2ForCausalLM"]}')
+    with pytest.raises(ConfigError, match=r"\+model=qwen3 does not load.*use \+model=qwen2"):
+        validate(compose(["+model=qwen3", f"model.pretrained={tmp_path}"]), 1)
+
+
+def test_pretrained_config_sets_the_architecture(tmp_path):
+    (tmp_path / "config.json").write_text(
+        '{"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 3, "hidden_size": 96, '
+        '"intermediate_size": 200, "num_attention_heads": 6, "num_key_value_heads": 3, "vocab_size": 1000, '
+        '"rope_theta": 500000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": true}')
+    arch = validate(compose(["+model=llama", f"model.pretrained={tmp_path}", "parallel.tp=3"]), 3)
+    assert (arch.num_layers, arch.hidden_size, arch.kv_channels, arch.vocab_size) == (3, 96, 16, 1000)
+    assert arch.rotary_base == 500000.0 and not arch.untie_embeddings

@@ -18,6 +18,8 @@ class ModelConfig:
     """Model family, chosen with +model=<family> (llama, qwen2, qwen3, qwen3_moe)."""
     size: str = "tiny"
     """Named size in the family's table (tiny for CPU, or a published size such as 8b)."""
+    pretrained: Optional[str] = None
+    """HF checkpoint folder: architecture from its config.json, weights streamed from its safetensors (replaces size)."""
     num_layers: Optional[int] = None
     """Number of transformer layers (None: from the size table)."""
     hidden_size: Optional[int] = None
@@ -98,8 +100,8 @@ class DataConfig:
     """Files (jsonl) or path prefixes without .bin/.idx (indexed)."""
     text_key: str = "text"
     """Key of the text field in each JSONL row."""
-    tokenizer: str = "byte"
-    """Tokenizer: byte (built in, 256 bytes + specials), an HF tokenizer folder/tokenizer.json, or a SentencePiece .model."""
+    tokenizer: Optional[str] = None
+    """Tokenizer: byte (built in), an HF tokenizer folder/tokenizer.json, a SentencePiece .model; None: model.pretrained's, else byte."""
     mock_samples: int = 256
     """Number of samples in the mock source."""
     shuffle: bool = True

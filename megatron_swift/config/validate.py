@@ -10,6 +10,7 @@ from typing import List, Optional
 
 from omegaconf import OmegaConf
 
+from megatron_swift.data.errors import DataError
 from megatron_swift.models import families
 
 
@@ -145,6 +146,8 @@ def validate(cfg, world_size: Optional[int], te_available: bool = False, device:
         arch = resolve(cfg.model)
     except KeyError as e:
         raise ConfigError([str(e.args[0])]) from None
+    except DataError as e:
+        raise ConfigError([str(e)]) from None
     problems: List[str] = []
     _layout(cfg, arch, te_available, problems)
     _batch(cfg, world_size, problems)

@@ -37,14 +37,30 @@ class Arch:
 def resolve(model_cfg) -> Arch:
     """Apply the non-None fields of ``model_cfg`` on top of its family's named size."""
     family = families.get(model_cfg.family)
-    size = family.size(model_cfg.size)
+    base = dataclasses.asdict(family.size(model_cfg.size))
+    if model_cfg.pretrained:
+        base.update(_from_hf(model_cfg.pretrained, family))
     values = {}
-    for f in dataclasses.fields(size):
-        override = getattr(model_cfg, f.name, None)
-        values[f.name] = override if override is not None else getattr(size, f.name)
+    for name, default in base.items():
+        override = getattr(model_cfg, name, None)
+        values[name] = override if override is not None else default
     if values["kv_channels"] is None:
         values["kv_channels"] = values["hidden_size"] // values["num_attention_heads"]
     return Arch(family=family, **values)
+
+
+def _from_hf(folder: str, family: Family) -> dict:
+    """Architecture numbers from an HF config.json; its architecture must belong to ``family``."""
+    from megatron_swift.convert.hf_config import arch_fields, read_hf_config
+
+    hf = read_hf_config(folder)
+    archs = hf.get("architectures") or []
+    owners = {families.by_hf_architecture(a).name for a in archs if a in families.hf_architectures()}
+    if family.name not in owners:
+        raise KeyError(f"model.pretrained={folder} is a {archs or 'model without architectures'}, "
+                       f"which +model={family.name} does not load; supported: {', '.join(family.hf_architectures)}"
+                       + (f" (use +model={sorted(owners)[0]})" if owners else ""))
+    return arch_fields(hf, folder)
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:

@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 
 from megatron_swift import backend as backend_mod
 from megatron_swift.config.validate import ConfigError, validate
+from megatron_swift.convert.hf_load import load_hf_weights
 from megatron_swift.data.sampler import Batch, DataParallelSampler, collate
 from megatron_swift.data.sources import build_source
 from megatron_swift.data.tokenizer import build_tokenizer
@@ -248,7 +249,7 @@ def setup(cfg) -> Trainer:
     _seed(cfg.train.seed)
 
     # Data before model: bad data stops the run before any weights or checkpoints are touched.
-    tokenizer = build_tokenizer(cfg.data.tokenizer)
+    tokenizer = build_tokenizer(cfg.data.tokenizer or cfg.model.pretrained or "byte")
     train_data = build_source(cfg.data, cfg.data.path, tokenizer, cfg.train.seq_length, cfg.train.seed)
     eval_data = (build_source(cfg.data, cfg.data.eval_path, tokenizer, cfg.train.seq_length, cfg.train.seed + 1)
                  if cfg.data.eval_path else None)
@@ -266,6 +267,9 @@ def setup(cfg) -> Trainer:
     chunks = build_model(arch, tconfig, padded, cfg.train.seq_length, be)
     if cfg.model.load and resume_from is None:
         _print0(f"initial weights from {ckpt.load_weights(cfg.model.load, chunks)}")
+    elif cfg.model.pretrained and resume_from is None:
+        load_hf_weights(chunks, cfg.model.pretrained, arch, padded)
+        _print0(f"initial weights from HF checkpoint {cfg.model.pretrained}")
     model = wrap_model(chunks, tconfig, par)
     optimizer = build_optimizer(model, tconfig, cfg.train, par)
     scheduler = build_scheduler(optimizer, cfg.train, length.total_iters)

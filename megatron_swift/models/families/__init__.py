@@ -41,6 +41,12 @@ def get(name: str) -> Family:
     return _BY_NAME[name]
 
 
+def hf_architectures() -> list[str]:
+    """Every HF ``architectures`` entry some family loads."""
+    _discover()
+    return sorted(_BY_HF_ARCH)
+
+
 def by_hf_architecture(arch: str) -> Family:
     """The family registered for an HF ``architectures`` entry."""
     _discover()

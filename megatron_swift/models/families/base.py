@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,8 @@ class Family:
     # False: softmax over the top-k logits, i.e. top-k weights that sum to 1 (Qwen3-MoE's
     # norm_topk_prob=True); True: top-k of a softmax over all experts.
     moe_router_pre_softmax: bool = False
+    # weights(tied=...) -> the HF <-> Megatron weight table (convert.tables); None: not convertible yet.
+    weights: Optional[Callable[..., list]] = None
 
     def size(self, name: str) -> Size:
         if name not in self.sizes:

@@ -1,4 +1,7 @@
 """Llama 2 / Llama 3 and Mistral (same layer): GQA, SwiGLU, RoPE, RMSNorm, no biases."""
+from functools import partial
+
+from megatron_swift.convert.tables import llama_style
 from megatron_swift.models.families.base import Family, Size
 
 _L2 = dict(vocab_size=32000, max_position_embeddings=4096, rotary_base=1e4, norm_epsilon=1e-5)
@@ -8,6 +11,7 @@ _MISTRAL = dict(vocab_size=32768, max_position_embeddings=32768, rotary_base=1e6
 FAMILY = Family(
     name="llama",
     hf_architectures=("LlamaForCausalLM", "MistralForCausalLM"),
+    weights=llama_style,
     sizes={
         "tiny": Size(2, 64, 128, 4, 2, max_position_embeddings=1024, norm_epsilon=1e-5),
         "llama2-7b": Size(32, 4096, 11008, 32, 32, **_L2),

@@ -1,4 +1,7 @@
 """Qwen2 / Qwen2.5: GQA with biases on the QKV projection, SwiGLU, RoPE."""
+from functools import partial
+
+from megatron_swift.convert.tables import llama_style
 from megatron_swift.models.families.base import Family, Size
 
 _Q = dict(max_position_embeddings=32768, rotary_base=1e6, norm_epsilon=1e-6)
@@ -7,6 +10,7 @@ FAMILY = Family(
     name="qwen2",
     hf_architectures=("Qwen2ForCausalLM",),
     add_qkv_bias=True,
+    weights=partial(llama_style, qkv_bias=True),
     sizes={
         "tiny": Size(2, 64, 128, 4, 2, max_position_embeddings=1024, untie_embeddings=False),
         "0.5b": Size(24, 896, 4864, 14, 2, vocab_size=151936, untie_embeddings=False, **_Q),

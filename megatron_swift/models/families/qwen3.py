@@ -1,4 +1,7 @@
 """Qwen3 dense: GQA with per-head RMSNorm on queries and keys, SwiGLU, RoPE, no biases."""
+from functools import partial
+
+from megatron_swift.convert.tables import llama_style
 from megatron_swift.models.families.base import Family, Size
 
 _Q = dict(kv_channels=128, vocab_size=151936, max_position_embeddings=40960, rotary_base=1e6, norm_epsilon=1e-6)
@@ -7,6 +10,7 @@ FAMILY = Family(
     name="qwen3",
     hf_architectures=("Qwen3ForCausalLM",),
     qk_layernorm=True,
+    weights=partial(llama_style, qk_norm=True),
     sizes={
         "tiny": Size(2, 64, 128, 4, 2, kv_channels=16, max_position_embeddings=1024, untie_embeddings=False),
         "0.6b": Size(28, 1024, 3072, 16, 8, untie_embeddings=False, **_Q),

@@ -1,0 +1,1 @@
+"""Hugging Face <-> Megatron weights: declarative name tables, typed transforms, streaming safetensors I/O."""

@@ -1,0 +1,47 @@
+"""Read an HF checkpoint folder's config.json into the numbers a Megatron model needs."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict
+
+from megatron_swift.data.errors import DataError
+
+
+def read_hf_config(folder: str) -> dict:
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise DataError(folder, None, "not a Hugging Face checkpoint folder (no config.json) (model.pretrained)")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _rope_theta(hf: dict, folder: str) -> float:
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in (None, "default"):
+        raise DataError(os.path.join(folder, "config.json"), None,
+                        f"RoPE scaling '{kind}' is not supported yet (only default RoPE)")
+    return float(hf.get("rope_theta", rope.get("rope_theta", 10000.0)))
+
+
+def arch_fields(hf: dict, folder: str) -> Dict[str, object]:
+    """Size-table fields (see models.families.base.Size) read from an HF config."""
+    heads = hf["num_attention_heads"]
+    fields = dict(
+        num_layers=hf["num_hidden_layers"],
+        hidden_size=hf["hidden_size"],
+        ffn_hidden_size=hf["intermediate_size"],
+        num_attention_heads=heads,
+        num_query_groups=hf.get("num_key_value_heads") or heads,
+        kv_channels=hf.get("head_dim") or hf["hidden_size"] // heads,
+        vocab_size=hf["vocab_size"],
+        max_position_embeddings=hf.get("max_position_embeddings", 4096),
+        rotary_base=_rope_theta(hf, folder),
+        norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
+        untie_embeddings=not hf.get("tie_word_embeddings", False),
+    )
+    if "num_experts" in hf:
+        fields.update(num_experts=hf["num_experts"], moe_ffn_hidden_size=hf["moe_intermediate_size"],
+                      moe_router_topk=hf["num_experts_per_tok"])
+    return fields

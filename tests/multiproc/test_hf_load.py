@@ -1,0 +1,63 @@
+"""HF weights streamed into sharded Megatron models give HF's logits (ground truth: transformers)."""
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+import torch
+
+from tests.conftest import ROOT, launch_cmd, train_env
+
+transformers = pytest.importorskip("transformers")
+
+WORKER = ROOT / "tests" / "multiproc" / "hf_logits_worker.py"
+VOCAB = 300  # not a multiple of 128: exercises vocabulary padding and un-padding
+
+
+def _save_tiny(kind: str, folder, **extra):
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                  num_attention_heads=4, max_position_embeddings=128, rms_norm_eps=1e-6)
+    common.update(extra)
+    config = {"qwen3": transformers.Qwen3Config, "qwen2": transformers.Qwen2Config,
+              "llama": transformers.LlamaConfig}[kind](**common)
+    torch.manual_seed(0)
+    model = getattr(transformers, {"qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                                   "llama": "LlamaForCausalLM"}[kind])(config).float().eval()
+    with torch.no_grad():  # random norms and biases, so that a skipped tensor shows in the logits
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.normal_(1.0 if "norm" in name else 0.0, 0.2)
+    model.save_pretrained(folder)
+    return model
+
+
+CASES = {
+    "qwen3-tp1": ("qwen3", dict(num_key_value_heads=2, head_dim=16, tie_word_embeddings=False), 1, []),
+    "qwen3-tp2": ("qwen3", dict(num_key_value_heads=2, head_dim=16, tie_word_embeddings=False), 2,
+                  ["parallel.tp=2"]),
+    "qwen3-pp2": ("qwen3", dict(num_key_value_heads=2, head_dim=16, tie_word_embeddings=False), 2,
+                  ["parallel.pp=2"]),
+    "qwen2-tied-tp2": ("qwen2", dict(num_key_value_heads=2, tie_word_embeddings=True), 2, ["parallel.tp=2"]),
+    "llama-1kv-tp1": ("llama", dict(num_key_value_heads=1, tie_word_embeddings=False), 1, []),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_megatron_logits_equal_hf_logits(tmp_path, case):
+    kind, extra, nproc, layout = CASES[case]
+    hf_dir = tmp_path / "hf"
+    hf_model = _save_tiny(kind, hf_dir, **extra)
+    tokens = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
+    torch.save(tokens, tmp_path / "tokens.pt")
+    with torch.no_grad():
+        expected = hf_model(tokens).logits.float()
+    overrides = [f"+model={kind}", f"model.pretrained={hf_dir}", "train.precision=fp32", "train.device=cpu",
+                 f"train.output_dir={tmp_path / 'run'}", "logging.tensorboard=false", *layout]
+    proc = subprocess.run(launch_cmd(nproc, [str(tmp_path / "tokens.pt"), str(tmp_path / "out.pt"), *overrides],
+                                     script=WORKER), cwd=ROOT, env=train_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    got = torch.load(tmp_path / "out.pt", weights_only=True)  # [b, s, padded V]
+    assert got.shape[-1] >= VOCAB
+    diff = (got[..., :VOCAB] - expected).abs().max().item()
+    assert diff < 1e-4, f"{case}: max |logit diff| {diff}"
