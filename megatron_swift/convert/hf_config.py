@@ -45,3 +45,25 @@ def arch_fields(hf: dict, folder: str) -> Dict[str, object]:
         fields.update(num_experts=hf["num_experts"], moe_ffn_hidden_size=hf["moe_intermediate_size"],
                       moe_router_topk=hf["num_experts_per_tok"])
     return fields
+
+
+def to_hf_config(family, arch: dict, dtype: str) -> dict:
+    """A config.json for ``transformers`` from stored architecture numbers (when no source config exists)."""
+    config = dict(
+        architectures=[family.hf_architectures[0]],
+        model_type=family.hf_model_type,
+        num_hidden_layers=arch["num_layers"],
+        hidden_size=arch["hidden_size"],
+        intermediate_size=arch["ffn_hidden_size"],
+        num_attention_heads=arch["num_attention_heads"],
+        num_key_value_heads=arch["num_query_groups"],
+        head_dim=arch["kv_channels"],
+        vocab_size=arch["vocab_size"],
+        max_position_embeddings=arch["max_position_embeddings"],
+        rope_theta=arch["rotary_base"],
+        rms_norm_eps=arch["norm_epsilon"],
+        tie_word_embeddings=not arch["untie_embeddings"],
+        hidden_act="silu",
+        torch_dtype=dtype,
+    )
+    return config

@@ -57,9 +57,10 @@ class Context:
     kv_channels: int
     padded_vocab: int
     tp: int
+    vocab_size: int = 0
 
 
-def _compile(rules) -> List[Tuple[re.Pattern, object]]:
+def compile_rules(rules) -> List[Tuple[re.Pattern, object]]:
     compiled = []
     for rule in rules:
         for name in rule.mcore:
@@ -73,7 +74,7 @@ def load_hf_weights(chunks, folder: str, arch, padded_vocab: int) -> None:
     if arch.family.weights is None:
         raise DataError(folder, None, f"loading HF weights is not supported yet for family {arch.family.name}")
     tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
-    rules = _compile(arch.family.weights(tied=not arch.untie_embeddings))
+    rules = compile_rules(arch.family.weights(tied=not arch.untie_embeddings))
     ctx = Context(arch.num_query_groups, arch.kv_channels, padded_vocab, tp)
     reader = SafetensorsFolder(folder)
     vpp = len(chunks)
@@ -83,14 +84,18 @@ def load_hf_weights(chunks, folder: str, arch, padded_vocab: int) -> None:
             _load_param(name, param, rules, reader, offset, ctx, tp_rank)
 
 
-def _load_param(name, param, rules, reader, offset: int, ctx: Context, tp_rank: int) -> None:
+def match_rule(name: str, rules, offset: int, where: str):
+    """The rule for Megatron parameter ``name`` and its ``{layer}`` value (global index)."""
     for pattern, rule in rules:
         match = pattern.match(name)
         if match:
-            break
-    else:
-        raise DataError(reader.folder, None, f"no HF tensor maps to Megatron parameter '{name}'")
-    layer = {"layer": str(offset + int(match.group("layer")))} if "layer" in pattern.groupindex else {}
+            layer = {"layer": str(offset + int(match.group("layer")))} if "layer" in pattern.groupindex else {}
+            return rule, layer
+    raise DataError(where, None, f"no HF tensor maps to Megatron parameter '{name}'")
+
+
+def _load_param(name, param, rules, reader, offset: int, ctx: Context, tp_rank: int) -> None:
+    rule, layer = match_rule(name, rules, offset, reader.folder)
     full = rule.build(reader.get, layer, ctx)
     if getattr(param, "tensor_model_parallel", False):
         full = full.chunk(ctx.tp, dim=param.partition_dim)[tp_rank]

@@ -32,6 +32,12 @@ class Direct:
             tensor = torch.cat([tensor, pad])
         return tensor
 
+    def split(self, full: torch.Tensor, layer: Dict[str, str], ctx) -> Dict[str, torch.Tensor]:
+        """Inverse of ``build``: the HF tensor (vocabulary padding removed)."""
+        if self.pad_vocab:
+            full = full[: ctx.vocab_size]
+        return {self.hf.format(**layer): full}
+
 
 @dataclass(frozen=True)
 class QKV:
@@ -54,6 +60,14 @@ class QKV:
         v = v.reshape(groups, d, *rest)
         return torch.cat([q, k, v], dim=1).reshape(-1, *rest)
 
+    def split(self, full: torch.Tensor, layer: Dict[str, str], ctx) -> Dict[str, torch.Tensor]:
+        groups, d = ctx.num_query_groups, ctx.kv_channels
+        rest = tuple(full.shape[1:])
+        per_group = full.reshape(groups, -1, *rest)
+        q_rows = per_group.shape[1] - 2 * d
+        q, k, v = per_group.split([q_rows, d, d], dim=1)
+        return {n.format(**layer): t.reshape(-1, *rest).contiguous() for n, t in ((self.q, q), (self.k, k), (self.v, v))}
+
 
 @dataclass(frozen=True)
 class GateUp:
@@ -74,3 +88,9 @@ class GateUp:
         gate, up = fetch(self.gate.format(**layer)), fetch(self.up.format(**layer))
         parts = [torch.cat([g, u]) for g, u in zip(gate.chunk(ctx.tp), up.chunk(ctx.tp))]
         return torch.cat(parts)
+
+    def split(self, full: torch.Tensor, layer: Dict[str, str], ctx) -> Dict[str, torch.Tensor]:
+        blocks = [b.chunk(2) for b in full.chunk(ctx.tp)]
+        gate = torch.cat([g for g, _ in blocks])
+        up = torch.cat([u for _, u in blocks])
+        return {self.gate.format(**layer): gate.contiguous(), self.up.format(**layer): up.contiguous()}

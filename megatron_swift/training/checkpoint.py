@@ -160,8 +160,12 @@ def _full_sharded_state(model, optimizer, scheduler, for_loading: bool) -> dict:
     return state
 
 
-def save(output_dir: str, state: TrainState, model, optimizer, scheduler, config_yaml: str, keep_last: int) -> str:
-    """Write ``iter_N`` atomically (temporary dir, then rename) and prune to ``keep_last``."""
+def save(output_dir: str, state: TrainState, model, optimizer, scheduler, config_yaml: str, keep_last: int,
+         model_meta: Optional[dict] = None) -> str:
+    """Write ``iter_N`` atomically (temporary dir, then rename) and prune to ``keep_last``.
+
+    ``model_meta`` (architecture and vocabulary numbers) goes into megatron_swift.json so
+    that export tools can rebuild the model without the original HF folder."""
     ckpt_dir = checkpoints_dir(output_dir)
     final = os.path.join(ckpt_dir, _iter_name(state.iteration))
     tmp = os.path.join(ckpt_dir, ".tmp." + _iter_name(state.iteration))
@@ -175,7 +179,7 @@ def save(output_dir: str, state: TrainState, model, optimizer, scheduler, config
     dist_checkpointing.save(sharded, tmp)
     dist.barrier()
     if rank0:
-        meta = dict(state.__dict__, layout=_layout())
+        meta = dict(state.__dict__, layout=_layout(), model=model_meta or {})
         with open(os.path.join(tmp, "config.yaml"), "w", encoding="utf-8") as f:
             f.write(config_yaml)
         with open(os.path.join(tmp, META), "w", encoding="utf-8") as f:

@@ -5,6 +5,7 @@ before validation passes), ``Trainer.fit`` is the loop.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import time
@@ -94,6 +95,7 @@ class Trainer:
     output_dir: str
     flops_per_step: float
     state: ckpt.TrainState
+    model_meta: dict
     sinks: Optional[Sinks] = None
 
     def _microbatches(self, dataset, sampler, iteration: int) -> List[Batch]:
@@ -175,7 +177,7 @@ class Trainer:
 
     def _save(self) -> None:
         path = ckpt.save(self.output_dir, self.state, self.model, self.optimizer, self.scheduler,
-                         OmegaConf.to_yaml(self.cfg), self.cfg.train.keep_last)
+                         OmegaConf.to_yaml(self.cfg), self.cfg.train.keep_last, self.model_meta)
         _print0(f"saved checkpoint {path}")
 
     def _should_save(self, done: int) -> bool:
@@ -224,6 +226,12 @@ class Trainer:
     def _saved(self, iteration: int) -> bool:
         latest = ckpt.complete_checkpoints(ckpt.checkpoints_dir(self.output_dir))
         return bool(latest) and ckpt.read_meta(latest[-1])["iteration"] == iteration
+
+
+def model_meta(arch, vocab: int, padded: int) -> dict:
+    """Architecture numbers stored with each checkpoint (see checkpoint.save)."""
+    fields = {f.name: getattr(arch, f.name) for f in dataclasses.fields(arch) if f.name != "family"}
+    return dict(family=arch.family.name, arch=dict(fields, vocab_size=vocab), padded_vocab_size=padded)
 
 
 def setup(cfg) -> Trainer:
@@ -287,7 +295,7 @@ def setup(cfg) -> Trainer:
             f"{length.total_iters} steps in all; output {output_dir}")
     trainer = Trainer(cfg, be, arch, model, optimizer, scheduler, train_data, eval_data, sampler, length,
                       output_dir, flops_per_step(arch, cfg.train.seq_length, padded, cfg.train.global_batch_size),
-                      state)
+                      state, model_meta(arch, vocab, padded))
     progress = Progress(length.total_iters, cfg.train.max_epochs, state.iteration)
     trainer.sinks = Sinks(cfg, output_dir, OmegaConf.to_container(cfg, resolve=True), _log_rank(), progress)
     if dist.get_rank() == 0:

@@ -30,7 +30,8 @@ class Family:
     """Architecture traits shared by every size of a family."""
 
     name: str
-    hf_architectures: Tuple[str, ...]
+    hf_architectures: Tuple[str, ...]  # the first one is written on export
+    hf_model_type: str
     sizes: Dict[str, Size]
     qk_layernorm: bool = False
     add_qkv_bias: bool = False

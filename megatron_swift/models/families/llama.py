@@ -11,6 +11,7 @@ _MISTRAL = dict(vocab_size=32768, max_position_embeddings=32768, rotary_base=1e6
 FAMILY = Family(
     name="llama",
     hf_architectures=("LlamaForCausalLM", "MistralForCausalLM"),
+    hf_model_type="llama",
     weights=llama_style,
     sizes={
         "tiny": Size(2, 64, 128, 4, 2, max_position_embeddings=1024, norm_epsilon=1e-5),

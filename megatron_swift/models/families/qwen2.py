@@ -9,6 +9,7 @@ _Q = dict(max_position_embeddings=32768, rotary_base=1e6, norm_epsilon=1e-6)
 FAMILY = Family(
     name="qwen2",
     hf_architectures=("Qwen2ForCausalLM",),
+    hf_model_type="qwen2",
     add_qkv_bias=True,
     weights=partial(llama_style, qkv_bias=True),
     sizes={

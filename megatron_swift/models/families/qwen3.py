@@ -9,6 +9,7 @@ _Q = dict(kv_channels=128, vocab_size=151936, max_position_embeddings=40960, rot
 FAMILY = Family(
     name="qwen3",
     hf_architectures=("Qwen3ForCausalLM",),
+    hf_model_type="qwen3",
     qk_layernorm=True,
     weights=partial(llama_style, qk_norm=True),
     sizes={

@@ -6,6 +6,7 @@ _Q = dict(kv_channels=128, vocab_size=151936, max_position_embeddings=40960, rot
 FAMILY = Family(
     name="qwen3_moe",
     hf_architectures=("Qwen3MoeForCausalLM",),
+    hf_model_type="qwen3_moe",
     qk_layernorm=True,
     moe=True,
     sizes={

@@ -1,0 +1,69 @@
+"""HF -> Megatron -> HF is bitwise; a trained, exported model loads in transformers with Megatron's logits."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import ROOT, launch_cmd, run_train, train_env
+from tests.multiproc.test_hf_load import CASES, VOCAB, WORKER, _save_tiny
+
+transformers = pytest.importorskip("transformers")
+from safetensors.torch import load_file  # noqa: E402
+
+CONVERT = ROOT / "tools" / "convert" / "mcore_to_hf.py"
+# Fields transformers rewrites on every save, not part of the model.
+VOLATILE = {"transformers_version", "torch_dtype", "dtype"}
+
+
+def _export(run_dir, out_dir):
+    proc = subprocess.run([sys.executable, str(CONVERT), "--ckpt", str(run_dir), "--out", str(out_dir)],
+                          cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def _config(folder):
+    return {k: v for k, v in json.loads((folder / "config.json").read_text()).items() if k not in VOLATILE}
+
+
+@pytest.mark.parametrize("case", ["qwen3-tp2", "qwen2-tied-tp2"])
+def test_round_trip_is_bitwise(tmp_path, case):
+    kind, extra, nproc, layout = CASES[case]
+    hf_dir, run, out = tmp_path / "hf", tmp_path / "run", tmp_path / "out"
+    _save_tiny(kind, hf_dir, **extra)
+    # Loaded under TP=2 and saved sharded; the export reshards to one process.
+    run_train(nproc, [f"+model={kind}", f"model.pretrained={hf_dir}", "train.precision=fp32", "train.train_iters=0",
+                      f"train.output_dir={run}", "logging.tensorboard=false", *layout])
+    _export(run, out)
+    original, exported = load_file(hf_dir / "model.safetensors"), load_file(out / "model.safetensors")
+    assert sorted(exported) == sorted(original)
+    for name, tensor in original.items():
+        assert exported[name].dtype == tensor.dtype and torch.equal(exported[name], tensor), name
+    assert _config(out) == _config(hf_dir)
+
+
+def test_trained_export_loads_in_transformers_with_megatron_logits(tmp_path):
+    kind, extra, nproc, layout = CASES["qwen3-tp2"]
+    hf_dir, run, out = tmp_path / "hf", tmp_path / "run", tmp_path / "out"
+    _save_tiny(kind, hf_dir, **extra)
+    base = [f"+model={kind}", f"model.pretrained={hf_dir}", "train.precision=fp32", "logging.tensorboard=false",
+            "train.device=cpu"]
+    run_train(nproc, [*base, "train.train_iters=3", "train.lr=1e-2", f"train.output_dir={run}", *layout])
+    _export(run, out)
+    tokens = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(2))
+    torch.save(tokens, tmp_path / "tokens.pt")
+    proc = subprocess.run(launch_cmd(nproc, [str(tmp_path / "tokens.pt"), str(tmp_path / "mcore.pt"), *base,
+                                             f"model.load={run}", f"train.output_dir={tmp_path / 'eval'}", *layout],
+                                     script=WORKER), cwd=ROOT, env=train_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    megatron = torch.load(tmp_path / "mcore.pt", weights_only=True)[..., :VOCAB]
+    trained = transformers.AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
+    original = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        hf_logits, before = trained(tokens).logits, original(tokens).logits
+    assert (hf_logits - megatron).abs().max().item() < 1e-4
+    assert (hf_logits - before).abs().max().item() > 1e-3  # the exported weights are the trained ones
