@@ -66,6 +66,7 @@ def _problems(overrides, world=1, te=False):
     (["train.max_epochs=null"], 1, "set train.max_epochs or train.train_iters"),
     (["train.lr_decay_style=step"], 1, "train.lr_decay_style=step is not one of: cosine, linear, constant"),
     (["train.fp8=e4m3"], 1, "train.fp8 needs Transformer Engine on CUDA"),
+    (["train.save_hf=true", "train.save_at_end=false"], 1, "train.save_hf=true needs train.save_at_end=true"),
 ])
 def test_validation_names_the_key_to_change(overrides, world, message):
     assert any(message in p for p in _problems(overrides, world)), _problems(overrides, world)

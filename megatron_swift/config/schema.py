@@ -164,6 +164,8 @@ class TrainConfig:
     """Save a checkpoint when an epoch ends."""
     save_at_end: bool = True
     """Save a checkpoint when training stops."""
+    save_hf: bool = False
+    """After training, also write the final weights as an HF folder at <output_dir>/hf/iter_N."""
     keep_last: int = 2
     """Keep this many most recent checkpoints (0 keeps all)."""
     resume: str = "auto"

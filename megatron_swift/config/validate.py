@@ -111,6 +111,8 @@ def _run(cfg, problems: List[str]) -> None:
         _choice(problems, "train.fp8", train.fp8, ("e4m3", "hybrid"))
     if train.micro_batch_size < 1 or train.seq_length < 1:
         problems.append("train.micro_batch_size and train.seq_length must be >= 1")
+    if train.save_hf and not train.save_at_end:
+        problems.append("train.save_hf=true needs train.save_at_end=true (it converts the final checkpoint)")
     if train.min_lr > train.lr:
         problems.append(f"train.min_lr={train.min_lr} is above train.lr={train.lr}")
 

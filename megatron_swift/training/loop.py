@@ -305,6 +305,29 @@ def setup(cfg) -> Trainer:
     return trainer
 
 
+def export_final_hf(trainer) -> None:
+    """Convert the final checkpoint to an HF folder (rank 0, a fresh one-process job).
+
+    The conversion reshards to TP=PP=1 in its own process group, so it runs as a
+    child process without this job's torchrun environment."""
+    import subprocess
+    import sys
+
+    dist.barrier()
+    if dist.get_rank() == 0:
+        latest = ckpt.complete_checkpoints(ckpt.checkpoints_dir(trainer.output_dir))[-1]
+        out = os.path.join(trainer.output_dir, "hf", os.path.basename(latest))
+        tool = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                            "tools", "convert", "mcore_to_hf.py")
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
+                            "MASTER_PORT") and not k.startswith("TORCHELASTIC")}
+        if not os.path.isdir(out):
+            subprocess.run([sys.executable, tool, "--ckpt", latest, "--out", out], env=env, check=True)
+        _print0(f"HF export: {out}")
+    dist.barrier()
+
+
 def run(cfg) -> ckpt.TrainState:
     """Train as the config says; returns the final counters."""
     trainer = setup(cfg)
@@ -312,6 +335,8 @@ def run(cfg) -> ckpt.TrainState:
         state = trainer.fit()
     finally:
         trainer.sinks.close()
+    if cfg.train.save_hf:
+        export_final_hf(trainer)
     _print0(f"done: {state.iteration} steps, epoch {state.iteration / trainer.length.steps_per_epoch:.2f}, "
             f"{state.consumed_samples} samples consumed")
     return state

@@ -47,12 +47,13 @@ def test_round_trip_is_bitwise(tmp_path, case):
 
 def test_trained_export_loads_in_transformers_with_megatron_logits(tmp_path):
     kind, extra, nproc, layout = CASES["qwen3-tp2"]
-    hf_dir, run, out = tmp_path / "hf", tmp_path / "run", tmp_path / "out"
+    hf_dir, run = tmp_path / "hf", tmp_path / "run"
     _save_tiny(kind, hf_dir, **extra)
     base = [f"+model={kind}", f"model.pretrained={hf_dir}", "train.precision=fp32", "logging.tensorboard=false",
             "train.device=cpu"]
-    run_train(nproc, [*base, "train.train_iters=3", "train.lr=1e-2", f"train.output_dir={run}", *layout])
-    _export(run, out)
+    run_train(nproc, [*base, "train.train_iters=3", "train.lr=1e-2", f"train.output_dir={run}", "train.save_hf=true",
+                      *layout])
+    out = run / "hf" / "iter_0000003"  # written by train.save_hf
     tokens = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(2))
     torch.save(tokens, tmp_path / "tokens.pt")
     proc = subprocess.run(launch_cmd(nproc, [str(tmp_path / "tokens.pt"), str(tmp_path / "mcore.pt"), *base,
