@@ -10,6 +10,8 @@ import json
 import os
 from typing import List
 
+from megatron_swift.data.errors import DataError
+
 
 class ByteTokenizer:
     """UTF-8 bytes 0..255, then <eod>=256, <bos>=257, <pad>=258."""
@@ -35,7 +37,7 @@ class HFTokenizer:
         folder = path if os.path.isdir(path) else os.path.dirname(path)
         file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
         if not os.path.isfile(file):
-            raise FileNotFoundError(f"data.tokenizer={path}: no tokenizer.json there")
+            raise DataError(path, None, "no tokenizer.json here (set data.tokenizer to the model's tokenizer)")
         self._tok = Tokenizer.from_file(file)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.eod = self._special(folder, ("eos_token",), ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>"))
@@ -89,4 +91,4 @@ def build_tokenizer(spec: str):
         return SentencePieceTokenizer(spec)
     if os.path.isdir(spec) or spec.endswith(".json"):
         return HFTokenizer(spec)
-    raise ValueError(f"data.tokenizer={spec}: expected 'byte', an HF tokenizer folder/tokenizer.json, or a .model file")
+    raise DataError(spec, None, "data.tokenizer expects 'byte', an HF tokenizer folder/tokenizer.json, or a .model file")
