@@ -15,6 +15,8 @@ transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file  # noqa: E402
 
 CONVERT = ROOT / "tools" / "convert" / "mcore_to_hf.py"
+HF_TO_MCORE = ROOT / "tools" / "convert" / "hf_to_mcore.py"
+CHECK = ROOT / "tools" / "convert" / "check.py"
 # Fields transformers rewrites on every save, not part of the model.
 VOLATILE = {"transformers_version", "torch_dtype", "dtype"}
 
@@ -29,14 +31,24 @@ def _config(folder):
     return {k: v for k, v in json.loads((folder / "config.json").read_text()).items() if k not in VOLATILE}
 
 
-@pytest.mark.parametrize("case", ["qwen3-tp2", "qwen2-tied-tp2"])
-def test_round_trip_is_bitwise(tmp_path, case):
+def _run_tool(nproc, script, args):
+    proc = subprocess.run(launch_cmd(nproc, args, script=script), cwd=ROOT, env=train_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+@pytest.mark.parametrize("case,via", [("qwen3-tp2", "train"), ("qwen2-tied-tp2", "tool")])
+def test_round_trip_is_bitwise(tmp_path, case, via):
     kind, extra, nproc, layout = CASES[case]
     hf_dir, run, out = tmp_path / "hf", tmp_path / "run", tmp_path / "out"
     _save_tiny(kind, hf_dir, **extra)
     # Loaded under TP=2 and saved sharded; the export reshards to one process.
-    run_train(nproc, [f"+model={kind}", f"model.pretrained={hf_dir}", "train.precision=fp32", "train.train_iters=0",
-                      f"train.output_dir={run}", "logging.tensorboard=false", *layout])
+    if via == "train":
+        run_train(nproc, [f"+model={kind}", f"model.pretrained={hf_dir}", "train.precision=fp32",
+                          "train.train_iters=0", f"train.output_dir={run}", "logging.tensorboard=false", *layout])
+    else:
+        _run_tool(2, HF_TO_MCORE, ["--hf", str(hf_dir), "--out", str(run), "--tp", "2", "train.device=cpu"])
     _export(run, out)
     original, exported = load_file(hf_dir / "model.safetensors"), load_file(out / "model.safetensors")
     assert sorted(exported) == sorted(original)
@@ -68,3 +80,14 @@ def test_trained_export_loads_in_transformers_with_megatron_logits(tmp_path):
         hf_logits, before = trained(tokens).logits, original(tokens).logits
     assert (hf_logits - megatron).abs().max().item() < 1e-4
     assert (hf_logits - before).abs().max().item() > 1e-3  # the exported weights are the trained ones
+
+
+def test_check_tool_reports_logit_agreement(tmp_path):
+    kind, extra, _, _ = CASES["qwen3-tp2"]
+    _save_tiny(kind, tmp_path / "hf", **extra)
+    report = tmp_path / "report.json"
+    proc = _run_tool(2, CHECK, ["--hf", str(tmp_path / "hf"), "--report", str(report), "parallel.tp=2",
+                                "train.device=cpu"])
+    figures = json.loads(report.read_text())
+    assert figures["max_abs_diff"] < 1e-4 and figures["token_agreement"] == 1.0
+    assert "logits vs HF: mean |diff|" in proc.stdout

@@ -1,0 +1,103 @@
+"""Precision check: one batch through the HF model and through the Megatron model built from it.
+
+    python tools/convert/check.py --hf /ckpt/Qwen3-8B                       # HF weights loaded into Megatron
+    torchrun --nproc_per_node 2 tools/convert/check.py --hf DIR parallel.tp=2
+    python tools/convert/check.py --hf DIR --ckpt outputs/run               # a Megatron checkpoint vs an HF folder
+
+Prints mean and max absolute logit difference and top-1 token agreement (fp32
+on CPU unless overridden). Extra arguments are config overrides.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+
+def megatron_logits(trainer, tokens):
+    """Full-vocabulary logits [b, s, padded V] on the last pipeline stage (None elsewhere)."""
+    import torch
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+
+    def forward_step(_it, model):
+        logits = model(tokens, positions, None)
+        return logits, lambda output, non_loss_data=False: gather_from_tensor_model_parallel_region(output)
+
+    for chunk in trainer.model:
+        chunk.eval()
+    iterators = [iter([None]) for _ in trainer.model]
+    with torch.no_grad():
+        out = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iterators if len(iterators) > 1 else iterators[0],
+            model=trainer.model, num_microbatches=1, seq_length=tokens.shape[1], micro_batch_size=tokens.shape[0],
+            forward_only=True, collect_non_loss_data=True)
+    return out[0].float() if ps.is_pipeline_last_stage() else None
+
+
+def compare(megatron, hf, vocab: int) -> dict:
+    """Mean/max |difference| over the real vocabulary and top-1 agreement."""
+    diff = (megatron[..., :vocab] - hf).abs()
+    agree = (megatron[..., :vocab].argmax(-1) == hf.argmax(-1)).float().mean()
+    return {"mean_abs_diff": diff.mean().item(), "max_abs_diff": diff.max().item(), "token_agreement": agree.item()}
+
+
+def _hf_logits(folder: str, tokens):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(tokens).logits.float()
+
+
+def main() -> None:
+    import tempfile
+
+    import torch
+    import torch.distributed as dist
+    from megatron_swift.config.compose import compose
+    from megatron_swift.convert.hf_config import read_hf_config
+    from megatron_swift.models import families
+    from megatron_swift.training.loop import setup
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hf", required=True, help="HF checkpoint folder")
+    parser.add_argument("--ckpt", help="Megatron checkpoint to compare instead of the HF weights loaded directly")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=32)
+    parser.add_argument("--report", help="also write the figures to this JSON file")
+    args, overrides = parser.parse_known_args()
+
+    hf_config = read_hf_config(args.hf)
+    family = families.by_hf_architecture(hf_config["architectures"][0]).name
+    vocab = hf_config["vocab_size"]
+    tokens = torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
+    # The HF reference runs first, before megatron-core is initialised in this process: computed
+    # after setup, its logits were seen to differ (cause not yet found; the Megatron side matched
+    # HF logits computed in a separate process). The last rank is on the last pipeline stage.
+    reporter = os.environ.get("RANK", "0") == str(int(os.environ.get("WORLD_SIZE", "1")) - 1)
+    hf_logits = _hf_logits(args.hf, tokens) if reporter else None
+    out_dir = os.path.join(tempfile.gettempdir(), f"swift-check-{os.environ.get('MASTER_PORT', 'solo')}")
+    trainer = setup(compose([f"+model={family}", f"model.pretrained={args.hf}", "train.precision=fp32",
+                             f"train.output_dir={out_dir}", "train.resume=auto", "logging.tensorboard=false",
+                             *([f"model.load={args.ckpt}"] if args.ckpt else []), *overrides]))
+    logits = megatron_logits(trainer, tokens)
+    if hf_logits is not None:
+        report = compare(logits, hf_logits, vocab)
+        print(f"logits vs HF: mean |diff| {report['mean_abs_diff']:.3e}, max |diff| {report['max_abs_diff']:.3e}, "
+              f"top-1 agreement {100 * report['token_agreement']:.2f} %", flush=True)
+        if args.report:
+            with open(args.report, "w", encoding="utf-8") as f:
+                json.dump(report, f)
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main()

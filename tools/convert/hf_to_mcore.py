@@ -1,0 +1,45 @@
+"""HF folder -> Megatron distributed checkpoint (torch_dist) for a given layout.
+
+    python tools/convert/hf_to_mcore.py --hf /ckpt/Qwen3-0.6B --out /ckpt/qwen3-0.6b-mcore
+    torchrun --nproc_per_node 4 tools/convert/hf_to_mcore.py --hf /ckpt/Qwen3-8B --out DIR --tp 2 --pp 2
+
+Each rank streams only the tensors of its stage into its shard and the
+checkpoint is written by megatron-core as iteration 0 (it reshards on load, so
+the layout here only decides how the work is split). Train from it with
+``model.load=DIR``. Extra arguments are config overrides.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+
+def main() -> None:
+    from megatron_swift.cli import run_or_exit
+    from megatron_swift.config.compose import compose
+    from megatron_swift.convert.hf_config import read_hf_config
+    from megatron_swift.models import families
+    from megatron_swift.training.loop import run
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hf", required=True, help="HF checkpoint folder")
+    parser.add_argument("--out", required=True, help="new run directory for the checkpoint")
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--ep", type=int, default=1)
+    args, overrides = parser.parse_known_args()
+    family = families.by_hf_architecture(read_hf_config(args.hf)["architectures"][0]).name
+    dtype = read_hf_config(args.hf).get("torch_dtype") or read_hf_config(args.hf).get("dtype")
+    precision = {"bfloat16": "bf16", "float16": "fp16"}.get(dtype, "fp32")
+    cfg = compose([f"+model={family}", f"model.pretrained={args.hf}", f"parallel.tp={args.tp}",
+                   f"parallel.pp={args.pp}", f"parallel.ep={args.ep}", "train.train_iters=0", "train.resume=none",
+                   f"train.precision={precision}", f"train.output_dir={args.out}", "logging.tensorboard=false",
+                   *overrides])
+    run_or_exit(run, cfg)
+
+
+if __name__ == "__main__":  # dist_checkpointing starts worker processes
+    main()
