@@ -31,8 +31,9 @@ def main() -> None:
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--ep", type=int, default=1)
     args, overrides = parser.parse_known_args()
-    family = families.by_hf_architecture(read_hf_config(args.hf)["architectures"][0]).name
-    dtype = read_hf_config(args.hf).get("torch_dtype") or read_hf_config(args.hf).get("dtype")
+    hf_config = read_hf_config(args.hf)
+    family = families.by_hf_architecture(hf_config["architectures"][0]).name
+    dtype = hf_config.get("torch_dtype") or hf_config.get("dtype")
     precision = {"bfloat16": "bf16", "float16": "fp16"}.get(dtype, "fp32")
     cfg = compose([f"+model={family}", f"model.pretrained={args.hf}", f"parallel.tp={args.tp}",
                    f"parallel.pp={args.pp}", f"parallel.ep={args.ep}", "train.train_iters=0", "train.resume=none",
