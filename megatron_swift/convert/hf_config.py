@@ -16,6 +16,18 @@ def read_hf_config(folder: str) -> dict:
         return json.load(f)
 
 
+def hf_family_name(hf: dict, folder: str) -> str:
+    """The registered family that loads this HF config's ``architectures`` (the tools' +model=)."""
+    from megatron_swift.models import families
+
+    for arch in hf.get("architectures") or []:
+        if arch in families.hf_architectures():
+            return families.by_hf_architecture(arch).name
+    raise DataError(os.path.join(folder, "config.json"), None,
+                    f"architectures {hf.get('architectures')} are not supported; supported: "
+                    f"{', '.join(families.hf_architectures())}")
+
+
 def _rope_theta(hf: dict, folder: str) -> float:
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     kind = rope.get("rope_type", rope.get("type", "default"))

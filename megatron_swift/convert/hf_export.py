@@ -30,7 +30,8 @@ def hf_tensors(chunk, family, arch: dict, padded_vocab: int, dtype: Optional[tor
     for name, param in chunk.named_parameters():
         rule, layer = match_rule(name, rules, 0, "export")
         for hf_name, tensor in rule.split(param.detach(), layer, ctx).items():
-            # A tied output layer maps onto the embedding, which is written once.
+            # A tied output layer maps onto the embedding, which is written once. The clone
+            # detaches from the parameter: split views share storage, which safetensors refuses.
             out.setdefault(hf_name, tensor.to(dtype or tensor.dtype).contiguous().clone())
     return out
 

@@ -63,8 +63,7 @@ def main() -> None:
     import torch
     import torch.distributed as dist
     from megatron_swift.config.compose import compose
-    from megatron_swift.convert.hf_config import read_hf_config
-    from megatron_swift.models import families
+    from megatron_swift.convert.hf_config import hf_family_name, read_hf_config
     from megatron_swift.training.loop import setup
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -76,7 +75,7 @@ def main() -> None:
     args, overrides = parser.parse_known_args()
 
     hf_config = read_hf_config(args.hf)
-    family = families.by_hf_architecture(hf_config["architectures"][0]).name
+    family = hf_family_name(hf_config, args.hf)
     vocab = hf_config["vocab_size"]
     tokens = torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     # The HF reference runs first, before megatron-core is initialised in this process: computed

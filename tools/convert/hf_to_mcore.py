@@ -20,8 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 def main() -> None:
     from megatron_swift.cli import run_or_exit
     from megatron_swift.config.compose import compose
-    from megatron_swift.convert.hf_config import read_hf_config
-    from megatron_swift.models import families
+    from megatron_swift.convert.hf_config import hf_family_name, read_hf_config
     from megatron_swift.training.loop import run
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -32,7 +31,7 @@ def main() -> None:
     parser.add_argument("--ep", type=int, default=1)
     args, overrides = parser.parse_known_args()
     hf_config = read_hf_config(args.hf)
-    family = families.by_hf_architecture(hf_config["architectures"][0]).name
+    family = hf_family_name(hf_config, args.hf)
     dtype = hf_config.get("torch_dtype") or hf_config.get("dtype")
     precision = {"bfloat16": "bf16", "float16": "fp16"}.get(dtype, "fp32")
     cfg = compose([f"+model={family}", f"model.pretrained={args.hf}", f"parallel.tp={args.tp}",
