@@ -1,6 +1,4 @@
 """Llama 2 / Llama 3 and Mistral (same layer): GQA, SwiGLU, RoPE, RMSNorm, no biases."""
-from functools import partial
-
 from megatron_swift.convert.tables import llama_style
 from megatron_swift.models.families.base import Family, Size
 
