@@ -53,10 +53,28 @@ def arch_fields(hf: dict, folder: str) -> Dict[str, object]:
         norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
         untie_embeddings=not hf.get("tie_word_embeddings", False),
     )
-    if "num_experts" in hf:
-        fields.update(num_experts=hf["num_experts"], moe_ffn_hidden_size=hf["moe_intermediate_size"],
-                      moe_router_topk=hf["num_experts_per_tok"])
+    # transformers 5 writes num_local_experts (its attribute map), older versions num_experts.
+    experts = hf.get("num_experts", hf.get("num_local_experts"))
+    if experts:
+        _check_all_layers_moe(hf, folder)
+        fields.update(num_experts=experts, moe_ffn_hidden_size=hf["moe_intermediate_size"],
+                      moe_router_topk=hf["num_experts_per_tok"],
+                      # transformers' Qwen3MoeConfig defaults norm_topk_prob to False
+                      moe_router_pre_softmax=not hf.get("norm_topk_prob", False))
     return fields
+
+
+def _check_all_layers_moe(hf: dict, folder: str) -> None:
+    """Only models whose every layer is an MoE layer without a shared expert are built (Qwen3-MoE)."""
+    problems = []
+    if hf.get("decoder_sparse_step", 1) != 1:
+        problems.append(f"decoder_sparse_step={hf['decoder_sparse_step']} (only 1 is supported)")
+    if hf.get("mlp_only_layers"):
+        problems.append(f"mlp_only_layers={hf['mlp_only_layers']} (dense layers among MoE layers)")
+    if hf.get("shared_expert_intermediate_size"):
+        problems.append("a shared expert (shared_expert_intermediate_size)")
+    if problems:
+        raise DataError(os.path.join(folder, "config.json"), None, "unsupported MoE layout: " + "; ".join(problems))
 
 
 def to_hf_config(family, arch: dict, dtype: str) -> dict:
@@ -78,4 +96,9 @@ def to_hf_config(family, arch: dict, dtype: str) -> dict:
         hidden_act="silu",
         torch_dtype=dtype,
     )
+    if arch.get("num_experts"):
+        config.update(num_experts=arch["num_experts"], moe_intermediate_size=arch["moe_ffn_hidden_size"],
+                      num_experts_per_tok=arch["moe_router_topk"],
+                      norm_topk_prob=not arch.get("moe_router_pre_softmax", False),
+                      decoder_sparse_step=1, mlp_only_layers=[])
     return config

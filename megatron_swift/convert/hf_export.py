@@ -1,14 +1,18 @@
-"""Write a Megatron model (one process, TP=PP=1) as an HF folder: safetensors (+ index), config, tokenizer.
+"""Write a Megatron checkpoint as an HF folder: sharded safetensors (+ index), config, tokenizer files.
 
-The folder is written under ``<out>.tmp`` and renamed when complete, so a
-failed export never leaves a folder that looks finished.
+Streaming: the checkpoint is read one decoder layer at a time (mcore_read),
+each parameter is split into its HF tensors by the family's table, and those
+go into the current safetensors shard, which is written out as soon as it is
+full. Peak memory is about one shard plus the embedding, output layer and one
+layer. The folder is assembled under ``<out>.tmp`` and renamed when complete,
+so a failed export never leaves a folder that looks finished.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
-from typing import Dict, Optional
+from typing import Dict, Iterable, Optional, Tuple
 
 import torch
 from safetensors.torch import save_file
@@ -16,72 +20,113 @@ from safetensors.torch import save_file
 from megatron_swift.convert.hf_config import read_hf_config, to_hf_config
 from megatron_swift.convert.hf_load import Context, compile_rules, match_rule
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
            "tokenizer.model", "added_tokens.json", "generation_config.json", "chat_template.jinja")
 
 
-def hf_tensors(chunk, family, arch: dict, padded_vocab: int, dtype: Optional[torch.dtype]) -> Dict[str, torch.Tensor]:
-    """HF name -> tensor for every parameter of an unsharded GPTModel."""
-    rules = compile_rules(family.weights(tied=not arch["untie_embeddings"]))
-    ctx = Context(arch["num_query_groups"], arch["kv_channels"], padded_vocab, tp=1, vocab_size=arch["vocab_size"])
-    out: Dict[str, torch.Tensor] = {}
-    for name, param in chunk.named_parameters():
-        rule, layer = match_rule(name, rules, 0, "export")
-        for hf_name, tensor in rule.split(param.detach(), layer, ctx).items():
-            # A tied output layer maps onto the embedding, which is written once. The clone
-            # detaches from the parameter: split views share storage, which safetensors refuses.
-            out.setdefault(hf_name, tensor.to(dtype or tensor.dtype).contiguous().clone())
-    return out
+class ShardWriter:
+    """Safetensors shards of at most ``max_shard_bytes``, written as they fill; index and final names at close."""
+
+    def __init__(self, folder: str, max_shard_bytes: int):
+        self.folder, self.max_bytes = folder, max_shard_bytes
+        self.pending: Dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.files: list = []  # [(temporary file name, [tensor names])]
+        self.total = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + nbytes > self.max_bytes:
+            self._flush()
+        # A clone: split views share storage with the parameter, which safetensors refuses.
+        self.pending[name] = tensor.contiguous().clone()
+        self.pending_bytes += nbytes
+        self.total += nbytes
+
+    def _flush(self) -> None:
+        file = f"part-{len(self.files):05d}.safetensors"
+        save_file(self.pending, os.path.join(self.folder, file), metadata={"format": "pt"})
+        self.files.append((file, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> None:
+        if self.pending or not self.files:
+            self._flush()
+        count = len(self.files)
+        weight_map = {}
+        for i, (file, names) in enumerate(self.files, start=1):
+            final = "model.safetensors" if count == 1 else f"model-{i:05d}-of-{count:05d}.safetensors"
+            os.rename(os.path.join(self.folder, file), os.path.join(self.folder, final))
+            weight_map.update({name: final for name in names})
+        if count > 1:
+            with open(os.path.join(self.folder, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
+                json.dump({"metadata": {"total_size": self.total}, "weight_map": weight_map}, f, indent=2)
 
 
-def write_folder(tensors: Dict[str, torch.Tensor], out_dir: str, config: dict, source: Optional[str],
-                 max_shard_bytes: int = 2 * 2**30) -> None:
-    """Shard tensors into safetensors files (with an index when more than one) and add config/tokenizer files."""
+def hf_tensors(params: Iterable[Tuple[str, torch.Tensor]], rules, ctx: Context, layer_offset: int,
+               dtype: torch.dtype) -> Iterable[Tuple[str, torch.Tensor]]:
+    """(HF name, tensor) for unsharded Megatron parameters; ``layer_offset`` turns layer 0 into the real index."""
+    for name, param in params:
+        rule, layer = match_rule(name, rules, {"layer": layer_offset}, "export")
+        for hf_name, tensor in rule.split(param, layer, ctx).items():
+            yield hf_name, tensor.to(dtype)
+
+
+def export_checkpoint(ckpt: str, out_dir: str, source: Optional[str] = None, dtype: Optional[str] = None,
+                      max_shard_bytes: int = 5 * 2**30) -> None:
+    """Stream checkpoint ``ckpt`` (an iter_N dir) into a new HF folder; ``dtype`` defaults to the stored one."""
+    from megatron_swift.convert.mcore_read import LayerwiseCheckpoint
+
     if os.path.exists(out_dir) and os.listdir(out_dir):
         raise FileExistsError(f"{out_dir} exists and is not empty; choose a new --out")
+    reader = LayerwiseCheckpoint(ckpt)
+    arch, family = reader.meta["arch"], reader.family
+    torch_dtype = DTYPES[dtype] if dtype else reader.dtype
+    rules = compile_rules(family.weights(tied=not arch["untie_embeddings"]))
+    ctx = Context(arch["num_query_groups"], arch["kv_channels"], reader.meta["padded_vocab_size"], tp=1,
+                  vocab_size=arch["vocab_size"])
     tmp = out_dir.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    shards, current, size = [], {}, 0
-    for name, tensor in tensors.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if current and size + nbytes > max_shard_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[name] = tensor
-        size += nbytes
-    shards.append(current)
-    weight_map = {}
-    for i, shard in enumerate(shards, start=1):
-        file = "model.safetensors" if len(shards) == 1 else f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(tmp, file), metadata={"format": "pt"})
-        weight_map.update({name: file for name in shard})
-    if len(shards) > 1:
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        with open(os.path.join(tmp, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+    try:
+        _write_tensors(reader, rules, ctx, torch_dtype, ShardWriter(tmp, max_shard_bytes))
+        _write_config(tmp, family, arch, _DTYPE_NAMES[torch_dtype], source)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written stays behind
+        raise
+    _finish(tmp, out_dir)
+
+
+def _write_tensors(reader, rules, ctx: Context, dtype: torch.dtype, writer: ShardWriter) -> None:
+    written = set()
+    sections = [(0, reader.non_layer_params)] + [(i, lambda i=i: reader.layer_params(i))
+                                                  for i in range(reader.num_layers)]
+    for offset, params in sections:
+        for hf_name, tensor in hf_tensors(params(), rules, ctx, offset, dtype):
+            if hf_name not in written:  # a tied output layer maps onto the embedding, written once
+                writer.add(hf_name, tensor)
+                written.add(hf_name)
+    writer.close()
+
+
+def _write_config(folder: str, family, arch: dict, dtype_name: str, source: Optional[str]) -> None:
+    """config.json is the source folder's (dtype updated) when there is one; tokenizer files are copied."""
+    if source and os.path.isfile(os.path.join(source, "config.json")):
+        config = read_hf_config(source)
+        config["torch_dtype"] = dtype_name
+        config.pop("dtype", None)
+    else:
+        config = to_hf_config(family, arch, dtype_name)
+    with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)
     for name in _COPIED if source else ():
         if os.path.isfile(os.path.join(source, name)):
-            shutil.copy2(os.path.join(source, name), os.path.join(tmp, name))
+            shutil.copy2(os.path.join(source, name), os.path.join(folder, name))
+
+
+def _finish(tmp: str, out_dir: str) -> None:
     if os.path.exists(out_dir):
-        os.rmdir(out_dir)
+        os.rmdir(out_dir)  # empty (checked before starting)
     os.rename(tmp, out_dir)
-
-
-def export_hf(chunk, family, arch: dict, padded_vocab: int, out_dir: str, source: Optional[str] = None,
-              dtype: Optional[str] = None) -> None:
-    """Export one unsharded GPTModel; config.json is the source folder's when there is one."""
-    torch_dtype = _DTYPES[dtype] if dtype else None
-    tensors = hf_tensors(chunk, family, arch, padded_vocab, torch_dtype)
-    written = next(iter(tensors.values())).dtype
-    if source and os.path.isfile(os.path.join(source, "config.json")):
-        config = read_hf_config(source)
-        config["torch_dtype"] = _DTYPE_NAMES[written]
-        config.pop("dtype", None)
-    else:
-        config = to_hf_config(family, arch, _DTYPE_NAMES[written])
-    write_folder(tensors, out_dir, config, source)

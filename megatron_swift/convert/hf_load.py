@@ -1,33 +1,40 @@
 """Stream HF safetensors into this rank's sharded Megatron model chunks.
 
-Each Megatron parameter is matched to a rule of the family's weight table,
-built from the HF tensors it names (read lazily, one tensor at a time, from
-the safetensors files), cut to this rank's tensor-parallel shard and copied in.
-Nothing is pickled: only safetensors are read.
+Each Megatron parameter is matched to a rule of the family's weight table and
+built from only the rows of the HF tensors that this rank's shard needs
+(safetensors slices, read lazily), then copied in. Afterwards the ranks
+compare notes: every tensor of the checkpoint must have been used by some
+rank. Nothing is pickled: only safetensors are read.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
-from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from dataclasses import dataclass, replace
+from typing import Dict, List, Optional, Set, Tuple
 
 import torch
+import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
+from megatron_swift.convert.rules import Part
 from megatron_swift.data.errors import DataError
+
+# Tensors some HF checkpoints carry that no model weight comes from (recomputed buffers).
+_IGNORED = re.compile(r".*\.rotary_emb\.inv_freq$")
 
 
 class SafetensorsFolder:
-    """Tensors of an HF folder (``model.safetensors`` or a sharded set with its index), opened lazily."""
+    """Tensors of an HF folder (``model.safetensors`` or a sharded set with its index), read lazily by slice."""
 
     def __init__(self, folder: str):
         from safetensors import safe_open
 
         self.folder = folder
         self._open = safe_open
+        self.used: Set[str] = set()
         index = os.path.join(folder, "model.safetensors.index.json")
         single = os.path.join(folder, "model.safetensors")
         if os.path.isfile(index):
@@ -38,20 +45,29 @@ class SafetensorsFolder:
                 self.file_of = {k: "model.safetensors" for k in f.keys()}
         else:
             raise DataError(folder, None, "no model.safetensors or model.safetensors.index.json (model.pretrained)")
-        self._handles: Dict[str, object] = {}
 
-    def get(self, name: str) -> torch.Tensor:
+    def _file(self, name: str) -> str:
         if name not in self.file_of:
             raise DataError(self.folder, None, f"tensor '{name}' is missing from the checkpoint")
-        file = self.file_of[name]
-        if file not in self._handles:
-            self._handles[file] = self._open(os.path.join(self.folder, file), framework="pt")
-        return self._handles[file].get_tensor(name)
+        return os.path.join(self.folder, self.file_of[name])
+
+    def shape(self, name: str) -> Tuple[int, ...]:
+        with self._open(self._file(name), framework="pt") as f:
+            return tuple(f.get_slice(name).get_shape())
+
+    def read(self, name: str, dim: int = 0, start: Optional[int] = None, stop: Optional[int] = None) -> torch.Tensor:
+        """A copy of the rows; the file is opened per read so that its memory map (and the pages it
+        brought in) is released at once instead of growing to the whole checkpoint."""
+        self.used.add(name)
+        with self._open(self._file(name), framework="pt") as f:
+            view = f.get_slice(name)
+            rows = slice(start, stop)
+            return view[rows] if dim == 0 else view[:, rows]
 
 
 @dataclass(frozen=True)
 class Context:
-    """What transforms need to know about the model and layout."""
+    """What transforms need to know about the model and layout (``tp``: the TP size of this parameter)."""
 
     num_query_groups: int
     kv_channels: int
@@ -64,44 +80,68 @@ def compile_rules(rules) -> List[Tuple[re.Pattern, object]]:
     compiled = []
     for rule in rules:
         for name in rule.mcore:
-            pattern = re.escape(name).replace(re.escape("{layer}"), r"(?P<layer>\d+)")
+            pattern = re.escape(name)
+            for key in ("layer", "expert"):
+                pattern = pattern.replace(re.escape("{" + key + "}"), rf"(?P<{key}>\d+)")
             compiled.append((re.compile(pattern + "$"), rule))
     return compiled
+
+
+def match_rule(name: str, rules, offsets: Dict[str, int], where: str):
+    """The rule for Megatron parameter ``name`` and its wildcard values (local index + offset = global)."""
+    for pattern, rule in rules:
+        match = pattern.match(name)
+        if match:
+            values = {key: str(offsets.get(key, 0) + int(v)) for key, v in match.groupdict().items()}
+            return rule, values
+    raise DataError(where, None, f"no HF tensor maps to Megatron parameter '{name}'")
 
 
 def load_hf_weights(chunks, folder: str, arch, padded_vocab: int) -> None:
     """Fill every parameter of ``chunks`` (this rank's GPTModels) from the HF folder."""
     if arch.family.weights is None:
         raise DataError(folder, None, f"loading HF weights is not supported yet for family {arch.family.name}")
-    tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     rules = compile_rules(arch.family.weights(tied=not arch.untie_embeddings))
-    ctx = Context(arch.num_query_groups, arch.kv_channels, padded_vocab, tp)
+    dense = Context(arch.num_query_groups, arch.kv_channels, padded_vocab, ps.get_tensor_model_parallel_world_size())
+    expert = replace(dense, tp=ps.get_expert_tensor_parallel_world_size())
+    tp_rank, etp_rank = ps.get_tensor_model_parallel_rank(), ps.get_expert_tensor_parallel_rank()
     reader = SafetensorsFolder(folder)
+    if not arch.untie_embeddings:
+        reader.used.add("lm_head.weight")  # a tied copy some checkpoints carry; transformers ignores it too
+    num_local_experts = (arch.num_experts or 0) // ps.get_expert_model_parallel_world_size()
+    expert_offset = ps.get_expert_model_parallel_rank() * num_local_experts
     vpp = len(chunks)
     for vp_stage, chunk in enumerate(chunks):
-        offset = get_transformer_layer_offset(chunk.config, vp_stage=vp_stage if vpp > 1 else None)
+        offsets = dict(layer=get_transformer_layer_offset(chunk.config, vp_stage=vp_stage if vpp > 1 else None),
+                       expert=expert_offset)
         for name, param in chunk.named_parameters():
-            _load_param(name, param, rules, reader, offset, ctx, tp_rank)
+            # Expert weights are not all-reduced across DP and are split over the expert TP group.
+            is_expert = not getattr(param, "allreduce", True)
+            ctx, rank = (expert, etp_rank) if is_expert else (dense, tp_rank)
+            _load_param(name, param, rules, reader, offsets, ctx, rank)
+    _check_all_used(reader)
 
 
-def match_rule(name: str, rules, offset: int, where: str):
-    """The rule for Megatron parameter ``name`` and its ``{layer}`` value (global index)."""
-    for pattern, rule in rules:
-        match = pattern.match(name)
-        if match:
-            layer = {"layer": str(offset + int(match.group("layer")))} if "layer" in pattern.groupindex else {}
-            return rule, layer
-    raise DataError(where, None, f"no HF tensor maps to Megatron parameter '{name}'")
-
-
-def _load_param(name, param, rules, reader, offset: int, ctx: Context, tp_rank: int) -> None:
-    rule, layer = match_rule(name, rules, offset, reader.folder)
-    full = rule.build(reader.get, layer, ctx)
-    if getattr(param, "tensor_model_parallel", False):
-        full = full.chunk(ctx.tp, dim=param.partition_dim)[tp_rank]
-    if tuple(full.shape) != tuple(param.shape):
+def _load_param(name, param, rules, reader, offsets, ctx: Context, tp_rank: int) -> None:
+    rule, layer = match_rule(name, rules, offsets, reader.folder)
+    part = Part(param.partition_dim, tp_rank, ctx.tp) if getattr(param, "tensor_model_parallel", False) else None
+    shard = rule.build(reader, layer, ctx, part)
+    if tuple(shard.shape) != tuple(param.shape):
         sources = ", ".join(n.format(**layer) for n in rule.hf_names())
         raise DataError(reader.folder, None, f"shape mismatch for '{sources}' -> '{name}': expected "
-                        f"{tuple(param.shape)} on this rank, found {tuple(full.shape)}")
+                        f"{tuple(param.shape)} on this rank, found {tuple(shard.shape)}")
     with torch.no_grad():
-        param.copy_(full.to(param.dtype))
+        param.copy_(shard.to(param.dtype))
+
+
+def _check_all_used(reader: SafetensorsFolder) -> None:
+    """Every rank raises the same error when some checkpoint tensor was read by no rank."""
+    used = [reader.used]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        used = [None] * dist.get_world_size()
+        dist.all_gather_object(used, reader.used)
+    unused = sorted(n for n in set(reader.file_of) - set().union(*used) if not _IGNORED.match(n))
+    if unused:
+        more = f" (and {len(unused) - 8} more)" if len(unused) > 8 else ""
+        raise DataError(reader.folder, None, f"{len(unused)} tensors in the checkpoint are not used by the model "
+                        f"(is config.json the one these weights were saved with?): {', '.join(unused[:8])}{more}")

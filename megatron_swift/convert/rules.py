@@ -1,17 +1,47 @@
-"""Typed rules of a weight table: how one Megatron parameter is made from HF tensors.
+"""Typed rules of a weight table: how one Megatron parameter is made from HF tensors, and back.
 
-Names carry a ``{layer}`` wildcard (global layer index). A rule's ``mcore`` is a
-tuple of alternative Megatron names for the same tensor (local-spec and
-Transformer-Engine-spec spellings differ for the fused norms).
+Names carry ``{layer}`` (global layer index) and ``{expert}`` (global expert
+index) wildcards. A rule's ``mcore`` is a tuple of alternative Megatron names
+for the same tensor (local-spec and Transformer-Engine-spec spellings differ).
+
+``build`` reads only what one rank needs: given a ``Part`` (block ``rank`` of
+``count`` along ``dim`` of the Megatron tensor) it asks the reader for row
+ranges of the HF tensors instead of whole tensors. ``split`` is the inverse on
+an unsharded Megatron tensor.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Tuple
+from typing import Dict, Optional, Protocol, Tuple
 
 import torch
 
-Fetch = Callable[[str], torch.Tensor]
+
+@dataclass(frozen=True)
+class Part:
+    """The block of a Megatron tensor one rank holds: block ``rank`` of ``count`` equal blocks along ``dim``."""
+
+    dim: int
+    rank: int
+    count: int
+
+
+class Reader(Protocol):
+    def shape(self, name: str) -> Tuple[int, ...]: ...
+
+    def read(self, name: str, dim: int = 0, start: Optional[int] = None, stop: Optional[int] = None) -> torch.Tensor:
+        """Rows ``start:stop`` along ``dim`` (0 or 1) of tensor ``name``; the whole tensor by default."""
+
+
+def _block(size: int, part: Optional[Part]) -> Tuple[int, int]:
+    if part is None:
+        return 0, size
+    step = size // part.count
+    return part.rank * step, (part.rank + 1) * step
+
+
+def _cut(full: torch.Tensor, part: Optional[Part]) -> torch.Tensor:
+    return full if part is None else full.chunk(part.count, dim=part.dim)[part.rank]
 
 
 @dataclass(frozen=True)
@@ -25,15 +55,21 @@ class Direct:
     def hf_names(self):
         return (self.hf,)
 
-    def build(self, fetch: Fetch, layer: Dict[str, str], ctx) -> torch.Tensor:
-        tensor = fetch(self.hf.format(**layer))
-        if self.pad_vocab and tensor.shape[0] < ctx.padded_vocab:
-            pad = tensor.new_zeros((ctx.padded_vocab - tensor.shape[0],) + tuple(tensor.shape[1:]))
+    def build(self, reader: Reader, layer: Dict[str, str], ctx, part: Optional[Part] = None) -> torch.Tensor:
+        name = self.hf.format(**layer)
+        shape = reader.shape(name)
+        dim = part.dim if part else 0
+        padded = self.pad_vocab and dim == 0
+        start, stop = _block(ctx.padded_vocab if padded else shape[dim], part)
+        real_stop = min(stop, shape[dim])
+        tensor = reader.read(name, dim, min(start, real_stop), real_stop)
+        if padded and tensor.shape[0] < stop - start:  # this block reaches into the padding rows
+            pad = tensor.new_zeros((stop - start - tensor.shape[0],) + tuple(tensor.shape[1:]))
             tensor = torch.cat([tensor, pad])
         return tensor
 
     def split(self, full: torch.Tensor, layer: Dict[str, str], ctx) -> Dict[str, torch.Tensor]:
-        """Inverse of ``build``: the HF tensor (vocabulary padding removed)."""
+        """The HF tensor (vocabulary padding removed)."""
         if self.pad_vocab:
             full = full[: ctx.vocab_size]
         return {self.hf.format(**layer): full}
@@ -41,7 +77,10 @@ class Direct:
 
 @dataclass(frozen=True)
 class QKV:
-    """Q, K, V projections fused in Megatron's order: per query group, its queries then its key and value."""
+    """Q, K, V projections fused in Megatron's order: per query group, its queries then its key and value.
+
+    Tensor parallelism splits whole query groups, so a rank's block is read as
+    its groups' rows of each of Q, K and V."""
 
     mcore: Tuple[str, ...]
     q: str
@@ -51,14 +90,20 @@ class QKV:
     def hf_names(self):
         return (self.q, self.k, self.v)
 
-    def build(self, fetch: Fetch, layer: Dict[str, str], ctx) -> torch.Tensor:
-        q, k, v = (fetch(n.format(**layer)) for n in (self.q, self.k, self.v))
+    def build(self, reader: Reader, layer: Dict[str, str], ctx, part: Optional[Part] = None) -> torch.Tensor:
+        if part is not None and part.dim != 0:
+            return _cut(self.build(reader, layer, ctx), part)
+        q_name, k_name, v_name = (n.format(**layer) for n in (self.q, self.k, self.v))
         groups, d = ctx.num_query_groups, ctx.kv_channels
+        g0, g1 = _block(groups, part)
+        q_per_group = reader.shape(q_name)[0] // groups
+        q = reader.read(q_name, 0, g0 * q_per_group, g1 * q_per_group)
+        k = reader.read(k_name, 0, g0 * d, g1 * d)
+        v = reader.read(v_name, 0, g0 * d, g1 * d)
         rest = tuple(q.shape[1:])
-        q = q.reshape(groups, -1, *rest)  # [groups, heads_per_group * d, ...]
-        k = k.reshape(groups, d, *rest)
-        v = v.reshape(groups, d, *rest)
-        return torch.cat([q, k, v], dim=1).reshape(-1, *rest)
+        n = g1 - g0
+        fused = torch.cat([q.reshape(n, -1, *rest), k.reshape(n, d, *rest), v.reshape(n, d, *rest)], dim=1)
+        return fused.reshape(-1, *rest)
 
     def split(self, full: torch.Tensor, layer: Dict[str, str], ctx) -> Dict[str, torch.Tensor]:
         groups, d = ctx.num_query_groups, ctx.kv_channels
@@ -74,8 +119,9 @@ class GateUp:
     """SwiGLU gate and up projections fused as Megatron's linear_fc1.
 
     Megatron shards fc1 so that each TP rank holds [gate_r; up_r]; the full
-    tensor is therefore the concatenation of those per-rank blocks, which an
-    even split over TP ranks turns back into the right shards."""
+    tensor is therefore the concatenation of those per-rank blocks (``ctx.tp``
+    of them: the expert TP size for experts), which an even split over TP ranks
+    turns back into the right shards."""
 
     mcore: Tuple[str, ...]
     gate: str
@@ -84,10 +130,13 @@ class GateUp:
     def hf_names(self):
         return (self.gate, self.up)
 
-    def build(self, fetch: Fetch, layer: Dict[str, str], ctx) -> torch.Tensor:
-        gate, up = fetch(self.gate.format(**layer)), fetch(self.up.format(**layer))
-        parts = [torch.cat([g, u]) for g, u in zip(gate.chunk(ctx.tp), up.chunk(ctx.tp))]
-        return torch.cat(parts)
+    def build(self, reader: Reader, layer: Dict[str, str], ctx, part: Optional[Part] = None) -> torch.Tensor:
+        gate, up = self.gate.format(**layer), self.up.format(**layer)
+        if part is not None and part.dim == 0 and part.count == ctx.tp:
+            start, stop = _block(reader.shape(gate)[0], part)
+            return torch.cat([reader.read(gate, 0, start, stop), reader.read(up, 0, start, stop)])
+        blocks = [torch.cat([g, u]) for g, u in zip(reader.read(gate).chunk(ctx.tp), reader.read(up).chunk(ctx.tp))]
+        return _cut(torch.cat(blocks), part)
 
     def split(self, full: torch.Tensor, layer: Dict[str, str], ctx) -> Dict[str, torch.Tensor]:
         blocks = [b.chunk(2) for b in full.chunk(ctx.tp)]

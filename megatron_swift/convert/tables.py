@@ -1,4 +1,8 @@
-"""Weight tables of the Llama-style decoders (Llama, Mistral, Qwen2, Qwen3), built from named options."""
+"""Weight tables (HF name <-> Megatron name) of the Llama-style decoders, assembled from named parts.
+
+Llama, Mistral, Qwen2 and Qwen3 are ``llama_style`` with options; Qwen3-MoE is
+``moe_style``: the same embedding and attention with routed experts as the MLP.
+"""
 from __future__ import annotations
 
 from typing import List
@@ -9,10 +13,17 @@ _L = "decoder.layers.{layer}."
 _H = "model.layers.{layer}."
 
 
-def llama_style(qk_norm: bool = False, qkv_bias: bool = False, tied: bool = False) -> List[object]:
-    """Rules for one dense Llama-style decoder; ``tied`` feeds the output layer from the embedding."""
-    rules = [
+def _embedding(tied: bool) -> List[object]:
+    return [
         Direct(("embedding.word_embeddings.weight",), "model.embed_tokens.weight", pad_vocab=True),
+        Direct(("decoder.final_layernorm.weight",), "model.norm.weight"),
+        # Tied models still hold a copy of the embedding on the last pipeline stage.
+        Direct(("output_layer.weight",), "model.embed_tokens.weight" if tied else "lm_head.weight", pad_vocab=True),
+    ]
+
+
+def _attention(qk_norm: bool, qkv_bias: bool) -> List[object]:
+    rules = [
         Direct((_L + "input_layernorm.weight", _L + "self_attention.linear_qkv.layer_norm_weight"),
                _H + "input_layernorm.weight"),
         QKV((_L + "self_attention.linear_qkv.weight",),
@@ -20,11 +31,6 @@ def llama_style(qk_norm: bool = False, qkv_bias: bool = False, tied: bool = Fals
         Direct((_L + "self_attention.linear_proj.weight",), _H + "self_attn.o_proj.weight"),
         Direct((_L + "pre_mlp_layernorm.weight", _L + "mlp.linear_fc1.layer_norm_weight"),
                _H + "post_attention_layernorm.weight"),
-        GateUp((_L + "mlp.linear_fc1.weight",), _H + "mlp.gate_proj.weight", _H + "mlp.up_proj.weight"),
-        Direct((_L + "mlp.linear_fc2.weight",), _H + "mlp.down_proj.weight"),
-        Direct(("decoder.final_layernorm.weight",), "model.norm.weight"),
-        # Tied models still hold a copy of the embedding on the last pipeline stage.
-        Direct(("output_layer.weight",), "model.embed_tokens.weight" if tied else "lm_head.weight", pad_vocab=True),
     ]
     if qk_norm:
         rules += [
@@ -35,3 +41,33 @@ def llama_style(qk_norm: bool = False, qkv_bias: bool = False, tied: bool = Fals
         rules.append(QKV((_L + "self_attention.linear_qkv.bias",),
                          _H + "self_attn.q_proj.bias", _H + "self_attn.k_proj.bias", _H + "self_attn.v_proj.bias"))
     return rules
+
+
+def _dense_mlp() -> List[object]:
+    return [
+        GateUp((_L + "mlp.linear_fc1.weight",), _H + "mlp.gate_proj.weight", _H + "mlp.up_proj.weight"),
+        Direct((_L + "mlp.linear_fc2.weight",), _H + "mlp.down_proj.weight"),
+    ]
+
+
+def _routed_experts() -> List[object]:
+    # Megatron keeps one weight per expert: SequentialMLP (local spec) names it
+    # local_experts.{i}.linear_fc1.weight, TEGroupedMLP linear_fc1.weight{i}; {expert} is global.
+    seq, grouped = _L + "mlp.experts.local_experts.{expert}.", _L + "mlp.experts."
+    hf = _H + "mlp.experts.{expert}."
+    return [
+        Direct((_L + "mlp.router.weight",), _H + "mlp.gate.weight"),
+        GateUp((seq + "linear_fc1.weight", grouped + "linear_fc1.weight{expert}"),
+               hf + "gate_proj.weight", hf + "up_proj.weight"),
+        Direct((seq + "linear_fc2.weight", grouped + "linear_fc2.weight{expert}"), hf + "down_proj.weight"),
+    ]
+
+
+def llama_style(qk_norm: bool = False, qkv_bias: bool = False, tied: bool = False) -> List[object]:
+    """Rules for one dense Llama-style decoder; ``tied`` feeds the output layer from the embedding."""
+    return _embedding(tied) + _attention(qk_norm, qkv_bias) + _dense_mlp()
+
+
+def moe_style(qk_norm: bool = False, qkv_bias: bool = False, tied: bool = False) -> List[object]:
+    """Rules for a decoder whose every MLP is a router plus routed SwiGLU experts (Qwen3-MoE)."""
+    return _embedding(tied) + _attention(qk_norm, qkv_bias) + _routed_experts()

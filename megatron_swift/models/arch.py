@@ -28,6 +28,7 @@ class Arch:
     num_experts: Optional[int]
     moe_ffn_hidden_size: Optional[int]
     moe_router_topk: Optional[int]
+    moe_router_pre_softmax: bool = False  # default: checkpoints written before this field existed
 
     @property
     def is_moe(self) -> bool:

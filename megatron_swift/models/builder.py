@@ -24,8 +24,16 @@ def resolve_precision(precision: str, backend: Backend) -> str:
     return precision
 
 
-def transformer_config(arch: Arch, cfg, backend: Backend) -> TransformerConfig:
-    """megatron-core TransformerConfig for this run: architecture, layout, precision, recompute."""
+def _no_init(weight: torch.Tensor) -> None:
+    """Leave the weight as allocated (it is overwritten by loaded values)."""
+
+
+def transformer_config(arch: Arch, cfg, backend: Backend, initialize: bool = True) -> TransformerConfig:
+    """megatron-core TransformerConfig for this run: architecture, layout, precision, recompute.
+
+    ``initialize=False`` leaves the weights' values unset, for models whose every weight is loaded next
+    (converters): the init functions become no-ops. (perform_initialization=False is not used: in
+    megatron-core 0.16 it also skips setting the tensor-parallel attributes of the weights.)"""
     model, par, train = cfg.model, cfg.parallel, cfg.train
     precision = resolve_precision(train.precision, backend)
     dtype = _DTYPES[precision]
@@ -68,6 +76,8 @@ def transformer_config(arch: Arch, cfg, backend: Backend) -> TransformerConfig:
         deallocate_pipeline_outputs=True,
         batch_p2p_comm=backend.batch_p2p_comm,
     )
+    if not initialize:
+        kwargs.update(init_method=_no_init, output_layer_init_method=_no_init, embedding_init_method=_no_init)
     if train.recompute != "none":
         kwargs.update(recompute_granularity=train.recompute)
         if train.recompute == "full":
@@ -83,7 +93,7 @@ def transformer_config(arch: Arch, cfg, backend: Backend) -> TransformerConfig:
             moe_aux_loss_coeff=model.moe_aux_loss_coeff,
             moe_router_load_balancing_type="aux_loss" if model.moe_aux_loss_coeff > 0 else "none",
             moe_grouped_gemm=backend.use_te,
-            moe_router_pre_softmax=arch.family.moe_router_pre_softmax,
+            moe_router_pre_softmax=arch.moe_router_pre_softmax,
             moe_router_dtype="fp32",
         )
     return TransformerConfig(**kwargs)

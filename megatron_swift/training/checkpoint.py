@@ -166,20 +166,30 @@ def save(output_dir: str, state: TrainState, model, optimizer, scheduler, config
 
     ``model_meta`` (architecture and vocabulary numbers) goes into megatron_swift.json so
     that export tools can rebuild the model without the original HF folder."""
+    meta = dict(state.__dict__, layout=_layout(), model=model_meta or {})
+    return _write(output_dir, state.iteration, lambda: _full_sharded_state(model, optimizer, scheduler, False),
+                  config_yaml, meta, keep_last)
+
+
+def save_weights(output_dir: str, model, config_yaml: str, model_meta: dict) -> str:
+    """Write model weights only, as ``iter_0000000`` (converters): start training from it with model.load."""
+    meta = dict(TrainState().__dict__, layout=_layout(), model=model_meta, weights_only=True)
+    return _write(output_dir, 0, lambda: _model_sharded(model), config_yaml, meta, keep_last=0)
+
+
+def _write(output_dir: str, iteration: int, sharded_fn, config_yaml: str, meta: dict, keep_last: int) -> str:
     ckpt_dir = checkpoints_dir(output_dir)
-    final = os.path.join(ckpt_dir, _iter_name(state.iteration))
-    tmp = os.path.join(ckpt_dir, ".tmp." + _iter_name(state.iteration))
+    final = os.path.join(ckpt_dir, _iter_name(iteration))
+    tmp = os.path.join(ckpt_dir, ".tmp." + _iter_name(iteration))
     rank0 = dist.get_rank() == 0
     if rank0:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp)  # left by a save that crashed
         os.makedirs(tmp)
     dist.barrier()
-    sharded = _full_sharded_state(model, optimizer, scheduler, for_loading=False)
-    dist_checkpointing.save(sharded, tmp)
+    dist_checkpointing.save(sharded_fn(), tmp)
     dist.barrier()
     if rank0:
-        meta = dict(state.__dict__, layout=_layout(), model=model_meta or {})
         with open(os.path.join(tmp, "config.yaml"), "w", encoding="utf-8") as f:
             f.write(config_yaml)
         with open(os.path.join(tmp, META), "w", encoding="utf-8") as f:
@@ -220,6 +230,9 @@ def load_full(ckpt: str, model, optimizer, scheduler) -> TrainState:
     Refuses a checkpoint from another layout: the optimizer state is sharded
     by layout (use model.load to start a new run from its weights instead)."""
     meta = read_meta(ckpt)
+    if meta.get("weights_only"):
+        raise ValueError(f"checkpoint {ckpt} holds model weights only (written by a converter); start a run "
+                         f"from it with model.load={ckpt} and a new train.output_dir")
     if meta["layout"] != _layout():
         raise ValueError(
             f"checkpoint {ckpt} was saved with layout {meta['layout']} but this run uses {_layout()}; "

@@ -47,6 +47,9 @@ def resume_source(cfg, output_dir: str) -> Optional[str]:
     existing = ckpt.complete_checkpoints(ckpt.checkpoints_dir(output_dir))
     mode = cfg.train.resume
     if mode == "auto":
+        if existing and ckpt.read_meta(existing[-1]).get("weights_only"):
+            raise ConfigError([f"{output_dir} holds converted weights, not a run to resume; train from them with "
+                               f"model.load={output_dir} and a new train.output_dir"])
         return existing[-1] if existing else None
     if mode == "none":
         if existing:
@@ -234,15 +237,12 @@ def model_meta(arch, vocab: int, padded: int) -> dict:
     return dict(family=arch.family.name, arch=dict(fields, vocab_size=vocab), padded_vocab_size=padded)
 
 
-def setup(cfg) -> Trainer:
-    """Validate, then build everything a run needs; returns a Trainer positioned at its start or resume point."""
+def init_runtime(cfg):
+    """Validate the config, then start the backend and megatron-core's parallel groups; returns (arch, backend)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = backend_mod.resolve_device(cfg.train.device)
     te = device == "cuda" and backend_mod.device.te_available()
     arch = validate(cfg, world, te_available=te, device=device)
-    output_dir = output_dir_of(cfg)
-    resume_from = resume_source(cfg, output_dir)
-
     be = backend_mod.init(cfg.train.device, cfg.cluster.dist_timeout_minutes)
     par = cfg.parallel
     ps.initialize_model_parallel(
@@ -255,6 +255,16 @@ def setup(cfg) -> Trainer:
         distributed_timeout_minutes=cfg.cluster.dist_timeout_minutes,
     )
     _seed(cfg.train.seed)
+    return arch, be
+
+
+def setup(cfg) -> Trainer:
+    """Validate, then build everything a run needs; returns a Trainer positioned at its start or resume point."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    output_dir = output_dir_of(cfg)
+    resume_from = resume_source(cfg, output_dir)
+    arch, be = init_runtime(cfg)
+    par = cfg.parallel
 
     # Data before model: bad data stops the run before any weights or checkpoints are touched.
     tokenizer = build_tokenizer(cfg.data.tokenizer or cfg.model.pretrained or "byte")
@@ -271,7 +281,9 @@ def setup(cfg) -> Trainer:
         raise ConfigError([f"tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size={vocab}; "
                            "raise model.vocab_size or use the model's tokenizer"])
     padded = padded_vocab_size(vocab, cfg.model.make_vocab_size_divisible_by, par.tp)
-    tconfig = transformer_config(arch, cfg, be)
+    # Random initialisation is skipped when every weight is loaded next (minutes on 8B+ models).
+    weights_given = resume_from is not None or bool(cfg.model.load) or bool(cfg.model.pretrained)
+    tconfig = transformer_config(arch, cfg, be, initialize=not weights_given)
     chunks = build_model(arch, tconfig, padded, cfg.train.seq_length, be)
     if cfg.model.load and resume_from is None:
         _print0(f"initial weights from {ckpt.load_weights(cfg.model.load, chunks)}")

@@ -21,10 +21,20 @@ CHECK = ROOT / "tools" / "convert" / "check.py"
 VOLATILE = {"transformers_version", "torch_dtype", "dtype"}
 
 
-def _export(run_dir, out_dir):
-    proc = subprocess.run([sys.executable, str(CONVERT), "--ckpt", str(run_dir), "--out", str(out_dir)],
+def _export(run_dir, out_dir, *extra):
+    proc = subprocess.run([sys.executable, str(CONVERT), "--ckpt", str(run_dir), "--out", str(out_dir), *extra],
                           cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def _tensors(folder):
+    """Every tensor of an HF folder, single-file or sharded (through its index)."""
+    index = folder / "model.safetensors.index.json"
+    files = set(json.loads(index.read_text())["weight_map"].values()) if index.exists() else {"model.safetensors"}
+    out = {}
+    for file in files:
+        out.update(load_file(folder / file))
+    return out
 
 
 def _config(folder):
@@ -38,19 +48,28 @@ def _run_tool(nproc, script, args):
     return proc
 
 
-@pytest.mark.parametrize("case,via", [("qwen3-tp2", "train"), ("qwen2-tied-tp2", "tool")])
-def test_round_trip_is_bitwise(tmp_path, case, via):
+@pytest.mark.parametrize("case,via,dtype", [
+    ("qwen3-tp2", "train", torch.float32),
+    ("qwen2-tied-tp2", "tool", torch.float32),
+    # Experts sharded over EP=2, weights kept in bf16 end to end, export split into many small files.
+    ("qwen3_moe-ep2", "tool", torch.bfloat16),
+])
+def test_round_trip_is_bitwise(tmp_path, case, via, dtype):
     kind, extra, nproc, layout = CASES[case]
     hf_dir, run, out = tmp_path / "hf", tmp_path / "run", tmp_path / "out"
-    _save_tiny(kind, hf_dir, **extra)
-    # Loaded under TP=2 and saved sharded; the export reshards to one process.
+    _save_tiny(kind, hf_dir, dtype=dtype, **extra)
+    # Loaded under TP=2 (or EP=2) and saved sharded; the export reshards to one process.
     if via == "train":
         run_train(nproc, [f"+model={kind}", f"model.pretrained={hf_dir}", "train.precision=fp32",
                           "train.train_iters=0", f"train.output_dir={run}", "logging.tensorboard=false", *layout])
     else:
-        _run_tool(2, HF_TO_MCORE, ["--hf", str(hf_dir), "--out", str(run), "--tp", "2", "train.device=cpu"])
-    _export(run, out)
-    original, exported = load_file(hf_dir / "model.safetensors"), load_file(out / "model.safetensors")
+        tool_layout = ["--ep", "2"] if "ep=2" in " ".join(layout) else ["--tp", "2"]
+        _run_tool(2, HF_TO_MCORE, ["--hf", str(hf_dir), "--out", str(run), *tool_layout, "train.device=cpu"])
+    sharded = dtype == torch.bfloat16
+    _export(run, out, *(["--max-shard-gb", "0.0001"] if sharded else []))
+    if sharded:
+        assert len(list(out.glob("model-*-of-*.safetensors"))) > 3
+    original, exported = load_file(hf_dir / "model.safetensors"), _tensors(out)
     assert sorted(exported) == sorted(original)
     for name, tensor in original.items():
         assert exported[name].dtype == tensor.dtype and torch.equal(exported[name], tensor), name

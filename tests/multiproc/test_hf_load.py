@@ -14,20 +14,20 @@ WORKER = ROOT / "tests" / "multiproc" / "hf_logits_worker.py"
 VOCAB = 300  # not a multiple of 128: exercises vocabulary padding and un-padding
 
 
-def _save_tiny(kind: str, folder, **extra):
+def _save_tiny(kind: str, folder, dtype=torch.float32, **extra):
     common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                   num_attention_heads=4, max_position_embeddings=128, rms_norm_eps=1e-6)
     common.update(extra)
-    config = {"qwen3": transformers.Qwen3Config, "qwen2": transformers.Qwen2Config,
-              "llama": transformers.LlamaConfig}[kind](**common)
+    hf_name = {"qwen3": "Qwen3", "qwen2": "Qwen2", "llama": "Llama", "mistral": "Mistral", "qwen3_moe": "Qwen3Moe"}[kind]
+    config = getattr(transformers, hf_name + "Config")(**common)
     torch.manual_seed(0)
-    model = getattr(transformers, {"qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                                   "llama": "LlamaForCausalLM"}[kind])(config).float().eval()
+    model = getattr(transformers, hf_name + "ForCausalLM")(config)
+    model = model.float().eval()
     with torch.no_grad():  # random norms and biases, so that a skipped tensor shows in the logits
         for name, p in model.named_parameters():
             if "norm" in name or name.endswith("bias"):
                 p.normal_(1.0 if "norm" in name else 0.0, 0.2)
-    model.save_pretrained(folder)
+    model.to(dtype).save_pretrained(folder)
     return model
 
 
@@ -37,9 +37,28 @@ CASES = {
                   ["parallel.tp=2"]),
     "qwen3-pp2": ("qwen3", dict(num_key_value_heads=2, head_dim=16, tie_word_embeddings=False), 2,
                   ["parallel.pp=2"]),
+    "qwen2-tp1": ("qwen2", dict(num_key_value_heads=2, tie_word_embeddings=False), 1, []),
     "qwen2-tied-tp2": ("qwen2", dict(num_key_value_heads=2, tie_word_embeddings=True), 2, ["parallel.tp=2"]),
+    # Tied under PP: the embedding is on the first stage, its copy feeds the output layer on the last.
+    "qwen2-tied-pp2": ("qwen2", dict(num_key_value_heads=2, tie_word_embeddings=True), 2, ["parallel.pp=2"]),
     "llama-1kv-tp1": ("llama", dict(num_key_value_heads=1, tie_word_embeddings=False), 1, []),
+    "llama-tp2": ("llama", dict(num_key_value_heads=2, tie_word_embeddings=False), 2, ["parallel.tp=2"]),
+    "llama-1kv-pp2": ("llama", dict(num_key_value_heads=1, tie_word_embeddings=False), 2, ["parallel.pp=2"]),
+    "mistral-tp1": ("mistral", dict(num_key_value_heads=2, tie_word_embeddings=False), 1, []),
 }
+# Qwen3-MoE: 6 experts (not the tiny size's 4, so they must come from config.json), top-2; both router
+# normalisations (norm_topk_prob) are covered.
+_MOE = dict(num_key_value_heads=2, head_dim=16, tie_word_embeddings=False, num_experts=6, num_experts_per_tok=2,
+            moe_intermediate_size=24)
+CASES.update({
+    "qwen3_moe-tp1": ("qwen3_moe", dict(_MOE, norm_topk_prob=True), 1, []),
+    "qwen3_moe-tp2": ("qwen3_moe", dict(_MOE, norm_topk_prob=True), 2, ["parallel.tp=2"]),
+    "qwen3_moe-pp2": ("qwen3_moe", dict(_MOE, norm_topk_prob=False), 2, ["parallel.pp=2"]),
+    "qwen3_moe-ep2": ("qwen3_moe", dict(_MOE, norm_topk_prob=False), 2, ["parallel.ep=2"]),
+    # Attention split over TP=2 while experts are split over EP=2 and kept whole (expert TP=1).
+    "qwen3_moe-tp2-ep2-etp1": ("qwen3_moe", dict(_MOE, norm_topk_prob=True), 2,
+                               ["parallel.tp=2", "parallel.ep=2", "parallel.etp=1"]),
+})
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -51,7 +70,8 @@ def test_megatron_logits_equal_hf_logits(tmp_path, case):
     torch.save(tokens, tmp_path / "tokens.pt")
     with torch.no_grad():
         expected = hf_model(tokens).logits.float()
-    overrides = [f"+model={kind}", f"model.pretrained={hf_dir}", "train.precision=fp32", "train.device=cpu",
+    family = "llama" if kind == "mistral" else kind  # Mistral loads as the llama family
+    overrides = [f"+model={family}", f"model.pretrained={hf_dir}", "train.precision=fp32", "train.device=cpu",
                  f"train.output_dir={tmp_path / 'run'}", "logging.tensorboard=false", *layout]
     proc = subprocess.run(launch_cmd(nproc, [str(tmp_path / "tokens.pt"), str(tmp_path / "out.pt"), *overrides],
                                      script=WORKER), cwd=ROOT, env=train_env(), capture_output=True, text=True,

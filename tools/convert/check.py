@@ -78,9 +78,9 @@ def main() -> None:
     family = hf_family_name(hf_config, args.hf)
     vocab = hf_config["vocab_size"]
     tokens = torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
-    # The HF reference runs first, before megatron-core is initialised in this process: computed
-    # after setup, its logits were seen to differ (cause not yet found; the Megatron side matched
-    # HF logits computed in a separate process). The last rank is on the last pipeline stage.
+    # The HF reference runs on the last rank (the last pipeline stage, where Megatron's logits are),
+    # and before the Megatron model is built: only its logits are kept, so the two models never
+    # share memory.
     reporter = os.environ.get("RANK", "0") == str(int(os.environ.get("WORLD_SIZE", "1")) - 1)
     hf_logits = _hf_logits(args.hf, tokens) if reporter else None
     out_dir = os.path.join(tempfile.gettempdir(), f"swift-check-{os.environ.get('MASTER_PORT', 'solo')}")

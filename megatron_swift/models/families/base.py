@@ -23,6 +23,9 @@ class Size:
     num_experts: Optional[int] = None
     moe_ffn_hidden_size: Optional[int] = None
     moe_router_topk: Optional[int] = None
+    # False: softmax over the top-k logits, i.e. top-k weights that sum to 1 (HF norm_topk_prob=True);
+    # True: top-k of a softmax over all experts, not renormalised (norm_topk_prob=False).
+    moe_router_pre_softmax: bool = False
 
 
 @dataclass(frozen=True)
@@ -36,9 +39,6 @@ class Family:
     qk_layernorm: bool = False
     add_qkv_bias: bool = False
     moe: bool = False
-    # False: softmax over the top-k logits, i.e. top-k weights that sum to 1 (Qwen3-MoE's
-    # norm_topk_prob=True); True: top-k of a softmax over all experts.
-    moe_router_pre_softmax: bool = False
     # weights(tied=...) -> the HF <-> Megatron weight table (convert.tables); None: not convertible yet.
     weights: Optional[Callable[..., list]] = None
 

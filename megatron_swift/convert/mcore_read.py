@@ -1,0 +1,142 @@
+"""Read a megatron-swift checkpoint one decoder layer at a time, without building the whole model.
+
+megatron-core stores each layer parameter once for all layers (a leading
+layer axis in global coordinates). A one-layer GPTModel is built and, for
+layer ``i``, its layer's sharded state dict is addressed to position ``i`` of
+that axis (as TransformerBlock.sharded_state_dict does for its own layers);
+then exactly those boxes are read from the torch_dist files by PyTorch's
+distributed-checkpoint reader. Peak memory is the embedding and output layer
+plus one layer, whatever the model's depth.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Dict, Iterator, List, Tuple
+
+import torch
+import torch.distributed.checkpoint as dcp
+from megatron.core import parallel_state as ps
+from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
+from torch.distributed._shard._utils import narrow_tensor_by_index
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+from torch.distributed.checkpoint.planner import LoadPlan
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
+
+_LAYERS = "decoder.layers."
+_PRECISION = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def stored_dtype(ckpt: str) -> torch.dtype:
+    """The dtype the model weights were saved in (that of the word embedding or first stored weight)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    tensors = FileSystemReader(ckpt).read_metadata().state_dict_metadata
+    key = "embedding.word_embeddings.weight"
+    meta = tensors.get(key) or next(v for k, v in tensors.items() if k.endswith(".weight"))
+    return meta.properties.dtype
+
+
+class LayerwiseCheckpoint:
+    """A checkpoint's parameters as (Megatron name, tensor), the non-layer ones first, then layer by layer."""
+
+    def __init__(self, ckpt: str):
+        from omegaconf import OmegaConf
+
+        from megatron_swift import backend as backend_mod
+        from megatron_swift.models import families
+        from megatron_swift.models.arch import Arch
+        from megatron_swift.models.builder import build_model, transformer_config
+        from megatron_swift.training import checkpoint
+
+        self.ckpt = ckpt
+        self.meta = checkpoint.read_meta(ckpt)["model"]
+        self.cfg = OmegaConf.load(os.path.join(ckpt, "config.yaml"))
+        self.dtype = stored_dtype(ckpt)
+        self.family = families.get(self.meta["family"])
+        self.num_layers = self.meta["arch"]["num_layers"]
+        # One process, every parallel size 1; weights kept in the dtype they were saved in.
+        self.cfg.parallel = OmegaConf.merge(self.cfg.parallel, dict(
+            tp=1, pp=1, vpp=None, sp=False, cp=1, ep=1, etp=None, distributed_optimizer=False))
+        self.cfg.train.device, self.cfg.train.precision = "cpu", _PRECISION[self.dtype]
+        be = backend_mod.init("cpu")
+        if not ps.model_parallel_is_initialized():
+            ps.initialize_model_parallel()
+        arch = Arch(family=self.family, **dict(self.meta["arch"], num_layers=1))
+        tconfig = transformer_config(arch, self.cfg, be, initialize=False)
+        (self.model,) = build_model(arch, tconfig, self.meta["padded_vocab_size"], self.cfg.train.seq_length, be)
+        self.model.requires_grad_(False)  # read in place into views of the weights
+
+    def non_layer_params(self) -> Iterator[Tuple[str, torch.Tensor]]:
+        """Embedding, final norm and output layer."""
+        sharded = {k: v for k, v in self.model.sharded_state_dict().items() if not k.startswith(_LAYERS)}
+        yield from self._read(sharded, lambda name: not name.startswith(_LAYERS))
+
+    def layer_params(self, index: int) -> Iterator[Tuple[str, torch.Tensor]]:
+        """Parameters of decoder layer ``index``, named as layer 0 (``decoder.layers.0.*``)."""
+        prefix = _LAYERS + "0."
+        layer = self.model.decoder.layers[0]
+        sharded = layer.sharded_state_dict(prefix, [(0, index, self.num_layers)], ensure_metadata_has_dp_cp_group(None))
+        replace_prefix_for_sharding(sharded, prefix, _LAYERS)
+        yield from self._read(sharded, lambda name: name.startswith(prefix))
+
+    def _read(self, sharded: Dict[str, object], wanted) -> Iterator[Tuple[str, torch.Tensor]]:
+        params = [(name, p) for name, p in self.model.named_parameters() if wanted(name)]
+        for _, param in params:  # NaN marks anything the checkpoint did not fill
+            param.fill_(float("nan"))
+        self._load(sharded)
+        for name, param in params:
+            if torch.isnan(param).any():
+                raise KeyError(f"{self.ckpt}: parameter '{name}' was not (fully) read from the checkpoint, "
+                               "or the checkpoint holds NaN in it")
+            yield name, param
+
+    def _load(self, sharded: Dict[str, object]) -> None:
+        """Read every ShardedTensor of ``sharded`` (its box of the stored global tensor) into its own data."""
+        boxes = {}
+        for item in _sharded_tensors(sharded):
+            if isinstance(item, ShardedTensor):
+                # The stored tensor has the prepended (layer, expert) axes; the box is one element wide on them.
+                sizes = (1,) * item.prepend_axis_num + tuple(item.local_shape)
+                boxes[item.key + "@" + ",".join(map(str, item.global_offset))] = (item.key, item.global_offset,
+                                                                                 item.data.view(sizes))
+        dcp.load({}, storage_reader=dcp.FileSystemReader(self.ckpt), planner=_BoxPlanner(boxes), no_dist=True)
+
+
+def _sharded_tensors(sharded: Dict[str, object]) -> List[object]:
+    """The ShardedTensors of a sharded state dict with factories (e.g. SwiGLU's gate/up halves) built.
+
+    The factories' tensors are views of the parameters, so reading into them fills the parameters."""
+    apply_factories(sharded)
+    leaves: List[object] = []
+    dict_list_map_inplace(lambda x: leaves.append(x) or x, sharded)
+    return leaves
+
+
+class _BoxPlanner(DefaultLoadPlanner):
+    """Loads, per request, one box (offsets, shape of the destination) of a stored tensor into a given tensor.
+
+    megatron-core's torch_dist loader insists that the processes together read
+    whole tensors; this planner lets one process read one layer's box at a time."""
+
+    def __init__(self, boxes: Dict[str, Tuple[str, Tuple[int, ...], torch.Tensor]]):
+        super().__init__()
+        self.boxes = boxes
+
+    def create_local_plan(self) -> LoadPlan:
+        items = []
+        for request, (key, offsets, dest) in self.boxes.items():
+            if key not in self.metadata.state_dict_metadata:
+                raise KeyError(f"tensor '{key}' is not in the checkpoint")
+            chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=dest.shape)
+            for read in create_read_items_for_chunk_list(key, self.metadata.state_dict_metadata[key], [chunk]):
+                items.append(dataclasses.replace(read, dest_index=dataclasses.replace(read.dest_index, fqn=request)))
+        return LoadPlan(items)
+
+    def resolve_tensor(self, read_item):
+        dest = self.boxes[read_item.dest_index.fqn][2]
+        return narrow_tensor_by_index(dest, read_item.dest_offsets, read_item.lengths)

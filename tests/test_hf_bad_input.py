@@ -1,0 +1,72 @@
+"""A broken HF folder stops the run with one message that names the problem, and leaves no checkpoint."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import ROOT, TRAIN, train_env
+
+transformers = pytest.importorskip("transformers")
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+HF_TO_MCORE = ROOT / "tools" / "convert" / "hf_to_mcore.py"
+
+
+def _tiny_qwen3(folder):
+    config = transformers.Qwen3Config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                      tie_word_embeddings=False)
+    transformers.Qwen3ForCausalLM(config).save_pretrained(folder)
+
+
+def _edit_tensors(folder, edit):
+    tensors = load_file(folder / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def _edit_config(folder, **changes):
+    path = folder / "config.json"
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), **changes)))
+
+
+BREAKAGES = {
+    "unexpected": (lambda f: _edit_tensors(f, lambda t: t.update({"model.layers.0.mlp.extra.weight": torch.ones(4)})),
+                   "1 tensors in the checkpoint are not used by the model"),
+    "missing": (lambda f: _edit_tensors(f, lambda t: t.pop("model.layers.1.self_attn.k_norm.weight")),
+                "tensor 'model.layers.1.self_attn.k_norm.weight' is missing from the checkpoint"),
+    "shape": (lambda f: _edit_config(f, intermediate_size=96),
+              "shape mismatch for 'model.layers.0.mlp.gate_proj.weight, model.layers.0.mlp.up_proj.weight' -> "
+              "'decoder.layers.0.mlp.linear_fc1.weight': expected (192, 64) on this rank, found (256, 64)"),
+}
+
+
+@pytest.mark.parametrize("breakage", list(BREAKAGES))
+def test_broken_checkpoint_names_the_tensor(tmp_path, breakage):
+    hf, out = tmp_path / "hf", tmp_path / "out"
+    _tiny_qwen3(hf)
+    breaks, message = BREAKAGES[breakage]
+    breaks(hf)
+    proc = subprocess.run([sys.executable, str(TRAIN), "+model=qwen3", f"model.pretrained={hf}", "train.device=cpu",
+                           "train.train_iters=0", f"train.output_dir={out}", "logging.tensorboard=false"],
+                          cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert message in proc.stderr and str(hf) in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (out / "checkpoints").exists()
+
+
+def test_unsupported_architecture_lists_the_supported_ones(tmp_path):
+    hf = tmp_path / "hf"
+    _tiny_qwen3(hf)
+    _edit_config(hf, architectures=["GPT2LMHeadModel"])
+    proc = subprocess.run([sys.executable, str(HF_TO_MCORE), "--hf", str(hf), "--out", str(tmp_path / "out")],
+                          cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "architectures ['GPT2LMHeadModel'] are not supported; supported: LlamaForCausalLM" in proc.stderr
+    assert "Qwen3MoeForCausalLM" in proc.stderr
+    assert not (tmp_path / "out").exists()
