@@ -56,6 +56,13 @@ class Backend:
         orders ops by even/odd rank, which matches. NCCL keeps the batched path."""
         return self.device == "cuda"
 
+    @property
+    def packed_format(self) -> str:
+        """How packed rows keep samples apart: ``thd`` (cu_seqlens to TE's attention; one row per
+        micro-batch) or ``mask`` (an explicit block-diagonal causal mask; megatron-core's local
+        attention, which refuses THD input)."""
+        return "thd" if self.use_te else "mask"
+
     def memory_gib(self) -> float:
         """Peak memory of this process so far: CUDA allocator peak, or CPU resident set."""
         if self.device == "cuda":

@@ -95,7 +95,7 @@ class DataConfig:
     """Where training samples come from and how text becomes tokens."""
 
     source: str = "jsonl"
-    """Data source: jsonl (text rows), indexed (megatron .bin/.idx prefixes) or mock (random tokens)."""
+    """Data source: jsonl (text rows), sft (conversations), indexed (megatron .bin/.idx prefixes) or mock (random tokens)."""
     path: List[str] = field(default_factory=list)
     """Files (jsonl) or path prefixes without .bin/.idx (indexed)."""
     text_key: str = "text"
@@ -108,6 +108,18 @@ class DataConfig:
     """Shuffle samples each epoch (seeded by train.seed and the epoch)."""
     eval_path: List[str] = field(default_factory=list)
     """Held-out files for evaluation (same source kind); empty disables evaluation."""
+    format: str = "auto"
+    """SFT row shape: auto (by keys), messages, sharegpt (conversations/from/value) or alpaca (instruction/input/output)."""
+    template: Optional[str] = None
+    """SFT chat template: chatml, llama3, plain, a .jinja file; None: the tokenizer folder's own."""
+    loss_on: str = "assistant"
+    """SFT tokens that carry loss: assistant (every assistant turn), last_assistant, or all."""
+    packing: bool = False
+    """Pack several SFT samples into each row of train.seq_length (best-fit decreasing), each attending only to itself."""
+    truncation: str = "error"
+    """SFT samples longer than train.seq_length: error, truncate (keep the start) or drop."""
+    on_error: str = "error"
+    """Bad SFT rows (invalid JSON, missing roles, empty assistant turn): error (name file and line) or skip (count them)."""
 
 
 @dataclass

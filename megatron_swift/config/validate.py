@@ -119,19 +119,35 @@ def _run(cfg, problems: List[str]) -> None:
 
 def _data(cfg, problems: List[str]) -> None:
     data = cfg.data
-    _choice(problems, "data.source", data.source, ("jsonl", "indexed", "mock"))
+    _choice(problems, "data.source", data.source, ("jsonl", "sft", "indexed", "mock"))
+    if data.source == "sft":
+        _sft(cfg, problems)
     if data.source == "mock":
         return
     if not data.path:
         problems.append(f"data.path is empty; give the {data.source} file(s) to train on")
     for path in list(data.path) + list(data.eval_path):
-        files = [path] if data.source == "jsonl" else [path + ".bin", path + ".idx"]
+        files = [path + ".bin", path + ".idx"] if data.source == "indexed" else [path]
         for file in files:
             if not os.path.isfile(file):
                 problems.append(f"data file not found: {file} (data.path)")
 
 
+def _sft(cfg, problems: List[str]) -> None:
+    from megatron_swift.data.conversations import FORMATS
+    from megatron_swift.data.sft import LOSS_ON, ON_ERROR, TRUNCATION
+
+    data = cfg.data
+    _choice(problems, "data.format", data.format, FORMATS)
+    _choice(problems, "data.loss_on", data.loss_on, LOSS_ON)
+    _choice(problems, "data.truncation", data.truncation, TRUNCATION)
+    _choice(problems, "data.on_error", data.on_error, ON_ERROR)
+
+
 def _backend(cfg, te_available: bool, device: str, problems: List[str]) -> None:
+    if cfg.data.packing and te_available and cfg.train.micro_batch_size != 1:
+        problems.append(f"data.packing with Transformer Engine (THD) takes one packed row per micro-batch: set "
+                        f"train.micro_batch_size=1 (now {cfg.train.micro_batch_size}) and raise train.seq_length")
     if cfg.train.fp8 and not te_available:
         problems.append("train.fp8 needs Transformer Engine on CUDA; unset train.fp8 or install the [te] extra")
     if device == "cpu" and cfg.train.precision == "fp16":

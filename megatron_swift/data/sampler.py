@@ -11,8 +11,8 @@ would have read next.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import List
+from dataclasses import dataclass, fields
+from typing import List, Optional
 
 import torch
 
@@ -25,6 +25,12 @@ class Batch:
     labels: torch.Tensor
     loss_mask: torch.Tensor
     position_ids: torch.Tensor
+    # Packed rows: which sample each position belongs to (-1: padding); None: one sequence per row.
+    segments: Optional[torch.Tensor] = None
+
+    def to(self, device) -> "Batch":
+        return Batch(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
+                        for f in fields(self)})
 
 
 @dataclass

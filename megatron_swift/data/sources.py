@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -33,6 +33,12 @@ class TokenWindows(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> torch.Tensor:
         start = index * self.seq_length
         return self.stream[start : start + self.seq_length + 1]
+
+    @staticmethod
+    def collate(samples: List[torch.Tensor]):
+        from megatron_swift.data.sampler import collate
+
+        return collate(samples)
 
 
 def _read_jsonl(path: str, text_key: str, tokenizer) -> List[int]:
@@ -84,12 +90,17 @@ def mock_source(num_samples: int, vocab_size: int, seq_length: int, seed: int) -
     return TokenWindows(stream, seq_length, f"mock:{num_samples}")
 
 
-def build_source(data_cfg, paths: Sequence[str], tokenizer, seq_length: int, seed: int) -> TokenWindows:
-    """The source named by ``data.source`` over ``paths``."""
+def build_source(data_cfg, paths: Sequence[str], tokenizer, seq_length: int, seed: int,
+                 template_folder: Optional[str] = None):
+    """The source named by ``data.source`` over ``paths``; SFT templates default to ``template_folder``'s."""
+    if data_cfg.source == "sft":
+        from megatron_swift.data.sft import sft_source
+
+        return sft_source(paths, data_cfg, tokenizer, seq_length, data_cfg.template, template_folder)
     if data_cfg.source == "jsonl":
         return jsonl_source(paths, data_cfg.text_key, tokenizer, seq_length)
     if data_cfg.source == "indexed":
         return indexed_source(paths, seq_length)
     if data_cfg.source == "mock":
         return mock_source(data_cfg.mock_samples, tokenizer.vocab_size, seq_length, seed)
-    raise ValueError(f"data.source={data_cfg.source}: expected jsonl, indexed or mock")
+    raise ValueError(f"data.source={data_cfg.source}: expected jsonl, sft, indexed or mock")

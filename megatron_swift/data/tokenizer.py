@@ -8,21 +8,42 @@ from __future__ import annotations
 
 import json
 import os
-from typing import List
+import re
+from typing import List, Tuple
 
 from megatron_swift.data.errors import DataError
 
 
 class ByteTokenizer:
-    """UTF-8 bytes 0..255, then <eod>=256, <bos>=257, <pad>=258."""
+    """UTF-8 bytes 0..255, then <eod>=256, <bos>=257, <pad>=258.
+
+    In chat-formatted text (``encode_with_offsets``) the strings ``<|endoftext|>``, ``<|bos|>`` and
+    ``<|pad|>`` stand for those three specials."""
 
     vocab_size = 259
     eod = 256
     bos = 257
     pad = 258
+    SPECIAL = {"<|endoftext|>": 256, "<|bos|>": 257, "<|pad|>": 258}
+    _SPECIAL_RE = re.compile("|".join(re.escape(s) for s in SPECIAL))
 
     def encode(self, text: str) -> List[int]:
         return list(text.encode("utf-8"))
+
+    def encode_with_offsets(self, text: str) -> Tuple[List[int], List[int]]:
+        """Token ids and the character offset where each token starts (specials parsed)."""
+        ids, starts, pos = [], [], 0
+        for match in [*self._SPECIAL_RE.finditer(text), None]:
+            end = match.start() if match else len(text)
+            for i in range(pos, end):
+                encoded = text[i].encode("utf-8")
+                ids.extend(encoded)
+                starts.extend([i] * len(encoded))
+            if match:
+                ids.append(self.SPECIAL[match.group()])
+                starts.append(match.start())
+                pos = match.end()
+        return ids, starts
 
     def decode(self, ids: List[int]) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
@@ -41,6 +62,8 @@ class HFTokenizer:
         self._tok = Tokenizer.from_file(file)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.eod = self._special(folder, ("eos_token",), ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>"))
+        self.pad = self.eod  # padding never carries loss and is never attended to by real tokens
+        self.folder = folder
 
     def _special(self, folder: str, keys, fallbacks) -> int:
         config = os.path.join(folder, "tokenizer_config.json")
@@ -59,6 +82,11 @@ class HFTokenizer:
 
     def encode(self, text: str) -> List[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_with_offsets(self, text: str) -> Tuple[List[int], List[int]]:
+        """Token ids and the character offset where each token starts (added/special tokens parsed)."""
+        encoding = self._tok.encode(text, add_special_tokens=False)
+        return encoding.ids, [start for start, _ in encoding.offsets]
 
     def decode(self, ids: List[int]) -> str:
         return self._tok.decode(ids)

@@ -14,6 +14,8 @@ from functools import partial
 
 import torch
 
+from megatron_swift.models.attention import attention_inputs
+
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     """Sum of masked token losses, token count, and ``[sum, count]`` for reporting."""
@@ -24,8 +26,14 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     return loss_sum, num_tokens, {"lm loss": report}
 
 
-def forward_step(data_iterator, model):
-    """Run one micro-batch; GPTModel returns per-token losses when given labels."""
-    batch = next(data_iterator)
-    output = model(batch.tokens, batch.position_ids, None, labels=batch.labels)
-    return output, partial(loss_func, batch.loss_mask)
+def make_forward_step(packed_format: str):
+    """The forward step for megatron-core's schedules; ``packed_format`` is the backend's (see Backend)."""
+
+    def forward_step(data_iterator, model):
+        """Run one micro-batch; GPTModel returns per-token losses when given labels."""
+        batch = next(data_iterator)
+        output = model(batch.tokens, batch.position_ids, labels=batch.labels,
+                       **attention_inputs(batch.segments, packed_format))
+        return output, partial(loss_func, batch.loss_mask)
+
+    return forward_step

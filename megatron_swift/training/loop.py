@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 from megatron_swift import backend as backend_mod
 from megatron_swift.config.validate import ConfigError, validate
 from megatron_swift.convert.hf_load import load_hf_weights
-from megatron_swift.data.sampler import Batch, DataParallelSampler, collate
+from megatron_swift.data.sampler import Batch, DataParallelSampler
 from megatron_swift.data.sources import build_source
 from megatron_swift.data.tokenizer import build_tokenizer
 from megatron_swift.models.arch import padded_vocab_size
@@ -33,7 +33,7 @@ from megatron_swift.observe.progress import Progress
 from megatron_swift.training import checkpoint as ckpt
 from megatron_swift.training import run_length
 from megatron_swift.training.flops import flops_per_step
-from megatron_swift.training.forward_step import forward_step
+from megatron_swift.training.forward_step import make_forward_step
 from megatron_swift.training.optim import build_optimizer, build_scheduler, wrap_model
 
 
@@ -105,15 +105,14 @@ class Trainer:
         device = self.backend.torch_device
         batches = []
         for indices in sampler.microbatch_indices(iteration):
-            b = collate([dataset[int(i)] for i in indices])
-            batches.append(Batch(*(t.to(device) for t in (b.tokens, b.labels, b.loss_mask, b.position_ids))))
+            batches.append(dataset.collate([dataset[int(i)] for i in indices]).to(device))
         return batches
 
     def _forward_backward(self, batches: List[Batch], forward_only: bool):
         # One iterator per model chunk: each virtual stage walks the same micro-batches.
         iterators = [iter(batches) for _ in self.model]
         return get_forward_backward_func()(
-            forward_step_func=forward_step,
+            forward_step_func=make_forward_step(self.backend.packed_format),
             data_iterator=iterators if len(iterators) > 1 else iterators[0],
             model=self.model,
             num_microbatches=len(batches),
@@ -267,10 +266,12 @@ def setup(cfg) -> Trainer:
     par = cfg.parallel
 
     # Data before model: bad data stops the run before any weights or checkpoints are touched.
-    tokenizer = build_tokenizer(cfg.data.tokenizer or cfg.model.pretrained or "byte")
-    train_data = build_source(cfg.data, cfg.data.path, tokenizer, cfg.train.seq_length, cfg.train.seed)
-    eval_data = (build_source(cfg.data, cfg.data.eval_path, tokenizer, cfg.train.seq_length, cfg.train.seed + 1)
-                 if cfg.data.eval_path else None)
+    tokenizer_spec = cfg.data.tokenizer or cfg.model.pretrained or "byte"
+    tokenizer = build_tokenizer(tokenizer_spec)
+    folder = tokenizer_spec if os.path.isdir(tokenizer_spec) else None  # where a chat template may live
+    train_data = build_source(cfg.data, cfg.data.path, tokenizer, cfg.train.seq_length, cfg.train.seed, folder)
+    eval_data = (build_source(cfg.data, cfg.data.eval_path, tokenizer, cfg.train.seq_length, cfg.train.seed + 1,
+                              folder) if cfg.data.eval_path else None)
     length = run_length.plan(len(train_data), cfg.train.global_batch_size, cfg.train.max_epochs, cfg.train.train_iters)
     sampler = DataParallelSampler(len(train_data), cfg.train.global_batch_size, cfg.train.micro_batch_size,
                                   ps.get_data_parallel_world_size(), ps.get_data_parallel_rank(),

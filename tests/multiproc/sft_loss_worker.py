@@ -1,0 +1,71 @@
+"""Run under torchrun: per-token losses of every SFT sample, computed in unpacked rows and in packed rows.
+
+usage: sft_loss_worker.py <out.pt> <override> [<override> ...]   (the config must have data.source=sft)
+
+Both row sets come from the same encoded samples; each row goes through megatron-core's forward-only
+schedule on the trainer's model. Saves {"unpacked": {sample: losses}, "packed": {...}, "rows": n}.
+"""
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+
+
+def per_token_losses(trainer, batch):
+    """[b, s] token losses of one micro-batch (last pipeline stage; None elsewhere)."""
+    import torch
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_swift.models.attention import attention_inputs
+
+    def forward_step(_it, model):
+        out = model(batch.tokens, batch.position_ids, labels=batch.labels,
+                    **attention_inputs(batch.segments, trainer.backend.packed_format))
+        return out, lambda output, non_loss_data=False: output
+
+    with torch.no_grad():
+        out = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter([None]), model=trainer.model, num_microbatches=1,
+            seq_length=batch.tokens.shape[1], micro_batch_size=batch.tokens.shape[0], forward_only=True,
+            collect_non_loss_data=True)
+    return out[0].float() if ps.is_pipeline_last_stage() else None
+
+
+def main() -> None:
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megatron_swift.config.compose import compose
+    from megatron_swift.data.sft import SFTRows
+    from megatron_swift.training.loop import setup
+
+    out_file, overrides = sys.argv[1], sys.argv[2:]
+    trainer = setup(compose(overrides + ["data.packing=false"]))
+    for chunk in trainer.model:
+        chunk.eval()
+    unpacked = trainer.train_data
+    packed = SFTRows(unpacked.samples, unpacked.seq_length, unpacked.pad_id, True, "packed")
+    result = {"rows": len(packed)}
+    for name, rows in (("unpacked", unpacked), ("packed", packed)):
+        losses = {}
+        for r in range(len(rows)):
+            item = rows[r]
+            loss = per_token_losses(trainer, rows.collate([item]).to(trainer.backend.torch_device))
+            if loss is None:
+                continue
+            at = 0
+            for sample in rows.rows[r]:
+                n = len(rows.samples.ids[sample])
+                losses[sample] = loss[0, at:at + n - 1].cpu()  # positions with a label inside the sample
+                at += n
+        result[name] = losses
+    if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0:
+        torch.save(result, out_file)
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main()
