@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
 from megatron_swift.data.errors import DataError
 from megatron_swift.data.sampler import DataParallelSampler, collate
-from megatron_swift.data.sources import indexed_source, jsonl_source, mock_source
+from megatron_swift.data.sources import jsonl_source, mock_source
 from megatron_swift.data.tokenizer import ByteTokenizer, build_tokenizer
 from megatron_swift.training import run_length
 
@@ -54,21 +53,6 @@ def test_hf_tokenizer_json(tmp_path):
     built = build_tokenizer(str(tmp_path))
     assert built.eod == tok.token_to_id("</s>")
     assert built.encode("the cat") == tok.encode("the cat").ids
-
-
-def test_indexed_source_reads_megatron_indexed_dataset(tmp_path):
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
-    prefix = str(tmp_path / "corpus")
-    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.int32)
-    docs = [[5, 6, 7, 1], [8, 9, 1], [10, 11, 12, 13, 1]]
-    for doc in docs:
-        builder.add_document(torch.tensor(doc), [len(doc)])
-    builder.finalize(prefix + ".idx")
-    ds = indexed_source([prefix], seq_length=4)
-    stream = [t for d in docs for t in d]
-    assert len(ds) == (len(stream) - 1) // 4
-    assert ds[1].tolist() == stream[4:9]
 
 
 def test_mock_source_is_seeded():

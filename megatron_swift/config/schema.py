@@ -98,6 +98,8 @@ class DataConfig:
     """Data source: jsonl (text rows), sft (conversations), indexed (megatron .bin/.idx prefixes) or mock (random tokens)."""
     path: List[str] = field(default_factory=list)
     """Files (jsonl) or path prefixes without .bin/.idx (indexed)."""
+    weights: List[float] = field(default_factory=list)
+    """Blend weights, one per data.path entry (indexed: megatron-core's blend; sft: sampling share); empty: by size."""
     text_key: str = "text"
     """Key of the text field in each JSONL row."""
     tokenizer: Optional[str] = None

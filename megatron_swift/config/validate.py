@@ -122,6 +122,16 @@ def _data(cfg, problems: List[str]) -> None:
     _choice(problems, "data.source", data.source, ("jsonl", "sft", "indexed", "mock"))
     if data.source == "sft":
         _sft(cfg, problems)
+    if data.weights:
+        if len(data.weights) != len(data.path):
+            problems.append(f"data.weights has {len(data.weights)} entries for {len(data.path)} data.path entries")
+        if any(w <= 0 for w in data.weights):
+            problems.append("data.weights must all be > 0")
+        if data.source == "indexed" and cfg.train.train_iters is None:
+            problems.append("data.weights on indexed data needs train.train_iters (a weighted blend is built with "
+                            "train_iters x global_batch_size samples; it has no natural epoch)")
+        if data.source not in ("indexed", "sft"):
+            problems.append(f"data.weights applies to data.source=indexed or sft, not {data.source}")
     if data.source == "mock":
         return
     if not data.path:

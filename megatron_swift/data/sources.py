@@ -4,8 +4,9 @@ Documents are tokenized, each followed by the end-of-document token, and
 concatenated in file order (as Megatron's GPTDataset does). Sample ``i`` is
 ``stream[i*S : i*S + S + 1]`` (inputs plus the shifted label), so a dataset of
 ``T`` tokens has ``(T - 1) // S`` samples and a trailing partial window is
-dropped. The sources are small enough to hold in memory; streaming and
-on-disk blending belong to the data issue.
+dropped. These JSONL sources are held in memory; large pretraining corpora
+go through tools/preprocess_data.py into megatron-core indexed datasets
+(data/pretrain.py).
 """
 from __future__ import annotations
 
@@ -68,21 +69,6 @@ def jsonl_source(paths: Sequence[str], text_key: str, tokenizer, seq_length: int
     return TokenWindows(np.asarray(stream, dtype=np.int64), seq_length, f"jsonl:{','.join(paths)}")
 
 
-def indexed_source(prefixes: Sequence[str], seq_length: int) -> TokenWindows:
-    """megatron-core indexed datasets (``prefix.bin`` + ``prefix.idx``), read with its IndexedDataset."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    parts = []
-    for prefix in prefixes:
-        for ext in (".bin", ".idx"):
-            if not os.path.isfile(prefix + ext):
-                raise DataError(prefix + ext, None, "indexed dataset file not found (data.path takes prefixes without .bin/.idx)")
-        dataset = IndexedDataset(prefix, mmap=True)
-        parts.extend(np.asarray(dataset[i], dtype=np.int64) for i in range(len(dataset)))
-    stream = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-    return TokenWindows(stream, seq_length, f"indexed:{','.join(prefixes)}")
-
-
 def mock_source(num_samples: int, vocab_size: int, seq_length: int, seed: int) -> TokenWindows:
     """Random tokens, fixed by the seed: for smoke tests and benchmarks."""
     rng = np.random.default_rng(seed)
@@ -91,16 +77,20 @@ def mock_source(num_samples: int, vocab_size: int, seq_length: int, seed: int) -
 
 
 def build_source(data_cfg, paths: Sequence[str], tokenizer, seq_length: int, seed: int,
-                 template_folder: Optional[str] = None):
-    """The source named by ``data.source`` over ``paths``; SFT templates default to ``template_folder``'s."""
+                 template_folder: Optional[str] = None, num_samples: Optional[int] = None,
+                 cache_dir: Optional[str] = None):
+    """The source named by ``data.source`` over ``paths``; SFT templates default to ``template_folder``'s,
+    weighted indexed blends are built with ``num_samples`` and cache their indices in ``cache_dir``."""
+    if data_cfg.source == "indexed":
+        from megatron_swift.data.pretrain import indexed_source
+
+        return indexed_source(paths, data_cfg.weights, tokenizer, seq_length, seed, num_samples, cache_dir)
     if data_cfg.source == "sft":
         from megatron_swift.data.sft import sft_source
 
         return sft_source(paths, data_cfg, tokenizer, seq_length, data_cfg.template, template_folder)
     if data_cfg.source == "jsonl":
         return jsonl_source(paths, data_cfg.text_key, tokenizer, seq_length)
-    if data_cfg.source == "indexed":
-        return indexed_source(paths, seq_length)
     if data_cfg.source == "mock":
         return mock_source(data_cfg.mock_samples, tokenizer.vocab_size, seq_length, seed)
     raise ValueError(f"data.source={data_cfg.source}: expected jsonl, sft, indexed or mock")

@@ -269,9 +269,12 @@ def setup(cfg) -> Trainer:
     tokenizer_spec = cfg.data.tokenizer or cfg.model.pretrained or "byte"
     tokenizer = build_tokenizer(tokenizer_spec)
     folder = tokenizer_spec if os.path.isdir(tokenizer_spec) else None  # where a chat template may live
-    train_data = build_source(cfg.data, cfg.data.path, tokenizer, cfg.train.seq_length, cfg.train.seed, folder)
+    cache = os.path.join(output_dir, "data_cache")
+    wanted = cfg.train.train_iters * cfg.train.global_batch_size if cfg.train.train_iters else None
+    train_data = build_source(cfg.data, cfg.data.path, tokenizer, cfg.train.seq_length, cfg.train.seed, folder,
+                              wanted, cache)
     eval_data = (build_source(cfg.data, cfg.data.eval_path, tokenizer, cfg.train.seq_length, cfg.train.seed + 1,
-                              folder) if cfg.data.eval_path else None)
+                              folder, None, cache) if cfg.data.eval_path else None)
     length = run_length.plan(len(train_data), cfg.train.global_batch_size, cfg.train.max_epochs, cfg.train.train_iters)
     sampler = DataParallelSampler(len(train_data), cfg.train.global_batch_size, cfg.train.micro_batch_size,
                                   ps.get_data_parallel_world_size(), ps.get_data_parallel_rank(),
