@@ -120,6 +120,12 @@ class DataConfig:
     """Pack several SFT samples into each row of train.seq_length (best-fit decreasing), each attending only to itself."""
     truncation: str = "error"
     """SFT samples longer than train.seq_length: error, truncate (keep the start) or drop."""
+    streaming: bool = False
+    """Read SFT files lazily (no up-front pass): each DP rank takes every dp-th line through a shuffle buffer; needs train.train_iters."""
+    stream_buffer: int = 10000
+    """Lines held in each rank's shuffle buffer when streaming."""
+    pack_window: int = 1000
+    """Samples packed together at a time when streaming with data.packing."""
     on_error: str = "error"
     """Bad SFT rows (invalid JSON, missing roles, empty assistant turn): error (name file and line) or skip (count them)."""
 

@@ -152,6 +152,12 @@ def _sft(cfg, problems: List[str]) -> None:
     _choice(problems, "data.loss_on", data.loss_on, LOSS_ON)
     _choice(problems, "data.truncation", data.truncation, TRUNCATION)
     _choice(problems, "data.on_error", data.on_error, ON_ERROR)
+    if data.streaming:
+        if cfg.train.train_iters is None:
+            problems.append("data.streaming has no sample count known up front: set train.train_iters "
+                            "(train.max_epochs does not apply to a stream)")
+        if data.weights:
+            problems.append("data.weights is not supported with data.streaming yet")
 
 
 def _backend(cfg, te_available: bool, device: str, problems: List[str]) -> None:

@@ -69,6 +69,7 @@ class _Samples:
 def read_conversations(paths: Sequence[str], data_cfg, template: ChatTemplate, tokenizer, seq_length: int):
     """Encoded samples of all files and the counts; bad rows raise DataError(file, line) or are skipped."""
     samples, counts = _Samples(), Counts()
+    encode_line = line_encoder(data_cfg, template, tokenizer, seq_length, counts)
     for path in paths:
         if not os.path.isfile(path):
             raise DataError(path, None, "data file not found (check data.path)")
@@ -76,45 +77,56 @@ def read_conversations(paths: Sequence[str], data_cfg, template: ChatTemplate, t
             for line_no, line in enumerate(f, start=1):
                 if line.strip():
                     counts.rows += 1
-                    _add_row(line, path, line_no, data_cfg, template, tokenizer, seq_length, samples, counts)
+                    encoded = encode_line(line, path, line_no)
+                    if encoded is not None:
+                        samples.ids.append(encoded[0])
+                        samples.targets.append(encoded[1])
     return samples, counts
 
 
-def _add_row(line, path, line_no, data_cfg, template, tokenizer, seq_length, samples, counts) -> None:
-    try:
+def line_encoder(data_cfg, template: ChatTemplate, tokenizer, seq_length: int, counts: Counts):
+    """``encode(line, path, line_no)`` -> (ids, targets), or None for a row skipped (data.on_error=skip) or
+    dropped (data.truncation); other bad rows raise DataError naming the file and line."""
+
+    def encode_line(line: str, path: str, line_no: int):
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise RowError(f"invalid JSON ({e.msg} at column {e.colno})") from None
-        ids, targets = encode(to_messages(row, data_cfg.format), template, tokenizer, data_cfg.loss_on)
-        if not targets[1:].any():
-            raise RowError("the chat template gives this conversation no tokens that carry loss (data.template, "
-                           "data.loss_on)")
-    except (RowError, TemplateError) as e:
-        if data_cfg.on_error == "skip":
-            counts.skipped += 1
-            return
-        raise DataError(path, line_no, f"{e} (data.on_error=skip skips such rows)") from None
-    if len(ids) > seq_length:
-        if data_cfg.truncation == "error":
-            raise DataError(path, line_no, f"conversation has {len(ids)} tokens, more than train.seq_length="
-                            f"{seq_length} (data.truncation=truncate|drop)")
-        if data_cfg.truncation == "drop" or not targets[1:seq_length].any():
-            counts.dropped += 1  # a truncated sample with nothing left to learn is dropped too
-            return
-        ids, targets = ids[:seq_length], targets[:seq_length]
-        counts.truncated += 1
-    samples.ids.append(ids)
-    samples.targets.append(targets)
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise RowError(f"invalid JSON ({e.msg} at column {e.colno})") from None
+            ids, targets = encode(to_messages(row, data_cfg.format), template, tokenizer, data_cfg.loss_on)
+            if not targets[1:].any():
+                raise RowError("the chat template gives this conversation no tokens that carry loss "
+                               "(data.template, data.loss_on)")
+        except (RowError, TemplateError) as e:
+            if data_cfg.on_error == "skip":
+                counts.skipped += 1
+                return None
+            raise DataError(path, line_no, f"{e} (data.on_error=skip skips such rows)") from None
+        if len(ids) > seq_length:
+            if data_cfg.truncation == "error":
+                raise DataError(path, line_no, f"conversation has {len(ids)} tokens, more than train.seq_length="
+                                f"{seq_length} (data.truncation=truncate|drop)")
+            if data_cfg.truncation == "drop" or not targets[1:seq_length].any():
+                counts.dropped += 1  # a truncated sample with nothing left to learn is dropped too
+                return None
+            ids, targets = ids[:seq_length], targets[:seq_length]
+            counts.truncated += 1
+        return ids, targets
+
+    return encode_line
 
 
 class SFTRows(torch.utils.data.Dataset):
     """Training rows of ``seq_length`` positions, each one sample or a pack of samples."""
 
-    def __init__(self, samples: _Samples, seq_length: int, pad_id: int, packing: bool, description: str):
+    def __init__(self, samples: _Samples, seq_length: int, pad_id: int, packing: bool, description: str,
+                 rows: Optional[List[List[int]]] = None):
         self.samples, self.seq_length, self.pad_id, self.packing = samples, seq_length, pad_id, packing
         lengths = [len(ids) for ids in samples.ids]
-        self.rows = best_fit_decreasing(lengths, seq_length) if packing else [[i] for i in range(len(lengths))]
+        if rows is None:
+            rows = best_fit_decreasing(lengths, seq_length) if packing else [[i] for i in range(len(lengths))]
+        self.rows = rows
         fill = sum(lengths) / max(1, len(self.rows) * seq_length)
         self.description = f"{description}, {len(self.rows)} rows of {seq_length} ({100 * fill:.1f} % filled)"
 
@@ -142,10 +154,34 @@ class SFTRows(torch.utils.data.Dataset):
         return dict(tokens=tokens, labels=labels, loss_mask=loss_mask, positions=positions, segments=segments)
 
     def collate(self, items: List[dict]) -> Batch:
+        return self.collate_items(items, self.packing)
+
+    @staticmethod
+    def collate_items(items: List[dict], packing: bool) -> Batch:
         stack = {k: torch.from_numpy(np.stack([item[k] for item in items])) for k in items[0]}
         # Unpacked rows are one sample plus trailing padding: the causal mask alone is right for them.
-        segments = stack["segments"] if self.packing else None
+        segments = stack["segments"] if packing else None
         return Batch(stack["tokens"], stack["labels"], stack["loss_mask"], stack["positions"], segments)
+
+
+def blend(parts: List[_Samples], weights: Sequence[float]) -> _Samples:
+    """As many samples as all files hold together, drawn from the files in proportion to ``weights``
+    (megatron-core's deterministic blending order; a small file is repeated, a large one cut)."""
+    from megatron.core.datasets import helpers
+
+    if any(not part.ids for part in parts):
+        raise DataError("data.path", None, "a weighted SFT file has no usable conversations")
+    total = sum(len(part.ids) for part in parts)
+    dataset_index = np.zeros(total, dtype=np.int16)
+    sample_index = np.zeros(total, dtype=np.int64)
+    norm = [float(w) / sum(weights) for w in weights]
+    helpers.build_blending_indices(dataset_index, sample_index, norm, len(parts), total, False)
+    out = _Samples()
+    for d, k in zip(dataset_index.tolist(), sample_index.tolist()):
+        part = parts[d]
+        out.ids.append(part.ids[k % len(part.ids)])
+        out.targets.append(part.targets[k % len(part.targets)])
+    return out
 
 
 def sft_source(paths: Sequence[str], data_cfg, tokenizer, seq_length: int, template_spec: Optional[str],
@@ -157,7 +193,13 @@ def sft_source(paths: Sequence[str], data_cfg, tokenizer, seq_length: int, templ
         raise DataError(str(paths[0]) if paths else "data.path", None, "SFT needs an HF tokenizer (tokenizer.json) "
                         "or the byte tokenizer; SentencePiece models are not supported for SFT yet")
     template = load_template(template_spec, template_folder)
-    samples, counts = read_conversations(paths, data_cfg, template, tokenizer, seq_length)
+    if data_cfg.weights:
+        per_file = [read_conversations([p], data_cfg, template, tokenizer, seq_length) for p in paths]
+        samples, counts = blend([s for s, _ in per_file], data_cfg.weights), Counts()
+        for _, c in per_file:
+            counts = Counts(*(a + b for a, b in zip(counts.__dict__.values(), c.__dict__.values())))
+    else:
+        samples, counts = read_conversations(paths, data_cfg, template, tokenizer, seq_length)
     if not samples.ids:
         raise DataError(",".join(paths), None, f"no usable conversations ({counts.rows} rows, {counts.skipped} "
                         f"skipped, {counts.dropped} dropped)")
@@ -165,3 +207,18 @@ def sft_source(paths: Sequence[str], data_cfg, tokenizer, seq_length: int, templ
                    f"samples, {counts.skipped} bad rows skipped, {counts.truncated} truncated, {counts.dropped} "
                    f"dropped)")
     return SFTRows(samples, seq_length, getattr(tokenizer, "pad", tokenizer.eod), data_cfg.packing, description)
+
+
+def stream_source(paths: Sequence[str], data_cfg, tokenizer, seq_length: int, template_folder: Optional[str],
+                  seed: int, dp_rank: int, dp_size: int):
+    """A StreamingRows over conversation files for one data-parallel rank (data.streaming=true)."""
+    from megatron_swift.data.streaming import StreamingRows
+    from megatron_swift.data.templates import load_template
+
+    for path in paths:
+        if not os.path.isfile(path):
+            raise DataError(path, None, "data file not found (check data.path)")
+    template = load_template(data_cfg.template, template_folder)
+    encode_line = line_encoder(data_cfg, template, tokenizer, seq_length, Counts())
+    return StreamingRows(paths, encode_line, seq_length, getattr(tokenizer, "pad", tokenizer.eod), data_cfg.packing,
+                         dp_rank, dp_size, seed, data_cfg.stream_buffer, data_cfg.pack_window)

@@ -78,13 +78,18 @@ def mock_source(num_samples: int, vocab_size: int, seq_length: int, seed: int) -
 
 def build_source(data_cfg, paths: Sequence[str], tokenizer, seq_length: int, seed: int,
                  template_folder: Optional[str] = None, num_samples: Optional[int] = None,
-                 cache_dir: Optional[str] = None):
+                 cache_dir: Optional[str] = None, stream_rank: Optional[tuple] = None):
     """The source named by ``data.source`` over ``paths``; SFT templates default to ``template_folder``'s,
-    weighted indexed blends are built with ``num_samples`` and cache their indices in ``cache_dir``."""
+    weighted indexed blends are built with ``num_samples`` and cache their indices in ``cache_dir``;
+    ``stream_rank`` = (dp rank, dp size) makes a streaming SFT source for that rank (data.streaming)."""
     if data_cfg.source == "indexed":
         from megatron_swift.data.pretrain import indexed_source
 
         return indexed_source(paths, data_cfg.weights, tokenizer, seq_length, seed, num_samples, cache_dir)
+    if data_cfg.source == "sft" and data_cfg.streaming and stream_rank is not None:
+        from megatron_swift.data.sft import stream_source
+
+        return stream_source(paths, data_cfg, tokenizer, seq_length, template_folder, seed, *stream_rank)
     if data_cfg.source == "sft":
         from megatron_swift.data.sft import sft_source
 

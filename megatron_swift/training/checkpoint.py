@@ -120,9 +120,9 @@ def _set_rng_state(state: dict) -> None:
     get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def _rng_sharded(state: Optional[dict]) -> ShardedObject:
-    # One object per global rank: RNG state only makes sense under the same layout.
-    return ShardedObject("rng_state", state, (dist.get_world_size(),), (dist.get_rank(),), replica_id=0)
+def _per_rank(key: str, state: Optional[dict]) -> ShardedObject:
+    # One object per global rank (RNG, data stream position): only meaningful under the same layout.
+    return ShardedObject(key, state, (dist.get_world_size(),), (dist.get_rank(),), replica_id=0)
 
 
 def _prime_adam_state(optimizer) -> None:
@@ -144,7 +144,7 @@ def _prime_adam_state(optimizer) -> None:
                                       "exp_avg_sq": torch.zeros_like(p)}
 
 
-def _full_sharded_state(model, optimizer, scheduler, for_loading: bool) -> dict:
+def _full_sharded_state(model, optimizer, scheduler, for_loading: bool, data=None) -> dict:
     state = _model_sharded(model)
     if for_loading:
         _prime_adam_state(optimizer)
@@ -156,18 +156,20 @@ def _full_sharded_state(model, optimizer, scheduler, for_loading: bool) -> dict:
     # validation); resharding is limited to DP, and resume already requires the same layout.
     state["optimizer"] = optimizer.sharded_state_dict(merged, is_loading=for_loading, metadata=_OPTIM_METADATA)
     state["scheduler"] = scheduler.state_dict()
-    state["rng"] = _rng_sharded(None if for_loading else _rng_state())
+    state["rng"] = _per_rank("rng_state", None if for_loading else _rng_state())
+    if data is not None:  # a streaming source: where each rank's stream stands
+        state["data"] = _per_rank("data_state", None if for_loading else data.state())
     return state
 
 
 def save(output_dir: str, state: TrainState, model, optimizer, scheduler, config_yaml: str, keep_last: int,
-         model_meta: Optional[dict] = None) -> str:
+         model_meta: Optional[dict] = None, data=None) -> str:
     """Write ``iter_N`` atomically (temporary dir, then rename) and prune to ``keep_last``.
 
     ``model_meta`` (architecture and vocabulary numbers) goes into megatron_swift.json so
     that export tools can rebuild the model without the original HF folder."""
     meta = dict(state.__dict__, layout=_layout(), model=model_meta or {})
-    return _write(output_dir, state.iteration, lambda: _full_sharded_state(model, optimizer, scheduler, False),
+    return _write(output_dir, state.iteration, lambda: _full_sharded_state(model, optimizer, scheduler, False, data),
                   config_yaml, meta, keep_last)
 
 
@@ -224,7 +226,7 @@ def _load_model(loaded: dict, keys: List[str], model) -> None:
         _unwrap(chunk).load_state_dict(loaded[key], strict=True)
 
 
-def load_full(ckpt: str, model, optimizer, scheduler) -> TrainState:
+def load_full(ckpt: str, model, optimizer, scheduler, data=None) -> TrainState:
     """Restore weights, optimizer, scheduler, RNG and counters to continue a run.
 
     Refuses a checkpoint from another layout: the optimizer state is sharded
@@ -239,7 +241,7 @@ def load_full(ckpt: str, model, optimizer, scheduler) -> TrainState:
             "resume under the same layout, or start a new run from its weights with model.load="
             f"{ckpt} train.resume=none and a new train.output_dir"
         )
-    sharded = _full_sharded_state(model, optimizer, scheduler, for_loading=True)
+    sharded = _full_sharded_state(model, optimizer, scheduler, for_loading=True, data=data)
     model_keys = [k for k in sharded if k.startswith("model")]
     loaded = dist_checkpointing.load(sharded, ckpt)
     _load_model(loaded, model_keys, model)
@@ -249,5 +251,7 @@ def load_full(ckpt: str, model, optimizer, scheduler) -> TrainState:
         optimizer.load_state_dict(loaded["optimizer"])
     scheduler.load_state_dict(loaded["scheduler"])
     _set_rng_state(loaded["rng"])
+    if data is not None:
+        data.restore(loaded["data"])
     counters = {k: meta[k] for k in ("iteration", "consumed_samples", "epoch")}
     return TrainState(**counters)

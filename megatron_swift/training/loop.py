@@ -103,10 +103,12 @@ class Trainer:
 
     def _microbatches(self, dataset, sampler, iteration: int) -> List[Batch]:
         device = self.backend.torch_device
-        batches = []
-        for indices in sampler.microbatch_indices(iteration):
-            batches.append(dataset.collate([dataset[int(i)] for i in indices]).to(device))
-        return batches
+        if _streaming(dataset):  # rows come in order from this rank's stream
+            mbs = self.cfg.train.micro_batch_size
+            rows = dataset.next_rows(sampler.num_microbatches * mbs)
+            return [dataset.collate(rows[k:k + mbs]).to(device) for k in range(0, len(rows), mbs)]
+        return [dataset.collate([dataset[int(i)] for i in indices]).to(device)
+                for indices in sampler.microbatch_indices(iteration)]
 
     def _forward_backward(self, batches: List[Batch], forward_only: bool):
         # One iterator per model chunk: each virtual stage walks the same micro-batches.
@@ -179,7 +181,8 @@ class Trainer:
 
     def _save(self) -> None:
         path = ckpt.save(self.output_dir, self.state, self.model, self.optimizer, self.scheduler,
-                         OmegaConf.to_yaml(self.cfg), self.cfg.train.keep_last, self.model_meta)
+                         OmegaConf.to_yaml(self.cfg), self.cfg.train.keep_last, self.model_meta,
+                         self.train_data if _streaming(self.train_data) else None)
         _print0(f"saved checkpoint {path}")
 
     def _should_save(self, done: int) -> bool:
@@ -236,6 +239,10 @@ def model_meta(arch, vocab: int, padded: int) -> dict:
     return dict(family=arch.family.name, arch=dict(fields, vocab_size=vocab), padded_vocab_size=padded)
 
 
+def _streaming(dataset) -> bool:
+    return hasattr(dataset, "next_rows")
+
+
 def init_runtime(cfg):
     """Validate the config, then start the backend and megatron-core's parallel groups; returns (arch, backend)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -272,11 +279,16 @@ def setup(cfg) -> Trainer:
     cache = os.path.join(output_dir, "data_cache")
     wanted = cfg.train.train_iters * cfg.train.global_batch_size if cfg.train.train_iters else None
     train_data = build_source(cfg.data, cfg.data.path, tokenizer, cfg.train.seq_length, cfg.train.seed, folder,
-                              wanted, cache)
+                              wanted, cache, (ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()))
     eval_data = (build_source(cfg.data, cfg.data.eval_path, tokenizer, cfg.train.seq_length, cfg.train.seed + 1,
                               folder, None, cache) if cfg.data.eval_path else None)
-    length = run_length.plan(len(train_data), cfg.train.global_batch_size, cfg.train.max_epochs, cfg.train.train_iters)
-    sampler = DataParallelSampler(len(train_data), cfg.train.global_batch_size, cfg.train.micro_batch_size,
+    # A stream has no length known up front: the run is train_iters steps (validation asks for it) and
+    # train.max_epochs does not apply.
+    streaming = _streaming(train_data)
+    num_samples = wanted if streaming else len(train_data)
+    length = run_length.plan(num_samples, cfg.train.global_batch_size, None if streaming else cfg.train.max_epochs,
+                             cfg.train.train_iters)
+    sampler = DataParallelSampler(num_samples, cfg.train.global_batch_size, cfg.train.micro_batch_size,
                                   ps.get_data_parallel_world_size(), ps.get_data_parallel_rank(),
                                   cfg.train.seed, cfg.data.shuffle)
 
@@ -299,7 +311,8 @@ def setup(cfg) -> Trainer:
     scheduler = build_scheduler(optimizer, cfg.train, length.total_iters)
     state = ckpt.TrainState()
     if resume_from is not None:
-        state = ckpt.load_full(resume_from, model, optimizer, scheduler)
+        state = ckpt.load_full(resume_from, model, optimizer, scheduler,
+                               train_data if _streaming(train_data) else None)
         _print0(f"resumed from {resume_from} at step {state.iteration} (epoch {state.epoch}, "
                 f"{state.consumed_samples} samples consumed)")
 
@@ -307,7 +320,7 @@ def setup(cfg) -> Trainer:
     _print0(f"megatron-swift: {arch.family.name}-{cfg.model.size} on {world} {be.device} rank(s) "
             f"(tp={par.tp} pp={par.pp} vpp={par.vpp or 1} dp={ps.get_data_parallel_world_size()} ep={par.ep} "
             f"sp={par.sp}), {n_params / 1e6:.2f}M params on rank 0, TE={'on' if be.use_te else 'off'}; "
-            f"data {train_data.description}: {len(train_data)} samples, {length.steps_per_epoch} steps/epoch, "
+            f"data {train_data.description}: {num_samples} samples, {length.steps_per_epoch} steps/epoch, "
             f"{length.total_iters} steps in all; output {output_dir}")
     trainer = Trainer(cfg, be, arch, model, optimizer, scheduler, train_data, eval_data, sampler, length,
                       output_dir, flops_per_step(arch, cfg.train.seq_length, padded, cfg.train.global_batch_size),
