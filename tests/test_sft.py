@@ -11,7 +11,7 @@ from megatron_swift.data.conversations import to_messages
 from megatron_swift.data.errors import DataError
 from megatron_swift.data.packing import best_fit_decreasing
 from megatron_swift.data.sft import SFTRows, encode, sft_source
-from megatron_swift.data.templates import TemplateError, load_template
+from megatron_swift.data.templates import load_template
 from megatron_swift.data.tokenizer import ByteTokenizer, HFTokenizer
 
 # Written here, independently of the project's built-in copy.
@@ -195,8 +195,8 @@ def test_template_that_rewrites_earlier_turns_is_refused(tmp_path):
 
 
 def test_byte_tokenizer_offsets_parse_specials():
-    ids, starts = ByteTokenizer().encode_with_offsets("hé<|endoftext|>x")
-    assert ids == [104, 0xC3, 0xA9, 256, 120] and starts == [0, 1, 1, 2, 15]
+    ids, spans = ByteTokenizer().encode_with_offsets("hé<|endoftext|>x")
+    assert ids == [104, 0xC3, 0xA9, 256, 120] and spans == [(0, 1), (1, 2), (1, 2), (2, 15), (15, 16)]
 
 
 def test_rows_report_fill(tmp_path):
@@ -266,3 +266,32 @@ def test_stream_state_restores_the_exact_continuation(tmp_path):
     b.restore(json.loads(json.dumps(state)))  # survives a round trip through plain types
     for x, y in zip(a.next_rows(30), b.next_rows(30)):  # runs into the next epoch
         assert _row_key(x) == _row_key(y) and (x["loss_mask"] == y["loss_mask"]).all()
+
+
+def test_sentencepiece_sft_masks_the_assistant_text(tmp_path):
+    import sentencepiece as spm
+
+    from megatron_swift.data.tokenizer import SentencePieceTokenizer
+
+    corpus = tmp_path / "corpus.txt"
+    words = "You help people Hi there hello again and bye system user assistant Hello Bye the quick brown fox"
+    corpus.write_text("\n".join(" ".join(words.split()[i:] + words.split()[:i]) for i in range(16)) * 20)
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=48,
+                                   user_defined_symbols=["<|im_start|>", "<|im_end|>"], minloglevel=2)
+    tok = SentencePieceTokenizer(str(tmp_path / "sp.model"))
+    ids, targets = encode([dict(m) for m in CONVERSATION], load_template("chatml", None), tok, "assistant")
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
+    # Ground truth: SentencePiece itself on each text run between special pieces.
+    merged, text = [], ""
+    for piece, _ in PIECES + [("<|im_start|>", "")]:
+        if piece.startswith("<|"):
+            if text:
+                merged += sp.encode(text)
+                text = ""
+            merged.append(sp.piece_to_id(piece))
+        else:
+            text += piece
+    assert ids.tolist() == merged[:-1]
+    learned = sp.decode([i for i, t in zip(ids.tolist(), targets) if t and i != sp.piece_to_id("<|im_end|>")])
+    assert learned.replace(" ", "") == "HellothereBye"
+    assert sum(1 for i, t in zip(ids.tolist(), targets) if t and i == sp.piece_to_id("<|im_end|>")) == 2

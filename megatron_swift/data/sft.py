@@ -36,8 +36,11 @@ ON_ERROR = ("error", "skip")
 def encode(messages: List[dict], template: ChatTemplate, tokenizer, loss_on: str):
     """(ids, targets): token ids of the rendered conversation and whether each token carries loss."""
     text, spans = template.spans(messages)
-    ids, starts = tokenizer.encode_with_offsets(text)
-    starts = np.asarray(starts, dtype=np.int64)
+    ids, offsets = tokenizer.encode_with_offsets(text)
+    offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    # A token belongs to a message when the characters it covers overlap the message's span: a piece like
+    # SentencePiece's "▁Hello" starts on the separator before the reply but carries the reply's text.
+    starts, ends = offsets[:, 0], np.maximum(offsets[:, 1], offsets[:, 0] + 1)
     if loss_on == "all":
         return np.asarray(ids, dtype=np.int64), np.ones(len(ids), dtype=bool)
     last_assistant = max(k for k, m in enumerate(messages) if m["role"] == "assistant")
@@ -46,7 +49,7 @@ def encode(messages: List[dict], template: ChatTemplate, tokenizer, loss_on: str
         message = messages[span.index]
         default = message["role"] == "assistant" and (loss_on == "assistant" or span.index == last_assistant)
         if message["loss"] if message["loss"] is not None else default:
-            targets |= (starts >= span.start) & (starts < span.end)
+            targets |= (starts < span.end) & (ends > span.start)
     return np.asarray(ids, dtype=np.int64), targets
 
 
@@ -189,9 +192,6 @@ def sft_source(paths: Sequence[str], data_cfg, tokenizer, seq_length: int, templ
     """SFTRows over conversation files, with what was skipped, truncated and dropped in its description."""
     from megatron_swift.data.templates import load_template
 
-    if not hasattr(tokenizer, "encode_with_offsets"):
-        raise DataError(str(paths[0]) if paths else "data.path", None, "SFT needs an HF tokenizer (tokenizer.json) "
-                        "or the byte tokenizer; SentencePiece models are not supported for SFT yet")
     template = load_template(template_spec, template_folder)
     if data_cfg.weights:
         per_file = [read_conversations([p], data_cfg, template, tokenizer, seq_length) for p in paths]

@@ -30,20 +30,20 @@ class ByteTokenizer:
     def encode(self, text: str) -> List[int]:
         return list(text.encode("utf-8"))
 
-    def encode_with_offsets(self, text: str) -> Tuple[List[int], List[int]]:
-        """Token ids and the character offset where each token starts (specials parsed)."""
-        ids, starts, pos = [], [], 0
+    def encode_with_offsets(self, text: str) -> Tuple[List[int], List[Tuple[int, int]]]:
+        """Token ids and the (start, end) characters each token covers (specials parsed)."""
+        ids, spans, pos = [], [], 0
         for match in [*self._SPECIAL_RE.finditer(text), None]:
             end = match.start() if match else len(text)
             for i in range(pos, end):
                 encoded = text[i].encode("utf-8")
                 ids.extend(encoded)
-                starts.extend([i] * len(encoded))
+                spans.extend([(i, i + 1)] * len(encoded))
             if match:
                 ids.append(self.SPECIAL[match.group()])
-                starts.append(match.start())
+                spans.append(match.span())
                 pos = match.end()
-        return ids, starts
+        return ids, spans
 
     def decode(self, ids: List[int]) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
@@ -83,13 +83,16 @@ class HFTokenizer:
     def encode(self, text: str) -> List[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
-    def encode_with_offsets(self, text: str) -> Tuple[List[int], List[int]]:
-        """Token ids and the character offset where each token starts (added/special tokens parsed)."""
+    def encode_with_offsets(self, text: str) -> Tuple[List[int], List[Tuple[int, int]]]:
+        """Token ids and the (start, end) characters each token covers (added/special tokens parsed)."""
         encoding = self._tok.encode(text, add_special_tokens=False)
-        return encoding.ids, [start for start, _ in encoding.offsets]
+        return encoding.ids, list(encoding.offsets)
 
     def decode(self, ids: List[int]) -> str:
         return self._tok.decode(ids)
+
+
+_BRACKETED = re.compile(r"^(<[^\s<>]+>|\[[^\s\[\]]+\])$")
 
 
 class SentencePieceTokenizer:
@@ -103,9 +106,45 @@ class SentencePieceTokenizer:
         if self._sp.eos_id() < 0:
             raise ValueError(f"SentencePiece model {path} defines no EOS piece")
         self.eod = self._sp.eos_id()
+        self.pad = self.eod
+        # Pieces chat templates write as text: control pieces (<s>, </s>) and bracketed atomic pieces such as
+        # user-defined <|im_start|> or [INST] (the Python binding cannot ask for the user-defined type).
+        self._special = {self._sp.id_to_piece(i): i for i in range(self.vocab_size)
+                         if self._sp.is_control(i) or (not self._sp.is_byte(i) and not self._sp.is_unknown(i)
+                                                       and _BRACKETED.match(self._sp.id_to_piece(i)))}
+        self._special.pop("", None)
+        names = sorted(self._special, key=len, reverse=True)
+        self._special_re = re.compile("|".join(re.escape(n) for n in names)) if names else None
 
     def encode(self, text: str) -> List[int]:
         return self._sp.encode(text)
+
+    def encode_with_offsets(self, text: str) -> Tuple[List[int], List[Tuple[int, int]]]:
+        """Token ids and the (start, end) characters each covers; special pieces in the text become their ids
+        and the text between them is encoded piece by piece (as HF's SentencePiece tokenizers do)."""
+        ids, spans, pos = [], [], 0
+        matches = list(self._special_re.finditer(text)) if self._special_re else []
+        for match in [*matches, None]:
+            end = match.start() if match else len(text)
+            if end > pos:
+                segment = text[pos:end]
+                char_of_byte = [i for i, ch in enumerate(segment) for _ in ch.encode("utf-8")] + [len(segment)]
+                last = len(char_of_byte) - 1
+                for piece in self._pieces(segment):
+                    ids.append(piece.id)
+                    spans.append((pos + char_of_byte[min(piece.begin, last)], pos + char_of_byte[min(piece.end, last)]))
+            if match:
+                ids.append(self._special[match.group()])
+                spans.append(match.span())
+                pos = match.end()
+        return ids, spans
+
+    def _pieces(self, text: str):
+        """Pieces with byte offsets: out_type="proto" (sentencepiece 0.2.1+) or "immutable_proto" (older)."""
+        try:
+            return self._sp.encode(text, out_type="proto").pieces
+        except (ValueError, TypeError, RuntimeError):
+            return self._sp.encode(text, out_type="immutable_proto").pieces
 
     def decode(self, ids: List[int]) -> str:
         return self._sp.decode(ids)
