@@ -237,6 +237,24 @@ class ClusterConfig:
 
 
 @dataclass
+class TaskConfig:
+    """What the model is trained to do: next-token loss (lm) or a preference objective (dpo)."""
+
+    name: str = "lm"
+    """lm (pretraining and SFT: token cross-entropy) or dpo (preference pairs, with a frozen reference model)."""
+    beta: float = 0.1
+    """DPO/IPO temperature: how far the policy may move from the reference."""
+    loss_type: str = "sigmoid"
+    """DPO loss: sigmoid (DPO, with label smoothing) or ipo (on length-averaged log-probabilities)."""
+    label_smoothing: float = 0.0
+    """Probability that a preference label is flipped (conservative DPO); 0 is plain DPO."""
+    sft_weight: float = 0.0
+    """Weight of the chosen completion's mean token NLL added to the DPO loss (RPO); 0 disables it."""
+    ref_model: Optional[str] = None
+    """Reference weights: an HF folder or a megatron-swift checkpoint; None: the starting weights (model.pretrained or model.load)."""
+
+
+@dataclass
 class Config:
     """A whole run."""
 
@@ -252,6 +270,8 @@ class Config:
     """Logging sinks."""
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     """Cluster description."""
+    task: TaskConfig = field(default_factory=TaskConfig)
+    """Training objective."""
 
 
 def asset_path(name: str) -> str:
@@ -272,5 +292,6 @@ def register() -> None:
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
     for group, node in (("model", ModelConfig), ("parallel", ParallelConfig), ("data", DataConfig),
-                        ("train", TrainConfig), ("logging", LoggingConfig), ("cluster", ClusterConfig)):
+                        ("train", TrainConfig), ("logging", LoggingConfig), ("cluster", ClusterConfig),
+                        ("task", TaskConfig)):
         cs.store(group=group, name=f"base_{group}", node=node)

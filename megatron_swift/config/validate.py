@@ -160,6 +160,28 @@ def _sft(cfg, problems: List[str]) -> None:
             problems.append("data.weights is not supported with data.streaming yet")
 
 
+def _task(cfg, problems: List[str]) -> None:
+    from megatron_swift.tasks import PREFERENCE, TASKS
+
+    task, data = cfg.task, cfg.data
+    _choice(problems, "task.name", task.name, tuple(TASKS))
+    if task.name not in PREFERENCE:
+        return
+    _choice(problems, "task.loss_type", task.loss_type, ("sigmoid", "ipo"))
+    if task.beta <= 0:
+        problems.append(f"task.beta={task.beta} must be > 0")
+    if not 0 <= task.label_smoothing < 0.5:
+        problems.append(f"task.label_smoothing={task.label_smoothing} must be in [0, 0.5)")
+    if not (task.ref_model or cfg.model.pretrained or cfg.model.load):
+        problems.append(f"task={task.name} needs starting weights for the policy and its frozen reference: set "
+                        "model.pretrained (HF folder) or model.load (checkpoint), or task.ref_model")
+    if data.source not in ("jsonl", "sft"):
+        problems.append(f"task={task.name} reads preference rows from JSONL files; data.source={data.source} "
+                        "is not one (use data=sft or data=jsonl with data.path)")
+    if data.packing or data.streaming:
+        problems.append(f"task={task.name} does not support data.packing or data.streaming yet")
+
+
 def _backend(cfg, te_available: bool, device: str, problems: List[str]) -> None:
     if cfg.data.packing and te_available and cfg.train.micro_batch_size != 1:
         problems.append(f"data.packing with Transformer Engine (THD) takes one packed row per micro-batch: set "
@@ -187,6 +209,7 @@ def validate(cfg, world_size: Optional[int], te_available: bool = False, device:
     _batch(cfg, world_size, problems)
     _run(cfg, problems)
     _data(cfg, problems)
+    _task(cfg, problems)
     _backend(cfg, te_available, device, problems)
     if problems:
         raise ConfigError(problems)

@@ -27,6 +27,8 @@ class Batch:
     position_ids: torch.Tensor
     # Packed rows: which sample each position belongs to (-1: padding); None: one sequence per row.
     segments: Optional[torch.Tensor] = None
+    # Preference tasks: the reference model's log-probability of each row (set by the task before the step).
+    ref_logps: Optional[torch.Tensor] = None
 
     def to(self, device) -> "Batch":
         return Batch(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)

@@ -35,6 +35,10 @@ class Progress:
             f"step {m['iteration']}/{self.total_iters}",
             f"epoch {m['epoch']:.2f}{epochs}",
             f"loss {m['loss']:.4f}",
+        ]
+        if m.get("rewards/accuracies") is not None:  # preference tasks
+            parts.append(f"reward acc {m['rewards/accuracies']:.2f} margin {m['rewards/margins']:.3f}")
+        parts += [
             f"lr {m['lr']:.2e}",
             f"gnorm {m['grad_norm']:.3f}",
             f"{_si(m['tokens_per_s'])} tok/s",

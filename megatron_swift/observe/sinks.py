@@ -51,7 +51,8 @@ class Sinks:
         step = int(metrics["iteration"])
         self._metrics.write(json.dumps(metrics) + "\n")
         self._metrics.flush()
-        scalars = {k: v for k, v in metrics.items() if k in _SCALARS and v is not None}
+        # Task figures are named "<group>/<name>" (rewards/chosen, logps/rejected, ...).
+        scalars = {k: v for k, v in metrics.items() if (k in _SCALARS or "/" in k) and v is not None}
         if self._tb is not None:
             for key, value in scalars.items():
                 self._tb.add_scalar(f"train/{key}", value, step)

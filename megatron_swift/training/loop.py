@@ -10,7 +10,7 @@ import os
 import random
 import time
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 from megatron_swift import backend as backend_mod
 from megatron_swift.config.validate import ConfigError, validate
 from megatron_swift.convert.hf_load import load_hf_weights
+from megatron_swift.data.preference import preference_source
 from megatron_swift.data.sampler import Batch, DataParallelSampler
 from megatron_swift.data.sources import build_source
 from megatron_swift.data.tokenizer import build_tokenizer
@@ -30,10 +31,10 @@ from megatron_swift.models.arch import padded_vocab_size
 from megatron_swift.models.builder import build_model, transformer_config
 from megatron_swift.observe import Sinks
 from megatron_swift.observe.progress import Progress
+from megatron_swift.tasks import PREFERENCE, build_task
 from megatron_swift.training import checkpoint as ckpt
 from megatron_swift.training import run_length
 from megatron_swift.training.flops import flops_per_step
-from megatron_swift.training.forward_step import make_forward_step
 from megatron_swift.training.optim import build_optimizer, build_scheduler, wrap_model
 
 
@@ -99,6 +100,7 @@ class Trainer:
     flops_per_step: float
     state: ckpt.TrainState
     model_meta: dict
+    task: object = None  # megatron_swift.tasks: forward step, per-step preparation, metrics
     sinks: Optional[Sinks] = None
 
     def _microbatches(self, dataset, sampler, iteration: int) -> List[Batch]:
@@ -112,27 +114,26 @@ class Trainer:
 
     def _forward_backward(self, batches: List[Batch], forward_only: bool):
         # One iterator per model chunk: each virtual stage walks the same micro-batches.
+        self.task.prepare(batches)
         iterators = [iter(batches) for _ in self.model]
         return get_forward_backward_func()(
-            forward_step_func=make_forward_step(self.backend.packed_format),
+            forward_step_func=self.task.forward_step(),
             data_iterator=iterators if len(iterators) > 1 else iterators[0],
             model=self.model,
             num_microbatches=len(batches),
             seq_length=self.cfg.train.seq_length,
-            micro_batch_size=self.cfg.train.micro_batch_size,
+            micro_batch_size=self.task.rows_per_sample * self.cfg.train.micro_batch_size,
             forward_only=forward_only,
         )
 
-    def _global_loss(self, reports) -> float:
-        """Mean token loss over the global batch (valid on the last pipeline stage)."""
-        total = torch.zeros(2, dtype=torch.float64, device=self.backend.torch_device)
-        for r in reports:
-            total += r["lm loss"].to(total)
-        dist.all_reduce(total, group=ps.get_data_parallel_group())
-        return (total[0] / total[1].clamp(min=1)).item()
+    def _task_metrics(self, reports) -> Optional[Dict[str, float]]:
+        """The task's global-batch figures ("loss" first of all); None off the last pipeline stage."""
+        if not ps.is_pipeline_last_stage(ignore_virtual=True):
+            return None
+        return self.task.metrics(reports, self.backend.torch_device)
 
     def train_step(self, iteration: int):
-        """One optimizer step over the global batch; returns (loss or None, grad norm, skipped)."""
+        """One optimizer step over the global batch; returns (task metrics or None, grad norm, lr, skipped)."""
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -141,8 +142,7 @@ class Trainer:
         ok, grad_norm, _ = self.optimizer.step()
         if ok:
             self.scheduler.step(increment=1)
-        loss = self._global_loss(reports) if ps.is_pipeline_last_stage(ignore_virtual=True) else None
-        return loss, grad_norm, lr, not ok
+        return self._task_metrics(reports), grad_norm, lr, not ok
 
     def evaluate(self) -> Optional[float]:
         sampler = DataParallelSampler(len(self.eval_data), self.cfg.train.global_batch_size,
@@ -157,26 +157,30 @@ class Trainer:
                 reports += self._forward_backward(self._microbatches(self.eval_data, sampler, i), True) or []
         for chunk in self.model:
             chunk.train()
-        return self._global_loss(reports) if ps.is_pipeline_last_stage(ignore_virtual=True) else None
+        figures = self._task_metrics(reports)
+        return figures["loss"] if figures else None
 
-    def _metrics(self, loss, grad_norm, lr: float, step_time: float) -> dict:
-        train = self.cfg.train
+    def _metrics(self, figures: Optional[Dict[str, float]], grad_norm, lr: float, step_time: float) -> dict:
+        train, task = self.cfg.train, self.task
         world = dist.get_world_size()
-        tflops = self.flops_per_step / step_time / world / 1e12
+        # A preference task runs 2 rows per sample, and a reference forward on top of the policy's.
+        tflops = self.flops_per_step * task.rows_per_sample * task.forward_passes / step_time / world / 1e12
         peak = self.backend.peak_tflops()
+        figures = dict(figures or {})
         return {
             "iteration": self.state.iteration,
             "epoch": self.state.iteration / self.length.steps_per_epoch,
             "consumed_samples": self.state.consumed_samples,
-            "loss": loss,
+            "loss": figures.pop("loss", None),
             "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "loss_scale": float(self.optimizer.get_loss_scale()) if train.precision == "fp16" else None,
             "step_time_s": step_time,
-            "tokens_per_s": train.global_batch_size * train.seq_length / step_time,
+            "tokens_per_s": train.global_batch_size * task.rows_per_sample * train.seq_length / step_time,
             "tflops_per_device": tflops,
             "mfu": tflops / peak if peak else None,
             "memory_gib": self.backend.memory_gib(),
+            **figures,
         }
 
     def _save(self) -> None:
@@ -196,14 +200,14 @@ class Trainer:
         """One whole step as the loop runs it: train, count, log, evaluate, checkpoint."""
         train = self.cfg.train
         start = time.perf_counter()
-        loss, grad_norm, lr, skipped = self.train_step(self.state.iteration)
+        figures, grad_norm, lr, skipped = self.train_step(self.state.iteration)
         self.backend.synchronize()
         step_time = time.perf_counter() - start
         self.state.iteration += 1
         self.state.consumed_samples += train.global_batch_size
         self.state.epoch = self.state.iteration // self.length.steps_per_epoch
         if self.state.iteration % self.cfg.logging.log_interval == 0 or self.state.iteration == self.length.total_iters:
-            metrics = self._metrics(loss, grad_norm, lr, step_time)
+            metrics = self._metrics(figures, grad_norm, lr, step_time)
             metrics["skipped"] = skipped
             self.sinks.log(metrics)
         if train.eval_interval and self.eval_data is not None and self.state.iteration % train.eval_interval == 0:
@@ -278,10 +282,16 @@ def setup(cfg) -> Trainer:
     folder = tokenizer_spec if os.path.isdir(tokenizer_spec) else None  # where a chat template may live
     cache = os.path.join(output_dir, "data_cache")
     wanted = cfg.train.train_iters * cfg.train.global_batch_size if cfg.train.train_iters else None
-    train_data = build_source(cfg.data, cfg.data.path, tokenizer, cfg.train.seq_length, cfg.train.seed, folder,
-                              wanted, cache, (ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()))
-    eval_data = (build_source(cfg.data, cfg.data.eval_path, tokenizer, cfg.train.seq_length, cfg.train.seed + 1,
-                              folder, None, cache) if cfg.data.eval_path else None)
+    if cfg.task.name in PREFERENCE:
+        train_data = preference_source(cfg.data.path, cfg.data, tokenizer, cfg.train.seq_length, folder)
+        eval_data = (preference_source(cfg.data.eval_path, cfg.data, tokenizer, cfg.train.seq_length, folder)
+                     if cfg.data.eval_path else None)
+    else:
+        train_data = build_source(cfg.data, cfg.data.path, tokenizer, cfg.train.seq_length, cfg.train.seed,
+                                  folder, wanted, cache, (ps.get_data_parallel_rank(),
+                                                          ps.get_data_parallel_world_size()))
+        eval_data = (build_source(cfg.data, cfg.data.eval_path, tokenizer, cfg.train.seq_length,
+                                  cfg.train.seed + 1, folder, None, cache) if cfg.data.eval_path else None)
     # A stream has no length known up front: the run is train_iters steps (validation asks for it) and
     # train.max_epochs does not apply.
     streaming = _streaming(train_data)
@@ -326,6 +336,7 @@ def setup(cfg) -> Trainer:
                       output_dir, flops_per_step(arch, cfg.train.seq_length, padded, cfg.train.global_batch_size),
                       state, model_meta(arch, vocab, padded))
     progress = Progress(length.total_iters, cfg.train.max_epochs, state.iteration)
+    trainer.task = build_task(cfg, be, arch, padded)
     trainer.sinks = Sinks(cfg, output_dir, OmegaConf.to_container(cfg, resolve=True), _log_rank(), progress)
     if dist.get_rank() == 0:
         os.makedirs(output_dir, exist_ok=True)

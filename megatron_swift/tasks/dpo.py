@@ -1,0 +1,120 @@
+"""DPO / IPO on preference pairs, with a frozen reference model sharded like the policy.
+
+Each micro-batch holds ``m`` pairs as ``2m`` rows (chosen rows, then rejected;
+data.preference). Before the policy's forward/backward, the reference model
+runs the same micro-batches through megatron-core's forward-only schedule and
+its per-row log-probabilities (summed over completion tokens, computed on the
+last pipeline stage from the vocabulary-parallel cross-entropy, so correct
+under TP and PP) are attached to the batches. The policy's loss function then
+compares the two (training.preference_losses). The loss is a sum over pairs
+and the count returned to megatron-core is the number of pairs, so gradients
+are the mean over all pairs of the global batch, whatever the layout.
+"""
+from __future__ import annotations
+
+import os
+from functools import partial
+from typing import Dict, List
+
+import torch
+from megatron.core import parallel_state as ps
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_swift.tasks.reports import reduce_reports
+from megatron_swift.training.preference_losses import dpo_loss
+
+
+def sequence_logps(token_losses: torch.Tensor, loss_mask: torch.Tensor):
+    """(sum of log-probabilities over each row's loss tokens, number of such tokens) from per-token CE."""
+    mask = loss_mask.float()
+    return -(token_losses.float() * mask).sum(-1), mask.sum(-1)
+
+
+def _model_step(batch, model):
+    return model(batch.tokens, batch.position_ids, attention_mask=None, labels=batch.labels)
+
+
+class DPOTask:
+    rows_per_sample = 2
+    forward_passes = 4 / 3  # policy forward+backward (3 units) plus the reference forward (1 unit)
+
+    def __init__(self, task_cfg, reference: List[torch.nn.Module], seq_length: int, micro_batch_size: int):
+        self.cfg = task_cfg
+        self.reference = reference
+        self.seq_length, self.micro_batch_size = seq_length, micro_batch_size
+
+    @classmethod
+    def build(cls, cfg, backend, arch, padded_vocab: int) -> "DPOTask":
+        return cls(cfg.task, build_reference(cfg, backend, arch, padded_vocab), cfg.train.seq_length,
+                   cfg.train.micro_batch_size)
+
+    # -- reference ---------------------------------------------------------------------------------------
+
+    def prepare(self, batches) -> None:
+        """Attach the reference model's per-row log-probabilities to each batch (last pipeline stage)."""
+        def step(data_iterator, model):
+            batch = next(data_iterator)
+            return _model_step(batch, model), lambda out, non_loss_data=False: sequence_logps(out, batch.loss_mask)[0]
+
+        iterators = [iter(batches) for _ in self.reference]
+        with torch.no_grad():
+            logps = get_forward_backward_func()(
+                forward_step_func=step, data_iterator=iterators if len(iterators) > 1 else iterators[0],
+                model=self.reference, num_microbatches=len(batches), seq_length=self.seq_length,
+                micro_batch_size=self.rows_per_sample * self.micro_batch_size, forward_only=True,
+                collect_non_loss_data=True)
+        if ps.is_pipeline_last_stage(ignore_virtual=True):
+            for batch, ref in zip(batches, logps):
+                batch.ref_logps = ref.detach()
+
+    # -- policy ------------------------------------------------------------------------------------------
+
+    def forward_step(self):
+        def step(data_iterator, model):
+            batch = next(data_iterator)
+            return _model_step(batch, model), partial(self.loss_func, batch)
+
+        return step
+
+    def loss_func(self, batch, token_losses: torch.Tensor):
+        """Sum of pair losses, number of pairs, and [sum, pairs] reports of every logged figure."""
+        logps, counts = sequence_logps(token_losses, batch.loss_mask)
+        ref = batch.ref_logps
+        m = logps.shape[0] // 2
+        policy, reference = (logps / counts, ref / counts) if self.cfg.loss_type == "ipo" else (logps, ref)
+        out = dpo_loss(policy[:m], policy[m:], reference[:m], reference[m:], self.cfg.beta,
+                       self.cfg.label_smoothing, self.cfg.loss_type)
+        losses = out.pop("losses")
+        if self.cfg.sft_weight:
+            losses = losses + self.cfg.sft_weight * (-logps[:m] / counts[:m].clamp(min=1))
+        pairs = torch.tensor(float(m), device=logps.device)
+        figures = dict(out, loss=losses.detach())
+        figures["logps/chosen"], figures["logps/rejected"] = logps[:m].detach(), logps[m:].detach()
+        report = {name: torch.stack([value.sum(), pairs]) for name, value in figures.items()}
+        return losses.sum(), pairs.to(torch.int), report
+
+    def metrics(self, reports: List[dict], device) -> Dict[str, float]:
+        return reduce_reports(reports, device)
+
+
+def build_reference(cfg, backend, arch, padded_vocab: int) -> List[torch.nn.Module]:
+    """Frozen model chunks with the policy's layout, loaded from task.ref_model or the starting weights."""
+    from megatron.core.transformer.module import Float16Module
+
+    from megatron_swift.convert.hf_load import load_hf_weights
+    from megatron_swift.models.builder import build_model, transformer_config
+    from megatron_swift.training import checkpoint as ckpt
+
+    tconfig = transformer_config(arch, cfg, backend, initialize=False)
+    chunks = build_model(arch, tconfig, padded_vocab, cfg.train.seq_length, backend)
+    source = cfg.task.ref_model or cfg.model.pretrained or cfg.model.load
+    if os.path.isfile(os.path.join(source, "config.json")):
+        load_hf_weights(chunks, source, arch, padded_vocab)
+    else:
+        ckpt.load_weights(source, chunks)
+    if tconfig.bf16 or tconfig.fp16:
+        chunks = [Float16Module(tconfig, c) for c in chunks]
+    for chunk in chunks:
+        chunk.eval()
+        chunk.requires_grad_(False)
+    return chunks

@@ -1,0 +1,30 @@
+"""Next-token cross-entropy: pretraining and SFT (the data's loss mask says which tokens count)."""
+from __future__ import annotations
+
+from typing import Dict, List
+
+from megatron_swift.tasks.reports import reduce_reports
+from megatron_swift.training.forward_step import make_forward_step
+
+
+class LMTask:
+    rows_per_sample = 1  # rows of seq_length the model runs per sample
+    forward_passes = 1.0  # model forward+backward passes per row, for FLOP counting
+
+    def __init__(self, packed_format: str):
+        self.packed_format = packed_format
+
+    @classmethod
+    def build(cls, cfg, backend, arch, padded_vocab: int) -> "LMTask":
+        return cls(backend.packed_format)
+
+    def forward_step(self):
+        return make_forward_step(self.packed_format)
+
+    def prepare(self, batches) -> None:
+        """Nothing to compute before the policy's forward/backward."""
+
+    def metrics(self, reports: List[dict], device) -> Dict[str, float]:
+        out = reduce_reports(reports, device)
+        out["loss"] = out.pop("lm loss")
+        return out
