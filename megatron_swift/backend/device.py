@@ -64,9 +64,11 @@ class Backend:
         return "thd" if self.use_te else "mask"
 
     def memory_gib(self) -> float:
-        """Peak memory of this process so far: CUDA allocator peak, or CPU resident set."""
+        """Memory of this process: the CUDA allocator peak so far, or the CPU resident set now."""
         if self.device == "cuda":
             return torch.cuda.max_memory_allocated() / 2**30
+        # Current, not peak, on CPU: large tensors are returned to the OS when freed, so this is what
+        # the process holds now (the peak RSS would keep set-up transients such as a freed model).
         return psutil.Process().memory_info().rss / 2**30
 
     def peak_tflops(self) -> float | None:

@@ -252,6 +252,8 @@ class TaskConfig:
     """Weight of the chosen completion's mean token NLL added to the DPO loss (RPO); 0 disables it."""
     ref_model: Optional[str] = None
     """Reference weights: an HF folder or a megatron-swift checkpoint; None: the starting weights (model.pretrained or model.load)."""
+    precompute_ref: bool = False
+    """Compute the reference log-probabilities of every pair once before training (saved in the run directory) and free the reference model."""
 
 
 @dataclass

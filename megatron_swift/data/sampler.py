@@ -29,6 +29,8 @@ class Batch:
     segments: Optional[torch.Tensor] = None
     # Preference tasks: the reference model's log-probability of each row (set by the task before the step).
     ref_logps: Optional[torch.Tensor] = None
+    # Dataset indices of the micro-batch's samples (map-style datasets), for per-sample lookups.
+    sample_ids: Optional[torch.Tensor] = None
 
     def to(self, device) -> "Batch":
         return Batch(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)

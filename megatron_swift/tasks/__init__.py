@@ -11,6 +11,7 @@ TASKS: Dict[str, Callable] = {"lm": LMTask.build, "dpo": DPOTask.build}
 PREFERENCE = ("dpo",)  # tasks whose data rows are preference pairs
 
 
-def build_task(cfg, backend, arch, padded_vocab: int):
-    """The task ``cfg.task.name`` for this run (validation has checked the name)."""
-    return TASKS[cfg.task.name](cfg, backend, arch, padded_vocab)
+def build_task(cfg, backend, arch, padded_vocab: int, datasets=(), output_dir: str = "."):
+    """The task ``cfg.task.name`` for this run (validation has checked the name); ``datasets`` are
+    (name, dataset) pairs a task may precompute over, results kept in ``output_dir``."""
+    return TASKS[cfg.task.name](cfg, backend, arch, padded_vocab, datasets, output_dir)

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import os
 from functools import partial
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
+import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -36,22 +37,65 @@ def _model_step(batch, model):
 
 class DPOTask:
     rows_per_sample = 2
-    forward_passes = 4 / 3  # policy forward+backward (3 units) plus the reference forward (1 unit)
+    # Policy forward+backward (3 units) plus the reference forward (1 unit); precomputed: 1.
+    forward_passes = 4 / 3
 
-    def __init__(self, task_cfg, reference: List[torch.nn.Module], seq_length: int, micro_batch_size: int):
+    def __init__(self, task_cfg, reference: Optional[List[torch.nn.Module]], seq_length: int,
+                 micro_batch_size: int):
         self.cfg = task_cfg
         self.reference = reference
         self.seq_length, self.micro_batch_size = seq_length, micro_batch_size
+        self.tables: Dict[int, torch.Tensor] = {}  # id(dataset) -> [pairs, 2] precomputed reference log-probs
 
     @classmethod
-    def build(cls, cfg, backend, arch, padded_vocab: int) -> "DPOTask":
-        return cls(cfg.task, build_reference(cfg, backend, arch, padded_vocab), cfg.train.seq_length,
+    def build(cls, cfg, backend, arch, padded_vocab: int, datasets=(), output_dir: str = ".") -> "DPOTask":
+        task = cls(cfg.task, build_reference(cfg, backend, arch, padded_vocab), cfg.train.seq_length,
                    cfg.train.micro_batch_size)
+        if cfg.task.precompute_ref:
+            for name, dataset in datasets:
+                task.tables[id(dataset)] = task.precompute(dataset, os.path.join(output_dir, f"ref_logps_{name}.pt"),
+                                                           backend.torch_device)
+            task.reference = None  # the reference model is not needed any more: its memory is freed
+            task.forward_passes = 1.0
+        return task
 
     # -- reference ---------------------------------------------------------------------------------------
 
-    def prepare(self, batches) -> None:
+    def prepare(self, batches, dataset=None) -> None:
         """Attach the reference model's per-row log-probabilities to each batch (last pipeline stage)."""
+        table = self.tables.get(id(dataset))
+        if table is not None:
+            for batch in batches:
+                ids = batch.sample_ids.to(table.device)
+                batch.ref_logps = torch.cat([table[ids, 0], table[ids, 1]]).to(batch.tokens.device)
+            return
+        self._reference_logps(batches)
+
+    def precompute(self, dataset, path: str, device) -> torch.Tensor:
+        """[pairs, 2] reference log-probs (chosen, rejected) of every pair, each DP rank doing its share;
+        kept in ``path`` so that a resumed run does not compute them again."""
+        if os.path.isfile(path):
+            table = torch.load(path, weights_only=True)
+            if table.shape == (len(dataset), 2):
+                return table
+        dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        table = torch.zeros(len(dataset), 2, device=device)
+        mine = list(range(rank, len(dataset), dp))
+        for start in range(0, len(mine), self.micro_batch_size):
+            ids = mine[start:start + self.micro_batch_size]
+            ids += [ids[-1]] * (self.micro_batch_size - len(ids))  # pipeline shapes need full micro-batches
+            batch = dataset.collate([dataset[i] for i in ids]).to(device)
+            self._reference_logps([batch])
+            if batch.ref_logps is not None:
+                m = len(ids)
+                table[ids, 0], table[ids, 1] = batch.ref_logps[:m], batch.ref_logps[m:]
+        dist.all_reduce(table, group=ps.get_data_parallel_group())  # disjoint rows: the sum gathers them
+        if dist.get_rank() == dist.get_world_size() - 1:  # a last-stage rank holds the values
+            torch.save(table.cpu(), path + ".tmp")
+            os.replace(path + ".tmp", path)
+        return table
+
+    def _reference_logps(self, batches) -> None:
         def step(data_iterator, model):
             batch = next(data_iterator)
             return _model_step(batch, model), lambda out, non_loss_data=False: sequence_logps(out, batch.loss_mask)[0]

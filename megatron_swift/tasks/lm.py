@@ -15,13 +15,13 @@ class LMTask:
         self.packed_format = packed_format
 
     @classmethod
-    def build(cls, cfg, backend, arch, padded_vocab: int) -> "LMTask":
+    def build(cls, cfg, backend, arch, padded_vocab: int, datasets=(), output_dir: str = ".") -> "LMTask":
         return cls(backend.packed_format)
 
     def forward_step(self):
         return make_forward_step(self.packed_format)
 
-    def prepare(self, batches) -> None:
+    def prepare(self, batches, dataset=None) -> None:
         """Nothing to compute before the policy's forward/backward."""
 
     def metrics(self, reports: List[dict], device) -> Dict[str, float]:

@@ -109,12 +109,16 @@ class Trainer:
             mbs = self.cfg.train.micro_batch_size
             rows = dataset.next_rows(sampler.num_microbatches * mbs)
             return [dataset.collate(rows[k:k + mbs]).to(device) for k in range(0, len(rows), mbs)]
-        return [dataset.collate([dataset[int(i)] for i in indices]).to(device)
-                for indices in sampler.microbatch_indices(iteration)]
+        batches = []
+        for indices in sampler.microbatch_indices(iteration):
+            batch = dataset.collate([dataset[int(i)] for i in indices])
+            batch.sample_ids = indices
+            batches.append(batch.to(device))
+        return batches
 
-    def _forward_backward(self, batches: List[Batch], forward_only: bool):
+    def _forward_backward(self, batches: List[Batch], forward_only: bool, dataset=None):
         # One iterator per model chunk: each virtual stage walks the same micro-batches.
-        self.task.prepare(batches)
+        self.task.prepare(batches, dataset)
         iterators = [iter(batches) for _ in self.model]
         return get_forward_backward_func()(
             forward_step_func=self.task.forward_step(),
@@ -138,7 +142,8 @@ class Trainer:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
-        reports = self._forward_backward(self._microbatches(self.train_data, self.sampler, iteration), False)
+        reports = self._forward_backward(self._microbatches(self.train_data, self.sampler, iteration), False,
+                                         self.train_data)
         ok, grad_norm, _ = self.optimizer.step()
         if ok:
             self.scheduler.step(increment=1)
@@ -154,7 +159,8 @@ class Trainer:
         reports = []
         with torch.no_grad():
             for i in range(steps):
-                reports += self._forward_backward(self._microbatches(self.eval_data, sampler, i), True) or []
+                reports += self._forward_backward(self._microbatches(self.eval_data, sampler, i), True,
+                                                  self.eval_data) or []
         for chunk in self.model:
             chunk.train()
         figures = self._task_metrics(reports)
@@ -336,7 +342,11 @@ def setup(cfg) -> Trainer:
                       output_dir, flops_per_step(arch, cfg.train.seq_length, padded, cfg.train.global_batch_size),
                       state, model_meta(arch, vocab, padded))
     progress = Progress(length.total_iters, cfg.train.max_epochs, state.iteration)
-    trainer.task = build_task(cfg, be, arch, padded)
+    if dist.get_rank() == 0:
+        os.makedirs(output_dir, exist_ok=True)
+    dist.barrier()
+    datasets = [("train", train_data)] + ([("eval", eval_data)] if eval_data is not None else [])
+    trainer.task = build_task(cfg, be, arch, padded, datasets, output_dir)
     trainer.sinks = Sinks(cfg, output_dir, OmegaConf.to_container(cfg, resolve=True), _log_rank(), progress)
     if dist.get_rank() == 0:
         os.makedirs(output_dir, exist_ok=True)

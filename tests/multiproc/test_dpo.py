@@ -28,8 +28,8 @@ def tiny_hf(tmp_path_factory):
 def _base(hf, out):
     # The bundled arithmetic preference set, byte tokenizer; the HF folder gives the starting weights.
     return ["+model=qwen3", f"model.pretrained={hf}", "data=prefs", "data.tokenizer=byte", "task=dpo",
-            "train.seq_length=96", "train.precision=fp32", "train.device=cpu", f"train.output_dir={out}",
-            "logging.tensorboard=false"]
+            "train.seq_length=96", "train.precision=fp32", "train.device=cpu", "logging.tensorboard=false",
+            f"train.output_dir={out}"]
 
 
 @pytest.mark.parametrize("nproc,layout", [(1, []), (2, ["parallel.tp=2"]), (2, ["parallel.pp=2"])])
@@ -52,3 +52,14 @@ def test_dpo_learns_the_preference_and_leaves_the_reference_unchanged(tmp_path, 
     assert rows[-1]["rewards/margins"] > rows[0]["rewards/margins"]
     checked = json.loads(result.read_text())
     assert checked["reference_unchanged"] and checked["reference_params"] > 0
+
+
+def test_precomputed_reference_gives_the_same_run(tmp_path, tiny_hf):
+    base = [*_base(tiny_hf, None)[:-1], "train.train_iters=3", "train.lr=1e-3"]
+    live, pre = tmp_path / "live", tmp_path / "pre"
+    run_train(2, [*base, f"train.output_dir={live}"])
+    run_train(2, [*base, f"train.output_dir={pre}", "task.precompute_ref=true"])
+    assert (pre / "ref_logps_train.pt").exists()
+    for a, b in zip(read_metrics(live), read_metrics(pre)):
+        for key in ("loss", "rewards/chosen", "rewards/rejected"):
+            assert abs(a[key] - b[key]) < 1e-5, (a["iteration"], key, a[key], b[key])
