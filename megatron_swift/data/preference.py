@@ -13,18 +13,16 @@ chosen rows first, so pipeline and data parallelism never split a pair.
 """
 from __future__ import annotations
 
-import json
-import os
 from typing import List, Sequence, Tuple
 
-import numpy as np
 import torch
 
 from megatron_swift.data.conversations import RowError, to_messages
 from megatron_swift.data.errors import DataError
 from megatron_swift.data.sampler import Batch
-from megatron_swift.data.sft import Counts, SFTRows, _Samples, encode
-from megatron_swift.data.templates import TemplateError, load_template
+from megatron_swift.data.files import jsonl_lines
+from megatron_swift.data.sft import Counts, SFTRows, _Samples, encode, row_encoder
+from megatron_swift.data.templates import load_template
 
 
 def _completion(value, key: str) -> str:
@@ -90,50 +88,23 @@ def preference_source(paths: Sequence[str], data_cfg, tokenizer, seq_length: int
     """Encoded pairs of all files; bad rows raise DataError(file, line) or are skipped (data.on_error=skip)."""
     template = load_template(data_cfg.template, template_folder)
     chosen, rejected, counts = _Samples(), _Samples(), Counts()
-    for path in paths:
-        if not os.path.isfile(path):
-            raise DataError(path, None, "data file not found (check data.path)")
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                counts.rows += 1
-                pair = _encode_pair(line, path, line_no, data_cfg, template, tokenizer, seq_length, counts)
-                if pair is not None:
-                    for samples, (ids, targets) in zip((chosen, rejected), pair):
-                        samples.ids.append(ids)
-                        samples.targets.append(targets)
+
+    def encode_pair(row):
+        prompt, *completions = to_pair(row)
+        return [encode(prompt + [{"role": "assistant", "content": text, "loss": None}], template, tokenizer,
+                       "last_assistant") for text in completions]
+
+    encode_line = row_encoder(data_cfg, seq_length, counts, encode_pair, "pair")
+    for path, line_no, line in jsonl_lines(paths):
+        counts.rows += 1
+        pair = encode_line(line, path, line_no)
+        if pair is not None:
+            for samples, (ids, targets) in zip((chosen, rejected), pair):
+                samples.ids.append(ids)
+                samples.targets.append(targets)
     if not chosen.ids:
         raise DataError(",".join(paths), None, f"no usable preference pairs ({counts.rows} rows)")
     description = (f"preference:{','.join(paths)} ({counts.rows} rows, template {template.name}: {len(chosen.ids)} "
                    f"pairs, {counts.skipped} bad rows skipped, {counts.truncated} truncated, {counts.dropped} "
                    "dropped)")
     return PreferencePairs(chosen, rejected, seq_length, getattr(tokenizer, "pad", tokenizer.eod), description)
-
-
-def _encode_pair(line, path, line_no, data_cfg, template, tokenizer, seq_length, counts):
-    try:
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise RowError(f"invalid JSON ({e.msg} at column {e.colno})") from None
-        prompt, chosen, rejected = to_pair(row)
-        sides = [encode(prompt + [{"role": "assistant", "content": text, "loss": None}], template, tokenizer,
-                        "last_assistant") for text in (chosen, rejected)]
-        if any(not targets[1:].any() for _, targets in sides):
-            raise RowError("the chat template gives a completion no tokens that carry loss (data.template)")
-    except (RowError, TemplateError) as e:
-        if data_cfg.on_error == "skip":
-            counts.skipped += 1
-            return None
-        raise DataError(path, line_no, f"{e} (data.on_error=skip skips such rows)") from None
-    if max(len(ids) for ids, _ in sides) > seq_length:
-        if data_cfg.truncation == "error":
-            raise DataError(path, line_no, f"a side of this pair has {max(len(i) for i, _ in sides)} tokens, more "
-                            f"than train.seq_length={seq_length} (data.truncation=truncate|drop)")
-        if data_cfg.truncation == "drop" or any(not t[1:seq_length].any() for _, t in sides):
-            counts.dropped += 1
-            return None
-        sides = [(ids[:seq_length], targets[:seq_length]) for ids, targets in sides]
-        counts.truncated += 1
-    return [(np.asarray(ids), np.asarray(targets)) for ids, targets in sides]

@@ -15,7 +15,6 @@ the model turns into per-sample attention (models/attention.py).
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
@@ -24,6 +23,7 @@ import torch
 
 from megatron_swift.data.conversations import RowError, to_messages
 from megatron_swift.data.errors import DataError
+from megatron_swift.data.files import jsonl_lines, require_files
 from megatron_swift.data.packing import best_fit_decreasing
 from megatron_swift.data.sampler import Batch
 from megatron_swift.data.templates import ChatTemplate, TemplateError
@@ -73,23 +73,19 @@ def read_conversations(paths: Sequence[str], data_cfg, template: ChatTemplate, t
     """Encoded samples of all files and the counts; bad rows raise DataError(file, line) or are skipped."""
     samples, counts = _Samples(), Counts()
     encode_line = line_encoder(data_cfg, template, tokenizer, seq_length, counts)
-    for path in paths:
-        if not os.path.isfile(path):
-            raise DataError(path, None, "data file not found (check data.path)")
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, start=1):
-                if line.strip():
-                    counts.rows += 1
-                    encoded = encode_line(line, path, line_no)
-                    if encoded is not None:
-                        samples.ids.append(encoded[0])
-                        samples.targets.append(encoded[1])
+    for path, line_no, line in jsonl_lines(paths):
+        counts.rows += 1
+        encoded = encode_line(line, path, line_no)
+        if encoded is not None:
+            samples.ids.append(encoded[0])
+            samples.targets.append(encoded[1])
     return samples, counts
 
 
-def line_encoder(data_cfg, template: ChatTemplate, tokenizer, seq_length: int, counts: Counts):
-    """``encode(line, path, line_no)`` -> (ids, targets), or None for a row skipped (data.on_error=skip) or
-    dropped (data.truncation); other bad rows raise DataError naming the file and line."""
+def row_encoder(data_cfg, seq_length: int, counts: Counts, encode_row, subject: str):
+    """``encode(line, path, line_no)`` -> the (ids, targets) sides ``encode_row(row)`` makes of a JSONL row, or
+    None for a row skipped (data.on_error=skip) or dropped (data.truncation); other bad rows raise DataError
+    naming the file and line. ``subject`` names the row in messages ("conversation", "pair")."""
 
     def encode_line(line: str, path: str, line_no: int):
         try:
@@ -97,25 +93,40 @@ def line_encoder(data_cfg, template: ChatTemplate, tokenizer, seq_length: int, c
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise RowError(f"invalid JSON ({e.msg} at column {e.colno})") from None
-            ids, targets = encode(to_messages(row, data_cfg.format), template, tokenizer, data_cfg.loss_on)
-            if not targets[1:].any():
-                raise RowError("the chat template gives this conversation no tokens that carry loss "
+            sides = encode_row(row)
+            if any(not targets[1:].any() for _, targets in sides):
+                raise RowError(f"the chat template gives this {subject} no tokens that carry loss "
                                "(data.template, data.loss_on)")
         except (RowError, TemplateError) as e:
             if data_cfg.on_error == "skip":
                 counts.skipped += 1
                 return None
             raise DataError(path, line_no, f"{e} (data.on_error=skip skips such rows)") from None
-        if len(ids) > seq_length:
+        longest = max(len(ids) for ids, _ in sides)
+        if longest > seq_length:
             if data_cfg.truncation == "error":
-                raise DataError(path, line_no, f"conversation has {len(ids)} tokens, more than train.seq_length="
+                raise DataError(path, line_no, f"{subject} has {longest} tokens, more than train.seq_length="
                                 f"{seq_length} (data.truncation=truncate|drop)")
-            if data_cfg.truncation == "drop" or not targets[1:seq_length].any():
+            if data_cfg.truncation == "drop" or any(not t[1:seq_length].any() for _, t in sides):
                 counts.dropped += 1  # a truncated sample with nothing left to learn is dropped too
                 return None
-            ids, targets = ids[:seq_length], targets[:seq_length]
+            sides = [(ids[:seq_length], targets[:seq_length]) for ids, targets in sides]
             counts.truncated += 1
-        return ids, targets
+        return sides
+
+    return encode_line
+
+
+def line_encoder(data_cfg, template: ChatTemplate, tokenizer, seq_length: int, counts: Counts):
+    """``encode(line, path, line_no)`` -> (ids, targets) of one conversation row, or None (see row_encoder)."""
+    encode_sides = row_encoder(
+        data_cfg, seq_length, counts,
+        lambda row: [encode(to_messages(row, data_cfg.format), template, tokenizer, data_cfg.loss_on)],
+        "conversation")
+
+    def encode_line(line: str, path: str, line_no: int):
+        sides = encode_sides(line, path, line_no)
+        return None if sides is None else sides[0]
 
     return encode_line
 
@@ -215,9 +226,7 @@ def stream_source(paths: Sequence[str], data_cfg, tokenizer, seq_length: int, te
     from megatron_swift.data.streaming import StreamingRows
     from megatron_swift.data.templates import load_template
 
-    for path in paths:
-        if not os.path.isfile(path):
-            raise DataError(path, None, "data file not found (check data.path)")
+    require_files(paths)
     template = load_template(data_cfg.template, template_folder)
     encode_line = line_encoder(data_cfg, template, tokenizer, seq_length, Counts())
     return StreamingRows(paths, encode_line, seq_length, getattr(tokenizer, "pad", tokenizer.eod), data_cfg.packing,

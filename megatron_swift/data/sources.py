@@ -11,13 +11,13 @@ go through tools/preprocess_data.py into megatron-core indexed datasets
 from __future__ import annotations
 
 import json
-import os
 from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
 
 from megatron_swift.data.errors import DataError
+from megatron_swift.data.files import jsonl_lines
 
 
 class TokenWindows(torch.utils.data.Dataset):
@@ -43,21 +43,16 @@ class TokenWindows(torch.utils.data.Dataset):
 
 
 def _read_jsonl(path: str, text_key: str, tokenizer) -> List[int]:
-    if not os.path.isfile(path):
-        raise DataError(path, None, "data file not found (check data.path)")
     tokens: List[int] = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(path, line_no, f"invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict) or not isinstance(row.get(text_key), str):
-                raise DataError(path, line_no, f"row has no string field '{text_key}' (set data.text_key)")
-            tokens.extend(tokenizer.encode(row[text_key]))
-            tokens.append(tokenizer.eod)
+    for _, line_no, line in jsonl_lines([path]):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(path, line_no, f"invalid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict) or not isinstance(row.get(text_key), str):
+            raise DataError(path, line_no, f"row has no string field '{text_key}' (set data.text_key)")
+        tokens.extend(tokenizer.encode(row[text_key]))
+        tokens.append(tokenizer.eod)
     return tokens
 
 
