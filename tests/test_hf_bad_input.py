@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tests.conftest import ROOT, TRAIN, train_env
+from tests.multiproc.test_hf_load import _save_tiny
 
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
@@ -17,10 +18,7 @@ HF_TO_MCORE = ROOT / "tools" / "convert" / "hf_to_mcore.py"
 
 
 def _tiny_qwen3(folder):
-    config = transformers.Qwen3Config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                      tie_word_embeddings=False)
-    transformers.Qwen3ForCausalLM(config).save_pretrained(folder)
+    _save_tiny("qwen3", folder, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False)
 
 
 def _edit_tensors(folder, edit):

@@ -19,9 +19,9 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
-from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_swift.tasks.reports import reduce_reports
+from megatron_swift.training.forward_only import collect
 from megatron_swift.training.preference_losses import dpo_loss
 
 
@@ -96,17 +96,9 @@ class DPOTask:
         return table
 
     def _reference_logps(self, batches) -> None:
-        def step(data_iterator, model):
-            batch = next(data_iterator)
-            return _model_step(batch, model), lambda out, non_loss_data=False: sequence_logps(out, batch.loss_mask)[0]
-
-        iterators = [iter(batches) for _ in self.reference]
-        with torch.no_grad():
-            logps = get_forward_backward_func()(
-                forward_step_func=step, data_iterator=iterators if len(iterators) > 1 else iterators[0],
-                model=self.reference, num_microbatches=len(batches), seq_length=self.seq_length,
-                micro_batch_size=self.rows_per_sample * self.micro_batch_size, forward_only=True,
-                collect_non_loss_data=True)
+        logps = collect(self.reference, batches, _model_step,
+                        lambda batch, out: sequence_logps(out, batch.loss_mask)[0], self.seq_length,
+                        self.rows_per_sample * self.micro_batch_size)
         if ps.is_pipeline_last_stage(ignore_virtual=True):
             for batch, ref in zip(batches, logps):
                 batch.ref_logps = ref.detach()

@@ -14,22 +14,17 @@ sys.path.insert(0, ROOT)
 
 def per_token_losses(trainer, batch):
     """[b, s] token losses of one micro-batch (last pipeline stage; None elsewhere)."""
-    import torch
     from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_swift.models.attention import attention_inputs
+    from megatron_swift.training.forward_only import collect
 
-    def forward_step(_it, model):
-        out = model(batch.tokens, batch.position_ids, labels=batch.labels,
-                    **attention_inputs(batch.segments, trainer.backend.packed_format))
-        return out, lambda output, non_loss_data=False: output
+    def forward(b, model):
+        return model(b.tokens, b.position_ids, labels=b.labels,
+                     **attention_inputs(b.segments, trainer.backend.packed_format))
 
-    with torch.no_grad():
-        out = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter([None]), model=trainer.model, num_microbatches=1,
-            seq_length=batch.tokens.shape[1], micro_batch_size=batch.tokens.shape[0], forward_only=True,
-            collect_non_loss_data=True)
+    out = collect(trainer.model, [batch], forward, lambda _, loss: loss, batch.tokens.shape[1],
+                  batch.tokens.shape[0])
     return out[0].float() if ps.is_pipeline_last_stage() else None
 
 

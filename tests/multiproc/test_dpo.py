@@ -6,9 +6,9 @@ import math
 import subprocess
 
 import pytest
-import torch
 
 from tests.conftest import ROOT, launch_cmd, read_metrics, run_train, train_env
+from tests.multiproc.test_hf_load import _save_tiny
 
 transformers = pytest.importorskip("transformers")
 WORKER = ROOT / "tests" / "multiproc" / "dpo_worker.py"
@@ -17,11 +17,7 @@ WORKER = ROOT / "tests" / "multiproc" / "dpo_worker.py"
 @pytest.fixture(scope="module")
 def tiny_hf(tmp_path_factory):
     folder = tmp_path_factory.mktemp("hf")
-    config = transformers.Qwen3Config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                      tie_word_embeddings=False, max_position_embeddings=256)
-    torch.manual_seed(0)
-    transformers.Qwen3ForCausalLM(config).save_pretrained(folder)
+    _save_tiny("qwen3", folder, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False)
     return folder
 
 

@@ -21,23 +21,16 @@ def megatron_logits(trainer, tokens):
     """Full-vocabulary logits [b, s, padded V] on the last pipeline stage (None elsewhere)."""
     import torch
     from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
+    from megatron_swift.training.forward_only import collect
+
     positions = torch.arange(tokens.shape[1]).expand_as(tokens)
-
-    def forward_step(_it, model):
-        logits = model(tokens, positions, None)
-        return logits, lambda output, non_loss_data=False: gather_from_tensor_model_parallel_region(output)
-
     for chunk in trainer.model:
         chunk.eval()
-    iterators = [iter([None]) for _ in trainer.model]
-    with torch.no_grad():
-        out = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iterators if len(iterators) > 1 else iterators[0],
-            model=trainer.model, num_microbatches=1, seq_length=tokens.shape[1], micro_batch_size=tokens.shape[0],
-            forward_only=True, collect_non_loss_data=True)
+    out = collect(trainer.model, [tokens], lambda t, chunk: chunk(t, positions, None),
+                  lambda _, logits: gather_from_tensor_model_parallel_region(logits), tokens.shape[1],
+                  tokens.shape[0])
     return out[0].float() if ps.is_pipeline_last_stage() else None
 
 
