@@ -107,4 +107,4 @@ def preference_source(paths: Sequence[str], data_cfg, tokenizer, seq_length: int
     description = (f"preference:{','.join(paths)} ({counts.rows} rows, template {template.name}: {len(chosen.ids)} "
                    f"pairs, {counts.skipped} bad rows skipped, {counts.truncated} truncated, {counts.dropped} "
                    "dropped)")
-    return PreferencePairs(chosen, rejected, seq_length, getattr(tokenizer, "pad", tokenizer.eod), description)
+    return PreferencePairs(chosen, rejected, seq_length, tokenizer.pad, description)

@@ -131,16 +131,34 @@ def line_encoder(data_cfg, template: ChatTemplate, tokenizer, seq_length: int, c
     return encode_line
 
 
+def fill_row(samples: Sequence, seq_length: int, pad_id: int) -> dict:
+    """One row of ``seq_length`` positions from (ids, targets) samples placed one after another, then padding."""
+    S = seq_length
+    tokens = np.full(S, pad_id, dtype=np.int64)
+    labels = np.full(S, pad_id, dtype=np.int64)
+    loss_mask = np.zeros(S, dtype=np.float32)
+    positions = np.zeros(S, dtype=np.int64)
+    segments = np.full(S, -1, dtype=np.int64)  # -1: padding
+    at = 0
+    for seg, (ids, targets) in enumerate(samples):
+        n = len(ids)
+        tokens[at : at + n] = ids
+        labels[at : at + n - 1] = ids[1:]
+        loss_mask[at : at + n - 1] = targets[1:]  # the last position of a sample predicts nothing
+        positions[at : at + n] = np.arange(n)
+        segments[at : at + n] = seg
+        at += n
+    positions[at:] = np.arange(S - at)
+    return dict(tokens=tokens, labels=labels, loss_mask=loss_mask, positions=positions, segments=segments)
+
+
 class SFTRows(torch.utils.data.Dataset):
     """Training rows of ``seq_length`` positions, each one sample or a pack of samples."""
 
-    def __init__(self, samples: _Samples, seq_length: int, pad_id: int, packing: bool, description: str,
-                 rows: Optional[List[List[int]]] = None):
+    def __init__(self, samples: _Samples, seq_length: int, pad_id: int, packing: bool, description: str):
         self.samples, self.seq_length, self.pad_id, self.packing = samples, seq_length, pad_id, packing
         lengths = [len(ids) for ids in samples.ids]
-        if rows is None:
-            rows = best_fit_decreasing(lengths, seq_length) if packing else [[i] for i in range(len(lengths))]
-        self.rows = rows
+        self.rows = best_fit_decreasing(lengths, seq_length) if packing else [[i] for i in range(len(lengths))]
         fill = sum(lengths) / max(1, len(self.rows) * seq_length)
         self.description = f"{description}, {len(self.rows)} rows of {seq_length} ({100 * fill:.1f} % filled)"
 
@@ -148,24 +166,8 @@ class SFTRows(torch.utils.data.Dataset):
         return len(self.rows)
 
     def __getitem__(self, index: int) -> dict:
-        S = self.seq_length
-        tokens = np.full(S, self.pad_id, dtype=np.int64)
-        labels = np.full(S, self.pad_id, dtype=np.int64)
-        loss_mask = np.zeros(S, dtype=np.float32)
-        positions = np.zeros(S, dtype=np.int64)
-        segments = np.full(S, -1, dtype=np.int64)  # -1: padding
-        at = 0
-        for seg, sample in enumerate(self.rows[index]):
-            ids, targets = self.samples.ids[sample], self.samples.targets[sample]
-            n = len(ids)
-            tokens[at : at + n] = ids
-            labels[at : at + n - 1] = ids[1:]
-            loss_mask[at : at + n - 1] = targets[1:]  # the last position of a sample predicts nothing
-            positions[at : at + n] = np.arange(n)
-            segments[at : at + n] = seg
-            at += n
-        positions[at:] = np.arange(S - at)
-        return dict(tokens=tokens, labels=labels, loss_mask=loss_mask, positions=positions, segments=segments)
+        samples = [(self.samples.ids[i], self.samples.targets[i]) for i in self.rows[index]]
+        return fill_row(samples, self.seq_length, self.pad_id)
 
     def collate(self, items: List[dict]) -> Batch:
         return self.collate_items(items, self.packing)
@@ -217,7 +219,7 @@ def sft_source(paths: Sequence[str], data_cfg, tokenizer, seq_length: int, templ
     description = (f"sft:{','.join(paths)} ({counts.rows} rows, template {template.name}: {len(samples.ids)} "
                    f"samples, {counts.skipped} bad rows skipped, {counts.truncated} truncated, {counts.dropped} "
                    f"dropped)")
-    return SFTRows(samples, seq_length, getattr(tokenizer, "pad", tokenizer.eod), data_cfg.packing, description)
+    return SFTRows(samples, seq_length, tokenizer.pad, data_cfg.packing, description)
 
 
 def stream_source(paths: Sequence[str], data_cfg, tokenizer, seq_length: int, template_folder: Optional[str],
@@ -229,5 +231,5 @@ def stream_source(paths: Sequence[str], data_cfg, tokenizer, seq_length: int, te
     require_files(paths)
     template = load_template(data_cfg.template, template_folder)
     encode_line = line_encoder(data_cfg, template, tokenizer, seq_length, Counts())
-    return StreamingRows(paths, encode_line, seq_length, getattr(tokenizer, "pad", tokenizer.eod), data_cfg.packing,
+    return StreamingRows(paths, encode_line, seq_length, tokenizer.pad, data_cfg.packing,
                          dp_rank, dp_size, seed, data_cfg.stream_buffer, data_cfg.pack_window)

@@ -23,7 +23,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 from megatron_swift.data.packing import best_fit_decreasing
-from megatron_swift.data.sft import SFTRows, _Samples
+from megatron_swift.data.sft import SFTRows, fill_row
 
 Ref = Tuple[int, int, int]  # (file index, byte offset, line number)
 
@@ -110,8 +110,7 @@ class StreamingRows:
             if not self.pending:
                 self._refill()
             row = self.pending.popleft()
-            samples = _Samples([s[1] for s in row], [s[2] for s in row])
-            out.append(SFTRows(samples, self.seq_length, self.pad_id, self.packing, "", rows=[list(range(len(row)))])[0])
+            out.append(fill_row([(ids, targets) for _, ids, targets in row], self.seq_length, self.pad_id))
         return out
 
     def collate(self, items: List[dict]):
