@@ -67,6 +67,11 @@ def _problems(overrides, world=1, te=False):
     (["train.lr_decay_style=step"], 1, "train.lr_decay_style=step is not one of: cosine, linear, constant"),
     (["train.fp8=e4m3"], 1, "train.fp8 needs Transformer Engine on CUDA"),
     (["train.save_hf=true", "train.save_at_end=false"], 1, "train.save_hf=true needs train.save_at_end=true"),
+    (["task=kto", "model.load=/ckpt", "task.undesirable_weight=0"], 1,
+     "task.desirable_weight=1.0 and task.undesirable_weight=0.0 must both be > 0"),
+    (["task=kto"], 1, "task=kto needs starting weights for the policy and its frozen reference"),
+    (["task=rm", "task.center_rewards_coefficient=-1"], 1, "task.center_rewards_coefficient=-1.0 must be >= 0"),
+    (["task=rm", "data.packing=true"], 1, "task=rm does not support data.packing or data.streaming yet"),
 ])
 def test_validation_names_the_key_to_change(overrides, world, message):
     assert any(message in p for p in _problems(overrides, world)), _problems(overrides, world)
@@ -116,6 +121,7 @@ def test_overrides_beat_the_size_table():
 def test_families_registered_by_hf_architecture():
     assert families.by_hf_architecture("MistralForCausalLM").name == "llama"
     assert families.by_hf_architecture("Qwen3MoeForCausalLM").name == "qwen3_moe"
+    assert families.by_hf_architecture("Qwen3ForSequenceClassification").name == "qwen3"  # reward models
     with pytest.raises(KeyError, match="supported: "):
         families.by_hf_architecture("GPT2LMHeadModel")
 

@@ -106,3 +106,48 @@ def test_dpo_task_ipo_uses_length_averaged_log_probs():
     loss, _, _ = _task(loss_type="ipo", beta=0.25).loss_func(batch, ce)
     margin = (-1.0 / 2 - -3.0 / 3) - (-2.0 / 2 - -2.0 / 3)
     assert loss.item() == pytest.approx((margin - 2.0) ** 2, abs=1e-6)
+
+
+def test_kto_task_loss_uses_the_kl_rows_and_splits_reports_by_label(monkeypatch):
+    from types import SimpleNamespace
+
+    from megatron_swift.tasks import kto
+
+    monkeypatch.setattr(kto.ps, "get_data_parallel_group", lambda: None)  # one process: no gathering
+    task = kto.KTOTask(SimpleNamespace(beta=0.5, desirable_weight=1.0, undesirable_weight=2.0), reference=[],
+                       seq_length=4, micro_batch_size=2)
+    # Rows: 2 examples (desirable, undesirable), then their 2 KL rows; all 4 positions carry loss.
+    from megatron_swift.data.sampler import Batch
+
+    batch = Batch(torch.zeros(4, 2, dtype=torch.long), torch.zeros(4, 2, dtype=torch.long),
+                        torch.ones(4, 2), torch.arange(2).expand(4, 2))
+    ce = torch.tensor([[0.5, 0.5], [2.0, 2.0], [1.0, 1.0], [1.5, 1.5]])  # policy log-probs -1, -4, -2, -3
+    batch.ref_logps = torch.tensor([-2.0, -3.0, -3.0, -3.0])
+    batch.desirable = torch.tensor([True, False])
+    loss, examples, report = task.loss_func(batch, ce)
+    kl = ((-2.0 - -3.0) + (-3.0 - -3.0)) / 2  # the KL rows' mean log-ratio: 0.5
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    want = 1.0 * (1 - sig(0.5 * ((-1.0 - -2.0) - kl))) + 2.0 * (1 - sig(0.5 * (kl - (-4.0 - -3.0))))
+    assert loss.item() == pytest.approx(want, abs=1e-6) and examples.item() == 2
+    assert report["kl"].tolist() == [pytest.approx(kl), 1.0]
+    assert report["rewards/chosen"].tolist() == pytest.approx([0.5, 1.0])  # 0.5 * (-1 - -2), one desirable
+    assert report["rewards/rejected"].tolist() == pytest.approx([-0.5, 1.0])
+
+
+def test_reward_task_scores_the_last_real_token_with_margin_and_centring():
+    from types import SimpleNamespace
+
+    from megatron_swift.data.sampler import Batch
+    from megatron_swift.tasks.rm import RewardTask
+
+    task = RewardTask(SimpleNamespace(center_rewards_coefficient=0.1))
+    batch = Batch(torch.zeros(4, 5, dtype=torch.long), torch.zeros(4, 5, dtype=torch.long), torch.ones(4, 5),
+                  torch.arange(5).expand(4, 5), lengths=torch.tensor([3, 5, 2, 4]), margin=torch.tensor([0.5, 0.0]))
+    scores = torch.full((4, 5, 1), 99.0)  # any value not at a row's last real token must be ignored
+    for row, value in enumerate([2.0, 0.0, 1.0, 1.0]):
+        scores[row, batch.lengths[row] - 1, 0] = value
+    loss, pairs, report = task.loss_func(batch, scores)
+    want = (-_log_sigmoid(2.0 - 1.0 - 0.5) + 0.1 * (2.0 + 1.0) ** 2) + (-_log_sigmoid(0.0 - 1.0) + 0.1 * 1.0 ** 2)
+    assert loss.item() == pytest.approx(want, abs=1e-6) and pairs.item() == 2
+    assert report["rewards/accuracies"].tolist() == [1.0, 2.0]
+    assert report["rewards/margins"].tolist() == pytest.approx([1.0 + -1.0, 2.0])

@@ -238,12 +238,12 @@ class ClusterConfig:
 
 @dataclass
 class TaskConfig:
-    """What the model is trained to do: next-token loss (lm) or a preference objective (dpo)."""
+    """What the model is trained to do: next-token loss (lm), a preference objective (dpo, kto), a reward model (rm)."""
 
     name: str = "lm"
-    """lm (pretraining and SFT: token cross-entropy) or dpo (preference pairs, with a frozen reference model)."""
+    """lm (pretraining and SFT: token cross-entropy), dpo (pairs, frozen reference), kto (labelled completions, frozen reference) or rm (scalar reward head on pairs)."""
     beta: float = 0.1
-    """DPO/IPO temperature: how far the policy may move from the reference."""
+    """DPO/IPO/KTO temperature: how far the policy may move from the reference."""
     loss_type: str = "sigmoid"
     """DPO loss: sigmoid (DPO, with label smoothing) or ipo (on length-averaged log-probabilities)."""
     label_smoothing: float = 0.0
@@ -254,6 +254,12 @@ class TaskConfig:
     """Reference weights: an HF folder or a megatron-swift checkpoint; None: the starting weights (model.pretrained or model.load)."""
     precompute_ref: bool = False
     """Compute the reference log-probabilities of every pair once before training (saved in the run directory) and free the reference model."""
+    desirable_weight: float = 1.0
+    """KTO: weight of the loss of desirable (label true) examples."""
+    undesirable_weight: float = 1.0
+    """KTO: weight of the loss of undesirable (label false) examples."""
+    center_rewards_coefficient: float = 0.0
+    """RM: weight of (r_chosen + r_rejected)^2 added to each pair's loss, keeping rewards centred on 0; 0 disables it."""
 
 
 @dataclass

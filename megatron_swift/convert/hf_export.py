@@ -84,7 +84,7 @@ def export_checkpoint(ckpt: str, out_dir: str, source: Optional[str] = None, dty
     reader = LayerwiseCheckpoint(ckpt)
     arch, family = reader.meta["arch"], reader.family
     torch_dtype = DTYPES[dtype] if dtype else reader.dtype
-    rules = compile_rules(family.weights(tied=not arch["untie_embeddings"]))
+    rules = compile_rules(family.weights(tied=not arch["untie_embeddings"], head=arch.get("head", "lm")))
     ctx = Context(arch["num_query_groups"], arch["kv_channels"], reader.meta["padded_vocab_size"], tp=1,
                   vocab_size=arch["vocab_size"])
     tmp = out_dir.rstrip("/") + ".tmp"
@@ -119,6 +119,9 @@ def _write_config(folder: str, family, arch: dict, dtype_name: str, source: Opti
         config.pop("dtype", None)
     else:
         config = to_hf_config(family, arch, dtype_name)
+    if arch.get("head") == "reward":  # transformers reads the score of the last non-padding token
+        config.update(architectures=[family.hf_reward_architecture], id2label={"0": "LABEL_0"},
+                      label2id={"LABEL_0": 0})
     with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)
     for name in _COPIED if source else ():

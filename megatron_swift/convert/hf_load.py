@@ -101,13 +101,14 @@ def load_hf_weights(chunks, folder: str, arch, padded_vocab: int) -> None:
     """Fill every parameter of ``chunks`` (this rank's GPTModels) from the HF folder."""
     if arch.family.weights is None:
         raise DataError(folder, None, f"loading HF weights is not supported yet for family {arch.family.name}")
-    rules = compile_rules(arch.family.weights(tied=not arch.untie_embeddings))
+    rules = compile_rules(arch.family.weights(tied=not arch.untie_embeddings, head=arch.head))
     dense = Context(arch.num_query_groups, arch.kv_channels, padded_vocab, ps.get_tensor_model_parallel_world_size())
     expert = replace(dense, tp=ps.get_expert_tensor_parallel_world_size())
     tp_rank, etp_rank = ps.get_tensor_model_parallel_rank(), ps.get_expert_tensor_parallel_rank()
     reader = SafetensorsFolder(folder)
     if not arch.untie_embeddings:
         reader.used.add("lm_head.weight")  # a tied copy some checkpoints carry; transformers ignores it too
+    fresh_head = _check_head(reader, arch.head)
     num_local_experts = (arch.num_experts or 0) // ps.get_expert_model_parallel_world_size()
     expert_offset = ps.get_expert_model_parallel_rank() * num_local_experts
     vpp = len(chunks)
@@ -115,11 +116,25 @@ def load_hf_weights(chunks, folder: str, arch, padded_vocab: int) -> None:
         offsets = dict(layer=get_transformer_layer_offset(chunk.config, vp_stage=vp_stage if vpp > 1 else None),
                        expert=expert_offset)
         for name, param in chunk.named_parameters():
+            if fresh_head and name == "output_layer.weight":
+                continue  # a new reward head keeps its initial values
             # Expert weights are not all-reduced across DP and are split over the expert TP group.
             is_expert = not getattr(param, "allreduce", True)
             ctx, rank = (expert, etp_rank) if is_expert else (dense, tp_rank)
             _load_param(name, param, rules, reader, offsets, ctx, rank)
     _check_all_used(reader)
+
+
+def _check_head(reader: SafetensorsFolder, head: str) -> bool:
+    """Whether the model's output layer is a new reward head (a reward model started from a causal LM)."""
+    has_score = "score.weight" in reader.file_of
+    if head == "lm" and has_score and "lm_head.weight" not in reader.file_of:
+        raise DataError(reader.folder, None, "this is a reward (sequence-classification) model, which has no LM "
+                        "head: train it with task=rm")
+    if head == "reward" and not has_score:
+        reader.used.add("lm_head.weight")  # the causal LM's head: a reward model does not use it
+        return True
+    return False
 
 
 def _load_param(name, param, rules, reader, offsets, ctx: Context, tp_rank: int) -> None:

@@ -13,13 +13,16 @@ _L = "decoder.layers.{layer}."
 _H = "model.layers.{layer}."
 
 
-def _embedding(tied: bool) -> List[object]:
-    return [
+def _embedding(tied: bool, head: str) -> List[object]:
+    rules = [
         Direct(("embedding.word_embeddings.weight",), "model.embed_tokens.weight", pad_vocab=True),
         Direct(("decoder.final_layernorm.weight",), "model.norm.weight"),
-        # Tied models still hold a copy of the embedding on the last pipeline stage.
-        Direct(("output_layer.weight",), "model.embed_tokens.weight" if tied else "lm_head.weight", pad_vocab=True),
     ]
+    if head == "reward":  # *ForSequenceClassification with one label: its own [1, hidden] weight
+        return rules + [Direct(("output_layer.weight",), "score.weight")]
+    # Tied models still hold a copy of the embedding on the last pipeline stage.
+    return rules + [Direct(("output_layer.weight",), "model.embed_tokens.weight" if tied else "lm_head.weight",
+                           pad_vocab=True)]
 
 
 def _attention(qk_norm: bool, qkv_bias: bool) -> List[object]:
@@ -63,11 +66,12 @@ def _routed_experts() -> List[object]:
     ]
 
 
-def llama_style(qk_norm: bool = False, qkv_bias: bool = False, tied: bool = False) -> List[object]:
-    """Rules for one dense Llama-style decoder; ``tied`` feeds the output layer from the embedding."""
-    return _embedding(tied) + _attention(qk_norm, qkv_bias) + _dense_mlp()
+def llama_style(qk_norm: bool = False, qkv_bias: bool = False, tied: bool = False, head: str = "lm") -> List[object]:
+    """Rules for one dense Llama-style decoder; ``tied`` feeds the output layer from the embedding;
+    ``head="reward"``: the output layer is a reward model's score."""
+    return _embedding(tied, head) + _attention(qk_norm, qkv_bias) + _dense_mlp()
 
 
-def moe_style(qk_norm: bool = False, qkv_bias: bool = False, tied: bool = False) -> List[object]:
+def moe_style(qk_norm: bool = False, qkv_bias: bool = False, tied: bool = False, head: str = "lm") -> List[object]:
     """Rules for a decoder whose every MLP is a router plus routed SwiGLU experts (Qwen3-MoE)."""
-    return _embedding(tied) + _attention(qk_norm, qkv_bias) + _routed_experts()
+    return _embedding(tied, head) + _attention(qk_norm, qkv_bias) + _routed_experts()

@@ -31,6 +31,12 @@ class Batch:
     ref_logps: Optional[torch.Tensor] = None
     # Dataset indices of the micro-batch's samples (map-style datasets), for per-sample lookups.
     sample_ids: Optional[torch.Tensor] = None
+    # Real (non-padding) tokens of each row: a reward model scores the last one.
+    lengths: Optional[torch.Tensor] = None
+    # KTO: whether each example (first half of the rows) is desirable (its row's "label").
+    desirable: Optional[torch.Tensor] = None
+    # Reward models: the margin by which each pair's chosen should beat its rejected (row "margin", default 0).
+    margin: Optional[torch.Tensor] = None
 
     def to(self, device) -> "Batch":
         return Batch(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)

@@ -177,7 +177,8 @@ class SFTRows(torch.utils.data.Dataset):
         stack = {k: torch.from_numpy(np.stack([item[k] for item in items])) for k in items[0]}
         # Unpacked rows are one sample plus trailing padding: the causal mask alone is right for them.
         segments = stack["segments"] if packing else None
-        return Batch(stack["tokens"], stack["labels"], stack["loss_mask"], stack["positions"], segments)
+        return Batch(stack["tokens"], stack["labels"], stack["loss_mask"], stack["positions"], segments,
+                     lengths=(stack["segments"] >= 0).sum(-1))
 
 
 def blend(parts: List[_Samples], weights: Sequence[float]) -> _Samples:

@@ -29,6 +29,7 @@ class Arch:
     moe_ffn_hidden_size: Optional[int]
     moe_router_topk: Optional[int]
     moe_router_pre_softmax: bool = False  # default: checkpoints written before this field existed
+    head: str = "lm"  # output layer: "lm" (vocabulary logits) or "reward" (one scalar; task=rm)
 
     @property
     def is_moe(self) -> bool:

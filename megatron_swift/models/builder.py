@@ -13,6 +13,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron_swift.backend import Backend
 from megatron_swift.models.arch import Arch
 from megatron_swift.models.norm import swap_torch_norms
+from megatron_swift.models.reward_head import RewardHead
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -116,11 +117,14 @@ def build_model(arch: Arch, tconfig: TransformerConfig, padded_vocab: int, seq_l
             max_sequence_length=max(arch.max_position_embeddings, seq_length),
             pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
             post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
-            share_embeddings_and_output_weights=not arch.untie_embeddings,
+            # A reward head is its own weight even in models whose LM head is tied to the embedding.
+            share_embeddings_and_output_weights=not arch.untie_embeddings and arch.head == "lm",
             position_embedding_type="rope",
             rotary_base=arch.rotary_base,
             vp_stage=stage,
         )
+        if arch.head == "reward" and model.post_process:
+            model.output_layer = RewardHead(tconfig)
         model.to(backend.torch_device)
         chunks.append(model)
     return chunks

@@ -36,8 +36,10 @@ class Progress:
             f"epoch {m['epoch']:.2f}{epochs}",
             f"loss {m['loss']:.4f}",
         ]
-        if m.get("rewards/accuracies") is not None:  # preference tasks
+        if m.get("rewards/accuracies") is not None:  # pairs: DPO, IPO, reward models
             parts.append(f"reward acc {m['rewards/accuracies']:.2f} margin {m['rewards/margins']:.3f}")
+        elif m.get("kl") is not None:  # KTO
+            parts.append(f"kl {m['kl']:.3f} margin {m['rewards/margins']:.3f}")
         parts += [
             f"lr {m['lr']:.2e}",
             f"gnorm {m['grad_norm']:.3f}",

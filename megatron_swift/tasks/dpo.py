@@ -1,117 +1,13 @@
-"""DPO / IPO on preference pairs, with a frozen reference model sharded like the policy.
-
-Each micro-batch holds ``m`` pairs as ``2m`` rows (chosen rows, then rejected;
-data.preference). Before the policy's forward/backward, the reference model
-runs the same micro-batches through megatron-core's forward-only schedule and
-its per-row log-probabilities (summed over completion tokens, computed on the
-last pipeline stage from the vocabulary-parallel cross-entropy, so correct
-under TP and PP) are attached to the batches. The policy's loss function then
-compares the two (training.preference_losses). The loss is a sum over pairs
-and the count returned to megatron-core is the number of pairs, so gradients
-are the mean over all pairs of the global batch, whatever the layout.
-"""
+"""DPO / IPO (and RPO through task.sft_weight) on preference pairs: rows (chosen, rejected) per pair."""
 from __future__ import annotations
 
-import os
-from functools import partial
-from typing import Dict, List, Optional
-
 import torch
-import torch.distributed as dist
-from megatron.core import parallel_state as ps
 
-from megatron_swift.tasks.reports import reduce_reports
-from megatron_swift.training.forward_only import collect
+from megatron_swift.tasks.reference import ReferenceTask, per_item_reports, sequence_logps
 from megatron_swift.training.preference_losses import dpo_loss
 
 
-def sequence_logps(token_losses: torch.Tensor, loss_mask: torch.Tensor):
-    """(sum of log-probabilities over each row's loss tokens, number of such tokens) from per-token CE."""
-    mask = loss_mask.float()
-    return -(token_losses.float() * mask).sum(-1), mask.sum(-1)
-
-
-def _model_step(batch, model):
-    return model(batch.tokens, batch.position_ids, attention_mask=None, labels=batch.labels)
-
-
-class DPOTask:
-    rows_per_sample = 2
-    # Policy forward+backward (3 units) plus the reference forward (1 unit); precomputed: 1.
-    forward_passes = 4 / 3
-
-    def __init__(self, task_cfg, reference: Optional[List[torch.nn.Module]], seq_length: int,
-                 micro_batch_size: int):
-        self.cfg = task_cfg
-        self.reference = reference
-        self.seq_length, self.micro_batch_size = seq_length, micro_batch_size
-        self.tables: Dict[int, torch.Tensor] = {}  # id(dataset) -> [pairs, 2] precomputed reference log-probs
-
-    @classmethod
-    def build(cls, cfg, backend, arch, padded_vocab: int, datasets=(), output_dir: str = ".") -> "DPOTask":
-        task = cls(cfg.task, build_reference(cfg, backend, arch, padded_vocab), cfg.train.seq_length,
-                   cfg.train.micro_batch_size)
-        if cfg.task.precompute_ref:
-            for name, dataset in datasets:
-                task.tables[id(dataset)] = task.precompute(dataset, os.path.join(output_dir, f"ref_logps_{name}.pt"),
-                                                           backend.torch_device)
-            task.reference = None  # the reference model is not needed any more: its memory is freed
-            task.forward_passes = 1.0
-        return task
-
-    # -- reference ---------------------------------------------------------------------------------------
-
-    def prepare(self, batches, dataset=None) -> None:
-        """Attach the reference model's per-row log-probabilities to each batch (last pipeline stage)."""
-        table = self.tables.get(id(dataset))
-        if table is not None:
-            for batch in batches:
-                ids = batch.sample_ids.to(table.device)
-                batch.ref_logps = torch.cat([table[ids, 0], table[ids, 1]]).to(batch.tokens.device)
-            return
-        self._reference_logps(batches)
-
-    def precompute(self, dataset, path: str, device) -> torch.Tensor:
-        """[pairs, 2] reference log-probs (chosen, rejected) of every pair, each DP rank doing its share;
-        kept in ``path`` so that a resumed run does not compute them again."""
-        if os.path.isfile(path):
-            table = torch.load(path, weights_only=True)
-            if table.shape == (len(dataset), 2):
-                return table
-        dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-        table = torch.zeros(len(dataset), 2, device=device)
-        mine = list(range(rank, len(dataset), dp))
-        for start in range(0, len(mine), self.micro_batch_size):
-            ids = mine[start:start + self.micro_batch_size]
-            ids += [ids[-1]] * (self.micro_batch_size - len(ids))  # pipeline shapes need full micro-batches
-            batch = dataset.collate([dataset[i] for i in ids]).to(device)
-            self._reference_logps([batch])
-            if batch.ref_logps is not None:
-                m = len(ids)
-                table[ids, 0], table[ids, 1] = batch.ref_logps[:m], batch.ref_logps[m:]
-        dist.all_reduce(table, group=ps.get_data_parallel_group())  # disjoint rows: the sum gathers them
-        if dist.get_rank() == dist.get_world_size() - 1:  # a last-stage rank holds the values
-            torch.save(table.cpu(), path + ".tmp")
-            os.replace(path + ".tmp", path)
-        return table
-
-    def _reference_logps(self, batches) -> None:
-        logps = collect(self.reference, batches, _model_step,
-                        lambda batch, out: sequence_logps(out, batch.loss_mask)[0], self.seq_length,
-                        self.rows_per_sample * self.micro_batch_size)
-        if ps.is_pipeline_last_stage(ignore_virtual=True):
-            for batch, ref in zip(batches, logps):
-                batch.ref_logps = ref.detach()
-
-    # -- policy ------------------------------------------------------------------------------------------
-
-    def forward_step(self):
-        def step(data_iterator, model):
-            batch = next(data_iterator)
-            return _model_step(batch, model), partial(self.loss_func, batch)
-
-        return step
-
+class DPOTask(ReferenceTask):
     def loss_func(self, batch, token_losses: torch.Tensor):
         """Sum of pair losses, number of pairs, and [sum, pairs] reports of every logged figure."""
         logps, counts = sequence_logps(token_losses, batch.loss_mask)
@@ -126,31 +22,4 @@ class DPOTask:
         pairs = torch.tensor(float(m), device=logps.device)
         figures = dict(out, loss=losses.detach())
         figures["logps/chosen"], figures["logps/rejected"] = logps[:m].detach(), logps[m:].detach()
-        report = {name: torch.stack([value.sum(), pairs]) for name, value in figures.items()}
-        return losses.sum(), pairs.to(torch.int), report
-
-    def metrics(self, reports: List[dict], device) -> Dict[str, float]:
-        return reduce_reports(reports, device)
-
-
-def build_reference(cfg, backend, arch, padded_vocab: int) -> List[torch.nn.Module]:
-    """Frozen model chunks with the policy's layout, loaded from task.ref_model or the starting weights."""
-    from megatron.core.transformer.module import Float16Module
-
-    from megatron_swift.convert.hf_load import load_hf_weights
-    from megatron_swift.models.builder import build_model, transformer_config
-    from megatron_swift.training import checkpoint as ckpt
-
-    tconfig = transformer_config(arch, cfg, backend, initialize=False)
-    chunks = build_model(arch, tconfig, padded_vocab, cfg.train.seq_length, backend)
-    source = cfg.task.ref_model or cfg.model.pretrained or cfg.model.load
-    if os.path.isfile(os.path.join(source, "config.json")):
-        load_hf_weights(chunks, source, arch, padded_vocab)
-    else:
-        ckpt.load_weights(source, chunks)
-    if tconfig.bf16 or tconfig.fp16:
-        chunks = [Float16Module(tconfig, c) for c in chunks]
-    for chunk in chunks:
-        chunk.eval()
-        chunk.requires_grad_(False)
-    return chunks
+        return losses.sum(), pairs.to(torch.int), per_item_reports(figures, pairs)

@@ -10,6 +10,8 @@ from megatron_swift.training.forward_step import make_forward_step
 class LMTask:
     rows_per_sample = 1  # rows of seq_length the model runs per sample
     forward_passes = 1.0  # model forward+backward passes per row, for FLOP counting
+    head = "lm"  # the model's output layer (models.builder)
+    read_data = None  # rows come from the data.source readers (data.sources)
 
     def __init__(self, packed_format: str):
         self.packed_format = packed_format

@@ -10,7 +10,7 @@ forward pass costs 2 FLOPs per multiply-accumulate of
 * MLP: ``3 * h * f`` for SwiGLU (gate, up, down), or for MoE
   ``topk * 3 * h * f_expert + h * experts`` (router);
 
-plus ``h * V`` for the output layer. Training is 3x the forward (backward
+plus ``h * V`` for the output layer (``h`` for a reward model's scalar head). Training is 3x the forward (backward
 costs twice the forward). Activation recompute is not counted: this is model
 FLOPs, so MFU does not rise when recompute adds work.
 """
@@ -29,7 +29,8 @@ def flops_per_token(arch: Arch, seq_length: int, padded_vocab: int) -> float:
         mlp = arch.moe_router_topk * 3 * h * arch.moe_ffn_hidden_size + h * arch.num_experts
     else:
         mlp = 3 * h * arch.ffn_hidden_size
-    forward_macs = arch.num_layers * (attention + mlp) + h * padded_vocab
+    outputs = padded_vocab if arch.head == "lm" else 1
+    forward_macs = arch.num_layers * (attention + mlp) + h * outputs
     return 3 * 2 * forward_macs
 
 

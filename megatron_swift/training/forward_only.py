@@ -1,6 +1,6 @@
 """Forward passes without gradients through megatron-core's schedules, collecting a value per micro-batch.
 
-Used for a reference model's log-probabilities (tasks.dpo) and by the precision check (tools/convert/check.py).
+Used for a reference model's log-probabilities (tasks.reference) and by the precision check (tools/convert/check.py).
 Works under every layout the trainer supports; the values exist on the last pipeline stage only.
 """
 from __future__ import annotations

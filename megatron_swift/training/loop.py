@@ -23,7 +23,6 @@ from omegaconf import OmegaConf
 from megatron_swift import backend as backend_mod
 from megatron_swift.config.validate import ConfigError, validate
 from megatron_swift.convert.hf_load import load_hf_weights
-from megatron_swift.data.preference import preference_source
 from megatron_swift.data.sampler import Batch, DataParallelSampler
 from megatron_swift.data.sources import build_source
 from megatron_swift.data.tokenizer import build_tokenizer
@@ -31,7 +30,7 @@ from megatron_swift.models.arch import padded_vocab_size
 from megatron_swift.models.builder import build_model, transformer_config
 from megatron_swift.observe import Sinks
 from megatron_swift.observe.progress import Progress
-from megatron_swift.tasks import PREFERENCE, build_task
+from megatron_swift.tasks import build_task, task_class
 from megatron_swift.training import checkpoint as ckpt
 from megatron_swift.training import run_length
 from megatron_swift.training.flops import flops_per_step
@@ -258,7 +257,9 @@ def init_runtime(cfg):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = backend_mod.resolve_device(cfg.train.device)
     te = device == "cuda" and backend_mod.device.te_available()
-    arch = validate(cfg, world, te_available=te, device=device)
+    # The task decides the output layer: the LM head, or a reward model's scalar head.
+    arch = dataclasses.replace(validate(cfg, world, te_available=te, device=device),
+                               head=task_class(cfg.task.name).head)
     be = backend_mod.init(cfg.train.device, cfg.cluster.dist_timeout_minutes)
     par = cfg.parallel
     ps.initialize_model_parallel(
@@ -288,9 +289,10 @@ def setup(cfg) -> Trainer:
     folder = tokenizer_spec if os.path.isdir(tokenizer_spec) else None  # where a chat template may live
     cache = os.path.join(output_dir, "data_cache")
     wanted = cfg.train.train_iters * cfg.train.global_batch_size if cfg.train.train_iters else None
-    if cfg.task.name in PREFERENCE:
-        train_data = preference_source(cfg.data.path, cfg.data, tokenizer, cfg.train.seq_length, folder)
-        eval_data = (preference_source(cfg.data.eval_path, cfg.data, tokenizer, cfg.train.seq_length, folder)
+    read_data = task_class(cfg.task.name).read_data  # preference tasks read their own row shapes
+    if read_data is not None:
+        train_data = read_data(cfg.data.path, cfg.data, tokenizer, cfg.train.seq_length, folder)
+        eval_data = (read_data(cfg.data.eval_path, cfg.data, tokenizer, cfg.train.seq_length, folder)
                      if cfg.data.eval_path else None)
     else:
         train_data = build_source(cfg.data, cfg.data.path, tokenizer, cfg.train.seq_length, cfg.train.seed,

@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import Dict, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 
@@ -48,9 +49,14 @@ def _rewards(beta, policy_chosen, ref_chosen, policy_rejected, ref_rejected) -> 
             "rewards/accuracies": (chosen > rejected).float()}
 
 
-def kto_kl_estimate(policy: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """Batch estimate of KL(policy || reference): mean log-ratio, clamped at 0 and detached (a baseline)."""
-    return (policy - ref).mean().clamp(min=0).detach()
+def kto_kl_estimate(policy: torch.Tensor, ref: torch.Tensor, group=None) -> torch.Tensor:
+    """Batch estimate of KL(policy || reference): the mean log-ratio over the rows (and over the ranks of
+    ``group``, the data-parallel group, as TRL gathers it over processes), clamped at 0 and detached."""
+    ratio = (policy - ref).detach().float()
+    total = torch.stack([ratio.sum(), torch.tensor(float(ratio.numel()), device=ratio.device)])
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(total, group=group)
+    return (total[0] / total[1]).clamp(min=0)
 
 
 def kto_loss(policy: torch.Tensor, ref: torch.Tensor, desirable: torch.Tensor, kl: torch.Tensor, beta: float,

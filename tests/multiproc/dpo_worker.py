@@ -16,7 +16,7 @@ def main() -> None:
     import torch.distributed as dist
 
     from megatron_swift.config.compose import compose
-    from megatron_swift.tasks.dpo import build_reference
+    from megatron_swift.tasks.reference import build_reference
     from megatron_swift.training.loop import setup
 
     result_file, overrides = sys.argv[1], sys.argv[2:]

@@ -23,7 +23,7 @@ def _discover() -> None:
             continue
         family = importlib.import_module(f"{__name__}.{info.name}").FAMILY
         _BY_NAME[family.name] = family
-        for arch in family.hf_architectures:
+        for arch in family.hf_architectures + (family.hf_reward_architecture,):
             _BY_HF_ARCH[arch] = family
 
 

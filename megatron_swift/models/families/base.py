@@ -42,6 +42,11 @@ class Family:
     # weights(tied=...) -> the HF <-> Megatron weight table (convert.tables); None: not convertible yet.
     weights: Optional[Callable[..., list]] = None
 
+    @property
+    def hf_reward_architecture(self) -> str:
+        """The HF class of this family's reward models (sequence classification, one label)."""
+        return self.hf_architectures[0].replace("ForCausalLM", "ForSequenceClassification")
+
     def size(self, name: str) -> Size:
         if name not in self.sizes:
             raise KeyError(

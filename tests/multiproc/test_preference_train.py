@@ -1,0 +1,106 @@
+"""Preference tasks on megatron-core.
+
+DPO: log 2 at the start under every layout, learns a learnable preference, reference frozen, precomputed
+reference equal to live. KTO: the closed-form start value, then desirable rewards rise and undesirable fall.
+RM: learns the pairs, and the exported HF sequence-classification model scores rows as Megatron does.
+"""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+
+import pytest
+
+from tests.conftest import ROOT, launch_cmd, read_metrics, run_train, train_env
+from tests.multiproc.test_hf_load import _save_tiny
+
+transformers = pytest.importorskip("transformers")
+WORKER = ROOT / "tests" / "multiproc" / "dpo_worker.py"
+RM_WORKER = ROOT / "tests" / "multiproc" / "rm_worker.py"
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hf")
+    _save_tiny("qwen3", folder, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False)
+    return folder
+
+
+def _base(hf, out, task="dpo", data="prefs"):
+    # The bundled arithmetic preference set, byte tokenizer; the HF folder gives the starting weights.
+    return ["+model=qwen3", f"model.pretrained={hf}", f"data={data}", "data.tokenizer=byte", f"task={task}",
+            "train.seq_length=96", "train.precision=fp32", "train.device=cpu", "logging.tensorboard=false",
+            f"train.output_dir={out}"]
+
+
+@pytest.mark.parametrize("nproc,layout", [(1, []), (2, ["parallel.tp=2"]), (2, ["parallel.pp=2"])])
+def test_policy_equal_to_reference_gives_log_2(tmp_path, tiny_hf, nproc, layout):
+    run_train(nproc, [*_base(tiny_hf, tmp_path / "run"), "train.train_iters=1", *layout])
+    (first,) = read_metrics(tmp_path / "run")
+    assert abs(first["loss"] - math.log(2)) < 1e-6
+    assert first["rewards/accuracies"] == 0.0 and first["rewards/margins"] == 0.0
+
+
+def test_dpo_learns_the_preference_and_leaves_the_reference_unchanged(tmp_path, tiny_hf):
+    result = tmp_path / "result.json"
+    overrides = [*_base(tiny_hf, tmp_path / "run"), "train.train_iters=30", "train.lr=1e-3", "train.max_epochs=null"]
+    proc = subprocess.run(launch_cmd(2, [str(result), *overrides], script=WORKER), cwd=ROOT, env=train_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    rows = read_metrics(tmp_path / "run")
+    late = [r["rewards/accuracies"] for r in rows[-5:]]
+    assert sum(late) / len(late) > 0.9, late
+    assert rows[-1]["rewards/margins"] > rows[0]["rewards/margins"]
+    checked = json.loads(result.read_text())
+    assert checked["reference_unchanged"] and checked["reference_params"] > 0
+
+
+def test_precomputed_reference_gives_the_same_run(tmp_path, tiny_hf):
+    base = [*_base(tiny_hf, None)[:-1], "train.train_iters=3", "train.lr=1e-3"]
+    live, pre = tmp_path / "live", tmp_path / "pre"
+    run_train(2, [*base, f"train.output_dir={live}"])
+    run_train(2, [*base, f"train.output_dir={pre}", "task.precompute_ref=true"])
+    assert (pre / "ref_logps_train.pt").exists()
+    for a, b in zip(read_metrics(live), read_metrics(pre)):
+        for key in ("loss", "rewards/chosen", "rewards/rejected"):
+            assert abs(a[key] - b[key]) < 1e-5, (a["iteration"], key, a[key], b[key])
+
+
+def test_kto_starts_at_its_closed_form_value_and_separates_the_labels(tmp_path, tiny_hf):
+    # Policy = reference: every ratio and the KL estimate are 0, so each example's loss is w * (1 - sigmoid(0)).
+    run_train(2, [*_base(tiny_hf, tmp_path / "run", "kto", "kto"), "train.train_iters=20", "train.lr=1e-3",
+                  "train.max_epochs=null", "task.desirable_weight=1.0", "task.undesirable_weight=1.0"])
+    rows = read_metrics(tmp_path / "run")
+    assert abs(rows[0]["loss"] - 0.5) < 1e-6 and rows[0]["kl"] == 0.0
+    late = rows[-5:]
+    assert all(r["rewards/chosen"] > 0 > r["rewards/rejected"] for r in late), late
+    assert sum(r["loss"] for r in late) / 5 < 0.4
+    assert all(r["kl"] >= 0 for r in rows)
+
+
+def test_reward_model_learns_and_exports_as_hf_sequence_classification(tmp_path, tiny_hf):
+    import torch
+
+    result, run = tmp_path / "result.json", tmp_path / "run"
+    overrides = [*_base(tiny_hf, run, "rm"), "train.train_iters=20", "train.lr=1e-3", "train.max_epochs=null",
+                 "parallel.tp=2"]
+    proc = subprocess.run(launch_cmd(2, [str(result), *overrides], script=RM_WORKER), cwd=ROOT, env=train_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    rows = read_metrics(run)
+    assert rows[-1]["rewards/accuracies"] > 0.9 and rows[-1]["loss"] < rows[0]["loss"]
+
+    (export,) = (run / "hf").iterdir()
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(export).float().eval()
+    assert type(model).__name__ == "Qwen3ForSequenceClassification" and model.config.num_labels == 1
+    scored = json.loads(result.read_text())
+    with torch.no_grad():
+        hf = [model(torch.tensor([ids])).logits[0, 0].item() for ids in scored["tokens"]]
+    assert max(abs(a - b) for a, b in zip(hf, scored["scores"])) < 1e-4, (hf, scored["scores"])
+
+    # The export starts a new reward run: its head is loaded (score.weight), not drawn again.
+    again = tmp_path / "again"
+    run_train(2, [*_base(export, again, "rm"), "train.train_iters=1", "train.lr=0", "train.min_lr=0"])
+    (first,) = read_metrics(again)
+    assert first["rewards/accuracies"] > 0.9
