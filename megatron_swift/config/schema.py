@@ -194,6 +194,12 @@ class TrainConfig:
     """Run directory for checkpoints and logs (None: outputs/<family>-<size>)."""
     device: str = "auto"
     """auto (CUDA if available), cuda or cpu."""
+    freeze: List[str] = field(default_factory=list)
+    """Parameter groups to freeze: embedding, output_layer, attention, mlp, router, experts, norms."""
+    freeze_regex: Optional[str] = None
+    """Freeze the parameters whose Megatron name (global layer numbers) matches this regex."""
+    trainable_regex: Optional[str] = None
+    """Train the parameters matching this regex even if frozen by freeze, freeze_regex or a tuner (applied last)."""
 
 
 @dataclass
@@ -263,6 +269,30 @@ class TaskConfig:
 
 
 @dataclass
+class TunerConfig:
+    """Parameter-efficient fine-tuning: none (train every parameter) or LoRA adapters on Megatron linears."""
+
+    name: str = "none"
+    """none or lora."""
+    rank: int = 8
+    """LoRA rank r."""
+    alpha: float = 16.0
+    """LoRA alpha: the adapter's output is scaled by alpha / r (alpha / sqrt(r) with rslora)."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input."""
+    rslora: bool = False
+    """Rank-stabilised scaling alpha / sqrt(r)."""
+    target_modules: List[str] = field(default_factory=lambda: ["all-linear"])
+    """Linears that get adapters: linear_qkv, linear_proj, linear_fc1, linear_fc2, or all-linear."""
+    target_regex: Optional[str] = None
+    """Instead of target_modules: adapt every linear whose Megatron module name matches this regex."""
+    modules_to_save: List[str] = field(default_factory=list)
+    """Modules trained in full next to the adapters (e.g. output_layer, embedding)."""
+    export: str = "merged"
+    """What train.save_hf and mcore_to_hf write: merged (a plain HF model) or adapter (a PEFT adapter folder)."""
+
+
+@dataclass
 class Config:
     """A whole run."""
 
@@ -280,6 +310,8 @@ class Config:
     """Cluster description."""
     task: TaskConfig = field(default_factory=TaskConfig)
     """Training objective."""
+    tuner: TunerConfig = field(default_factory=TunerConfig)
+    """Parameter-efficient fine-tuning."""
 
 
 def asset_path(name: str) -> str:
@@ -301,5 +333,5 @@ def register() -> None:
     cs.store(name="base_config", node=Config)
     for group, node in (("model", ModelConfig), ("parallel", ParallelConfig), ("data", DataConfig),
                         ("train", TrainConfig), ("logging", LoggingConfig), ("cluster", ClusterConfig),
-                        ("task", TaskConfig)):
+                        ("task", TaskConfig), ("tuner", TunerConfig)):
         cs.store(group=group, name=f"base_{group}", node=node)

@@ -193,6 +193,42 @@ def _reference_task(cfg, problems: List[str]) -> None:
                         "model.pretrained (HF folder) or model.load (checkpoint), or task.ref_model")
 
 
+def _tuner(cfg, arch, problems: List[str]) -> None:
+    import re
+
+    from megatron_swift.tuners import FREEZE_GROUPS, LORA_TARGETS
+
+    tuner, train = cfg.tuner, cfg.train
+    _choice(problems, "tuner.name", tuner.name, ("none", "lora"))
+    for key in ("train.freeze_regex", "train.trainable_regex", "tuner.target_regex"):
+        pattern = OmegaConf.select(cfg, key)
+        if pattern is not None:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                problems.append(f"{key}={pattern!r} is not a valid regex: {e}")
+    for group in train.freeze:
+        if group not in FREEZE_GROUPS:
+            problems.append(f"train.freeze: unknown group '{group}'; choose from {', '.join(FREEZE_GROUPS)}")
+    if tuner.name != "lora":
+        return
+    _choice(problems, "tuner.export", tuner.export, ("merged", "adapter"))
+    if tuner.rank < 1:
+        problems.append(f"tuner.rank={tuner.rank} must be >= 1")
+    if not 0 <= tuner.dropout < 1:
+        problems.append(f"tuner.dropout={tuner.dropout} must be in [0, 1)")
+    for name in tuner.target_modules:
+        if name not in LORA_TARGETS + ("all-linear",):
+            problems.append(f"tuner.target_modules: unknown module '{name}'; choose from "
+                            f"{', '.join(LORA_TARGETS)} or all-linear (or use tuner.target_regex)")
+    if not (cfg.model.pretrained or cfg.model.load):
+        problems.append("tuner=lora trains adapters on given weights: set model.pretrained (HF folder) or "
+                        "model.load (checkpoint); the base is read from there again on resume and export")
+    if arch.is_moe and (cfg.parallel.etp if cfg.parallel.etp is not None else cfg.parallel.tp) != 1:
+        problems.append("tuner=lora on a MoE model needs parallel.etp=1 (expert adapters are not split over "
+                        "an expert tensor-parallel group)")
+
+
 def _backend(cfg, te_available: bool, device: str, problems: List[str]) -> None:
     if cfg.data.packing and te_available and cfg.train.micro_batch_size != 1:
         problems.append(f"data.packing with Transformer Engine (THD) takes one packed row per micro-batch: set "
@@ -221,6 +257,7 @@ def validate(cfg, world_size: Optional[int], te_available: bool = False, device:
     _run(cfg, problems)
     _data(cfg, problems)
     _task(cfg, problems)
+    _tuner(cfg, arch, problems)
     _backend(cfg, te_available, device, problems)
     if problems:
         raise ConfigError(problems)

@@ -75,8 +75,12 @@ def hf_tensors(params: Iterable[Tuple[str, torch.Tensor]], rules, ctx: Context, 
 
 
 def export_checkpoint(ckpt: str, out_dir: str, source: Optional[str] = None, dtype: Optional[str] = None,
-                      max_shard_bytes: int = 5 * 2**30) -> None:
-    """Stream checkpoint ``ckpt`` (an iter_N dir) into a new HF folder; ``dtype`` defaults to the stored one."""
+                      max_shard_bytes: int = 5 * 2**30, export: Optional[str] = None) -> None:
+    """Stream checkpoint ``ckpt`` (an iter_N dir) into a new HF folder; ``dtype`` defaults to the stored one.
+
+    A LoRA run's adapter-only checkpoint is merged into its base (``export="merged"``, the default
+    being the run's tuner.export) or written as a PEFT adapter (``"adapter"``); ``source`` is then
+    the base: an HF folder, else the run's model.load checkpoint is used."""
     from megatron_swift.convert.mcore_read import LayerwiseCheckpoint
 
     if os.path.exists(out_dir) and os.listdir(out_dir):
@@ -91,8 +95,12 @@ def export_checkpoint(ckpt: str, out_dir: str, source: Optional[str] = None, dty
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
-        _write_tensors(reader, rules, ctx, torch_dtype, ShardWriter(tmp, max_shard_bytes))
-        _write_config(tmp, family, arch, _DTYPE_NAMES[torch_dtype], source)
+        if reader.adapter_only:
+            _write_lora(reader, rules, ctx, tmp, source, dtype and torch_dtype, max_shard_bytes,
+                        export or reader.cfg.tuner.export)
+        else:
+            _write_tensors(reader, rules, ctx, torch_dtype, ShardWriter(tmp, max_shard_bytes))
+            _write_config(tmp, family, arch, _DTYPE_NAMES[torch_dtype], source)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written stays behind
         raise
@@ -111,8 +119,45 @@ def _write_tensors(reader, rules, ctx: Context, dtype: torch.dtype, writer: Shar
     writer.close()
 
 
-def _write_config(folder: str, family, arch: dict, dtype_name: str, source: Optional[str]) -> None:
-    """config.json is the source folder's (dtype updated) when there is one; tokenizer files are copied."""
+def _write_lora(reader, rules, ctx: Context, folder: str, source: Optional[str], dtype: Optional[torch.dtype],
+                max_shard_bytes: int, export: str) -> None:
+    """An adapter-only checkpoint: merged into its base (read again, layer by layer) or a PEFT adapter."""
+    from megatron_swift.convert import lora_export as lx
+
+    tuner, family, arch = reader.cfg.tuner, reader.family, reader.meta["arch"]
+    sections = [(0, reader.non_layer_params)] + [(i, lambda i=i: reader.layer_params(i))
+                                                  for i in range(reader.num_layers)]
+    if export == "adapter":
+        tensors = {}
+        for offset, params in sections:
+            tensors.update(lx.peft_tensors(lx.split_trained(params()), rules, ctx, offset))
+        modules = {key.split(".")[-3] for key in tensors}
+        lx.write_adapter(folder, tensors, lx.adapter_config(tuner, modules, source or "", reader.cfg.task.name))
+        _write_config(folder, family, arch, "float32", source, config_name=None)
+        return
+    load = reader.cfg.model.get("load")
+    if source:
+        base = lx.HFBase(source)
+    elif load:
+        base = lx.McoreBase(load, rules, ctx)
+    else:
+        raise FileNotFoundError("the LoRA run's base weights are not found: pass the base HF folder (--base)")
+    writer, scale, dtype_name = ShardWriter(folder, max_shard_bytes), lx.lora_scale(tuner), None
+    for offset, params in sections:
+        tensors = base.non_layer() if params == reader.non_layer_params else base.layer(offset)
+        lx.merge_into(tensors, lx.split_trained(params()), rules, ctx, offset, scale)
+        for name, tensor in tensors.items():
+            tensor = tensor.to(dtype) if dtype else tensor
+            dtype_name = dtype_name or _DTYPE_NAMES[tensor.dtype]
+            writer.add(name, tensor)
+    writer.close()
+    _write_config(folder, family, arch, dtype_name, source)
+
+
+def _write_config(folder: str, family, arch: dict, dtype_name: str, source: Optional[str],
+                  config_name: Optional[str] = "config.json") -> None:
+    """config.json is the source folder's (dtype updated) when there is one; tokenizer files are copied.
+    ``config_name=None`` copies the tokenizer files only (a PEFT adapter folder)."""
     if source and os.path.isfile(os.path.join(source, "config.json")):
         config = read_hf_config(source)
         config["torch_dtype"] = dtype_name
@@ -122,8 +167,9 @@ def _write_config(folder: str, family, arch: dict, dtype_name: str, source: Opti
     if arch.get("head") == "reward":  # transformers reads the score of the last non-padding token
         config.update(architectures=[family.hf_reward_architecture], id2label={"0": "LABEL_0"},
                       label2id={"LABEL_0": 0})
-    with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2)
+    if config_name:
+        with open(os.path.join(folder, config_name), "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2)
     for name in _COPIED if source else ():
         if os.path.isfile(os.path.join(source, name)):
             shutil.copy2(os.path.join(source, name), os.path.join(folder, name))

@@ -37,7 +37,7 @@ def stored_dtype(ckpt: str) -> torch.dtype:
 
     tensors = FileSystemReader(ckpt).read_metadata().state_dict_metadata
     key = "embedding.word_embeddings.weight"
-    meta = tensors.get(key) or next(v for k, v in tensors.items() if k.endswith(".weight"))
+    meta = tensors.get(key) or next(v for k, v in tensors.items() if k.endswith((".weight", "_lora.a")))
     return meta.properties.dtype
 
 
@@ -69,7 +69,13 @@ class LayerwiseCheckpoint:
         arch = Arch(family=self.family, **dict(self.meta["arch"], num_layers=1))
         tconfig = transformer_config(arch, self.cfg, be, initialize=False)
         (self.model,) = build_model(arch, tconfig, self.meta["padded_vocab_size"], self.cfg.train.seq_length, be)
+        self.adapter_only = bool(checkpoint.read_meta(ckpt).get("adapter_only"))
+        if self.cfg.get("tuner", {}).get("name", "none") == "lora":
+            from megatron_swift.tuners.apply import apply_tuner
+
+            apply_tuner([self.model], self.cfg, check_patterns=False)  # the adapters' parameters, to read into
         self.model.requires_grad_(False)  # read in place into views of the weights
+        self._stored = dcp.FileSystemReader(ckpt).read_metadata().state_dict_metadata
 
     def non_layer_params(self) -> Iterator[Tuple[str, torch.Tensor]]:
         """Embedding, final norm and output layer."""
@@ -80,12 +86,23 @@ class LayerwiseCheckpoint:
         """Parameters of decoder layer ``index``, named as layer 0 (``decoder.layers.0.*``)."""
         prefix = _LAYERS + "0."
         layer = self.model.decoder.layers[0]
-        sharded = layer.sharded_state_dict(prefix, [(0, index, self.num_layers)], ensure_metadata_has_dp_cp_group(None))
-        replace_prefix_for_sharding(sharded, prefix, _LAYERS)
+        if self.adapter_only:  # stored with per-layer (and per-expert) keys: training.checkpoint._PER_LAYER
+            metadata = ensure_metadata_has_dp_cp_group(dict(non_homogeneous_layers=True, singleton_local_shards=True))
+            sharded = layer.sharded_state_dict(prefix, [], metadata)
+            replace_prefix_for_sharding(sharded, prefix, f"{_LAYERS}{index}.")
+        else:
+            sharded = layer.sharded_state_dict(prefix, [(0, index, self.num_layers)],
+                                               ensure_metadata_has_dp_cp_group(None))
+            replace_prefix_for_sharding(sharded, prefix, _LAYERS)
         yield from self._read(sharded, lambda name: name.startswith(prefix))
 
     def _read(self, sharded: Dict[str, object], wanted) -> Iterator[Tuple[str, torch.Tensor]]:
+        """The wanted parameters; of an adapter-only checkpoint, those it holds (adapters, trained modules)."""
         params = [(name, p) for name, p in self.model.named_parameters() if wanted(name)]
+        if self.adapter_only:
+            sharded = {k: v for k, v in sharded.items() if self._holds(v)}
+            held = {id(getattr(v, "data", None)) for v in sharded.values()}
+            params = [(name, p) for name, p in params if id(p) in held]
         for _, param in params:  # NaN marks anything the checkpoint did not fill
             param.fill_(float("nan"))
         self._load(sharded)
@@ -94,6 +111,23 @@ class LayerwiseCheckpoint:
                 raise KeyError(f"{self.ckpt}: parameter '{name}' was not (fully) read from the checkpoint, "
                                "or the checkpoint holds NaN in it")
             yield name, param
+
+    def _holds(self, entry) -> bool:
+        """Whether the checkpoint holds every element of this entry's box(es) (the layer or expert
+        addressed): an adapter-only checkpoint holds only what was trained, perhaps only in some layers."""
+        for item in _sharded_tensors({"entry": entry}):
+            if not isinstance(item, ShardedTensor) or item.key not in self._stored:
+                return False
+            box = list(zip(item.global_offset, (1,) * item.prepend_axis_num + tuple(item.local_shape)))
+            covered = 0
+            for chunk in self._stored[item.key].chunks:
+                overlap = 1
+                for (start, size), c_start, c_size in zip(box, chunk.offsets, chunk.sizes):
+                    overlap *= max(0, min(start + size, c_start + c_size) - max(start, c_start))
+                covered += overlap
+            if covered != torch.Size([size for _, size in box]).numel():
+                return False
+        return True
 
     def _load(self, sharded: Dict[str, object]) -> None:
         """Read every ShardedTensor of ``sharded`` (its box of the stored global tensor) into its own data."""

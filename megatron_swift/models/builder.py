@@ -12,8 +12,9 @@ from megatron.core.transformer import TransformerConfig
 
 from megatron_swift.backend import Backend
 from megatron_swift.models.arch import Arch
-from megatron_swift.models.norm import swap_torch_norms
+from megatron_swift.models.norm import swap_torch_norms, unfuse_layernorm_linears
 from megatron_swift.models.reward_head import RewardHead
+from megatron_swift.models.vocab_mask import mask_padded_logits
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -93,7 +94,8 @@ def transformer_config(arch: Arch, cfg, backend: Backend, initialize: bool = Tru
             moe_token_dispatcher_type=model.moe_token_dispatcher,
             moe_aux_loss_coeff=model.moe_aux_loss_coeff,
             moe_router_load_balancing_type="aux_loss" if model.moe_aux_loss_coeff > 0 else "none",
-            moe_grouped_gemm=backend.use_te,
+            # LoRA adapts each expert's own linears: SequentialMLP, not TE's grouped GEMM.
+            moe_grouped_gemm=backend.use_te and cfg.tuner.name != "lora",
             moe_router_pre_softmax=arch.moe_router_pre_softmax,
             moe_router_dtype="fp32",
         )
@@ -101,8 +103,11 @@ def transformer_config(arch: Arch, cfg, backend: Backend, initialize: bool = Tru
 
 
 def build_model(arch: Arch, tconfig: TransformerConfig, padded_vocab: int, seq_length: int,
-                backend: Backend) -> List[GPTModel]:
-    """One GPTModel per virtual pipeline stage held by this rank (one when vpp is off)."""
+                backend: Backend, unfuse_norms: bool = False) -> List[GPTModel]:
+    """One GPTModel per virtual pipeline stage held by this rank (one when vpp is off).
+
+    ``unfuse_norms`` (LoRA on Transformer Engine): separate norm modules instead of TE's
+    LayerNorm-fused linears, so that an adapter sees the normalised input its linear sees."""
     vpp = tconfig.virtual_pipeline_model_parallel_size or 1
     chunks = []
     for vp_stage in range(vpp):
@@ -110,6 +115,8 @@ def build_model(arch: Arch, tconfig: TransformerConfig, padded_vocab: int, seq_l
         block_spec = get_gpt_decoder_block_spec(tconfig, use_transformer_engine=backend.use_te, vp_stage=stage)
         if not backend.use_te:
             swap_torch_norms(block_spec)
+        elif unfuse_norms:
+            unfuse_layernorm_linears(block_spec)
         model = GPTModel(
             config=tconfig,
             transformer_layer_spec=block_spec,
@@ -125,6 +132,8 @@ def build_model(arch: Arch, tconfig: TransformerConfig, padded_vocab: int, seq_l
         )
         if arch.head == "reward" and model.post_process:
             model.output_layer = RewardHead(tconfig)
+        elif model.post_process and arch.vocab_size and padded_vocab > arch.vocab_size:
+            mask_padded_logits(model.output_layer, arch.vocab_size, padded_vocab)
         model.to(backend.torch_device)
         chunks.append(model)
     return chunks

@@ -1,4 +1,4 @@
-"""A plain-torch norm that also works with sequence parallelism.
+"""Norm modules in layer specs: a plain-torch norm that works with sequence parallelism, and unfused TE norms.
 
 megatron-core 0.16's ``WrappedTorchNorm`` (used by the local, non-TE specs when
 Apex is absent) refuses ``sequence_parallel``. The refusal is only about
@@ -47,3 +47,30 @@ def swap_torch_norms(spec) -> None:
                 visit(value)
 
     visit(spec)
+
+
+def unfuse_layernorm_linears(spec) -> None:
+    """Turn TE's LayerNorm-fused QKV and fc1 linears into a separate TE norm plus a plain TE linear, in place.
+
+    A fused linear normalises inside the module, so a LoRA forward hook on it would see the un-normalised
+    input. The separate norm takes the spec slot megatron-core's local spec uses (input_layernorm,
+    pre_mlp_layernorm); its checkpoint keys are mapped back to the fused names (as megatron-core's local
+    spec does), so checkpoints are interchangeable with fused runs. Needs Transformer Engine."""
+    from megatron.core.extensions.transformer_engine import (
+        TEColumnParallelLinear,
+        TELayerNormColumnParallelLinear,
+        TENorm,
+    )
+
+    for layer in getattr(spec, "layer_specs", [spec]):
+        sub = layer.submodules
+        attention = getattr(sub.self_attention, "submodules", None)
+        keys = dict(sub.sharded_state_dict_keys_map or {})
+        if attention is not None and attention.linear_qkv is TELayerNormColumnParallelLinear:
+            attention.linear_qkv, sub.input_layernorm = TEColumnParallelLinear, TENorm
+            keys["input_layernorm."] = "self_attention.linear_qkv.layer_norm_"
+        mlp = getattr(sub.mlp, "submodules", None)
+        if getattr(mlp, "linear_fc1", None) is TELayerNormColumnParallelLinear:
+            mlp.linear_fc1, sub.pre_mlp_layernorm = TEColumnParallelLinear, TENorm
+            keys["pre_mlp_layernorm."] = "mlp.linear_fc1.layer_norm_"
+        sub.sharded_state_dict_keys_map = keys

@@ -85,10 +85,27 @@ def _unwrap(chunk):
     return chunk
 
 
-def _model_sharded(model) -> Dict[str, dict]:
+# Per-layer (and per-expert) keys instead of one tensor stacked over all layers, for runs with frozen
+# parameters (train.freeze*, LoRA): a stacked tensor must be covered whole by the ranks that write it,
+# and the optimizer state of a partly frozen stack (or the adapters of a partly adapted one) is not.
+_PER_LAYER = {"non_homogeneous_layers": True, "singleton_local_shards": True}
+
+
+def _model_sharded(model, trainable_only: bool = False, per_layer: bool = False) -> Dict[str, dict]:
+    def one(chunk) -> dict:
+        sharded = _unwrap(chunk).sharded_state_dict(metadata=dict(_PER_LAYER) if per_layer else None)
+        return _trainable_entries(chunk, sharded) if trainable_only else sharded
+
     if len(model) == 1:
-        return {"model": _unwrap(model[0]).sharded_state_dict()}
-    return {f"model{i}": _unwrap(chunk).sharded_state_dict() for i, chunk in enumerate(model)}
+        return {"model": one(model[0])}
+    return {f"model{i}": one(chunk) for i, chunk in enumerate(model)}
+
+
+def _trainable_entries(chunk, sharded: dict) -> dict:
+    """The entries of a model's sharded state dict that hold trainable parameters (LoRA adapters,
+    modules_to_save): an adapter-only checkpoint. Each entry's data is the parameter itself."""
+    trainable = {id(p) for p in _unwrap(chunk).parameters() if p.requires_grad}
+    return {k: v for k, v in sharded.items() if id(getattr(v, "data", None)) in trainable}
 
 
 def _layout() -> Dict[str, int]:
@@ -144,12 +161,23 @@ def _prime_adam_state(optimizer) -> None:
                                       "exp_avg_sq": torch.zeros_like(p)}
 
 
-def _full_sharded_state(model, optimizer, scheduler, for_loading: bool, data=None) -> dict:
-    state = _model_sharded(model)
+def _frozen(model) -> bool:
+    """Whether some parameter anywhere does not train (every rank must agree: the key layout follows)."""
+    complete = torch.tensor(float(all(p.requires_grad for chunk in model for p in _unwrap(chunk).parameters())))
+    dist.all_reduce(complete, op=dist.ReduceOp.MIN)
+    return not complete.item()
+
+
+def _full_sharded_state(model, optimizer, scheduler, for_loading: bool, data=None,
+                        adapter_only: bool = False, frozen: bool = False) -> dict:
+    """Model (all of it, or its trainable part with per-layer keys), optimizer (per-layer keys when some
+    parameters are frozen), scheduler, RNG and data-stream state."""
+    state = _model_sharded(model, trainable_only=adapter_only, per_layer=adapter_only)
     if for_loading:
         _prime_adam_state(optimizer)
+    template = _model_sharded(model, per_layer=True) if frozen and not adapter_only else state
     merged = {}
-    for value in state.values():
+    for value in template.values():
         merged.update(value)
     # dp_reshardable: each rank writes its own optimizer shard with no gathering
     # (the 0.16 default, fully_sharded_model_space, is refused by its own ShardedTensor
@@ -163,13 +191,16 @@ def _full_sharded_state(model, optimizer, scheduler, for_loading: bool, data=Non
 
 
 def save(output_dir: str, state: TrainState, model, optimizer, scheduler, config_yaml: str, keep_last: int,
-         model_meta: Optional[dict] = None, data=None) -> str:
+         model_meta: Optional[dict] = None, data=None, adapter_only: bool = False) -> str:
     """Write ``iter_N`` atomically (temporary dir, then rename) and prune to ``keep_last``.
 
     ``model_meta`` (architecture and vocabulary numbers) goes into megatron_swift.json so
-    that export tools can rebuild the model without the original HF folder."""
-    meta = dict(state.__dict__, layout=_layout(), model=model_meta or {})
-    return _write(output_dir, state.iteration, lambda: _full_sharded_state(model, optimizer, scheduler, False, data),
+    that export tools can rebuild the model without the original HF folder. ``adapter_only``
+    (LoRA) stores the trainable parameters only; the base comes from model.pretrained/load."""
+    frozen = _frozen(model)
+    meta = dict(state.__dict__, layout=_layout(), model=model_meta or {}, adapter_only=adapter_only, frozen=frozen)
+    return _write(output_dir, state.iteration,
+                  lambda: _full_sharded_state(model, optimizer, scheduler, False, data, adapter_only, frozen),
                   config_yaml, meta, keep_last)
 
 
@@ -216,14 +247,23 @@ def _prune(ckpt_dir: str, keep_last: int) -> None:
 def load_weights(path: str, model) -> str:
     """Load only model weights from a checkpoint (any layout); returns the iter dir used."""
     ckpt = find_checkpoint(path)
+    if read_meta(ckpt).get("adapter_only"):
+        raise ValueError(f"checkpoint {ckpt} holds LoRA adapters only, not a whole model: export it with "
+                         "tools/convert/mcore_to_hf.py (merged), or resume it with tuner=lora and its base")
     sharded = _model_sharded(model)
     _load_model(dist_checkpointing.load(sharded, ckpt), list(sharded), model)
     return ckpt
 
 
-def _load_model(loaded: dict, keys: List[str], model) -> None:
+def _load_model(loaded: dict, keys: List[str], model, adapter_only: bool = False) -> None:
     for key, chunk in zip(keys, model):
-        _unwrap(chunk).load_state_dict(loaded[key], strict=True)
+        module = _unwrap(chunk)
+        missing, unexpected = module.load_state_dict(loaded[key], strict=not adapter_only)
+        if adapter_only:  # the frozen base is not in the checkpoint; every trainable parameter must be
+            trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+            absent = sorted(trainable & set(missing)) + sorted(unexpected)
+            if absent:
+                raise ValueError(f"adapter checkpoint does not match this model's trainable parameters: {absent[:6]}")
 
 
 def load_full(ckpt: str, model, optimizer, scheduler, data=None) -> TrainState:
@@ -241,10 +281,18 @@ def load_full(ckpt: str, model, optimizer, scheduler, data=None) -> TrainState:
             "resume under the same layout, or start a new run from its weights with model.load="
             f"{ckpt} train.resume=none and a new train.output_dir"
         )
-    sharded = _full_sharded_state(model, optimizer, scheduler, for_loading=True, data=data)
+    adapter_only = bool(meta.get("adapter_only"))
+    trainable = [p for chunk in model for p in _unwrap(chunk).parameters() if p.requires_grad]
+    if adapter_only and len(trainable) == sum(1 for chunk in model for _ in _unwrap(chunk).parameters()):
+        raise ValueError(f"checkpoint {ckpt} holds LoRA adapters only; resume it with the same tuner=lora settings")
+    if bool(meta.get("frozen")) != _frozen(model):
+        raise ValueError(f"checkpoint {ckpt} was saved with {'some' if meta.get('frozen') else 'no'} frozen "
+                         "parameters and this run differs: resume with the same train.freeze*/tuner settings")
+    sharded = _full_sharded_state(model, optimizer, scheduler, for_loading=True, data=data,
+                                  adapter_only=adapter_only, frozen=bool(meta.get("frozen")))
     model_keys = [k for k in sharded if k.startswith("model")]
     loaded = dist_checkpointing.load(sharded, ckpt)
-    _load_model(loaded, model_keys, model)
+    _load_model(loaded, model_keys, model, adapter_only)
     # fp32 main params are views of the model's leaf params; megatron-core's
     # dp_reshardable loader copies into them outside no_grad (0.16).
     with torch.no_grad():

@@ -31,6 +31,7 @@ from megatron_swift.models.builder import build_model, transformer_config
 from megatron_swift.observe import Sinks
 from megatron_swift.observe.progress import Progress
 from megatron_swift.tasks import build_task, task_class
+from megatron_swift.tuners.apply import apply_tuner
 from megatron_swift.training import checkpoint as ckpt
 from megatron_swift.training import run_length
 from megatron_swift.training.flops import flops_per_step
@@ -191,7 +192,8 @@ class Trainer:
     def _save(self) -> None:
         path = ckpt.save(self.output_dir, self.state, self.model, self.optimizer, self.scheduler,
                          OmegaConf.to_yaml(self.cfg), self.cfg.train.keep_last, self.model_meta,
-                         self.train_data if _streaming(self.train_data) else None)
+                         self.train_data if _streaming(self.train_data) else None,
+                         adapter_only=self.cfg.tuner.name == "lora")
         _print0(f"saved checkpoint {path}")
 
     def _should_save(self, done: int) -> bool:
@@ -315,15 +317,20 @@ def setup(cfg) -> Trainer:
         raise ConfigError([f"tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size={vocab}; "
                            "raise model.vocab_size or use the model's tokenizer"])
     padded = padded_vocab_size(vocab, cfg.model.make_vocab_size_divisible_by, par.tp)
+    arch = dataclasses.replace(arch, vocab_size=vocab)  # the real vocabulary: padding logits are masked
     # Random initialisation is skipped when every weight is loaded next (minutes on 8B+ models).
     weights_given = resume_from is not None or bool(cfg.model.load) or bool(cfg.model.pretrained)
     tconfig = transformer_config(arch, cfg, be, initialize=not weights_given)
-    chunks = build_model(arch, tconfig, padded, cfg.train.seq_length, be)
-    if cfg.model.load and resume_from is None:
+    lora = cfg.tuner.name == "lora"
+    chunks = build_model(arch, tconfig, padded, cfg.train.seq_length, be, unfuse_norms=lora)
+    # LoRA checkpoints hold the adapters only: the base is loaded again when resuming.
+    load_base = resume_from is None or lora
+    if cfg.model.load and load_base:
         _print0(f"initial weights from {ckpt.load_weights(cfg.model.load, chunks)}")
-    elif cfg.model.pretrained and resume_from is None:
+    elif cfg.model.pretrained and load_base:
         load_hf_weights(chunks, cfg.model.pretrained, arch, padded)
         _print0(f"initial weights from HF checkpoint {cfg.model.pretrained}")
+    _print0(apply_tuner(chunks, cfg))
     model = wrap_model(chunks, tconfig, par)
     optimizer = build_optimizer(model, tconfig, cfg.train, par)
     scheduler = build_scheduler(optimizer, cfg.train, length.total_iters)

@@ -10,6 +10,10 @@ unless --dtype says otherwise. The config.json of the run's model.pretrained
 folder is reused when that folder still exists; otherwise one is written from
 the architecture stored in the checkpoint. Tokenizer and generation files are
 copied from that folder.
+
+A LoRA run's checkpoint holds its adapters only: it is merged into the base
+(the run's model.pretrained, or --base) and written as a plain HF model, or
+with --export adapter written as a PEFT adapter folder for that base.
 """
 from __future__ import annotations
 
@@ -20,16 +24,17 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
-def convert(ckpt_path: str, out_dir: str, dtype: str | None = None, max_shard_gb: float = 5.0) -> str:
+def convert(ckpt_path: str, out_dir: str, dtype: str | None = None, max_shard_gb: float = 5.0,
+            export: str | None = None, base: str | None = None) -> str:
     from omegaconf import OmegaConf
 
     from megatron_swift.convert.hf_export import export_checkpoint
     from megatron_swift.training import checkpoint as ckpt
 
     path = ckpt.find_checkpoint(ckpt_path)
-    source = OmegaConf.load(os.path.join(path, "config.yaml")).model.get("pretrained")
+    source = base or OmegaConf.load(os.path.join(path, "config.yaml")).model.get("pretrained")
     export_checkpoint(path, out_dir, source if source and os.path.isdir(source) else None, dtype,
-                      max_shard_bytes=int(max_shard_gb * 2**30))
+                      max_shard_bytes=int(max_shard_gb * 2**30), export=export)
     return path
 
 
@@ -39,10 +44,13 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="new HF folder to write")
     parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="tensor dtype (default: as saved)")
     parser.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors file (GiB)")
+    parser.add_argument("--export", choices=("merged", "adapter"),
+                        help="LoRA runs: merged HF model or PEFT adapter (default: the run's tuner.export)")
+    parser.add_argument("--base", help="LoRA runs: the base HF folder (default: the run's model.pretrained)")
     args = parser.parse_args()
     try:
-        used = convert(args.ckpt, args.out, args.dtype, args.max_shard_gb)
-    except (FileExistsError, FileNotFoundError, KeyError) as e:
+        used = convert(args.ckpt, args.out, args.dtype, args.max_shard_gb, args.export, args.base)
+    except (FileExistsError, FileNotFoundError, KeyError, ValueError) as e:
         print(f"megatron-swift: error: {e}", file=sys.stderr)
         sys.exit(2)
     print(f"wrote {args.out} from {used}")

@@ -1,0 +1,130 @@
+"""Export a LoRA run (an adapter-only checkpoint) as a merged HF model or as a PEFT adapter folder.
+
+The checkpoint holds the adapters (and any module trained in full next to
+them); the base is the run's model.pretrained HF folder or model.load
+checkpoint, read again here. Both are streamed one decoder layer at a time.
+
+- merged: each adapted linear's update ``scale * B @ A`` (Megatron layout,
+  unsharded) is split into HF tensors by the family's table (fused QKV into
+  q/k/v, fused gate/up into gate/up) and added to the base tensors; modules
+  trained in full replace theirs. The result is a plain HF model.
+- adapter: PEFT's format. A fused linear's one A serves each HF projection it
+  feeds (q, k and v share A, as do gate and up) and B is split by the same
+  table, so ``peft`` applied to the HF base computes what the Megatron model
+  computes. Keys: ``base_model.model.<HF module>.lora_A.weight`` / ``lora_B``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from typing import Dict, Iterable, List, Tuple
+
+import torch
+from safetensors.torch import save_file
+
+from megatron_swift.convert.hf_load import Context, SafetensorsFolder, match_rule
+
+_HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+_ADAPTER = re.compile(r"^(?P<base>.*)_lora\.(?P<part>[ab])$")
+
+
+class HFBase:
+    """Base tensors from an HF folder, by decoder layer."""
+
+    def __init__(self, folder: str):
+        self.reader = SafetensorsFolder(folder)
+        self.layers: Dict[int, List[str]] = {}
+        self.rest: List[str] = []
+        for name in self.reader.file_of:
+            match = _HF_LAYER.match(name)
+            (self.layers.setdefault(int(match.group(1)), []) if match else self.rest).append(name)
+
+    def non_layer(self) -> Dict[str, torch.Tensor]:
+        return {name: self.reader.read(name) for name in self.rest}
+
+    def layer(self, index: int) -> Dict[str, torch.Tensor]:
+        return {name: self.reader.read(name) for name in self.layers.get(index, [])}
+
+
+class McoreBase:
+    """Base tensors from a megatron-swift checkpoint, turned into HF tensors by the family's table."""
+
+    def __init__(self, ckpt: str, rules, ctx: Context):
+        from megatron_swift.convert.hf_export import hf_tensors
+        from megatron_swift.convert.mcore_read import LayerwiseCheckpoint
+
+        self.reader, self.rules, self.ctx, self._hf = LayerwiseCheckpoint(ckpt), rules, ctx, hf_tensors
+
+    def _tensors(self, params, offset: int) -> Dict[str, torch.Tensor]:
+        return dict(self._hf(params, self.rules, self.ctx, offset, self.reader.dtype))
+
+    def non_layer(self) -> Dict[str, torch.Tensor]:
+        return self._tensors(self.reader.non_layer_params(), 0)
+
+    def layer(self, index: int) -> Dict[str, torch.Tensor]:
+        return self._tensors(self.reader.layer_params(index), index)
+
+
+def lora_scale(tuner) -> float:
+    return tuner.alpha / (math.sqrt(tuner.rank) if tuner.rslora else tuner.rank)
+
+
+def split_trained(params: Iterable[Tuple[str, torch.Tensor]]):
+    """({Megatron base weight name: (A, B)}, [(name, tensor) of parameters trained in full])."""
+    adapters: Dict[str, Dict[str, torch.Tensor]] = {}
+    full = []
+    for name, tensor in params:
+        match = _ADAPTER.match(name)
+        if match:
+            adapters.setdefault(match.group("base") + ".weight", {})[match.group("part")] = tensor
+        else:
+            full.append((name, tensor))
+    return {name: (parts["a"], parts["b"]) for name, parts in adapters.items()}, full
+
+
+def merge_into(base: Dict[str, torch.Tensor], trained, rules, ctx: Context, offset: int, scale: float) -> None:
+    """Add each adapter's update to the base HF tensors and put fully trained tensors in place, in place."""
+    from megatron_swift.convert.hf_export import hf_tensors
+
+    adapters, full = trained
+    for mname, (a, b) in adapters.items():
+        rule, layer = match_rule(mname, rules, {"layer": offset}, "export")
+        for hf_name, delta in rule.split((b.float() @ a.float()) * scale, layer, ctx).items():
+            base[hf_name] = (base[hf_name].float() + delta).to(base[hf_name].dtype)
+    for hf_name, tensor in hf_tensors(full, rules, ctx, offset, torch.float32):
+        base[hf_name] = tensor.to(base[hf_name].dtype)
+
+
+def peft_tensors(trained, rules, ctx: Context, offset: int) -> Dict[str, torch.Tensor]:
+    """PEFT keys and tensors of one section's adapters."""
+    adapters, full = trained
+    if full:
+        raise ValueError(f"tuner.export=adapter cannot hold parameters trained in full ({full[0][0]}, ...): "
+                         "export merged instead (tools/convert/mcore_to_hf.py --export merged)")
+    out = {}
+    for mname, (a, b) in adapters.items():
+        if ".experts." in mname:
+            raise ValueError("tuner.export=adapter does not cover MoE expert adapters; export merged instead")
+        rule, layer = match_rule(mname, rules, {"layer": offset}, "export")
+        for hf_name, b_part in rule.split(b, layer, ctx).items():
+            module = "base_model.model." + hf_name[: -len(".weight")]
+            out[f"{module}.lora_A.weight"] = a.contiguous().clone()
+            out[f"{module}.lora_B.weight"] = b_part.contiguous().clone()
+    return out
+
+
+def adapter_config(tuner, modules: Iterable[str], base: str, task: str) -> dict:
+    return {
+        "peft_type": "LORA", "task_type": "SEQ_CLS" if task == "rm" else "CAUSAL_LM",
+        "base_model_name_or_path": base, "r": tuner.rank, "lora_alpha": tuner.alpha,
+        "lora_dropout": tuner.dropout, "use_rslora": tuner.rslora, "bias": "none", "fan_in_fan_out": False,
+        "inference_mode": True, "target_modules": sorted(modules), "modules_to_save": None,
+    }
+
+
+def write_adapter(folder: str, tensors: Dict[str, torch.Tensor], config: dict) -> None:
+    save_file(tensors, os.path.join(folder, "adapter_model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(folder, "adapter_config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)

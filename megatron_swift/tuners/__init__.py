@@ -1,0 +1,15 @@
+"""Parameter-efficient fine-tuning and freezing: LoRA adapters (lora.py), which parameters train
+(freeze.py), global parameter names (names.py); apply.apply_tuner puts them on a model."""
+
+# train.freeze groups -> the regex (re.search on global Megatron names) each stands for.
+FREEZE_GROUPS = {
+    "embedding": r"^embedding\.",
+    "output_layer": r"^output_layer\.",
+    "attention": r"\.self_attention\.",
+    "mlp": r"\.mlp\.",
+    "router": r"\.mlp\.router\.",
+    "experts": r"\.mlp\.experts\.",
+    "norms": r"(layernorm|_norm)\.weight$|layer_norm_weight$",
+}
+# Megatron linears that tuner.target_modules may name (all-linear: every one of them).
+LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
