@@ -26,6 +26,6 @@ setup(
     extras_require={
         # Transformer Engine builds only against CUDA; NGC PyTorch containers ship it (and Apex).
         "te": ["transformer-engine[pytorch]>=2.0"],
-        "test": ["pytest>=8", "transformers>=4.45"],
+        "test": ["pytest>=8", "transformers>=4.45", "peft>=0.13"],
     },
 )

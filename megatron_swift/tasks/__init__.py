@@ -22,7 +22,8 @@ def task_class(name: str) -> type:
     return TASKS[name]
 
 
-def build_task(cfg, backend, arch, padded_vocab: int, datasets=(), output_dir: str = "."):
+def build_task(cfg, backend, arch, padded_vocab: int, datasets=(), output_dir: str = ".", model=None):
     """The task ``cfg.task.name`` for this run (validation has checked the name); ``datasets`` are
-    (name, dataset) pairs a task may precompute over, results kept in ``output_dir``."""
-    return TASKS[cfg.task.name].build(cfg, backend, arch, padded_vocab, datasets, output_dir)
+    (name, dataset) pairs a task may precompute over, results kept in ``output_dir``; ``model`` is the
+    policy (a LoRA policy with its adapters disabled is its own reference)."""
+    return TASKS[cfg.task.name].build(cfg, backend, arch, padded_vocab, datasets, output_dir, model=model)

@@ -17,7 +17,8 @@ class LMTask:
         self.packed_format = packed_format
 
     @classmethod
-    def build(cls, cfg, backend, arch, padded_vocab: int, datasets=(), output_dir: str = ".") -> "LMTask":
+    def build(cls, cfg, backend, arch, padded_vocab: int, datasets=(), output_dir: str = ".",
+              model=None) -> "LMTask":
         return cls(backend.packed_format)
 
     def forward_step(self):

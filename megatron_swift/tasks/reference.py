@@ -52,15 +52,21 @@ class ReferenceTask:
         self.seq_length, self.micro_batch_size = seq_length, micro_batch_size
         self.tables: Dict[int, torch.Tensor] = {}  # id(dataset) -> [items, 2] precomputed reference log-probs
 
+    # The policy itself, when the reference is the policy with its LoRA adapters disabled.
+    policy: Optional[List[torch.nn.Module]] = None
+
     @classmethod
-    def build(cls, cfg, backend, arch, padded_vocab: int, datasets=(), output_dir: str = "."):
-        task = cls(cfg.task, build_reference(cfg, backend, arch, padded_vocab), cfg.train.seq_length,
-                   cfg.train.micro_batch_size)
+    def build(cls, cfg, backend, arch, padded_vocab: int, datasets=(), output_dir: str = ".", model=None):
+        # With LoRA the base weights are frozen: the policy without its adapters is the reference.
+        base_is_reference = cfg.tuner.name == "lora" and not cfg.task.ref_model
+        reference = None if base_is_reference else build_reference(cfg, backend, arch, padded_vocab)
+        task = cls(cfg.task, reference, cfg.train.seq_length, cfg.train.micro_batch_size)
+        task.policy = model if base_is_reference else None
         if cfg.task.precompute_ref:
             for name, dataset in datasets:
                 task.tables[id(dataset)] = task.precompute(dataset, os.path.join(output_dir, f"ref_logps_{name}.pt"),
                                                            backend.torch_device)
-            task.reference = None  # the reference model is not needed any more: its memory is freed
+            task.reference = task.policy = None  # not needed any more: a reference model's memory is freed
             task.forward_passes = 1.0
         return task
 
@@ -99,9 +105,14 @@ class ReferenceTask:
         return table
 
     def _reference_logps(self, batches) -> None:
-        logps = collect(self.reference, batches, lm_forward,
-                        lambda batch, out: sequence_logps(out, batch.loss_mask)[0], self.seq_length,
-                        self.rows_per_sample * self.micro_batch_size)
+        def run(model):
+            return collect(model, batches, lm_forward, lambda batch, out: sequence_logps(out, batch.loss_mask)[0],
+                           self.seq_length, self.rows_per_sample * self.micro_batch_size)
+
+        if self.policy is not None:
+            logps = _base_of_policy(self.policy, run)
+        else:
+            logps = run(self.reference)
         if ps.is_pipeline_last_stage(ignore_virtual=True):
             for batch, ref in zip(batches, logps):
                 batch.ref_logps = ref.detach()
@@ -118,6 +129,21 @@ class ReferenceTask:
 
     def metrics(self, reports: List[dict], device) -> Dict[str, float]:
         return reduce_reports(reports, device)
+
+
+def _base_of_policy(policy, run):
+    """``run(policy)`` with the adapters disabled and dropout off, then the policy as it was."""
+    from megatron_swift.tuners.lora import adapters_disabled
+
+    modes = [chunk.training for chunk in policy]
+    for chunk in policy:
+        chunk.eval()
+    try:
+        with adapters_disabled(policy):
+            return run(policy)
+    finally:
+        for chunk, mode in zip(policy, modes):
+            chunk.train(mode)
 
 
 def per_item_reports(figures: Dict[str, torch.Tensor], count: torch.Tensor) -> Dict[str, torch.Tensor]:

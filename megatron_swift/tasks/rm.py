@@ -35,7 +35,8 @@ class RewardTask:
         self.cfg = task_cfg
 
     @classmethod
-    def build(cls, cfg, backend, arch, padded_vocab: int, datasets=(), output_dir: str = ".") -> "RewardTask":
+    def build(cls, cfg, backend, arch, padded_vocab: int, datasets=(), output_dir: str = ".",
+              model=None) -> "RewardTask":
         return cls(cfg.task)
 
     def prepare(self, batches, dataset=None) -> None:

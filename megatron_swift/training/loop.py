@@ -355,7 +355,7 @@ def setup(cfg) -> Trainer:
         os.makedirs(output_dir, exist_ok=True)
     dist.barrier()
     datasets = [("train", train_data)] + ([("eval", eval_data)] if eval_data is not None else [])
-    trainer.task = build_task(cfg, be, arch, padded, datasets, output_dir)
+    trainer.task = build_task(cfg, be, arch, padded, datasets, output_dir, model=model)
     trainer.sinks = Sinks(cfg, output_dir, OmegaConf.to_container(cfg, resolve=True), _log_rank(), progress)
     if dist.get_rank() == 0:
         os.makedirs(output_dir, exist_ok=True)

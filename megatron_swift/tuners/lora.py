@@ -109,8 +109,12 @@ class LoRAAdapter(MegatronModule):
                      else reduce_from_tensor_model_parallel_region(h, group=self.tp_group))
         return F.linear(h, self.b) * self.scale
 
+    enabled = True  # False: the base model alone (a DPO/KTO reference without its own copy of the weights)
+
     def hook(self, module, args, output):
         """Forward hook on the base linear: its (output, bias) with the update added to the output."""
+        if not self.enabled:
+            return output
         out, bias = output
         return out + self(args[0]).to(out.dtype), bias
 
@@ -162,3 +166,19 @@ def attach(chunks, tuner, seed: int, global_name) -> list:
             module.register_forward_hook(adapter.hook)
             adapted.append(name)
     return adapted
+
+
+class adapters_disabled:
+    """Context in which the model's LoRA adapters add nothing: the frozen base model."""
+
+    def __init__(self, model):
+        self.adapters = [m for chunk in model for m in chunk.modules() if isinstance(m, LoRAAdapter)]
+
+    def __enter__(self):
+        for adapter in self.adapters:
+            adapter.enabled = False
+        return self
+
+    def __exit__(self, *exc):
+        for adapter in self.adapters:
+            adapter.enabled = True

@@ -1,7 +1,9 @@
-"""Run under torchrun: train with task=dpo, then check the reference model against a fresh load of its source.
+"""Run under torchrun: train with task=dpo, then check the reference against a fresh load of its source.
 
 usage: dpo_worker.py <result.json> <override> [<override> ...]
-Writes {"reference_unchanged": bool, "reference_params": n} from rank 0.
+Writes {"reference_unchanged": bool, "reference_params": n} from rank 0: a separate reference model's
+weights are bitwise those of a fresh load; a LoRA policy's reference (the policy with its adapters
+disabled) gives the fresh model's log-probabilities on the first pairs of the data.
 """
 import json
 import os
@@ -9,6 +11,28 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
+
+
+def _same_weights(fresh, reference) -> tuple:
+    import torch
+
+    pairs = [(a, b) for chunk, ref in zip(fresh, reference) for a, b in zip(chunk.parameters(), ref.parameters())]
+    return float(all(torch.equal(a, b) for a, b in pairs)), len(pairs)
+
+
+def _same_logps(task, fresh, data, device) -> tuple:
+    import torch
+    from megatron.core import parallel_state as ps
+
+    batches = [data.collate([data[i] for i in range(k, k + task.micro_batch_size)]).to(device) for k in (0, 2)]
+    task._reference_logps(batches)  # the policy with its adapters disabled
+    policy_base = [b.ref_logps for b in batches]
+    task.reference, task.policy = fresh, None
+    task._reference_logps(batches)  # the freshly loaded base model
+    if not ps.is_pipeline_last_stage():
+        return 1.0, 0
+    diff = max((a - b.ref_logps).abs().max().item() for a, b in zip(policy_base, batches))
+    return float(diff < 1e-5), len(batches)
 
 
 def main() -> None:
@@ -25,13 +49,16 @@ def main() -> None:
     trainer.fit()
     trainer.sinks.close()
     fresh = build_reference(cfg, trainer.backend, trainer.arch, trainer.model_meta["padded_vocab_size"])
-    pairs = [(a, b) for chunk, ref in zip(fresh, trainer.task.reference)
-             for a, b in zip(chunk.parameters(), ref.parameters())]
-    same = torch.tensor(float(all(torch.equal(a, b) for a, b in pairs)))
-    dist.all_reduce(same, op=dist.ReduceOp.MIN)
+    if trainer.task.policy is not None:
+        same, checked = _same_logps(trainer.task, fresh, trainer.train_data, trainer.backend.torch_device)
+    else:
+        same, checked = _same_weights(fresh, trainer.task.reference)
+    result = torch.tensor([same, float(checked)])
+    dist.all_reduce(result[:1], op=dist.ReduceOp.MIN)
+    dist.all_reduce(result[1:], op=dist.ReduceOp.MAX)
     if dist.get_rank() == 0:
         with open(result_file, "w") as f:
-            json.dump({"reference_unchanged": bool(same.item()), "reference_params": len(pairs)}, f)
+            json.dump({"reference_unchanged": bool(result[0].item()), "reference_params": int(result[1].item())}, f)
     dist.barrier()
 
 

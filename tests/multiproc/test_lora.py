@@ -55,14 +55,24 @@ def test_lora_model_at_initialisation_equals_the_base_exactly(tmp_path, tiny_hf)
     assert torch.equal(base, lora)
 
 
-def test_tp2_trains_the_same_function_as_tp1(tmp_path, tiny_hf):
-    steps = ["train.train_iters=4", "train.lr=1e-2", "train.lr_warmup_iters=1", "train.global_batch_size=4"]
-    run_train(1, _base(tiny_hf, tmp_path / "tp1", *LORA, *steps))
-    run_train(2, _base(tiny_hf, tmp_path / "tp2", *LORA, *steps, "parallel.tp=2"))
-    one, two = read_metrics(tmp_path / "tp1"), read_metrics(tmp_path / "tp2")
+STEPS = ["train.train_iters=4", "train.lr=1e-2", "train.lr_warmup_iters=1", "train.global_batch_size=4"]
+
+
+@pytest.fixture(scope="module")
+def tp1_losses(tmp_path_factory, tiny_hf):
+    out = tmp_path_factory.mktemp("tp1")
+    run_train(1, _base(tiny_hf, out, *LORA, *STEPS))
+    return read_metrics(out)
+
+
+@pytest.mark.parametrize("layout", [["parallel.tp=2"], ["parallel.tp=2", "parallel.sp=true"], ["parallel.pp=2"]],
+                         ids=["tp2", "tp2-sp", "pp2"])
+def test_other_layouts_train_the_same_function_as_tp1(tmp_path, tiny_hf, tp1_losses, layout):
+    run_train(2, _base(tiny_hf, tmp_path / "run", *LORA, *STEPS, *layout))
+    one, two = tp1_losses, read_metrics(tmp_path / "run")
     assert len(one) == len(two) == 4 and one[-1]["loss"] < one[0]["loss"] - 0.05  # it does learn
     for a, b in zip(one, two):
-        assert abs(a["loss"] - b["loss"]) < 1e-5, (a["iteration"], a["loss"], b["loss"])
+        assert abs(a["loss"] - b["loss"]) < 1e-5, (layout, a["iteration"], a["loss"], b["loss"])
 
 
 @pytest.mark.parametrize("nproc,layout", [(1, []), (2, ["parallel.tp=2"])])
@@ -89,6 +99,30 @@ def test_merged_and_peft_exports_give_the_megatron_lora_logits(tmp_path, tiny_hf
     assert (peft_logits - megatron).abs().max() < 1e-4
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == 4 and "q_proj" in config["target_modules"]
+
+
+def test_lora_on_moe_experts_merges_into_the_hf_model(tmp_path):
+    from tests.multiproc.test_hf_load import _MOE
+
+    hf = tmp_path / "hf"
+    _save_tiny("qwen3_moe", hf, **dict(_MOE, norm_topk_prob=True))
+    run = tmp_path / "run"
+    overrides = [*_base(hf, run, *LORA, "train.train_iters=3", "train.lr=2e-2", "parallel.ep=2", "parallel.etp=1"),
+                 "+model=qwen3_moe"]
+    overrides.remove("+model=qwen3")
+    run_train(2, overrides)
+    tokens, megatron = _logits(tmp_path, 2, overrides, "megatron")
+    proc = subprocess.run(["python", str(CONVERT), "--ckpt", str(run), "--out", str(tmp_path / "merged")], cwd=ROOT,
+                          env=train_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").float().eval()
+    with torch.no_grad():
+        assert (merged(tokens).logits - megatron).abs().max() < 1e-4
+    from safetensors.torch import load_file
+
+    before, after = load_file(hf / "model.safetensors"), load_file(tmp_path / "merged" / "model.safetensors")
+    expert = "model.layers.0.mlp.experts.5.gate_proj.weight"  # on the second EP rank
+    assert not torch.equal(before[expert], after[expert])  # the experts' adapters were trained and merged
 
 
 def test_adapter_only_checkpoint_resumes_exactly(tmp_path, tiny_hf):

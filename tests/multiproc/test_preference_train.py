@@ -42,9 +42,12 @@ def test_policy_equal_to_reference_gives_log_2(tmp_path, tiny_hf, nproc, layout)
     assert first["rewards/accuracies"] == 0.0 and first["rewards/margins"] == 0.0
 
 
-def test_dpo_learns_the_preference_and_leaves_the_reference_unchanged(tmp_path, tiny_hf):
+@pytest.mark.parametrize("tuner", [[], ["tuner=lora", "parallel.tp=2", "train.lr=1e-2"]], ids=["full", "lora-tp2"])
+def test_dpo_learns_the_preference_and_leaves_the_reference_unchanged(tmp_path, tiny_hf, tuner):
+    # With LoRA the reference is the policy with its adapters disabled (no second copy of the weights).
     result = tmp_path / "result.json"
-    overrides = [*_base(tiny_hf, tmp_path / "run"), "train.train_iters=30", "train.lr=1e-3", "train.max_epochs=null"]
+    overrides = [*_base(tiny_hf, tmp_path / "run"), "train.train_iters=30", "train.lr=1e-3", "train.max_epochs=null",
+                 *tuner]
     proc = subprocess.run(launch_cmd(2, [str(result), *overrides], script=WORKER), cwd=ROOT, env=train_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-5000:]
