@@ -230,16 +230,44 @@ class LoggingConfig:
 
 @dataclass
 class ClusterConfig:
-    """Where the ranks run; the local group is a single node started by torchrun."""
+    """Where the ranks run: this node under torchrun (local), or a SLURM job written by launch/slurm.py."""
 
     name: str = "local"
-    """Cluster kind: local (torchrun on this node)."""
+    """Cluster kind: local (torchrun on this node) or slurm (launch/slurm.py writes and submits an sbatch script)."""
     nodes: int = 1
     """Number of nodes."""
     gpus_per_node: int = 8
     """Devices per node (used for planning and launch scripts)."""
     dist_timeout_minutes: int = 30
     """Timeout of collective operations before a hang is reported."""
+    partition: Optional[str] = None
+    """SLURM partition (None: the cluster's default)."""
+    account: Optional[str] = None
+    """SLURM account to charge (None: the user's default)."""
+    time: str = "24:00:00"
+    """SLURM time limit of one job (a requeued job gets it again)."""
+    image: Optional[str] = None
+    """Container image for pyxis/enroot (srun --container-image); None runs on the nodes' own Python."""
+    container_mounts: List[str] = field(default_factory=list)
+    """host:container paths to mount (srun --container-mounts); the run directory must be on shared storage."""
+    workdir: Optional[str] = None
+    """The project's directory as the nodes see it (None: this checkout; in a container, where it is mounted)."""
+    job_name: Optional[str] = None
+    """SLURM job name (None: megatron-swift-<family>-<size>)."""
+    master_port: int = 29500
+    """Port of the c10d rendezvous on the first node."""
+    requeue: bool = True
+    """Requeue the job when SLURM signals preemption or the time limit; it resumes from the latest checkpoint."""
+    signal_seconds: int = 120
+    """How long before the end SLURM signals the job (sbatch --signal=B:USR1@seconds)."""
+    sbatch_extra: List[str] = field(default_factory=list)
+    """More #SBATCH options, e.g. ['--exclusive', '--mem=0']."""
+    dry_run: bool = False
+    """Write the sbatch script but do not submit it."""
+    gpu: str = "h100-80gb"
+    """Accelerator kind for tools/plan.py (h100-80gb, h200-141gb, a100-80gb)."""
+    gpus: Optional[int] = None
+    """Total devices for tools/plan.py (None: nodes x gpus_per_node)."""
 
 
 @dataclass

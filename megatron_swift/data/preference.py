@@ -142,71 +142,75 @@ def _side(prompt: List[dict], completion: str, template, tokenizer):
                   "last_assistant")
 
 
-def _append(samples: _Samples, encoded) -> None:
-    samples.ids.append(encoded[0])
-    samples.targets.append(encoded[1])
-
-
 def _summary(kind: str, paths, counts: Counts, template, items: int) -> str:
     return (f"{kind}:{','.join(paths)} ({counts.rows} rows, template {template.name}: {items} items, "
             f"{counts.skipped} bad rows skipped, {counts.truncated} truncated, {counts.dropped} dropped)")
+
+
+def _encoded_rows(paths: Sequence[str], data_cfg, seq_length: int, counts: Counts, encode_row, subject: str,
+                  extras: list) -> list:
+    """The encoded sides of every kept row of the files; ``encode_row`` may append per-row values to
+    ``extras``, which are trimmed again for rows skipped or dropped (see sft.row_encoder)."""
+    encode_line = row_encoder(data_cfg, seq_length, counts, encode_row, subject)
+    rows = []
+    for path, line_no, line in jsonl_lines(paths):
+        counts.rows += 1
+        before = len(extras)
+        sides = encode_line(line, path, line_no)
+        if sides is None:
+            del extras[before:]
+        else:
+            rows.append(sides)
+    return rows
+
+
+def _samples(sides) -> _Samples:
+    samples = _Samples()
+    for ids, targets in sides:
+        samples.ids.append(ids)
+        samples.targets.append(targets)
+    return samples
 
 
 def preference_source(paths: Sequence[str], data_cfg, tokenizer, seq_length: int, template_folder) -> PairedRows:
     """Encoded pairs (chosen, rejected) of all files, with each pair's margin; bad rows raise
     DataError(file, line) or are skipped (data.on_error=skip)."""
     template = load_template(data_cfg.template, template_folder)
-    chosen, rejected, margins, counts = _Samples(), _Samples(), [], Counts()
+    margins, counts = [], Counts()
 
     def encode_pair(row):
         prompt, good, bad = to_pair(row)
-        margins.append(pair_margin(row))  # dropped again below when the row is not kept
+        margins.append(pair_margin(row))
         return [_side(prompt, good, template, tokenizer), _side(prompt, bad, template, tokenizer)]
 
-    encode_line = row_encoder(data_cfg, seq_length, counts, encode_pair, "pair")
-    for path, line_no, line in jsonl_lines(paths):
-        counts.rows += 1
-        kept = len(margins)
-        pair = encode_line(line, path, line_no)
-        if pair is None:
-            del margins[kept:]
-            continue
-        _append(chosen, pair[0])
-        _append(rejected, pair[1])
-    if not chosen.ids:
+    pairs = _encoded_rows(paths, data_cfg, seq_length, counts, encode_pair, "pair", margins)
+    if not pairs:
         raise DataError(",".join(paths), None, f"no usable preference pairs ({counts.rows} rows)")
-    return PairedRows(chosen, rejected, seq_length, tokenizer.pad, _summary("preference", paths, counts, template,
-                                                                             len(chosen.ids)),
+    return PairedRows(_samples(p[0] for p in pairs), _samples(p[1] for p in pairs), seq_length, tokenizer.pad,
+                      _summary("preference", paths, counts, template, len(pairs)),
                       {"margin": np.asarray(margins, dtype=np.float32)})
 
 
 def kto_source(paths: Sequence[str], data_cfg, tokenizer, seq_length: int, template_folder) -> PairedRows:
     """Encoded KTO examples with their KL rows and labels; bad rows raise DataError(file, line) or are skipped."""
     template = load_template(data_cfg.template, template_folder)
-    examples, kept, counts = _Samples(), [], Counts()
+    kept, counts = [], Counts()
 
     def encode_example(row):
         prompt, completion, label = to_example(row)
         kept.append((prompt, completion, label))
         return [_side(prompt, completion, template, tokenizer)]
 
-    encode_line = row_encoder(data_cfg, seq_length, counts, encode_example, "example")
-    for path, line_no, line in jsonl_lines(paths):
-        counts.rows += 1
-        before = len(kept)
-        encoded = encode_line(line, path, line_no)
-        if encoded is None:
-            del kept[before:]
-            continue
-        _append(examples, encoded[0])
+    examples = _encoded_rows(paths, data_cfg, seq_length, counts, encode_example, "example", kept)
     if len(kept) < 2:
         raise DataError(",".join(paths), None, f"KTO needs at least 2 usable examples ({counts.rows} rows, "
                         f"{len(kept)} usable): the KL estimate pairs prompts with other examples' completions")
-    kl = _Samples()
+    kl = []
     for i, (prompt, _, _) in enumerate(kept):
         ids, targets = _side(prompt, kept[(i + 1) % len(kept)][1], template, tokenizer)
-        _append(kl, (ids[:seq_length], targets[:seq_length]))  # only an estimate: a long one is cut
+        kl.append((ids[:seq_length], targets[:seq_length]))  # only an estimate: a long one is cut
     labels = np.asarray([label for _, _, label in kept])
     description = (_summary("kto", paths, counts, template, len(kept))
                    + f", {int(labels.sum())} desirable / {int((~labels).sum())} undesirable")
-    return PairedRows(examples, kl, seq_length, tokenizer.pad, description, {"desirable": labels})
+    return PairedRows(_samples(e[0] for e in examples), _samples(kl), seq_length, tokenizer.pad, description,
+                      {"desirable": labels})

@@ -21,7 +21,6 @@ def _same_weights(fresh, reference) -> tuple:
 
 
 def _same_logps(task, fresh, data, device) -> tuple:
-    import torch
     from megatron.core import parallel_state as ps
 
     batches = [data.collate([data[i] for i in range(k, k + task.micro_batch_size)]).to(device) for k in (0, 2)]

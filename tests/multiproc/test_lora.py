@@ -22,13 +22,6 @@ transformers = pytest.importorskip("transformers")
 CONVERT = ROOT / "tools" / "convert" / "mcore_to_hf.py"
 
 
-@pytest.fixture(scope="module")
-def tiny_hf(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("hf")
-    _save_tiny("qwen3", folder, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False)
-    return folder
-
-
 def _base(hf, out, *extra):
     return ["+model=qwen3", f"model.pretrained={hf}", "data=sft", "data.tokenizer=byte", "data.truncation=truncate",
             "train.seq_length=64", "train.precision=fp32", "train.device=cpu", "logging.tensorboard=false",
@@ -65,8 +58,9 @@ def tp1_losses(tmp_path_factory, tiny_hf):
     return read_metrics(out)
 
 
-@pytest.mark.parametrize("layout", [["parallel.tp=2"], ["parallel.tp=2", "parallel.sp=true"], ["parallel.pp=2"]],
-                         ids=["tp2", "tp2-sp", "pp2"])
+@pytest.mark.parametrize("layout", [["parallel.tp=2"], ["parallel.tp=2", "parallel.sp=true"], ["parallel.pp=2"],
+                                    ["parallel.distributed_optimizer=true"]],
+                         ids=["tp2", "tp2-sp", "pp2", "dp2-distopt"])
 def test_other_layouts_train_the_same_function_as_tp1(tmp_path, tiny_hf, tp1_losses, layout):
     run_train(2, _base(tiny_hf, tmp_path / "run", *LORA, *STEPS, *layout))
     one, two = tp1_losses, read_metrics(tmp_path / "run")

@@ -13,18 +13,10 @@ import subprocess
 import pytest
 
 from tests.conftest import ROOT, launch_cmd, read_metrics, run_train, train_env
-from tests.multiproc.test_hf_load import _save_tiny
 
 transformers = pytest.importorskip("transformers")
 WORKER = ROOT / "tests" / "multiproc" / "dpo_worker.py"
 RM_WORKER = ROOT / "tests" / "multiproc" / "rm_worker.py"
-
-
-@pytest.fixture(scope="module")
-def tiny_hf(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("hf")
-    _save_tiny("qwen3", folder, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False)
-    return folder
 
 
 def _base(hf, out, task="dpo", data="prefs"):

@@ -12,7 +12,6 @@ Extra arguments go to both runs (e.g. parallel.tp=2 train.device=cuda).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -20,19 +19,8 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def make_model(folder: str, hidden: int, layers: int) -> int:
-    import torch
-    import transformers
-
-    config = transformers.Qwen3Config(vocab_size=300, hidden_size=hidden, intermediate_size=3 * hidden,
-                                      num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=4,
-                                      head_dim=hidden // 8, tie_word_embeddings=False, max_position_embeddings=256)
-    torch.manual_seed(0)
-    model = transformers.Qwen3ForCausalLM(config)
-    model.save_pretrained(folder)
-    return sum(p.numel() for p in model.parameters())
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from model_runs import make_model, size_args  # noqa: E402
 
 
 def run(work: str, name: str, nproc: int, overrides: list) -> dict:
@@ -49,12 +37,7 @@ def run(work: str, name: str, nproc: int, overrides: list) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--nproc", type=int, default=2)
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=3)
-    args, extra = parser.parse_known_args()
+    args, extra = size_args(__doc__)
     with tempfile.TemporaryDirectory() as work:
         hf = os.path.join(work, "hf")
         params = make_model(hf, args.hidden, args.layers)

@@ -13,7 +13,6 @@ runs (e.g. parallel.tp=2 train.device=cuda).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -24,30 +23,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 
 
-def _tensor_bytes(value) -> int:
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
-    if isinstance(value, dict):
-        return sum(_tensor_bytes(v) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return sum(_tensor_bytes(v) for v in value)
-    return 0
-
-
-def optimizer_bytes(optimizer) -> int:
-    """Adam state plus fp32 main parameters (bf16/fp16 runs), over every chained optimizer."""
-    total = 0
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = opt.optimizer
-        total += sum(_tensor_bytes(state) for state in inner.state.values())
-        for group in getattr(opt, "shard_fp32_from_float16_groups", None) or \
-                getattr(opt, "fp32_from_float16_groups", None) or []:
-            total += _tensor_bytes(group)
-    return total
-
-
 def worker(result_file: str, overrides: list) -> None:
     import resource
 
@@ -55,19 +30,19 @@ def worker(result_file: str, overrides: list) -> None:
     import torch.distributed as dist
 
     from megatron_swift.config.compose import compose
+    from megatron_swift.plan.measure import allocated
     from megatron_swift.training.loop import setup
 
     trainer = setup(compose(overrides))
     trainer.fit()
     trainer.sinks.close()
-    grads = sum(_tensor_bytes(b.grad_data) for chunk in trainer.model for b in chunk.buffers)
+    held = allocated(trainer.model, trainer.optimizer)
     if torch.cuda.is_available() and trainer.backend.device == "cuda":
         peak = torch.cuda.max_memory_allocated()
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    mine = {"rank": dist.get_rank(), "optimizer_bytes": optimizer_bytes(trainer.optimizer), "grad_bytes": grads,
-            "peak_bytes": peak,
-            "trainable": sum(p.numel() for c in trainer.model for p in c.parameters() if p.requires_grad)}
+    mine = {"rank": dist.get_rank(), "optimizer_bytes": held["optimizer"], "grad_bytes": held["grads"],
+            "peak_bytes": peak, "trainable": held["trainable"]}
     rows = [None] * dist.get_world_size()
     dist.all_gather_object(rows, mine)
     if dist.get_rank() == 0:
@@ -90,14 +65,9 @@ def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "--worker":
         return worker(sys.argv[2], sys.argv[3:])
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from dpo_memory import make_model
+    from model_runs import make_model, size_args
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--nproc", type=int, default=2)
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=3)
-    args, extra = parser.parse_known_args()
+    args, extra = size_args(__doc__)
     with tempfile.TemporaryDirectory() as work:
         hf = os.path.join(work, "hf")
         params = make_model(hf, args.hidden, args.layers)

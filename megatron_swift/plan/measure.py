@@ -1,0 +1,41 @@
+"""What the trainer really allocated on this rank: weights, DDP gradient buffers, optimizer state.
+
+The ground truth the planner (plan.memory) is tested against, and what the memory benchmarks print."""
+from __future__ import annotations
+
+from typing import Dict
+
+
+def tensor_bytes(value) -> int:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(tensor_bytes(v) for v in value)
+    return 0
+
+
+def optimizer_bytes(optimizer) -> int:
+    """Adam state plus fp32 main parameters (bf16/fp16 runs), over every chained optimizer."""
+    total = 0
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        total += sum(tensor_bytes(state) for state in opt.optimizer.state.values())
+        main = getattr(opt, "shard_fp32_from_float16_groups", None) or getattr(opt, "fp32_from_float16_groups", None)
+        total += tensor_bytes(main or [])
+    return total
+
+
+def allocated(model, optimizer) -> Dict[str, int]:
+    """Bytes of this rank's weights, gradient buffers and optimizer state; trainable parameter count."""
+    params = [p for chunk in model for p in chunk.parameters()]
+    return {
+        "params": sum(p.numel() for p in params),
+        "trainable": sum(p.numel() for p in params if p.requires_grad),
+        "weights": sum(p.numel() * p.element_size() for p in params),
+        "grads": sum(tensor_bytes(b.grad_data) for chunk in model
+                     for b in list(chunk.buffers) + list(getattr(chunk, "expert_parallel_buffers", []))),
+        "optimizer": optimizer_bytes(optimizer),
+    }

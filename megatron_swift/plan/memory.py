@@ -1,0 +1,153 @@
+"""Per-rank memory of a training layout, from the architecture alone.
+
+Parameters are counted as megatron-core allocates them (local or TE specs
+alike): per decoder layer the norms (replicated), fused QKV and output
+projections (split over TP), the MLP (fc1 = gate+up and fc2 split over TP) or,
+for MoE, the router (replicated) and this rank's ``experts / ep`` experts
+(split over expert-TP); the embedding on the first stage and the output layer
+(its own, or the tied copy when PP>1) and final norm on the last, split over
+TP by the padded vocabulary. The rank reported is the largest stage.
+
+Bytes per parameter, as the trainer sets things up (training/optim.py):
+weights in the compute dtype (2 for bf16/fp16, 4 for fp32); gradients in an
+fp32 buffer (grad_reduce_in_fp32) = 4; optimizer Adam moments 8, plus an fp32
+main copy 4 for bf16/fp16, divided over the data-parallel ranks with the
+distributed optimizer (experts over their expert-data-parallel ranks).
+
+Activations per micro-batch and layer follow Korthikanti et al. (2022),
+"Reducing Activation Recomputation in Large Transformer Models", with s the
+sequence, b the micro-batch, h hidden, a heads, t = TP: no recompute
+``s·b·h·(34 + 5·a·s/h)/t`` with sequence parallelism (``s·b·h·(10 + 24/t +
+5·a·s/(h·t))`` without); selective (core attention recomputed)
+``34·s·b·h/t`` (``s·b·h·(10 + 24/t)``); full: the layer input ``2·s·b·h``
+(/t with SP) per layer plus one layer's full set while it is recomputed. The
+first pipeline stage holds ``min(pp, micro-batches)`` micro-batches in flight
+(1F1B); the last stage adds fp32 logits ``4·s·b·V/t``. These are estimates
+(GPT-style MLP constants; SwiGLU and GQA differ a little), meant for ranking;
+weights, gradients and optimizer state are exact up to bucket padding.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    etp: int = 1
+    dp: int = 1
+    sp: bool = False
+    distributed_optimizer: bool = True
+    recompute: str = "none"  # none, selective, full
+    micro_batch_size: int = 1
+    num_microbatches: int = 1
+
+    @property
+    def world(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    @property
+    def expert_dp(self) -> int:
+        return max(1, self.world // (self.pp * self.ep * self.etp))
+
+
+def layout_of(cfg, world: int) -> Layout:
+    """The Layout of a run's config on ``world`` ranks."""
+    par, train = cfg.parallel, cfg.train
+    dp = world // (par.tp * par.pp * par.cp)
+    return Layout(tp=par.tp, pp=par.pp, ep=par.ep, etp=par.etp if par.etp is not None else par.tp, dp=dp,
+                  sp=par.sp, distributed_optimizer=par.distributed_optimizer, recompute=train.recompute,
+                  micro_batch_size=train.micro_batch_size,
+                  num_microbatches=train.global_batch_size // (train.micro_batch_size * dp))
+
+
+def layer_params(arch, layout: Layout) -> Dict[str, int]:
+    """Parameters of one decoder layer on one rank: {"dense": n, "expert": n}."""
+    h, t = arch.hidden_size, layout.tp
+    q, kv = arch.num_attention_heads * arch.kv_channels, arch.num_query_groups * arch.kv_channels
+    dense = 2 * h  # input and pre-MLP norms
+    dense += h * (q + 2 * kv) // t + q * h // t
+    if arch.family.add_qkv_bias:
+        dense += (q + 2 * kv) // t
+    if arch.family.qk_layernorm:
+        dense += 2 * arch.kv_channels
+    expert = 0
+    if arch.is_moe:
+        dense += arch.num_experts * h  # router
+        expert = (arch.num_experts // layout.ep) * 3 * arch.moe_ffn_hidden_size * h // layout.etp
+    else:
+        dense += 3 * arch.ffn_hidden_size * h // t
+    return {"dense": dense, "expert": expert}
+
+
+def stage_params(arch, padded_vocab: int, layout: Layout, stage: int) -> Dict[str, int]:
+    """Parameters held by a rank of pipeline stage ``stage``."""
+    per_layer = layer_params(arch, layout)
+    layers = arch.num_layers // layout.pp
+    dense, expert = per_layer["dense"] * layers, per_layer["expert"] * layers
+    vocab_block = padded_vocab * arch.hidden_size // layout.tp
+    if stage == 0:
+        dense += vocab_block
+    if stage == layout.pp - 1:
+        dense += arch.hidden_size  # final norm
+        if arch.untie_embeddings or layout.pp > 1:
+            dense += vocab_block
+    return {"dense": dense, "expert": expert}
+
+
+def activation_bytes(arch, padded_vocab: int, layout: Layout, seq_length: int, stage: int) -> int:
+    s, b, h, a, t = seq_length, layout.micro_batch_size, arch.hidden_size, arch.num_attention_heads, layout.tp
+    sp = layout.sp and t > 1
+    if layout.recompute == "full":
+        stored = 2 * s * b * h / (t if sp else 1)
+        full = s * b * h * (34 + 5 * a * s / h) / t if sp else s * b * h * (10 + 24 / t + 5 * a * s / (h * t))
+        per_layer, extra = stored, full
+    elif layout.recompute == "selective":
+        per_layer, extra = (34 * s * b * h / t if sp else s * b * h * (10 + 24 / t)), 0
+    else:
+        per_layer = s * b * h * (34 + 5 * a * s / h) / t if sp else s * b * h * (10 + 24 / t + 5 * a * s / (h * t))
+        extra = 0
+    in_flight = min(layout.pp - stage, layout.num_microbatches)  # 1F1B: stage k holds pp - k micro-batches
+    total = per_layer * (arch.num_layers // layout.pp) * in_flight + extra
+    if stage == layout.pp - 1:
+        total += 4 * s * b * padded_vocab / t
+    return int(total)
+
+
+@dataclass(frozen=True)
+class RankMemory:
+    """Bytes on the most loaded rank."""
+
+    params: int
+    weights: int
+    grads: int
+    optimizer: int
+    activations: int
+    stage: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.grads + self.optimizer + self.activations
+
+
+def rank_memory(arch, padded_vocab: int, layout: Layout, seq_length: int, precision: str = "bf16",
+                stage: Optional[int] = None) -> RankMemory:
+    """Memory of a rank of ``stage`` (default: the stage needing the most)."""
+    if stage is None:
+        return max((rank_memory(arch, padded_vocab, layout, seq_length, precision, k) for k in range(layout.pp)),
+                   key=lambda m: m.total)
+    n = stage_params(arch, padded_vocab, layout, stage)
+    count = n["dense"] + n["expert"]
+    low = precision in ("bf16", "fp16")
+    per_param_optimizer = 8 + (4 if low else 0)
+    if layout.distributed_optimizer:
+        optimizer = per_param_optimizer * (n["dense"] / layout.dp + n["expert"] / layout.expert_dp)
+    else:
+        optimizer = per_param_optimizer * count
+    return RankMemory(params=count, weights=count * (2 if low else 4), grads=count * 4, optimizer=int(optimizer),
+                      activations=activation_bytes(arch, padded_vocab, layout, seq_length, stage), stage=stage)

@@ -1,0 +1,73 @@
+"""Candidate layouts for a model on a cluster, the ones that fit ranked by an estimated step time.
+
+Step time = model FLOPs of the step / (devices x peak x 0.45), stretched by
+the pipeline bubble ``(pp - 1) / (micro-batches x vpp)``, by tensor
+parallelism (5 % per extra rank inside a node; TP beyond a node is not
+proposed), by expert all-to-all (3 % per extra EP rank) and by recompute
+(full: x 4/3, selective: x 1.03). It is a ranking device, not a promise:
+the factors are typical of Megatron-LM reports, to be calibrated with the
+trainer's own MFU figures on the target machine.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List
+
+from megatron_swift.plan.memory import GIB, Layout, RankMemory, rank_memory
+from megatron_swift.training.flops import flops_per_step
+
+# usable memory (GiB) and dense BF16 peak (TFLOP/s) per device
+GPUS = {"h100-80gb": (79.6, 989.0), "h200-141gb": (139.8, 989.0), "a100-80gb": (79.2, 312.0),
+        "a100-40gb": (39.4, 312.0), "b200-180gb": (178.0, 2250.0)}
+HEADROOM_GIB = 4.0  # CUDA context, NCCL buffers, allocator fragmentation
+MFU = 0.45
+
+
+@dataclass(frozen=True)
+class Candidate:
+    layout: Layout
+    memory: RankMemory
+    step_s: float
+    fits: bool
+
+
+def _divisors(n: int, limit: int) -> List[int]:
+    return [d for d in range(1, min(n, limit) + 1) if n % d == 0]
+
+
+def step_time(arch, padded_vocab: int, layout: Layout, seq_length: int, global_batch: int, peak_tflops: float) -> float:
+    ideal = flops_per_step(arch, seq_length, padded_vocab, global_batch) / (layout.world * peak_tflops * 1e12 * MFU)
+    factor = 1 + (layout.pp - 1) / layout.num_microbatches
+    factor *= 1 + 0.05 * (layout.tp - 1) + 0.03 * (layout.ep - 1)
+    factor *= {"none": 1.0, "selective": 1.03, "full": 4 / 3}[layout.recompute]
+    return ideal * factor
+
+
+def candidates(arch, padded_vocab_of, gpus: int, gpus_per_node: int, gpu: str, seq_length: int,
+               global_batch: int, precision: str = "bf16") -> List[Candidate]:
+    """Every valid layout on ``gpus`` devices, best first (fitting ones before the others).
+
+    ``padded_vocab_of(tp)`` is the padded vocabulary under a TP size."""
+    memory_gib, peak = GPUS[gpu]
+    out = []
+    for tp in _divisors(gpus_per_node, 8):
+        if arch.num_attention_heads % tp or arch.num_query_groups % tp:
+            continue
+        for pp in _divisors(arch.num_layers, 64):
+            if gpus % (tp * pp):
+                continue
+            dp = gpus // (tp * pp)
+            if global_batch % dp:
+                continue
+            for ep in (_divisors(arch.num_experts, dp * tp) if arch.is_moe else [1]):
+                if arch.is_moe and (dp * tp) % ep:
+                    continue
+                for recompute in ("none", "selective", "full"):
+                    layout = Layout(tp=tp, pp=pp, ep=ep, etp=1, dp=dp, sp=tp > 1, recompute=recompute,
+                                    num_microbatches=global_batch // dp)
+                    padded = padded_vocab_of(tp)
+                    memory = rank_memory(arch, padded, layout, seq_length, precision)
+                    fits = memory.total / GIB <= memory_gib - HEADROOM_GIB
+                    out.append(Candidate(layout, memory, step_time(arch, padded, layout, seq_length, global_batch,
+                                                                   peak), fits))
+    return sorted(out, key=lambda c: (not c.fits, c.step_s))

@@ -1,0 +1,39 @@
+"""The layout planner's weight, gradient and optimizer bytes are what the trainer allocates (within 2 %)."""
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from tests.conftest import ROOT, launch_cmd, train_env
+
+WORKER = ROOT / "tests" / "multiproc" / "plan_worker.py"
+# Big enough that megatron-core's bucket padding is well under the tolerance.
+DENSE = ["+model=qwen3", "model.hidden_size=256", "model.ffn_hidden_size=768", "model.num_layers=4",
+         "model.num_attention_heads=8", "model.num_query_groups=4", "model.kv_channels=32"]
+MOE = ["+model=qwen3_moe", "model.hidden_size=256", "model.moe_ffn_hidden_size=256", "model.num_layers=2",
+       "model.num_attention_heads=8", "model.num_query_groups=4", "model.kv_channels=32"]
+CASES = {
+    "tp2-fp32": (DENSE, ["parallel.tp=2", "train.precision=fp32"]),
+    "pp2-fp32": (DENSE, ["parallel.pp=2", "train.precision=fp32"]),
+    "dp2-bf16-distopt": (DENSE, ["train.precision=bf16", "parallel.distributed_optimizer=true"]),
+    "ep2-fp32": (MOE, ["parallel.ep=2", "train.precision=fp32"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_planned_bytes_match_the_allocation(tmp_path, case):
+    model, layout = CASES[case]
+    result = tmp_path / "rows.json"
+    overrides = [*model, *layout, "train.device=cpu", "train.train_iters=1", "train.seq_length=32",
+                 "train.global_batch_size=4", "train.micro_batch_size=1", "train.save_at_end=false",
+                 "logging.tensorboard=false", f"train.output_dir={tmp_path / 'run'}"]
+    proc = subprocess.run(launch_cmd(2, [str(result), *overrides], script=WORKER), cwd=ROOT, env=train_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    for row in json.loads(result.read_text()):
+        measured, planned = row["measured"], row["planned"]
+        assert measured["params"] == planned["params"], row  # the parameter count is exact
+        for key in ("weights", "grads", "optimizer"):
+            assert abs(planned[key] - measured[key]) <= 0.02 * measured[key], (case, row["rank"], key, row)

@@ -1,0 +1,76 @@
+"""Which layout for this model on these GPUs? Per-rank memory of candidate layouts, ranked by step time.
+
+    python tools/plan.py +model=qwen3 model.size=32b train.seq_length=8192 train.global_batch_size=512 \
+        cluster.gpus=64 cluster.gpu=h100-80gb [cluster.gpus_per_node=8] [--top 10]
+
+For each valid (TP, PP, EP, recompute) on cluster.gpus devices (TP within a
+node, SP with TP, the distributed optimizer, micro-batch 1) it prints the
+largest rank's weights, gradients, optimizer state (with and without the
+distributed optimizer) and activations, the estimated step time, and for the
+best layout that fits the command line to run. Formulas:
+megatron_swift/plan/memory.py and search.py.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:7.1f}"
+
+
+def main(argv) -> None:
+    from megatron_swift.config.compose import compose
+    from megatron_swift.models.arch import padded_vocab_size, resolve
+    from megatron_swift.plan.memory import rank_memory
+    from megatron_swift.plan.search import GPUS, candidates
+
+    top = 10
+    if "--top" in argv:
+        at = argv.index("--top")
+        top, argv = int(argv[at + 1]), argv[:at] + argv[at + 2:]
+    cfg = compose(argv)
+    arch = resolve(cfg.model)
+    if arch.vocab_size is None:
+        from megatron_swift.data.tokenizer import build_tokenizer
+
+        arch = dataclasses.replace(arch, vocab_size=build_tokenizer(cfg.data.tokenizer or "byte").vocab_size)
+    cluster, train = cfg.cluster, cfg.train
+    if cluster.gpu not in GPUS:
+        raise SystemExit(f"cluster.gpu={cluster.gpu} is not one of: {', '.join(GPUS)}")
+    gpus = cluster.gpus or cluster.nodes * cluster.gpus_per_node
+    precision = "bf16" if train.precision in ("auto", "bf16") else train.precision
+    found = candidates(arch, lambda tp: padded_vocab_size(arch.vocab_size, cfg.model.make_vocab_size_divisible_by, tp),
+                       gpus, cluster.gpus_per_node, cluster.gpu, train.seq_length, train.global_batch_size, precision)
+    print(f"{arch.family.name}-{cfg.model.size}: seq {train.seq_length}, global batch {train.global_batch_size}, "
+          f"{gpus} x {cluster.gpu} ({GPUS[cluster.gpu][0]:.0f} GiB); GiB on the largest rank, distributed optimizer")
+    print("  tp pp ep  dp recompute   weights  grads  optim  (no dist-opt)  activ   total  fits  step s")
+    for c in found[:top]:
+        lay, mem = c.layout, c.memory
+        plain = rank_memory(arch, padded_vocab_size(arch.vocab_size, cfg.model.make_vocab_size_divisible_by, lay.tp),
+                            dataclasses.replace(lay, distributed_optimizer=False), train.seq_length, precision,
+                            mem.stage)
+        print(f"  {lay.tp:>2} {lay.pp:>2} {lay.ep:>2} {lay.dp:>3} {lay.recompute:<10}{_gib(mem.weights)}"
+              f"{_gib(mem.grads)}{_gib(mem.optimizer)}  ({_gib(plain.optimizer)})    {_gib(mem.activations)}"
+              f" {_gib(mem.total)}  {'yes' if c.fits else 'no ':<4} {c.step_s:7.2f}")
+    best = next((c for c in found if c.fits), None)
+    if best is None:
+        print("no layout fits: use more GPUs, a shorter train.seq_length, or a smaller model")
+        return
+    lay = best.layout
+    nodes = max(1, gpus // cluster.gpus_per_node)
+    extra = " ".join(a for a in argv if not a.startswith(("parallel.", "cluster.", "train.recompute")))
+    print("recommended:")
+    print(f"  python launch/slurm.py {extra} cluster=slurm cluster.nodes={nodes} "
+          f"cluster.gpus_per_node={min(gpus, cluster.gpus_per_node)} parallel.tp={lay.tp} parallel.pp={lay.pp}"
+          + (f" parallel.ep={lay.ep} parallel.etp=1" if arch.is_moe else "")
+          + (" parallel.sp=true" if lay.sp else "") + " parallel.distributed_optimizer=true"
+          + (f" train.recompute={lay.recompute}" if lay.recompute != "none" else ""))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
