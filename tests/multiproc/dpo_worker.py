@@ -5,7 +5,6 @@ Writes {"reference_unchanged": bool, "reference_params": n} from rank 0: a separ
 weights are bitwise those of a fresh load; a LoRA policy's reference (the policy with its adapters
 disabled) gives the fresh model's log-probabilities on the first pairs of the data.
 """
-import json
 import os
 import sys
 
@@ -38,15 +37,11 @@ def main() -> None:
     import torch
     import torch.distributed as dist
 
-    from megatron_swift.config.compose import compose
     from megatron_swift.tasks.reference import build_reference
-    from megatron_swift.training.loop import setup
+    from tests.multiproc.trained import trained, write_json
 
-    result_file, overrides = sys.argv[1], sys.argv[2:]
-    cfg = compose(overrides)
-    trainer = setup(cfg)
-    trainer.fit()
-    trainer.sinks.close()
+    result_file = sys.argv[1]
+    cfg, trainer = trained(sys.argv[2:])
     fresh = build_reference(cfg, trainer.backend, trainer.arch, trainer.model_meta["padded_vocab_size"])
     if trainer.task.policy is not None:
         same, checked = _same_logps(trainer.task, fresh, trainer.train_data, trainer.backend.torch_device)
@@ -55,10 +50,8 @@ def main() -> None:
     result = torch.tensor([same, float(checked)])
     dist.all_reduce(result[:1], op=dist.ReduceOp.MIN)
     dist.all_reduce(result[1:], op=dist.ReduceOp.MAX)
-    if dist.get_rank() == 0:
-        with open(result_file, "w") as f:
-            json.dump({"reference_unchanged": bool(result[0].item()), "reference_params": int(result[1].item())}, f)
-    dist.barrier()
+    write_json(result_file, {"reference_unchanged": bool(result[0].item()),
+                             "reference_params": int(result[1].item())}, rank=0)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@
 usage: plan_worker.py <result.json> <override> [<override> ...]
 Writes [{"rank", "stage", "measured": {...}, "planned": {...}}] for every rank (from rank 0).
 """
-import json
 import os
 import sys
 
@@ -15,17 +14,13 @@ def main() -> None:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from megatron_swift.config.compose import compose
     from megatron_swift.models.builder import resolve_precision
     from megatron_swift.plan.measure import allocated
     from megatron_swift.plan.memory import layout_of, rank_memory
-    from megatron_swift.training.loop import setup
+    from tests.multiproc.trained import trained, write_json
 
-    result_file, overrides = sys.argv[1], sys.argv[2:]
-    cfg = compose(overrides)
-    trainer = setup(cfg)
-    trainer.fit()  # Adam's state exists after the first step
-    trainer.sinks.close()
+    result_file = sys.argv[1]
+    cfg, trainer = trained(sys.argv[2:])  # Adam's state exists after the first step
     stage = ps.get_pipeline_model_parallel_rank()
     plan = rank_memory(trainer.arch, trainer.model_meta["padded_vocab_size"], layout_of(cfg, dist.get_world_size()),
                        cfg.train.seq_length, resolve_precision(cfg.train.precision, trainer.backend), stage)
@@ -34,9 +29,7 @@ def main() -> None:
                         "optimizer": plan.optimizer}}
     rows = [None] * dist.get_world_size()
     dist.all_gather_object(rows, mine)
-    if dist.get_rank() == 0:
-        with open(result_file, "w") as f:
-            json.dump(rows, f)
+    write_json(result_file, rows, rank=0)
 
 
 if __name__ == "__main__":

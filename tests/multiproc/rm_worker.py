@@ -3,7 +3,6 @@
 usage: rm_worker.py <result.json> <override> [<override> ...]
 Writes {"tokens": [[ids of each row]], "scores": [reward of each row]} from the last rank.
 """
-import json
 import os
 import sys
 
@@ -15,16 +14,13 @@ def main() -> None:
     import torch
     import torch.distributed as dist
 
-    from megatron_swift.config.compose import compose
     from megatron_swift.tasks.rm import _scores
     from megatron_swift.training.forward_only import collect
-    from megatron_swift.training.loop import export_final_hf, setup
+    from megatron_swift.training.loop import export_final_hf
+    from tests.multiproc.trained import trained, write_json
 
-    result_file, overrides = sys.argv[1], sys.argv[2:]
-    cfg = compose(overrides)
-    trainer = setup(cfg)
-    trainer.fit()
-    trainer.sinks.close()
+    result_file = sys.argv[1]
+    cfg, trainer = trained(sys.argv[2:])
     export_final_hf(trainer)
     data = trainer.train_data
     batch = data.collate([data[i] for i in range(4)]).to(trainer.backend.torch_device)
@@ -33,11 +29,9 @@ def main() -> None:
     scores = collect(trainer.model, [batch], _scores,
                      lambda b, out: out[torch.arange(out.shape[0]), b.lengths - 1, 0], cfg.train.seq_length,
                      batch.tokens.shape[0])
-    if dist.get_rank() == dist.get_world_size() - 1:
-        rows = [batch.tokens[i, : batch.lengths[i]].tolist() for i in range(batch.tokens.shape[0])]
-        with open(result_file, "w") as f:
-            json.dump({"tokens": rows, "scores": scores[0].tolist()}, f)
-    dist.barrier()
+    last = dist.get_world_size() - 1  # the last pipeline stage holds the scores
+    rows = [batch.tokens[i, : batch.lengths[i]].tolist() for i in range(batch.tokens.shape[0])]
+    write_json(result_file, {"tokens": rows, "scores": scores[0].tolist() if scores else []}, rank=last)
 
 
 if __name__ == "__main__":
