@@ -109,10 +109,8 @@ def export_checkpoint(ckpt: str, out_dir: str, source: Optional[str] = None, dty
 
 def _write_tensors(reader, rules, ctx: Context, dtype: torch.dtype, writer: ShardWriter) -> None:
     written = set()
-    sections = [(0, reader.non_layer_params)] + [(i, lambda i=i: reader.layer_params(i))
-                                                  for i in range(reader.num_layers)]
-    for offset, params in sections:
-        for hf_name, tensor in hf_tensors(params(), rules, ctx, offset, dtype):
+    for layer, params in reader.sections():
+        for hf_name, tensor in hf_tensors(params, rules, ctx, layer or 0, dtype):
             if hf_name not in written:  # a tied output layer maps onto the embedding, written once
                 writer.add(hf_name, tensor)
                 written.add(hf_name)
@@ -125,12 +123,10 @@ def _write_lora(reader, rules, ctx: Context, folder: str, source: Optional[str],
     from megatron_swift.convert import lora_export as lx
 
     tuner, family, arch = reader.cfg.tuner, reader.family, reader.meta["arch"]
-    sections = [(0, reader.non_layer_params)] + [(i, lambda i=i: reader.layer_params(i))
-                                                  for i in range(reader.num_layers)]
     if export == "adapter":
         tensors = {}
-        for offset, params in sections:
-            tensors.update(lx.peft_tensors(lx.split_trained(params()), rules, ctx, offset))
+        for layer, params in reader.sections():
+            tensors.update(lx.peft_tensors(lx.split_trained(params), rules, ctx, layer or 0))
         modules = {key.split(".")[-3] for key in tensors}
         lx.write_adapter(folder, tensors, lx.adapter_config(tuner, modules, source or "", reader.cfg.task.name))
         _write_config(folder, family, arch, "float32", source, config_name=None)
@@ -143,9 +139,9 @@ def _write_lora(reader, rules, ctx: Context, folder: str, source: Optional[str],
     else:
         raise FileNotFoundError("the LoRA run's base weights are not found: pass the base HF folder (--base)")
     writer, scale, dtype_name = ShardWriter(folder, max_shard_bytes), lx.lora_scale(tuner), None
-    for offset, params in sections:
-        tensors = base.non_layer() if params == reader.non_layer_params else base.layer(offset)
-        lx.merge_into(tensors, lx.split_trained(params()), rules, ctx, offset, scale)
+    for layer, params in reader.sections():
+        tensors = base.tensors(layer)
+        lx.merge_into(tensors, lx.split_trained(params), rules, ctx, layer or 0, scale)
         for name, tensor in tensors.items():
             tensor = tensor.to(dtype) if dtype else tensor
             dtype_name = dtype_name or _DTYPE_NAMES[tensor.dtype]

@@ -19,7 +19,7 @@ import json
 import math
 import os
 import re
-from typing import Dict, Iterable, List, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 from safetensors.torch import save_file
@@ -41,11 +41,10 @@ class HFBase:
             match = _HF_LAYER.match(name)
             (self.layers.setdefault(int(match.group(1)), []) if match else self.rest).append(name)
 
-    def non_layer(self) -> Dict[str, torch.Tensor]:
-        return {name: self.reader.read(name) for name in self.rest}
-
-    def layer(self, index: int) -> Dict[str, torch.Tensor]:
-        return {name: self.reader.read(name) for name in self.layers.get(index, [])}
+    def tensors(self, layer: Optional[int]) -> Dict[str, torch.Tensor]:
+        """Decoder layer ``layer``'s tensors, or (None) the embedding, final norm and LM head."""
+        names = self.rest if layer is None else self.layers.get(layer, [])
+        return {name: self.reader.read(name) for name in names}
 
 
 class McoreBase:
@@ -57,14 +56,10 @@ class McoreBase:
 
         self.reader, self.rules, self.ctx, self._hf = LayerwiseCheckpoint(ckpt), rules, ctx, hf_tensors
 
-    def _tensors(self, params, offset: int) -> Dict[str, torch.Tensor]:
-        return dict(self._hf(params, self.rules, self.ctx, offset, self.reader.dtype))
-
-    def non_layer(self) -> Dict[str, torch.Tensor]:
-        return self._tensors(self.reader.non_layer_params(), 0)
-
-    def layer(self, index: int) -> Dict[str, torch.Tensor]:
-        return self._tensors(self.reader.layer_params(index), index)
+    def tensors(self, layer: Optional[int]) -> Dict[str, torch.Tensor]:
+        """As HFBase.tensors, from the checkpoint."""
+        params = self.reader.non_layer_params() if layer is None else self.reader.layer_params(layer)
+        return dict(self._hf(params, self.rules, self.ctx, layer or 0, self.reader.dtype))
 
 
 def lora_scale(tuner) -> float:

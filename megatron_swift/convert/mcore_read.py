@@ -77,6 +77,12 @@ class LayerwiseCheckpoint:
         self.model.requires_grad_(False)  # read in place into views of the weights
         self._stored = dcp.FileSystemReader(ckpt).read_metadata().state_dict_metadata
 
+    def sections(self):
+        """(layer index, its parameters) in reading order: (None, embedding/norm/output) then each layer."""
+        yield None, self.non_layer_params()
+        for index in range(self.num_layers):
+            yield index, self.layer_params(index)
+
     def non_layer_params(self) -> Iterator[Tuple[str, torch.Tensor]]:
         """Embedding, final norm and output layer."""
         sharded = {k: v for k, v in self.model.sharded_state_dict().items() if not k.startswith(_LAYERS)}

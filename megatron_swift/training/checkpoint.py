@@ -282,12 +282,11 @@ def load_full(ckpt: str, model, optimizer, scheduler, data=None) -> TrainState:
             f"{ckpt} train.resume=none and a new train.output_dir"
         )
     adapter_only = bool(meta.get("adapter_only"))
-    trainable = [p for chunk in model for p in _unwrap(chunk).parameters() if p.requires_grad]
-    if adapter_only and len(trainable) == sum(1 for chunk in model for _ in _unwrap(chunk).parameters()):
-        raise ValueError(f"checkpoint {ckpt} holds LoRA adapters only; resume it with the same tuner=lora settings")
-    if bool(meta.get("frozen")) != _frozen(model):
-        raise ValueError(f"checkpoint {ckpt} was saved with {'some' if meta.get('frozen') else 'no'} frozen "
-                         "parameters and this run differs: resume with the same train.freeze*/tuner settings")
+    if bool(meta.get("frozen")) != _frozen(model):  # an adapter-only checkpoint is always a frozen one
+        saved = "LoRA adapters only" if adapter_only else ("some" if meta.get("frozen") else "no") + \
+            " frozen parameters"
+        raise ValueError(f"checkpoint {ckpt} was saved with {saved} and this run differs: resume with the same "
+                         "train.freeze*/tuner settings")
     sharded = _full_sharded_state(model, optimizer, scheduler, for_loading=True, data=data,
                                   adapter_only=adapter_only, frozen=bool(meta.get("frozen")))
     model_keys = [k for k in sharded if k.startswith("model")]
