@@ -8,6 +8,7 @@ is validated here, for nodes x gpus_per_node ranks, before anything is
 submitted. See megatron_swift/cluster/slurm.py for what the job does.
 """
 import os
+import shutil
 import subprocess
 import sys
 
@@ -17,22 +18,28 @@ os.environ.setdefault("HYDRA_FULL_ERROR", "1")
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 
-from megatron_swift.config.compose import quote_patterns  # noqa: E402
+from megatron_swift.config.compose import normalize_overrides  # noqa: E402
 from megatron_swift.config.schema import register  # noqa: E402
 
 register()
-sys.argv[1:] = quote_patterns(sys.argv[1:])
+sys.argv[1:] = normalize_overrides(sys.argv[1:])  # as people type them: regexes, a single path for a list
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def submit(cfg, overrides) -> None:
     from megatron_swift.cluster.slurm import write_job
-    from megatron_swift.config.validate import validate
-    from megatron_swift.training.loop import output_dir_of
+    from megatron_swift.config.validate import ConfigError, validate
+    from megatron_swift.training.run_dir import new_run_dir
 
     # The nodes have the GPU stack (TE in the NGC image): validate for the job's world, on CUDA.
     validate(cfg, cfg.cluster.nodes * cfg.cluster.gpus_per_node, te_available=True, device="cuda")
-    output_dir = os.path.abspath(output_dir_of(cfg))
+    # Checked before anything is written, so a failed submission leaves no job files behind.
+    if not cfg.cluster.dry_run and shutil.which("sbatch") is None:
+        raise ConfigError(["sbatch was not found on PATH, so the job cannot be submitted from here (nothing was "
+                           "written): run this on a SLURM login node, or set cluster.dry_run=true to only write "
+                           "the job script"])
+    # One absolute folder for every node and every requeue of this job: a new run folder unless one is given.
+    output_dir = os.path.abspath(cfg.train.output_dir or new_run_dir(cfg))
     job, _ = write_job(cfg, overrides, output_dir, cfg.cluster.workdir or ROOT)
     print(f"megatron-swift: wrote {job} ({cfg.cluster.nodes} nodes x {cfg.cluster.gpus_per_node} GPUs, "
           f"run directory {output_dir})")

@@ -12,11 +12,11 @@ os.environ.setdefault("HYDRA_FULL_ERROR", "1")
 
 import hydra  # noqa: E402
 
-from megatron_swift.config.compose import quote_patterns  # noqa: E402
+from megatron_swift.config.compose import normalize_overrides  # noqa: E402
 from megatron_swift.config.schema import register  # noqa: E402
 
 register()
-sys.argv[1:] = quote_patterns(sys.argv[1:])  # regex values as typed, without Hydra's quoting rules
+sys.argv[1:] = normalize_overrides(sys.argv[1:])  # regexes as typed, one value for a list key
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")

@@ -24,10 +24,12 @@ def _tree_digest(path):
 
 
 def test_no_model_lists_the_families(tmp_path):
-    proc = _train([f"train.output_dir={tmp_path / 'out'}"])
+    """As typed: no +model= and no train.output_dir (the default run folder needs the model's name)."""
+    proc = _train([], cwd=tmp_path)
     assert proc.returncode == 2
-    assert "no model chosen: add +model=<family>, one of: llama, qwen2, qwen3, qwen3_moe" in proc.stderr
-    assert not (tmp_path / "out").exists()
+    assert proc.stderr.strip() == ("megatron-swift: error: no model chosen: add +model=<family>, one of: llama, "
+                                   "qwen2, qwen3, qwen3_moe")
+    assert not (tmp_path / "outputs").exists()
 
 
 def test_unknown_model_names_the_choices():

@@ -56,8 +56,17 @@ def test_hf_tokenizer_json(tmp_path):
 
 
 def test_mock_source_is_seeded():
-    a, b = mock_source(8, 100, 16, seed=3), mock_source(8, 100, 16, seed=3)
-    assert len(a) == 8 and torch.equal(a[5], b[5])
+    def stream(seed):
+        ds = mock_source(8, 100, 16, seed=seed)
+        assert len(ds) == 8 and all(ds[i].shape == (17,) for i in range(8))
+        # consecutive windows of one stream: each window's last token is the next one's first
+        assert all(ds[i][-1] == ds[i + 1][0] for i in range(7))
+        return torch.cat([ds[i][:-1] for i in range(8)])
+
+    a, b, c = stream(3), stream(3), stream(4)
+    assert torch.equal(a, b)  # the seed fixes the tokens...
+    assert (a != c).float().mean() > 0.9  # ...and another seed gives other tokens (1 % of them equal by chance)
+    assert a.min() >= 0 and a.max() < 100 and len(set(a.tolist())) > 50  # spread over the vocabulary
 
 
 def test_sampler_splits_global_batch_disjointly_over_dp():

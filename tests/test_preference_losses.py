@@ -76,36 +76,44 @@ def _task(**kw):
 
     cfg = dict(beta=0.5, label_smoothing=0.0, loss_type="sigmoid", sft_weight=0.0)
     cfg.update(kw)
-    return DPOTask(SimpleNamespace(**cfg), reference=[], seq_length=4, micro_batch_size=1)
+    return DPOTask(SimpleNamespace(**cfg), reference=[], seq_length=4, micro_batch_size=2)
 
 
 def _pair_batch():
     from megatron_swift.data.sampler import Batch
 
-    # Two rows (chosen, rejected) of 4 positions; per-token CE and which positions carry loss.
-    mask = torch.tensor([[0, 1, 1, 0], [0, 1, 1, 1]], dtype=torch.float32)
-    batch = Batch(torch.zeros(2, 4, dtype=torch.long), torch.zeros(2, 4, dtype=torch.long), mask,
-                  torch.arange(4).expand(2, 4))
-    batch.ref_logps = torch.tensor([-2.0, -2.0])
-    ce = torch.tensor([[9.0, 0.5, 0.5, 9.0], [9.0, 1.0, 1.0, 1.0]])
-    return batch, ce  # policy log-probs: chosen -1.0 (2 tokens), rejected -3.0 (3 tokens)
+    # A micro-batch of two pairs: rows (chosen 0, chosen 1, rejected 0, rejected 1) of 4 positions, per-token CE
+    # and which positions carry loss. Two pairs, so a count of micro-batches (1) and of pairs (2) differ.
+    mask = torch.tensor([[0, 1, 1, 0], [0, 0, 1, 1], [0, 1, 1, 1], [1, 1, 1, 1]], dtype=torch.float32)
+    batch = Batch(torch.zeros(4, 4, dtype=torch.long), torch.zeros(4, 4, dtype=torch.long), mask,
+                  torch.arange(4).expand(4, 4))
+    batch.ref_logps = torch.tensor([-2.0, -1.0, -2.0, -2.0])
+    ce = torch.tensor([[9.0, 0.5, 0.5, 9.0], [9.0, 9.0, 1.5, 0.5], [9.0, 1.0, 1.0, 1.0], [0.25, 0.25, 0.25, 0.25]])
+    # policy log-probs: chosen -1.0 (2 tokens) and -2.0 (2 tokens); rejected -3.0 (3 tokens) and -1.0 (4 tokens)
+    return batch, ce
 
 
 def test_dpo_task_loss_sums_over_completion_tokens_and_counts_pairs():
     batch, ce = _pair_batch()
     loss, pairs, report = _task(sft_weight=0.2).loss_func(batch, ce)
-    margin = (-1.0 - -3.0) - (-2.0 - -2.0)
-    want = -_log_sigmoid(0.5 * margin) + 0.2 * (1.0 / 2)  # + sft_weight * chosen NLL per token
-    assert loss.item() == pytest.approx(want, abs=1e-6) and pairs.item() == 1
-    assert report["logps/chosen"].tolist() == [-1.0, 1.0] and report["logps/rejected"].tolist() == [-3.0, 1.0]
-    assert report["rewards/accuracies"].tolist() == [1.0, 1.0]
+    margins = [(-1.0 - -3.0) - (-2.0 - -2.0), (-2.0 - -1.0) - (-1.0 - -2.0)]  # 2 and -2
+    sft = [1.0 / 2, 2.0 / 2]  # sft_weight times each chosen row's NLL per token
+    want = sum(-_log_sigmoid(0.5 * m) + 0.2 * s for m, s in zip(margins, sft))
+    assert loss.item() == pytest.approx(want, abs=1e-6) and pairs.item() == 2
+    # [sum over the micro-batch's pairs, pairs]
+    assert report["logps/chosen"].tolist() == [-3.0, 2.0] and report["logps/rejected"].tolist() == [-4.0, 2.0]
+    # rewards 0.5 * (policy - reference): chosen 0.5, -0.5; rejected -0.5, 0.5
+    assert report["rewards/chosen"].tolist() == [0.0, 2.0] and report["rewards/rejected"].tolist() == [0.0, 2.0]
+    assert report["rewards/margins"].tolist() == [0.0, 2.0]  # 1.0 + -1.0
+    assert report["rewards/accuracies"].tolist() == [1.0, 2.0]
+    assert report["loss"][0].item() == pytest.approx(want, abs=1e-6) and report["loss"][1].item() == 2
 
 
 def test_dpo_task_ipo_uses_length_averaged_log_probs():
     batch, ce = _pair_batch()
-    loss, _, _ = _task(loss_type="ipo", beta=0.25).loss_func(batch, ce)
-    margin = (-1.0 / 2 - -3.0 / 3) - (-2.0 / 2 - -2.0 / 3)
-    assert loss.item() == pytest.approx((margin - 2.0) ** 2, abs=1e-6)
+    loss, pairs, _ = _task(loss_type="ipo", beta=0.25).loss_func(batch, ce)
+    margins = [(-1.0 / 2 - -3.0 / 3) - (-2.0 / 2 - -2.0 / 3), (-2.0 / 2 - -1.0 / 4) - (-1.0 / 2 - -2.0 / 4)]
+    assert loss.item() == pytest.approx(sum((m - 2.0) ** 2 for m in margins), abs=1e-6) and pairs.item() == 2
 
 
 def test_kto_task_loss_uses_the_kl_rows_and_splits_reports_by_label(monkeypatch):

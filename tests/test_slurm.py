@@ -28,7 +28,8 @@ def test_two_node_job_passes_bash_n_and_launches_one_torchrun_per_node(tmp_path)
     text = job.read_text()
     for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
                  "#SBATCH --partition=p", "#SBATCH --time=12:00:00", "#SBATCH --requeue",
-                 "#SBATCH --signal=B:USR1@120", "trap requeue USR1", 'scontrol requeue "$SLURM_JOB_ID"',
+                 "#SBATCH --signal=B:USR1@120", "trap stop_and_requeue USR1", 'kill -USR1 "$srun_pid"',
+                 'scontrol requeue "$SLURM_JOB_ID"',
                  'scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1'):
         assert line in text, line
     srun = next(line for line in text.splitlines() if line.startswith("srun "))

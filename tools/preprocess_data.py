@@ -6,8 +6,10 @@
 Each row's text is tokenized in a pool of worker processes and written as one
 document followed by the end-of-document token (so GPTDataset's windows join
 documents the way Megatron-LM's do). A progress line (documents, tokens/s,
-MB/s) goes to stderr. Rows that are not JSON objects with a string text field
-stop the run with the file and line; nothing is left under the prefix then.
+MB/s) goes to stderr. Lines that are not UTF-8 or are longer than
+--max-line-bytes (never read whole), and rows that are not JSON objects with a
+string text field, stop the run with the file and line; nothing is left under
+the prefix then.
 """
 from __future__ import annotations
 
@@ -17,9 +19,11 @@ import os
 import sys
 import time
 from multiprocessing import Pool
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple, Union
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_swift.data.files import DEFAULT_MAX_LINE_BYTES, LineError, numbered_lines  # noqa: E402
 
 _TOKENIZER = None  # one per worker process
 
@@ -31,9 +35,11 @@ def _init_worker(spec: str) -> None:
     _TOKENIZER = build_tokenizer(spec)
 
 
-def _encode(job: Tuple[str, int, str, str]) -> Tuple[Optional[List[int]], Optional[str], int, int]:
-    """(ids with eod, error, line number, bytes) for one JSONL line."""
+def _encode(job: Tuple[str, int, Union[str, Exception], str]) -> Tuple[Optional[List[int]], Optional[str], int, int]:
+    """(ids with eod, error, line number, bytes) for one JSONL line (or the error that line was read with)."""
     path, line_no, line, key = job
+    if isinstance(line, Exception):  # not UTF-8 or over --max-line-bytes (see _lines)
+        return None, f"{path}:{line_no}: {line}", line_no, 0
     try:
         row = json.loads(line)
     except json.JSONDecodeError as e:
@@ -43,16 +49,21 @@ def _encode(job: Tuple[str, int, str, str]) -> Tuple[Optional[List[int]], Option
     return _TOKENIZER.encode(row[key]) + [_TOKENIZER.eod], None, line_no, len(line)
 
 
-def _lines(paths: List[str], key: str) -> Iterator[Tuple[str, int, str, str]]:
+def _lines(paths: List[str], key: str, max_line_bytes: int) -> Iterator[Tuple[str, int, Union[str, Exception], str]]:
+    """Jobs for the non-empty lines, read with a bounded readline. A line that is not UTF-8 or is over
+    ``max_line_bytes`` is handed on as its error (it stops the run) and nothing after it is read."""
     for path in paths:
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, start=1):
+        with open(path, "rb") as f:
+            for line_no, line in numbered_lines(f, max_line_bytes, limit_key="--max-line-bytes"):
+                if isinstance(line, LineError):
+                    yield path, line_no, line, key
+                    return
                 if line.strip():
                     yield path, line_no, line, key
 
 
 def preprocess(inputs: List[str], prefix: str, tokenizer: str, key: str = "text", workers: int = 1,
-               report_every_s: float = 5.0) -> dict:
+               report_every_s: float = 5.0, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> dict:
     """Write ``prefix``.bin/.idx; returns counts (documents, tokens, seconds)."""
     import numpy as np
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
@@ -70,7 +81,7 @@ def preprocess(inputs: List[str], prefix: str, tokenizer: str, key: str = "text"
     start = last = time.perf_counter()
     try:
         with Pool(workers, initializer=_init_worker, initargs=(tokenizer,)) as pool:
-            for ids, error, _, size in pool.imap(_encode, _lines(inputs, key), chunksize=64):
+            for ids, error, _, size in pool.imap(_encode, _lines(inputs, key, max_line_bytes), chunksize=64):
                 if error:
                     raise SystemExit(f"megatron-swift: error: {error}")
                 builder.add_document(np.asarray(ids), [len(ids)])
@@ -104,8 +115,11 @@ def main() -> None:
     parser.add_argument("--tokenizer", required=True, help="byte, an HF tokenizer folder/tokenizer.json, or .model")
     parser.add_argument("--text-key", default="text")
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    parser.add_argument("--max-line-bytes", type=int, default=DEFAULT_MAX_LINE_BYTES,
+                        help="longest JSONL line accepted (bytes); a longer one stops the run, never read whole")
     args = parser.parse_args()
-    counts = preprocess(args.input, args.output_prefix, args.tokenizer, args.text_key, args.workers)
+    counts = preprocess(args.input, args.output_prefix, args.tokenizer, args.text_key, args.workers,
+                        max_line_bytes=args.max_line_bytes)
     print(f"wrote {args.output_prefix}.bin/.idx: {counts['documents']} documents, {counts['tokens']} tokens")
 
 

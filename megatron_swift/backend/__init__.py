@@ -4,4 +4,4 @@
 when needed, and returns a :class:`Backend` that the rest of the code asks for
 layer specs, memory figures and peak FLOP/s instead of branching on the device.
 """
-from megatron_swift.backend.device import Backend, init, resolve_device  # noqa: F401
+from megatron_swift.backend.device import Backend, collective_device, init, resolve_device  # noqa: F401

@@ -84,6 +84,14 @@ class Backend:
             torch.cuda.synchronize()
 
 
+def collective_device() -> torch.device:
+    """Where tensors handed to collectives of the default process group must live: the current GPU under
+    NCCL, the CPU under gloo. Code that builds a small tensor just to reduce it (a flag, a count) asks here."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def init(requested_device: str = "auto", timeout_minutes: int = 30) -> Backend:
     """Create the default process group for this rank (env:// from torchrun or SLURM) and return the backend."""
     device = resolve_device(requested_device)

@@ -6,10 +6,12 @@ of the allocation (``MASTER_ADDR``, from ``scontrol show hostnames``), so
 ranks are numbered by torchrun and no node needs to know its own rank. Every
 rank gets the same absolute ``train.output_dir``, written into the script: one
 run directory for all ranks and for every restart of the job. With
-``cluster.requeue`` SLURM signals the batch shell ``cluster.signal_seconds``
-before preemption or the time limit; the shell requeues the job, and the new
-job, given the same output directory with ``train.resume=auto``, continues
-from the latest checkpoint. Logs: the batch shell's in
+``cluster.requeue`` SLURM signals the batch shell (USR1) ``cluster.signal_seconds``
+before preemption or the time limit; the shell passes USR1 on to the training
+(srun forwards it to every node's torchrun, which forwards it to its workers),
+the workers finish their step, save a checkpoint and exit (training.stop), then
+the shell requeues the job, and the new job, given the same output directory
+with ``train.resume=auto``, continues from that checkpoint. Logs: the batch shell's in
 ``<output_dir>/slurm/logs/<job>-<id>.out``, each node's in ``...-node<N>.out``.
 """
 from __future__ import annotations
@@ -36,6 +38,10 @@ def node_script(cluster, workdir: str, overrides: Sequence[str]) -> str:
 # on the first node; SLURM_NNODES, SLURM_JOB_ID, MASTER_ADDR and MASTER_PORT come from the job.
 set -euo pipefail
 cd {shlex.quote(workdir)}
+# torchrun forwards USR1 (the end-of-allocation warning) to its workers, which save and stop, and gives
+# them up to the warning's lead time to do so before it kills them (torchrun's PET_* settings).
+export PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
+export PET_SHUTDOWN_TIMEOUT={max(30, cluster.signal_seconds - 10)}
 exec python -m torch.distributed.run --nnodes="$SLURM_NNODES" --nproc_per_node={cluster.gpus_per_node} \\
     --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="$SLURM_JOB_ID" \\
     launch/train.py {args}
@@ -64,15 +70,18 @@ export PYTHONUNBUFFERED=1
 echo "megatron-swift: job $SLURM_JOB_ID (restart ${{SLURM_RESTART_COUNT:-0}}) on $SLURM_JOB_NODELIST," \\
      "rendezvous $MASTER_ADDR:$MASTER_PORT"
 
-requeue() {{
-    echo "megatron-swift: end of allocation signalled: requeueing job $SLURM_JOB_ID (it resumes from" \\
-         "the latest checkpoint)"
+stop_and_requeue() {{
+    echo "megatron-swift: end of allocation signalled: the training saves a checkpoint and stops"
+    kill -USR1 "$srun_pid" 2>/dev/null  # srun passes it to every node's torchrun, torchrun to its workers
+    wait "$srun_pid"
+    echo "megatron-swift: requeueing job $SLURM_JOB_ID (it resumes from that checkpoint)"
     scontrol requeue "$SLURM_JOB_ID"
 }}
-{"trap requeue USR1" if cluster.requeue else "# requeue disabled (cluster.requeue=false)"}
+{"trap stop_and_requeue USR1" if cluster.requeue else "# requeue disabled (cluster.requeue=false)"}
 
 {" ".join(shlex.quote(a) for a in srun)} &
-wait $!  # a signal interrupts this wait: the trap runs, then SLURM stops the step and requeues
+srun_pid=$!
+wait "$srun_pid"  # a signal interrupts this wait: the trap runs (and waits for the step to save and end)
 status=$?
 wait
 exit $status

@@ -1,31 +1,90 @@
-"""Compose the run config from conf/ without the CLI (tests, tools, benchmarks)."""
+"""Compose the run config from conf/ without the CLI (tests, tools, benchmarks), and the command-line
+overrides as people type them turned into what Hydra's override grammar accepts."""
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 import re
-from typing import List, Sequence
+import typing
+from typing import FrozenSet, List, Sequence
 
 from omegaconf import DictConfig
 
-from megatron_swift.config.schema import register
+from megatron_swift.config.schema import Config, register
 
 CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "conf")
 
 
 _PATTERN_KEY = re.compile(r"^([+~]*[\w.]*regex)=(?!['\"])(.+)$")
+_OVERRIDE = re.compile(r"^(\+{0,2})([\w.]+)=(.*)$", re.DOTALL)
 
 
-def quote_patterns(overrides: Sequence[str]) -> List[str]:
-    """Quote the values of ``*regex=`` overrides for Hydra.
+def normalize_overrides(overrides: Sequence[str]) -> List[str]:
+    """Command-line overrides as typed, made acceptable to Hydra: ``*regex=`` values quoted, and a plain
+    value of a list-typed key (``data.path=a.jsonl``) made a list (``data.path=['a.jsonl']``)."""
+    return [_as_list(_quote_pattern(item)) for item in overrides]
+
+
+def _quote_pattern(item: str) -> str:
+    r"""Quote the value of a ``*regex=`` override for Hydra.
 
     ``train.freeze_regex='^decoder\.layers\.(0|1)\..*'`` reaches the program without its quotes
     (the shell removes them), and Hydra's override grammar refuses ``(``, ``|`` and ``*``
     unquoted; a regex is always a string, so it is quoted here."""
-    out = []
-    for item in overrides:
-        match = _PATTERN_KEY.match(item)
-        out.append(f"{match.group(1)}='{match.group(2).replace(chr(39), chr(92) + chr(39))}'" if match else item)
-    return out
+    match = _PATTERN_KEY.match(item)
+    return f"{match.group(1)}={_quoted(match.group(2))}" if match else item
+
+
+def _as_list(item: str) -> str:
+    """``key=value`` with ``value`` made a list when ``key`` is list-typed in the schema and the value is a
+    plain one: a single path is what people type, and Hydra refuses it for a list. Commas separate entries
+    (unbracketed, Hydra would take them for a multirun sweep); each entry is quoted, so paths and options
+    such as ``--mem=0`` or ``~/x`` pass the grammar. Bracketed lists, quoted values, ``null`` and
+    interpolations are left as typed; an empty value is the empty list."""
+    match = _OVERRIDE.match(item)
+    if not match or match.group(2) not in list_keys():
+        return item
+    prefix, key, value = match.groups()
+    if value.startswith("[") or value == "null" or "${" in value:
+        return item
+    if value.startswith(("'", '"')):  # quoted for Hydra by the person (say, a path with a comma): one entry
+        return f"{prefix}{key}=[{value}]"
+    entries = [_quoted(entry.strip()) for entry in value.split(",") if entry.strip()]
+    return f"{prefix}{key}=[{','.join(entries)}]"
+
+
+def _quoted(text: str) -> str:
+    """``text`` as a single-quoted Hydra string. In Hydra's quoted strings a run of backslashes is literal
+    unless it comes before a quote or the closing quote; such runs are doubled and the quote escaped."""
+    escaped = re.sub(r"(\\*)('|$)", lambda m: m.group(1) * 2 + ("\\'" if m.group(2) else ""), text)
+    return f"'{escaped}'"
+
+
+@functools.lru_cache(maxsize=None)
+def list_keys() -> FrozenSet[str]:
+    """Dotted names of every list-typed field of the run config (data.path, train.freeze, ...), from the schema."""
+    return frozenset(_list_fields(Config, ""))
+
+
+def _list_fields(node: type, prefix: str) -> List[str]:
+    hints = typing.get_type_hints(node)
+    keys = []
+    for f in dataclasses.fields(node):
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            keys += _list_fields(kind, f"{prefix}{f.name}.")
+        elif _is_list(kind):
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _is_list(kind) -> bool:
+    """List[...] or Optional[List[...]]."""
+    if typing.get_origin(kind) is list:
+        return True
+    return typing.get_origin(kind) is typing.Union and any(_is_list(arg) for arg in typing.get_args(kind))
+
 
 
 def compose(overrides: Sequence[str] = ()) -> DictConfig:
@@ -35,4 +94,4 @@ def compose(overrides: Sequence[str] = ()) -> DictConfig:
 
     register()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=quote_patterns(overrides))
+        return hydra_compose(config_name="config", overrides=normalize_overrides(overrides))

@@ -127,7 +127,9 @@ class DataConfig:
     pack_window: int = 1000
     """Samples packed together at a time when streaming with data.packing."""
     on_error: str = "error"
-    """Bad SFT rows (invalid JSON, missing roles, empty assistant turn): error (name file and line) or skip (count them)."""
+    """Bad rows (invalid JSON or UTF-8, missing roles, empty assistant turn, over-long lines): error (name file and line) or skip (count them)."""
+    max_line_bytes: int = 16777216
+    """Longest JSONL line accepted, in bytes (16 MiB); a longer line is rejected without reading it whole into memory."""
 
 
 @dataclass
@@ -187,11 +189,21 @@ class TrainConfig:
     save_hf: bool = False
     """After training, also write the final weights as an HF folder at <output_dir>/hf/iter_N."""
     keep_last: int = 2
-    """Keep this many most recent checkpoints (0 keeps all)."""
+    """Keep this many most recent checkpoints (0 keeps all); the newest checkpoint that verified intact is never pruned."""
+    verify_checkpoints: bool = True
+    """Check every file of a checkpoint against the checksums saved with it before resuming (falls back to an older intact one)."""
     resume: str = "auto"
-    """auto: continue from the latest checkpoint in output_dir if one exists; none: start fresh (refuses a dir that has checkpoints); or a checkpoint path."""
+    """auto: continue the run in output_dir (default output_dir: the latest unfinished run with the same settings); none: start fresh (refuses a dir that has checkpoints); or a checkpoint path."""
     output_dir: Optional[str] = None
-    """Run directory for checkpoints and logs (None: outputs/<family>-<size>)."""
+    """Run directory for checkpoints and logs (None: outputs/<model>-<task>-<data>/<start time>, a new folder per run)."""
+    max_skipped_steps: int = 3
+    """Stop the run (exit 3) after this many consecutive steps skipped for a non-finite loss or gradient norm, or a loss spike."""
+    loss_spike_factor: Optional[float] = None
+    """Skip a step whose loss exceeds this factor times the mean of the last train.loss_spike_window good steps (None disables)."""
+    loss_spike_window: int = 20
+    """Good steps averaged for the loss-spike test (the test starts once this many have been seen)."""
+    exit_duration_minutes: Optional[float] = None
+    """Stop cleanly (save, exit 0) once the run has trained this many minutes since it started or resumed (None: no limit)."""
     device: str = "auto"
     """auto (CUDA if available), cuda or cpu."""
     freeze: List[str] = field(default_factory=list)

@@ -13,6 +13,8 @@ from omegaconf import OmegaConf
 from megatron_swift.data.errors import DataError
 from megatron_swift.models import families
 
+MIN_LINE_BYTES = 1024  # data.max_line_bytes below this would refuse ordinary rows
+
 
 class ConfigError(ValueError):
     """One or more configuration problems, each naming the key to change."""
@@ -115,11 +117,39 @@ def _run(cfg, problems: List[str]) -> None:
         problems.append("train.save_hf=true needs train.save_at_end=true (it converts the final checkpoint)")
     if train.min_lr > train.lr:
         problems.append(f"train.min_lr={train.min_lr} is above train.lr={train.lr}")
+    _guards(train, problems)
+
+
+def _guards(train, problems: List[str]) -> None:
+    """The limits that stop or steer a run: skipped steps, loss spikes, wall-clock budget."""
+    if train.max_skipped_steps < 1:
+        problems.append(f"train.max_skipped_steps={train.max_skipped_steps} must be >= 1")
+    if train.loss_spike_factor is not None and not train.loss_spike_factor > 1:
+        problems.append(f"train.loss_spike_factor={train.loss_spike_factor} must be > 1 (a spike is a loss above "
+                        "this many times the recent mean), or null to disable the test")
+    if train.loss_spike_window < 1:
+        problems.append(f"train.loss_spike_window={train.loss_spike_window} must be >= 1")
+    if train.exit_duration_minutes is not None and not train.exit_duration_minutes > 0:
+        problems.append(f"train.exit_duration_minutes={train.exit_duration_minutes} must be > 0, or null for no limit")
+
+
+def _wandb(cfg, problems: List[str]) -> None:
+    from megatron_swift.observe.wandb_login import wandb_login_problem
+
+    problem = wandb_login_problem(cfg.logging.wandb)
+    if problem:
+        problems.append(problem)
 
 
 def _data(cfg, problems: List[str]) -> None:
+    from megatron_swift.data.sft import ON_ERROR
+
     data = cfg.data
     _choice(problems, "data.source", data.source, ("jsonl", "sft", "indexed", "mock"))
+    _choice(problems, "data.on_error", data.on_error, ON_ERROR)  # every JSONL reader applies it
+    if data.max_line_bytes < MIN_LINE_BYTES:
+        problems.append(f"data.max_line_bytes={data.max_line_bytes} must be >= {MIN_LINE_BYTES} (the longest JSONL "
+                        "line accepted, in bytes)")
     if data.source == "sft":
         _sft(cfg, problems)
     if data.weights:
@@ -145,13 +175,12 @@ def _data(cfg, problems: List[str]) -> None:
 
 def _sft(cfg, problems: List[str]) -> None:
     from megatron_swift.data.conversations import FORMATS
-    from megatron_swift.data.sft import LOSS_ON, ON_ERROR, TRUNCATION
+    from megatron_swift.data.sft import LOSS_ON, TRUNCATION
 
     data = cfg.data
     _choice(problems, "data.format", data.format, FORMATS)
     _choice(problems, "data.loss_on", data.loss_on, LOSS_ON)
     _choice(problems, "data.truncation", data.truncation, TRUNCATION)
-    _choice(problems, "data.on_error", data.on_error, ON_ERROR)
     if data.streaming:
         if cfg.train.train_iters is None:
             problems.append("data.streaming has no sample count known up front: set train.train_iters "
@@ -255,6 +284,7 @@ def validate(cfg, world_size: Optional[int], te_available: bool = False, device:
     _layout(cfg, arch, te_available, problems)
     _batch(cfg, world_size, problems)
     _run(cfg, problems)
+    _wandb(cfg, problems)
     _data(cfg, problems)
     _task(cfg, problems)
     _tuner(cfg, arch, problems)

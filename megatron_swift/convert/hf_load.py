@@ -33,18 +33,29 @@ class SafetensorsFolder:
         from safetensors import safe_open
 
         self.folder = folder
-        self._open = safe_open
+        self._safe_open = safe_open
         self.used: Set[str] = set()
         index = os.path.join(folder, "model.safetensors.index.json")
         single = os.path.join(folder, "model.safetensors")
         if os.path.isfile(index):
-            with open(index, encoding="utf-8") as f:
-                self.file_of = dict(json.load(f)["weight_map"])
+            try:
+                with open(index, encoding="utf-8") as f:
+                    self.file_of = dict(json.load(f)["weight_map"])
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise DataError(index, None, f"not a safetensors index ({e.__class__.__name__}: {e})") from None
         elif os.path.isfile(single):
-            with safe_open(single, framework="pt") as f:
+            with self._open(single) as f:
                 self.file_of = {k: "model.safetensors" for k in f.keys()}
         else:
             raise DataError(folder, None, "no model.safetensors or model.safetensors.index.json (model.pretrained)")
+
+    def _open(self, path: str):
+        """safetensors' reader; a truncated or damaged file is a DataError naming it, not a SafetensorError."""
+        try:
+            return self._safe_open(path, framework="pt")
+        except Exception as e:  # SafetensorError (not importable by name in every release), OSError
+            raise DataError(path, None, f"cannot read this safetensors file ({e}); is it complete? "
+                                        "(model.pretrained)") from None
 
     def _file(self, name: str) -> str:
         if name not in self.file_of:
@@ -52,14 +63,14 @@ class SafetensorsFolder:
         return os.path.join(self.folder, self.file_of[name])
 
     def shape(self, name: str) -> Tuple[int, ...]:
-        with self._open(self._file(name), framework="pt") as f:
+        with self._open(self._file(name)) as f:
             return tuple(f.get_slice(name).get_shape())
 
     def read(self, name: str, dim: int = 0, start: Optional[int] = None, stop: Optional[int] = None) -> torch.Tensor:
         """A copy of the rows; the file is opened per read so that its memory map (and the pages it
         brought in) is released at once instead of growing to the whole checkpoint."""
         self.used.add(name)
-        with self._open(self._file(name), framework="pt") as f:
+        with self._open(self._file(name)) as f:
             view = f.get_slice(name)
             rows = slice(start, stop)
             return view[rows] if dim == 0 else view[:, rows]

@@ -7,6 +7,11 @@ that axis (as TransformerBlock.sharded_state_dict does for its own layers);
 then exactly those boxes are read from the torch_dist files by PyTorch's
 distributed-checkpoint reader. Peak memory is the embedding and output layer
 plus one layer, whatever the model's depth.
+
+Nothing is unpickled unrestricted: the metadata goes through
+``training.safe_load.SafeFileSystemReader`` and any bytes item through
+``SafeLoadPlanner``, so a crafted checkpoint is refused before it runs code
+(UnsafeCheckpointError, a ValueError).
 """
 from __future__ import annotations
 
@@ -15,17 +20,17 @@ import os
 from typing import Dict, Iterator, List, Tuple
 
 import torch
-import torch.distributed.checkpoint as dcp
 from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
 from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
 from torch.distributed._shard._utils import narrow_tensor_by_index
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
 from torch.distributed.checkpoint.planner import LoadPlan
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
+
+from megatron_swift.training.safe_load import SafeFileSystemReader, SafeLoadPlanner, dcp_load
 
 _LAYERS = "decoder.layers."
 _PRECISION = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -33,9 +38,7 @@ _PRECISION = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp1
 
 def stored_dtype(ckpt: str) -> torch.dtype:
     """The dtype the model weights were saved in (that of the word embedding or first stored weight)."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    tensors = FileSystemReader(ckpt).read_metadata().state_dict_metadata
+    tensors = SafeFileSystemReader(ckpt).read_metadata().state_dict_metadata
     key = "embedding.word_embeddings.weight"
     meta = tensors.get(key) or next(v for k, v in tensors.items() if k.endswith((".weight", "_lora.a")))
     return meta.properties.dtype
@@ -75,7 +78,7 @@ class LayerwiseCheckpoint:
 
             apply_tuner([self.model], self.cfg, check_patterns=False)  # the adapters' parameters, to read into
         self.model.requires_grad_(False)  # read in place into views of the weights
-        self._stored = dcp.FileSystemReader(ckpt).read_metadata().state_dict_metadata
+        self._stored = SafeFileSystemReader(ckpt).read_metadata().state_dict_metadata
 
     def sections(self):
         """(layer index, its parameters) in reading order: (None, embedding/norm/output) then each layer."""
@@ -144,7 +147,7 @@ class LayerwiseCheckpoint:
                 sizes = (1,) * item.prepend_axis_num + tuple(item.local_shape)
                 boxes[item.key + "@" + ",".join(map(str, item.global_offset))] = (item.key, item.global_offset,
                                                                                  item.data.view(sizes))
-        dcp.load({}, storage_reader=dcp.FileSystemReader(self.ckpt), planner=_BoxPlanner(boxes), no_dist=True)
+        dcp_load({}, self.ckpt, _BoxPlanner(self.ckpt, boxes), no_dist=True)
 
 
 def _sharded_tensors(sharded: Dict[str, object]) -> List[object]:
@@ -157,14 +160,15 @@ def _sharded_tensors(sharded: Dict[str, object]) -> List[object]:
     return leaves
 
 
-class _BoxPlanner(DefaultLoadPlanner):
+class _BoxPlanner(SafeLoadPlanner):
     """Loads, per request, one box (offsets, shape of the destination) of a stored tensor into a given tensor.
 
     megatron-core's torch_dist loader insists that the processes together read
-    whole tensors; this planner lets one process read one layer's box at a time."""
+    whole tensors; this planner lets one process read one layer's box at a time.
+    It plans tensor reads only; SafeLoadPlanner keeps any bytes item restricted all the same."""
 
-    def __init__(self, boxes: Dict[str, Tuple[str, Tuple[int, ...], torch.Tensor]]):
-        super().__init__()
+    def __init__(self, ckpt: str, boxes: Dict[str, Tuple[str, Tuple[int, ...], torch.Tensor]]):
+        super().__init__(ckpt)
         self.boxes = boxes
 
     def create_local_plan(self) -> LoadPlan:

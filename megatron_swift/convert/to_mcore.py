@@ -13,12 +13,12 @@ from megatron_swift.convert.hf_load import load_hf_weights
 from megatron_swift.models.arch import padded_vocab_size
 from megatron_swift.models.builder import build_model, transformer_config
 from megatron_swift.training import checkpoint as ckpt
-from megatron_swift.training.loop import init_runtime, model_meta, output_dir_of
+from megatron_swift.training.loop import init_runtime, model_meta
 
 
 def hf_to_checkpoint(cfg) -> str:
     """Convert ``cfg.model.pretrained`` into ``<train.output_dir>/checkpoints/iter_0000000``; returns that path."""
-    output_dir = output_dir_of(cfg)
+    output_dir = cfg.train.output_dir  # the tool's --out
     if ckpt.complete_checkpoints(ckpt.checkpoints_dir(output_dir)):
         raise ConfigError([f"{output_dir} already holds checkpoints; choose a new --out"])
     arch, be = init_runtime(cfg)

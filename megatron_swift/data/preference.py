@@ -27,7 +27,7 @@ import torch
 
 from megatron_swift.data.conversations import RowError, to_messages
 from megatron_swift.data.errors import DataError
-from megatron_swift.data.files import jsonl_lines
+from megatron_swift.data.files import jsonl_lines, line_rules
 from megatron_swift.data.sampler import Batch
 from megatron_swift.data.sft import Counts, SFTRows, _Samples, encode, row_encoder
 from megatron_swift.data.templates import load_template
@@ -153,7 +153,8 @@ def _encoded_rows(paths: Sequence[str], data_cfg, seq_length: int, counts: Count
     ``extras``, which are trimmed again for rows skipped or dropped (see sft.row_encoder)."""
     encode_line = row_encoder(data_cfg, seq_length, counts, encode_row, subject)
     rows = []
-    for path, line_no, line in jsonl_lines(paths):
+    # Lines that are not UTF-8 or over data.max_line_bytes are bad rows too (counted there when skipped).
+    for path, line_no, line in jsonl_lines(paths, *line_rules(data_cfg), counts):
         counts.rows += 1
         before = len(extras)
         sides = encode_line(line, path, line_no)

@@ -23,7 +23,7 @@ import torch
 
 from megatron_swift.data.conversations import RowError, to_messages
 from megatron_swift.data.errors import DataError
-from megatron_swift.data.files import jsonl_lines, require_files
+from megatron_swift.data.files import jsonl_lines, line_rules, require_files
 from megatron_swift.data.packing import best_fit_decreasing
 from megatron_swift.data.sampler import Batch
 from megatron_swift.data.templates import ChatTemplate, TemplateError
@@ -73,7 +73,7 @@ def read_conversations(paths: Sequence[str], data_cfg, template: ChatTemplate, t
     """Encoded samples of all files and the counts; bad rows raise DataError(file, line) or are skipped."""
     samples, counts = _Samples(), Counts()
     encode_line = line_encoder(data_cfg, template, tokenizer, seq_length, counts)
-    for path, line_no, line in jsonl_lines(paths):
+    for path, line_no, line in jsonl_lines(paths, *line_rules(data_cfg), counts):
         counts.rows += 1
         encoded = encode_line(line, path, line_no)
         if encoded is not None:
@@ -233,4 +233,5 @@ def stream_source(paths: Sequence[str], data_cfg, tokenizer, seq_length: int, te
     template = load_template(data_cfg.template, template_folder)
     encode_line = line_encoder(data_cfg, template, tokenizer, seq_length, Counts())
     return StreamingRows(paths, encode_line, seq_length, tokenizer.pad, data_cfg.packing,
-                         dp_rank, dp_size, seed, data_cfg.stream_buffer, data_cfg.pack_window)
+                         dp_rank, dp_size, seed, data_cfg.stream_buffer, data_cfg.pack_window,
+                         *line_rules(data_cfg))

@@ -16,8 +16,10 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
+from megatron_swift.data.conversations import RowError
 from megatron_swift.data.errors import DataError
-from megatron_swift.data.files import jsonl_lines
+from megatron_swift.data.files import DEFAULT_MAX_LINE_BYTES, SKIP_HINT, jsonl_lines, line_rules
+from megatron_swift.data.sft import Counts
 
 
 class TokenWindows(torch.utils.data.Dataset):
@@ -42,26 +44,43 @@ class TokenWindows(torch.utils.data.Dataset):
         return collate(samples)
 
 
-def _read_jsonl(path: str, text_key: str, tokenizer) -> List[int]:
+def _text_row(line: str, text_key: str) -> str:
+    """The text of one JSONL row; RowError when the row is not JSON or has no string ``text_key``."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise RowError(f"invalid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(row, dict) or not isinstance(row.get(text_key), str):
+        raise RowError(f"row has no string field '{text_key}' (set data.text_key)")
+    return row[text_key]
+
+
+def _read_jsonl(path: str, text_key: str, tokenizer, max_line_bytes: int, on_error: str, counts: Counts) -> List[int]:
     tokens: List[int] = []
-    for _, line_no, line in jsonl_lines([path]):
+    for _, line_no, line in jsonl_lines([path], max_line_bytes, on_error, counts):
+        counts.rows += 1
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(path, line_no, f"invalid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(row, dict) or not isinstance(row.get(text_key), str):
-            raise DataError(path, line_no, f"row has no string field '{text_key}' (set data.text_key)")
-        tokens.extend(tokenizer.encode(row[text_key]))
+            text = _text_row(line, text_key)
+        except RowError as e:
+            if on_error != "skip":
+                raise DataError(path, line_no, f"{e} ({SKIP_HINT})") from None
+            counts.skipped += 1
+            continue
+        tokens.extend(tokenizer.encode(text))
         tokens.append(tokenizer.eod)
     return tokens
 
 
-def jsonl_source(paths: Sequence[str], text_key: str, tokenizer, seq_length: int) -> TokenWindows:
-    """``{"text": ...}`` rows from one or more JSONL files."""
+def jsonl_source(paths: Sequence[str], text_key: str, tokenizer, seq_length: int,
+                 max_line_bytes: int = DEFAULT_MAX_LINE_BYTES, on_error: str = "error") -> TokenWindows:
+    """``{"text": ...}`` rows from one or more JSONL files; bad rows (not UTF-8, over ``max_line_bytes``, not
+    JSON, no text field) raise DataError naming the file and line, or are skipped and counted (on_error=skip)."""
     stream: List[int] = []
+    counts = Counts()
     for path in paths:
-        stream.extend(_read_jsonl(path, text_key, tokenizer))
-    return TokenWindows(np.asarray(stream, dtype=np.int64), seq_length, f"jsonl:{','.join(paths)}")
+        stream.extend(_read_jsonl(path, text_key, tokenizer, max_line_bytes, on_error, counts))
+    skipped = f" ({counts.rows} rows, {counts.skipped} bad rows skipped)" if counts.skipped else ""
+    return TokenWindows(np.asarray(stream, dtype=np.int64), seq_length, f"jsonl:{','.join(paths)}{skipped}")
 
 
 def mock_source(num_samples: int, vocab_size: int, seq_length: int, seed: int) -> TokenWindows:
@@ -90,7 +109,7 @@ def build_source(data_cfg, paths: Sequence[str], tokenizer, seq_length: int, see
 
         return sft_source(paths, data_cfg, tokenizer, seq_length, data_cfg.template, template_folder)
     if data_cfg.source == "jsonl":
-        return jsonl_source(paths, data_cfg.text_key, tokenizer, seq_length)
+        return jsonl_source(paths, data_cfg.text_key, tokenizer, seq_length, *line_rules(data_cfg))
     if data_cfg.source == "mock":
         return mock_source(data_cfg.mock_samples, tokenizer.vocab_size, seq_length, seed)
     raise ValueError(f"data.source={data_cfg.source}: expected jsonl, sft, indexed or mock")

@@ -22,6 +22,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from megatron_swift.data.files import (DEFAULT_MAX_LINE_BYTES, LineError, bad_line, decode_line, read_line,
+                                       skip_rest, too_long)
 from megatron_swift.data.packing import best_fit_decreasing
 from megatron_swift.data.sft import SFTRows, fill_row
 
@@ -32,8 +34,10 @@ class StreamingRows:
     """An endless source of SFT rows for one data-parallel rank."""
 
     def __init__(self, paths: Sequence[str], encode_line, seq_length: int, pad_id: int, packing: bool,
-                 dp_rank: int, dp_size: int, seed: int, buffer_size: int, pack_window: int):
+                 dp_rank: int, dp_size: int, seed: int, buffer_size: int, pack_window: int,
+                 max_line_bytes: int = DEFAULT_MAX_LINE_BYTES, on_error: str = "error"):
         self.paths, self.encode_line = list(paths), encode_line
+        self.max_line_bytes, self.on_error = max_line_bytes, on_error  # data.max_line_bytes, data.on_error
         self.seq_length, self.pad_id, self.packing = seq_length, pad_id, packing
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.buffer_size, self.pack_window = max(1, buffer_size), max(1, pack_window)
@@ -48,30 +52,50 @@ class StreamingRows:
     # -- reading ---------------------------------------------------------------------------------------
 
     def _next_line(self) -> Optional[Tuple[Ref, str]]:
-        """This rank's next (ref, text), or None at the end of the files (the epoch)."""
+        """This rank's next (ref, text), or None at the end of the files (the epoch). Lines are read with a
+        bounded readline; only this rank's lines are decoded, and a bad one of them (not UTF-8, over
+        data.max_line_bytes) raises DataError or is passed over (data.on_error=skip)."""
         r = self.reader
         while r["file"] < len(self.paths):
             with open(self.paths[r["file"]], "rb") as f:
                 f.seek(r["offset"])
                 while True:
-                    raw = f.readline()
-                    if not raw:
+                    raw = read_line(f, self.max_line_bytes)
+                    if raw == b"":
                         break
                     ref = (r["file"], r["offset"], r["line"] + 1)
-                    r["offset"] += len(raw)
                     r["line"] += 1
-                    if not raw.strip():
+                    if raw is not None and not raw.strip():
+                        r["offset"] = f.tell()
                         continue
+                    # An over-long line is a non-empty line too: it keeps its place in the rank rotation.
                     r["seen"] += 1
-                    if (r["seen"] - 1) % self.dp_size == self.dp_rank:
-                        return ref, raw.decode("utf-8")
+                    mine = (r["seen"] - 1) % self.dp_size == self.dp_rank
+                    text = self._line_text(raw, ref, self.on_error) if mine else None
+                    if raw is None:
+                        skip_rest(f)
+                    r["offset"] = f.tell()
+                    if text is not None:
+                        return ref, text
             r.update(file=r["file"] + 1, offset=0, line=0)
         return None
 
+    def _line_text(self, raw: Optional[bytes], ref: Ref, on_error: str) -> Optional[str]:
+        """The text of a line read by read_line (None: over the limit); a bad line raises DataError naming the
+        file and line, or gives None under on_error=skip."""
+        try:
+            if raw is None:
+                raise too_long(self.max_line_bytes)
+            return decode_line(raw)
+        except LineError as e:
+            bad_line(self.paths[ref[0]], ref[2], e, on_error)
+            return None
+
     def _read(self, ref: Ref) -> str:
+        """The line at ``ref`` again (restore). It was read fine before, so a bad line now is an error."""
         with open(self.paths[ref[0]], "rb") as f:
             f.seek(ref[1])
-            return f.readline().decode("utf-8")
+            return self._line_text(read_line(f, self.max_line_bytes), ref, "error")
 
     def _next_sample(self):
         """(ref, ids, targets) through the shuffle buffer; starts the next epoch when the files are done."""

@@ -2,14 +2,21 @@
 
 The template comes from the model's tokenizer folder (``chat_template`` in
 tokenizer_config.json, or chat_template.jinja), a built-in name
-(``data.template=chatml|llama3``) or a ``.jinja`` file. Which characters
-belong to which message is found by rendering prefixes of the conversation:
-message ``k`` spans from the end of ``render(messages[:k])`` (for assistant
-turns: with the generation prompt, so the ``<|im_start|>assistant`` header is
-not part of it) to the end of ``render(messages[:k+1])``, trailing whitespace
-excluded. A template for which a prefix does not render as a prefix of the
-whole (e.g. one that rewrites earlier turns) is refused with a message, since
-its masks would be wrong.
+(``data.template=chatml|llama3``) or a ``.jinja`` file. Spans are characters
+of the rendering of the WHOLE conversation. Message ``k`` spans from the end of
+``render(messages[:k])`` (for assistant turns: with the generation prompt, so
+the ``<|im_start|>assistant`` header is not part of it) to the end of
+``render(messages[:k+1])``, trailing whitespace excluded, as long as those
+prefix renderings are prefixes of the whole one. Templates such as Qwen3's or
+DeepSeek-R1's render a turn differently once a later turn follows (Qwen3 drops
+the think block, R1 strips reasoning while its generation prompt opens a think
+block); there the prefix lengths point at the wrong characters, so the message
+is located in the whole rendering instead: a marker character put at the end
+of its content shows where the content ends, the end-of-turn text the template prints
+after it (as in the prefix rendering) must follow it there, and the reply
+starts where the generation prompt and the whole rendering part. A template
+for which that is impossible (content printed twice or not at all, earlier
+turns rewritten, an end-of-turn text that differs) is refused with a message.
 """
 from __future__ import annotations
 
@@ -101,26 +108,113 @@ class ChatTemplate:
             raise TemplateError(f"chat template {self.name} failed: {e}") from None
 
     def spans(self, messages: List[dict]) -> Tuple[str, List[Span]]:
-        """The rendered conversation and the character span of every message."""
+        """The rendered conversation and the character span of every message (see the module docstring)."""
         text = self.render(messages)
         spans, previous = [], 0
         for k, message in enumerate(messages):
+            start = previous
             if message["role"] == "assistant":
-                head = self.render(messages[:k], add_generation_prompt=True)
-                self._check_prefix(head, text, k)
-                previous = max(previous, len(head))
-            end = len(self.render(messages[: k + 1]))
-            self._check_prefix(text[:end], text, k)
-            body_end = previous + len(text[previous:end].rstrip())
-            spans.append(Span(k, previous, body_end))
-            previous = end
+                start = max(previous, self._reply_start(messages, k, text, previous))
+            end, previous = self._turn_end(messages, k, text, start)
+            spans.append(Span(k, start, end))
         return text, spans
 
-    def _check_prefix(self, head: str, text: str, k: int) -> None:
-        if not text.startswith(head):
-            raise TemplateError(f"chat template {self.name} renders the first {k} messages differently inside the "
-                                "whole conversation, so turns cannot be masked; choose another data.template "
-                                f"(built in: {', '.join(BUILTIN)})")
+    def _reply_start(self, messages: List[dict], k: int, text: str, previous: int) -> int:
+        """Where assistant message ``k``'s reply starts in ``text``: after its generation prompt."""
+        head = self.render(messages[:k], add_generation_prompt=True)
+        if text.startswith(head):
+            return len(head)
+        # The prompt is not in the whole rendering (DeepSeek-R1's opens a think block that earlier turns lack):
+        # the reply starts where prompt and turn part. The content is replaced by a marker for this, so a reply
+        # that happens to begin like the prompt's tail cannot move the cut into the reply.
+        marker = self._marker(messages, k, text)
+        probe = self.render(_with_content(messages, k, marker))
+        at = self._find_once(probe, marker, messages, k, "inside the whole conversation")
+        cut = len(os.path.commonprefix([head, probe[:at]]))
+        if cut < previous or text[:cut] != probe[:cut]:
+            raise self._refusal(messages, k, f"the template renders the first {k} messages differently inside "
+                                             f"the whole conversation than as the prompt of message {k}")
+        return cut
+
+    def _turn_end(self, messages: List[dict], k: int, text: str, start: int) -> Tuple[int, int]:
+        """(end of message ``k``'s span in ``text``, where the next message starts): the content and the
+        end-of-turn text after it, not the whitespace that follows."""
+        alone = self.render(messages[: k + 1])
+        if text.startswith(alone):  # the turn renders the same as the last one and inside the whole
+            return start + len(text[start:len(alone)].rstrip()), len(alone)
+        # The turn renders differently once later turns follow (Qwen3's think block of the last turn): locate
+        # the end of its content in the whole rendering, then the end-of-turn text it has as the last turn.
+        marker = self._marker(messages, k, text)
+        content_end, marked = self._content_end(messages, k, text, marker, start)
+        marked_alone = self.render(_with_content(messages[: k + 1], k, marked))
+        tail = marked_alone[self._find_once(marked_alone, marker, messages, k, "as the last message") + len(marker):]
+        closing = tail.rstrip()
+        if not text.startswith(closing, content_end):
+            raise self._refusal(messages, k, f"its end-of-turn text as the last message ({closing!r}) is not what "
+                                             "follows it inside the whole conversation")
+        end = content_end + len(closing)
+        return end, end + len(os.path.commonprefix([tail[len(closing):], text[end:]]))
+
+    def _content_end(self, messages: List[dict], k: int, text: str, marker: str, start: int) -> Tuple[int, str]:
+        """Where message ``k``'s content ends in ``text`` (not before ``start``, where its span starts), and its
+        content with the ``marker`` that showed it.
+
+        The marker goes before the content's trailing whitespace (which templates may trim, like llama3's
+        ``| trim``, and which the masked end leaves out anyway), else at the very end (for a content whose last
+        visible character belongs to markup the template strips, like Qwen3 keeping only what follows
+        ``</think>``). It must show up exactly once and, removed, give back the whole rendering."""
+        content = messages[k]["content"]
+        body = content.rstrip()
+        problems = []
+        for marked in dict.fromkeys([body + marker + content[len(body):], content + marker]):
+            located = self.render(_with_content(messages, k, marked))
+            problem = _marker_problem(located, marker, text, start)
+            if problem is None:
+                return located.index(marker), marked
+            problems.append(problem)
+        raise self._refusal(messages, k, problems[0])
+
+    def _marker(self, messages: List[dict], k: int, text: str) -> str:
+        """A private-use character found neither in the rendering nor in any message, to mark message ``k``."""
+        if not isinstance(messages[k]["content"], str):
+            raise self._refusal(messages, k, "its content is not a string and cannot be located")
+        taken = text + "".join(str(m.get("content", "")) for m in messages)
+        return next(chr(c) for c in range(0xE000, 0xF900) if chr(c) not in taken)
+
+    def _find_once(self, rendered: str, marker: str, messages: List[dict], k: int, where: str) -> int:
+        """Where the marker put into message ``k``'s content appears; refused unless exactly once."""
+        count = rendered.count(marker)
+        if count != 1:
+            raise self._refusal(messages, k, f"the template does not print its content {where}" if count == 0
+                                else f"the template prints its content more than once {where}")
+        return rendered.index(marker)
+
+    def _refusal(self, messages: List[dict], k: int, reason: str) -> TemplateError:
+        """The error for a message whose span cannot be located exactly, saying what to do instead."""
+        return TemplateError(f"chat template {self.name} cannot be masked exactly: message {k} "
+                             f"({messages[k]['role']}): {reason}, so its loss mask would be wrong; point "
+                             "data.template at a .jinja file that prints each turn once and the same way wherever "
+                             f"it stands, or at a built-in one (data.template={'|'.join(BUILTIN)})")
+
+
+def _marker_problem(located: str, marker: str, text: str, start: int) -> Optional[str]:
+    """Why ``located``, the whole rendering with a marker at the end of one message's content, does not show
+    where that content ends in ``text`` (the rendering without it); None when it does."""
+    count = located.count(marker)
+    if count == 0:
+        return "the template does not print its content inside the whole conversation"
+    if count > 1:
+        return "the template prints its content more than once inside the whole conversation"
+    if located.replace(marker, "") != text:
+        return "the template renders other text differently when its content changes"
+    if located.index(marker) < start:
+        return "its content ends before its generation prompt does inside the whole conversation"
+    return None
+
+
+def _with_content(messages: List[dict], k: int, content: str) -> List[dict]:
+    """The conversation with message ``k``'s content replaced."""
+    return messages[:k] + [dict(messages[k], content=content)] + messages[k + 1:]
 
 
 def load_template(spec: Optional[str], tokenizer_folder: Optional[str]) -> ChatTemplate:

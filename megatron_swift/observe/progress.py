@@ -49,4 +49,6 @@ class Progress:
         if m.get("mfu") is not None:
             parts.append(f"MFU {100 * m['mfu']:.1f}%")
         parts += [f"mem {m['memory_gib']:.2f} GiB", f"ETA {_hms(eta)}"]
+        if m.get("skip_reason"):  # the update was not applied (training.guard)
+            parts.append(f"SKIPPED: {m['skip_reason']} ({m['skipped_steps']} so far)")
         return " | ".join(parts)

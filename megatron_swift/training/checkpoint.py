@@ -1,26 +1,22 @@
-"""Megatron distributed checkpoints (torch_dist), saved atomically, pruned to the last K.
+"""Megatron distributed checkpoints (torch_dist): what goes into one, saved atomically, loaded exactly.
 
-Layout of a run directory::
-
-    <output_dir>/checkpoints/iter_0000042/      one complete checkpoint
-        megatron_swift.json                    iteration, epoch, samples, layout (written last)
-        ...                                    dist_checkpointing shards + metadata
-    <output_dir>/checkpoints/.tmp.iter_0000050/ a save in progress (never loaded)
-
-A save goes to ``.tmp.iter_N`` and is renamed to ``iter_N`` by rank 0 only
-after every rank has finished writing, so a crash mid-save leaves the previous
-checkpoint as the latest complete one. Model weights are stored per
-parameter in global (unsharded) coordinates by megatron-core, so they load
-under any TP/PP/EP layout; optimizer and RNG state are restored only under
-the layout they were saved with.
+Where checkpoints live and how they are verified and pruned is
+``ckpt_store``. A save goes to ``.tmp.iter_N``; once every rank has written its
+shards, the files are hashed into the manifest, rank 0 writes
+``megatron_swift.json`` (counters, layout, the run's config, manifest) last and
+renames the folder to ``iter_N``, so a crash mid-save leaves the previous
+checkpoint as the latest complete one. Weights that are not finite are never
+saved. Model weights are stored per parameter in global (unsharded)
+coordinates by megatron-core, so they load under any TP/PP/EP layout;
+optimizer and RNG state are restored only under the layout they were saved
+with.
 """
 from __future__ import annotations
 
-import json
 import os
 import random
-import re
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
@@ -32,9 +28,13 @@ from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
-META = "megatron_swift.json"
+from megatron_swift.backend import collective_device
+from megatron_swift.training import ckpt_store, safe_load, writer_procs
+from megatron_swift.training.ckpt_store import (  # noqa: F401  (the checkpoint API other modules use)
+    META, checkpoints_dir, complete_checkpoints, find_checkpoint, read_meta)
+from megatron_swift.training.errors import CheckpointError, Diverged
+
 _OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
-_ITER_RE = re.compile(r"^iter_(\d{7})$")
 
 
 @dataclass
@@ -44,38 +44,6 @@ class TrainState:
     iteration: int = 0
     consumed_samples: int = 0
     epoch: int = 0
-
-
-def checkpoints_dir(output_dir: str) -> str:
-    return os.path.join(output_dir, "checkpoints")
-
-
-def _iter_name(iteration: int) -> str:
-    return f"iter_{iteration:07d}"
-
-
-def complete_checkpoints(ckpt_dir: str) -> List[str]:
-    """Complete checkpoint directories, oldest first."""
-    if not os.path.isdir(ckpt_dir):
-        return []
-    names = [n for n in os.listdir(ckpt_dir) if _ITER_RE.match(n) and os.path.isfile(os.path.join(ckpt_dir, n, META))]
-    return [os.path.join(ckpt_dir, n) for n in sorted(names)]
-
-
-def find_checkpoint(path: str) -> str:
-    """Accept a run dir, its checkpoints dir or an iter_N dir; return the latest complete iter_N dir."""
-    if os.path.isfile(os.path.join(path, META)):
-        return path
-    for candidate in (checkpoints_dir(path), path):
-        found = complete_checkpoints(candidate)
-        if found:
-            return found[-1]
-    raise FileNotFoundError(f"no complete megatron-swift checkpoint under {path}")
-
-
-def read_meta(ckpt: str) -> dict:
-    with open(os.path.join(ckpt, META), encoding="utf-8") as f:
-        return json.load(f)
 
 
 def _unwrap(chunk):
@@ -108,14 +76,23 @@ def _trainable_entries(chunk, sharded: dict) -> dict:
     return {k: v for k, v in sharded.items() if id(getattr(v, "data", None)) in trainable}
 
 
-def _layout() -> Dict[str, int]:
-    return {
+def _layout(optimizer=None) -> Dict[str, int]:
+    """The layout a checkpoint's optimizer and RNG state are tied to (with the optimizer's kind if given)."""
+    layout = {
         "world": dist.get_world_size(),
         "tp": ps.get_tensor_model_parallel_world_size(),
         "pp": ps.get_pipeline_model_parallel_world_size(),
         "ep": ps.get_expert_model_parallel_world_size(),
         "vpp": ps.get_virtual_pipeline_model_parallel_world_size() or 1,
+        "cp": ps.get_context_parallel_world_size(),
+        "etp": ps.get_expert_tensor_parallel_world_size(),
     }
+    if optimizer is not None:
+        from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+        chained = getattr(optimizer, "chained_optimizers", [optimizer])
+        layout["distributed_optimizer"] = any(isinstance(o, DistributedOptimizer) for o in chained)
+    return layout
 
 
 def _rng_state() -> dict:
@@ -163,7 +140,8 @@ def _prime_adam_state(optimizer) -> None:
 
 def _frozen(model) -> bool:
     """Whether some parameter anywhere does not train (every rank must agree: the key layout follows)."""
-    complete = torch.tensor(float(all(p.requires_grad for chunk in model for p in _unwrap(chunk).parameters())))
+    complete = torch.tensor(float(all(p.requires_grad for chunk in model for p in _unwrap(chunk).parameters())),
+                            device=collective_device())
     dist.all_reduce(complete, op=dist.ReduceOp.MIN)
     return not complete.item()
 
@@ -190,15 +168,30 @@ def _full_sharded_state(model, optimizer, scheduler, for_loading: bool, data=Non
     return state
 
 
+def _all_finite(model) -> bool:
+    """Whether every weight on every rank is finite (collective)."""
+    finite = all(bool(torch.isfinite(p).all()) for chunk in model for p in _unwrap(chunk).parameters())
+    flag = torch.tensor(float(finite), device=collective_device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
 def save(output_dir: str, state: TrainState, model, optimizer, scheduler, config_yaml: str, keep_last: int,
-         model_meta: Optional[dict] = None, data=None, adapter_only: bool = False) -> str:
+         model_meta: Optional[dict] = None, data=None, adapter_only: bool = False,
+         run_meta: Optional[dict] = None) -> str:
     """Write ``iter_N`` atomically (temporary dir, then rename) and prune to ``keep_last``.
 
     ``model_meta`` (architecture and vocabulary numbers) goes into megatron_swift.json so
-    that export tools can rebuild the model without the original HF folder. ``adapter_only``
-    (LoRA) stores the trainable parameters only; the base comes from model.pretrained/load."""
+    that export tools can rebuild the model without the original HF folder; ``run_meta`` (the
+    settings a resume must agree with, the planned length) so that a resume can check them.
+    ``adapter_only`` (LoRA) stores the trainable parameters only; the base comes from
+    model.pretrained/load. Refuses (:class:`Diverged`) to write weights that are not finite."""
+    if not _all_finite(model):
+        raise Diverged(f"the weights at step {state.iteration} are not all finite; no checkpoint was written "
+                       f"(the previous ones in {checkpoints_dir(output_dir)} are kept)")
     frozen = _frozen(model)
-    meta = dict(state.__dict__, layout=_layout(), model=model_meta or {}, adapter_only=adapter_only, frozen=frozen)
+    meta = dict(state.__dict__, layout=_layout(optimizer), model=model_meta or {}, adapter_only=adapter_only, frozen=frozen,
+                **(run_meta or {}))
     return _write(output_dir, state.iteration,
                   lambda: _full_sharded_state(model, optimizer, scheduler, False, data, adapter_only, frozen),
                   config_yaml, meta, keep_last)
@@ -211,48 +204,73 @@ def save_weights(output_dir: str, model, config_yaml: str, model_meta: dict) -> 
 
 
 def _write(output_dir: str, iteration: int, sharded_fn, config_yaml: str, meta: dict, keep_last: int) -> str:
+    writer_procs.install()
     ckpt_dir = checkpoints_dir(output_dir)
-    final = os.path.join(ckpt_dir, _iter_name(iteration))
-    tmp = os.path.join(ckpt_dir, ".tmp." + _iter_name(iteration))
+    final = os.path.join(ckpt_dir, ckpt_store.iter_name(iteration))
+    tmp = os.path.join(ckpt_dir, ".tmp." + ckpt_store.iter_name(iteration))
     rank0 = dist.get_rank() == 0
     if rank0:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp)  # left by a save that crashed
         os.makedirs(tmp)
     dist.barrier()
-    dist_checkpointing.save(sharded_fn(), tmp)
-    dist.barrier()
+    dist_checkpointing.save(sharded_fn(), tmp)  # wants an empty folder: config.yaml comes after
     if rank0:
         with open(os.path.join(tmp, "config.yaml"), "w", encoding="utf-8") as f:
             f.write(config_yaml)
-        with open(os.path.join(tmp, META), "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        if os.path.isdir(final):
+    dist.barrier()
+    manifest = ckpt_store.make_manifest(tmp)
+    if rank0:
+        _write_meta(tmp, dict(meta, complete=True, manifest=manifest))
+        if os.path.isdir(final):  # an older save of this step (a resume from before it): replaced, marker first
+            if os.path.isfile(os.path.join(final, META)):
+                os.remove(os.path.join(final, META))
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _prune(ckpt_dir, keep_last)
+        ckpt_store.prune(ckpt_dir, keep_last)
     dist.barrier()
     return final
 
 
-def _prune(ckpt_dir: str, keep_last: int) -> None:
-    if keep_last <= 0:
-        return
-    for old in complete_checkpoints(ckpt_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+def _write_meta(folder: str, meta: dict) -> None:
+    import json
+
+    with open(os.path.join(folder, META), "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
 
 
-def load_weights(path: str, model) -> str:
-    """Load only model weights from a checkpoint (any layout); returns the iter dir used."""
+def load_weights(path: str, model, verify: bool = True) -> str:
+    """Load only model weights from a checkpoint (any layout), checked against its manifest first unless
+    ``verify`` is off; returns the iter dir used."""
     ckpt = find_checkpoint(path)
     if read_meta(ckpt).get("adapter_only"):
-        raise ValueError(f"checkpoint {ckpt} holds LoRA adapters only, not a whole model: export it with "
-                         "tools/convert/mcore_to_hf.py (merged), or resume it with tuner=lora and its base")
+        raise CheckpointError(f"checkpoint {ckpt} holds LoRA adapters only, not a whole model: export it with "
+                              "tools/convert/mcore_to_hf.py (merged), or resume it with tuner=lora and its base")
+    if verify:
+        _require_intact(ckpt)
     sharded = _model_sharded(model)
-    _load_model(dist_checkpointing.load(sharded, ckpt), list(sharded), model)
+    _load_model(_dcp_load(sharded, ckpt), list(sharded), model)
     return ckpt
+
+
+def _require_intact(ckpt: str) -> None:
+    problems = ckpt_store.verify(ckpt)
+    if problems:
+        raise CheckpointError(f"checkpoint {ckpt} is damaged: {'; '.join(problems[:4])}")
+
+
+def _dcp_load(sharded: dict, ckpt: str) -> dict:
+    """megatron-core's load through safe_load (no code from the checkpoint runs), the checkpoint named in any
+    failure."""
+    try:
+        return safe_load.load(sharded, ckpt)
+    except CheckpointError:  # safe_load's refusals included
+        raise
+    except Exception as e:  # a torn or foreign file surfaces as whatever the reader trips on
+        raise CheckpointError(f"checkpoint {ckpt} cannot be loaded: {e.__class__.__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}") from e
 
 
 def _load_model(loaded: dict, keys: List[str], model, adapter_only: bool = False) -> None:
@@ -263,7 +281,61 @@ def _load_model(loaded: dict, keys: List[str], model, adapter_only: bool = False
             trainable = {n for n, p in module.named_parameters() if p.requires_grad}
             absent = sorted(trainable & set(missing)) + sorted(unexpected)
             if absent:
-                raise ValueError(f"adapter checkpoint does not match this model's trainable parameters: {absent[:6]}")
+                raise CheckpointError(f"adapter checkpoint does not match this model's trainable parameters: "
+                                      f"{absent[:6]}")
+
+
+def _inner_optimizers(optimizer) -> list:
+    """The torch optimizers under megatron-core's (chained) wrappers."""
+    return [o.optimizer for o in getattr(optimizer, "chained_optimizers", [optimizer])
+            if getattr(o, "optimizer", None) is not None]
+
+
+@contextmanager
+def _config_hyperparameters(optimizer):
+    """Keep this run's optimizer hyperparameters (max/min lr, betas, eps, weight decay, ...) across loading a
+    checkpoint: the config in force wins over the one the checkpoint was saved with, and the resume check
+    reports what changed. Only the per-parameter state, Adam's step and the scheduler's position come from
+    the checkpoint."""
+    fresh = [[{k: v for k, v in g.items() if k not in ("params", "step", "lr")} for g in inner.param_groups]
+             for inner in _inner_optimizers(optimizer)]
+    yield
+    for inner, groups in zip(_inner_optimizers(optimizer), fresh):
+        for group, values in zip(inner.param_groups, groups):
+            group.update(values)
+
+
+def _restore_adam_steps(optimizer) -> None:
+    """Give each parameter its own Adam ``step`` again, at the checkpoint's value.
+
+    megatron-core 0.16's DistributedOptimizer without Apex/TE (torch's Adam) stores the step once per
+    param group; on load it (a) puts ONE tensor into every parameter's state, which torch's foreach
+    Adam then increments once per parameter per step, and (b) with dp_reshardable copies the loading
+    template's step (0) over it. Bias correction is then wrong after every resume. The group's
+    ``step`` (restored from the checkpoint) is the true value."""
+    for inner in _inner_optimizers(optimizer):
+        for group in inner.param_groups:
+            if "step" not in group:  # per-parameter steps were saved and loaded as they are
+                continue
+            for p in group["params"]:
+                state = inner.state.get(p)
+                if state and "step" in state:
+                    state["step"] = torch.tensor(float(group["step"]), dtype=torch.float32,
+                                                 device=state["step"].device)
+
+
+def check_layout(ckpt: str, meta: dict, optimizer) -> None:
+    """Resuming needs the layout the optimizer state was sharded with."""
+    if meta.get("weights_only"):
+        raise CheckpointError(f"checkpoint {ckpt} holds model weights only (written by a converter); start a "
+                              f"run from it with model.load={ckpt} and a new train.output_dir")
+    now_layout = _layout(optimizer)
+    if meta["layout"] != now_layout:
+        saved = " ".join(f"{k}={v}" for k, v in meta["layout"].items())
+        now = " ".join(f"{k}={v}" for k, v in now_layout.items())
+        raise CheckpointError(
+            f"checkpoint {ckpt} was saved with layout {saved} but this run uses {now}; resume under the same "
+            f"layout, or start a new run from its weights with model.load={ckpt} and a new train.output_dir")
 
 
 def load_full(ckpt: str, model, optimizer, scheduler, data=None) -> TrainState:
@@ -272,30 +344,23 @@ def load_full(ckpt: str, model, optimizer, scheduler, data=None) -> TrainState:
     Refuses a checkpoint from another layout: the optimizer state is sharded
     by layout (use model.load to start a new run from its weights instead)."""
     meta = read_meta(ckpt)
-    if meta.get("weights_only"):
-        raise ValueError(f"checkpoint {ckpt} holds model weights only (written by a converter); start a run "
-                         f"from it with model.load={ckpt} and a new train.output_dir")
-    if meta["layout"] != _layout():
-        raise ValueError(
-            f"checkpoint {ckpt} was saved with layout {meta['layout']} but this run uses {_layout()}; "
-            "resume under the same layout, or start a new run from its weights with model.load="
-            f"{ckpt} train.resume=none and a new train.output_dir"
-        )
+    check_layout(ckpt, meta, optimizer)
     adapter_only = bool(meta.get("adapter_only"))
     if bool(meta.get("frozen")) != _frozen(model):  # an adapter-only checkpoint is always a frozen one
         saved = "LoRA adapters only" if adapter_only else ("some" if meta.get("frozen") else "no") + \
             " frozen parameters"
-        raise ValueError(f"checkpoint {ckpt} was saved with {saved} and this run differs: resume with the same "
-                         "train.freeze*/tuner settings")
+        raise CheckpointError(f"checkpoint {ckpt} was saved with {saved} and this run differs: resume with the "
+                              "same train.freeze*/tuner settings")
     sharded = _full_sharded_state(model, optimizer, scheduler, for_loading=True, data=data,
                                   adapter_only=adapter_only, frozen=bool(meta.get("frozen")))
     model_keys = [k for k in sharded if k.startswith("model")]
-    loaded = dist_checkpointing.load(sharded, ckpt)
+    loaded = _dcp_load(sharded, ckpt)
     _load_model(loaded, model_keys, model, adapter_only)
     # fp32 main params are views of the model's leaf params; megatron-core's
     # dp_reshardable loader copies into them outside no_grad (0.16).
-    with torch.no_grad():
+    with torch.no_grad(), _config_hyperparameters(optimizer):
         optimizer.load_state_dict(loaded["optimizer"])
+    _restore_adam_steps(optimizer)
     scheduler.load_state_dict(loaded["scheduler"])
     _set_rng_state(loaded["rng"])
     if data is not None:

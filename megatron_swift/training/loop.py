@@ -33,36 +33,11 @@ from megatron_swift.observe.progress import Progress
 from megatron_swift.tasks import build_task, task_class
 from megatron_swift.tuners.apply import apply_tuner
 from megatron_swift.training import checkpoint as ckpt
-from megatron_swift.training import run_length
+from megatron_swift.training import resume_check, run_dir, run_length
 from megatron_swift.training.flops import flops_per_step
+from megatron_swift.training.guard import StepGuard
 from megatron_swift.training.optim import build_optimizer, build_scheduler, wrap_model
-
-
-def output_dir_of(cfg) -> str:
-    """The run directory; the same on every rank because it derives from the config only."""
-    return cfg.train.output_dir or os.path.join("outputs", f"{cfg.model.family}-{cfg.model.size}")
-
-
-def resume_source(cfg, output_dir: str) -> Optional[str]:
-    """The checkpoint to continue from, or None; refuses to start over existing checkpoints."""
-    existing = ckpt.complete_checkpoints(ckpt.checkpoints_dir(output_dir))
-    mode = cfg.train.resume
-    if mode == "auto":
-        if existing and ckpt.read_meta(existing[-1]).get("weights_only"):
-            raise ConfigError([f"{output_dir} holds converted weights, not a run to resume; train from them with "
-                               f"model.load={output_dir} and a new train.output_dir"])
-        return existing[-1] if existing else None
-    if mode == "none":
-        if existing:
-            raise ConfigError([
-                f"train.resume=none but {output_dir} already holds checkpoints ({os.path.basename(existing[-1])}); "
-                "use train.resume=auto to continue, or a new train.output_dir"
-            ])
-        return None
-    try:
-        return ckpt.find_checkpoint(mode)
-    except FileNotFoundError as e:
-        raise ConfigError([f"train.resume={mode}: {e}"]) from None
+from megatron_swift.training.stop import StopRequests
 
 
 def _seed(seed: int) -> None:
@@ -102,6 +77,10 @@ class Trainer:
     model_meta: dict
     task: object = None  # megatron_swift.tasks: forward step, per-step preparation, metrics
     sinks: Optional[Sinks] = None
+    stopped: Optional[str] = None  # why the run stopped before its end (a signal, the time budget)
+    guard: Optional[StepGuard] = None  # skips steps with a non-finite loss or gradient norm
+    stops: Optional[StopRequests] = None  # SIGTERM/SIGINT/SIGUSR1 and the wall-clock budget
+    run_meta: Optional[dict] = None  # settings and planned length stored with each checkpoint (resume_check)
 
     def _microbatches(self, dataset, sampler, iteration: int) -> List[Batch]:
         device = self.backend.torch_device
@@ -137,17 +116,21 @@ class Trainer:
         return self.task.metrics(reports, self.backend.torch_device)
 
     def train_step(self, iteration: int):
-        """One optimizer step over the global batch; returns (task metrics or None, grad norm, lr, skipped)."""
+        """One optimizer step over the global batch; returns (task metrics or None, grad norm, lr, why the
+        update was skipped or None)."""
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
         reports = self._forward_backward(self._microbatches(self.train_data, self.sampler, iteration), False,
                                          self.train_data)
+        figures = self._task_metrics(reports)  # before the update: the guard needs the loss
+        self.guard.observe_loss(figures["loss"] if figures else None, self.backend.torch_device)
         ok, grad_norm, _ = self.optimizer.step()
-        if ok:
+        skipped = self.guard.end_step(fp16_skipped=not ok)
+        if skipped is None:
             self.scheduler.step(increment=1)
-        return self._task_metrics(reports), grad_norm, lr, not ok
+        return figures, grad_norm, lr, skipped
 
     def evaluate(self) -> Optional[float]:
         sampler = DataParallelSampler(len(self.eval_data), self.cfg.train.global_batch_size,
@@ -180,6 +163,7 @@ class Trainer:
             "loss": figures.pop("loss", None),
             "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "skipped_steps": self.guard.total_skipped,
             "loss_scale": float(self.optimizer.get_loss_scale()) if train.precision == "fp16" else None,
             "step_time_s": step_time,
             "tokens_per_s": train.global_batch_size * task.rows_per_sample * train.seq_length / step_time,
@@ -189,12 +173,13 @@ class Trainer:
             **figures,
         }
 
-    def _save(self) -> None:
+    def _save(self) -> str:
         path = ckpt.save(self.output_dir, self.state, self.model, self.optimizer, self.scheduler,
                          OmegaConf.to_yaml(self.cfg), self.cfg.train.keep_last, self.model_meta,
                          self.train_data if _streaming(self.train_data) else None,
-                         adapter_only=self.cfg.tuner.name == "lora")
+                         adapter_only=self.cfg.tuner.name == "lora", run_meta=self.run_meta)
         _print0(f"saved checkpoint {path}")
+        return path
 
     def _should_save(self, done: int) -> bool:
         train = self.cfg.train
@@ -203,8 +188,9 @@ class Trainer:
             or (train.save_at_epoch_end and self.length.ends_epoch(done))
         )
 
-    def step(self) -> None:
-        """One whole step as the loop runs it: train, count, log, evaluate, checkpoint."""
+    def step(self) -> Optional[str]:
+        """One whole step as the loop runs it: train, count, log, evaluate, checkpoint; returns why the run
+        must stop now (a signal, the time budget) or None."""
         train = self.cfg.train
         start = time.perf_counter()
         figures, grad_norm, lr, skipped = self.train_step(self.state.iteration)
@@ -213,10 +199,13 @@ class Trainer:
         self.state.iteration += 1
         self.state.consumed_samples += train.global_batch_size
         self.state.epoch = self.state.iteration // self.length.steps_per_epoch
-        if self.state.iteration % self.cfg.logging.log_interval == 0 or self.state.iteration == self.length.total_iters:
+        if (self.state.iteration % self.cfg.logging.log_interval == 0 or skipped
+                or self.state.iteration == self.length.total_iters):
             metrics = self._metrics(figures, grad_norm, lr, step_time)
-            metrics["skipped"] = skipped
+            metrics["skipped"] = skipped is not None
+            metrics["skip_reason"] = skipped
             self.sinks.log(metrics)
+        self.guard.check(self.state.iteration)
         if train.eval_interval and self.eval_data is not None and self.state.iteration % train.eval_interval == 0:
             eval_loss = self.evaluate()
             if eval_loss is not None:
@@ -226,18 +215,30 @@ class Trainer:
                     f"({self.state.consumed_samples} samples consumed)")
         if self._should_save(self.state.iteration):
             self._save()
+        return self.stops.check() if self.stops is not None else None
 
     def fit(self) -> ckpt.TrainState:
+        """Train to the end of the run, or until a stop request (then save and return)."""
         if self.state.iteration >= self.length.total_iters:
             _print0(f"nothing to train: {self.output_dir} is already at step {self.state.iteration} of "
                     f"{self.length.total_iters}; raise train.max_epochs/train.train_iters to continue, "
                     "or use a new train.output_dir")
         while self.state.iteration < self.length.total_iters:
-            self.step()
+            reason = self.step()
+            if reason is not None:
+                self._stop(reason)
+                return self.state
         # Also covers train.train_iters=0, which writes the initial weights as iter_0000000.
         if self.cfg.train.save_at_end and not self._saved(self.state.iteration):
             self._save()
         return self.state
+
+    def _stop(self, reason: str) -> None:
+        path = ckpt.find_checkpoint(self.output_dir) if self._saved(self.state.iteration) else self._save()
+        self.stopped = reason
+        _print0(f"megatron-swift: stopped by {reason} at step {self.state.iteration} of {self.length.total_iters}; "
+                f"checkpoint {path}. To continue, run the same command (train.resume=auto), or add "
+                f"train.output_dir={self.output_dir}")
 
     def _saved(self, iteration: int) -> bool:
         latest = ckpt.complete_checkpoints(ckpt.checkpoints_dir(self.output_dir))
@@ -277,18 +278,29 @@ def init_runtime(cfg):
     return arch, be
 
 
-def setup(cfg) -> Trainer:
-    """Validate, then build everything a run needs; returns a Trainer positioned at its start or resume point."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    output_dir = output_dir_of(cfg)
-    resume_from = resume_source(cfg, output_dir)
-    arch, be = init_runtime(cfg)
-    par = cfg.parallel
+def _choose_run(cfg, arch, world: int):
+    """(run choice, checkpoint to resume or None, record stored with each checkpoint: settings and identity);
+    refuses a resume whose data order or model would change (resume_check), reports schedule changes."""
+    settings = resume_check.settings(cfg, arch)
+    identity = resume_check.identity(cfg, settings, world)
+    choice = run_dir.decide(cfg, identity)
+    _print0(f"megatron-swift: {choice.note}")
+    resume_from = run_dir.intact_checkpoint(choice, _print0, verify=cfg.train.verify_checkpoints)
+    if resume_from is not None:
+        saved = ckpt.read_meta(resume_from).get("settings")
+        if saved is None:
+            _print0(f"megatron-swift: {resume_from} records no settings (an older checkpoint): resume not checked")
+        else:
+            refused, applied = resume_check.compare(saved, settings)
+            if refused:
+                raise ConfigError([resume_check.refusal_message(resume_from, refused)])
+            for change in applied:
+                _print0(f"megatron-swift: resuming with a changed setting, applied from this step on: {change}")
+    return choice, resume_from, dict(settings=settings, identity=identity)
 
-    # Data before model: bad data stops the run before any weights or checkpoints are touched.
-    tokenizer_spec = cfg.data.tokenizer or cfg.model.pretrained or "byte"
-    tokenizer = build_tokenizer(tokenizer_spec)
-    folder = tokenizer_spec if os.path.isdir(tokenizer_spec) else None  # where a chat template may live
+
+def _read_data(cfg, tokenizer, folder, output_dir: str):
+    """(train data, eval data or None, samples per epoch, is it a stream) as the task reads them."""
     cache = os.path.join(output_dir, "data_cache")
     wanted = cfg.train.train_iters * cfg.train.global_batch_size if cfg.train.train_iters else None
     read_data = task_class(cfg.task.name).read_data  # preference tasks read their own row shapes
@@ -305,9 +317,24 @@ def setup(cfg) -> Trainer:
     # A stream has no length known up front: the run is train_iters steps (validation asks for it) and
     # train.max_epochs does not apply.
     streaming = _streaming(train_data)
-    num_samples = wanted if streaming else len(train_data)
+    return train_data, eval_data, wanted if streaming else len(train_data), streaming
+
+
+def setup(cfg) -> Trainer:
+    """Validate, then build everything a run needs; returns a Trainer positioned at its start or resume point."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    arch, be = init_runtime(cfg)
+    par = cfg.parallel
+    choice, resume_from, run_record = _choose_run(cfg, arch, world)
+    output_dir = choice.output_dir
+
+    # Data before model: bad data stops the run before any weights or checkpoints are touched.
+    tokenizer_spec = cfg.data.tokenizer or cfg.model.pretrained or "byte"
+    tokenizer = build_tokenizer(tokenizer_spec)
+    folder = tokenizer_spec if os.path.isdir(tokenizer_spec) else None  # where a chat template may live
+    train_data, eval_data, num_samples, streaming = _read_data(cfg, tokenizer, folder, output_dir)
     length = run_length.plan(num_samples, cfg.train.global_batch_size, None if streaming else cfg.train.max_epochs,
-                             cfg.train.train_iters)
+                             cfg.train.train_iters, data=list(cfg.data.path))
     sampler = DataParallelSampler(num_samples, cfg.train.global_batch_size, cfg.train.micro_batch_size,
                                   ps.get_data_parallel_world_size(), ps.get_data_parallel_rank(),
                                   cfg.train.seed, cfg.data.shuffle)
@@ -326,7 +353,7 @@ def setup(cfg) -> Trainer:
     # LoRA checkpoints hold the adapters only: the base is loaded again when resuming.
     load_base = resume_from is None or lora
     if cfg.model.load and load_base:
-        _print0(f"initial weights from {ckpt.load_weights(cfg.model.load, chunks)}")
+        _print0(f"initial weights from {ckpt.load_weights(cfg.model.load, chunks, cfg.train.verify_checkpoints)}")
     elif cfg.model.pretrained and load_base:
         load_hf_weights(chunks, cfg.model.pretrained, arch, padded)
         _print0(f"initial weights from HF checkpoint {cfg.model.pretrained}")
@@ -334,6 +361,8 @@ def setup(cfg) -> Trainer:
     model = wrap_model(chunks, tconfig, par)
     optimizer = build_optimizer(model, tconfig, cfg.train, par)
     scheduler = build_scheduler(optimizer, cfg.train, length.total_iters)
+    guard = StepGuard(cfg.train.max_skipped_steps, cfg.train.loss_spike_factor, cfg.train.loss_spike_window)
+    guard.install(optimizer)
     state = ckpt.TrainState()
     if resume_from is not None:
         state = ckpt.load_full(resume_from, model, optimizer, scheduler,
@@ -350,6 +379,8 @@ def setup(cfg) -> Trainer:
     trainer = Trainer(cfg, be, arch, model, optimizer, scheduler, train_data, eval_data, sampler, length,
                       output_dir, flops_per_step(arch, cfg.train.seq_length, padded, cfg.train.global_batch_size),
                       state, model_meta(arch, vocab, padded))
+    trainer.guard = guard
+    trainer.run_meta = dict(run_record, total_iters=length.total_iters)
     progress = Progress(length.total_iters, cfg.train.max_epochs, state.iteration)
     if dist.get_rank() == 0:
         os.makedirs(output_dir, exist_ok=True)
@@ -358,7 +389,6 @@ def setup(cfg) -> Trainer:
     trainer.task = build_task(cfg, be, arch, padded, datasets, output_dir, model=model)
     trainer.sinks = Sinks(cfg, output_dir, OmegaConf.to_container(cfg, resolve=True), _log_rank(), progress)
     if dist.get_rank() == 0:
-        os.makedirs(output_dir, exist_ok=True)
         with open(os.path.join(output_dir, "config.yaml"), "w", encoding="utf-8") as f:
             f.write(OmegaConf.to_yaml(cfg))
     return trainer
@@ -388,12 +418,20 @@ def export_final_hf(trainer) -> None:
 
 
 def run(cfg) -> ckpt.TrainState:
-    """Train as the config says; returns the final counters."""
-    trainer = setup(cfg)
+    """Train as the config says; returns the final counters. SIGTERM/SIGINT/SIGUSR1 (and
+    train.exit_duration_minutes) stop it after the current step, with a checkpoint."""
+    stops = StopRequests(cfg.train.exit_duration_minutes, started=time.monotonic()).install()
     try:
-        state = trainer.fit()
+        trainer = setup(cfg)
+        trainer.stops = stops
+        try:
+            state = trainer.fit()
+        finally:
+            trainer.sinks.close()
     finally:
-        trainer.sinks.close()
+        stops.uninstall()
+    if trainer.stopped:
+        return state
     if cfg.train.save_hf:
         export_final_hf(trainer)
     _print0(f"done: {state.iteration} steps, epoch {state.iteration / trainer.length.steps_per_epoch:.2f}, "

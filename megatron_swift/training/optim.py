@@ -73,4 +73,8 @@ def build_scheduler(optimizer, train, total_iters: int) -> OptimizerParamSchedul
         end_wd=train.weight_decay,
         wd_incr_steps=max(decay_iters, 1),
         wd_incr_style="constant",
+        # On resume the schedule in force is this run's config (a changed lr, min_lr, warmup or decay is
+        # applied and reported by the resume check); only the position (num_steps) comes from the checkpoint.
+        use_checkpoint_opt_param_scheduler=False,
+        override_opt_param_scheduler=True,
     )

@@ -16,6 +16,7 @@ from typing import List, Tuple
 import torch
 import torch.distributed as dist
 
+from megatron_swift.backend import collective_device
 from megatron_swift.config.validate import ConfigError
 from megatron_swift.tuners import FREEZE_GROUPS
 
@@ -46,7 +47,7 @@ def set_trainable(named: List[Tuple[str, torch.nn.Parameter]], tuner, train) -> 
     for _, param in named:  # with LoRA only the adapters train unless a rule says otherwise
         param.requires_grad_(tuner.name != "lora" or getattr(param, "is_lora", False))
     rules = _rules(tuner, train)
-    hits = torch.zeros(len(rules))
+    hits = torch.zeros(len(rules), device=collective_device())  # NCCL reduces only GPU tensors
     for i, (_, pattern, trainable) in enumerate(rules):
         regex = re.compile(pattern)
         for name, param in named:

@@ -5,7 +5,6 @@ import pytest
 @pytest.fixture(scope="module")
 def tiny_hf(tmp_path_factory):
     """A random tiny Qwen3 HF folder (untied, 2 KV heads, 300-token vocabulary), written once per module."""
-    pytest.importorskip("transformers")
     from tests.multiproc.test_hf_load import _save_tiny
 
     folder = tmp_path_factory.mktemp("hf")

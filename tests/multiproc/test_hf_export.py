@@ -7,12 +7,11 @@ import sys
 
 import pytest
 import torch
+import transformers  # a test dependency (setup.py [test]): missing, the suite must fail, not skip
+from safetensors.torch import load_file
 
 from tests.conftest import ROOT, launch_cmd, run_train, train_env
 from tests.multiproc.test_hf_load import CASES, VOCAB, WORKER, _save_tiny
-
-transformers = pytest.importorskip("transformers")
-from safetensors.torch import load_file  # noqa: E402
 
 CONVERT = ROOT / "tools" / "convert" / "mcore_to_hf.py"
 HF_TO_MCORE = ROOT / "tools" / "convert" / "hf_to_mcore.py"
@@ -92,7 +91,9 @@ def test_trained_export_loads_in_transformers_with_megatron_logits(tmp_path):
                                      script=WORKER), cwd=ROOT, env=train_env(), capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    megatron = torch.load(tmp_path / "mcore.pt", weights_only=True)[..., :VOCAB]
+    padded = torch.load(tmp_path / "mcore.pt", weights_only=True)
+    assert padded.shape[-1] == 512 and torch.isneginf(padded[..., VOCAB:]).all()  # 300 padded for TP=2, masked
+    megatron = padded[..., :VOCAB]
     trained = transformers.AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
     original = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
     with torch.no_grad():

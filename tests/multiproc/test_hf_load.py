@@ -5,13 +5,13 @@ import subprocess
 
 import pytest
 import torch
+import transformers  # a test dependency (setup.py [test]): missing, the suite must fail, not skip
 
 from tests.conftest import ROOT, launch_cmd, train_env
 
-transformers = pytest.importorskip("transformers")
-
 WORKER = ROOT / "tests" / "multiproc" / "hf_logits_worker.py"
 VOCAB = 300  # not a multiple of 128: exercises vocabulary padding and un-padding
+PADDED = {"1": 384, "2": 512}  # by hand: the next multiple of 128 * TP
 
 
 def _save_tiny(kind: str, folder, dtype=torch.float32, **extra):
@@ -78,6 +78,11 @@ def test_megatron_logits_equal_hf_logits(tmp_path, case):
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-5000:]
     got = torch.load(tmp_path / "out.pt", weights_only=True)  # [b, s, padded V]
-    assert got.shape[-1] >= VOCAB
+    # make_vocab_size_divisible_by=128 times TP: 300 -> 384 at TP=1, 512 at TP=2, so the two pad differently.
+    assert got.shape[-1] == PADDED[dict(o.split("=") for o in layout).get("parallel.tp", "1")]
     diff = (got[..., :VOCAB] - expected).abs().max().item()
     assert diff < 1e-4, f"{case}: max |logit diff| {diff}"
+    # Every padding column is -inf (probability 0), the first one included, on every TP rank's block.
+    padding = got[..., VOCAB:]
+    unmasked = (~torch.isneginf(padding)).nonzero()[:, -1].unique() + VOCAB
+    assert unmasked.numel() == 0, f"{case}: padding columns {unmasked.tolist()} are not -inf"

@@ -27,7 +27,7 @@ def _init_and_baseline(tmp, model):
     run_train(1, [*model, *COMMON, "train.train_iters=0", "train.save_at_end=true", f"train.output_dir={init}"])
     base = tmp / "base"
     run_train(1, [*model, *COMMON, f"model.load={init}", f"train.output_dir={base}"])
-    return init, [r["loss"] for r in read_metrics(base)]
+    return init, read_metrics(base)
 
 
 @pytest.fixture(scope="module")
@@ -43,12 +43,15 @@ def moe(tmp_path_factory):
 def _check(tmp_path, model, init, baseline, layout):
     out = tmp_path / "run"
     run_train(2, [*model, *COMMON, *layout, f"model.load={init}", f"train.output_dir={out}"])
-    losses = [r["loss"] for r in read_metrics(out)]
-    assert len(losses) == STEPS == len(baseline)
-    assert losses[0] > 1.0  # a real cross-entropy, not an empty batch
-    for step, (got, want) in enumerate(zip(losses, baseline), start=1):
-        assert abs(got - want) < 1e-5, f"step {step}: {layout} loss {got} vs all-ones {want}"
-    assert losses[-1] < losses[0]  # and it trains
+    rows = read_metrics(out)
+    assert [r["iteration"] for r in rows] == [r["iteration"] for r in baseline] == list(range(1, STEPS + 1))
+    assert rows[0]["loss"] > 1.0  # a real cross-entropy, not an empty batch
+    for step, (got, want) in enumerate(zip(rows, baseline), start=1):
+        assert abs(got["loss"] - want["loss"]) < 1e-5, f"step {step}: {layout} loss {got['loss']} vs {want['loss']}"
+        # The gradient norm too: a gradient counted twice (or once too few) over TP/PP/DP ranks shows here.
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5), \
+            f"step {step}: {layout} grad norm {got['grad_norm']} vs all-ones {want['grad_norm']}"
+    assert rows[-1]["loss"] < rows[0]["loss"]  # and it trains
 
 
 @pytest.mark.parametrize("layout", [
@@ -74,6 +77,6 @@ def test_bf16_mixed_precision_tracks_fp32(tmp_path, dense):
     out = tmp_path / "bf16"
     run_train(1, [*DENSE, *COMMON, "train.precision=bf16", f"model.load={init}", f"train.output_dir={out}"])
     losses = [r["loss"] for r in read_metrics(out)]
-    assert abs(losses[0] - baseline[0]) < 2e-2
-    assert losses[0] != baseline[0]  # it really ran in bf16
+    assert abs(losses[0] - baseline[0]["loss"]) < 2e-2
+    assert losses[0] != baseline[0]["loss"]  # it really ran in bf16
     assert losses[-1] < losses[0]

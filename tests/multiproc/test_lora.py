@@ -12,13 +12,14 @@ from __future__ import annotations
 import json
 import subprocess
 
+import peft  # test dependencies (setup.py [test]): missing, the suite must fail, not skip
 import pytest
 import torch
+import transformers
 
 from tests.conftest import ROOT, launch_cmd, read_metrics, run_train, train_env
 from tests.multiproc.test_hf_load import VOCAB, WORKER, _save_tiny
 
-transformers = pytest.importorskip("transformers")
 CONVERT = ROOT / "tools" / "convert" / "mcore_to_hf.py"
 
 
@@ -67,11 +68,15 @@ def test_other_layouts_train_the_same_function_as_tp1(tmp_path, tiny_hf, tp1_los
     assert len(one) == len(two) == 4 and one[-1]["loss"] < one[0]["loss"] - 0.05  # it does learn
     for a, b in zip(one, two):
         assert abs(a["loss"] - b["loss"]) < 1e-5, (layout, a["iteration"], a["loss"], b["loss"])
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5), (layout, a["iteration"], a["grad_norm"],
+                                                                           b["grad_norm"])
 
 
-@pytest.mark.parametrize("nproc,layout", [(1, []), (2, ["parallel.tp=2"])])
+# rsLoRA at TP=2: scale alpha/sqrt(r) = 4 instead of alpha/r = 2, so a scale that ignored tuner.rslora (in the
+# forward, the merge or the adapter config) would give other logits than peft's.
+@pytest.mark.parametrize("nproc,layout", [(1, []), (2, ["parallel.tp=2", "tuner.rslora=true"])],
+                         ids=["tp1", "tp2-rslora"])
 def test_merged_and_peft_exports_give_the_megatron_lora_logits(tmp_path, tiny_hf, nproc, layout):
-    peft = pytest.importorskip("peft")
     run = tmp_path / "run"
     overrides = _base(tiny_hf, run, *LORA, "train.train_iters=3", "train.lr=2e-2", *layout)
     run_train(nproc, overrides)
@@ -92,7 +97,8 @@ def test_merged_and_peft_exports_give_the_megatron_lora_logits(tmp_path, tiny_hf
     assert (merged_logits - megatron).abs().max() < 1e-4
     assert (peft_logits - megatron).abs().max() < 1e-4
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    assert config["r"] == 4 and "q_proj" in config["target_modules"]
+    assert config["r"] == 4 and config["lora_alpha"] == 8 and "q_proj" in config["target_modules"]
+    assert config["use_rslora"] == ("tuner.rslora=true" in layout)
 
 
 def test_lora_on_moe_experts_merges_into_the_hf_model(tmp_path):

@@ -1,70 +1,138 @@
-"""A resume never changes the run: SIGKILL after a checkpoint, train.resume=auto, same losses bitwise."""
+"""A resume never changes the run.
+
+Every process of a run is killed (SIGKILL, workers included) in the middle of
+training, after a checkpoint; the same command continues from that checkpoint,
+and every step's loss, learning rate and gradient norm equal an uninterrupted
+run's bitwise. Dropout (RNG state), warmup + cosine (scheduler state), the
+distributed optimizer (sharded Adam state and its step count), TP+SP (the
+tensor-parallel RNG tracker) and packed streaming SFT (the stream's position)
+all have to come back for that to hold.
+"""
 from __future__ import annotations
 
 import json
-import os
+import re
 import signal
-import subprocess
-import time
+from pathlib import Path
 
-from tests.conftest import ROOT, launch_cmd, read_metrics, run_train, train_env
+import pytest
 
-TOTAL = 40
-# DP=2 with the distributed optimizer (sharded optimizer state), warmup + cosine
-# (scheduler state) and dropout on (RNG state): every piece of state must come back.
-CONFIG = ["+model=qwen3", "train.precision=fp32", f"train.train_iters={TOTAL}", "train.seq_length=64",
-          "train.global_batch_size=8", "train.micro_batch_size=2", "train.lr_warmup_iters=5",
-          "parallel.distributed_optimizer=true", "model.hidden_dropout=0.1", "train.save_interval=5",
-          "train.keep_last=2", "logging.tensorboard=false", "train.device=cpu"]
+from tests.conftest import read_metrics
+from tests.multiproc import procs
+
+TOTAL = 24
+COMMON = ["+model=qwen3", "train.precision=fp32", f"train.train_iters={TOTAL}", "train.seq_length=64",
+          "train.lr_warmup_iters=3", "train.lr=1e-3", "model.hidden_dropout=0.1", "model.attention_dropout=0.1",
+          "train.save_interval=4", "train.keep_last=2", "logging.tensorboard=false"]
+LAYOUTS = {
+    # DP=2, optimizer state sharded over the two ranks.
+    "dp2_distopt": ["parallel.distributed_optimizer=true", "train.global_batch_size=8", "train.micro_batch_size=2"],
+    # TP=2 with sequence parallelism: dropout draws from the tensor-parallel RNG tracker.
+    "tp2_sp": ["parallel.tp=2", "parallel.sp=true", "train.global_batch_size=4", "train.micro_batch_size=2"],
+    # Packed SFT rows from a stream: each rank's reader position, shuffle buffer and pending rows.
+    "sft_packed_stream": ["data=sft", "data.packing=true", "data.streaming=true", "data.stream_buffer=16",
+                          "data.pack_window=8", "train.seq_length=256", "parallel.distributed_optimizer=true",
+                          "train.global_batch_size=4", "train.micro_batch_size=1"],
+}
+KILL_AFTER_STEP = 6  # a checkpoint (step 4) exists and later steps ran
 
 
-def _last_per_step(output_dir):
+def per_step(output_dir: Path) -> dict:
     rows = {}
     for row in read_metrics(output_dir):
-        rows[row["iteration"]] = row  # a resumed run re-logs steps after its checkpoint
+        rows[row["iteration"]] = row  # a resumed run logs the steps after its checkpoint again
     return rows
 
 
-def _kill_after_checkpoint(output_dir) -> int:
-    """Start the run, SIGKILL every process once a checkpoint exists and a later step was logged."""
-    proc = subprocess.Popen(launch_cmd(2, [*CONFIG, f"train.output_dir={output_dir}"]), cwd=ROOT, env=train_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    metrics = output_dir / "metrics.jsonl"
-    deadline = time.time() + 240
-    try:
-        while time.time() < deadline:
-            if metrics.exists():
-                steps = [json.loads(l)["iteration"] for l in metrics.read_text().splitlines() if l.strip()]
-                if steps and steps[-1] >= 7:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
-                    return steps[-1]
-            assert proc.poll() is None, "run ended before it could be killed"
-            time.sleep(0.02)
-        raise AssertionError("run made no progress")
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """Per layout, the rows of a run that was never stopped (computed on first use)."""
+    cache = {}
+
+    def rows(layout: str) -> dict:
+        if layout not in cache:
+            out = tmp_path_factory.mktemp(f"whole_{layout}")
+            procs.run(2, [*COMMON, *LAYOUTS[layout], f"train.output_dir={out}"])
+            cache[layout] = per_step(out)
+            assert sorted(cache[layout]) == list(range(1, TOTAL + 1))
+        return cache[layout]
+
+    return rows
 
 
-def test_killed_and_resumed_equals_uninterrupted(tmp_path):
-    whole = tmp_path / "whole"
-    run_train(2, [*CONFIG, f"train.output_dir={whole}"])
-    expected = _last_per_step(whole)
-    assert sorted(expected) == list(range(1, TOTAL + 1))
-
-    broken = tmp_path / "broken"
-    killed_at = _kill_after_checkpoint(broken)
-    assert killed_at < TOTAL
-    proc = run_train(2, [*CONFIG, f"train.output_dir={broken}", "train.resume=auto"])
-    assert "resumed from" in proc.stdout
-    resumed = _last_per_step(broken)
+def assert_same_steps(resumed: dict, expected: dict) -> None:
     assert sorted(resumed) == list(range(1, TOTAL + 1))
     for step in range(1, TOTAL + 1):
-        assert resumed[step]["loss"] == expected[step]["loss"], f"step {step} differs after resume"
-        assert resumed[step]["lr"] == expected[step]["lr"]
-        assert resumed[step]["consumed_samples"] == expected[step]["consumed_samples"]
-    with open(broken / "checkpoints" / f"iter_{TOTAL:07d}" / "megatron_swift.json") as f:
-        assert json.load(f)["iteration"] == TOTAL
-    kept = sorted(p.name for p in (broken / "checkpoints").iterdir() if p.name.startswith("iter_"))
-    assert kept == [f"iter_{TOTAL - 5:07d}", f"iter_{TOTAL:07d}"]  # keep_last=2
+        for key in ("loss", "lr", "grad_norm", "consumed_samples"):
+            assert resumed[step][key] == expected[step][key], f"step {step}: {key} differs after the resume"
+
+
+def resumed_at(stdout: str) -> int:
+    match = re.search(r"resumed from \S+iter_\d+ at step (\d+)", stdout)
+    assert match, f"the second run did not resume:\n{stdout[-3000:]}"
+    return int(match.group(1))
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_killed_mid_run_resumes_exactly(tmp_path, uninterrupted, layout):
+    out = tmp_path / "run"
+    command = [*COMMON, *LAYOUTS[layout], f"train.output_dir={out}"]
+    proc = procs.start(2, command, log=tmp_path / "killed.log")
+    try:
+        procs.wait_until(proc, lambda: procs.last_step(procs.metrics_file(out)) >= KILL_AFTER_STEP)
+    finally:
+        procs.kill_tree(proc.pid)
+    killed_at = procs.last_step(procs.metrics_file(out))
+    assert killed_at < TOTAL
+
+    again = procs.run(2, command)
+    start = resumed_at(again.stdout)
+    # Resumed in the middle, from a checkpoint before the kill, with 10+ steps left to compare.
+    assert 0 < start <= killed_at and TOTAL - start >= 10, (start, killed_at)
+    assert_same_steps(per_step(out), uninterrupted(layout))
+
+
+def test_sigterm_saves_then_the_same_command_continues_exactly(tmp_path, uninterrupted):
+    """What SLURM does at preemption: SIGTERM. The step in flight finishes, a checkpoint is written, the
+    workers exit 0; the same command (default run folder) continues that run exactly."""
+    command = [*COMMON, *LAYOUTS["dp2_distopt"]]  # no train.output_dir: the default run folder
+    proc = procs.start(2, command, cwd=tmp_path, log=tmp_path / "first.log")
+    runs = tmp_path / "outputs"
+
+    def run_folder():
+        found = list(runs.glob("*/*/metrics.jsonl"))
+        return found[0].parent if found else None
+
+    try:
+        procs.wait_until(proc, lambda: run_folder() is not None and
+                         procs.last_step(procs.metrics_file(run_folder())) >= 5)
+        proc.send_signal(signal.SIGTERM)  # to torchrun, which forwards it to its workers
+        proc.wait(timeout=60)
+    finally:
+        procs.kill_tree(proc.pid)
+    log = (tmp_path / "first.log").read_text()
+    stopped = re.search(r"stopped by SIGTERM at step (\d+) of 24; checkpoint (\S+)\.", log)
+    assert stopped, log[-3000:]
+    step = int(stopped.group(1))
+    assert step < TOTAL and not re.search(r"exitcode\s*:\s*[1-9]", log), log[-3000:]  # workers exited 0
+    assert Path(tmp_path / stopped.group(2)).name == f"iter_{step:07d}"
+
+    again = procs.run(2, command, cwd=tmp_path)
+    assert "continuing this command's unfinished run" in again.stdout
+    assert resumed_at(again.stdout) == step
+    assert_same_steps(per_step(run_folder()), uninterrupted("dp2_distopt"))
+    assert len(list(runs.glob("*/*"))) == 1  # one run, one folder
+
+
+def test_adam_state_is_per_parameter_after_resume(tmp_path):
+    """The distributed optimizer's Adam step count comes back per parameter, at the checkpoint's value
+    (megatron-core 0.16 restores one shared tensor at 0; checkpoint._restore_adam_steps)."""
+    out = tmp_path / "run"
+    base = ["+model=qwen3", "train.precision=fp32", "train.seq_length=32", "train.global_batch_size=4",
+            "train.micro_batch_size=2", "parallel.distributed_optimizer=true", "logging.tensorboard=false",
+            f"train.output_dir={out}"]
+    procs.run(2, [*base, "train.train_iters=3"])
+    result = tmp_path / "steps.json"
+    procs.run(2, [str(result), *base, "train.train_iters=3"], script=Path(__file__).with_name("adam_state_worker.py"))
+    steps = json.loads(result.read_text())
+    assert steps["values"] == [3.0] and steps["distinct"] == steps["count"] > 1, steps

@@ -14,6 +14,12 @@ copied from that folder.
 A LoRA run's checkpoint holds its adapters only: it is merged into the base
 (the run's model.pretrained, or --base) and written as a plain HF model, or
 with --export adapter written as a PEFT adapter folder for that base.
+
+Trust: reading a checkpoint runs no code from it. Its pickled metadata may
+only name the classes checkpoints are made of, and anything else is refused
+(exit code 2, naming the file). A checkpoint from an untrusted source is still
+that source's data, though: exchange models as the HF safetensors folder this
+tool writes, not as Megatron checkpoints.
 """
 from __future__ import annotations
 

@@ -1,0 +1,104 @@
+"""What a resume must agree with: the settings that decide the data order and the model, stored with every
+checkpoint and compared when a run continues.
+
+Three kinds of settings (``settings()`` returns them as one dict):
+
+- ``data`` and ``files``: everything that decides which samples come at which
+  step (global batch, sequence length, seed, the files and a fingerprint of
+  their contents, packing, ...). The data position is a function of the step
+  and these, so a change would silently skip or repeat data: refused.
+- ``model``: the architecture, the objective and the tuner: refused, with the
+  key that differs (instead of a shape error from inside torch).
+- ``schedule``: learning rate, its schedule and the optimizer's
+  hyperparameters: a change is applied (the config in force wins; see
+  checkpoint._config_hyperparameters and the scheduler override in optim.py)
+  and reported.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Dict, List, Tuple
+
+from omegaconf import OmegaConf
+
+# Settings (config keys) that decide the order and content of the samples.
+_DATA_KEYS = ("train.global_batch_size", "train.seq_length", "train.seed", "data.source", "data.path",
+              "data.weights", "data.packing", "data.streaming", "data.shuffle", "data.text_key", "data.format",
+              "data.template", "data.truncation", "data.on_error", "data.tokenizer", "data.mock_samples",
+              "data.stream_buffer", "data.pack_window", "data.max_line_bytes")
+# Settings of the optimisation that a resumed run may change.
+_SCHEDULE_KEYS = ("train.lr", "train.min_lr", "train.lr_warmup_iters", "train.lr_decay_iters",
+                  "train.lr_decay_style", "train.weight_decay", "train.adam_beta1", "train.adam_beta2",
+                  "train.adam_eps", "train.clip_grad", "train.train_iters", "train.max_epochs")
+_SAMPLED = 1 << 20  # bytes hashed at each end of a large data file
+
+
+def _fingerprint(path: str) -> str:
+    """Size plus a hash of the first and last MiB (the whole file when small): cheap on terabyte corpora,
+    and it changes when a file is replaced, appended to or rewritten."""
+    size = os.path.getsize(path)
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        digest.update(f.read(_SAMPLED))
+        if size > 2 * _SAMPLED:
+            f.seek(size - _SAMPLED)
+        digest.update(f.read(_SAMPLED))
+    return f"{size}:{digest.hexdigest()[:16]}"
+
+
+def _data_files(cfg) -> List[str]:
+    suffixes = (".bin", ".idx") if cfg.data.source == "indexed" else ("",)
+    return [p + s for p in cfg.data.path for s in suffixes if os.path.isfile(p + s)]
+
+
+def settings(cfg, arch) -> Dict[str, dict]:
+    """The settings a resume is checked against (stored in each checkpoint's record)."""
+    def plain(key):
+        value = OmegaConf.select(cfg, key)
+        return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+
+    fields = {f.name: getattr(arch, f.name) for f in dataclasses.fields(arch) if f.name != "family"}
+    model = {"model.family": arch.family.name, **{f"model.{k}": v for k, v in fields.items()},
+             "task.name": cfg.task.name, "tuner.name": cfg.tuner.name}
+    if cfg.tuner.name == "lora":  # the frozen base is read again from here on every resume
+        model.update({"model.pretrained": cfg.model.pretrained, "model.load": cfg.model.load})
+    out = {
+        "data": {key: plain(key) for key in _DATA_KEYS},
+        "files": {os.path.abspath(p): _fingerprint(p) for p in _data_files(cfg)},
+        "model": model,
+        "schedule": {key: plain(key) for key in _SCHEDULE_KEYS},
+    }
+    return json.loads(json.dumps(out))  # as a checkpoint record holds it (lists, not tuples), so == compares
+
+
+def identity(cfg, run_settings: dict, world: int) -> dict:
+    """What makes two commands the same run: the refused settings and the layout (train.resume=auto with the
+    default output folder continues only a run with the same identity)."""
+    par = cfg.parallel
+    layout = {"world": world, "tp": par.tp, "pp": par.pp, "vpp": par.vpp or 1, "cp": par.cp, "ep": par.ep,
+              "etp": par.etp, "distributed_optimizer": par.distributed_optimizer}
+    return {"data": run_settings["data"], "files": run_settings["files"], "model": run_settings["model"],
+            "layout": layout}
+
+
+def _diff(saved: dict, now: dict) -> List[Tuple[str, object, object]]:
+    return [(k, saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+
+
+def compare(saved: dict, now: dict) -> Tuple[List[str], List[str]]:
+    """(refusals, applied changes), each a list of ``key: old -> new`` lines."""
+    refused = [f"{k}: {a} -> {b}" for part in ("data", "model") for k, a, b in _diff(saved.get(part, {}),
+                                                                                        now[part])]
+    refused += [f"data file {k}: " + ("new" if a is None else "gone" if b is None else "contents changed")
+                for k, a, b in _diff(saved.get("files", {}), now["files"])]
+    applied = [f"{k}: {a} -> {b}" for k, a, b in _diff(saved.get("schedule", {}), now["schedule"])]
+    return refused, applied
+
+
+def refusal_message(ckpt: str, refused: List[str]) -> str:
+    return (f"cannot resume from {ckpt}: settings that decide the data order or the model changed since it "
+            f"was saved ({'; '.join(refused)}). Put them back to continue this run, or start a new run (a new "
+            f"train.output_dir; model.load={ckpt} starts from its weights)")

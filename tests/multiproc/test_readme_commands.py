@@ -1,0 +1,60 @@
+"""README's CPU commands, typed one after another in one folder, on their default output folders: each is a
+run of its own (none resumes or collides with another), and running a command again after it finished starts
+a new run rather than "training" nothing. (That the same command continues its own unfinished run is
+test_resume's SIGTERM test.)"""
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+
+import pytest
+
+from tests.conftest import ROOT, TRAIN, free_port, train_env
+
+STEPS = 3  # appended to every command to keep the test short; the folders and resume rules are the defaults'
+
+
+def readme_commands():
+    """Every `torchrun --nproc_per_node 2 launch/train.py ...` command of README.md, continuation lines joined."""
+    text = (ROOT / "README.md").read_text().replace("\\\n", " ")
+    found = re.findall(r"torchrun --nproc_per_node 2 launch/train\.py[^\n&|]*", text)
+    return [" ".join(c.split()) for c in dict.fromkeys(found)]
+
+
+def run(command: str, cwd, tiny_hf):
+    args = shlex.split(command.replace("/ckpt/tiny-qwen3", str(tiny_hf)))[4:]  # after "launch/train.py"
+    cmd = ["python", "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", str(TRAIN),
+           *args, f"train.train_iters={STEPS}", "train.device=cpu"]
+    proc = subprocess.run(cmd, cwd=cwd, env=train_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{command}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def tied_hf(tmp_path_factory):
+    """A tiny HF model with tied embeddings, as a user's own checkpoint folder."""
+    from tests.multiproc.test_hf_load import _save_tiny
+
+    folder = tmp_path_factory.mktemp("hub") / "my-tied-qwen3"
+    _save_tiny("qwen3", folder, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True, vocab_size=300)
+    return folder
+
+
+def test_readme_commands_run_top_to_bottom_in_one_folder(tmp_path, tiny_hf, tied_hf):
+    commands = readme_commands()
+    assert len(commands) >= 6, commands  # demo, TP=2, SFT, DPO, KTO, RM
+    folders = []
+    for command in [*commands, commands[0], f"{commands[0]} model.pretrained={tied_hf}"]:
+        out = run(command, tmp_path, tiny_hf)
+        match = re.search(r"megatron-swift: run folder (\S+) \(new run\)", out)
+        assert match, f"{command}: not a new run\n{out[-2000:]}"
+        assert "resumed from" not in out and "nothing to train" not in out
+        assert re.search(rf"step {STEPS}/{STEPS} ", out), out[-2000:]
+        folders.append(match.group(1))
+    assert len(set(folders)) == len(folders)
+    # Folders say what ran: model (or HF folder name), objective, data.
+    names = [f.split("/")[1] for f in folders]
+    assert names[0] == "qwen3-tiny-pt-demo_corpus" and "qwen3-tiny-sft-demo_sft" in names
+    assert any(n.endswith("-dpo-demo_prefs") for n in names) and names[-1] == "my-tied-qwen3-pt-demo_corpus"
+    assert "initial weights from HF checkpoint" in out  # the last run loaded its own weights

@@ -1,0 +1,46 @@
+"""What a resume compares: which changed settings are refused (they move the data position or change the
+model) and which are applied (the schedule), each named with its old and new value."""
+from __future__ import annotations
+
+import json
+
+from megatron_swift.config.compose import compose
+from megatron_swift.config.validate import validate
+from megatron_swift.training import resume_check
+
+
+def settings(*overrides):
+    cfg = compose(["+model=qwen3", *overrides])
+    return resume_check.settings(cfg, validate(cfg, 2))
+
+
+def test_a_data_order_setting_or_the_architecture_is_refused_by_name():
+    saved = json.loads(json.dumps(settings("train.seq_length=128")))  # as a checkpoint stores it
+    refused, applied = resume_check.compare(saved, settings("train.seq_length=64", "model.num_layers=4"))
+    assert refused == ["train.seq_length: 128 -> 64", "model.num_layers: 2 -> 4"] and applied == []
+
+
+def test_schedule_changes_are_applied_and_reported():
+    saved = settings()
+    refused, applied = resume_check.compare(saved, settings("train.lr=1e-3", "train.train_iters=50"))
+    assert refused == []
+    assert applied == ["train.lr: 0.0003 -> 0.001", "train.train_iters: None -> 50"]
+
+
+def test_data_file_contents_are_fingerprinted(tmp_path):
+    data = tmp_path / "a.jsonl"
+    data.write_text('{"text": "one"}\n' * 1000)
+    saved = settings(f"data.path={data}")
+    assert resume_check.compare(saved, settings(f"data.path={data}")) == ([], [])
+    text = data.read_text()
+    data.write_text(text[:5000] + text[5000:].replace("one", "two", 1))  # same size, one word changed
+    refused, _ = resume_check.compare(saved, settings(f"data.path={data}"))
+    assert refused == [f"data file {data}: contents changed"]
+
+
+def test_the_identity_of_a_command_includes_its_layout():
+    cfg = compose(["+model=qwen3"])
+    now = settings()
+    one = resume_check.identity(cfg, now, world=2)
+    two = resume_check.identity(compose(["+model=qwen3", "parallel.tp=2"]), now, world=2)
+    assert one != two and one == resume_check.identity(cfg, settings(), world=2)
