@@ -9,9 +9,14 @@ import psutil
 import torch
 import torch.distributed as dist
 
-# Dense BF16 peak per device, used only for MFU. Keys are substrings of
-# torch.cuda.get_device_name(); unknown GPUs report no MFU rather than a guess.
-_PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "B200": 2250.0}
+# Dense (not 2:4 sparse) BF16 tensor-core peak per device, used only for MFU, from NVIDIA's data sheets.
+# Keys are substrings of torch.cuda.get_device_name(), most specific first: the PCIe and NVL cards of a
+# generation run at lower clocks and power than its SXM parts. Unknown GPUs report no MFU rather than a guess.
+_PEAK_BF16_TFLOPS = (
+    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200 NVL", 835.0),
+    ("H100", 989.0), ("H200", 989.0),  # SXM ("NVIDIA H100 80GB HBM3", "NVIDIA H200")
+    ("A100", 312.0), ("L40S", 362.0), ("B200", 2250.0),
+)
 
 
 def te_available() -> bool:
@@ -40,6 +45,8 @@ class Backend:
     """``cuda`` or ``cpu``."""
     use_te: bool
     """Build layers from Transformer Engine specs (else megatron-core local specs)."""
+    attention: str = "local"
+    """Core attention backend (te, sdpa, local), resolved by the attention seam (models.attention)."""
 
     @property
     def torch_device(self) -> torch.device:
@@ -58,10 +65,10 @@ class Backend:
 
     @property
     def packed_format(self) -> str:
-        """How packed rows keep samples apart: ``thd`` (cu_seqlens to TE's attention; one row per
-        micro-batch) or ``mask`` (an explicit block-diagonal causal mask; megatron-core's local
-        attention, which refuses THD input)."""
-        return "thd" if self.use_te else "mask"
+        """How packed rows keep samples apart under this run's attention (models.attention.packed_format)."""
+        from megatron_swift.models.attention import packed_format
+
+        return packed_format(self.attention)
 
     def memory_gib(self) -> float:
         """Memory of this process: the CUDA allocator peak so far, or the CPU resident set now."""
@@ -76,7 +83,11 @@ class Backend:
         if self.device != "cuda":
             return None
         name = torch.cuda.get_device_name()
-        return next((v for k, v in _PEAK_BF16_TFLOPS.items() if k in name), None)
+        return next((v for k, v in _PEAK_BF16_TFLOPS if k in name), None)
+
+    def device_name(self) -> str:
+        """What the run is on, for reports (the GPU's name, or cpu)."""
+        return torch.cuda.get_device_name() if self.device == "cuda" else "cpu"
 
     def synchronize(self) -> None:
         """Wait for queued device work so wall-clock timings are real."""
@@ -92,8 +103,11 @@ def collective_device() -> torch.device:
     return torch.device("cpu")
 
 
-def init(requested_device: str = "auto", timeout_minutes: int = 30) -> Backend:
-    """Create the default process group for this rank (env:// from torchrun or SLURM) and return the backend."""
+def init(requested_device: str = "auto", timeout_minutes: int = 30, attention: str = "auto") -> Backend:
+    """Create the default process group for this rank (env:// from torchrun or SLURM) and return the backend;
+    ``attention`` is model.attention_backend (resolved by the attention seam)."""
+    from megatron_swift.models.attention import resolve
+
     device = resolve_device(requested_device)
     if device == "cpu":
         from megatron_swift.backend import cpu_compat
@@ -102,7 +116,8 @@ def init(requested_device: str = "auto", timeout_minutes: int = 30) -> Backend:
     else:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     _init_process_group("nccl" if device == "cuda" else "gloo", timeout_minutes)
-    return Backend(device=device, use_te=device == "cuda" and te_available())
+    use_te = device == "cuda" and te_available()
+    return Backend(device=device, use_te=use_te, attention=resolve(attention, use_te))
 
 
 def _init_process_group(backend: str, timeout_minutes: int) -> None:

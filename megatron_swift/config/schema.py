@@ -58,6 +58,8 @@ class ModelConfig:
     """Dropout after attention and MLP blocks."""
     attention_dropout: float = 0.0
     """Dropout on attention probabilities."""
+    attention_backend: str = "auto"
+    """Core attention: auto (te when Transformer Engine imports, else sdpa), te, sdpa (PyTorch fused kernels) or local (megatron-core's explicit s x s, the reference)."""
     init_method_std: float = 0.02
     """Standard deviation of the random weight initialisation."""
     load: Optional[str] = None

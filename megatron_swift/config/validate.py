@@ -54,10 +54,11 @@ def _layout(cfg, arch, te_available: bool, problems: List[str]) -> None:
         problems.append("parallel.sp=true needs parallel.tp > 1 (sequence parallelism splits over TP ranks)")
     if par.sp and cfg.train.seq_length % par.tp:
         problems.append(f"parallel.tp={par.tp} does not divide train.seq_length={cfg.train.seq_length} (needed by parallel.sp)")
-    if par.cp > 1 and not te_available:
+    if par.cp > 1 and _attention(cfg, te_available) != "te":
         problems.append(
-            f"parallel.cp={par.cp} needs Transformer Engine (megatron-core's local attention has no context "
-            "parallelism): install the [te] extra on a CUDA machine, or set parallel.cp=1"
+            f"parallel.cp={par.cp} needs Transformer Engine attention (model.attention_backend=te; the sdpa and "
+            "local backends have no context parallelism yet): install the [te] extra on a CUDA machine, or set "
+            "parallel.cp=1"
         )
     if par.ep > 1 and not arch.is_moe:
         problems.append(f"parallel.ep={par.ep} needs a MoE model (model.num_experts is not set for {arch.family.name})")
@@ -258,8 +259,20 @@ def _tuner(cfg, arch, problems: List[str]) -> None:
                         "an expert tensor-parallel group)")
 
 
+def _attention(cfg, te_available: bool) -> str:
+    from megatron_swift.models.attention import resolve
+
+    return resolve(cfg.model.attention_backend, te_available)
+
+
 def _backend(cfg, te_available: bool, device: str, problems: List[str]) -> None:
-    if cfg.data.packing and te_available and cfg.train.micro_batch_size != 1:
+    from megatron_swift.models.attention import BACKENDS
+
+    _choice(problems, "model.attention_backend", cfg.model.attention_backend, BACKENDS)
+    if cfg.model.attention_backend == "te" and not te_available:
+        problems.append("model.attention_backend=te needs Transformer Engine on CUDA; use auto, sdpa or local, or "
+                        "install the [te] extra")
+    if cfg.data.packing and _attention(cfg, te_available) == "te" and cfg.train.micro_batch_size != 1:
         problems.append(f"data.packing with Transformer Engine (THD) takes one packed row per micro-batch: set "
                         f"train.micro_batch_size=1 (now {cfg.train.micro_batch_size}) and raise train.seq_length")
     if cfg.train.fp8 and not te_available:

@@ -1,17 +1,69 @@
-"""Attention inputs for packed rows: keep each sample to itself, in the form the backend's attention takes.
+"""The attention seam: which kernel runs core attention, and the inputs packed rows give it.
 
-``segments`` ([b, s], sample number per position, -1 for padding) becomes
-either a block-diagonal causal mask (``mask``: True where attention is
-forbidden, megatron-core's convention) or THD PackedSeqParams with one
-cu_seqlens entry per sample (``thd``: Transformer Engine; one row per
-micro-batch, which config validation ensures).
+``model.attention_backend`` (resolved once by :func:`resolve`):
+
+- ``te``: Transformer Engine's attention (fused kernels, THD packing, context
+  parallelism); the rest of the layer is TE too.
+- ``sdpa``: models.sdpa, PyTorch's fused scaled-dot-product kernels behind
+  megatron-core's core-attention interface; the default when TE is not there.
+- ``local``: megatron-core's own DotProductAttention (explicit ``s x s`` scores),
+  kept as the reference the others are tested against.
+
+:func:`use_core_attention` puts the chosen module into a layer spec (the
+linears and norms around it follow the device: TE specs when TE imports);
+nothing else in the project branches on the attention backend.
+
+Packed rows: ``segments`` ([b, s], sample number per position, -1 for padding)
+becomes either a block-diagonal causal mask (``mask``: True where attention is
+forbidden, megatron-core's convention; sdpa and local) or THD PackedSeqParams
+with one cu_seqlens entry per sample (``thd``: TE; one row per micro-batch,
+which config validation ensures).
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
 from megatron.core.packed_seq_params import PackedSeqParams
+
+BACKENDS = ("auto", "te", "sdpa", "local")
+
+
+def resolve(requested: str, te_available: bool) -> str:
+    """``auto`` is TE when it imports (on CUDA), else sdpa; an explicit choice stays (validation checks it)."""
+    if requested == "auto":
+        return "te" if te_available else "sdpa"
+    return requested
+
+
+def packed_format(backend: str) -> str:
+    """How packed rows keep samples apart under this attention backend: ``thd`` or ``mask``."""
+    return "thd" if backend == "te" else "mask"
+
+
+def core_attention_class(backend: str):
+    """The megatron-core core-attention module of a backend."""
+    if backend == "te":
+        from megatron.core.extensions.transformer_engine import TEDotProductAttention
+
+        return TEDotProductAttention
+    if backend == "sdpa":
+        from megatron_swift.models.sdpa import SDPAttention
+
+        return SDPAttention
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    return DotProductAttention
+
+
+def use_core_attention(block_spec, backend: str) -> None:
+    """Put the backend's core attention into every layer of a block spec, in place."""
+    cls = core_attention_class(backend)
+    for layer in getattr(block_spec, "layer_specs", [block_spec]):
+        attention = getattr(layer.submodules.self_attention, "submodules", None)
+        if attention is not None and dataclasses.is_dataclass(attention) and hasattr(attention, "core_attention"):
+            attention.core_attention = cls
 
 
 def block_causal_mask(segments: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ from megatron.core.transformer import TransformerConfig
 
 from megatron_swift.backend import Backend
 from megatron_swift.models.arch import Arch
+from megatron_swift.models.attention import use_core_attention
 from megatron_swift.models.norm import swap_torch_norms, unfuse_layernorm_linears
 from megatron_swift.models.reward_head import RewardHead
 from megatron_swift.models.vocab_mask import mask_padded_logits
@@ -117,6 +118,7 @@ def build_model(arch: Arch, tconfig: TransformerConfig, padded_vocab: int, seq_l
             swap_torch_norms(block_spec)
         elif unfuse_norms:
             unfuse_layernorm_linears(block_spec)
+        use_core_attention(block_spec, backend.attention)
         model = GPTModel(
             config=tconfig,
             transformer_layer_spec=block_spec,

@@ -263,7 +263,7 @@ def init_runtime(cfg):
     # The task decides the output layer: the LM head, or a reward model's scalar head.
     arch = dataclasses.replace(validate(cfg, world, te_available=te, device=device),
                                head=task_class(cfg.task.name).head)
-    be = backend_mod.init(cfg.train.device, cfg.cluster.dist_timeout_minutes)
+    be = backend_mod.init(cfg.train.device, cfg.cluster.dist_timeout_minutes, cfg.model.attention_backend)
     par = cfg.parallel
     ps.initialize_model_parallel(
         tensor_model_parallel_size=par.tp,
@@ -373,9 +373,13 @@ def setup(cfg) -> Trainer:
     n_params = sum(p.numel() for c in chunks for p in c.parameters())
     _print0(f"megatron-swift: {arch.family.name}-{cfg.model.size} on {world} {be.device} rank(s) "
             f"(tp={par.tp} pp={par.pp} vpp={par.vpp or 1} dp={ps.get_data_parallel_world_size()} ep={par.ep} "
-            f"sp={par.sp}), {n_params / 1e6:.2f}M params on rank 0, TE={'on' if be.use_te else 'off'}; "
+            f"sp={par.sp}), {n_params / 1e6:.2f}M params on rank 0, TE={'on' if be.use_te else 'off'}, "
+            f"attention={be.attention}; "
             f"data {train_data.description}: {num_samples} samples, {length.steps_per_epoch} steps/epoch, "
             f"{length.total_iters} steps in all; output {output_dir}")
+    if be.peak_tflops():
+        _print0(f"megatron-swift: MFU is against {be.peak_tflops():.0f} TFLOP/s, the dense bf16 peak of "
+                f"{be.device_name()} (FLOPs per step: training/flops.py)")
     trainer = Trainer(cfg, be, arch, model, optimizer, scheduler, train_data, eval_data, sampler, length,
                       output_dir, flops_per_step(arch, cfg.train.seq_length, padded, cfg.train.global_batch_size),
                       state, model_meta(arch, vocab, padded))

@@ -59,6 +59,18 @@ CASES.update({
     "qwen3_moe-tp2-ep2-etp1": ("qwen3_moe", dict(_MOE, norm_topk_prob=True), 2,
                                ["parallel.tp=2", "parallel.ep=2", "parallel.etp=1"]),
 })
+# The cases above run the default attention on CPU (auto: sdpa). megatron-core's own attention (local, the
+# reference the sdpa backend replaces) against the same ground truth, for GQA, one KV head and MoE:
+CASES.update({
+    "qwen3-tp2-local": ("qwen3", dict(num_key_value_heads=2, head_dim=16, tie_word_embeddings=False), 2,
+                        ["parallel.tp=2", "model.attention_backend=local"]),
+    "llama-1kv-tp1-local": ("llama", dict(num_key_value_heads=1, tie_word_embeddings=False), 1,
+                            ["model.attention_backend=local"]),
+    "qwen2-tied-pp2-local": ("qwen2", dict(num_key_value_heads=2, tie_word_embeddings=True), 2,
+                             ["parallel.pp=2", "model.attention_backend=local"]),
+    "qwen3_moe-ep2-local": ("qwen3_moe", dict(_MOE, norm_topk_prob=False), 2,
+                            ["parallel.ep=2", "model.attention_backend=local"]),
+})
 
 
 @pytest.mark.parametrize("case", list(CASES))

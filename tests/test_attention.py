@@ -1,0 +1,105 @@
+"""The sdpa core attention computes what megatron-core's own DotProductAttention computes (causal, GQA,
+packed-row masks, gradients), and the seam puts the chosen module into the layer spec."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
+
+from megatron_swift.models import attention
+from megatron_swift.models.sdpa import SDPAttention
+
+
+@pytest.fixture(scope="module", autouse=True)
+def world_of_one():
+    from megatron_swift.backend import cpu_compat
+    from megatron_swift.backend.device import _free_port
+
+    cpu_compat.apply()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    ps.initialize_model_parallel(1, 1)
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    model_parallel_cuda_manual_seed(0)
+    yield
+    ps.destroy_model_parallel()
+    dist.destroy_process_group()  # other in-process tests start their own
+
+
+def config(heads=4, groups=2, dropout=0.0):
+    return TransformerConfig(num_layers=1, hidden_size=64, num_attention_heads=heads, num_query_groups=groups,
+                             kv_channels=16, attention_dropout=dropout, use_cpu_initialization=True)
+
+
+def inputs(s=24, b=2, heads=4, groups=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(s, b, heads, 16, generator=g, requires_grad=True)
+    k = torch.randn(s, b, groups, 16, generator=g, requires_grad=True)
+    v = torch.randn(s, b, groups, 16, generator=g, requires_grad=True)
+    return q, k, v
+
+
+def both(cfg, q, k, v, mask=None):
+    """Outputs and input gradients of megatron-core's module and the sdpa one on the same inputs."""
+    results = []
+    for cls in (DotProductAttention, SDPAttention):
+        module = cls(cfg, layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self")
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        out = module(*leaves, attention_mask=mask)
+        out.pow(2).sum().backward()
+        results.append((out.detach(), [t.grad for t in leaves]))
+    return results
+
+
+@pytest.mark.parametrize("heads,groups", [(4, 4), (4, 2), (4, 1)])
+def test_causal_attention_and_its_gradients_equal_megatron_cores(heads, groups):
+    (ref, ref_grads), (out, grads) = both(config(heads, groups), *inputs(heads=heads, groups=groups))
+    assert out.shape == ref.shape == (24, 2, heads * 16)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+
+
+def test_packed_rows_mask_equals_megatron_cores_and_keeps_samples_apart():
+    segments = torch.tensor([[0] * 10 + [1] * 9 + [-1] * 5, [0] * 24])
+    mask = attention.block_causal_mask(segments)
+    q, k, v = inputs()
+    (ref, ref_grads), (out, grads) = both(config(), q, k, v, mask)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+    # The second sample of row 0 does not see the first: changing sample 0's keys leaves it unchanged.
+    k2 = k.detach().clone()
+    k2[:10, 0] += 5.0
+    module = SDPAttention(config(), 1, AttnMaskType.causal, "self")
+    changed = module(q, k2, v, attention_mask=mask)
+    assert torch.equal(changed[10:19, 0], out[10:19, 0]) and not torch.allclose(changed[:10, 0], out[:10, 0])
+
+
+def test_dropout_is_applied_in_training_only():
+    module = SDPAttention(config(dropout=0.5), 1, AttnMaskType.causal, "self")
+    q, k, v = (t.detach() for t in inputs())
+    module.eval()
+    plain = module(q, k, v, attention_mask=None)
+    assert torch.equal(plain, module(q, k, v, attention_mask=None))
+    module.train()
+    dropped = module(q, k, v, attention_mask=None)
+    assert not torch.allclose(dropped, plain)
+
+
+def test_the_seam_puts_the_backend_into_the_layer_spec():
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+    spec = get_gpt_decoder_block_spec(config(), use_transformer_engine=False)
+    attention.use_core_attention(spec, "sdpa")
+    assert all(layer.submodules.self_attention.submodules.core_attention is SDPAttention
+               for layer in spec.layer_specs)
+    attention.use_core_attention(spec, "local")
+    assert spec.layer_specs[0].submodules.self_attention.submodules.core_attention is DotProductAttention
+    assert attention.resolve("auto", te_available=False) == "sdpa"
+    assert attention.resolve("auto", te_available=True) == "te"
+    assert attention.packed_format("sdpa") == "mask" and attention.packed_format("te") == "thd"
