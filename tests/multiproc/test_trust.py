@@ -158,3 +158,14 @@ def test_a_killed_rank_takes_its_checkpoint_writers_with_it(tmp_path):
     finally:
         procs.kill_tree(proc.pid)
     time.sleep(0.1)
+
+
+def test_time_budget_stops_with_a_checkpoint(tmp_path):
+    """train.exit_duration_minutes: the run stops after the step in which the budget ran out, saves, exits 0."""
+    out = tmp_path / "run"
+    proc = procs.run(2, [*BASE, "train.train_iters=50", "train.exit_duration_minutes=0.0001",
+                         f"train.output_dir={out}"])
+    stopped = re.search(r"stopped by train.exit_duration_minutes reached at step (\d+) of 50", proc.stdout)
+    assert stopped, proc.stdout[-2000:]
+    step = int(stopped.group(1))
+    assert step < 50 and manifest_intact(out / "checkpoints" / f"iter_{step:07d}")
