@@ -103,3 +103,17 @@ def test_the_seam_puts_the_backend_into_the_layer_spec():
     assert attention.resolve("auto", te_available=False) == "sdpa"
     assert attention.resolve("auto", te_available=True) == "te"
     assert attention.packed_format("sdpa") == "mask" and attention.packed_format("te") == "thd"
+
+
+def test_varlen_reads_sample_bounds_back_from_packed_masks_and_refuses_other_masks():
+    from megatron_swift.models import varlen
+
+    segments = torch.tensor([[0, 0, 0, 1, 1, 2, -1, -1], [0, 1, 1, 1, 1, 1, 1, 1]])
+    cu, longest = varlen.bounds(attention.block_causal_mask(segments))
+    assert cu.tolist() == [0, 3, 5, 6, 8, 9, 16] and cu.dtype == torch.int32 and longest == 7
+    causal_padding = ~torch.ones(8, 8, dtype=torch.bool).tril()  # causal, plus a padded key column
+    causal_padding[:, 6] = True
+    assert varlen.bounds(causal_padding.expand(2, 1, 8, 8).clone()) is None
+    # On CPU the varlen kernel is never used: SDPA with the mask is.
+    q, k, v = inputs(s=8)
+    assert varlen.attend(q, k, v, attention.block_causal_mask(segments), 0.25) is None

@@ -1,7 +1,7 @@
 """The GPU check: every kind of run once on one device, a kill-and-resume, a precision check and the benchmark.
 
     python tools/gpu_check.py                 # everything (about 10 minutes on one H100)
-    python tools/gpu_check.py --skip-bench    # the runs only (a few minutes)
+    python tools/gpu_check.py --skip-bench --jobs 4   # the runs only, four at a time (a minute or two)
     python tools/gpu_check.py --device cpu --skip-bench --steps 4   # the same runs on CPU (smoke test)
 
 Each item is a subprocess running what a user types (launch/train.py under torchrun with one rank, the
@@ -21,6 +21,7 @@ and there (carry .whl):
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
 import re
@@ -60,12 +61,19 @@ def run_folder(stdout: str, cwd: Path) -> Path:
     return cwd / re.search(r"run folder (\S+) \(", stdout).group(1)
 
 
+def failure(proc) -> str:
+    """The lines that say what went wrong (torchrun's own report, last, says only that a rank failed)."""
+    text = proc.stdout + proc.stderr
+    errors = [line for line in text.splitlines() if "Error" in line or "error:" in line]
+    return "\n".join(errors[:8])[-1500:] or text[-1500:]
+
+
 def training_run(name: str, args, cwd: Path, device: str) -> None:
     """One run as a user types it; reports its first and last loss, tokens/s and memory."""
     start = time.time()
     proc = torchrun(args, cwd, device)
     if proc.returncode != 0:
-        return report(name, False, (proc.stdout + proc.stderr)[-1500:])
+        return report(name, False, failure(proc))
     rows = losses(run_folder(proc.stdout, cwd))
     first, last = rows[min(rows)], rows[max(rows)]
     finite = all(r["loss"] == r["loss"] for r in rows.values())
@@ -122,7 +130,8 @@ def precision_check(hf: Path, cwd: Path, device: str) -> None:
                f"train.device={device}", f"model.attention_backend={backend}"]
         proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600)
         summary = [line for line in proc.stdout.splitlines() if "logits vs HF" in line]
-        report(f"check.py bf16 ({backend})", proc.returncode == 0, " | ".join(summary)[-400:] or proc.stderr[-800:])
+        report(f"check.py bf16 ({backend})", proc.returncode == 0 and bool(summary),
+               " | ".join(summary)[-400:] if summary else failure(proc))
 
 
 def main() -> None:
@@ -130,6 +139,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--steps", type=int, default=20, help="steps of each training run")
     parser.add_argument("--skip-bench", action="store_true")
+    parser.add_argument("--jobs", type=int, default=1, help="checks run side by side (the benchmark runs alone)")
     args = parser.parse_args()
     cwd = Path(tempfile.mkdtemp(prefix="gpu_check_"))
     hf, n = tiny_hf(cwd / "tiny-qwen3"), f"train.train_iters={args.steps}"
@@ -146,15 +156,20 @@ def main() -> None:
         "LoRA SFT (+merged export)": ["+model=qwen3", f"model.pretrained={hf}", "data=sft", "data.tokenizer=byte",
                                       "tuner=lora", "train.seq_length=256", "train.save_hf=true", n],
     }
-    for name, run_args in runs.items():
-        training_run(name, run_args, cwd, args.device)
-    kill_and_resume(cwd, args.device, args.steps)
-    precision_check(hf, cwd, args.device)
+    checks = [lambda n=name, a=run_args: training_run(n, a, cwd, args.device) for name, run_args in runs.items()]
+    checks += [lambda: kill_and_resume(cwd, args.device, args.steps), lambda: precision_check(hf, cwd, args.device)]
+    # The runs are tiny: side by side they share the GPU (and the machine's cores) without waiting.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        for done in [pool.submit(check) for check in checks]:
+            done.result()
     if not args.skip_bench:
         for shape in ("1.7b", "8b-width"):
             proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench" / "vs_hf.py"), "--shape", shape],
                                   capture_output=True, text=True, timeout=1200)
             report(f"vs_hf {shape}", proc.returncode == 0, "\n      " + (proc.stdout or proc.stderr)[-1500:])
+        proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench" / "packed.py"), "--shape", "1.7b"],
+                              capture_output=True, text=True, timeout=1200)
+        report("packed vs unpacked 1.7b", proc.returncode == 0, "\n      " + (proc.stdout or proc.stderr)[-800:])
     print(f"{len(FAILURES)} failed: {', '.join(FAILURES)}" if FAILURES else "all passed", flush=True)
     sys.exit(len(FAILURES))
 

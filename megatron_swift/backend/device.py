@@ -47,6 +47,11 @@ class Backend:
     """Build layers from Transformer Engine specs (else megatron-core local specs)."""
     attention: str = "local"
     """Core attention backend (te, sdpa, local), resolved by the attention seam (models.attention)."""
+    wgrad_fusion: bool = False
+    """Linears add weight gradients into the fp32 main grads inside the GEMM (gradient_accumulation_fusion;
+    CUDA without TE through backend.no_apex)."""
+    fused_cross_entropy: bool = False
+    """megatron-core's fused vocab-parallel cross-entropy (compiled by torch.compile on first use; CUDA)."""
 
     @property
     def torch_device(self) -> torch.device:
@@ -89,6 +94,12 @@ class Backend:
         """What the run is on, for reports (the GPU's name, or cpu)."""
         return torch.cuda.get_device_name() if self.device == "cuda" else "cpu"
 
+    def fusions(self) -> str:
+        """The fused paths on for this run without TE, for the start line ("" when none)."""
+        on = [name for name, flag in (("wgrad-accumulation", self.wgrad_fusion),
+                                      ("cross-entropy", self.fused_cross_entropy)) if flag]
+        return f", fused {' + '.join(on)}" if on else ""
+
     def synchronize(self) -> None:
         """Wait for queued device work so wall-clock timings are real."""
         if self.device == "cuda":
@@ -108,7 +119,10 @@ def init(requested_device: str = "auto", timeout_minutes: int = 30, attention: s
     ``attention`` is model.attention_backend (resolved by the attention seam)."""
     from megatron_swift.models.attention import resolve
 
+    from megatron_swift.backend import no_apex
+
     device = resolve_device(requested_device)
+    no_apex.apply()
     if device == "cpu":
         from megatron_swift.backend import cpu_compat
 
@@ -117,7 +131,10 @@ def init(requested_device: str = "auto", timeout_minutes: int = 30, attention: s
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     _init_process_group("nccl" if device == "cuda" else "gloo", timeout_minutes)
     use_te = device == "cuda" and te_available()
-    return Backend(device=device, use_te=use_te, attention=resolve(attention, use_te))
+    cuda_local = device == "cuda" and not use_te  # the TE path keeps its own fusions (not measured here)
+    wgrad = cuda_local and no_apex.install_wgrad_accumulation(torch.device("cuda", torch.cuda.current_device()))
+    return Backend(device=device, use_te=use_te, attention=resolve(attention, use_te), wgrad_fusion=wgrad,
+                   fused_cross_entropy=cuda_local)
 
 
 def _init_process_group(backend: str, timeout_minutes: int) -> None:

@@ -75,7 +75,9 @@ def transformer_config(arch: Arch, cfg, backend: Backend, initialize: bool = Tru
         apply_rope_fusion=backend.use_te,
         bias_activation_fusion=backend.use_te,
         masked_softmax_fusion=backend.use_te,
-        gradient_accumulation_fusion=False,
+        gradient_accumulation_fusion=backend.wgrad_fusion,
+        cross_entropy_loss_fusion=backend.fused_cross_entropy,
+        cross_entropy_fusion_impl="native",
         deallocate_pipeline_outputs=True,
         batch_p2p_comm=backend.batch_p2p_comm,
     )

@@ -11,10 +11,11 @@ PyTorch's fused kernels:
   on CUDA and the fused flash kernel on CPU run without any ``s x s`` tensor;
 - GQA: ``enable_gqa`` lets the kernel read each K/V head for its query group
   instead of repeating K and V ``heads / groups`` times in memory;
-- packed rows: the block-diagonal mask of models.attention (True = masked, as
-  megatron-core) becomes SDPA's boolean "may attend" mask; on CUDA the kernel
-  that takes a mask does not take ``enable_gqa``, so K/V are expanded there
-  (this path is not yet measured on a GPU);
+- packed rows: on CUDA the varlen flash kernel over the samples' boundaries
+  (models.varlen); elsewhere, or with attention dropout, the block-diagonal
+  mask of models.attention (True = masked, as megatron-core) becomes SDPA's
+  boolean "may attend" mask (CUDA's kernel for masks has no GQA: K/V are
+  repeated there);
 - dropout on the probabilities inside the kernel, drawn from the tensor-parallel
   RNG tracker as megatron-core's module does (each TP rank holds other heads).
 
@@ -34,6 +35,8 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import divide
+
+from megatron_swift.models import varlen
 
 
 class SDPAttention(MegatronModule):
@@ -64,6 +67,12 @@ class SDPAttention(MegatronModule):
         assert packed_seq_params is None, "packed THD input needs model.attention_backend=te"
         assert attention_bias is None, "model.attention_backend=sdpa takes no attention bias"
         sq, b = query.shape[0], query.shape[1]
+        dropout = self.dropout_p if self.training else 0.0
+        if attention_mask is not None and query.is_cuda and dropout == 0:
+            # Packed rows: the varlen flash kernel where the mask is block-diagonal causal (models.varlen).
+            context = varlen.attend(query, key, value, attention_mask, self.softmax_scale)
+            if context is not None:
+                return context.reshape(sq, b, self.hidden_size_per_partition)
         # [s, b, heads, hn] -> [b, heads, s, hn], the layout SDPA takes.
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         mask, causal = self._mask(attention_mask, sq, k.shape[2], q.device)
@@ -71,7 +80,6 @@ class SDPAttention(MegatronModule):
         if gqa and mask is not None and q.is_cuda:  # CUDA's kernel for masks has no GQA: expand K/V there
             k, v = (t.repeat_interleave(self.heads // self.groups, dim=1) for t in (k, v))
             gqa = False
-        dropout = self.dropout_p if self.training else 0.0
         with self._dropout_rng(dropout):
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal,
                                                      scale=self.softmax_scale, enable_gqa=gqa)

@@ -29,6 +29,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
 from megatron_swift.backend import collective_device
+from megatron_swift.backend.no_apex import fuse_adam, torch_optimizers
 from megatron_swift.training import ckpt_store, safe_load, writer_procs
 from megatron_swift.training.ckpt_store import (  # noqa: F401  (the checkpoint API other modules use)
     META, checkpoints_dir, complete_checkpoints, find_checkpoint, read_meta)
@@ -285,12 +286,6 @@ def _load_model(loaded: dict, keys: List[str], model, adapter_only: bool = False
                                       f"{absent[:6]}")
 
 
-def _inner_optimizers(optimizer) -> list:
-    """The torch optimizers under megatron-core's (chained) wrappers."""
-    return [o.optimizer for o in getattr(optimizer, "chained_optimizers", [optimizer])
-            if getattr(o, "optimizer", None) is not None]
-
-
 @contextmanager
 def _config_hyperparameters(optimizer):
     """Keep this run's optimizer hyperparameters (max/min lr, betas, eps, weight decay, ...) across loading a
@@ -298,9 +293,9 @@ def _config_hyperparameters(optimizer):
     reports what changed. Only the per-parameter state, Adam's step and the scheduler's position come from
     the checkpoint."""
     fresh = [[{k: v for k, v in g.items() if k not in ("params", "step", "lr")} for g in inner.param_groups]
-             for inner in _inner_optimizers(optimizer)]
+             for inner in torch_optimizers(optimizer)]
     yield
-    for inner, groups in zip(_inner_optimizers(optimizer), fresh):
+    for inner, groups in zip(torch_optimizers(optimizer), fresh):
         for group, values in zip(inner.param_groups, groups):
             group.update(values)
 
@@ -313,7 +308,7 @@ def _restore_adam_steps(optimizer) -> None:
     Adam then increments once per parameter per step, and (b) with dp_reshardable copies the loading
     template's step (0) over it. Bias correction is then wrong after every resume. The group's
     ``step`` (restored from the checkpoint) is the true value."""
-    for inner in _inner_optimizers(optimizer):
+    for inner in torch_optimizers(optimizer):
         for group in inner.param_groups:
             if "step" not in group:  # per-parameter steps were saved and loaded as they are
                 continue
@@ -361,6 +356,7 @@ def load_full(ckpt: str, model, optimizer, scheduler, data=None) -> TrainState:
     with torch.no_grad(), _config_hyperparameters(optimizer):
         optimizer.load_state_dict(loaded["optimizer"])
     _restore_adam_steps(optimizer)
+    fuse_adam(optimizer)  # a checkpoint from before fused Adam, or steps loaded onto another device
     scheduler.load_state_dict(loaded["scheduler"])
     _set_rng_state(loaded["rng"])
     if data is not None:

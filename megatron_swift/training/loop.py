@@ -374,7 +374,7 @@ def setup(cfg) -> Trainer:
     _print0(f"megatron-swift: {arch.family.name}-{cfg.model.size} on {world} {be.device} rank(s) "
             f"(tp={par.tp} pp={par.pp} vpp={par.vpp or 1} dp={ps.get_data_parallel_world_size()} ep={par.ep} "
             f"sp={par.sp}), {n_params / 1e6:.2f}M params on rank 0, TE={'on' if be.use_te else 'off'}, "
-            f"attention={be.attention}; "
+            f"attention={be.attention}{be.fusions()}; "
             f"data {train_data.description}: {num_samples} samples, {length.steps_per_epoch} steps/epoch, "
             f"{length.total_iters} steps in all; output {output_dir}")
     if be.peak_tflops():

@@ -7,6 +7,8 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.module import Float16Module
 
+from megatron_swift.backend.no_apex import fuse_adam
+
 
 def wrap_model(chunks, tconfig, par):
     """Float16Module for bf16/fp16, then megatron-core DDP; hooks the schedules need go on ``tconfig``."""
@@ -38,7 +40,8 @@ def wrap_model(chunks, tconfig, par):
 
 
 def build_optimizer(model, tconfig, train, par):
-    """Adam(W) from megatron-core; fp32 main params and grads for bf16/fp16 runs."""
+    """Adam(W) from megatron-core (torch's fused kernel without Apex/TE: backend.no_apex); fp32 main params and
+    grads for bf16/fp16 runs."""
     config = OptimizerConfig(
         optimizer="adam",
         lr=train.lr,
@@ -55,7 +58,9 @@ def build_optimizer(model, tconfig, train, par):
         overlap_param_gather_with_optimizer_step=False,
         initial_loss_scale=2**16 if tconfig.fp16 else None,
     )
-    return get_megatron_optimizer(config, model)
+    optimizer = get_megatron_optimizer(config, model)
+    fuse_adam(optimizer)
+    return optimizer
 
 
 def build_scheduler(optimizer, train, total_iters: int) -> OptimizerParamScheduler:

@@ -25,13 +25,14 @@ def megatron_logits(trainer, tokens):
 
     from megatron_swift.training.forward_only import collect
 
-    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+    tokens = tokens.to(trainer.backend.torch_device)
+    positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
     for chunk in trainer.model:
         chunk.eval()
     out = collect(trainer.model, [tokens], lambda t, chunk: chunk(t, positions, None),
                   lambda _, logits: gather_from_tensor_model_parallel_region(logits), tokens.shape[1],
                   tokens.shape[0])
-    return out[0].float() if ps.is_pipeline_last_stage() else None
+    return out[0].float().cpu() if ps.is_pipeline_last_stage() else None
 
 
 def compare(megatron, hf, vocab: int) -> dict:
