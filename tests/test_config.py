@@ -68,7 +68,13 @@ def _problems(overrides, world=1, te=False):
     (["parallel.tp=2"], 3, "world size 3 is not divisible by parallel.tp*pp*cp=2*1*1"),
     (["train.global_batch_size=6", "train.micro_batch_size=2"], 2,
      "train.global_batch_size=6 is not divisible by train.micro_batch_size*dp=2*2"),
-    (["parallel.cp=2"], 2, "parallel.cp=2 needs Transformer Engine"),
+    (["parallel.cp=2", "parallel.cp_comm=p2p"], 2, "parallel.cp_comm=p2p needs Transformer Engine attention "
+                                                  "(model.attention_backend=sdpa has Ulysses only)"),
+    (["parallel.cp=2", "parallel.cp_comm=ring"], 2, "parallel.cp_comm=ring is not one of: a2a, p2p, a2a+p2p"),
+    (["parallel.cp=2", "train.seq_length=90"], 2, "train.seq_length=90 is not divisible by 2*parallel.cp=4"),
+    (["parallel.cp=8"], 8, "needs the attention heads of a TP rank (model.num_attention_heads/tp = 4) divisible"),
+    (["parallel.cp=2", "model.num_attention_heads=6", "model.num_query_groups=3"], 2,
+     "needs the query groups of a TP rank (3) to divide cp or be divisible by it"),
     (["parallel.ep=2"], 2, "parallel.ep=2 needs a MoE model"),
     (["train.max_epochs=null"], 1, "set train.max_epochs or train.train_iters"),
     (["train.lr_decay_style=step"], 1, "train.lr_decay_style=step is not one of: cosine, linear, constant"),
@@ -82,6 +88,13 @@ def _problems(overrides, world=1, te=False):
 ])
 def test_validation_names_the_key_to_change(overrides, world, message):
     assert any(message in p for p in _problems(overrides, world)), _problems(overrides, world)
+
+
+def test_context_parallel_with_te_refuses_packed_rows_and_passes_its_ring_modes():
+    problems = _problems(["parallel.cp=2", "parallel.cp_comm=p2p", "data=sft", "data.packing=true",
+                          "model.attention_backend=te"], world=2, te=True)
+    assert any("data.packing=true and Transformer Engine attention is not supported yet" in p for p in problems)
+    assert not any("cp_comm" in p for p in problems), problems
 
 
 def test_experts_must_divide_by_ep():

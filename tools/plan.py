@@ -3,8 +3,10 @@
     python tools/plan.py +model=qwen3 model.size=32b train.seq_length=8192 train.global_batch_size=512 \
         cluster.gpus=64 cluster.gpu=h100-80gb [cluster.gpus_per_node=8] [--top 10]
 
-For each valid (TP, PP, EP, recompute) on cluster.gpus devices (TP within a
-node, SP with TP, the distributed optimizer, micro-batch 1) it prints the
+For each valid (TP, CP, PP, EP, recompute) on cluster.gpus devices (TP within a
+node, SP with TP, CP as Ulysses where the heads allow it, else TE's ring: pass
+--no-te when the cluster has no Transformer Engine, the distributed optimizer,
+micro-batch 1) it prints the
 largest rank's weights, gradients, optimizer state (with and without the
 distributed optimizer) and activations, the estimated step time, and for the
 best layout that fits the command line to run. Formulas:
@@ -33,6 +35,8 @@ def main(argv) -> None:
     if "--top" in argv:
         at = argv.index("--top")
         top, argv = int(argv[at + 1]), argv[:at] + argv[at + 2:]
+    te = "--no-te" not in argv
+    argv = [a for a in argv if a != "--no-te"]
     cfg = compose(argv)
     arch = resolve(cfg.model)
     if arch.vocab_size is None:
@@ -45,16 +49,18 @@ def main(argv) -> None:
     gpus = cluster.gpus or cluster.nodes * cluster.gpus_per_node
     precision = "bf16" if train.precision in ("auto", "bf16") else train.precision
     found = candidates(arch, lambda tp: padded_vocab_size(arch.vocab_size, cfg.model.make_vocab_size_divisible_by, tp),
-                       gpus, cluster.gpus_per_node, cluster.gpu, train.seq_length, train.global_batch_size, precision)
+                       gpus, cluster.gpus_per_node, cluster.gpu, train.seq_length, train.global_batch_size, precision,
+                       te)
     print(f"{arch.family.name}-{cfg.model.size}: seq {train.seq_length}, global batch {train.global_batch_size}, "
           f"{gpus} x {cluster.gpu} ({GPUS[cluster.gpu][0]:.0f} GiB); GiB on the largest rank, distributed optimizer")
-    print("  tp pp ep  dp recompute   weights  grads  optim  (no dist-opt)  activ   total  fits  step s")
+    print("  tp cp        pp ep  dp recompute   weights  grads  optim  (no dist-opt)  activ   total  fits  step s")
     for c in found[:top]:
         lay, mem = c.layout, c.memory
         plain = rank_memory(arch, padded_vocab_size(arch.vocab_size, cfg.model.make_vocab_size_divisible_by, lay.tp),
                             dataclasses.replace(lay, distributed_optimizer=False), train.seq_length, precision,
                             mem.stage)
-        print(f"  {lay.tp:>2} {lay.pp:>2} {lay.ep:>2} {lay.dp:>3} {lay.recompute:<10}{_gib(mem.weights)}"
+        cp = f"{lay.cp} ({lay.cp_comm})" if lay.cp > 1 else "1"
+        print(f"  {lay.tp:>2} {cp:<9} {lay.pp:>2} {lay.ep:>2} {lay.dp:>3} {lay.recompute:<10}{_gib(mem.weights)}"
               f"{_gib(mem.grads)}{_gib(mem.optimizer)}  ({_gib(plain.optimizer)})    {_gib(mem.activations)}"
               f" {_gib(mem.total)}  {'yes' if c.fits else 'no ':<4} {c.step_s:7.2f}")
     best = next((c for c in found if c.fits), None)
@@ -68,7 +74,9 @@ def main(argv) -> None:
     print(f"  python launch/slurm.py {extra} cluster=slurm cluster.nodes={nodes} "
           f"cluster.gpus_per_node={min(gpus, cluster.gpus_per_node)} parallel.tp={lay.tp} parallel.pp={lay.pp}"
           + (f" parallel.ep={lay.ep} parallel.etp=1" if arch.is_moe else "")
-          + (" parallel.sp=true" if lay.sp else "") + " parallel.distributed_optimizer=true"
+          + (" parallel.sp=true" if lay.sp else "")
+          + (f" parallel.cp={lay.cp} parallel.cp_comm={lay.cp_comm}" if lay.cp > 1 else "")
+          + " parallel.distributed_optimizer=true"
           + (f" train.recompute={lay.recompute}" if lay.recompute != "none" else ""))
 
 

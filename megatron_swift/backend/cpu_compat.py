@@ -32,12 +32,15 @@ def _cpu_device(device):
 
 
 def _wrap_factory(fn):
-    """Tensor factories called with ``device='cuda'`` (or an int) allocate on CPU instead."""
+    """Tensor factories called with ``device='cuda'`` (or an int) allocate on CPU instead, and unpinned:
+    pinned host memory needs an accelerator (megatron-core's per-CP-rank RoPE slicing pins its index)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         if "device" in kwargs:
             kwargs["device"] = _cpu_device(kwargs["device"])
+        if kwargs.get("pin_memory"):
+            kwargs["pin_memory"] = False
         return fn(*args, **kwargs)
 
     return wrapper

@@ -79,7 +79,9 @@ class ParallelConfig:
     sp: bool = False
     """Sequence parallelism for norms and dropout (needs tp > 1)."""
     cp: int = 1
-    """Context-parallel size (needs Transformer Engine)."""
+    """Context-parallel size: each rank of a CP group holds seq_length/cp tokens of every row (load-balanced)."""
+    cp_comm: str = "a2a"
+    """CP exchange for attention: a2a (Ulysses: any attention backend, heads/tp divisible by cp); TE only: p2p (ring), a2a+p2p, allgather."""
     ep: int = 1
     """Expert-parallel size for MoE models."""
     etp: Optional[int] = None

@@ -54,12 +54,8 @@ def _layout(cfg, arch, te_available: bool, problems: List[str]) -> None:
         problems.append("parallel.sp=true needs parallel.tp > 1 (sequence parallelism splits over TP ranks)")
     if par.sp and cfg.train.seq_length % par.tp:
         problems.append(f"parallel.tp={par.tp} does not divide train.seq_length={cfg.train.seq_length} (needed by parallel.sp)")
-    if par.cp > 1 and _attention(cfg, te_available) != "te":
-        problems.append(
-            f"parallel.cp={par.cp} needs Transformer Engine attention (model.attention_backend=te; the sdpa and "
-            "local backends have no context parallelism yet): install the [te] extra on a CUDA machine, or set "
-            "parallel.cp=1"
-        )
+    if par.cp > 1:
+        _context_parallel(cfg, arch, _attention(cfg, te_available), problems)
     if par.ep > 1 and not arch.is_moe:
         problems.append(f"parallel.ep={par.ep} needs a MoE model (model.num_experts is not set for {arch.family.name})")
     if arch.is_moe:
@@ -69,6 +65,34 @@ def _layout(cfg, arch, te_available: bool, problems: List[str]) -> None:
             problems.append(f"parallel.etp={par.etp} does not divide model.moe_ffn_hidden_size={arch.moe_ffn_hidden_size}")
     if par.overlap_param_gather and not par.distributed_optimizer:
         problems.append("parallel.overlap_param_gather=true needs parallel.distributed_optimizer=true")
+
+
+CP_COMMS = ("a2a", "p2p", "a2a+p2p", "allgather")
+
+
+def _context_parallel(cfg, arch, attention: str, problems: List[str]) -> None:
+    """What parallel.cp > 1 needs: the exchange the attention backend has, sequence and head divisibility,
+    and the inputs the CP path covers so far."""
+    par, seq = cfg.parallel, cfg.train.seq_length
+    _choice(problems, "parallel.cp_comm", par.cp_comm, CP_COMMS)
+    if par.cp_comm != "a2a" and attention != "te":
+        problems.append(f"parallel.cp_comm={par.cp_comm} needs Transformer Engine attention "
+                        f"(model.attention_backend={attention} has Ulysses only): use parallel.cp_comm=a2a")
+    if seq % (2 * par.cp):
+        problems.append(f"train.seq_length={seq} is not divisible by 2*parallel.cp={2 * par.cp} (each CP rank "
+                        "holds two of the sequence's 2*cp chunks); change one of them")
+    if par.cp_comm == "a2a":
+        heads, groups = arch.num_attention_heads // par.tp, arch.num_query_groups // par.tp
+        if heads % par.cp:
+            problems.append(f"parallel.cp={par.cp} with cp_comm=a2a needs the attention heads of a TP rank "
+                            f"(model.num_attention_heads/tp = {heads}) divisible by cp; lower cp or tp")
+        elif groups % par.cp and par.cp % groups:
+            problems.append(f"parallel.cp={par.cp} with cp_comm=a2a needs the query groups of a TP rank "
+                            f"({groups}) to divide cp or be divisible by it")
+    if attention == "te" and cfg.data.get("packing"):
+        problems.append("parallel.cp>1 with data.packing=true and Transformer Engine attention is not supported "
+                        "yet (THD rows are not partitioned over CP): use model.attention_backend=sdpa or "
+                        "data.packing=false")
 
 
 def _batch(cfg, world_size: Optional[int], problems: List[str]) -> None:

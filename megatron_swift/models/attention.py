@@ -11,7 +11,9 @@
 
 :func:`use_core_attention` puts the chosen module into a layer spec (the
 linears and norms around it follow the device: TE specs when TE imports);
-nothing else in the project branches on the attention backend.
+nothing else in the project branches on the attention backend. Context parallelism plugs in
+here too: ``parallel.cp_comm=a2a`` (Ulysses) wraps the chosen module (models.ulysses); TE's ring
+modes (p2p, a2a+p2p, allgather) are TE's own.
 
 Packed rows: ``segments`` ([b, s], sample number per position, -1 for padding)
 becomes either a block-diagonal causal mask (``mask``: True where attention is
@@ -57,9 +59,14 @@ def core_attention_class(backend: str):
     return DotProductAttention
 
 
-def use_core_attention(block_spec, backend: str) -> None:
-    """Put the backend's core attention into every layer of a block spec, in place."""
+def use_core_attention(block_spec, backend: str, cp: int = 1) -> None:
+    """Put the backend's core attention into every layer of a block spec, in place. With context
+    parallelism (cp > 1) outside TE, Ulysses (models.ulysses) wraps it: TE runs its own CP modes."""
     cls = core_attention_class(backend)
+    if cp > 1 and backend != "te":
+        from megatron_swift.models.ulysses import ulysses_class
+
+        cls = ulysses_class(cls)
     for layer in getattr(block_spec, "layer_specs", [block_spec]):
         attention = getattr(layer.submodules.self_attention, "submodules", None)
         if attention is not None and dataclasses.is_dataclass(attention) and hasattr(attention, "core_attention"):

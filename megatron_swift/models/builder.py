@@ -62,6 +62,9 @@ def transformer_config(arch: Arch, cfg, backend: Backend, initialize: bool = Tru
         virtual_pipeline_model_parallel_size=par.vpp if (par.vpp or 1) > 1 else None,
         sequence_parallel=par.sp,
         context_parallel_size=par.cp,
+        # TE's own CP exchange; outside TE, a2a is the project's Ulysses (models.ulysses).
+        cp_comm_type=({"allgather": "all_gather"}.get(par.cp_comm, par.cp_comm)
+                      if backend.attention == "te" and par.cp > 1 else None),
         expert_model_parallel_size=par.ep,
         expert_tensor_parallel_size=par.etp if par.etp is not None else par.tp,
         params_dtype=dtype,
@@ -120,7 +123,7 @@ def build_model(arch: Arch, tconfig: TransformerConfig, padded_vocab: int, seq_l
             swap_torch_norms(block_spec)
         elif unfuse_norms:
             unfuse_layernorm_linears(block_spec)
-        use_core_attention(block_spec, backend.attention)
+        use_core_attention(block_spec, backend.attention, tconfig.context_parallel_size)
         model = GPTModel(
             config=tconfig,
             transformer_layer_spec=block_spec,

@@ -11,12 +11,13 @@ TP by the padded vocabulary. The rank reported is the largest stage.
 Bytes per parameter, as the trainer sets things up (training/optim.py):
 weights in the compute dtype (2 for bf16/fp16, 4 for fp32); gradients in an
 fp32 buffer (grad_reduce_in_fp32) = 4; optimizer Adam moments 8, plus an fp32
-main copy 4 for bf16/fp16, divided over the data-parallel ranks with the
-distributed optimizer (experts over their expert-data-parallel ranks).
+main copy 4 for bf16/fp16, divided over the data- and context-parallel ranks
+with the distributed optimizer (experts over their expert-data-parallel ranks).
 
 Activations per micro-batch and layer follow Korthikanti et al. (2022),
 "Reducing Activation Recomputation in Large Transformer Models", with s the
-sequence, b the micro-batch, h hidden, a heads, t = TP: no recompute
+sequence, b the micro-batch, h hidden, a heads, t = TP (the ``5·a·s/h`` score
+terms only for megatron-core's local attention, which stores them): no recompute
 ``s·b·h·(34 + 5·a·s/h)/t`` with sequence parallelism (``s·b·h·(10 + 24/t +
 5·a·s/(h·t))`` without); selective (core attention recomputed)
 ``34·s·b·h/t`` (``s·b·h·(10 + 24/t)``); full: the layer input ``2·s·b·h``
@@ -46,10 +47,12 @@ class Layout:
     recompute: str = "none"  # none, selective, full
     micro_batch_size: int = 1
     num_microbatches: int = 1
+    cp: int = 1
+    cp_comm: str = "a2a"
 
     @property
     def world(self) -> int:
-        return self.tp * self.pp * self.dp
+        return self.tp * self.pp * self.cp * self.dp
 
     @property
     def expert_dp(self) -> int:
@@ -63,7 +66,8 @@ def layout_of(cfg, world: int) -> Layout:
     return Layout(tp=par.tp, pp=par.pp, ep=par.ep, etp=par.etp if par.etp is not None else par.tp, dp=dp,
                   sp=par.sp, distributed_optimizer=par.distributed_optimizer, recompute=train.recompute,
                   micro_batch_size=train.micro_batch_size,
-                  num_microbatches=train.global_batch_size // (train.micro_batch_size * dp))
+                  num_microbatches=train.global_batch_size // (train.micro_batch_size * dp), cp=par.cp,
+                  cp_comm=par.cp_comm)
 
 
 def layer_params(arch, layout: Layout) -> Dict[str, int]:
@@ -100,17 +104,23 @@ def stage_params(arch, padded_vocab: int, layout: Layout, stage: int) -> Dict[st
     return {"dense": dense, "expert": expert}
 
 
-def activation_bytes(arch, padded_vocab: int, layout: Layout, seq_length: int, stage: int) -> int:
-    s, b, h, a, t = seq_length, layout.micro_batch_size, arch.hidden_size, arch.num_attention_heads, layout.tp
-    sp = layout.sp and t > 1
+def activation_bytes(arch, padded_vocab: int, layout: Layout, seq_length: int, stage: int,
+                     scores: bool = False) -> int:
+    """Context parallelism: a rank holds s/cp tokens of every row (``s`` below). The ``5·a·s/h`` term of
+    the formulas is the attention's stored ``s x s`` scores, softmax and dropout mask: only megatron-core's
+    local attention keeps them (``scores=True``; a rank's heads' share of the whole sequence under CP);
+    the flash / SDPA kernels of te and sdpa keep none."""
+    s, b, h, a, t = seq_length // layout.cp, layout.micro_batch_size, arch.hidden_size, arch.num_attention_heads, layout.tp
+    sp, full_s = layout.sp and t > 1, (seq_length if scores else 0)
     if layout.recompute == "full":
         stored = 2 * s * b * h / (t if sp else 1)
-        full = s * b * h * (34 + 5 * a * s / h) / t if sp else s * b * h * (10 + 24 / t + 5 * a * s / (h * t))
+        full = s * b * h * (34 + 5 * a * full_s / h) / t if sp else s * b * h * (10 + 24 / t + 5 * a * full_s / (h * t))
         per_layer, extra = stored, full
     elif layout.recompute == "selective":
         per_layer, extra = (34 * s * b * h / t if sp else s * b * h * (10 + 24 / t)), 0
     else:
-        per_layer = s * b * h * (34 + 5 * a * s / h) / t if sp else s * b * h * (10 + 24 / t + 5 * a * s / (h * t))
+        per_layer = (s * b * h * (34 + 5 * a * full_s / h) / t if sp
+                     else s * b * h * (10 + 24 / t + 5 * a * full_s / (h * t)))
         extra = 0
     in_flight = min(layout.pp - stage, layout.num_microbatches)  # 1F1B: stage k holds pp - k micro-batches
     total = per_layer * (arch.num_layers // layout.pp) * in_flight + extra
@@ -145,8 +155,8 @@ def rank_memory(arch, padded_vocab: int, layout: Layout, seq_length: int, precis
     count = n["dense"] + n["expert"]
     low = precision in ("bf16", "fp16")
     per_param_optimizer = 8 + (4 if low else 0)
-    if layout.distributed_optimizer:
-        optimizer = per_param_optimizer * (n["dense"] / layout.dp + n["expert"] / layout.expert_dp)
+    if layout.distributed_optimizer:  # dense state is sharded over the DP x CP group
+        optimizer = per_param_optimizer * (n["dense"] / (layout.dp * layout.cp) + n["expert"] / layout.expert_dp)
     else:
         optimizer = per_param_optimizer * count
     return RankMemory(params=count, weights=count * (2 if low else 4), grads=count * 4, optimizer=int(optimizer),

@@ -24,13 +24,14 @@ from megatron.core import parallel_state as ps
 
 from megatron_swift.data.preference import preference_source
 from megatron_swift.tasks.reports import reduce_reports
+from megatron_swift.training import cp_shard
 from megatron_swift.training.forward_only import collect
 
 
 def sequence_logps(token_losses: torch.Tensor, loss_mask: torch.Tensor):
     """(sum of log-probabilities over each row's loss tokens, number of such tokens) from per-token CE."""
-    mask = loss_mask.float()
-    return -(token_losses.float() * mask).sum(-1), mask.sum(-1)
+    mask = loss_mask.float()  # with context parallelism: this rank's tokens, summed over the CP group
+    return cp_shard.sum_over_cp(-(token_losses.float() * mask).sum(-1)), cp_shard.sum_over_cp(mask.sum(-1))
 
 
 def lm_forward(batch, model):
@@ -93,7 +94,7 @@ class ReferenceTask:
         for start in range(0, len(mine), self.micro_batch_size):
             ids = mine[start:start + self.micro_batch_size]
             ids += [ids[-1]] * (self.micro_batch_size - len(ids))  # pipeline shapes need full micro-batches
-            batch = dataset.collate([dataset[i] for i in ids]).to(device)
+            batch = cp_shard.shard(dataset.collate([dataset[i] for i in ids]).to(device))
             self._reference_logps([batch])
             if batch.ref_logps is not None:
                 m = len(ids)
@@ -120,7 +121,7 @@ class ReferenceTask:
     def forward_step(self):
         def step(data_iterator, model):
             batch = next(data_iterator)
-            return lm_forward(batch, model), partial(self.loss_func, batch)
+            return lm_forward(batch, model), cp_shard.counted_once(partial(self.loss_func, batch))
 
         return step
 

@@ -18,6 +18,7 @@ import torch
 from megatron_swift.data.preference import preference_source
 from megatron_swift.tasks.reference import per_item_reports
 from megatron_swift.tasks.reports import reduce_reports
+from megatron_swift.training import cp_shard
 from megatron_swift.training.preference_losses import reward_pair_loss
 
 
@@ -45,14 +46,13 @@ class RewardTask:
     def forward_step(self):
         def step(data_iterator, model):
             batch = next(data_iterator)
-            return _scores(batch, model), partial(self.loss_func, batch)
+            return _scores(batch, model), cp_shard.counted_once(partial(self.loss_func, batch))
 
         return step
 
     def loss_func(self, batch, output: torch.Tensor):
         """Sum of pair losses, number of pairs, and [sum, pairs] reports."""
-        last = (batch.lengths - 1).to(output.device)
-        rewards = output[torch.arange(output.shape[0], device=output.device), last, 0].float()
+        rewards = cp_shard.at_positions(output[..., 0], batch.lengths - 1).float()  # the last real token
         m = rewards.shape[0] // 2
         chosen, rejected = rewards[:m], rewards[m:]
         out = reward_pair_loss(chosen, rejected, None if batch.margin is None else batch.margin.to(rewards))

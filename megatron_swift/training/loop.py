@@ -33,7 +33,7 @@ from megatron_swift.observe.progress import Progress
 from megatron_swift.tasks import build_task, task_class
 from megatron_swift.tuners.apply import apply_tuner
 from megatron_swift.training import checkpoint as ckpt
-from megatron_swift.training import resume_check, run_dir, run_length
+from megatron_swift.training import cp_shard, resume_check, run_dir, run_length
 from megatron_swift.training.flops import flops_per_step
 from megatron_swift.training.guard import StepGuard
 from megatron_swift.training.optim import build_optimizer, build_scheduler, wrap_model
@@ -87,12 +87,12 @@ class Trainer:
         if _streaming(dataset):  # rows come in order from this rank's stream
             mbs = self.cfg.train.micro_batch_size
             rows = dataset.next_rows(sampler.num_microbatches * mbs)
-            return [dataset.collate(rows[k:k + mbs]).to(device) for k in range(0, len(rows), mbs)]
+            return [cp_shard.shard(dataset.collate(rows[k:k + mbs]).to(device)) for k in range(0, len(rows), mbs)]
         batches = []
         for indices in sampler.microbatch_indices(iteration):
             batch = dataset.collate([dataset[int(i)] for i in indices])
             batch.sample_ids = indices
-            batches.append(batch.to(device))
+            batches.append(cp_shard.shard(batch.to(device)))
         return batches
 
     def _forward_backward(self, batches: List[Batch], forward_only: bool, dataset=None):
@@ -372,7 +372,7 @@ def setup(cfg) -> Trainer:
 
     n_params = sum(p.numel() for c in chunks for p in c.parameters())
     _print0(f"megatron-swift: {arch.family.name}-{cfg.model.size} on {world} {be.device} rank(s) "
-            f"(tp={par.tp} pp={par.pp} vpp={par.vpp or 1} dp={ps.get_data_parallel_world_size()} ep={par.ep} "
+            f"(tp={par.tp} pp={par.pp} vpp={par.vpp or 1} cp={par.cp} dp={ps.get_data_parallel_world_size()} ep={par.ep} "
             f"sp={par.sp}), {n_params / 1e6:.2f}M params on rank 0, TE={'on' if be.use_te else 'off'}, "
             f"attention={be.attention}{be.fusions()}; "
             f"data {train_data.description}: {num_samples} samples, {length.steps_per_epoch} steps/epoch, "

@@ -17,15 +17,17 @@ def per_token_losses(trainer, batch):
     from megatron.core import parallel_state as ps
 
     from megatron_swift.models.attention import attention_inputs
+    from megatron_swift.training import cp_shard
     from megatron_swift.training.forward_only import collect
 
     def forward(b, model):
         return model(b.tokens, b.position_ids, labels=b.labels,
                      **attention_inputs(b.segments, trainer.backend.packed_format))
 
-    out = collect(trainer.model, [batch], forward, lambda _, loss: loss, batch.tokens.shape[1],
-                  batch.tokens.shape[0])
-    return out[0].float() if ps.is_pipeline_last_stage() else None
+    batch = cp_shard.shard(batch)  # this CP rank's part of the row (the whole row when cp = 1)
+    seq = batch.tokens.shape[1] * ps.get_context_parallel_world_size()
+    out = collect(trainer.model, [batch], forward, lambda _, loss: loss, seq, batch.tokens.shape[0])
+    return cp_shard.unshard(out[0].float()) if ps.is_pipeline_last_stage() else None
 
 
 def main() -> None:
@@ -57,7 +59,8 @@ def main() -> None:
                 losses[sample] = loss[0, at:at + n - 1].cpu()  # positions with a label inside the sample
                 at += n
         result[name] = losses
-    if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0:
+    if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0 \
+            and ps.get_context_parallel_rank() == 0:
         torch.save(result, out_file)
     dist.barrier()
 

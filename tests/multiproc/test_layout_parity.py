@@ -40,9 +40,9 @@ def moe(tmp_path_factory):
     return _init_and_baseline(tmp_path_factory.mktemp("moe"), MOE)
 
 
-def _check(tmp_path, model, init, baseline, layout):
+def _check(tmp_path, model, init, baseline, layout, nproc=2):
     out = tmp_path / "run"
-    run_train(2, [*model, *COMMON, *layout, f"model.load={init}", f"train.output_dir={out}"])
+    run_train(nproc, [*model, *COMMON, *layout, f"model.load={init}", f"train.output_dir={out}"])
     rows = read_metrics(out)
     assert [r["iteration"] for r in rows] == [r["iteration"] for r in baseline] == list(range(1, STEPS + 1))
     assert rows[0]["loss"] > 1.0  # a real cross-entropy, not an empty batch
@@ -60,10 +60,20 @@ def _check(tmp_path, model, init, baseline, layout):
     ["parallel.pp=2"],
     ["parallel.pp=2", "parallel.vpp=2"],
     ["parallel.distributed_optimizer=true"],
-], ids=["tp2", "tp2-sp", "pp2", "pp2-vpp2", "dp2-distopt"])
+    ["parallel.cp=2"],
+], ids=["tp2", "tp2-sp", "pp2", "pp2-vpp2", "dp2-distopt", "cp2-a2a"])
 def test_dense_layout_matches_single_rank(tmp_path, dense, layout):
     init, baseline = dense
     _check(tmp_path, DENSE, init, baseline, layout)
+
+
+@pytest.mark.parametrize("layout", [
+    ["parallel.tp=2", "parallel.cp=2"],  # 1 query group per TP rank: K/V repeated for the CP ranks
+    ["parallel.pp=2", "parallel.cp=2"],
+], ids=["tp2-cp2", "pp2-cp2"])
+def test_context_parallel_with_tp_or_pp_on_four_ranks_matches_single_rank(tmp_path, dense, layout):
+    init, baseline = dense
+    _check(tmp_path, DENSE, init, baseline, layout, nproc=4)
 
 
 def test_moe_expert_parallel_matches_single_rank(tmp_path, moe):

@@ -19,6 +19,8 @@ CASES = {
     "pp2-fp32": (DENSE, ["parallel.pp=2", "train.precision=fp32"]),
     "dp2-bf16-distopt": (DENSE, ["train.precision=bf16", "parallel.distributed_optimizer=true"]),
     "ep2-fp32": (MOE, ["parallel.ep=2", "train.precision=fp32"]),
+    # The distributed optimizer shards over the DP x CP group (here DP=1, CP=2).
+    "cp2-bf16-distopt": (DENSE, ["train.precision=bf16", "parallel.distributed_optimizer=true", "parallel.cp=2"]),
 }
 
 

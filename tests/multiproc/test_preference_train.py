@@ -107,3 +107,22 @@ def test_reward_model_learns_and_exports_as_hf_sequence_classification(tmp_path,
     run_train(2, [*_base(export, again, "rm"), "train.train_iters=1", "train.lr=0", "train.min_lr=0"])
     (first,) = read_metrics(again)
     assert first["rewards/accuracies"] > 0.9
+
+
+@pytest.mark.parametrize("task,data,figure", [("dpo", "prefs", "rewards/margins"), ("kto", "kto", "kl"),
+                                              ("rm", "prefs", "rewards/margins")])
+def test_context_parallel_gives_the_one_rank_run(tmp_path, tiny_hf, task, data, figure):
+    """cp=2 (Ulysses): sequence sums over both CP ranks, the reward at whichever rank holds the last token,
+    pairs counted once: the same losses, figures and gradient norms as one rank, from the same weights."""
+    base = [*_base(tiny_hf, None, task, data)[:-1], "train.train_iters=3", "train.lr=1e-3"]
+    one, cp2 = tmp_path / "one", tmp_path / "cp2"
+    run_train(1, [*base, f"train.output_dir={one}"])
+    run_train(2, [*base, f"train.output_dir={cp2}", "parallel.cp=2"])
+    a_rows, b_rows = read_metrics(one), read_metrics(cp2)
+    assert [r["iteration"] for r in a_rows] == [r["iteration"] for r in b_rows] == [1, 2, 3]
+    for a, b in zip(a_rows, b_rows):
+        for key in ("loss", figure):
+            assert abs(a[key] - b[key]) < 1e-5, (a["iteration"], key, a[key], b[key])
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5), (a["iteration"], a["grad_norm"],
+                                                                           b["grad_norm"])
+    assert a_rows[-1]["loss"] != a_rows[0]["loss"]  # it trained

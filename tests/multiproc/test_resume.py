@@ -33,6 +33,11 @@ LAYOUTS = {
     "sft_packed_stream": ["data=sft", "data.packing=true", "data.streaming=true", "data.stream_buffer=16",
                           "data.pack_window=8", "train.seq_length=256", "parallel.distributed_optimizer=true",
                           "train.global_batch_size=4", "train.micro_batch_size=1"],
+    # The same stream with context parallelism: both ranks of the CP group read the same rows and keep
+    # their halves of each; the distributed optimizer shards over the DP x CP group.
+    "cp2_sft_packed_stream": ["data=sft", "data.packing=true", "data.streaming=true", "data.stream_buffer=16",
+                              "data.pack_window=8", "train.seq_length=256", "parallel.distributed_optimizer=true",
+                              "parallel.cp=2", "train.global_batch_size=4", "train.micro_batch_size=1"],
 }
 KILL_AFTER_STEP = 6  # a checkpoint (step 4) exists and later steps ran
 

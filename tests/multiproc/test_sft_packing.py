@@ -11,7 +11,8 @@ from tests.conftest import ROOT, launch_cmd, train_env
 WORKER = ROOT / "tests" / "multiproc" / "sft_loss_worker.py"
 
 
-@pytest.mark.parametrize("nproc,layout", [(1, []), (2, ["parallel.tp=2"])])
+@pytest.mark.parametrize("nproc,layout", [(1, []), (2, ["parallel.tp=2"]), (2, ["parallel.cp=2"])],
+                         ids=["one-rank", "tp2", "cp2-a2a"])
 def test_packed_losses_equal_unpacked(tmp_path, nproc, layout):
     out = tmp_path / "losses.pt"
     # The first 24 rows of the bundled SFT set (1-3 turns, three row shapes), byte tokenizer, plain template.
