@@ -18,11 +18,13 @@ os.environ.setdefault("HYDRA_FULL_ERROR", "1")
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 
-from megatron_swift.config.compose import normalize_overrides  # noqa: E402
+from megatron_swift.cli import run_or_exit  # noqa: E402
+from megatron_swift.config.compose import check_composes, normalize_overrides  # noqa: E402
 from megatron_swift.config.schema import register  # noqa: E402
 
 register()
 sys.argv[1:] = normalize_overrides(sys.argv[1:])  # as people type them: regexes, a single path for a list
+run_or_exit(check_composes, sys.argv[1:])  # an unknown key or option: one line, exit 2
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -54,8 +56,6 @@ def submit(cfg, overrides) -> None:
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg) -> None:
-    from megatron_swift.cli import run_or_exit
-
     run_or_exit(submit, cfg, list(HydraConfig.get().overrides.task))
 
 

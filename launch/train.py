@@ -12,11 +12,13 @@ os.environ.setdefault("HYDRA_FULL_ERROR", "1")
 
 import hydra  # noqa: E402
 
-from megatron_swift.config.compose import normalize_overrides  # noqa: E402
+from megatron_swift.cli import run_or_exit  # noqa: E402
+from megatron_swift.config.compose import check_composes, normalize_overrides  # noqa: E402
 from megatron_swift.config.schema import register  # noqa: E402
 
 register()
 sys.argv[1:] = normalize_overrides(sys.argv[1:])  # regexes as typed, one value for a list key
+run_or_exit(check_composes, sys.argv[1:])  # an unknown key or option: one line, exit 2
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")

@@ -34,8 +34,19 @@ def test_no_model_lists_the_families(tmp_path):
 
 def test_unknown_model_names_the_choices():
     proc = _train(["+model=gpt5"])
-    assert proc.returncode != 0
-    assert "model/gpt5" in proc.stderr and "qwen3_moe" in proc.stderr
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("megatron-swift: error: model=gpt5: no such model; choose one of: llama, qwen2, "
+                                   "qwen3, qwen3_moe")
+
+
+def test_a_misspelt_key_or_another_tasks_setting_is_one_line():
+    proc = _train(["+model=qwen3", "train.lrr=1"])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == ("megatron-swift: error: train.lrr: no such setting (the settings and their "
+                                   "documentation: megatron_swift/config/schema.py)")
+    proc = _train(["+model=qwen3", "task.beta=0.2"])  # beta is a DPO/KTO setting; the task is lm
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "megatron-swift: error: task.beta: task=lm has no such setting (its settings: name)"
 
 
 def test_unknown_size_lists_sizes():

@@ -13,15 +13,21 @@ from megatron_swift.config.compose import compose
 from megatron_swift.config.validate import ConfigError, validate
 from megatron_swift.models import families
 from megatron_swift.models.arch import padded_vocab_size, resolve
+from megatron_swift.tasks import TASKS
+from megatron_swift.tasks import configs as task_configs
 
 
-def _schema_classes():
-    return [obj for _, obj in inspect.getmembers(schema, inspect.isclass)
-            if dataclasses.is_dataclass(obj) and obj.__module__ == schema.__name__]
+SCHEMA_MODULES = (schema, task_configs)  # the run's groups, and each task's own schema
 
 
-def test_every_config_field_has_a_one_line_docstring():
-    tree = ast.parse(inspect.getsource(schema))
+def _schema_classes(module):
+    return [obj for _, obj in inspect.getmembers(module, inspect.isclass)
+            if dataclasses.is_dataclass(obj) and obj.__module__ == module.__name__]
+
+
+@pytest.mark.parametrize("module", SCHEMA_MODULES, ids=lambda m: m.__name__.rsplit(".", 1)[-1])
+def test_every_config_field_has_a_one_line_docstring(module):
+    tree = ast.parse(inspect.getsource(module))
     undocumented, checked = [], {}
     for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
         body = cls.body
@@ -33,12 +39,23 @@ def test_every_config_field_has_a_one_line_docstring():
                 if not isinstance(doc, str) or not doc.strip() or "\n" in doc.strip():
                     undocumented.append(f"{cls.name}.{node.target.id}")
     assert not undocumented, f"fields without a one-line docstring: {undocumented}"
-    # The walk above saw every field of every schema dataclass: none escaped the check.
-    assert checked == {c.__name__: [f.name for f in dataclasses.fields(c)] for c in _schema_classes()}
-    # One group per conf/ folder (whose YAML is type-checked against it).
+    # The walk above saw every field each schema dataclass declares itself: none escaped the check.
+    assert checked == {c.__name__: list(c.__dict__.get("__annotations__", {})) for c in _schema_classes(module)
+                       if c.__dict__.get("__annotations__")}
+
+
+def test_one_group_per_conf_folder_and_one_registered_task_per_task_file():
     conf = Path(schema.__file__).resolve().parents[2] / "conf"
+    # One group per conf/ folder (whose YAML is type-checked against it).
     assert sorted(f.name for f in dataclasses.fields(schema.Config)) == sorted(p.name for p in conf.iterdir()
                                                                                if p.is_dir())
+    # Each task=<name> file selects a registered task, typed by that task's own schema.
+    assert sorted(p.stem for p in (conf / "task").glob("*.yaml")) == sorted(TASKS) == sorted(task_configs.SCHEMAS)
+    for name, cls in TASKS.items():
+        cfg = compose(["+model=qwen3", f"task={name}"])
+        assert cfg.task.name == name and sorted(cfg.task) == sorted(f.name for f in dataclasses.fields(cls.config))
+        assert all(hasattr(cls, attr) for attr in ("rows_per_sample", "forward_passes", "head", "read_data",
+                                                    "validate", "build", "forward_step", "prepare", "metrics"))
 
 
 def test_public_command_form_composes():

@@ -95,3 +95,40 @@ def compose(overrides: Sequence[str] = ()) -> DictConfig:
     register()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return hydra_compose(config_name="config", overrides=normalize_overrides(overrides))
+
+
+def check_composes(overrides: Sequence[str]) -> None:
+    """Compose the config once before Hydra's own run does, so that an unknown key or a missing config
+    group option is one :class:`ConfigError` line naming it (Hydra would print a traceback). Hydra's own
+    flags and ``hydra.*`` overrides are left to Hydra."""
+    from hydra.errors import ConfigCompositionException, HydraException
+
+    from megatron_swift.config.validate import ConfigError
+
+    mine = [o for o in overrides if not o.startswith("-") and not o.lstrip("+~").startswith("hydra.")]
+    try:
+        compose(mine)
+    except (ConfigCompositionException, HydraException) as e:
+        raise ConfigError([_composition_problem(str(e), mine)]) from None
+
+
+def _composition_problem(message: str, overrides: Sequence[str]) -> str:
+    import re
+
+    from megatron_swift.tasks.configs import SCHEMAS
+
+    unknown = re.search(r"Could not override '([^']+)'", message)
+    if unknown:
+        key = unknown.group(1)
+        if key.startswith("task."):
+            task = next((o.split("=", 1)[1] for o in overrides if o.startswith("task=")), "lm")
+            fields = [f.name for f in dataclasses.fields(SCHEMAS[task])] if task in SCHEMAS else []
+            return f"{key}: task={task} has no such setting (its settings: {', '.join(fields)})"
+        return f"{key}: no such setting (the settings and their documentation: megatron_swift/config/schema.py)"
+    missing = re.search(r"Could not find '([^'/]+)/([^']+)'", message)
+    if missing:
+        group, name = missing.groups()
+        folder = os.path.join(CONF_DIR, group)
+        options = sorted(f[:-5] for f in os.listdir(folder) if f.endswith(".yaml")) if os.path.isdir(folder) else []
+        return f"{group}={name}: no such {group}; choose one of: {', '.join(options)}"
+    return " ".join(message.split())

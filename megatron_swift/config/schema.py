@@ -9,6 +9,9 @@ from typing import List, Optional
 
 from omegaconf import MISSING
 
+from megatron_swift.tasks.configs import SCHEMAS as TASK_SCHEMAS
+from megatron_swift.tasks.configs import TaskConfig
+
 
 @dataclass
 class ModelConfig:
@@ -287,32 +290,6 @@ class ClusterConfig:
 
 
 @dataclass
-class TaskConfig:
-    """What the model is trained to do: next-token loss (lm), a preference objective (dpo, kto), a reward model (rm)."""
-
-    name: str = "lm"
-    """lm (pretraining and SFT: token cross-entropy), dpo (pairs, frozen reference), kto (labelled completions, frozen reference) or rm (scalar reward head on pairs)."""
-    beta: float = 0.1
-    """DPO/IPO/KTO temperature: how far the policy may move from the reference."""
-    loss_type: str = "sigmoid"
-    """DPO loss: sigmoid (DPO, with label smoothing) or ipo (on length-averaged log-probabilities)."""
-    label_smoothing: float = 0.0
-    """Probability that a preference label is flipped (conservative DPO); 0 is plain DPO."""
-    sft_weight: float = 0.0
-    """Weight of the chosen completion's mean token NLL added to the DPO loss (RPO); 0 disables it."""
-    ref_model: Optional[str] = None
-    """Reference weights: an HF folder or a megatron-swift checkpoint; None: the starting weights (model.pretrained or model.load)."""
-    precompute_ref: bool = False
-    """Compute the reference log-probabilities of every pair once before training (saved in the run directory) and free the reference model."""
-    desirable_weight: float = 1.0
-    """KTO: weight of the loss of desirable (label true) examples."""
-    undesirable_weight: float = 1.0
-    """KTO: weight of the loss of undesirable (label false) examples."""
-    center_rewards_coefficient: float = 0.0
-    """RM: weight of (r_chosen + r_rejected)^2 added to each pair's loss, keeping rewards centred on 0; 0 disables it."""
-
-
-@dataclass
 class TunerConfig:
     """Parameter-efficient fine-tuning: none (train every parameter) or LoRA adapters on Megatron linears."""
 
@@ -353,7 +330,7 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     """Cluster description."""
     task: TaskConfig = field(default_factory=TaskConfig)
-    """Training objective."""
+    """Training objective: task=<name> picks its schema (megatron_swift/tasks/configs.py)."""
     tuner: TunerConfig = field(default_factory=TunerConfig)
     """Parameter-efficient fine-tuning."""
 
@@ -377,5 +354,7 @@ def register() -> None:
     cs.store(name="base_config", node=Config)
     for group, node in (("model", ModelConfig), ("parallel", ParallelConfig), ("data", DataConfig),
                         ("train", TrainConfig), ("logging", LoggingConfig), ("cluster", ClusterConfig),
-                        ("task", TaskConfig), ("tuner", TunerConfig)):
+                        ("tuner", TunerConfig)):
         cs.store(group=group, name=f"base_{group}", node=node)
+    for name, node in TASK_SCHEMAS.items():  # each task its own schema
+        cs.store(group="task", name=f"base_task_{name}", node=node)

@@ -215,36 +215,12 @@ def _sft(cfg, problems: List[str]) -> None:
 
 
 def _task(cfg, problems: List[str]) -> None:
-    from megatron_swift.tasks import REFERENCE, TASKS
+    """The task's own checks (tasks/base.py: each registered task validates its config)."""
+    from megatron_swift.tasks import TASKS
 
-    task, data = cfg.task, cfg.data
-    _choice(problems, "task.name", task.name, tuple(TASKS))
-    if task.name == "lm" or task.name not in TASKS:
-        return
-    if task.name in REFERENCE:
-        _reference_task(cfg, problems)
-    if task.name == "kto" and min(task.desirable_weight, task.undesirable_weight) <= 0:
-        problems.append(f"task.desirable_weight={task.desirable_weight} and task.undesirable_weight="
-                        f"{task.undesirable_weight} must both be > 0")
-    if task.name == "rm" and task.center_rewards_coefficient < 0:
-        problems.append(f"task.center_rewards_coefficient={task.center_rewards_coefficient} must be >= 0")
-    if data.source not in ("jsonl", "sft"):
-        problems.append(f"task={task.name} reads its rows from JSONL files; data.source={data.source} "
-                        "is not one (use data=sft or data=jsonl with data.path)")
-    if data.packing or data.streaming:
-        problems.append(f"task={task.name} does not support data.packing or data.streaming yet")
-
-
-def _reference_task(cfg, problems: List[str]) -> None:
-    task = cfg.task
-    _choice(problems, "task.loss_type", task.loss_type, ("sigmoid", "ipo"))
-    if task.beta <= 0:
-        problems.append(f"task.beta={task.beta} must be > 0")
-    if not 0 <= task.label_smoothing < 0.5:
-        problems.append(f"task.label_smoothing={task.label_smoothing} must be in [0, 0.5)")
-    if not (task.ref_model or cfg.model.pretrained or cfg.model.load):
-        problems.append(f"task={task.name} needs starting weights for the policy and its frozen reference: set "
-                        "model.pretrained (HF folder) or model.load (checkpoint), or task.ref_model")
+    _choice(problems, "task.name", cfg.task.name, tuple(TASKS))
+    if cfg.task.name in TASKS:
+        TASKS[cfg.task.name].validate(cfg, problems)
 
 
 def _tuner(cfg, arch, problems: List[str]) -> None:

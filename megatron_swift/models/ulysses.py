@@ -44,38 +44,28 @@ def _exchange(x: torch.Tensor, group, scatter_dim: int, gather_dim: int) -> torc
     return received.reshape(shape)
 
 
-class _SeqToHeads(torch.autograd.Function):
-    """[s/cp, b, h, d] -> [s, b, h/cp, d] (sequence pieces in rank order); backward is the reverse."""
+class _Exchange(torch.autograd.Function):
+    """:func:`_exchange` as an autograd function: its backward is the opposite exchange."""
 
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _exchange(x, group, scatter_dim=2, gather_dim=0)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _exchange(grad, ctx.group, scatter_dim=0, gather_dim=2), None
-
-
-class _HeadsToSeq(torch.autograd.Function):
-    """[s, b, h/cp, d] -> [s/cp, b, h, d]; backward is the reverse."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _exchange(x, group, scatter_dim=0, gather_dim=2)
+    def forward(ctx, x, group, scatter_dim: int, gather_dim: int):
+        ctx.group, ctx.dims = group, (scatter_dim, gather_dim)
+        return _exchange(x, group, scatter_dim, gather_dim)
 
     @staticmethod
     def backward(ctx, grad):
-        return _exchange(grad, ctx.group, scatter_dim=2, gather_dim=0), None
+        scatter_dim, gather_dim = ctx.dims
+        return _exchange(grad, ctx.group, scatter_dim=gather_dim, gather_dim=scatter_dim), None, None, None
 
 
 def seq_to_heads(x: torch.Tensor, group) -> torch.Tensor:
-    return _SeqToHeads.apply(x, group)
+    """[s/cp, b, h, d] -> [s, b, h/cp, d] (sequence pieces in rank order)."""
+    return _Exchange.apply(x, group, 2, 0)
 
 
 def heads_to_seq(x: torch.Tensor, group) -> torch.Tensor:
-    return _HeadsToSeq.apply(x, group)
+    """[s, b, h/cp, d] -> [s/cp, b, h, d]."""
+    return _Exchange.apply(x, group, 0, 2)
 
 
 @functools.lru_cache(maxsize=None)

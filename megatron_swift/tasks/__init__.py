@@ -1,4 +1,4 @@
-"""Training objectives, registered by ``task.name``.
+"""Training objectives, registered by ``task.name`` (the contract: tasks/base.py; configs: tasks/configs.py).
 
 A task class gives the forward step for megatron-core's schedules, any
 per-step preparation (a reference model's log-probabilities), its metrics,
@@ -7,15 +7,8 @@ readers), how many rows one sample is, and which output head the model has.
 """
 from __future__ import annotations
 
-from typing import Dict
-
-from megatron_swift.tasks.dpo import DPOTask
-from megatron_swift.tasks.kto import KTOTask
-from megatron_swift.tasks.lm import LMTask
-from megatron_swift.tasks.rm import RewardTask
-
-TASKS: Dict[str, type] = {"lm": LMTask, "dpo": DPOTask, "kto": KTOTask, "rm": RewardTask}
-REFERENCE = ("dpo", "kto")  # tasks with a frozen reference model
+from megatron_swift.tasks import dpo, kto, lm, rm  # noqa: F401  (each registers its task)
+from megatron_swift.tasks.base import TASKS, Task, register  # noqa: F401
 
 
 def task_class(name: str) -> type:

@@ -13,6 +13,8 @@ import torch
 from megatron.core import parallel_state as ps
 
 from megatron_swift.data.preference import kto_source
+from megatron_swift.tasks.base import register
+from megatron_swift.tasks.configs import KTOConfig
 from megatron_swift.tasks.reference import ReferenceTask, sequence_logps
 from megatron_swift.tasks.reports import reduce_reports
 from megatron_swift.training.preference_losses import kto_kl_estimate, kto_loss
@@ -23,8 +25,19 @@ def _masked(value: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.stack([(value * mask).sum(), mask.sum()])
 
 
+@register
 class KTOTask(ReferenceTask):
+    name = "kto"
+    config = KTOConfig
     read_data = staticmethod(kto_source)
+
+    @classmethod
+    def validate(cls, cfg, problems: List[str]) -> None:
+        task = cfg.task
+        if min(task.desirable_weight, task.undesirable_weight) <= 0:
+            problems.append(f"task.desirable_weight={task.desirable_weight} and task.undesirable_weight="
+                            f"{task.undesirable_weight} must both be > 0")
+        super().validate(cfg, problems)
 
     def loss_func(self, batch, token_losses: torch.Tensor):
         """Sum of example losses, number of examples, and reports split by label."""

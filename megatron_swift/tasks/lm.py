@@ -3,11 +3,16 @@ from __future__ import annotations
 
 from typing import Dict, List
 
+from megatron_swift.tasks.base import register
+from megatron_swift.tasks.configs import LMConfig
 from megatron_swift.tasks.reports import reduce_reports
 from megatron_swift.training.forward_step import make_forward_step
 
 
+@register
 class LMTask:
+    name = "lm"
+    config = LMConfig
     rows_per_sample = 1  # rows of seq_length the model runs per sample
     forward_passes = 1.0  # model forward+backward passes per row, for FLOP counting
     head = "lm"  # the model's output layer (models.builder)
@@ -15,6 +20,10 @@ class LMTask:
 
     def __init__(self, packed_format: str):
         self.packed_format = packed_format
+
+    @classmethod
+    def validate(cls, cfg, problems: List[str]) -> None:
+        """Any data source, packing and streaming: nothing to check."""
 
     @classmethod
     def build(cls, cfg, backend, arch, padded_vocab: int, datasets=(), output_dir: str = ".",

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from megatron_swift.data.preference import preference_source
+from megatron_swift.tasks.base import rows_from_jsonl
 from megatron_swift.tasks.reports import reduce_reports
 from megatron_swift.training import cp_shard
 from megatron_swift.training.forward_only import collect
@@ -45,6 +46,17 @@ class ReferenceTask:
     forward_passes = 4 / 3
     head = "lm"  # the policy's output layer (models.builder)
     read_data = staticmethod(preference_source)  # (paths, data_cfg, tokenizer, seq_length, folder) -> dataset
+
+    @classmethod
+    def validate(cls, cfg, problems: List[str]) -> None:
+        """beta, label smoothing, loss type (DPO) and starting weights for the policy and its reference."""
+        task = cfg.task
+        if task.beta <= 0:
+            problems.append(f"task.beta={task.beta} must be > 0")
+        if not (task.ref_model or cfg.model.pretrained or cfg.model.load):
+            problems.append(f"task={task.name} needs starting weights for the policy and its frozen reference: set "
+                            "model.pretrained (HF folder) or model.load (checkpoint), or task.ref_model")
+        rows_from_jsonl(cfg, problems)
 
     def __init__(self, task_cfg, reference: Optional[List[torch.nn.Module]], seq_length: int,
                  micro_batch_size: int):

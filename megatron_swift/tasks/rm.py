@@ -16,6 +16,8 @@ from typing import Dict, List
 import torch
 
 from megatron_swift.data.preference import preference_source
+from megatron_swift.tasks.base import register, rows_from_jsonl
+from megatron_swift.tasks.configs import RMConfig
 from megatron_swift.tasks.reference import per_item_reports
 from megatron_swift.tasks.reports import reduce_reports
 from megatron_swift.training import cp_shard
@@ -26,7 +28,10 @@ def _scores(batch, model):
     return model(batch.tokens, batch.position_ids, attention_mask=None)  # [rows, seq, 1]
 
 
+@register
 class RewardTask:
+    name = "rm"
+    config = RMConfig
     rows_per_sample = 2
     forward_passes = 1.0
     head = "reward"
@@ -34,6 +39,12 @@ class RewardTask:
 
     def __init__(self, task_cfg):
         self.cfg = task_cfg
+
+    @classmethod
+    def validate(cls, cfg, problems: List[str]) -> None:
+        if cfg.task.center_rewards_coefficient < 0:
+            problems.append(f"task.center_rewards_coefficient={cfg.task.center_rewards_coefficient} must be >= 0")
+        rows_from_jsonl(cfg, problems)
 
     @classmethod
     def build(cls, cfg, backend, arch, padded_vocab: int, datasets=(), output_dir: str = ".",
