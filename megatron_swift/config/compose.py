@@ -113,8 +113,6 @@ def check_composes(overrides: Sequence[str]) -> None:
 
 
 def _composition_problem(message: str, overrides: Sequence[str]) -> str:
-    import re
-
     from megatron_swift.tasks.configs import SCHEMAS
 
     unknown = re.search(r"Could not override '([^']+)'", message)

@@ -82,14 +82,17 @@ def _context_parallel(cfg, arch, attention: str, problems: List[str]) -> None:
         problems.append(f"train.seq_length={seq} is not divisible by 2*parallel.cp={2 * par.cp} (each CP rank "
                         "holds two of the sequence's 2*cp chunks); change one of them")
     if par.cp_comm == "a2a":
+        from megatron_swift.models.ulysses import split_problem
+
         heads, groups = arch.num_attention_heads // par.tp, arch.num_query_groups // par.tp
-        if heads % par.cp:
+        problem = split_problem(heads, groups, par.cp)
+        if problem == "heads":
             problems.append(f"parallel.cp={par.cp} with cp_comm=a2a needs the attention heads of a TP rank "
                             f"(model.num_attention_heads/tp = {heads}) divisible by cp; lower cp or tp")
-        elif groups % par.cp and par.cp % groups:
+        elif problem == "groups":
             problems.append(f"parallel.cp={par.cp} with cp_comm=a2a needs the query groups of a TP rank "
                             f"({groups}) to divide cp or be divisible by it")
-    if attention == "te" and cfg.data.get("packing"):
+    if attention == "te" and cfg.data.packing:
         problems.append("parallel.cp>1 with data.packing=true and Transformer Engine attention is not supported "
                         "yet (THD rows are not partitioned over CP): use model.attention_backend=sdpa or "
                         "data.packing=false")

@@ -47,7 +47,8 @@ class SDPAttention(MegatronModule):
                  cp_comm_type: Optional[str] = None, pg_collection: Optional[ProcessGroupCollection] = None):
         super().__init__(config=config)
         # Refused here rather than computed differently: validation keeps these off for sdpa.
-        assert config.context_parallel_size == 1, "model.attention_backend=sdpa has no context parallelism yet"
+        # Context parallelism wraps this module (models.ulysses), which gives it a config with cp = 1.
+        assert config.context_parallel_size == 1, "SDPAttention sees whole sequences: wrap it with models.ulysses"
         assert config.softmax_type == "vanilla" and config.window_size is None, \
             "model.attention_backend=sdpa supports plain softmax attention over the whole causal window"
         if pg_collection is None:

@@ -78,6 +78,16 @@ def _orders(seq: int, cp: int, device):
     return torch.argsort(to_ranks).to(device), to_ranks.to(device)
 
 
+def split_problem(heads_per_tp: int, groups_per_tp: int, cp: int) -> Optional[str]:
+    """Why a TP rank's heads cannot be split over cp ranks ("heads" or "groups"), None when they can: the
+    query heads must divide by cp, and the query groups divide by cp or divide it (K/V then repeated)."""
+    if heads_per_tp % cp:
+        return "heads"
+    if groups_per_tp % cp and cp % groups_per_tp:
+        return "groups"
+    return None
+
+
 def kv_repeats(groups_per_tp: int, cp: int) -> int:
     """How many times each K/V head is repeated so that cp divides the groups of a TP rank."""
     return 1 if groups_per_tp % cp == 0 else divide(cp, groups_per_tp)

@@ -51,12 +51,14 @@ def step_time(arch, padded_vocab: int, layout: Layout, seq_length: int, global_b
 
 def cp_options(arch, tp: int, seq_length: int, limit: int, te: bool):
     """(cp, cp_comm) pairs for a TP size: cp=1, then Ulysses where the heads allow it, TE's ring otherwise."""
+    from megatron_swift.models.ulysses import split_problem
+
     yield 1, "a2a"
     heads, groups = arch.num_attention_heads // tp, arch.num_query_groups // tp
     for cp in (2, 4, 8, 16, 32):
         if cp > limit or seq_length % (2 * cp):
             continue
-        if heads % cp == 0 and (groups % cp == 0 or cp % groups == 0):
+        if split_problem(heads, groups, cp) is None:
             yield cp, "a2a"
         elif te:
             yield cp, "p2p"

@@ -10,20 +10,16 @@ itself: on CUDA the varlen flash kernel, models.varlen). Prints tokens/s of both
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from tools.bench.vs_hf import SHAPES, run_paths  # noqa: E402
+from tools.bench.vs_hf import run_paths, shape_parser  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="1.7b")
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser = shape_parser(__doc__)
     parser.add_argument("overrides", nargs="*", help="config overrides for both runs")
     args = parser.parse_args()
     rates = {}

@@ -180,11 +180,17 @@ def _report(results: dict) -> None:
         print(f"project/hf tokens/s {h / p:.3f} (target >= 1.25)   project/bare {b / p:.3f} (target within 3 %)")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def shape_parser(doc: str) -> argparse.ArgumentParser:
+    """The arguments every benchmark over SHAPES takes (this one and tools/bench/packed.py)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="1.7b")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
+    return parser
+
+
+def main() -> None:
+    parser = shape_parser(__doc__)
     parser.add_argument("--paths", default="project,bare,hf", help="which of project,bare,hf to run")
     parser.add_argument("--data", choices=("mock", "packed"), default="mock",
                         help="project/bare rows: random tokens, or SFT conversations packed into rows")
