@@ -26,6 +26,8 @@ setup(
     extras_require={
         # Transformer Engine builds only against CUDA; NGC PyTorch containers ship it (and Apex).
         "te": ["transformer-engine[pytorch]>=2.0"],
-        "test": ["pytest>=8", "transformers>=4.45", "peft>=0.13"],
+        # GRPO's accuracy reward verifies math answers with it (falls back to a normalised exact match).
+        "rl": ["math-verify>=0.7,<1"],
+        "test": ["pytest>=8", "transformers>=4.45", "peft>=0.13", "math-verify>=0.7,<1"],
     },
 )

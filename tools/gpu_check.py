@@ -155,6 +155,11 @@ def main() -> None:
                             "train.seq_length=96", "train.save_hf=true", n],
         "LoRA SFT (+merged export)": ["+model=qwen3", f"model.pretrained={hf}", "data=sft", "data.tokenizer=byte",
                                       "tuner=lora", "train.seq_length=256", "train.save_hf=true", n],
+        "GRPO (rollouts, reference, sampling)": [
+            "+model=qwen3", f"model.pretrained={hf}", "data=prompts", "data.tokenizer=byte", "task=grpo",
+            "task.num_generations=4", "train.global_batch_size=8", "train.micro_batch_size=4",
+            "task.max_completion_length=32", "train.seq_length=128", "task.rewards=[accuracy,repetition]",
+            "task.steps_per_generation=2", n],
     }
     checks = [lambda n=name, a=run_args: training_run(n, a, cwd, args.device) for name, run_args in runs.items()]
     checks += [lambda: kill_and_resume(cwd, args.device, args.steps), lambda: precision_check(hf, cwd, args.device)]
@@ -170,6 +175,11 @@ def main() -> None:
         proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench" / "packed.py"), "--shape", "1.7b"],
                               capture_output=True, text=True, timeout=1200)
         report("packed vs unpacked 1.7b", proc.returncode == 0, "\n      " + (proc.stdout or proc.stderr)[-800:])
+        proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench" / "rollout.py"), "--device", "cuda",
+                               "--dtype", "bf16", "--batch", "64", "--new", "128"],
+                              capture_output=True, text=True, timeout=1200)
+        report("rollout vs transformers generate", proc.returncode == 0,
+               "\n      " + (proc.stdout or proc.stderr)[-800:])
     print(f"{len(FAILURES)} failed: {', '.join(FAILURES)}" if FAILURES else "all passed", flush=True)
     sys.exit(len(FAILURES))
 

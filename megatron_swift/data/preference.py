@@ -173,7 +173,8 @@ def _samples(sides) -> _Samples:
     return samples
 
 
-def preference_source(paths: Sequence[str], data_cfg, tokenizer, seq_length: int, template_folder) -> PairedRows:
+def preference_source(paths: Sequence[str], data_cfg, tokenizer, seq_length: int, template_folder,
+                      cfg=None) -> PairedRows:
     """Encoded pairs (chosen, rejected) of all files, with each pair's margin; bad rows raise
     DataError(file, line) or are skipped (data.on_error=skip)."""
     template = load_template(data_cfg.template, template_folder)
@@ -192,7 +193,7 @@ def preference_source(paths: Sequence[str], data_cfg, tokenizer, seq_length: int
                       {"margin": np.asarray(margins, dtype=np.float32)})
 
 
-def kto_source(paths: Sequence[str], data_cfg, tokenizer, seq_length: int, template_folder) -> PairedRows:
+def kto_source(paths: Sequence[str], data_cfg, tokenizer, seq_length: int, template_folder, cfg=None) -> PairedRows:
     """Encoded KTO examples with their KL rows and labels; bad rows raise DataError(file, line) or are skipped."""
     template = load_template(data_cfg.template, template_folder)
     kept, counts = [], Counts()

@@ -37,6 +37,10 @@ class Batch:
     desirable: Optional[torch.Tensor] = None
     # Reward models: the margin by which each pair's chosen should beat its rejected (row "margin", default 0).
     margin: Optional[torch.Tensor] = None
+    # GRPO: each row's advantage, and per-token log-probs of the policy at generation time (several steps per
+    # generation); ref_logps then holds the reference's per-token log-probs.
+    advantages: Optional[torch.Tensor] = None
+    old_logps: Optional[torch.Tensor] = None
 
     def to(self, device) -> "Batch":
         return Batch(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)

@@ -36,7 +36,10 @@ class Progress:
             f"epoch {m['epoch']:.2f}{epochs}",
             f"loss {m['loss']:.4f}",
         ]
-        if m.get("rewards/accuracies") is not None:  # pairs: DPO, IPO, reward models
+        if m.get("rewards/mean") is not None:  # online RL (GRPO): the mean reward of the step's completions
+            parts.append(f"reward {m['rewards/mean']:.3f} len {m['completions/mean_length']:.0f}"
+                         + (f" kl {m['policy/kl']:.4f}" if m.get("policy/kl") is not None else ""))
+        elif m.get("rewards/accuracies") is not None:  # pairs: DPO, IPO, reward models
             parts.append(f"reward acc {m['rewards/accuracies']:.2f} margin {m['rewards/margins']:.3f}")
         elif m.get("kl") is not None:  # KTO
             parts.append(f"kl {m['kl']:.3f} margin {m['rewards/margins']:.3f}")

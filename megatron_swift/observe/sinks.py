@@ -62,6 +62,17 @@ class Sinks:
         if console:
             self.printer(self.progress.line(metrics))
 
+    def log_samples(self, iteration: int, samples) -> None:
+        """Example outputs (e.g. GRPO's completions with their rewards) as a WandB table."""
+        if not self.active or self._wandb is None or not samples:
+            return
+        import wandb
+
+        columns = list(samples[0])
+        rows = [[v if isinstance(v, (int, float, str)) else json.dumps(v) for v in (s.get(c) for c in columns)]
+                for s in samples]
+        self._wandb.log({"train/completions": wandb.Table(columns=columns, data=rows)}, step=iteration)
+
     def log_eval(self, iteration: int, loss: float) -> None:
         if not self.active:
             return

@@ -7,7 +7,7 @@ readers), how many rows one sample is, and which output head the model has.
 """
 from __future__ import annotations
 
-from megatron_swift.tasks import dpo, kto, lm, rm  # noqa: F401  (each registers its task)
+from megatron_swift.tasks import dpo, grpo, kto, lm, rm  # noqa: F401  (each registers its task)
 from megatron_swift.tasks.base import TASKS, Task, register  # noqa: F401
 
 

@@ -26,7 +26,11 @@ class Task(Protocol):
     head: str
     """The model's output layer: lm or reward (models.builder)."""
     read_data: Optional[Callable]
-    """How it reads its rows: (paths, data_cfg, tokenizer, seq_length, folder) -> dataset; None: data.source."""
+    """How it reads its rows: (paths, data_cfg, tokenizer, seq_length, folder, cfg=run config) -> dataset;
+    None: data.source. A dataset with ``samples_per_epoch`` counts that many samples per epoch, not its length."""
+
+    # Optional: ``data_keys``, names of task.* settings that decide which samples a step trains on (a resume with
+    # one changed is refused, like data.* settings; training/resume_check.py).
 
     @classmethod
     def validate(cls, cfg, problems: List[str]) -> None:
@@ -38,6 +42,10 @@ class Task(Protocol):
 
     def forward_step(self) -> Callable:
         """megatron-core's forward_step_func: (data_iterator, model) -> (output, loss_func)."""
+
+    def batch_source(self, dataset):
+        """Optional: an object the loop asks for each step's micro-batches (``microbatches(iteration)``, with
+        ``state()``/``restore()`` kept in checkpoints) instead of reading ``dataset``'s rows; e.g. rollouts."""
 
     def prepare(self, batches, dataset=None) -> None:
         """Work before the step's forward/backward (e.g. a reference model's log-probabilities)."""

@@ -6,8 +6,8 @@ one-line docstring (tests/test_config.py checks this file too).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import List, Optional
 
 
 @dataclass
@@ -15,7 +15,7 @@ class TaskConfig:
     """What the model is trained to do: the fields every task has."""
 
     name: str = "lm"
-    """lm (pretraining and SFT: token cross-entropy), dpo (pairs, frozen reference), kto (labelled completions, frozen reference) or rm (scalar reward head on pairs)."""
+    """lm (pretraining and SFT: token cross-entropy), dpo (pairs, frozen reference), kto (labelled completions, frozen reference), rm (scalar reward head on pairs) or grpo (online RL from the policy's own completions)."""
 
 
 @dataclass
@@ -71,5 +71,101 @@ class RMConfig(TaskConfig):
     """Weight of (r_chosen + r_rejected)^2 added to each pair's loss, keeping rewards centred on 0; 0 disables it."""
 
 
-SCHEMAS = {"lm": LMConfig, "dpo": DPOConfig, "kto": KTOConfig, "rm": RMConfig}
+@dataclass
+class SandboxConfig:
+    """Limits of each run of a completion's code (the ``code`` reward; rewards/sandbox.py)."""
+
+    cpu_seconds: int = 5
+    """CPU time of one run, seconds."""
+    wall_seconds: int = 10
+    """Wall-clock time of one run, seconds (the process group is killed after it)."""
+    memory_mb: int = 512
+    """Address-space limit of one run, MiB."""
+    max_processes: int = 8
+    """Processes one run may have."""
+    max_file_mb: int = 16
+    """Largest file one run may write, MiB."""
+    max_output_bytes: int = 65536
+    """Bytes of stdout/stderr kept per run (the rest is cut)."""
+    workers: int = 4
+    """Runs at once."""
+
+
+@dataclass
+class JudgeConfig:
+    """A generative reward model: a frozen LLM asked to score each completion (the ``judge`` reward)."""
+
+    model: Optional[str] = None
+    """HF folder of the judge (any supported family; its own tokenizer and chat template); needed for the judge reward."""
+    template: Optional[str] = None
+    """Jinja file of the judge's question (variables: prompt, messages, completion, every column); None: a built-in 0-10 question."""
+    pattern: str = "(-?\\d+(?:\\.\\d+)?)"
+    """Regex whose first group is the score in the judge's reply (the last match counts); no match scores 0 and is counted."""
+    scale: Optional[float] = 10.0
+    """The parsed score is divided by this (10: a 0-10 score becomes 0-1); None keeps it."""
+    max_new_tokens: int = 64
+    """Tokens the judge may write (greedy)."""
+
+
+@dataclass
+class GRPOConfig(TaskConfig):
+    """GRPO: completions drawn from the policy, scored by reward functions, advantages within each prompt's group."""
+
+    name: str = "grpo"
+    """Always grpo."""
+    num_generations: int = 8
+    """Completions per prompt (a group); train.global_batch_size counts completions and must divide by it."""
+    max_completion_length: int = 256
+    """Tokens a completion may have (prompt + this must fit train.seq_length)."""
+    temperature: float = 1.0
+    """Sampling temperature (0: greedy); the loss's log-probabilities use the same temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the most likely tokens up to this probability mass."""
+    top_k: int = 0
+    """Keep only the k most likely tokens (0: all)."""
+    rewards: List[str] = field(default_factory=lambda: ["accuracy"])
+    """Reward functions by name: accuracy, format, soft_overlong, repetition, code, judge, or any from task.reward_plugins."""
+    reward_weights: Optional[List[float]] = None
+    """Weight of each reward (same order as task.rewards); None: 1 each."""
+    reward_plugins: List[str] = field(default_factory=list)
+    """Python files whose @reward("name") functions become usable in task.rewards."""
+    reward_on_error: str = "raise"
+    """A reward function that raises: raise (stop, naming the function and row) or zero (score 0, counted)."""
+    format_pattern: str = "^<think>.*?</think>\\s*<answer>.*?</answer>$"
+    """Regex of the format reward (dot matches newlines)."""
+    overlong_buffer: int = 64
+    """soft_overlong: the last this many tokens before max_completion_length are penalised linearly, beyond it -1."""
+    repetition_ngram: int = 3
+    """repetition: n-gram size."""
+    repetition_max_penalty: float = -1.0
+    """repetition: the penalty when every n-gram repeats."""
+    beta: float = 0.04
+    """Weight of the KL to the frozen reference (k3 estimator); 0 builds no reference model."""
+    ref_model: Optional[str] = None
+    """Reference weights (HF folder or checkpoint); None: the starting weights (with LoRA: the base without adapters)."""
+    epsilon: float = 0.2
+    """Clipping of the probability ratio below: 1 - epsilon."""
+    epsilon_high: Optional[float] = None
+    """Clipping above: 1 + epsilon_high (DAPO's clip-higher); None: epsilon."""
+    loss_type: str = "grpo"
+    """grpo (mean over each completion's tokens, then over completions), bnpo (token mean per micro-batch), dr_grpo (token sum / max_completion_length), dapo (token mean over the global batch)."""
+    scale_rewards: str = "group"
+    """Advantage scaling: group (divide by the group's reward std), batch (by the batch's), none (Dr. GRPO)."""
+    steps_per_generation: int = 1
+    """Optimizer steps per batch of completions; above 1 the ratio uses the log-probabilities at generation time."""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling: drop groups whose completions all got the same reward and draw more prompts."""
+    max_resample: int = 3
+    """Dynamic sampling: extra rounds of prompts at most per generation; still short, zero-spread groups fill in."""
+    generation_batch_size: int = 0
+    """Prompts per generation forward (bounds the KV cache's memory); 0: all of a rank's prompts at once."""
+    log_completions: int = 4
+    """Completions per generation written (with their rewards) to completions.jsonl in the run folder and the WandB table."""
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+    """Limits of the code reward's sandbox."""
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    """The judge reward's model and question."""
+
+
+SCHEMAS = {"lm": LMConfig, "dpo": DPOConfig, "kto": KTOConfig, "rm": RMConfig, "grpo": GRPOConfig}
 """Schema of each task name (the task classes in megatron_swift.tasks register under the same names)."""

@@ -84,6 +84,8 @@ class Trainer:
 
     def _microbatches(self, dataset, sampler, iteration: int) -> List[Batch]:
         device = self.backend.torch_device
+        if hasattr(dataset, "microbatches"):  # a batch source of its own (a task's rollouts)
+            return dataset.microbatches(iteration)
         if _streaming(dataset):  # rows come in order from this rank's stream
             mbs = self.cfg.train.micro_batch_size
             rows = dataset.next_rows(sampler.num_microbatches * mbs)
@@ -176,7 +178,7 @@ class Trainer:
     def _save(self) -> str:
         path = ckpt.save(self.output_dir, self.state, self.model, self.optimizer, self.scheduler,
                          OmegaConf.to_yaml(self.cfg), self.cfg.train.keep_last, self.model_meta,
-                         self.train_data if _streaming(self.train_data) else None,
+                         self.train_data if _stateful(self.train_data) else None,
                          adapter_only=self.cfg.tuner.name == "lora", run_meta=self.run_meta)
         _print0(f"saved checkpoint {path}")
         return path
@@ -205,6 +207,8 @@ class Trainer:
             metrics["skipped"] = skipped is not None
             metrics["skip_reason"] = skipped
             self.sinks.log(metrics)
+        if hasattr(self.train_data, "take_samples"):  # a source that shows example outputs (rollouts)
+            self.sinks.log_samples(self.state.iteration, self.train_data.take_samples())
         self.guard.check(self.state.iteration)
         if train.eval_interval and self.eval_data is not None and self.state.iteration % train.eval_interval == 0:
             eval_loss = self.evaluate()
@@ -253,6 +257,11 @@ def model_meta(arch, vocab: int, padded: int) -> dict:
 
 def _streaming(dataset) -> bool:
     return hasattr(dataset, "next_rows")
+
+
+def _stateful(dataset) -> bool:
+    """A source whose position is not a function of the step (a stream, rollouts): checkpoints keep its state."""
+    return hasattr(dataset, "state")
 
 
 def init_runtime(cfg):
@@ -305,8 +314,8 @@ def _read_data(cfg, tokenizer, folder, output_dir: str):
     wanted = cfg.train.train_iters * cfg.train.global_batch_size if cfg.train.train_iters else None
     read_data = task_class(cfg.task.name).read_data  # preference tasks read their own row shapes
     if read_data is not None:
-        train_data = read_data(cfg.data.path, cfg.data, tokenizer, cfg.train.seq_length, folder)
-        eval_data = (read_data(cfg.data.eval_path, cfg.data, tokenizer, cfg.train.seq_length, folder)
+        train_data = read_data(cfg.data.path, cfg.data, tokenizer, cfg.train.seq_length, folder, cfg=cfg)
+        eval_data = (read_data(cfg.data.eval_path, cfg.data, tokenizer, cfg.train.seq_length, folder, cfg=cfg)
                      if cfg.data.eval_path else None)
     else:
         train_data = build_source(cfg.data, cfg.data.path, tokenizer, cfg.train.seq_length, cfg.train.seed,
@@ -317,7 +326,8 @@ def _read_data(cfg, tokenizer, folder, output_dir: str):
     # A stream has no length known up front: the run is train_iters steps (validation asks for it) and
     # train.max_epochs does not apply.
     streaming = _streaming(train_data)
-    return train_data, eval_data, wanted if streaming else len(train_data), streaming
+    samples = wanted if streaming else getattr(train_data, "samples_per_epoch", len(train_data))
+    return train_data, eval_data, samples, streaming
 
 
 def setup(cfg) -> Trainer:
@@ -363,10 +373,17 @@ def setup(cfg) -> Trainer:
     scheduler = build_scheduler(optimizer, cfg.train, length.total_iters)
     guard = StepGuard(cfg.train.max_skipped_steps, cfg.train.loss_spike_factor, cfg.train.loss_spike_window)
     guard.install(optimizer)
+    if dist.get_rank() == 0:
+        os.makedirs(output_dir, exist_ok=True)
+    dist.barrier()
+    datasets = [("train", train_data)] + ([("eval", eval_data)] if eval_data is not None else [])
+    task = build_task(cfg, be, arch, padded, datasets, output_dir, model=model)
+    source = getattr(task, "batch_source", None)
+    train_data = source(train_data) if source is not None else train_data
     state = ckpt.TrainState()
     if resume_from is not None:
         state = ckpt.load_full(resume_from, model, optimizer, scheduler,
-                               train_data if _streaming(train_data) else None)
+                               train_data if _stateful(train_data) else None)
         _print0(f"resumed from {resume_from} at step {state.iteration} (epoch {state.epoch}, "
                 f"{state.consumed_samples} samples consumed)")
 
@@ -386,11 +403,7 @@ def setup(cfg) -> Trainer:
     trainer.guard = guard
     trainer.run_meta = dict(run_record, total_iters=length.total_iters)
     progress = Progress(length.total_iters, cfg.train.max_epochs, state.iteration)
-    if dist.get_rank() == 0:
-        os.makedirs(output_dir, exist_ok=True)
-    dist.barrier()
-    datasets = [("train", train_data)] + ([("eval", eval_data)] if eval_data is not None else [])
-    trainer.task = build_task(cfg, be, arch, padded, datasets, output_dir, model=model)
+    trainer.task = task
     trainer.sinks = Sinks(cfg, output_dir, OmegaConf.to_container(cfg, resolve=True), _log_rank(), progress)
     if dist.get_rank() == 0:
         with open(os.path.join(output_dir, "config.yaml"), "w", encoding="utf-8") as f:

@@ -65,8 +65,12 @@ def settings(cfg, arch) -> Dict[str, dict]:
              "task.name": cfg.task.name, "tuner.name": cfg.tuner.name}
     if cfg.tuner.name == "lora":  # the frozen base is read again from here on every resume
         model.update({"model.pretrained": cfg.model.pretrained, "model.load": cfg.model.load})
+    from megatron_swift.tasks import task_class
+
+    # A task may name its own settings that decide which samples come when (GRPO: the group size, ...).
+    data_keys = _DATA_KEYS + tuple(f"task.{k}" for k in getattr(task_class(cfg.task.name), "data_keys", ()))
     out = {
-        "data": {key: plain(key) for key in _DATA_KEYS},
+        "data": {key: plain(key) for key in data_keys},
         "files": {os.path.abspath(p): _fingerprint(p) for p in _data_files(cfg)},
         "model": model,
         "schedule": {key: plain(key) for key in _SCHEDULE_KEYS},

@@ -2,7 +2,7 @@
 
 One run, one folder. Without ``train.output_dir`` a run gets
 ``outputs/<model>-<task>-<data>/<start time>``: the model (the HF folder's name,
-or family-size), the objective (pt, sft, dpo, kto, rm) and the first data file
+or family-size), the objective (pt, sft, dpo, kto, rm, grpo) and the first data file
 name it; the start time (rank 0's clock, shared with every rank) makes each new
 run its own folder, so commands never collide. ``train.resume=auto`` then
 continues the newest unfinished run under that name whose stored settings

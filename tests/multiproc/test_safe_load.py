@@ -227,6 +227,8 @@ def _compare(a, b, path: str = "") -> tuple:
     import torch
 
     if isinstance(a, dict) and isinstance(b, dict):
+        if a.get("padding") is True and b.get("padding") is True:
+            return 0, []  # bucket padding: undefined contents (see _checkpoint_only)
         if sorted(map(str, a)) != sorted(map(str, b)):
             return 1, [f"{path}: keys {sorted(map(str, a))} vs {sorted(map(str, b))}"]
         parts = [_compare(a[k], b[k], f"{path}/{k}") for k in a]
@@ -248,12 +250,15 @@ def _checkpoint_only(sharded) -> dict:
 
     LocalNonpersistentObjects (e.g. the distributed optimizer's per-bucket ``step``) are passed
     through from the template, which for a fresh Adam holds uninitialised memory: they would
-    differ between any two loads."""
+    differ between any two loads. The ``padding`` flags stay: megatron-core 0.16's dp_reshardable
+    format stores the gaps between parameters in a bucket as ``torch.empty`` tensors (saved and loaded as
+    such), whose contents are undefined, so the comparison skips the entries flagged as padding."""
     from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
     from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject
 
     return dict_list_map_inplace(
-        lambda x: LocalNonpersistentObject(None) if isinstance(x, LocalNonpersistentObject) else x, sharded)
+        lambda x: LocalNonpersistentObject(x.obj if isinstance(x.obj, bool) else None)
+        if isinstance(x, LocalNonpersistentObject) else x, sharded)
 
 
 def _poison(sharded) -> None:

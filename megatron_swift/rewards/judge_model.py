@@ -1,0 +1,65 @@
+"""The judge reward's model: a frozen HF checkpoint (any supported family) built on megatron-core under the
+run's TP/PP layout, answering greedily through the megatron rollout engine with its own tokenizer and chat
+template. Every rank of a model-parallel group runs it together (rollout.source scores judge rewards on all
+of them); the policy's weights are not involved.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, List
+
+import torch
+from omegaconf import OmegaConf
+
+
+def _judge_arch(cfg, folder: str):
+    """The judge's architecture from its config.json alone (none of the policy's model.* overrides apply)."""
+    from megatron_swift.config.schema import ModelConfig
+    from megatron_swift.convert.hf_config import hf_family_name, read_hf_config
+    from megatron_swift.models.arch import resolve
+
+    family = hf_family_name(read_hf_config(folder), folder)
+    model_cfg = OmegaConf.structured(ModelConfig(family=family, pretrained=folder))
+    return resolve(model_cfg)
+
+
+def build_judge_generate(cfg, backend) -> Callable[[List[str]], List[str]]:
+    """``generate(texts) -> replies`` for task.judge.model: each text is sent as one user turn."""
+    from megatron.core.transformer.module import Float16Module
+
+    from megatron_swift.convert.hf_load import load_hf_weights
+    from megatron_swift.data.prompts import stop_token_ids
+    from megatron_swift.data.templates import load_template
+    from megatron_swift.data.tokenizer import build_tokenizer
+    from megatron_swift.models.arch import padded_vocab_size
+    from megatron_swift.models.builder import build_model, transformer_config
+    from megatron_swift.rollout.megatron_engine import MegatronEngine
+    from megatron_swift.rollout.sampling import SamplingParams
+
+    judge = cfg.task.judge
+    folder = judge.model
+    tokenizer = build_tokenizer(folder)
+    template = load_template(None, folder)
+    arch = _judge_arch(cfg, folder)
+    arch = dataclasses.replace(arch, vocab_size=arch.vocab_size or tokenizer.vocab_size)
+    padded = padded_vocab_size(arch.vocab_size, cfg.model.make_vocab_size_divisible_by, cfg.parallel.tp)
+    tconfig = transformer_config(arch, cfg, backend, initialize=False)
+    chunks = build_model(arch, tconfig, padded, arch.max_position_embeddings or cfg.train.seq_length, backend)
+    load_hf_weights(chunks, folder, arch, padded)
+    if tconfig.bf16 or tconfig.fp16:
+        chunks = [Float16Module(tconfig, c) for c in chunks]
+    for chunk in chunks:
+        chunk.eval()
+        chunk.requires_grad_(False)
+    engine = MegatronEngine(chunks, backend.torch_device, arch.vocab_size)
+    stops = stop_token_ids(template, tokenizer)
+    params = SamplingParams(max_new_tokens=judge.max_new_tokens, temperature=0, stop_token_ids=stops)
+
+    def generate(texts: List[str]) -> List[str]:
+        prompts = [tokenizer.encode_with_offsets(
+            template.render([{"role": "user", "content": t}], add_generation_prompt=True))[0] for t in texts]
+        with torch.no_grad():
+            out = engine.generate(prompts, params)
+        return [tokenizer.decode([t for t in ids if t not in stops]) for ids in out.token_ids]
+
+    return generate

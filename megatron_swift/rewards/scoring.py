@@ -1,0 +1,112 @@
+"""Scoring a batch of completions with the rewards a run names (task.rewards, task.reward_weights).
+
+``Scorer`` is what the GRPO source calls: it loads the plugin files, configures the built-ins from the task
+config, and returns the weighted total plus every function's own rewards and error counts (for metrics).
+The ``code`` reward (rewards/code.py, a sandbox) and the ``judge`` reward (rewards/judge.py, a model) are
+wired in here, since they take the run's settings; everything else comes from the registry by name.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional, Sequence
+
+from megatron_swift.rewards import registry
+from megatron_swift.rewards.plugins import load_plugins
+
+# Rewards that take something from the run (a sandbox, a model): built by the Scorer, not the registry.
+RUN_REWARDS = ("code", "judge")
+
+
+def check_names(task_cfg) -> List[str]:
+    """Problems with task.rewards / reward_weights / reward_plugins (plugin files are imported here, so an
+    error in one is reported before any heavy work)."""
+    problems = []
+    try:
+        load_plugins(list(task_cfg.reward_plugins))
+    except Exception as e:  # RewardPluginError: one line naming the file and line
+        return [f"task.reward_plugins: {e}"]
+    known = set(registry.names()) | set(RUN_REWARDS)
+    for name in task_cfg.rewards:
+        if name not in known:
+            problems.append(f"task.rewards: unknown reward {name!r}; known: {', '.join(sorted(known))} "
+                            "(a function from your own file: add the file to task.reward_plugins)")
+    if not task_cfg.rewards:
+        problems.append("task.rewards is empty: name at least one reward function")
+    weights = task_cfg.reward_weights
+    if weights is not None and len(weights) != len(task_cfg.rewards):
+        problems.append(f"task.reward_weights has {len(weights)} values for {len(task_cfg.rewards)} rewards "
+                        "(one weight per task.rewards entry, or leave it unset)")
+    if "judge" in task_cfg.rewards and not task_cfg.judge.model:
+        problems.append("task.rewards has judge but task.judge.model is not set (an HF folder)")
+    if task_cfg.reward_on_error not in ("raise", "zero"):
+        problems.append(f"task.reward_on_error={task_cfg.reward_on_error} is not one of: raise, zero")
+    return problems
+
+
+class Scorer:
+    """``score(prompts, completions, columns, names)`` -> {name: RewardResult}; ``total(results)`` weights them.
+
+    ``collective`` names a reward that every rank of a model-parallel group must compute together (the judge
+    runs a model under that layout); the others run on one rank and are shared (rollout.source)."""
+
+    collective = frozenset({"judge"})
+
+    def __init__(self, task_cfg, judge_generate: Optional[Callable[[List[str]], List[str]]] = None):
+        load_plugins(list(task_cfg.reward_plugins))
+        self.on_error = task_cfg.reward_on_error
+        self.weights = list(task_cfg.reward_weights) if task_cfg.reward_weights is not None else None
+        self.functions = {name: self._function(name, task_cfg, judge_generate) for name in task_cfg.rewards}
+
+    @staticmethod
+    def _function(name: str, task_cfg, judge_generate):
+        if name == "code":
+            return _code_reward(task_cfg.sandbox)
+        if name == "judge":
+            return _judge_reward(task_cfg.judge, judge_generate)
+        params = {"format": dict(pattern=task_cfg.format_pattern),
+                  "soft_overlong": dict(max_completion_length=task_cfg.max_completion_length,
+                                        buffer=task_cfg.overlong_buffer),
+                  "repetition": dict(ngram_size=task_cfg.repetition_ngram,
+                                     max_penalty=task_cfg.repetition_max_penalty)}.get(name)
+        return registry.configure(name, **params) if params is not None else registry.get(name)
+
+    def score(self, prompts: Sequence[list], completions: Sequence[str], columns: Dict[str, list],
+              names: Optional[Sequence[str]] = None) -> Dict[str, registry.RewardResult]:
+        return {name: registry.call(name, self.functions[name], prompts, completions, columns, self.on_error)
+                for name in (self.functions if names is None else names)}
+
+    def total(self, results: Dict[str, Sequence[float]]) -> List[float]:
+        """The weighted sum, in task.rewards order."""
+        return registry.combine({name: results[name] for name in self.functions}, self.weights)
+
+    def judge_malformed(self) -> Optional[float]:
+        """Share of the last judge call's replies that had no score (None without a judge)."""
+        judge = self.functions.get("judge")
+        if judge is None or not judge.last_replies:
+            return None
+        return judge.last_malformed / len(judge.last_replies)
+
+
+def _code_reward(sandbox_cfg):
+    from megatron_swift.rewards.code import code_reward
+    from megatron_swift.rewards.sandbox import SandboxLimits
+
+    limits = SandboxLimits(cpu_seconds=sandbox_cfg.cpu_seconds, wall_seconds=sandbox_cfg.wall_seconds,
+                           memory_mb=sandbox_cfg.memory_mb, max_processes=sandbox_cfg.max_processes,
+                           max_file_mb=sandbox_cfg.max_file_mb, max_output_bytes=sandbox_cfg.max_output_bytes)
+
+    def code(prompts, completions, tests=None, **columns):
+        return code_reward(prompts, completions, tests=tests, limits=limits, workers=sandbox_cfg.workers)
+
+    return code
+
+
+def _judge_reward(judge_cfg, generate):
+    from megatron_swift.rewards.judge import DEFAULT_TEMPLATE, JudgeReward
+
+    if generate is None:
+        raise ValueError("the judge reward needs a judge model (task.judge.model)")
+    template = DEFAULT_TEMPLATE
+    if judge_cfg.template:
+        with open(judge_cfg.template, encoding="utf-8") as f:
+            template = f.read()
+    return JudgeReward(generate, template=template, pattern=judge_cfg.pattern, scale=judge_cfg.scale)

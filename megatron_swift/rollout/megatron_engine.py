@@ -1,0 +1,131 @@
+"""Generation with the policy itself, under its training layout (TP, PP, EP, DP): no second copy of the weights.
+
+The model chunks are the trainer's own (DDP-wrapped) megatron-core modules; a ``StaticInferenceContext``
+(megatron-core's KV cache for a fixed batch) makes each new token one forward of one position. Pipeline
+stages exchange activations through megatron-core's forward-only schedule (training.forward_only), the
+last stage gathers the vocabulary-parallel logits and draws the token, and the pipeline group receives it
+by broadcast, so every rank feeds the same tokens on.
+
+Prompts of different lengths share a batch by left padding: the cache is filled with every prompt at once
+(one forward), then one position per new token. Padding is never attended (an attention mask, only when some
+prompt is shorter); rotary embeddings depend on relative positions only, so a padded prompt computes what it
+would alone, up to rounding; greedy output equals ``transformers``' per-prompt greedy generation in the tests.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.inference.contexts import StaticInferenceContext
+from megatron.core.utils import get_attr_wrapped_model
+
+from megatron_swift.rollout.rotated_cache import rotated_cache
+from megatron_swift.rollout.sampling import SamplingParams, next_tokens
+from megatron_swift.training.forward_only import collect
+
+
+@dataclass
+class Completions:
+    """What one ``generate`` call returns, one entry per prompt (every rank of the model-parallel group
+    holds the same values)."""
+
+    token_ids: List[List[int]]  # generated tokens, the stop token included when one ended the completion
+    stopped: List[bool]  # ended by a stop token (False: cut at max_new_tokens)
+
+
+class MegatronEngine:
+    """``generate(prompts, params, generator)`` on the policy's model chunks."""
+
+    name = "megatron"
+
+    def __init__(self, model: List[torch.nn.Module], device, vocab_size: int, batch_size: int = 0):
+        self.model = model
+        self.device = device
+        self.vocab_size = vocab_size  # the real vocabulary: padding columns never come out
+        self.batch_size = batch_size  # prompts per forward (0: all at once); bounds the KV cache's memory
+
+    def generate(self, prompts: List[List[int]], params: SamplingParams,
+                 generator: Optional[torch.Generator] = None) -> Completions:
+        step = self.batch_size or len(prompts)
+        out = Completions([], [])
+        modes = [chunk.training for chunk in self.model]
+        for chunk in self.model:
+            chunk.eval()  # no dropout, and megatron-core's inference path (KV cache) only runs in eval mode
+        try:
+            with torch.no_grad(), rotated_cache(get_attr_wrapped_model(self.model[0], "config")):
+                for start in range(0, len(prompts), step):
+                    part = self._generate(prompts[start:start + step], params, generator)
+                    out.token_ids += part.token_ids
+                    out.stopped += part.stopped
+        finally:
+            for chunk, mode in zip(self.model, modes):
+                chunk.train(mode)
+        return out
+
+    def _generate(self, prompts: List[List[int]], params: SamplingParams, generator) -> Completions:
+        b = len(prompts)
+        lengths = torch.tensor([len(p) for p in prompts])
+        width = int(lengths.max())
+        total = width + params.max_new_tokens
+        tokens = torch.zeros(b, total, dtype=torch.long)
+        padding = torch.zeros(b, total, dtype=torch.bool)  # left padding: every prompt ends at `width`
+        for i, prompt in enumerate(prompts):
+            tokens[i, width - len(prompt):width] = torch.tensor(prompt, dtype=torch.long)
+            padding[i, :width - len(prompt)] = True
+        padded = bool(padding.any())
+        finished = torch.zeros(b, dtype=torch.bool)
+        stopped = torch.zeros(b, dtype=torch.bool)
+        stop_at = torch.full((b,), total)  # one past each completion's last token
+        stop_ids = torch.tensor(sorted(set(params.stop_token_ids)), dtype=torch.long)
+        context = StaticInferenceContext(b, total)
+        done, pos = 0, width  # tokens in the cache; the position the next token goes to
+        while pos < total and not bool(finished.all()):
+            mask = _attention_mask(padding[:, :pos], done) if padded else None
+            drawn = self._next(tokens[:, done:pos], done, context, params, generator, mask)
+            context.sequence_len_offset = pos
+            done = pos
+            tokens[:, pos] = torch.where(finished, tokens[:, pos], drawn)
+            hit = ~finished & torch.isin(drawn, stop_ids)
+            stopped |= hit
+            stop_at = torch.where(hit, pos + 1, stop_at)
+            finished |= hit
+            pos += 1
+        return Completions([tokens[i, width:int(stop_at[i])].tolist() for i in range(b)],
+                           [bool(s) for s in stopped])
+
+    def _next(self, chunk_tokens: torch.Tensor, offset: int, context, params, generator, mask) -> torch.Tensor:
+        """Feed ``chunk_tokens`` [b, n] at positions offset..offset+n-1; the token drawn after them, [b]."""
+        tokens = chunk_tokens.to(self.device)
+        positions = torch.arange(offset, offset + tokens.shape[1], device=self.device).expand_as(tokens)
+        mask = None if mask is None else mask.to(self.device)
+        # megatron-core's inference path gathers the vocabulary-parallel logits itself (runtime_gather_output).
+        def forward(t, chunk):
+            return chunk(t, positions, mask, inference_context=context, runtime_gather_output=True)
+
+        if len(self.model) == 1 and ps.get_pipeline_model_parallel_world_size() == 1:
+            out = [forward(tokens, self.model[0])]  # one stage: no schedule to go through
+        else:
+            out = collect(self.model, [tokens], forward, lambda _, logits: logits, tokens.shape[1], tokens.shape[0])
+        drawn = torch.zeros(tokens.shape[0], dtype=torch.long, device=self.device)
+        if ps.is_pipeline_last_stage():
+            logits = out[0][:, -1, :self.vocab_size]  # the last position's logits, real vocabulary only
+            drawn = next_tokens(logits, params, generator)
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            dist.broadcast(drawn, src=ps.get_pipeline_model_parallel_last_rank(),
+                           group=ps.get_pipeline_model_parallel_group())
+        return drawn.cpu()
+
+
+def _attention_mask(padding: torch.Tensor, start: int) -> torch.Tensor:
+    """megatron-core's mask (True: not attended) [b, 1, queries start..k-1, keys 0..k-1]: causal, and no key
+    that is left padding. A padding query keeps its own key, so that no softmax row is empty (its output is
+    never used: padding is never a key)."""
+    keys = padding.shape[1]
+    q = torch.arange(start, keys).unsqueeze(1)
+    k = torch.arange(keys).unsqueeze(0)
+    masked = (k > q).unsqueeze(0) | padding.unsqueeze(1)
+    masked &= ~(k == q).unsqueeze(0)
+    return masked.unsqueeze(1)
