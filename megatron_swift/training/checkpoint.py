@@ -8,8 +8,9 @@ renames the folder to ``iter_N``, so a crash mid-save leaves the previous
 checkpoint as the latest complete one. Weights that are not finite are never
 saved. Model weights are stored per parameter in global (unsharded)
 coordinates by megatron-core, so they load under any TP/PP/EP layout;
-optimizer and RNG state are restored only under the layout they were saved
-with.
+optimizer state is restored under the TP/PP/VPP/EP layout it was saved with,
+over any split of the batch into data and context parallel ranks
+(``check_layout``); per-rank RNG state only under the very same layout.
 """
 from __future__ import annotations
 
@@ -160,7 +161,7 @@ def _full_sharded_state(model, optimizer, scheduler, for_loading: bool, data=Non
         merged.update(value)
     # dp_reshardable: each rank writes its own optimizer shard with no gathering
     # (the 0.16 default, fully_sharded_model_space, is refused by its own ShardedTensor
-    # validation); resharding is limited to DP, and resume already requires the same layout.
+    # validation); resharding is limited to DP (x CP), which is what a resume may change (check_layout).
     state["optimizer"] = optimizer.sharded_state_dict(merged, is_loading=for_loading, metadata=_OPTIM_METADATA)
     state["scheduler"] = scheduler.state_dict()
     state["rng"] = _per_rank("rng_state", None if for_loading else _rng_state())
@@ -319,27 +320,47 @@ def _restore_adam_steps(optimizer) -> None:
                                                  device=state["step"].device)
 
 
-def check_layout(ckpt: str, meta: dict, optimizer) -> None:
-    """Resuming needs the layout the optimizer state was sharded with."""
+# What may differ between a checkpoint and the run resuming it: how the batch is split over data and context
+# parallel ranks. Model weights are sharded by TP/PP/EP only; the optimizer's state either follows the weights
+# or (distributed optimizer, dp_reshardable) is sharded over DP x CP in a form megatron-core reshards.
+_RESHARDABLE = ("world", "cp")
+
+
+def check_layout(ckpt: str, meta: dict, optimizer, stateful_source: bool = False) -> bool:
+    """Whether resuming from ``ckpt`` changes the layout (only data/context parallelism may change); raises
+    CheckpointError for any other difference, or when a source keeps per-rank state (a stream, rollouts)."""
     if meta.get("weights_only"):
         raise CheckpointError(f"checkpoint {ckpt} holds model weights only (written by a converter); start a "
                               f"run from it with model.load={ckpt} and a new train.output_dir")
     now_layout = _layout(optimizer)
-    if meta["layout"] != now_layout:
-        saved = " ".join(f"{k}={v}" for k, v in meta["layout"].items())
-        now = " ".join(f"{k}={v}" for k, v in now_layout.items())
+    if meta["layout"] == now_layout:
+        return False
+    saved = " ".join(f"{k}={v}" for k, v in meta["layout"].items())
+    now = " ".join(f"{k}={v}" for k, v in now_layout.items())
+    fixed = [k for k in set(meta["layout"]) | set(now_layout)
+             if k not in _RESHARDABLE and meta["layout"].get(k) != now_layout.get(k)]
+    if fixed:
         raise CheckpointError(
-            f"checkpoint {ckpt} was saved with layout {saved} but this run uses {now}; resume under the same "
-            f"layout, or start a new run from its weights with model.load={ckpt} and a new train.output_dir")
+            f"checkpoint {ckpt} was saved with layout {saved} but this run uses {now}; a resume may change only "
+            f"parallel.cp and the number of data-parallel ranks: resume with the saved tp/pp/vpp/ep/etp and "
+            f"optimizer, or start a new run from its weights with model.load={ckpt} and a new train.output_dir")
+    if stateful_source:
+        raise CheckpointError(
+            f"checkpoint {ckpt} was saved with layout {saved} but this run uses {now}; this run's data source "
+            "keeps a position per rank (a stream, or rollouts), which does not carry over to another split of "
+            "the batch: resume with the saved layout")
+    return True
 
 
-def load_full(ckpt: str, model, optimizer, scheduler, data=None) -> TrainState:
+def load_full(ckpt: str, model, optimizer, scheduler, data=None, reseed=None) -> TrainState:
     """Restore weights, optimizer, scheduler, RNG and counters to continue a run.
 
-    Refuses a checkpoint from another layout: the optimizer state is sharded
-    by layout (use model.load to start a new run from its weights instead)."""
+    Under another split over data/context parallel ranks (``check_layout``) the weights, optimizer state
+    (resharded by megatron-core), scheduler and data position (a function of the step) carry over; the
+    per-rank RNG states do not (they belong to the old ranks): ``reseed(iteration)`` seeds the new ones. Any
+    other layout change is refused (use model.load to start a new run from its weights instead)."""
     meta = read_meta(ckpt)
-    check_layout(ckpt, meta, optimizer)
+    changed = check_layout(ckpt, meta, optimizer, stateful_source=data is not None)
     adapter_only = bool(meta.get("adapter_only"))
     if bool(meta.get("frozen")) != _frozen(model):  # an adapter-only checkpoint is always a frozen one
         saved = "LoRA adapters only" if adapter_only else ("some" if meta.get("frozen") else "no") + \
@@ -348,6 +369,8 @@ def load_full(ckpt: str, model, optimizer, scheduler, data=None) -> TrainState:
                               "same train.freeze*/tuner settings")
     sharded = _full_sharded_state(model, optimizer, scheduler, for_loading=True, data=data,
                                   adapter_only=adapter_only, frozen=bool(meta.get("frozen")))
+    if changed:
+        del sharded["rng"]  # one object per old rank: nothing to give the new ones
     model_keys = [k for k in sharded if k.startswith("model")]
     loaded = _dcp_load(sharded, ckpt)
     _load_model(loaded, model_keys, model, adapter_only)
@@ -358,7 +381,11 @@ def load_full(ckpt: str, model, optimizer, scheduler, data=None) -> TrainState:
     _restore_adam_steps(optimizer)
     fuse_adam(optimizer)  # a checkpoint from before fused Adam, or steps loaded onto another device
     scheduler.load_state_dict(loaded["scheduler"])
-    _set_rng_state(loaded["rng"])
+    if changed:
+        if reseed is not None:
+            reseed(meta["iteration"])
+    else:
+        _set_rng_state(loaded["rng"])
     if data is not None:
         data.restore(loaded["data"])
     counters = {k: meta[k] for k in ("iteration", "consumed_samples", "epoch")}

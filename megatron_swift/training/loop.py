@@ -382,8 +382,10 @@ def setup(cfg) -> Trainer:
     train_data = source(train_data) if source is not None else train_data
     state = ckpt.TrainState()
     if resume_from is not None:
+        # Under another cp/DP split the old ranks' RNG states do not apply: seeded anew from the step.
         state = ckpt.load_full(resume_from, model, optimizer, scheduler,
-                               train_data if _stateful(train_data) else None)
+                               train_data if _stateful(train_data) else None,
+                               reseed=lambda step: _seed(cfg.train.seed + step))
         _print0(f"resumed from {resume_from} at step {state.iteration} (epoch {state.epoch}, "
                 f"{state.consumed_samples} samples consumed)")
 

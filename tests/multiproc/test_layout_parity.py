@@ -90,3 +90,26 @@ def test_bf16_mixed_precision_tracks_fp32(tmp_path, dense):
     assert abs(losses[0] - baseline[0]["loss"]) < 2e-2
     assert losses[0] != baseline[0]["loss"]  # it really ran in bf16
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("nproc,layout", [(2, ["parallel.cp=2"]), (4, ["parallel.cp=2"])],
+                         ids=["dp2-to-cp2", "dp2-to-cp2xdp2"])
+def test_resume_under_another_context_parallel_split_continues_the_run(tmp_path, dense, nproc, layout):
+    """A checkpoint of a DP=2 run (distributed optimizer) continued with cp=2 on 2 ranks (DP x CP stays 2) or
+    on 4 ranks (DP x CP 2 -> 4: megatron-core reshards the optimizer state): the later steps are the
+    uninterrupted single-rank run's, Adam moments included."""
+    import shutil
+
+    init, baseline = dense
+    first = tmp_path / "first"
+    common = [*DENSE, *COMMON, "parallel.distributed_optimizer=true", f"model.load={init}"]
+    run_train(2, [*common, "train.train_iters=1", "train.save_at_end=true", f"train.output_dir={first}"])
+    out = tmp_path / "resumed"
+    shutil.copytree(first, out)
+    proc = run_train(nproc, [*common, *layout, f"train.output_dir={out}"])
+    assert "resumed from" in proc.stdout, proc.stdout[-2000:]
+    rows = [r for r in read_metrics(out) if r["iteration"] > 1]
+    assert [r["iteration"] for r in rows] == list(range(2, STEPS + 1))
+    for got, want in zip(rows, baseline[1:]):
+        assert abs(got["loss"] - want["loss"]) < 1e-5, (got["iteration"], got["loss"], want["loss"])
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
