@@ -168,7 +168,7 @@ def main() -> None:
         for done in [pool.submit(check) for check in checks]:
             done.result()
     if not args.skip_bench:
-        for shape in ("1.7b", "8b-width"):
+        for shape in ("1.7b", "8b-width", "0.6b-32k"):
             proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench" / "vs_hf.py"), "--shape", shape],
                                   capture_output=True, text=True, timeout=1200)
             report(f"vs_hf {shape}", proc.returncode == 0, "\n      " + (proc.stdout or proc.stderr)[-1500:])

@@ -100,8 +100,10 @@ def test_lr0_ratio_one_kl_zero_and_loss_from_the_logged_advantages(hf_dir, tmp_p
                                         "train.min_lr=0", "task.beta=0.04", "task.loss_type=bnpo",
                                         "task.num_generations=4", "train.global_batch_size=12",
                                         "train.micro_batch_size=3", "task.log_completions=12", "train.train_iters=2",
-                                        "task.rewards=[ascii]"])
+                                        "task.rewards=[ascii]", "logging.wandb.project=grpo-test",
+                                        "logging.wandb.mode=offline"])
     metrics = read_metrics(out)
+    _check_wandb(out, [m["rewards/mean"] for m in metrics])
     rows = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
     nonzero = []
     for step, m in enumerate(metrics):
@@ -115,6 +117,21 @@ def test_lr0_ratio_one_kl_zero_and_loss_from_the_logged_advantages(hf_dir, tmp_p
         nonzero.append(abs(expected) > 1e-3)  # zero when every completion has the same length
         assert m["loss"] == pytest.approx(expected, rel=1e-5, abs=1e-7), (m["loss"], expected)
     assert any(nonzero)
+
+
+def _check_wandb(out, rewards):
+    """The reward curve and a table of completions per generation reach WandB (offline run file)."""
+    import glob
+
+    from tests.wandb_records import read_history
+
+    (run_file,) = glob.glob(str(out / "wandb" / "offline-run-*" / "run-*.wandb"))
+    history = read_history(run_file)
+    assert [row["train/rewards/mean"] for row in history if "train/rewards/mean" in row] == pytest.approx(rewards)
+    # A table is logged as a file reference, flattened into the row: train/completions/{_type,nrows,...}.
+    tables = [row for row in history if "train/completions/_type" in row]
+    assert len(tables) == len(rewards)
+    assert all(t["train/completions/_type"] == "table-file" and t["train/completions/nrows"] == 12 for t in tables)
 
 
 def test_resume_in_the_middle_of_a_generation_is_exact(tmp_path):

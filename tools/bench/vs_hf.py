@@ -35,6 +35,8 @@ SHAPES = {  # qwen3 sizes from the family table, with layer overrides; (seq, mic
     "1.7b": (["model.size=1.7b"], 4096, 1, 4),
     "8b-width": (["model.size=8b", "model.num_layers=8"], 4096, 1, 4),
     "tiny": (["model.size=tiny"], 128, 2, 4),
+    # Long context on one GPU (issue 15's single-device figure): one 32k-token row per step.
+    "0.6b-32k": (["model.size=0.6b"], 32768, 1, 1),
 }
 
 
