@@ -1,7 +1,8 @@
 """Turn expected failures into one clear line per problem, ``megatron-swift: error: ...``, and an exit code.
 
 Expected failures: bad config (ConfigError), bad data (DataError), an unusable
-checkpoint (CheckpointError) exit 2; a run that diverged (Diverged) exits 3.
+checkpoint (CheckpointError), a reward function that fails (RewardError) exit 2;
+a run that diverged (Diverged) exits 3.
 Anything else is a bug and keeps its traceback.
 
 Under torchrun the launcher prints its own failure report after the workers
@@ -20,6 +21,7 @@ from typing import List
 
 from megatron_swift.config.validate import ConfigError
 from megatron_swift.data.errors import DataError
+from megatron_swift.rewards.registry import RewardError
 from megatron_swift.training.errors import CheckpointError, Diverged
 
 EXIT_BAD_INPUT = 2
@@ -50,12 +52,13 @@ def run_or_exit(fn, *args) -> None:
     """Call ``fn``; on an expected failure print it (rank 0) and exit without a traceback."""
     try:
         fn(*args)
-    except (ConfigError, DataError, CheckpointError, Diverged) as e:
+    except (ConfigError, DataError, CheckpointError, Diverged, RewardError) as e:
         lines = error_lines(e)
         _write_error_file(lines)
         # Every rank usually sees the same problem; rank 0 reports it. The others wait a moment so that
         # torchrun, which stops all ranks when the first one exits, does not stop rank 0 before its line is out.
-        if os.environ.get("RANK", "0") == "0":
+        # A problem only one rank can see (a reward function failing on its completions) is reported there.
+        if os.environ.get("RANK", "0") == "0" or getattr(e, "rank_local", False):
             print("\n".join(lines), file=sys.stderr, flush=True)
         else:
             time.sleep(_PEER_GRACE_S)

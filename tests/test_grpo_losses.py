@@ -72,3 +72,16 @@ def test_sampling_filters_by_hand():
                             (SamplingParams(top_p=0.7), {0, 1}), (SamplingParams(top_k=3), {0, 1, 2})):
         drawn = {next_tokens(logits, params, gen).item() for _ in range(200)}
         assert drawn == allowed, (params, drawn)
+
+
+def test_positions_outside_the_completion_cannot_overflow():
+    # A prompt token where the reference is 200 nats above the policy: exp(200) is inf in fp32.
+    logps = torch.tensor([[-200.0, -1.0]], requires_grad=True)
+    ref = torch.tensor([[0.0, -1.5]])
+    out = g.token_terms(logps, logps.detach(), ref, torch.tensor([1.0]), 0.2, 0.2, beta=0.1,
+                        mask=torch.tensor([[0.0, 1.0]]))
+    total, _ = g.aggregate(out["loss"], torch.tensor([[0.0, 1.0]]), "grpo", 4)
+    total.backward()
+    assert torch.isfinite(total) and torch.isfinite(logps.grad).all()
+    # The completion token keeps its value: -1 (A=1, ratio 1) + 0.1 * (e^-0.5 + 0.5 - 1)
+    assert total.item() == pytest.approx(-1 + 0.1 * (math.exp(-0.5) + 0.5 - 1), abs=1e-6)

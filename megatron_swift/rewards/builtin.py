@@ -27,7 +27,7 @@ DEFAULT_FORMAT_PATTERN = r"^<think>.*?</think>\s*<answer>.*?</answer>$"
 MATH_VERIFY_TIMEOUT = 5
 
 
-def _text(completion: Any) -> str:
+def completion_text(completion: Any) -> str:
     """The text of a completion: a str, or the content of the last message of a conversational one."""
     if isinstance(completion, str):
         return completion
@@ -161,7 +161,7 @@ def accuracy(prompts: Sequence[Any], completions: Sequence[Any], solution: Optio
     if solution is None:
         raise ValueError("reward 'accuracy' needs a 'solution' column (the reference answer of each row)")
     mv = _load_math_verify()
-    return [accuracy_of(s, _text(c), mv) for s, c in zip(solution, completions)]
+    return [accuracy_of(s, completion_text(c), mv) for s, c in zip(solution, completions)]
 
 
 # ------------------------------------------------------------------------------------------ format
@@ -180,7 +180,7 @@ def make_format(pattern: str = DEFAULT_FORMAT_PATTERN, flags: int = re.DOTALL) -
 
     def format_reward(prompts: Sequence[Any], completions: Sequence[Any], **_: Any) -> List[float]:
         """1.0 for completions the format pattern matches, 0.0 otherwise."""
-        return [1.0 if regex.search(_text(c)) else 0.0 for c in completions]
+        return [1.0 if regex.search(completion_text(c)) else 0.0 for c in completions]
 
     format_reward.pattern = pattern
     return format_reward
@@ -260,7 +260,7 @@ def make_repetition(ngram_size: int = 3, max_penalty: float = -1.0) -> Callable[
 
     def repetition(prompts: Sequence[Any], completions: Sequence[Any], **_: Any) -> List[float]:
         """N-gram repetition penalty of each completion."""
-        return [repetition_penalty(_text(c), ngram_size, float(max_penalty)) for c in completions]
+        return [repetition_penalty(completion_text(c), ngram_size, float(max_penalty)) for c in completions]
 
     repetition.ngram_size = ngram_size
     repetition.max_penalty = max_penalty

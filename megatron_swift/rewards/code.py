@@ -31,6 +31,7 @@ import re
 import secrets
 from typing import Any, List, Optional, Sequence, Tuple
 
+from megatron_swift.rewards.builtin import completion_text
 from megatron_swift.rewards.sandbox import SandboxJob, SandboxLimits, SandboxPool, SandboxResult
 
 log = logging.getLogger(__name__)
@@ -42,14 +43,11 @@ _PYTHON_TAGS = frozenset({"", "python", "py", "python3", "py3"})
 
 
 def _text(completion: Any) -> str:
-    """A completion's text: a str, or the content of the last message of a conversational one."""
-    if isinstance(completion, str):
-        return completion
-    if isinstance(completion, dict):
-        return str(completion.get("content", ""))
-    if isinstance(completion, (list, tuple)) and completion and isinstance(completion[-1], dict):
-        return str(completion[-1].get("content", ""))
-    return ""
+    """A completion's text (builtin.completion_text), or "" for anything that is not one: nothing to run."""
+    try:
+        return completion_text(completion)
+    except TypeError:
+        return ""
 
 
 def extract_code(completion: Any) -> Optional[str]:

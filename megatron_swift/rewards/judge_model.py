@@ -36,10 +36,16 @@ def build_judge_generate(cfg, backend) -> Callable[[List[str]], List[str]]:
     from megatron_swift.rollout.megatron_engine import MegatronEngine
     from megatron_swift.rollout.sampling import SamplingParams
 
+    from megatron_swift.config.validate import ConfigError
+    from megatron_swift.data.errors import DataError
+
     judge = cfg.task.judge
     folder = judge.model
-    tokenizer = build_tokenizer(folder)
-    template = load_template(None, folder)
+    try:  # the judge's own tokenizer and chat template (their messages speak of data.tokenizer: say which)
+        tokenizer = build_tokenizer(folder)
+        template = load_template(None, folder)
+    except (DataError, ValueError, OSError) as e:
+        raise ConfigError([f"task.judge.model={folder}: the judge's tokenizer or chat template: {e}"]) from None
     arch = _judge_arch(cfg, folder)
     arch = dataclasses.replace(arch, vocab_size=arch.vocab_size or tokenizer.vocab_size)
     padded = padded_vocab_size(arch.vocab_size, cfg.model.make_vocab_size_divisible_by, cfg.parallel.tp)
@@ -51,7 +57,7 @@ def build_judge_generate(cfg, backend) -> Callable[[List[str]], List[str]]:
     for chunk in chunks:
         chunk.eval()
         chunk.requires_grad_(False)
-    engine = MegatronEngine(chunks, backend.torch_device, arch.vocab_size)
+    engine = MegatronEngine(chunks, backend.torch_device, arch.vocab_size, masks=backend.attention != "te")
     stops = stop_token_ids(template, tokenizer)
     params = SamplingParams(max_new_tokens=judge.max_new_tokens, temperature=0, stop_token_ids=stops)
 

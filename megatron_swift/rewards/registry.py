@@ -43,7 +43,16 @@ class UnknownReward(KeyError):
 
 
 class RewardError(RuntimeError):
-    """A reward function raised or returned something that is not one number per completion."""
+    """A reward function raised or returned something that is not one number per completion.
+
+    ``row``: the index of the completion it failed on, when known. Only the rank that scores sees it
+    (``rank_local``: the trainer prints it there, not on rank 0)."""
+
+    rank_local = True
+
+    def __init__(self, message: str, row: Optional[int] = None):
+        super().__init__(message)
+        self.row = row
 
 
 class RewardResult(list):
@@ -237,7 +246,7 @@ def _call_by_row(name, fn, prompts, completions, columns, on_error, batch_error)
         except Exception as e:  # noqa: BLE001
             msg = f"reward {name!r} ({describe(fn)}) failed on row {i}: {_one_line(e)}"
             if on_error == "raise":
-                raise RewardError(msg) from e
+                raise RewardError(msg, row=i) from e
             values.append(0.0)
             errors += 1
             first = first or msg

@@ -35,10 +35,44 @@ def check_names(task_cfg) -> List[str]:
     if weights is not None and len(weights) != len(task_cfg.rewards):
         problems.append(f"task.reward_weights has {len(weights)} values for {len(task_cfg.rewards)} rewards "
                         "(one weight per task.rewards entry, or leave it unset)")
-    if "judge" in task_cfg.rewards and not task_cfg.judge.model:
-        problems.append("task.rewards has judge but task.judge.model is not set (an HF folder)")
+    problems += _parameter_problems(task_cfg)
     if task_cfg.reward_on_error not in ("raise", "zero"):
         problems.append(f"task.reward_on_error={task_cfg.reward_on_error} is not one of: raise, zero")
+    return problems
+
+
+# Columns the built-in rewards read from every prompt row (data.prompts checks them when reading).
+REQUIRED_COLUMNS = {"accuracy": "solution", "code": "tests"}
+
+
+def _parameter_problems(task_cfg) -> List[str]:
+    """The settings of the rewards in use: checked here so that nothing fails after the model is built."""
+    import os
+    import re
+
+    used, problems = set(task_cfg.rewards), []
+    if "format" in used:
+        try:
+            re.compile(task_cfg.format_pattern)
+        except re.error as e:
+            problems.append(f"task.format_pattern is not a regular expression: {e}")
+    if "soft_overlong" in used and not 0 < task_cfg.overlong_buffer <= task_cfg.max_completion_length:
+        problems.append(f"task.overlong_buffer={task_cfg.overlong_buffer} must be in [1, "
+                        f"task.max_completion_length={task_cfg.max_completion_length}] for the soft_overlong reward")
+    if "repetition" in used and task_cfg.repetition_ngram < 1:
+        problems.append(f"task.repetition_ngram={task_cfg.repetition_ngram} must be >= 1")
+    if "judge" in used:
+        judge = task_cfg.judge
+        if not judge.model:
+            problems.append("task.rewards has judge but task.judge.model is not set (an HF folder)")
+        elif not os.path.isfile(os.path.join(judge.model, "config.json")):
+            problems.append(f"task.judge.model={judge.model} is not an HF checkpoint folder (no config.json)")
+        if judge.template and not os.path.isfile(judge.template):
+            problems.append(f"task.judge.template={judge.template} is not a file")
+        try:
+            re.compile(judge.pattern)
+        except re.error as e:
+            problems.append(f"task.judge.pattern is not a regular expression: {e}")
     return problems
 
 

@@ -10,6 +10,10 @@ Prompts of different lengths share a batch by left padding: the cache is filled 
 (one forward), then one position per new token. Padding is never attended (an attention mask, only when some
 prompt is shorter); rotary embeddings depend on relative positions only, so a padded prompt computes what it
 would alone, up to rounding; greedy output equals ``transformers``' per-prompt greedy generation in the tests.
+Under Transformer Engine's attention, which takes a mask type rather than megatron-core's mask in this
+path, prompts are not padded: the cache is filled with the shortest prompt's length, then a sample still
+in its prompt is fed its own token (megatron-core's static engine does the same). Every rank runs the same
+number of forwards (they are collective across data-parallel ranks under expert parallelism).
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.utils import get_attr_wrapped_model
 
+from megatron_swift.backend.device import collective_device
 from megatron_swift.rollout.rotated_cache import rotated_cache
 from megatron_swift.rollout.sampling import SamplingParams, next_tokens
 from megatron_swift.training.forward_only import collect
@@ -41,11 +46,15 @@ class MegatronEngine:
 
     name = "megatron"
 
-    def __init__(self, model: List[torch.nn.Module], device, vocab_size: int, batch_size: int = 0):
+    def __init__(self, model: List[torch.nn.Module], device, vocab_size: int, batch_size: int = 0,
+                 masks: bool = True):
         self.model = model
         self.device = device
         self.vocab_size = vocab_size  # the real vocabulary: padding columns never come out
         self.batch_size = batch_size  # prompts per forward (0: all at once); bounds the KV cache's memory
+        # Whether the core attention honours an attention mask in megatron-core's inference path (sdpa and
+        # local do; TE's kernels take the mask type instead, causal then no_mask): else no padding is used.
+        self.masks = masks
 
     def generate(self, prompts: List[List[int]], params: SamplingParams,
                  generator: Optional[torch.Generator] = None) -> Completions:
@@ -69,31 +78,36 @@ class MegatronEngine:
         b = len(prompts)
         lengths = torch.tensor([len(p) for p in prompts])
         width = int(lengths.max())
-        total = width + params.max_new_tokens
+        # Where each prompt sits: left-padded to end at `width` (one prefill), or from 0 without padding.
+        offsets = width - lengths if self.masks else torch.zeros_like(lengths)
+        begin = offsets + lengths  # each completion's first position
+        end = begin + params.max_new_tokens  # one past its last
+        total = int(end.max())
         tokens = torch.zeros(b, total, dtype=torch.long)
-        padding = torch.zeros(b, total, dtype=torch.bool)  # left padding: every prompt ends at `width`
         for i, prompt in enumerate(prompts):
-            tokens[i, width - len(prompt):width] = torch.tensor(prompt, dtype=torch.long)
-            padding[i, :width - len(prompt)] = True
+            tokens[i, int(offsets[i]):int(begin[i])] = torch.tensor(prompt, dtype=torch.long)
+        padding = torch.arange(total).unsqueeze(0) < offsets.unsqueeze(1)
         padded = bool(padding.any())
         finished = torch.zeros(b, dtype=torch.bool)
         stopped = torch.zeros(b, dtype=torch.bool)
-        stop_at = torch.full((b,), total)  # one past each completion's last token
+        stop_at = end.clone()
         stop_ids = torch.tensor(sorted(set(params.stop_token_ids)), dtype=torch.long)
         context = StaticInferenceContext(b, total)
-        done, pos = 0, width  # tokens in the cache; the position the next token goes to
-        while pos < total and not bool(finished.all()):
+        done, pos = 0, int(begin.min())  # tokens in the cache; the position the next token goes to
+        while pos < total and not _everyone_finished(finished):
             mask = _attention_mask(padding[:, :pos], done) if padded else None
             drawn = self._next(tokens[:, done:pos], done, context, params, generator, mask)
             context.sequence_len_offset = pos
             done = pos
-            tokens[:, pos] = torch.where(finished, tokens[:, pos], drawn)
-            hit = ~finished & torch.isin(drawn, stop_ids)
+            # A sample still in its prompt is fed its own next token instead of the drawn one.
+            generating = (pos >= begin) & ~finished
+            tokens[:, pos] = torch.where(generating, drawn, tokens[:, pos])
+            hit = generating & torch.isin(drawn, stop_ids)
             stopped |= hit
             stop_at = torch.where(hit, pos + 1, stop_at)
-            finished |= hit
+            finished |= hit | (generating & (pos + 1 >= end))
             pos += 1
-        return Completions([tokens[i, width:int(stop_at[i])].tolist() for i in range(b)],
+        return Completions([tokens[i, int(begin[i]):int(stop_at[i])].tolist() for i in range(b)],
                            [bool(s) for s in stopped])
 
     def _next(self, chunk_tokens: torch.Tensor, offset: int, context, params, generator, mask) -> torch.Tensor:
@@ -117,6 +131,17 @@ class MegatronEngine:
             dist.broadcast(drawn, src=ps.get_pipeline_model_parallel_last_rank(),
                            group=ps.get_pipeline_model_parallel_group())
         return drawn.cpu()
+
+
+def _everyone_finished(finished: torch.Tensor) -> bool:
+    """Whether every rank's completions have ended. Expert-parallel layers exchange tokens across data-parallel
+    ranks, which hold other prompts: there all ranks stop at the same step. (Tensor and pipeline ranks hold
+    the same prompts and tokens, so they agree already.)"""
+    if ps.get_expert_model_parallel_world_size() == 1:
+        return bool(finished.all())
+    flag = torch.tensor(float(bool(finished.all())), device=collective_device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def _attention_mask(padding: torch.Tensor, start: int) -> torch.Tensor:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
@@ -25,10 +26,13 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from megatron_swift.data.sampler import Batch
+from megatron_swift.rewards.registry import RewardError
 from megatron_swift.rollout.sampling import SamplingParams
 from megatron_swift.training import grpo_losses
 
-_BATCH_FIELDS = ("tokens", "labels", "loss_mask", "position_ids", "advantages", "old_logps", "ref_logps")
+_BATCH_FIELDS = ("tokens", "labels", "loss_mask", "position_ids", "lengths", "advantages", "old_logps", "ref_logps")
+_SEQUENCE_FIELDS = ("tokens", "labels", "loss_mask", "position_ids", "old_logps", "ref_logps")
+_TRIM_MULTIPLE = 16  # rows are cut to the micro-batch's longest, rounded up to this
 
 
 class RolloutSource:
@@ -49,6 +53,7 @@ class RolloutSource:
         self.generation = -1
         self.stats: Dict[str, float] = {}
         self.samples: List[dict] = []  # the last generation's logged completions (for a WandB table)
+        self.generate_seconds, self.generated_tokens = 0.0, 0  # in the rollout engine, this generation
         self.cursor = 0  # prompts of the stream used so far (moves faster than the steps with dynamic sampling)
 
     # ---------------------------------------------------------------------------------- the loop's side
@@ -59,7 +64,13 @@ class RolloutSource:
             self._generate(generation)
         mbs = self.cfg.train.micro_batch_size
         rows = self.buffer[k * self.per_step:(k + 1) * self.per_step]
-        return [_collate(rows[i:i + mbs], self.device) for i in range(0, len(rows), mbs)]
+        return [self._collate(rows[i:i + mbs]) for i in range(0, len(rows), mbs)]
+
+    def _collate(self, rows: List[dict]) -> Batch:
+        # Without pipeline stages (whose messages have the size of train.seq_length) a micro-batch is cut to
+        # its longest row: a short completion in a long train.seq_length costs no compute.
+        trim = ps.get_pipeline_model_parallel_world_size() == 1
+        return _collate(rows, self.device, trim)
 
     def take_samples(self) -> List[dict]:
         """The completions logged since the last call (the loop shows them as a table)."""
@@ -89,6 +100,7 @@ class RolloutSource:
 
     def _generate(self, generation: int) -> None:
         P, G = self.prompts_per_generation, self.task.num_generations
+        self.generate_seconds, self.generated_tokens = 0.0, 0
         if not self.task.dynamic_sampling:
             self.cursor = generation * P  # the position follows from the step
             mine = self._rollout(self._prompts_at(self.cursor), generation, 0)
@@ -119,11 +131,15 @@ class RolloutSource:
         task, dp, rank = self.task, ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         n = len(prompts) * task.num_generations // dp
         mine = [prompts[j // task.num_generations] for j in range(rank * n, (rank + 1) * n)]
-        generator = torch.Generator(device=self.device).manual_seed(
-            self.cfg.train.seed * 1_000_003 + generation * 1009 + attempt * 101 + rank)
+        # Seeded by (seed, generation, round, DP rank): a resumed run draws what the uninterrupted one did.
+        seed = hash((self.cfg.train.seed, generation, attempt, rank)) & (2 ** 63 - 1)
+        generator = torch.Generator(device=self.device).manual_seed(seed)
         params = SamplingParams(max_new_tokens=task.max_completion_length, temperature=task.temperature,
                                 top_p=task.top_p, top_k=task.top_k, stop_token_ids=sorted(self.stop_ids))
+        start = time.perf_counter()
         out = self.engine.generate([self.prompts.ids[i] for i in mine], params, generator)
+        self.generate_seconds += time.perf_counter() - start
+        self.generated_tokens += sum(len(ids) for ids in out.token_ids)
         texts = [self.tokenizer.decode([t for t in ids if t not in self.stop_ids]) for ids in out.token_ids]
         rewards, per_function, errors = self._score(mine, texts, out.token_ids)
         judge = self.scorer.functions.get("judge")
@@ -154,7 +170,7 @@ class RolloutSource:
         # One row per local reward: its values, then its error count.
         table = torch.zeros(len(local), len(mine) + 1, dtype=torch.float64)
         if dist.get_rank() == src and local:
-            for k, result in enumerate(self.scorer.score(prompts, texts, columns, local).values()):
+            for k, result in enumerate(self._scored(prompts, texts, columns, local, mine).values()):
                 table[k, :-1] = torch.tensor(list(result), dtype=torch.float64)
                 table[k, -1] = result.errors
         if dist.get_world_size(group) > 1 and local:
@@ -164,10 +180,19 @@ class RolloutSource:
         results = {name: list(table[k, :-1].tolist()) for k, name in enumerate(local)}
         errors = {name: int(table[k, -1]) for k, name in enumerate(local)}
         collective = [name for name in names if name in self.scorer.collective]
-        for name, result in self.scorer.score(prompts, texts, columns, collective).items():
+        for name, result in self._scored(prompts, texts, columns, collective, mine).items():
             results[name], errors[name] = list(result), result.errors
         total = torch.tensor(self.scorer.total(results), dtype=torch.float32)
         return total, {name: torch.tensor(results[name], dtype=torch.float32) for name in names}, errors
+
+    def _scored(self, prompts, texts, columns, names, mine: List[int]) -> dict:
+        """The scorer's results; a failing reward function is named with the prompt row's file:line."""
+        try:
+            return self.scorer.score(prompts, texts, columns, names)
+        except RewardError as e:
+            if e.row is None:
+                raise
+            raise RewardError(f"{self.prompts.where[mine[e.row]]}: {e}", row=e.row) from None
 
     def _row(self, prompt: List[int], completion: List[int], advantage: float) -> dict:
         seq = self.cfg.train.seq_length
@@ -179,7 +204,7 @@ class RolloutSource:
         # Position t predicts token t+1: the completion's tokens are predicted from len(prompt)-1 on.
         loss_mask[len(prompt) - 1:len(ids) - 1] = 1
         return {"tokens": tokens, "labels": labels, "loss_mask": loss_mask, "position_ids": torch.arange(seq),
-                "advantages": torch.tensor(advantage)}
+                "lengths": torch.tensor(len(ids)), "advantages": torch.tensor(advantage)}
 
     def _attach_logps(self, rows: List[dict]) -> None:
         """The policy's (several steps per generation) and the reference's (beta > 0) per-token log-probs."""
@@ -188,11 +213,13 @@ class RolloutSource:
         if self.task.beta != 0:
             needs.append(("ref_logps", self.reference, "base"))
         for name, model, kind in needs:
-            batches = [_collate(rows[i:i + mbs], self.device) for i in range(0, len(rows), mbs)]
+            batches = [self._collate(rows[i:i + mbs]) for i in range(0, len(rows), mbs)]
             values = self.token_logps(model, batches, kind)
-            if values:  # the last pipeline stage: where the loss reads them
-                for i, v in enumerate(torch.cat(values).cpu()):
-                    rows[i][name] = v
+            seq = self.cfg.train.seq_length
+            # On the last pipeline stage (where the loss reads them); kept at full length like the rows.
+            for k, part in enumerate(values):
+                for j, v in enumerate(part.cpu()):
+                    rows[k * mbs + j][name] = torch.nn.functional.pad(v, (0, seq - v.shape[0]))
 
     def _stats(self, everyone: torch.Tensor, mine: "Rollouts", advantages) -> dict:
         lengths = torch.tensor([len(ids) for ids in mine.token_ids], dtype=torch.float64)
@@ -202,21 +229,24 @@ class RolloutSource:
         sums = torch.stack([lengths.sum(), clipped.sum(), torch.tensor(float(len(lengths))),
                             *[mine.per_function[name].double().sum() for name in names],
                             *[torch.tensor(float(mine.errors.get(name, 0))) for name in names],
-                            torch.tensor(float(malformed or 0) * len(lengths))]).to(self.device)
-        top = lengths.max().reshape(1).to(self.device)
+                            torch.tensor(float(malformed or 0) * len(lengths)),
+                            torch.tensor(float(self.generated_tokens))]).to(self.device)
+        top = torch.stack([lengths.max(), torch.tensor(self.generate_seconds, dtype=torch.float64)]).to(self.device)
         dist.all_reduce(sums, group=ps.get_data_parallel_group())
         dist.all_reduce(top, op=dist.ReduceOp.MAX, group=ps.get_data_parallel_group())
         count = float(sums[2])
         stats = {"rewards/mean": everyone.mean().item(), "rewards/std": everyone.std().item(),
                  "advantages/std": advantages.std().item(), "advantages/max_abs": advantages.abs().max().item(),
                  "completions/mean_length": float(sums[0]) / count, "completions/max_length": float(top[0]),
-                 "completions/clipped_ratio": float(sums[1]) / count}
+                 "completions/clipped_ratio": float(sums[1]) / count,
+                 # Time in the rollout engine (the slowest DP rank) and every token it wrote, all ranks.
+                 "rollout/seconds": float(top[1]), "rollout/tokens_per_s": float(sums[-1]) / max(float(top[1]), 1e-9)}
         for k, name in enumerate(names):
             stats[f"rewards/{name}"] = float(sums[3 + k]) / count
             if float(sums[3 + len(names) + k]):
                 stats[f"rewards/{name}/errors"] = float(sums[3 + len(names) + k])
         if malformed is not None:  # replies of the judge with no score in them (scored 0)
-            stats["judge/malformed"] = float(sums[-1]) / count
+            stats["judge/malformed"] = float(sums[-2]) / count
         return stats
 
     def _log_samples(self, generation: int, mine: "Rollouts", advantages) -> None:
@@ -227,7 +257,7 @@ class RolloutSource:
         if keep <= 0 or dist.get_rank() != dist.get_world_size() - 1:
             return
         for j in range(min(keep, len(mine.prompts))):
-            sample = {"generation": generation, "step": generation * self.spg,
+            sample = {"generation": generation, "step": generation * self.spg + 1,
                       "prompt": self.prompts.messages[mine.prompts[j]], "completion": mine.texts[j],
                       "completion_tokens": len(mine.token_ids[j]), "reward": float(mine.rewards[j]),
                       "advantage": float(advantages[j]),
@@ -292,6 +322,12 @@ def _gather_dp(values: torch.Tensor, device) -> torch.Tensor:
     return torch.cat(parts).cpu()
 
 
-def _collate(rows: List[dict], device) -> Batch:
+def _collate(rows: List[dict], device, trim: bool = False) -> Batch:
     stacked = {name: torch.stack([row[name] for row in rows]) for name in _BATCH_FIELDS if name in rows[0]}
+    if trim:
+        longest = int(stacked["lengths"].max())
+        length = min(-(-longest // _TRIM_MULTIPLE) * _TRIM_MULTIPLE, stacked["tokens"].shape[1])
+        for name in _SEQUENCE_FIELDS:
+            if name in stacked:
+                stacked[name] = stacked[name][:, :length].contiguous()
     return Batch(**stacked).to(device)

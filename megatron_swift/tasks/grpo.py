@@ -28,12 +28,19 @@ from megatron_swift.training.forward_only import collect
 
 def read_prompts(paths, data_cfg, tokenizer, seq_length: int, folder, cfg=None):
     """The task's rows: prompts (data.prompts); one epoch is every prompt once, num_generations times."""
+    from megatron_swift.data.errors import DataError
+    from megatron_swift.rewards.scoring import REQUIRED_COLUMNS
+
     rows = prompt_source(paths, data_cfg, tokenizer, seq_length, folder, cfg.task.max_completion_length)
+    for name in cfg.task.rewards:  # a column a built-in reward reads must be in every row
+        column = REQUIRED_COLUMNS.get(name)
+        missing = next((i for i, row in enumerate(rows.columns) if row.get(column) is None), None) if column else None
+        if missing is not None:
+            path, line = rows.where[missing].rsplit(":", 1)
+            raise DataError(path, int(line), f"row has no {column!r}, which the {name} reward (task.rewards) reads")
     per_generation = cfg.train.global_batch_size * cfg.task.steps_per_generation // cfg.task.num_generations
     generations = len(rows) // per_generation
     if generations == 0:
-        from megatron_swift.data.errors import DataError
-
         raise DataError(",".join(paths), None, f"{len(rows)} usable prompts, fewer than the {per_generation} one "
                         "generation takes (train.global_batch_size x task.steps_per_generation / "
                         "task.num_generations)")
@@ -113,6 +120,9 @@ class GRPOTask:
             if value:
                 problems.append(f"task=grpo does not support {why} yet ({key}): the rollout engine generates "
                                 "one token at a time under the plain TP/PP/EP/DP layout")
+        if cfg.data.eval_path:
+            problems.append("task=grpo has no evaluation on data.eval_path yet (the reward curve is the progress "
+                            "signal): leave data.eval_path unset")
         problems.extend(check_names(task))
         rows_from_jsonl(cfg, problems)
 
@@ -134,7 +144,8 @@ class GRPOTask:
         reference = None
         if cfg.task.beta != 0 and not lora_base:
             reference = build_reference(cfg, backend, arch, padded_vocab)
-        engine = MegatronEngine(model, backend.torch_device, arch.vocab_size, cfg.task.generation_batch_size)
+        engine = MegatronEngine(model, backend.torch_device, arch.vocab_size, cfg.task.generation_batch_size,
+                                masks=backend.attention != "te")
         task = cls(cfg, model, reference, None)
         prompts = dict(datasets)["train"]
         judge = None
@@ -185,18 +196,21 @@ class GRPOTask:
         task = self.task
         logps = token_logps(logits, batch.labels, task.temperature)
         old = batch.old_logps if batch.old_logps is not None else logps.detach()
-        terms = grpo_losses.token_terms(logps, old, batch.ref_logps, batch.advantages, task.epsilon,
-                                        self.eps_high, task.beta)
         mask = batch.loss_mask.float()
+        terms = grpo_losses.token_terms(logps, old, batch.ref_logps, batch.advantages, task.epsilon,
+                                        self.eps_high, task.beta, mask)
         total, count = grpo_losses.aggregate(terms["loss"], mask, task.loss_type, task.max_completion_length)
         tokens = mask.sum()
         reports = {"loss": torch.stack([total.detach(), count.detach()])}
         figures = {"clip_ratio/low": terms["clipped_low"], "clip_ratio/high": terms["clipped_high"],
-                   "policy/ratio": terms["ratio"].detach(), "policy/entropy": token_entropy(logits, task.temperature)}
+                   "policy/ratio": terms["ratio"].detach()}
         if "kl" in terms:
             figures["policy/kl"] = terms["kl"].detach()
         for name, value in figures.items():
             reports[name] = torch.stack([(value * mask).sum(), tokens])
+        # Entropy of the completion tokens only: the full-vocabulary softmax of just those rows.
+        entropy = token_entropy(logits[batch.loss_mask.bool()], task.temperature)
+        reports["policy/entropy"] = torch.stack([entropy.sum(), tokens])
         return total, count.to(torch.int), reports
 
     def prepare(self, batches, dataset=None) -> None:

@@ -41,10 +41,17 @@ def zero_spread_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def token_terms(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps, advantages: torch.Tensor,
-                eps_low: float, eps_high: float, beta: float) -> Dict[str, torch.Tensor]:
+                eps_low: float, eps_high: float, beta: float, mask=None) -> Dict[str, torch.Tensor]:
     """Per-token loss and its parts; every tensor [rows, tokens] except ``advantages`` [rows].
 
-    ``ref_logps`` may be None when beta == 0 (no reference model)."""
+    ``ref_logps`` may be None when beta == 0 (no reference model). ``mask`` (the completion tokens): other
+    positions are computed as if policy, old and reference agreed there (ratio 1, KL 0), so that a large
+    log-probability gap on a prompt or padding token cannot overflow ``exp`` into inf * 0 = NaN."""
+    if mask is not None:
+        keep = mask.bool()
+        old_logps = torch.where(keep, old_logps, logps.detach())
+        if ref_logps is not None:
+            ref_logps = torch.where(keep, ref_logps, logps.detach())
     adv = advantages.unsqueeze(-1)
     ratio = torch.exp(logps - old_logps)
     clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)

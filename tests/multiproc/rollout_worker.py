@@ -1,7 +1,10 @@
 """Run under torchrun: the trainer's own model (model.pretrained, any layout) generates greedily from fixed
 prompts with the megatron rollout engine; rank 0 writes the completions as JSON.
 
-usage: rollout_worker.py <prompts.json> <out.json> <max_new_tokens> <stop id> <override> [<override> ...]
+usage: rollout_worker.py <prompts.json> <out.json> <max_new_tokens> <stop id> <batching> <override> [...]
+
+batching: padded | unpadded (every rank generates every prompt), or split (2 ranks: rank 0 the first prompt,
+rank 1 the others, padded), which makes the ranks finish at different steps; each rank writes <out>.<rank>.
 """
 import json
 import os
@@ -19,14 +22,17 @@ def main() -> None:
     from megatron_swift.rollout.sampling import SamplingParams
     from megatron_swift.training.loop import setup
 
-    prompts_file, out_file, max_new, stop, overrides = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), \
-        sys.argv[5:]
+    prompts_file, out_file, max_new, stop = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    mode, overrides = sys.argv[5], sys.argv[6:]
     trainer = setup(compose(overrides))
     prompts = json.loads(open(prompts_file).read())
-    engine = MegatronEngine(trainer.model, trainer.backend.torch_device, trainer.arch.vocab_size)
+    if mode == "split":
+        prompts = prompts[:1] if dist.get_rank() == 0 else prompts[1:]
+    engine = MegatronEngine(trainer.model, trainer.backend.torch_device, trainer.arch.vocab_size,
+                            masks=mode != "unpadded")
     out = engine.generate(prompts, SamplingParams(max_new_tokens=max_new, temperature=0, stop_token_ids=[stop]))
-    if dist.get_rank() == 0:
-        with open(out_file, "w") as f:
+    if dist.get_rank() == 0 or mode == "split":
+        with open(out_file + (f".{dist.get_rank()}" if mode == "split" else ""), "w") as f:
             json.dump({"token_ids": out.token_ids, "stopped": out.stopped}, f)
     dist.barrier()
 
