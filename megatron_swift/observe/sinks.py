@@ -73,16 +73,20 @@ class Sinks:
                 for s in samples]
         self._wandb.log({"train/completions": wandb.Table(columns=columns, data=rows)}, step=iteration)
 
-    def log_eval(self, iteration: int, loss: float) -> None:
+    def log_eval(self, iteration: int, figures: Dict[str, float]) -> None:
+        """Evaluation figures (``loss``, or e.g. GRPO's ``reward``): ``eval_<name>`` in metrics.jsonl,
+        ``eval/<name>`` in TensorBoard and WandB."""
         if not self.active:
             return
-        self._metrics.write(json.dumps({"iteration": iteration, "eval_loss": loss}) + "\n")
+        self._metrics.write(json.dumps({"iteration": iteration, **{f"eval_{k}": v for k, v in figures.items()}})
+                            + "\n")
         self._metrics.flush()
         if self._tb is not None:
-            self._tb.add_scalar("eval/loss", loss, iteration)
+            for key, value in figures.items():
+                self._tb.add_scalar(f"eval/{key}", value, iteration)
         if self._wandb is not None:
-            self._wandb.log({"eval/loss": loss}, step=iteration)
-        self.printer(f"eval at step {iteration}: loss {loss:.4f}")
+            self._wandb.log({f"eval/{k}": v for k, v in figures.items()}, step=iteration)
+        self.printer(f"eval at step {iteration}: " + ", ".join(f"{k} {v:.4f}" for k, v in figures.items()))
 
     def close(self) -> None:
         if self._metrics is not None:

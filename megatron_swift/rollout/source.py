@@ -49,7 +49,7 @@ class RolloutSource:
         self.spg = self.task.steps_per_generation
         self.prompts_per_generation = cfg.train.global_batch_size * self.spg // self.task.num_generations
         self.generations_per_epoch = len(prompts.ids) // self.prompts_per_generation
-        self.buffer: List[Batch] = []  # rows of the current generation for the steps to come
+        self.buffer: List[dict] = []  # rows of the current generation for the steps to come
         self.generation = -1
         self.stats: Dict[str, float] = {}
         self.samples: List[dict] = []  # the last generation's logged completions (for a WandB table)
@@ -86,6 +86,27 @@ class RolloutSource:
         self.generation, self.cursor = state["generation"], state["cursor"]
         self.buffer = list(state["rows"])
         self.stats = dict(state["stats"])
+
+    def evaluate(self, rows) -> Dict[str, float]:
+        """Greedy completions of every held-out prompt (``rows``: data.eval_path), scored: the mean reward, each
+        function's, and the mean length. DP rank r takes prompts r, r+dp, ...; every rank gets as many
+        (repeating its last, not counted) so that all run the same forwards."""
+        dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        mine = list(range(rank, len(rows.ids), dp))
+        real = len(mine)
+        mine += [mine[-1] if mine else 0] * (-(-len(rows.ids) // dp) - real)
+        params = SamplingParams(max_new_tokens=self.task.max_completion_length, temperature=0,
+                                stop_token_ids=sorted(self.stop_ids))
+        out = self.engine.generate([rows.ids[i] for i in mine], params)
+        texts = [self.tokenizer.decode([t for t in ids if t not in self.stop_ids]) for ids in out.token_ids]
+        rewards, per_function, _ = self._score(rows, mine, texts, out.token_ids)
+        lengths = torch.tensor([float(len(ids)) for ids in out.token_ids])
+        values = [rewards, lengths, *per_function.values()]
+        sums = torch.stack([v[:real].double().sum() for v in values] + [torch.tensor(float(real))]).to(self.device)
+        dist.all_reduce(sums, group=ps.get_data_parallel_group())
+        count = float(sums[-1])
+        names = ["reward", "completion_length", *[f"rewards/{name}" for name in per_function]]
+        return {name: float(sums[k]) / count for k, name in enumerate(names)}
 
     # ---------------------------------------------------------------------------------- one generation
 
@@ -141,7 +162,7 @@ class RolloutSource:
         self.generate_seconds += time.perf_counter() - start
         self.generated_tokens += sum(len(ids) for ids in out.token_ids)
         texts = [self.tokenizer.decode([t for t in ids if t not in self.stop_ids]) for ids in out.token_ids]
-        rewards, per_function, errors = self._score(mine, texts, out.token_ids)
+        rewards, per_function, errors = self._score(self.prompts, mine, texts, out.token_ids)
         judge = self.scorer.functions.get("judge")
         replies = list(judge.last_replies) if judge is not None else [None] * len(mine)
         return Rollouts(mine, out.token_ids, out.stopped, texts, rewards, per_function, errors, replies)
@@ -157,20 +178,20 @@ class RolloutSource:
         self.stats = dict(self._stats(everyone, mine, advantages), **extra)
         self._log_samples(generation, mine, local)
 
-    def _score(self, mine: List[int], texts: List[str], token_ids) -> tuple:
+    def _score(self, rows, mine: List[int], texts: List[str], token_ids) -> tuple:
         """(rewards [n], {name: [n]}, {name: errors}) on every rank. A reward runs on one rank per model-parallel
         group and is shared, except a collective one (the judge: a model under this layout), run by all."""
         group = ps.get_model_parallel_group()
         src = dist.get_global_rank(group, 0)
         names = list(self.scorer.functions)
         local = [name for name in names if name not in self.scorer.collective]
-        prompts = [self.prompts.messages[i] for i in mine]
-        columns = _columns([self.prompts.columns[i] for i in mine])
+        prompts = [rows.messages[i] for i in mine]
+        columns = _columns([rows.columns[i] for i in mine])
         columns["completion_lengths"] = [len(ids) for ids in token_ids]
         # One row per local reward: its values, then its error count.
         table = torch.zeros(len(local), len(mine) + 1, dtype=torch.float64)
         if dist.get_rank() == src and local:
-            for k, result in enumerate(self._scored(prompts, texts, columns, local, mine).values()):
+            for k, result in enumerate(self._scored(rows, prompts, texts, columns, local, mine).values()):
                 table[k, :-1] = torch.tensor(list(result), dtype=torch.float64)
                 table[k, -1] = result.errors
         if dist.get_world_size(group) > 1 and local:
@@ -180,19 +201,19 @@ class RolloutSource:
         results = {name: list(table[k, :-1].tolist()) for k, name in enumerate(local)}
         errors = {name: int(table[k, -1]) for k, name in enumerate(local)}
         collective = [name for name in names if name in self.scorer.collective]
-        for name, result in self._scored(prompts, texts, columns, collective, mine).items():
+        for name, result in self._scored(rows, prompts, texts, columns, collective, mine).items():
             results[name], errors[name] = list(result), result.errors
         total = torch.tensor(self.scorer.total(results), dtype=torch.float32)
         return total, {name: torch.tensor(results[name], dtype=torch.float32) for name in names}, errors
 
-    def _scored(self, prompts, texts, columns, names, mine: List[int]) -> dict:
+    def _scored(self, rows, prompts, texts, columns, names, mine: List[int]) -> dict:
         """The scorer's results; a failing reward function is named with the prompt row's file:line."""
         try:
             return self.scorer.score(prompts, texts, columns, names)
         except RewardError as e:
             if e.row is None:
                 raise
-            raise RewardError(f"{self.prompts.where[mine[e.row]]}: {e}", row=e.row) from None
+            raise RewardError(f"{rows.where[mine[e.row]]}: {e}", row=e.row) from None
 
     def _row(self, prompt: List[int], completion: List[int], advantage: float) -> dict:
         seq = self.cfg.train.seq_length

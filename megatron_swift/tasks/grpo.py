@@ -38,6 +38,8 @@ def read_prompts(paths, data_cfg, tokenizer, seq_length: int, folder, cfg=None):
         if missing is not None:
             path, line = rows.where[missing].rsplit(":", 1)
             raise DataError(path, int(line), f"row has no {column!r}, which the {name} reward (task.rewards) reads")
+    if list(paths) != list(cfg.data.path):  # held-out prompts (data.eval_path): scored, never trained on
+        return rows
     per_generation = cfg.train.global_batch_size * cfg.task.steps_per_generation // cfg.task.num_generations
     generations = len(rows) // per_generation
     if generations == 0:
@@ -120,9 +122,6 @@ class GRPOTask:
             if value:
                 problems.append(f"task=grpo does not support {why} yet ({key}): the rollout engine generates "
                                 "one token at a time under the plain TP/PP/EP/DP layout")
-        if cfg.data.eval_path:
-            problems.append("task=grpo has no evaluation on data.eval_path yet (the reward curve is the progress "
-                            "signal): leave data.eval_path unset")
         problems.extend(check_names(task))
         rows_from_jsonl(cfg, problems)
 
@@ -215,6 +214,10 @@ class GRPOTask:
 
     def prepare(self, batches, dataset=None) -> None:
         """Nothing: the source attached advantages and log-probs when it made the rows."""
+
+    def evaluate(self, prompts) -> Dict[str, float]:
+        """Evaluation on held-out prompts: the mean reward of greedy completions (rollout.source)."""
+        return self.source.evaluate(prompts)
 
     def metrics(self, reports: List[dict], device) -> Dict[str, float]:
         out = reduce_reports(reports, device)

@@ -134,7 +134,11 @@ class Trainer:
             self.scheduler.step(increment=1)
         return figures, grad_norm, lr, skipped
 
-    def evaluate(self) -> Optional[float]:
+    def evaluate(self) -> Optional[Dict[str, float]]:
+        """Figures on data.eval_path (the loss; a task with its own ``evaluate``, e.g. GRPO's mean reward of
+        greedy completions, gives its own); None off the rank that has them."""
+        if hasattr(self.task, "evaluate"):
+            return self.task.evaluate(self.eval_data)
         sampler = DataParallelSampler(len(self.eval_data), self.cfg.train.global_batch_size,
                                       self.cfg.train.micro_batch_size, ps.get_data_parallel_world_size(),
                                       ps.get_data_parallel_rank(), seed=0, shuffle=False)
@@ -149,7 +153,7 @@ class Trainer:
         for chunk in self.model:
             chunk.train()
         figures = self._task_metrics(reports)
-        return figures["loss"] if figures else None
+        return {"loss": figures["loss"]} if figures else None
 
     def _metrics(self, figures: Optional[Dict[str, float]], grad_norm, lr: float, step_time: float) -> dict:
         train, task = self.cfg.train, self.task
@@ -211,9 +215,9 @@ class Trainer:
             self.sinks.log_samples(self.state.iteration, self.train_data.take_samples())
         self.guard.check(self.state.iteration)
         if train.eval_interval and self.eval_data is not None and self.state.iteration % train.eval_interval == 0:
-            eval_loss = self.evaluate()
-            if eval_loss is not None:
-                self.sinks.log_eval(self.state.iteration, eval_loss)
+            figures = self.evaluate()
+            if figures is not None:
+                self.sinks.log_eval(self.state.iteration, figures)
         if self.length.ends_epoch(self.state.iteration):
             _print0(f"epoch {self.state.epoch} done at step {self.state.iteration} "
                     f"({self.state.consumed_samples} samples consumed)")

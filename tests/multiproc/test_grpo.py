@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from tests.conftest import ROOT, launch_cmd, read_metrics, run_train, train_env
 
@@ -262,3 +263,37 @@ def test_judge_model_replies_are_parsed_and_malformed_ones_counted(judge_dir, tm
     assert 0 < unparsable < len(rows)
     logged = sum(m["judge/malformed"] * 8 for m in metrics)
     assert logged == pytest.approx(unparsable)
+
+
+def test_evaluation_is_the_mean_reward_of_greedy_completions(hf_dir, tmp_path):
+    """At lr=0 the policy is the HF model: its evaluation must score transformers' own greedy completions."""
+    from transformers import AutoModelForCausalLM
+
+    from megatron_swift.data.prompts import prompt_source
+    from megatron_swift.data.tokenizer import ByteTokenizer
+    from tests.fixtures.vowel_reward import ascii_share
+
+    held_out = tmp_path / "held_out.jsonl"  # 5 prompts over 2 DP ranks: one rank repeats one, not counted
+    held_out.write_text("".join(json.dumps({"prompt": f"What is {i} plus {i + 3}?"}) + "\n" for i in range(5)))
+    out, _ = _grpo(tmp_path, "run", 2, [f"model.pretrained={hf_dir}", "data.tokenizer=byte", "train.lr=0",
+                                        "train.min_lr=0", "task.beta=0", "task.num_generations=2",
+                                        "train.global_batch_size=4", "train.micro_batch_size=2",
+                                        "train.train_iters=2", "train.eval_interval=2", f"data.eval_path=[{held_out}]",
+                                        "task.rewards=[ascii]"])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    (evaluation,) = [r for r in rows if "eval_reward" in r]
+    cfg = OmegaConf.create({"template": None, "on_error": "error", "truncation": "error"})
+    prompts = prompt_source([str(held_out)], cfg, ByteTokenizer(), 64, None, 8)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    texts, lengths = [], []
+    for ids in prompts.ids:
+        new = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, eos_token_id=256,
+                             pad_token_id=0)[0, len(ids):].tolist()
+        new = new[:new.index(256) + 1] if 256 in new else new
+        texts.append(ByteTokenizer().decode([t for t in new if t != 256]))
+        lengths.append(len(new))
+    expected = ascii_share(None, texts)
+    assert evaluation["iteration"] == 2
+    assert evaluation["eval_reward"] == pytest.approx(sum(expected) / 5, abs=1e-6)
+    assert evaluation["eval_rewards/ascii"] == pytest.approx(sum(expected) / 5, abs=1e-6)
+    assert evaluation["eval_completion_length"] == pytest.approx(sum(lengths) / 5)
