@@ -28,6 +28,7 @@ setup(
         "te": ["transformer-engine[pytorch]>=2.0"],
         # GRPO's accuracy reward verifies math answers with it (falls back to a normalised exact match).
         "rl": ["math-verify>=0.7,<1"],
-        "test": ["pytest>=8", "transformers>=4.45", "peft>=0.13", "math-verify>=0.7,<1"],
+        # scikit-learn ships two real JPEGs (china.jpg, flower.jpg) the vision tests use.
+        "test": ["pytest>=8", "transformers>=4.45", "peft>=0.13", "math-verify>=0.7,<1", "scikit-learn>=1.3"],
     },
 )

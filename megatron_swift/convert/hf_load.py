@@ -171,3 +171,27 @@ def _check_all_used(reader: SafetensorsFolder) -> None:
         more = f" (and {len(unused) - 8} more)" if len(unused) > 8 else ""
         raise DataError(reader.folder, None, f"{len(unused)} tensors in the checkpoint are not used by the model "
                         f"(is config.json the one these weights were saved with?): {', '.join(unused[:8])}{more}")
+
+
+def load_vision_weights(model, folder: str, arch, hf_prefix: Optional[str] = None) -> SafetensorsFolder:
+    """Fill a vision encoder (models/vision.py, ``arch``: its VisionArch) from an HF folder holding a CLIP or
+    SigLIP vision tower under ``hf_prefix``; returns the reader, whose ``used`` set the caller checks (a VLM
+    leaves the layers after its feature layer, and SigLIP's post-layernorm and head, unread).
+
+    ``hf_prefix`` None: found from the patch embedding's name. transformers 4.x saves a CLIPVisionModel's
+    tensors under ``vision_model.``, 5.x without it (and a LLaVA's tower under ``vision_tower.`` or
+    ``vision_tower.vision_model.``)."""
+    from megatron_swift.convert.tables import vit_style
+
+    reader = SafetensorsFolder(folder)
+    if hf_prefix is None:
+        marker = "embeddings.patch_embedding.weight"
+        found = sorted(n[:-len(marker)] for n in reader.file_of if n.endswith(marker))
+        if len(found) != 1:
+            raise DataError(folder, None, f"expected one vision tower (a tensor named *{marker}), found {found}")
+        hf_prefix = found[0]
+    rules = compile_rules(vit_style(arch.model_type, hf_prefix))
+    ctx = Context(arch.num_attention_heads, arch.kv_channels, 0, ps.get_tensor_model_parallel_world_size())
+    for name, param in model.named_parameters():
+        _load_param(name, param, rules, reader, {}, ctx, ps.get_tensor_model_parallel_rank())
+    return reader

@@ -143,3 +143,23 @@ class GateUp:
         gate = torch.cat([g for g, _ in blocks])
         up = torch.cat([u for _, u in blocks])
         return {self.gate.format(**layer): gate.contiguous(), self.up.format(**layer): up.contiguous()}
+
+
+@dataclass(frozen=True)
+class Reshape:
+    """One HF tensor under another shape (CLIP's class embedding [h] is megatron-core's [1, 1, h]); not
+    tensor-parallel. ``shape`` / ``hf_shape`` may hold one -1."""
+
+    mcore: Tuple[str, ...]
+    hf: str
+    shape: Tuple[int, ...]
+    hf_shape: Tuple[int, ...] = (-1,)
+
+    def hf_names(self):
+        return (self.hf,)
+
+    def build(self, reader: Reader, layer: Dict[str, str], ctx, part: Optional[Part] = None) -> torch.Tensor:
+        return _cut(reader.read(self.hf.format(**layer)).reshape(self.shape), part)
+
+    def split(self, full: torch.Tensor, layer: Dict[str, str], ctx) -> Dict[str, torch.Tensor]:
+        return {self.hf.format(**layer): full.reshape(self.hf_shape).contiguous()}

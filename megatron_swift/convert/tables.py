@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import List
 
-from megatron_swift.convert.rules import QKV, Direct, GateUp
+from megatron_swift.convert.rules import QKV, Direct, GateUp, Reshape
 
 _L = "decoder.layers.{layer}."
 _H = "model.layers.{layer}."
@@ -75,3 +75,29 @@ def llama_style(qk_norm: bool = False, qkv_bias: bool = False, tied: bool = Fals
 def moe_style(qk_norm: bool = False, qkv_bias: bool = False, tied: bool = False, head: str = "lm") -> List[object]:
     """Rules for a decoder whose every MLP is a router plus routed SwiGLU experts (Qwen3-MoE)."""
     return _embedding(tied, head) + _attention(qk_norm, qkv_bias) + _routed_experts()
+
+
+def vit_style(model_type: str, hf_prefix: str = "vision_model.") -> List[object]:
+    """Rules for a CLIP or SigLIP vision encoder as megatron-core's CLIPViTModel (models/vision.py) holds it.
+
+    ``hf_prefix``: where the encoder sits in the HF checkpoint (hf_load.load_vision_weights finds it). Q/K/V
+    fuse per head (as many groups as heads: Context.num_query_groups)."""
+    e, h, m = hf_prefix + "embeddings.", hf_prefix + "encoder.layers.{layer}.", "decoder.layers.{layer}."
+    rules = [Direct(("conv1.weight",), e + "patch_embedding.weight"),
+             Direct(("position_embeddings.weight",), e + "position_embedding.weight")]
+    if model_type == "clip":  # a class token and a layernorm before the encoder (HF's spelling: pre_layrnorm)
+        rules += [Reshape(("class_token",), e + "class_embedding", (1, 1, -1)),
+                  Direct(("ln_pre.weight",), hf_prefix + "pre_layrnorm.weight"),
+                  Direct(("ln_pre.bias",), hf_prefix + "pre_layrnorm.bias")]
+    else:  # SigLIP: a patch convolution with a bias, no class token
+        rules.append(Direct(("conv1.bias",), e + "patch_embedding.bias"))
+    for t in ("weight", "bias"):
+        rules += [
+            Direct((m + f"input_layernorm.{t}",), h + f"layer_norm1.{t}"),
+            QKV((m + f"self_attention.linear_qkv.{t}",), *(h + f"self_attn.{p}_proj.{t}" for p in "qkv")),
+            Direct((m + f"self_attention.linear_proj.{t}",), h + f"self_attn.out_proj.{t}"),
+            Direct((m + f"pre_mlp_layernorm.{t}",), h + f"layer_norm2.{t}"),
+            Direct((m + f"mlp.linear_fc1.{t}",), h + f"mlp.fc1.{t}"),
+            Direct((m + f"mlp.linear_fc2.{t}",), h + f"mlp.fc2.{t}"),
+        ]
+    return rules

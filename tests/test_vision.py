@@ -1,0 +1,76 @@
+"""Vision encoders on megatron-core (models/vision.py, convert/tables.vit_style): features equal transformers'
+CLIPVisionModel / SiglipVisionModel hidden states at the layer a LLaVA model reads, on a real photograph."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+
+@pytest.fixture(scope="module", autouse=True)
+def world_of_one():
+    from megatron_swift.backend import cpu_compat
+    from megatron_swift.backend.device import _free_port
+
+    cpu_compat.apply()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    ps.initialize_model_parallel(1, 1)
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    model_parallel_cuda_manual_seed(0)
+    yield
+    ps.destroy_model_parallel()
+    dist.destroy_process_group()  # other in-process tests start their own
+
+
+def _photo():
+    from PIL import Image
+    from sklearn.datasets import load_sample_image
+
+    return Image.fromarray(load_sample_image("china.jpg"))  # a real JPEG that scikit-learn ships
+
+
+def _hf_encoder(kind: str, folder):
+    import transformers
+
+    shape = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=56,
+                 patch_size=14)
+    if kind == "clip":
+        config = transformers.CLIPVisionConfig(**shape, hidden_act="quick_gelu")
+        model = transformers.CLIPVisionModel(config)
+        processor = transformers.CLIPImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
+    else:
+        config = transformers.SiglipVisionConfig(**shape)
+        model = transformers.SiglipVisionModel(config)
+        processor = transformers.SiglipImageProcessor(size={"height": 56, "width": 56})
+    torch.manual_seed(0)
+    with torch.no_grad():  # random norms and biases: a tensor loaded into the wrong place shows
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.normal_(1.0 if "norm" in name and name.endswith("weight") else 0.0, 0.2)
+    model.eval().save_pretrained(folder)
+    return model, config, processor
+
+
+@pytest.mark.parametrize("kind,feature_layer", [("clip", -2), ("siglip", -1)])
+def test_vision_features_equal_transformers(tmp_path, kind, feature_layer):
+    from megatron_swift.convert.hf_load import load_vision_weights
+    from megatron_swift.models.vision import build_vision_model, vision_arch, vision_config
+
+    hf, config, processor = _hf_encoder(kind, tmp_path)
+    pixels = processor(images=_photo(), return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        expected = hf(pixel_values=pixels, output_hidden_states=True).hidden_states[feature_layer]
+    arch = vision_arch(config.to_dict(), feature_layer)
+    assert arch.num_layers == (2 if kind == "clip" else 3)
+    model = build_vision_model(arch, vision_config(arch, use_cpu_initialization=True)).eval()
+    reader = load_vision_weights(model, str(tmp_path), arch)
+    unread = {n for n in reader.file_of if n not in reader.used}
+    # What a LLaVA model does not use: the layers after the feature layer, the post-layernorm, SigLIP's head.
+    assert all(".layers.2." in n or "post_layernorm" in n or n.startswith("head.") for n in unread), unread
+    assert any("post_layernorm" in n for n in unread)
+    with torch.no_grad():
+        got = model(pixels)
+    assert got.shape == expected.shape  # CLIP: the class token first, then 16 patches
+    assert (got - expected).abs().max().item() < 1e-5
