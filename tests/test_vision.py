@@ -74,3 +74,24 @@ def test_vision_features_equal_transformers(tmp_path, kind, feature_layer):
         got = model(pixels)
     assert got.shape == expected.shape  # CLIP: the class token first, then 16 patches
     assert (got - expected).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("kind,feature_layer", [("clip", -2), ("siglip", -1)])
+def test_vision_features_under_tensor_parallelism(tmp_path, kind, feature_layer):
+    """Two TP ranks: Q/K/V split by heads, the MLP and projections by rows/columns, the result the same."""
+    import subprocess
+
+    from tests.conftest import ROOT, launch_cmd, train_env
+
+    hf, _, processor = _hf_encoder(kind, tmp_path / "hf")
+    pixels = processor(images=_photo(), return_tensors="pt")["pixel_values"]
+    torch.save(pixels, tmp_path / "pixels.pt")
+    with torch.no_grad():
+        expected = hf(pixel_values=pixels, output_hidden_states=True).hidden_states[feature_layer]
+    out = tmp_path / "features.pt"
+    cmd = launch_cmd(2, [str(tmp_path / "hf"), str(tmp_path / "pixels.pt"), str(feature_layer), str(out)],
+                     script=ROOT / "tests" / "multiproc" / "vision_worker.py")
+    proc = subprocess.run(cmd, cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = torch.load(out, weights_only=True)
+    assert got.shape == expected.shape and (got - expected).abs().max().item() < 1e-5
