@@ -29,7 +29,7 @@ from megatron.core.utils import get_attr_wrapped_model
 from megatron_swift.backend.device import collective_device
 from megatron_swift.rollout.rotated_cache import rotated_cache
 from megatron_swift.rollout.sampling import SamplingParams, next_tokens
-from megatron_swift.training.forward_only import collect
+from megatron_swift.training.forward_only import collect, eval_mode
 
 
 @dataclass
@@ -60,18 +60,12 @@ class MegatronEngine:
                  generator: Optional[torch.Generator] = None) -> Completions:
         step = self.batch_size or len(prompts)
         out = Completions([], [])
-        modes = [chunk.training for chunk in self.model]
-        for chunk in self.model:
-            chunk.eval()  # no dropout, and megatron-core's inference path (KV cache) only runs in eval mode
-        try:
-            with torch.no_grad(), rotated_cache(get_attr_wrapped_model(self.model[0], "config")):
-                for start in range(0, len(prompts), step):
-                    part = self._generate(prompts[start:start + step], params, generator)
-                    out.token_ids += part.token_ids
-                    out.stopped += part.stopped
-        finally:
-            for chunk, mode in zip(self.model, modes):
-                chunk.train(mode)
+        # Eval mode: no dropout, and megatron-core's inference path (KV cache) only runs in it.
+        with eval_mode(self.model), torch.no_grad(), rotated_cache(get_attr_wrapped_model(self.model[0], "config")):
+            for start in range(0, len(prompts), step):
+                part = self._generate(prompts[start:start + step], params, generator)
+                out.token_ids += part.token_ids
+                out.stopped += part.stopped
         return out
 
     def _generate(self, prompts: List[List[int]], params: SamplingParams, generator) -> Completions:

@@ -23,7 +23,7 @@ from megatron_swift.tasks.base import register, rows_from_jsonl
 from megatron_swift.tasks.configs import GRPOConfig
 from megatron_swift.tasks.reports import reduce_reports
 from megatron_swift.training import grpo_losses
-from megatron_swift.training.forward_only import collect
+from megatron_swift.training.forward_only import collect, eval_mode
 
 
 def read_prompts(paths, data_cfg, tokenizer, seq_length: int, folder, cfg=None):
@@ -174,14 +174,8 @@ class GRPOTask:
 
         if model is None:
             return _base_of_policy(self.model, run)
-        modes = [chunk.training for chunk in model]
-        for chunk in model:
-            chunk.eval()
-        try:
+        with eval_mode(model):
             return run(model)
-        finally:
-            for chunk, mode in zip(model, modes):
-                chunk.train(mode)
 
     def forward_step(self):
         def step(data_iterator, model):

@@ -26,7 +26,7 @@ from megatron_swift.data.preference import preference_source
 from megatron_swift.tasks.base import rows_from_jsonl
 from megatron_swift.tasks.reports import reduce_reports
 from megatron_swift.training import cp_shard
-from megatron_swift.training.forward_only import collect
+from megatron_swift.training.forward_only import collect, eval_mode
 
 
 def sequence_logps(token_losses: torch.Tensor, loss_mask: torch.Tensor):
@@ -148,15 +148,8 @@ def _base_of_policy(policy, run):
     """``run(policy)`` with the adapters disabled and dropout off, then the policy as it was."""
     from megatron_swift.tuners.lora import adapters_disabled
 
-    modes = [chunk.training for chunk in policy]
-    for chunk in policy:
-        chunk.eval()
-    try:
-        with adapters_disabled(policy):
-            return run(policy)
-    finally:
-        for chunk, mode in zip(policy, modes):
-            chunk.train(mode)
+    with eval_mode(policy), adapters_disabled(policy):
+        return run(policy)
 
 
 def per_item_reports(figures: Dict[str, torch.Tensor], count: torch.Tensor) -> Dict[str, torch.Tensor]:

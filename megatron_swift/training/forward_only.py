@@ -5,10 +5,25 @@ Works under every layout the trainer supports; the values exist on the last pipe
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, List
 
 import torch
 from megatron.core.pipeline_parallel import get_forward_backward_func
+
+
+@contextlib.contextmanager
+def eval_mode(model: List[torch.nn.Module]):
+    """The chunks in eval mode (no dropout; megatron-core's KV-cache path needs it) inside the block, then in
+    the mode each was in."""
+    modes = [chunk.training for chunk in model]
+    for chunk in model:
+        chunk.eval()
+    try:
+        yield
+    finally:
+        for chunk, mode in zip(model, modes):
+            chunk.train(mode)
 
 
 def collect(model: List[torch.nn.Module], batches: list, forward: Callable, reduce: Callable, seq_length: int,
