@@ -57,4 +57,5 @@ def test_readme_commands_run_top_to_bottom_in_one_folder(tmp_path, tiny_hf, tied
     names = [f.split("/")[1] for f in folders]
     assert names[0] == "qwen3-tiny-pt-demo_corpus" and "qwen3-tiny-sft-demo_sft" in names
     assert any(n.endswith("-dpo-demo_prefs") for n in names) and names[-1] == "my-tied-qwen3-pt-demo_corpus"
+    assert any(n.endswith("-grpo-demo_prompts") for n in names)
     assert "initial weights from HF checkpoint" in out  # the last run loaded its own weights
