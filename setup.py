@@ -7,7 +7,7 @@ setup(
     description="Megatron-Core based trainer for large language models, driven by Hydra configs",
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_swift", "megatron_swift.*"]),
-    package_data={"megatron_swift": ["assets/*"]},
+    package_data={"megatron_swift": ["assets/*", "assets/vl_shapes/*.jsonl", "assets/vl_shapes/images/*.png"]},
     install_requires=[
         # torch is deliberately not upper-bounded tightly; CI installs the CPU build 2.13.0 first.
         "torch>=2.4,<2.15",

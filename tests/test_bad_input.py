@@ -28,15 +28,15 @@ def test_no_model_lists_the_families(tmp_path):
     proc = _train([], cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip() == ("megatron-swift: error: no model chosen: add +model=<family>, one of: llama, "
-                                   "qwen2, qwen3, qwen3_moe")
+                                   "llava, qwen2, qwen3, qwen3_moe")
     assert not (tmp_path / "outputs").exists()
 
 
 def test_unknown_model_names_the_choices():
     proc = _train(["+model=gpt5"])
     assert proc.returncode == 2
-    assert proc.stderr.strip() == ("megatron-swift: error: model=gpt5: no such model; choose one of: llama, qwen2, "
-                                   "qwen3, qwen3_moe")
+    assert proc.stderr.strip() == ("megatron-swift: error: model=gpt5: no such model; choose one of: llama, llava, "
+                                   "qwen2, qwen3, qwen3_moe")
 
 
 def test_a_misspelt_key_or_another_tasks_setting_is_one_line():

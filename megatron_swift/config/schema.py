@@ -67,6 +67,14 @@ class ModelConfig:
     """Standard deviation of the random weight initialisation."""
     load: Optional[str] = None
     """Megatron checkpoint (run dir, checkpoints dir or iter_N dir) to take initial weights from; optimizer state is not loaded."""
+    llm: Optional[str] = None
+    """VLMs (+model=llava): an HF causal-LM folder for the language model, composed with model.vision (the projector starts fresh)."""
+    vision: Optional[str] = None
+    """VLMs (+model=llava): an HF CLIP or SigLIP folder for the vision encoder, composed with model.llm."""
+    vision_feature_layer: Optional[int] = None
+    """VLMs: the encoder layer whose output is the image features (HF vision_feature_layer; None: the checkpoint's, else -2)."""
+    vision_select: Optional[str] = None
+    """VLMs: default (drop CLIP's class token) or full (keep every feature); None: the checkpoint's, else default."""
 
 
 @dataclass
@@ -102,11 +110,11 @@ class DataConfig:
     """Where training samples come from and how text becomes tokens."""
 
     source: str = "jsonl"
-    """Data source: jsonl (text rows), sft (conversations), indexed (megatron .bin/.idx prefixes) or mock (random tokens)."""
+    """Data source: jsonl (text rows), sft (conversations), vl_sft (conversations with images, for a vision-language model), indexed (megatron .bin/.idx prefixes) or mock (random tokens)."""
     path: List[str] = field(default_factory=list)
-    """Files (jsonl) or path prefixes without .bin/.idx (indexed)."""
+    """Files (jsonl, sft, vl_sft: a row's "images" are paths relative to its file's folder) or path prefixes without .bin/.idx (indexed)."""
     weights: List[float] = field(default_factory=list)
-    """Blend weights, one per data.path entry (indexed: megatron-core's blend; sft: sampling share); empty: by size."""
+    """Blend weights, one per data.path entry (indexed: megatron-core's blend; sft, vl_sft: sampling share); empty: by size."""
     text_key: str = "text"
     """Key of the text field in each JSONL row."""
     tokenizer: Optional[str] = None
@@ -126,7 +134,7 @@ class DataConfig:
     packing: bool = False
     """Pack several SFT samples into each row of train.seq_length (best-fit decreasing), each attending only to itself."""
     truncation: str = "error"
-    """SFT samples longer than train.seq_length: error, truncate (keep the start) or drop."""
+    """SFT samples longer than train.seq_length: error, truncate (keep the start; vl_sft: drop a row the cut would split an image of) or drop."""
     streaming: bool = False
     """Read SFT files lazily (no up-front pass): each DP rank takes every dp-th line through a shuffle buffer; needs train.train_iters."""
     stream_buffer: int = 10000
@@ -134,7 +142,7 @@ class DataConfig:
     pack_window: int = 1000
     """Samples packed together at a time when streaming with data.packing."""
     on_error: str = "error"
-    """Bad rows (invalid JSON or UTF-8, missing roles, empty assistant turn, over-long lines): error (name file and line) or skip (count them)."""
+    """Bad rows (invalid JSON or UTF-8, missing roles, empty assistant turn, over-long lines, missing or unreadable images): error (name file and line) or skip (count them)."""
     max_line_bytes: int = 16777216
     """Longest JSONL line accepted, in bytes (16 MiB); a longer line is rejected without reading it whole into memory."""
 
@@ -214,7 +222,9 @@ class TrainConfig:
     device: str = "auto"
     """auto (CUDA if available), cuda or cpu."""
     freeze: List[str] = field(default_factory=list)
-    """Parameter groups to freeze: embedding, output_layer, attention, mlp, router, experts, norms."""
+    """Parameter groups to freeze: embedding, output_layer, attention, mlp, router, experts, norms; VLMs also vision, projector, llm."""
+    train_vision: bool = False
+    """VLMs: train the vision encoder too (frozen by default, as the peers do; train.freeze=[vision] is then implied)."""
     freeze_regex: Optional[str] = None
     """Freeze the parameters whose Megatron name (global layer numbers) matches this regex."""
     trainable_regex: Optional[str] = None

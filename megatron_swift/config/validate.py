@@ -173,12 +173,12 @@ def _data(cfg, problems: List[str]) -> None:
     from megatron_swift.data.sft import ON_ERROR
 
     data = cfg.data
-    _choice(problems, "data.source", data.source, ("jsonl", "sft", "indexed", "mock"))
+    _choice(problems, "data.source", data.source, ("jsonl", "sft", "vl_sft", "indexed", "mock"))
     _choice(problems, "data.on_error", data.on_error, ON_ERROR)  # every JSONL reader applies it
     if data.max_line_bytes < MIN_LINE_BYTES:
         problems.append(f"data.max_line_bytes={data.max_line_bytes} must be >= {MIN_LINE_BYTES} (the longest JSONL "
                         "line accepted, in bytes)")
-    if data.source == "sft":
+    if data.source in ("sft", "vl_sft"):
         _sft(cfg, problems)
     if data.weights:
         if len(data.weights) != len(data.path):
@@ -188,8 +188,8 @@ def _data(cfg, problems: List[str]) -> None:
         if data.source == "indexed" and cfg.train.train_iters is None:
             problems.append("data.weights on indexed data needs train.train_iters (a weighted blend is built with "
                             "train_iters x global_batch_size samples; it has no natural epoch)")
-        if data.source not in ("indexed", "sft"):
-            problems.append(f"data.weights applies to data.source=indexed or sft, not {data.source}")
+        if data.source not in ("indexed", "sft", "vl_sft"):
+            problems.append(f"data.weights applies to data.source=indexed, sft or vl_sft, not {data.source}")
     if data.source == "mock":
         return
     if not data.path:
@@ -209,7 +209,9 @@ def _sft(cfg, problems: List[str]) -> None:
     _choice(problems, "data.format", data.format, FORMATS)
     _choice(problems, "data.loss_on", data.loss_on, LOSS_ON)
     _choice(problems, "data.truncation", data.truncation, TRUNCATION)
-    if data.streaming:
+    if data.streaming and data.source == "vl_sft":
+        problems.append("data.streaming is not supported with data.source=vl_sft yet")
+    elif data.streaming:
         if cfg.train.train_iters is None:
             problems.append("data.streaming has no sample count known up front: set train.train_iters "
                             "(train.max_epochs does not apply to a stream)")
@@ -262,6 +264,35 @@ def _tuner(cfg, arch, problems: List[str]) -> None:
                         "an expert tensor-parallel group)")
 
 
+def _vision(cfg, arch, problems: List[str]) -> None:
+    """Vision-language models (+model=llava) and image data."""
+    model = cfg.model
+    if cfg.data.source == "vl_sft" and arch.vision is None:
+        problems.append(f"data.source=vl_sft needs a vision-language model (+model=llava), not +model={model.family}")
+    if model.llm and model.pretrained:
+        problems.append("model.pretrained (an HF LLaVA folder) and model.llm + model.vision (one composed from an "
+                        "LLM and a vision encoder) are alternatives: set one")
+    if model.vision_feature_layer is not None and not model.llm:
+        problems.append("model.vision_feature_layer applies to a VLM composed with model.llm + model.vision; "
+                        "a checkpoint's comes from its config.json")
+    if arch.vision is None:
+        return
+    from megatron_swift.models.vision import image_seq_length
+
+    vision, tp = arch.vision, cfg.parallel.tp
+    _choice(problems, "model.vision_select", arch.vision_select, ("default", "full"))
+    if cfg.task.name != "lm":
+        problems.append(f"task={cfg.task.name} does not take images yet: a VLM trains with task=lm (SFT, pretraining)")
+    if vision.num_attention_heads % tp:
+        problems.append(f"parallel.tp={tp} must divide the vision encoder's {vision.num_attention_heads} heads")
+    if vision.image_size % vision.patch_size:
+        problems.append(f"the vision encoder's image size {vision.image_size} is not a multiple of its patch size "
+                        f"{vision.patch_size}")
+    tokens = image_seq_length(vision, arch.vision_select)
+    if cfg.train.seq_length <= tokens:
+        problems.append(f"train.seq_length={cfg.train.seq_length} must hold an image's {tokens} tokens and text")
+
+
 def _attention(cfg, te_available: bool) -> str:
     from megatron_swift.models.attention import resolve
 
@@ -294,7 +325,7 @@ def validate(cfg, world_size: Optional[int], te_available: bool = False, device:
         arch = resolve(cfg.model)
     except KeyError as e:
         raise ConfigError([str(e.args[0])]) from None
-    except DataError as e:
+    except (DataError, ValueError) as e:
         raise ConfigError([str(e)]) from None
     problems: List[str] = []
     _layout(cfg, arch, te_available, problems)
@@ -304,6 +335,7 @@ def validate(cfg, world_size: Optional[int], te_available: bool = False, device:
     _data(cfg, problems)
     _task(cfg, problems)
     _tuner(cfg, arch, problems)
+    _vision(cfg, arch, problems)
     _backend(cfg, te_available, device, problems)
     if problems:
         raise ConfigError(problems)

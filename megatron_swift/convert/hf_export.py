@@ -17,13 +17,14 @@ from typing import Dict, Iterable, Optional, Tuple
 import torch
 from safetensors.torch import save_file
 
-from megatron_swift.convert.hf_config import read_hf_config, to_hf_config
+from megatron_swift.convert.hf_config import read_hf_config
 from megatron_swift.convert.hf_load import Context, compile_rules, match_rule
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-           "tokenizer.model", "added_tokens.json", "generation_config.json", "chat_template.jinja")
+           "tokenizer.model", "added_tokens.json", "generation_config.json", "chat_template.jinja",
+           "chat_template.json", "preprocessor_config.json", "processor_config.json")
 
 
 class ShardWriter:
@@ -65,12 +66,13 @@ class ShardWriter:
                 json.dump({"metadata": {"total_size": self.total}, "weight_map": weight_map}, f, indent=2)
 
 
-def hf_tensors(params: Iterable[Tuple[str, torch.Tensor]], rules, ctx: Context, layer_offset: int,
+def hf_tensors(params: Iterable[Tuple[str, torch.Tensor]], rules, ctx, layer_offset: int,
                dtype: torch.dtype) -> Iterable[Tuple[str, torch.Tensor]]:
-    """(HF name, tensor) for unsharded Megatron parameters; ``layer_offset`` turns layer 0 into the real index."""
+    """(HF name, tensor) for unsharded Megatron parameters; ``layer_offset`` turns layer 0 into the real index.
+    ``ctx``: a Context, or a function of the parameter's name giving its Context (a VLM's vision encoder)."""
     for name, param in params:
         rule, layer = match_rule(name, rules, {"layer": layer_offset}, "export")
-        for hf_name, tensor in rule.split(param, layer, ctx).items():
+        for hf_name, tensor in rule.split(param, layer, ctx(name) if callable(ctx) else ctx).items():
             yield hf_name, tensor.to(dtype)
 
 
@@ -85,12 +87,16 @@ def export_checkpoint(ckpt: str, out_dir: str, source: Optional[str] = None, dty
 
     if os.path.exists(out_dir) and os.listdir(out_dir):
         raise FileExistsError(f"{out_dir} exists and is not empty; choose a new --out")
+    from megatron_swift.models.arch import Arch
+
     reader = LayerwiseCheckpoint(ckpt)
     arch, family = reader.meta["arch"], reader.family
     torch_dtype = DTYPES[dtype] if dtype else reader.dtype
-    rules = compile_rules(family.weights(tied=not arch["untie_embeddings"], head=arch.get("head", "lm")))
-    ctx = Context(arch["num_query_groups"], arch["kv_channels"], reader.meta["padded_vocab_size"], tp=1,
-                  vocab_size=arch["vocab_size"])
+    full = Arch(family=family, **arch)
+    rules = compile_rules(family.rules(full))
+    dense = Context(arch["num_query_groups"], arch["kv_channels"], reader.meta["padded_vocab_size"], tp=1,
+                    vocab_size=arch["vocab_size"])
+    ctx = lambda name: family.context(name, full, dense)  # noqa: E731
     tmp = out_dir.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -99,22 +105,44 @@ def export_checkpoint(ckpt: str, out_dir: str, source: Optional[str] = None, dty
             _write_lora(reader, rules, ctx, tmp, source, dtype and torch_dtype, max_shard_bytes,
                         export or reader.cfg.tuner.export)
         else:
-            _write_tensors(reader, rules, ctx, torch_dtype, ShardWriter(tmp, max_shard_bytes))
+            writer = ShardWriter(tmp, max_shard_bytes)
+            _write_tensors(reader, rules, ctx, torch_dtype, writer, _unused_from(source, family, full))
             _write_config(tmp, family, arch, _DTYPE_NAMES[torch_dtype], source)
+            if not source:
+                family.export_assets(tmp, reader.cfg.model, arch)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written stays behind
         raise
     _finish(tmp, out_dir)
 
 
-def _write_tensors(reader, rules, ctx: Context, dtype: torch.dtype, writer: ShardWriter) -> None:
+def _write_tensors(reader, rules, ctx, dtype: torch.dtype, writer: ShardWriter, unused=()) -> None:
+    """Every parameter as its HF tensors, then ``unused`` ((name, tensor): what the source folder holds that
+    the model does not use, such as a VLM's vision layers after the feature layer) as they were."""
     written = set()
     for layer, params in reader.sections():
         for hf_name, tensor in hf_tensors(params, rules, ctx, layer or 0, dtype):
             if hf_name not in written:  # a tied output layer maps onto the embedding, written once
                 writer.add(hf_name, tensor)
                 written.add(hf_name)
+    for hf_name, tensor in unused:
+        writer.add(hf_name, tensor.to(dtype))
     writer.close()
+
+
+def _unused_from(source: Optional[str], family, arch) -> Iterable[Tuple[str, torch.Tensor]]:
+    """The source HF folder's tensors this model does not use by design (family.hf_unused), so that the
+    export is the source checkpoint again. Without a source the config describes the model as built, and the
+    family fills in what transformers' module has besides it (family.hf_fill)."""
+    if not source or not os.path.isfile(os.path.join(source, "config.json")):
+        yield from family.hf_fill(arch).items()
+        return
+    from megatron_swift.convert.hf_load import SafetensorsFolder
+
+    reader = SafetensorsFolder(source, family.canonical_hf_name)
+    for name in sorted(reader.file_of):
+        if family.hf_unused(arch, name):
+            yield name, reader.read(name)
 
 
 def _write_lora(reader, rules, ctx: Context, folder: str, source: Optional[str], dtype: Optional[torch.dtype],
@@ -159,7 +187,7 @@ def _write_config(folder: str, family, arch: dict, dtype_name: str, source: Opti
         config["torch_dtype"] = dtype_name
         config.pop("dtype", None)
     else:
-        config = to_hf_config(family, arch, dtype_name)
+        config = family.write_hf(arch, dtype_name)
     if arch.get("head") == "reward":  # transformers reads the score of the last non-padding token
         config.update(architectures=[family.hf_reward_architecture], id2label={"0": "LABEL_0"},
                       label2id={"LABEL_0": 0})

@@ -29,7 +29,8 @@ _IGNORED = re.compile(r".*\.rotary_emb\.inv_freq$")
 class SafetensorsFolder:
     """Tensors of an HF folder (``model.safetensors`` or a sharded set with its index), read lazily by slice."""
 
-    def __init__(self, folder: str):
+    def __init__(self, folder: str, canonical=None):
+        """``canonical``: on-disk name -> the name rules use (a family's ``canonical_hf_name``)."""
         from safetensors import safe_open
 
         self.folder = folder
@@ -48,6 +49,10 @@ class SafetensorsFolder:
                 self.file_of = {k: "model.safetensors" for k in f.keys()}
         else:
             raise DataError(folder, None, "no model.safetensors or model.safetensors.index.json (model.pretrained)")
+        self.disk_name = {name: name for name in self.file_of}
+        if canonical is not None:
+            self.disk_name = {canonical(name): name for name in self.file_of}
+            self.file_of = {name: self.file_of[disk] for name, disk in self.disk_name.items()}
 
     def _open(self, path: str):
         """safetensors' reader; a truncated or damaged file is a DataError naming it, not a SafetensorError."""
@@ -64,14 +69,14 @@ class SafetensorsFolder:
 
     def shape(self, name: str) -> Tuple[int, ...]:
         with self._open(self._file(name)) as f:
-            return tuple(f.get_slice(name).get_shape())
+            return tuple(f.get_slice(self.disk_name[name]).get_shape())
 
     def read(self, name: str, dim: int = 0, start: Optional[int] = None, stop: Optional[int] = None) -> torch.Tensor:
         """A copy of the rows; the file is opened per read so that its memory map (and the pages it
         brought in) is released at once instead of growing to the whole checkpoint."""
         self.used.add(name)
         with self._open(self._file(name)) as f:
-            view = f.get_slice(name)
+            view = f.get_slice(self.disk_name[name])
             rows = slice(start, stop)
             return view[rows] if dim == 0 else view[:, rows]
 
@@ -109,41 +114,44 @@ def match_rule(name: str, rules, offsets: Dict[str, int], where: str):
 
 
 def load_hf_weights(chunks, folder: str, arch, padded_vocab: int) -> None:
-    """Fill every parameter of ``chunks`` (this rank's GPTModels) from the HF folder."""
-    if arch.family.weights is None:
-        raise DataError(folder, None, f"loading HF weights is not supported yet for family {arch.family.name}")
-    rules = compile_rules(arch.family.weights(tied=not arch.untie_embeddings, head=arch.head))
+    """Fill every parameter of ``chunks`` (this rank's model chunks) from the HF folder."""
+    family = arch.family
+    if arch.decoder_family.weights is None:
+        raise DataError(folder, None, f"loading HF weights is not supported yet for family {family.name}")
+    rules = compile_rules(family.rules(arch))
     dense = Context(arch.num_query_groups, arch.kv_channels, padded_vocab, ps.get_tensor_model_parallel_world_size())
     expert = replace(dense, tp=ps.get_expert_tensor_parallel_world_size())
     tp_rank, etp_rank = ps.get_tensor_model_parallel_rank(), ps.get_expert_tensor_parallel_rank()
-    reader = SafetensorsFolder(folder)
+    reader = SafetensorsFolder(folder, family.canonical_hf_name)
+    reader.used.update(n for n in reader.file_of if family.hf_unused(arch, n))  # declared unused by design
     if not arch.untie_embeddings:
-        reader.used.add("lm_head.weight")  # a tied copy some checkpoints carry; transformers ignores it too
-    fresh_head = _check_head(reader, arch.head)
+        reader.used.add(family.hf_head)  # a tied copy some checkpoints carry; transformers ignores it too
+    fresh_head = _check_head(reader, arch.head, family.hf_head)
     num_local_experts = (arch.num_experts or 0) // ps.get_expert_model_parallel_world_size()
     expert_offset = ps.get_expert_model_parallel_rank() * num_local_experts
     vpp = len(chunks)
     for vp_stage, chunk in enumerate(chunks):
+        # The language layers' global numbers; a VLM's vision layers sit on the first stage, offset 0 too.
         offsets = dict(layer=get_transformer_layer_offset(chunk.config, vp_stage=vp_stage if vpp > 1 else None),
                        expert=expert_offset)
         for name, param in chunk.named_parameters():
-            if fresh_head and name == "output_layer.weight":
+            if fresh_head and name.endswith("output_layer.weight"):
                 continue  # a new reward head keeps its initial values
             # Expert weights are not all-reduced across DP and are split over the expert TP group.
             is_expert = not getattr(param, "allreduce", True)
-            ctx, rank = (expert, etp_rank) if is_expert else (dense, tp_rank)
+            ctx, rank = (expert, etp_rank) if is_expert else (family.context(name, arch, dense), tp_rank)
             _load_param(name, param, rules, reader, offsets, ctx, rank)
     _check_all_used(reader)
 
 
-def _check_head(reader: SafetensorsFolder, head: str) -> bool:
+def _check_head(reader: SafetensorsFolder, head: str, lm_head: str = "lm_head.weight") -> bool:
     """Whether the model's output layer is a new reward head (a reward model started from a causal LM)."""
     has_score = "score.weight" in reader.file_of
-    if head == "lm" and has_score and "lm_head.weight" not in reader.file_of:
+    if head == "lm" and has_score and lm_head not in reader.file_of:
         raise DataError(reader.folder, None, "this is a reward (sequence-classification) model, which has no LM "
                         "head: train it with task=rm")
     if head == "reward" and not has_score:
-        reader.used.add("lm_head.weight")  # the causal LM's head: a reward model does not use it
+        reader.used.add(lm_head)  # the causal LM's head: a reward model does not use it
         return True
     return False
 
@@ -195,3 +203,14 @@ def load_vision_weights(model, folder: str, arch, hf_prefix: Optional[str] = Non
     for name, param in model.named_parameters():
         _load_param(name, param, rules, reader, {}, ctx, ps.get_tensor_model_parallel_rank())
     return reader
+
+
+def load_composed_weights(chunks, llm: str, vision: str, arch, padded_vocab: int) -> None:
+    """A VLM put together from an HF causal-LM folder (its language model: plain GPTModels, loaded as a text
+    model is) and an HF CLIP/SigLIP folder (its encoder, on the first pipeline stage); the projector keeps its
+    initial values. The encoder folder's unread tensors (the layers after the feature layer, its final norm,
+    a CLIPModel's text tower) are not checked: nothing of the model is missing when every parameter is read."""
+    text_arch = replace(arch, family=arch.decoder_family, text_family=None, vision=None)
+    load_hf_weights([chunk.language_model for chunk in chunks], llm, text_arch, padded_vocab)
+    if chunks[0].vision_model is not None:
+        load_vision_weights(chunks[0].vision_model, vision, arch.vision)

@@ -32,15 +32,14 @@ from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 
 from megatron_swift.training.safe_load import SafeFileSystemReader, SafeLoadPlanner, dcp_load
 
-_LAYERS = "decoder.layers."
 _PRECISION = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def stored_dtype(ckpt: str) -> torch.dtype:
     """The dtype the model weights were saved in (that of the word embedding or first stored weight)."""
     tensors = SafeFileSystemReader(ckpt).read_metadata().state_dict_metadata
-    key = "embedding.word_embeddings.weight"
-    meta = tensors.get(key) or next(v for k, v in tensors.items() if k.endswith((".weight", "_lora.a")))
+    meta = (next((v for k, v in tensors.items() if k.endswith("embedding.word_embeddings.weight")), None)
+            or next(v for k, v in tensors.items() if k.endswith((".weight", "_lora.a"))))
     return meta.properties.dtype
 
 
@@ -62,6 +61,7 @@ class LayerwiseCheckpoint:
         self.dtype = stored_dtype(ckpt)
         self.family = families.get(self.meta["family"])
         self.num_layers = self.meta["arch"]["num_layers"]
+        self.layers = self.family.layers_prefix  # the language decoder's layers: read one at a time
         # One process, every parallel size 1; weights kept in the dtype they were saved in.
         self.cfg.parallel = OmegaConf.merge(self.cfg.parallel, dict(
             tp=1, pp=1, vpp=None, sp=False, cp=1, ep=1, etp=None, distributed_optimizer=False))
@@ -87,22 +87,22 @@ class LayerwiseCheckpoint:
             yield index, self.layer_params(index)
 
     def non_layer_params(self) -> Iterator[Tuple[str, torch.Tensor]]:
-        """Embedding, final norm and output layer."""
-        sharded = {k: v for k, v in self.model.sharded_state_dict().items() if not k.startswith(_LAYERS)}
-        yield from self._read(sharded, lambda name: not name.startswith(_LAYERS))
+        """Embedding, final norm and output layer (and a VLM's vision encoder and projector)."""
+        sharded = {k: v for k, v in self.model.sharded_state_dict().items() if not k.startswith(self.layers)}
+        yield from self._read(sharded, lambda name: not name.startswith(self.layers))
 
     def layer_params(self, index: int) -> Iterator[Tuple[str, torch.Tensor]]:
         """Parameters of decoder layer ``index``, named as layer 0 (``decoder.layers.0.*``)."""
-        prefix = _LAYERS + "0."
-        layer = self.model.decoder.layers[0]
+        prefix = self.layers + "0."
+        layer = self.model.get_submodule(self.layers.rstrip("."))[0]
         if self.adapter_only:  # stored with per-layer (and per-expert) keys: training.checkpoint._PER_LAYER
             metadata = ensure_metadata_has_dp_cp_group(dict(non_homogeneous_layers=True, singleton_local_shards=True))
             sharded = layer.sharded_state_dict(prefix, [], metadata)
-            replace_prefix_for_sharding(sharded, prefix, f"{_LAYERS}{index}.")
+            replace_prefix_for_sharding(sharded, prefix, f"{self.layers}{index}.")
         else:
             sharded = layer.sharded_state_dict(prefix, [(0, index, self.num_layers)],
                                                ensure_metadata_has_dp_cp_group(None))
-            replace_prefix_for_sharding(sharded, prefix, _LAYERS)
+            replace_prefix_for_sharding(sharded, prefix, self.layers)
         yield from self._read(sharded, lambda name: name.startswith(prefix))
 
     def _read(self, sharded: Dict[str, object], wanted) -> Iterator[Tuple[str, torch.Tensor]]:

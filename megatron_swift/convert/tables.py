@@ -5,6 +5,7 @@ Llama, Mistral, Qwen2 and Qwen3 are ``llama_style`` with options; Qwen3-MoE is
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import List
 
 from megatron_swift.convert.rules import QKV, Direct, GateUp, Reshape
@@ -101,3 +102,21 @@ def vit_style(model_type: str, hf_prefix: str = "vision_model.") -> List[object]
             Direct((m + f"mlp.linear_fc2.{t}",), h + f"mlp.fc2.{t}"),
         ]
     return rules
+
+
+def prefixed(rules: List[object], mcore: str, hf: dict) -> List[object]:
+    """The same rules for a sub-model: ``mcore`` in front of every Megatron name, and each HF name's leading
+    ``old`` prefix replaced by ``hf[old]`` (a VLM's language model: ``model.`` -> ``language_model.model.``)."""
+    def hf_name(name: str) -> str:
+        for old, new in hf.items():
+            if name.startswith(old):
+                return new + name[len(old):]
+        return name
+
+    out = []
+    for rule in rules:
+        changes = {f.name: (tuple(mcore + n for n in rule.mcore) if f.name == "mcore" else hf_name(value))
+                   for f in dataclasses.fields(rule) for value in [getattr(rule, f.name)]
+                   if f.name == "mcore" or isinstance(value, str)}
+        out.append(dataclasses.replace(rule, **changes))
+    return out

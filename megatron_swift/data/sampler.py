@@ -41,6 +41,11 @@ class Batch:
     # generation); ref_logps then holds the reference's per-token log-probs.
     advantages: Optional[torch.Tensor] = None
     old_logps: Optional[torch.Tensor] = None
+    # Vision-language rows: the micro-batch's images ([n, 3, H, W], in order of appearance, row by row) and,
+    # per position, which row of the flattened image features goes there ([b, s]: k * T + j for the j-th of
+    # the T tokens of image k; -1 for text). Made before the CP cut, so each rank places exactly its own.
+    images: Optional[torch.Tensor] = None
+    image_index: Optional[torch.Tensor] = None
 
     def to(self, device) -> "Batch":
         return Batch(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)

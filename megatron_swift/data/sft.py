@@ -15,7 +15,7 @@ the model turns into per-sample attention (models/attention.py).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import List, Optional, Sequence
 
 import numpy as np
@@ -37,20 +37,26 @@ def encode(messages: List[dict], template: ChatTemplate, tokenizer, loss_on: str
     """(ids, targets): token ids of the rendered conversation and whether each token carries loss."""
     text, spans = template.spans(messages)
     ids, offsets = tokenizer.encode_with_offsets(text)
+    return np.asarray(ids, dtype=np.int64), loss_targets(messages, spans, offsets, loss_on)
+
+
+def loss_targets(messages: List[dict], spans, offsets, loss_on: str) -> np.ndarray:
+    """Whether each token, covering characters ``offsets`` [(start, end)] of the rendering whose message
+    ``spans`` are given, carries loss (data.loss_on, a message's own "loss" flag)."""
     offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    if loss_on == "all":
+        return np.ones(len(offsets), dtype=bool)
     # A token belongs to a message when the characters it covers overlap the message's span: a piece like
     # SentencePiece's "▁Hello" starts on the separator before the reply but carries the reply's text.
     starts, ends = offsets[:, 0], np.maximum(offsets[:, 1], offsets[:, 0] + 1)
-    if loss_on == "all":
-        return np.asarray(ids, dtype=np.int64), np.ones(len(ids), dtype=bool)
     last_assistant = max(k for k, m in enumerate(messages) if m["role"] == "assistant")
-    targets = np.zeros(len(ids), dtype=bool)
+    targets = np.zeros(len(offsets), dtype=bool)
     for span in spans:
         message = messages[span.index]
         default = message["role"] == "assistant" and (loss_on == "assistant" or span.index == last_assistant)
         if message["loss"] if message["loss"] is not None else default:
             targets |= (starts < span.end) & (ends > span.start)
-    return np.asarray(ids, dtype=np.int64), targets
+    return targets
 
 
 @dataclass
@@ -65,27 +71,45 @@ class Counts:
 
 @dataclass
 class _Samples:
+    """Encoded samples as parallel lists, one entry per sample (subclasses add per-sample fields)."""
+
     ids: List[np.ndarray] = field(default_factory=list)
     targets: List[np.ndarray] = field(default_factory=list)
+
+    def append(self, sample: tuple) -> None:
+        """Add one sample: a tuple with one value per field, in field order."""
+        for f, value in zip(fields(self), sample):
+            getattr(self, f.name).append(value)
 
 
 def read_conversations(paths: Sequence[str], data_cfg, template: ChatTemplate, tokenizer, seq_length: int):
     """Encoded samples of all files and the counts; bad rows raise DataError(file, line) or are skipped."""
-    samples, counts = _Samples(), Counts()
+    counts = Counts()
     encode_line = line_encoder(data_cfg, template, tokenizer, seq_length, counts)
+    return read_samples(paths, data_cfg, encode_line, _Samples(), counts), counts
+
+
+def read_samples(paths: Sequence[str], data_cfg, encode_line, samples: _Samples, counts: Counts) -> _Samples:
+    """``samples`` with the sample ``encode_line(line, path, line_no)`` makes of every kept line of the files."""
     for path, line_no, line in jsonl_lines(paths, *line_rules(data_cfg), counts):
         counts.rows += 1
         encoded = encode_line(line, path, line_no)
         if encoded is not None:
-            samples.ids.append(encoded[0])
-            samples.targets.append(encoded[1])
-    return samples, counts
+            samples.append(encoded)
+    return samples
 
 
-def row_encoder(data_cfg, seq_length: int, counts: Counts, encode_row, subject: str):
-    """``encode(line, path, line_no)`` -> the (ids, targets) sides ``encode_row(row)`` makes of a JSONL row, or
-    None for a row skipped (data.on_error=skip) or dropped (data.truncation); other bad rows raise DataError
-    naming the file and line. ``subject`` names the row in messages ("conversation", "pair")."""
+def _keep_start(side: tuple, seq_length: int) -> tuple:
+    """data.truncation=truncate: the first ``seq_length`` tokens of an (ids, targets) side."""
+    ids, targets = side
+    return ids[:seq_length], targets[:seq_length]
+
+
+def row_encoder(data_cfg, seq_length: int, counts: Counts, encode_row, subject: str, cut=_keep_start):
+    """``encode(line, path, line_no)`` -> the sides ``encode_row(row)`` makes of a JSONL row, or None for a row
+    skipped (data.on_error=skip) or dropped (data.truncation); other bad rows raise DataError naming the file and
+    line. ``subject`` names the row in messages ("conversation", "pair"). A side is a tuple starting (ids,
+    targets); ``cut(side, seq_length)`` truncates one (None: it cannot be cut there, and the row is dropped)."""
 
     def encode_line(line: str, path: str, line_no: int):
         try:
@@ -94,7 +118,7 @@ def row_encoder(data_cfg, seq_length: int, counts: Counts, encode_row, subject: 
             except json.JSONDecodeError as e:
                 raise RowError(f"invalid JSON ({e.msg} at column {e.colno})") from None
             sides = encode_row(row)
-            if any(not targets[1:].any() for _, targets in sides):
+            if any(not side[1][1:].any() for side in sides):
                 raise RowError(f"the chat template gives this {subject} no tokens that carry loss "
                                "(data.template, data.loss_on)")
         except (RowError, TemplateError) as e:
@@ -102,15 +126,16 @@ def row_encoder(data_cfg, seq_length: int, counts: Counts, encode_row, subject: 
                 counts.skipped += 1
                 return None
             raise DataError(path, line_no, f"{e} (data.on_error=skip skips such rows)") from None
-        longest = max(len(ids) for ids, _ in sides)
+        longest = max(len(side[0]) for side in sides)
         if longest > seq_length:
             if data_cfg.truncation == "error":
                 raise DataError(path, line_no, f"{subject} has {longest} tokens, more than train.seq_length="
                                 f"{seq_length} (data.truncation=truncate|drop)")
-            if data_cfg.truncation == "drop" or any(not t[1:seq_length].any() for _, t in sides):
+            cut_sides = [] if data_cfg.truncation == "drop" else [cut(side, seq_length) for side in sides]
+            if not cut_sides or any(side is None or not side[1][1:].any() for side in cut_sides):
                 counts.dropped += 1  # a truncated sample with nothing left to learn is dropped too
                 return None
-            sides = [(ids[:seq_length], targets[:seq_length]) for ids, targets in sides]
+            sides = cut_sides
             counts.truncated += 1
         return sides
 
@@ -193,12 +218,27 @@ def blend(parts: List[_Samples], weights: Sequence[float]) -> _Samples:
     sample_index = np.zeros(total, dtype=np.int64)
     norm = [float(w) / sum(weights) for w in weights]
     helpers.build_blending_indices(dataset_index, sample_index, norm, len(parts), total, False)
-    out = _Samples()
+    out = type(parts[0])()
     for d, k in zip(dataset_index.tolist(), sample_index.tolist()):
         part = parts[d]
-        out.ids.append(part.ids[k % len(part.ids)])
-        out.targets.append(part.targets[k % len(part.targets)])
+        out.append(tuple(getattr(part, f.name)[k % len(part.ids)] for f in fields(part)))
     return out
+
+
+def read_files(paths: Sequence[str], data_cfg, read):
+    """(samples, counts) of all files, ``read(paths)`` giving those of some; with data.weights each file is read
+    alone and the files are blended. DataError when no sample is left."""
+    if data_cfg.weights:
+        per_file = [read([p]) for p in paths]
+        samples, counts = blend([s for s, _ in per_file], data_cfg.weights), Counts()
+        for _, c in per_file:
+            counts = Counts(*(a + b for a, b in zip(counts.__dict__.values(), c.__dict__.values())))
+    else:
+        samples, counts = read(paths)
+    if not samples.ids:
+        raise DataError(",".join(paths), None, f"no usable conversations ({counts.rows} rows, {counts.skipped} "
+                        f"skipped, {counts.dropped} dropped)")
+    return samples, counts
 
 
 def sft_source(paths: Sequence[str], data_cfg, tokenizer, seq_length: int, template_spec: Optional[str],
@@ -207,16 +247,8 @@ def sft_source(paths: Sequence[str], data_cfg, tokenizer, seq_length: int, templ
     from megatron_swift.data.templates import load_template
 
     template = load_template(template_spec, template_folder)
-    if data_cfg.weights:
-        per_file = [read_conversations([p], data_cfg, template, tokenizer, seq_length) for p in paths]
-        samples, counts = blend([s for s, _ in per_file], data_cfg.weights), Counts()
-        for _, c in per_file:
-            counts = Counts(*(a + b for a, b in zip(counts.__dict__.values(), c.__dict__.values())))
-    else:
-        samples, counts = read_conversations(paths, data_cfg, template, tokenizer, seq_length)
-    if not samples.ids:
-        raise DataError(",".join(paths), None, f"no usable conversations ({counts.rows} rows, {counts.skipped} "
-                        f"skipped, {counts.dropped} dropped)")
+    samples, counts = read_files(
+        paths, data_cfg, lambda some: read_conversations(some, data_cfg, template, tokenizer, seq_length))
     description = (f"sft:{','.join(paths)} ({counts.rows} rows, template {template.name}: {len(samples.ids)} "
                    f"samples, {counts.skipped} bad rows skipped, {counts.truncated} truncated, {counts.dropped} "
                    f"dropped)")

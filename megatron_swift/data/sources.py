@@ -92,10 +92,11 @@ def mock_source(num_samples: int, vocab_size: int, seq_length: int, seed: int) -
 
 def build_source(data_cfg, paths: Sequence[str], tokenizer, seq_length: int, seed: int,
                  template_folder: Optional[str] = None, num_samples: Optional[int] = None,
-                 cache_dir: Optional[str] = None, stream_rank: Optional[tuple] = None):
+                 cache_dir: Optional[str] = None, stream_rank: Optional[tuple] = None, vision=None):
     """The source named by ``data.source`` over ``paths``; SFT templates default to ``template_folder``'s,
     weighted indexed blends are built with ``num_samples`` and cache their indices in ``cache_dir``;
-    ``stream_rank`` = (dp rank, dp size) makes a streaming SFT source for that rank (data.streaming)."""
+    ``stream_rank`` = (dp rank, dp size) makes a streaming SFT source for that rank (data.streaming);
+    ``vision`` (data.images.VisionData, from the model) is what vision-language rows need (data.source=vl_sft)."""
     if data_cfg.source == "indexed":
         from megatron_swift.data.pretrain import indexed_source
 
@@ -104,6 +105,13 @@ def build_source(data_cfg, paths: Sequence[str], tokenizer, seq_length: int, see
         from megatron_swift.data.sft import stream_source
 
         return stream_source(paths, data_cfg, tokenizer, seq_length, template_folder, seed, *stream_rank)
+    if data_cfg.source == "vl_sft":
+        from megatron_swift.config.validate import ConfigError
+        from megatron_swift.data.vl_sft import vl_sft_source
+
+        if vision is None:  # ConfigError: the CLI ends the run with this one line
+            raise ConfigError(["data.source=vl_sft needs a vision-language model (+model=llava)"])
+        return vl_sft_source(paths, data_cfg, tokenizer, seq_length, data_cfg.template, template_folder, vision)
     if data_cfg.source == "sft":
         from megatron_swift.data.sft import sft_source
 
@@ -112,4 +120,4 @@ def build_source(data_cfg, paths: Sequence[str], tokenizer, seq_length: int, see
         return jsonl_source(paths, data_cfg.text_key, tokenizer, seq_length, *line_rules(data_cfg))
     if data_cfg.source == "mock":
         return mock_source(data_cfg.mock_samples, tokenizer.vocab_size, seq_length, seed)
-    raise ValueError(f"data.source={data_cfg.source}: expected jsonl, sft, indexed or mock")
+    raise ValueError(f"data.source={data_cfg.source}: expected jsonl, sft, vl_sft, indexed or mock")

@@ -7,6 +7,7 @@ from typing import Optional
 
 from megatron_swift.models import families
 from megatron_swift.models.families import Family
+from megatron_swift.models.vision import VisionArch
 
 
 @dataclass(frozen=True)
@@ -30,10 +31,36 @@ class Arch:
     moe_router_topk: Optional[int]
     moe_router_pre_softmax: bool = False  # default: checkpoints written before this field existed
     head: str = "lm"  # output layer: "lm" (vocabulary logits) or "reward" (one scalar; task=rm)
+    # Vision-language models (families/llava.py): the fields above describe the language model.
+    text_family: Optional[str] = None  # the language model's family (its decoder traits and weight table)
+    vision: Optional[VisionArch] = None  # the vision encoder, as built
+    image_token_id: Optional[int] = None  # the token whose positions receive image features
+    vision_select: str = "default"  # HF vision_feature_select_strategy: default drops CLIP's class token
+    projector_activation: str = "gelu"  # between the projector's two linears (HF projector_hidden_act)
+    projector_bias: bool = True  # biases on the projector's linears (HF multimodal_projector_bias)
+
+    def __post_init__(self):
+        if isinstance(self.vision, dict):  # from a checkpoint's stored numbers (plain())
+            object.__setattr__(self, "vision", VisionArch(**self.vision))
 
     @property
     def is_moe(self) -> bool:
         return bool(self.num_experts)
+
+    @property
+    def decoder_family(self) -> Family:
+        """The family whose decoder layers the language model has (itself, or a VLM's text family)."""
+        return families.get(self.text_family) if self.text_family else self.family
+
+    def plain(self) -> dict:
+        """Every field but the family as JSON-able values (stored with checkpoints; Arch(family=..., **plain)).
+        A text model leaves out the vision fields, so its record equals one written before they existed."""
+        skip = {"family"} | (set() if self.vision else set(_VLM_FIELDS))
+        return {f.name: (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v)
+                for f in dataclasses.fields(self) if f.name not in skip for v in [getattr(self, f.name)]}
+
+
+_VLM_FIELDS = ("text_family", "vision", "image_token_id", "vision_select", "projector_activation", "projector_bias")
 
 
 def resolve(model_cfg) -> Arch:
@@ -42,9 +69,12 @@ def resolve(model_cfg) -> Arch:
     base = dataclasses.asdict(family.size(model_cfg.size))
     if model_cfg.pretrained:
         base.update(_from_hf(model_cfg.pretrained, family))
+    elif getattr(model_cfg, "llm", None):  # a VLM composed of an HF LLM and an HF vision encoder
+        base.update(family.compose(model_cfg))
     values = {}
     for name, default in base.items():
-        override = getattr(model_cfg, name, None)
+        # model.vision names the encoder's folder (model.llm's companion), not these numbers.
+        override = None if name == "vision" else getattr(model_cfg, name, None)
         values[name] = override if override is not None else default
     if values["kv_channels"] is None:
         values["kv_channels"] = values["hidden_size"] // values["num_attention_heads"]
@@ -53,7 +83,7 @@ def resolve(model_cfg) -> Arch:
 
 def _from_hf(folder: str, family: Family) -> dict:
     """Architecture numbers from an HF config.json; its architecture must belong to ``family``."""
-    from megatron_swift.convert.hf_config import arch_fields, read_hf_config
+    from megatron_swift.convert.hf_config import read_hf_config
 
     hf = read_hf_config(folder)
     archs = hf.get("architectures") or []
@@ -62,7 +92,7 @@ def _from_hf(folder: str, family: Family) -> dict:
         raise KeyError(f"model.pretrained={folder} is a {archs or 'model without architectures'}, "
                        f"which +model={family.name} does not load; supported: {', '.join(family.hf_architectures)}"
                        + (f" (use +model={sorted(owners)[0]})" if owners else ""))
-    return arch_fields(hf, folder)
+    return family.read_hf(hf, folder)
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:

@@ -52,8 +52,8 @@ def transformer_config(arch: Arch, cfg, backend: Backend, initialize: bool = Tru
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
-        add_qkv_bias=arch.family.add_qkv_bias,
-        qk_layernorm=arch.family.qk_layernorm,
+        add_qkv_bias=arch.decoder_family.add_qkv_bias,
+        qk_layernorm=arch.decoder_family.qk_layernorm,
         hidden_dropout=model.hidden_dropout,
         attention_dropout=model.attention_dropout,
         init_method_std=model.init_method_std,
@@ -109,11 +109,20 @@ def transformer_config(arch: Arch, cfg, backend: Backend, initialize: bool = Tru
 
 
 def build_model(arch: Arch, tconfig: TransformerConfig, padded_vocab: int, seq_length: int,
-                backend: Backend, unfuse_norms: bool = False) -> List[GPTModel]:
+                backend: Backend, unfuse_norms: bool = False) -> list:
+    """This rank's model chunks, one per virtual pipeline stage, as the family builds them (GPTModels, or a
+    VLM's models.vlm.VisionLanguageModel)."""
+    return arch.family.build(arch, tconfig, padded_vocab, seq_length, backend, unfuse_norms)
+
+
+def build_gpt_chunks(arch: Arch, tconfig: TransformerConfig, padded_vocab: int, seq_length: int,
+                     backend: Backend, unfuse_norms: bool = False, scatter_sp: bool = True) -> List[GPTModel]:
     """One GPTModel per virtual pipeline stage held by this rank (one when vpp is off).
 
     ``unfuse_norms`` (LoRA on Transformer Engine): separate norm modules instead of TE's
-    LayerNorm-fused linears, so that an adapter sees the normalised input its linear sees."""
+    LayerNorm-fused linears, so that an adapter sees the normalised input its linear sees.
+    ``scatter_sp=False``: the embedding output stays whole under sequence parallelism (a VLM places image
+    features into it first, then scatters)."""
     vpp = tconfig.virtual_pipeline_model_parallel_size or 1
     chunks = []
     for vp_stage in range(vpp):
@@ -135,6 +144,7 @@ def build_model(arch: Arch, tconfig: TransformerConfig, padded_vocab: int, seq_l
             share_embeddings_and_output_weights=not arch.untie_embeddings and arch.head == "lm",
             position_embedding_type="rope",
             rotary_base=arch.rotary_base,
+            scatter_embedding_sequence_parallel=scatter_sp,
             vp_stage=stage,
         )
         if arch.head == "reward" and model.post_process:

@@ -45,6 +45,7 @@ class VisionArch:
     patch_size: int
     norm_epsilon: float
     activation: str
+    hf_num_layers: int = 0  # layers of the HF tower (0: as many as built); those past num_layers go unused
 
     @property
     def class_token(self) -> bool:
@@ -67,7 +68,22 @@ def vision_arch(hf_vision: dict, feature_layer: int = -1) -> VisionArch:
         raise ValueError(f"vision feature layer {feature_layer} is outside the encoder's {total} layers")
     return VisionArch(model_type, used, hf_vision["hidden_size"], hf_vision["intermediate_size"],
                       hf_vision["num_attention_heads"], hf_vision["image_size"], hf_vision["patch_size"],
-                      hf_vision.get("layer_norm_eps", 1e-5), hf_vision.get("hidden_act", "quick_gelu"))
+                      hf_vision.get("layer_norm_eps", 1e-5), hf_vision.get("hidden_act", "quick_gelu"), total)
+
+
+def hf_vision_config(arch: VisionArch) -> dict:
+    """An HF ``vision_config`` for the tower as built (its feature layer is then the last: -1)."""
+    return dict(model_type=f"{arch.model_type}_vision_model", num_hidden_layers=arch.num_layers,
+                hidden_size=arch.hidden_size, intermediate_size=arch.ffn_hidden_size,
+                num_attention_heads=arch.num_attention_heads, image_size=arch.image_size,
+                patch_size=arch.patch_size, layer_norm_eps=arch.norm_epsilon, hidden_act=arch.activation,
+                **({"vision_use_head": False} if arch.model_type == "siglip" else {}))
+
+
+def image_seq_length(arch: VisionArch, select: str) -> int:
+    """Image tokens per image: one per patch, plus CLIP's class token when all features are kept (``full``)."""
+    patches = (arch.image_size // arch.patch_size) ** 2
+    return patches + (1 if arch.class_token and select == "full" else 0)
 
 
 def vision_config(arch: VisionArch, **common) -> TransformerConfig:

@@ -3,7 +3,8 @@
 megatron-core's load-balanced split (``megatron.core.utils.get_batch_on_this_cp_rank``): the sequence
 is cut into 2 x cp chunks and CP rank r keeps chunks r and 2cp-1-r, so that under causal attention
 every rank has the same work; megatron-core slices the rotary embeddings the same way. Tokens, labels,
-loss mask and position ids are cut; ``segments`` (packed rows) stays whole, because the attention of
+loss mask, position ids and a VLM's image_index are cut (its images stay whole: each rank places the
+feature rows its positions name); ``segments`` (packed rows) stays whole, because the attention of
 every CP rank covers the whole sequence (models.ulysses builds the full block mask from it).
 
 The tasks whose loss is per sample (DPO, KTO, RM) then need sums over the whole row
@@ -22,7 +23,7 @@ from megatron.core.utils import get_batch_on_this_cp_rank
 
 from megatron_swift.data.sampler import Batch
 
-SEQUENCE_FIELDS = ("tokens", "labels", "loss_mask", "position_ids")
+SEQUENCE_FIELDS = ("tokens", "labels", "loss_mask", "position_ids", "image_index")
 
 
 def cp_size() -> int:

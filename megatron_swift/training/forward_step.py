@@ -15,6 +15,7 @@ from functools import partial
 import torch
 
 from megatron_swift.models.attention import attention_inputs
+from megatron_swift.models.vlm import image_inputs
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -33,7 +34,7 @@ def make_forward_step(packed_format: str):
         """Run one micro-batch; GPTModel returns per-token losses when given labels."""
         batch = next(data_iterator)
         output = model(batch.tokens, batch.position_ids, labels=batch.labels,
-                       **attention_inputs(batch.segments, packed_format))
+                       **attention_inputs(batch.segments, packed_format), **image_inputs(batch))
         return output, partial(loss_func, batch.loss_mask)
 
     return forward_step

@@ -22,12 +22,14 @@ from omegaconf import OmegaConf
 
 from megatron_swift import backend as backend_mod
 from megatron_swift.config.validate import ConfigError, validate
-from megatron_swift.convert.hf_load import load_hf_weights
+from megatron_swift.convert.hf_load import load_composed_weights, load_hf_weights
+from megatron_swift.data.images import vision_data
 from megatron_swift.data.sampler import Batch, DataParallelSampler
 from megatron_swift.data.sources import build_source
 from megatron_swift.data.tokenizer import build_tokenizer
 from megatron_swift.models.arch import padded_vocab_size
 from megatron_swift.models.builder import build_model, transformer_config
+from megatron_swift.models.vlm import add_image_token
 from megatron_swift.observe import Sinks
 from megatron_swift.observe.progress import Progress
 from megatron_swift.tasks import build_task, task_class
@@ -255,8 +257,7 @@ class Trainer:
 
 def model_meta(arch, vocab: int, padded: int) -> dict:
     """Architecture numbers stored with each checkpoint (see checkpoint.save)."""
-    fields = {f.name: getattr(arch, f.name) for f in dataclasses.fields(arch) if f.name != "family"}
-    return dict(family=arch.family.name, arch=dict(fields, vocab_size=vocab), padded_vocab_size=padded)
+    return dict(family=arch.family.name, arch=dict(arch.plain(), vocab_size=vocab), padded_vocab_size=padded)
 
 
 def _streaming(dataset) -> bool:
@@ -312,8 +313,9 @@ def _choose_run(cfg, arch, world: int):
     return choice, resume_from, dict(settings=settings, identity=identity)
 
 
-def _read_data(cfg, tokenizer, folder, output_dir: str):
-    """(train data, eval data or None, samples per epoch, is it a stream) as the task reads them."""
+def _read_data(cfg, tokenizer, folder, output_dir: str, vision=None):
+    """(train data, eval data or None, samples per epoch, is it a stream) as the task reads them; ``vision``:
+    what image rows need of a VLM (data.images.vision_data)."""
     cache = os.path.join(output_dir, "data_cache")
     wanted = cfg.train.train_iters * cfg.train.global_batch_size if cfg.train.train_iters else None
     read_data = task_class(cfg.task.name).read_data  # preference tasks read their own row shapes
@@ -324,9 +326,10 @@ def _read_data(cfg, tokenizer, folder, output_dir: str):
     else:
         train_data = build_source(cfg.data, cfg.data.path, tokenizer, cfg.train.seq_length, cfg.train.seed,
                                   folder, wanted, cache, (ps.get_data_parallel_rank(),
-                                                          ps.get_data_parallel_world_size()))
+                                                          ps.get_data_parallel_world_size()), vision=vision)
         eval_data = (build_source(cfg.data, cfg.data.eval_path, tokenizer, cfg.train.seq_length,
-                                  cfg.train.seed + 1, folder, None, cache) if cfg.data.eval_path else None)
+                                  cfg.train.seed + 1, folder, None, cache, vision=vision)
+                     if cfg.data.eval_path else None)
     # A stream has no length known up front: the run is train_iters steps (validation asks for it) and
     # train.max_epochs does not apply.
     streaming = _streaming(train_data)
@@ -343,23 +346,26 @@ def setup(cfg) -> Trainer:
     output_dir = choice.output_dir
 
     # Data before model: bad data stops the run before any weights or checkpoints are touched.
-    tokenizer_spec = cfg.data.tokenizer or cfg.model.pretrained or "byte"
+    tokenizer_spec = cfg.data.tokenizer or cfg.model.pretrained or cfg.model.llm or "byte"
     tokenizer = build_tokenizer(tokenizer_spec)
     folder = tokenizer_spec if os.path.isdir(tokenizer_spec) else None  # where a chat template may live
-    train_data, eval_data, num_samples, streaming = _read_data(cfg, tokenizer, folder, output_dir)
+    vocab = arch.vocab_size or tokenizer.vocab_size
+    arch, vocab = add_image_token(arch, vocab, tokenizer)  # VLMs: the id the data marks image positions with
+    train_data, eval_data, num_samples, streaming = _read_data(cfg, tokenizer, folder, output_dir,
+                                                               vision_data(cfg, arch))
     length = run_length.plan(num_samples, cfg.train.global_batch_size, None if streaming else cfg.train.max_epochs,
                              cfg.train.train_iters, data=list(cfg.data.path))
     sampler = DataParallelSampler(num_samples, cfg.train.global_batch_size, cfg.train.micro_batch_size,
                                   ps.get_data_parallel_world_size(), ps.get_data_parallel_rank(),
                                   cfg.train.seed, cfg.data.shuffle)
 
-    vocab = arch.vocab_size or tokenizer.vocab_size
     if tokenizer.vocab_size > vocab:
         raise ConfigError([f"tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size={vocab}; "
                            "raise model.vocab_size or use the model's tokenizer"])
     padded = padded_vocab_size(vocab, cfg.model.make_vocab_size_divisible_by, par.tp)
     arch = dataclasses.replace(arch, vocab_size=vocab)  # the real vocabulary: padding logits are masked
-    # Random initialisation is skipped when every weight is loaded next (minutes on 8B+ models).
+    # Random initialisation is skipped when every weight is loaded next (minutes on 8B+ models; a VLM composed
+    # from an LLM and an encoder has a new projector).
     weights_given = resume_from is not None or bool(cfg.model.load) or bool(cfg.model.pretrained)
     tconfig = transformer_config(arch, cfg, be, initialize=not weights_given)
     lora = cfg.tuner.name == "lora"
@@ -371,6 +377,10 @@ def setup(cfg) -> Trainer:
     elif cfg.model.pretrained and load_base:
         load_hf_weights(chunks, cfg.model.pretrained, arch, padded)
         _print0(f"initial weights from HF checkpoint {cfg.model.pretrained}")
+    elif cfg.model.llm and load_base:
+        load_composed_weights(chunks, cfg.model.llm, cfg.model.vision, arch, padded)
+        _print0(f"initial weights from HF checkpoints {cfg.model.llm} (language) and {cfg.model.vision} (vision); "
+                "new projector")
     _print0(apply_tuner(chunks, cfg))
     model = wrap_model(chunks, tconfig, par)
     optimizer = build_optimizer(model, tconfig, cfg.train, par)

@@ -16,7 +16,6 @@ Three kinds of settings (``settings()`` returns them as one dict):
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -60,8 +59,7 @@ def settings(cfg, arch) -> Dict[str, dict]:
         value = OmegaConf.select(cfg, key)
         return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
 
-    fields = {f.name: getattr(arch, f.name) for f in dataclasses.fields(arch) if f.name != "family"}
-    model = {"model.family": arch.family.name, **{f"model.{k}": v for k, v in fields.items()},
+    model = {"model.family": arch.family.name, **{f"model.{k}": v for k, v in arch.plain().items()},
              "task.name": cfg.task.name, "tuner.name": cfg.tuner.name}
     if cfg.tuner.name == "lora":  # the frozen base is read again from here on every resume
         model.update({"model.pretrained": cfg.model.pretrained, "model.load": cfg.model.load})

@@ -3,13 +3,17 @@
 
 # train.freeze groups -> the regex (re.search on global Megatron names) each stands for.
 FREEZE_GROUPS = {
-    "embedding": r"^embedding\.",
-    "output_layer": r"^output_layer\.",
+    "embedding": r"^(language_model\.)?embedding\.",
+    "output_layer": r"^(language_model\.)?output_layer\.",
     "attention": r"\.self_attention\.",
     "mlp": r"\.mlp\.",
     "router": r"\.mlp\.router\.",
     "experts": r"\.mlp\.experts\.",
     "norms": r"(layernorm|_norm)\.weight$|layer_norm_weight$",
+    # Vision-language models (models/vlm.py): the encoder, the projector, the language model.
+    "vision": r"^vision_model\.",
+    "projector": r"^vision_projection\.",
+    "llm": r"^language_model\.",
 }
 # Megatron linears that tuner.target_modules may name (all-linear: every one of them).
 LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")

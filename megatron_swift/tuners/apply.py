@@ -18,5 +18,6 @@ def apply_tuner(chunks, cfg, check_patterns: bool = True) -> str:
                lambda i, local: to_global(local, offsets(chunks[i], i, len(chunks))))
     named: List = list(global_parameters(chunks))
     if check_patterns:
-        set_trainable(named, cfg.tuner, cfg.train)
+        vlm = any(hasattr(chunk, "vision_model") for chunk in chunks)  # models.vlm, with its encoder or not (PP)
+        set_trainable(named, cfg.tuner, cfg.train, vlm)
     return summary(named)

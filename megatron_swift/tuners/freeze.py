@@ -24,14 +24,18 @@ _EMBEDDING, _OUTPUT = "embedding.word_embeddings.weight", "output_layer.weight"
 
 
 def _aliases(name: str, param) -> Tuple[str, ...]:
-    if getattr(param, "shared_embedding", False) and name in (_EMBEDDING, _OUTPUT):
-        return (_EMBEDDING, _OUTPUT)
+    if getattr(param, "shared_embedding", False) and name.endswith((_EMBEDDING, _OUTPUT)):
+        prefix = name[: -len(_EMBEDDING)] if name.endswith(_EMBEDDING) else name[: -len(_OUTPUT)]
+        return (prefix + _EMBEDDING, prefix + _OUTPUT)  # a VLM's language model: "language_model." first
     return (name,)
 
 
-def _rules(tuner, train) -> List[Tuple[str, str, bool]]:
-    """(config key, pattern, trainable) in the order they apply."""
+def _rules(tuner, train, vlm: bool = False) -> List[Tuple[str, str, bool]]:
+    """(config key, pattern, trainable) in the order they apply; a VLM's vision encoder is frozen first unless
+    train.train_vision (as the peers do: its features are what the projector learns to read)."""
     rules = []
+    if vlm and not train.train_vision:
+        rules.append(("train.train_vision=false", FREEZE_GROUPS["vision"], False))
     if tuner.name == "lora":
         rules += [(f"tuner.modules_to_save={m}", rf"(^|\.){re.escape(m)}(\.|$)", True) for m in tuner.modules_to_save]
     rules += [(f"train.freeze={g}", FREEZE_GROUPS[g], False) for g in train.freeze]
@@ -42,11 +46,11 @@ def _rules(tuner, train) -> List[Tuple[str, str, bool]]:
     return rules
 
 
-def set_trainable(named: List[Tuple[str, torch.nn.Parameter]], tuner, train) -> None:
+def set_trainable(named: List[Tuple[str, torch.nn.Parameter]], tuner, train, vlm: bool = False) -> None:
     """Set requires_grad on every (global name, parameter); raises ConfigError for a pattern that matches nothing."""
     for _, param in named:  # with LoRA only the adapters train unless a rule says otherwise
         param.requires_grad_(tuner.name != "lora" or getattr(param, "is_lora", False))
-    rules = _rules(tuner, train)
+    rules = _rules(tuner, train, vlm)
     hits = torch.zeros(len(rules), device=collective_device())  # NCCL reduces only GPU tensors
     for i, (_, pattern, trainable) in enumerate(rules):
         regex = re.compile(pattern)

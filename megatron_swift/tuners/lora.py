@@ -156,7 +156,8 @@ def attach(chunks, tuner, seed: int, global_name) -> list:
             if leaf not in TARGETS or ".layers." not in f".{local}" or not _is_parallel_linear(module):
                 continue
             name = global_name(index, local)
-            if not (pattern.fullmatch(name) if pattern else leaf in wanted):
+            # target_modules name the language model's linears; a VLM's encoder only through target_regex.
+            if not (pattern.fullmatch(name) if pattern else leaf in wanted and not local.startswith("vision_model.")):
                 continue
             parent = chunk.get_submodule(local.rsplit(".", 1)[0])
             adapter = LoRAAdapter(module, module.weight.partition_dim == 0, tuner.rank, tuner.alpha, tuner.dropout,

@@ -1,6 +1,6 @@
 """Run under torchrun: per-token losses of every SFT sample, computed in unpacked rows and in packed rows.
 
-usage: sft_loss_worker.py <out.pt> <override> [<override> ...]   (the config must have data.source=sft)
+usage: sft_loss_worker.py <out.pt> <override> [<override> ...]   (data.source=sft or vl_sft)
 
 Both row sets come from the same encoded samples; each row goes through megatron-core's forward-only
 schedule on the trainer's model. Saves {"unpacked": {sample: losses}, "packed": {...}, "rows": n}.
@@ -20,9 +20,11 @@ def per_token_losses(trainer, batch):
     from megatron_swift.training import cp_shard
     from megatron_swift.training.forward_only import collect
 
+    from megatron_swift.models.vlm import image_inputs
+
     def forward(b, model):
         return model(b.tokens, b.position_ids, labels=b.labels,
-                     **attention_inputs(b.segments, trainer.backend.packed_format))
+                     **attention_inputs(b.segments, trainer.backend.packed_format), **image_inputs(b))
 
     batch = cp_shard.shard(batch)  # this CP rank's part of the row (the whole row when cp = 1)
     seq = batch.tokens.shape[1] * ps.get_context_parallel_world_size()
@@ -37,6 +39,7 @@ def main() -> None:
 
     from megatron_swift.config.compose import compose
     from megatron_swift.data.sft import SFTRows
+    from megatron_swift.data.vl_sft import VLRows
     from megatron_swift.training.loop import setup
 
     out_file, overrides = sys.argv[1], sys.argv[2:]
@@ -44,7 +47,9 @@ def main() -> None:
     for chunk in trainer.model:
         chunk.eval()
     unpacked = trainer.train_data
-    packed = SFTRows(unpacked.samples, unpacked.seq_length, unpacked.pad_id, True, "packed")
+    vision = getattr(unpacked, "vision", None)  # data.source=vl_sft: rows with images (data.vl_sft.VLRows)
+    packed = (SFTRows(unpacked.samples, unpacked.seq_length, unpacked.pad_id, True, "packed") if vision is None else
+              VLRows(unpacked.samples, unpacked.seq_length, unpacked.pad_id, True, "packed", vision))
     result = {"rows": len(packed)}
     for name, rows in (("unpacked", unpacked), ("packed", packed)):
         losses = {}

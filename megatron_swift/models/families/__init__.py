@@ -47,6 +47,16 @@ def hf_architectures() -> list[str]:
     return sorted(_BY_HF_ARCH)
 
 
+def by_hf_model_type(model_type: str) -> Family:
+    """The family whose HF ``model_type`` this is (a VLM's ``text_config``)."""
+    _discover()
+    for family in _BY_NAME.values():
+        if family.hf_model_type == model_type:
+            return family
+    known = sorted(f.hf_model_type for f in _BY_NAME.values())
+    raise KeyError(f"unsupported HF model_type '{model_type}'; supported: {', '.join(known)}")
+
+
 def by_hf_architecture(arch: str) -> Family:
     """The family registered for an HF ``architectures`` entry."""
     _discover()

@@ -41,6 +41,58 @@ class Family:
     moe: bool = False
     # weights(tied=...) -> the HF <-> Megatron weight table (convert.tables); None: not convertible yet.
     weights: Optional[Callable[..., list]] = None
+    hf_head: str = "lm_head.weight"  # the HF name of the LM head (read to tell LMs from reward models)
+    layers_prefix: str = "decoder.layers."  # Megatron names of the pipelined (language) decoder layers
+
+    # What a family may override (families/llava.py does): how its HF config reads and writes, how its
+    # module is built, its weight table, and which HF tensors it reads under which names.
+    def read_hf(self, hf: dict, folder: str) -> dict:
+        """Architecture fields (models.arch.Arch) from an HF config.json."""
+        from megatron_swift.convert.hf_config import arch_fields
+
+        return arch_fields(hf, folder)
+
+    def compose(self, model_cfg) -> dict:
+        """Architecture fields of a model put together from several HF folders (model.llm + model.vision)."""
+        raise ValueError(f"model.llm / model.vision compose a vision-language model; +model={self.name} is not "
+                         "one (use +model=llava)")
+
+    def write_hf(self, arch: dict, dtype: str) -> dict:
+        """An HF config.json from stored architecture numbers (Arch.plain())."""
+        from megatron_swift.convert.hf_config import to_hf_config
+
+        return to_hf_config(self, arch, dtype)
+
+    def hf_fill(self, arch) -> dict:
+        """HF tensors an export without a source folder adds so that transformers finds no weight missing
+        (name -> tensor; ones the model does not use, such as a VLM tower's final norm)."""
+        return {}
+
+    def export_assets(self, folder: str, model_cfg, arch: dict) -> None:
+        """Files besides config and weights an HF export needs when there is no source folder to copy them from
+        (a model composed of several folders)."""
+
+    def build(self, arch, tconfig, padded_vocab: int, seq_length: int, backend, unfuse_norms: bool = False) -> list:
+        """This rank's model chunks (one per virtual pipeline stage)."""
+        from megatron_swift.models.builder import build_gpt_chunks
+
+        return build_gpt_chunks(arch, tconfig, padded_vocab, seq_length, backend, unfuse_norms)
+
+    def rules(self, arch) -> list:
+        """The HF <-> Megatron weight table of this architecture."""
+        return self.weights(tied=not arch.untie_embeddings, head=arch.head)
+
+    def context(self, name: str, arch, dense):
+        """The convert.hf_load.Context of Megatron parameter ``name`` (``dense``: the language model's)."""
+        return dense
+
+    def canonical_hf_name(self, name: str) -> str:
+        """One spelling for an on-disk HF tensor name (checkpoints of different transformers releases differ)."""
+        return name
+
+    def hf_unused(self, arch, name: str) -> bool:
+        """Whether HF tensor ``name`` (canonical) is one this model does not use, by design."""
+        return False
 
     @property
     def hf_reward_architecture(self) -> str:
