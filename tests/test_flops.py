@@ -20,3 +20,15 @@ def test_moe_counts_only_routed_experts():
     q, kv = 4 * 16, 2 * 16
     per_layer = 64 * (q + 2 * kv) + q * 64 + 2 * s * q + 2 * 3 * 64 * 32 + 64 * 4
     assert flops_per_token(arch, s, v) == 6 * (2 * per_layer + 64 * v)
+
+
+def test_vlm_adds_the_encoder_per_image():
+    # tiny llava: CLIP h=32, f=64, 2 layers built, 56 px / 14 = 16 patches + the class token; language h=64.
+    arch = resolve(compose(["+model=llava"]).model)
+    s, v = 128, 384
+    tokens, h_v, h = 17, 32, 64
+    encoder = 2 * (4 * h_v * h_v + 2 * tokens * h_v + 2 * h_v * 64) * tokens
+    projector = 16 * (h_v * h + h * h)  # the class token is dropped (vision_select=default)
+    text = flops_per_step(arch, s, v, 8)
+    assert flops_per_step(arch, s, v, 8, images_per_row=1.5) == text + 1.5 * 8 * 2 * (encoder + 3 * projector)
+    assert flops_per_step(arch, s, v, 8, 1.5, train_vision=True) == text + 1.5 * 8 * 2 * (3 * encoder + 3 * projector)

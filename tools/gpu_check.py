@@ -160,6 +160,8 @@ def main() -> None:
             "task.num_generations=4", "train.global_batch_size=8", "train.micro_batch_size=4",
             "task.max_completion_length=32", "train.seq_length=128", "task.rewards=[accuracy,repetition]",
             "task.steps_per_generation=2", n],
+        # A VLM (tiny LLaVA: CLIP + Qwen2) on the bundled shapes set, images through the projector, bf16.
+        "VLM SFT (llava, images)": ["+model=llava", "data=vl_sft", "train.train_vision=true", n],
     }
     checks = [lambda n=name, a=run_args: training_run(n, a, cwd, args.device) for name, run_args in runs.items()]
     checks += [lambda: kill_and_resume(cwd, args.device, args.steps), lambda: precision_check(hf, cwd, args.device)]

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from megatron_swift.convert.hf_config import read_hf_config
-from megatron_swift.convert.hf_load import Context, compile_rules, match_rule
+from megatron_swift.convert.hf_load import Context, compile_rules, context_of, match_rule
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -72,7 +72,7 @@ def hf_tensors(params: Iterable[Tuple[str, torch.Tensor]], rules, ctx, layer_off
     ``ctx``: a Context, or a function of the parameter's name giving its Context (a VLM's vision encoder)."""
     for name, param in params:
         rule, layer = match_rule(name, rules, {"layer": layer_offset}, "export")
-        for hf_name, tensor in rule.split(param, layer, ctx(name) if callable(ctx) else ctx).items():
+        for hf_name, tensor in rule.split(param, layer, context_of(ctx, name)).items():
             yield hf_name, tensor.to(dtype)
 
 
@@ -161,7 +161,7 @@ def _write_lora(reader, rules, ctx: Context, folder: str, source: Optional[str],
         return
     load = reader.cfg.model.get("load")
     if source:
-        base = lx.HFBase(source)
+        base = lx.HFBase(source, family.canonical_hf_name)
     elif load:
         base = lx.McoreBase(load, rules, ctx)
     else:

@@ -92,6 +92,12 @@ class Context:
     vocab_size: int = 0
 
 
+def context_of(ctx, name: str) -> Context:
+    """``ctx`` itself, or, when it is a function of the parameter's name (a VLM: its encoder has other heads
+    than its language model), its value for ``name``."""
+    return ctx(name) if callable(ctx) else ctx
+
+
 def compile_rules(rules) -> List[Tuple[re.Pattern, object]]:
     compiled = []
     for rule in rules:

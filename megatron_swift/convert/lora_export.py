@@ -24,17 +24,18 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import torch
 from safetensors.torch import save_file
 
-from megatron_swift.convert.hf_load import Context, SafetensorsFolder, match_rule
+from megatron_swift.convert.hf_load import Context, SafetensorsFolder, context_of, match_rule
 
-_HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+# A decoder layer's HF tensors: model.layers.N. (a VLM's language model: language_model.model.layers.N.).
+_HF_LAYER = re.compile(r"^(?:\w+\.)?model\.layers\.(\d+)\.")
 _ADAPTER = re.compile(r"^(?P<base>.*)_lora\.(?P<part>[ab])$")
 
 
 class HFBase:
     """Base tensors from an HF folder, by decoder layer."""
 
-    def __init__(self, folder: str):
-        self.reader = SafetensorsFolder(folder)
+    def __init__(self, folder: str, canonical=None):
+        self.reader = SafetensorsFolder(folder, canonical)
         self.layers: Dict[int, List[str]] = {}
         self.rest: List[str] = []
         for name in self.reader.file_of:
@@ -86,7 +87,7 @@ def merge_into(base: Dict[str, torch.Tensor], trained, rules, ctx: Context, offs
     adapters, full = trained
     for mname, (a, b) in adapters.items():
         rule, layer = match_rule(mname, rules, {"layer": offset}, "export")
-        for hf_name, delta in rule.split((b.float() @ a.float()) * scale, layer, ctx).items():
+        for hf_name, delta in rule.split((b.float() @ a.float()) * scale, layer, context_of(ctx, mname)).items():
             base[hf_name] = (base[hf_name].float() + delta).to(base[hf_name].dtype)
     for hf_name, tensor in hf_tensors(full, rules, ctx, offset, torch.float32):
         base[hf_name] = tensor.to(base[hf_name].dtype)
@@ -103,7 +104,7 @@ def peft_tensors(trained, rules, ctx: Context, offset: int) -> Dict[str, torch.T
         if ".experts." in mname:
             raise ValueError("tuner.export=adapter does not cover MoE expert adapters; export merged instead")
         rule, layer = match_rule(mname, rules, {"layer": offset}, "export")
-        for hf_name, b_part in rule.split(b, layer, ctx).items():
+        for hf_name, b_part in rule.split(b, layer, context_of(ctx, mname)).items():
             module = "base_model.model." + hf_name[: -len(".weight")]
             out[f"{module}.lora_A.weight"] = a.contiguous().clone()
             out[f"{module}.lora_B.weight"] = b_part.contiguous().clone()

@@ -163,6 +163,11 @@ class VLRows(SFTRows):
         self.vision = vision
         self._empty: Optional[torch.Tensor] = None
 
+    @property
+    def images_per_row(self) -> float:
+        """Mean images per row (the FLOPs of a step count the encoder per image)."""
+        return sum(len(files) for files in self.samples.images) / max(1, len(self.rows))
+
     def __getitem__(self, index: int) -> dict:
         row = super().__getitem__(index)
         T = self.vision.image_seq_length

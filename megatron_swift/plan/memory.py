@@ -26,6 +26,10 @@ first pipeline stage holds ``min(pp, micro-batches)`` micro-batches in flight
 (1F1B); the last stage adds fp32 logits ``4·s·b·V/t``. These are estimates
 (GPT-style MLP constants; SwiGLU and GQA differ a little), meant for ranking;
 weights, gradients and optimizer state are exact up to bucket padding.
+
+A VLM's first stage also holds its vision encoder and projector (:func:`vision_params`; their TP split as
+megatron-core makes it); a frozen encoder (the default) has no gradients or optimizer state and, run without
+gradients, keeps no activations; a training one keeps ``34·T·h_v`` per layer and image (one image per row).
 """
 from __future__ import annotations
 
@@ -49,6 +53,7 @@ class Layout:
     num_microbatches: int = 1
     cp: int = 1
     cp_comm: str = "a2a"
+    train_vision: bool = False  # VLMs: whether the vision encoder trains (frozen by default)
 
     @property
     def world(self) -> int:
@@ -67,7 +72,7 @@ def layout_of(cfg, world: int) -> Layout:
                   sp=par.sp, distributed_optimizer=par.distributed_optimizer, recompute=train.recompute,
                   micro_batch_size=train.micro_batch_size,
                   num_microbatches=train.global_batch_size // (train.micro_batch_size * dp), cp=par.cp,
-                  cp_comm=par.cp_comm)
+                  cp_comm=par.cp_comm, train_vision=train.train_vision)
 
 
 def layer_params(arch, layout: Layout) -> Dict[str, int]:
@@ -89,19 +94,40 @@ def layer_params(arch, layout: Layout) -> Dict[str, int]:
     return {"dense": dense, "expert": expert}
 
 
+def vision_params(arch, layout: Layout) -> Dict[str, int]:
+    """A VLM's encoder and projector on one first-stage rank: {"encoder": n, "projector": n} (zeros otherwise)."""
+    v = arch.vision
+    if v is None:
+        return {"encoder": 0, "projector": 0}
+    h, f, t = v.hidden_size, v.ffn_hidden_size, layout.tp
+    # Per layer: two LayerNorms; QKV and fc1 (weights and biases) split over TP; proj and fc2 weights split,
+    # their biases replicated.
+    layer = 4 * h + (3 * h * h + 3 * h) // t + h * h // t + h + (h * f + f) // t + f * h // t + h
+    patches = (v.image_size // v.patch_size) ** 2
+    embed = 3 * v.patch_size ** 2 * h + (patches + int(v.class_token)) * h
+    embed += 3 * h if v.class_token else h  # class token + ln_pre (CLIP), the patch bias (SigLIP)
+    H = arch.hidden_size
+    projector = (h * H + H) // t + H * H // t + H
+    return {"encoder": v.num_layers * layer + embed, "projector": projector}
+
+
 def stage_params(arch, padded_vocab: int, layout: Layout, stage: int) -> Dict[str, int]:
-    """Parameters held by a rank of pipeline stage ``stage``."""
+    """Parameters held by a rank of pipeline stage ``stage`` ("frozen": those of them that do not train)."""
     per_layer = layer_params(arch, layout)
     layers = arch.num_layers // layout.pp
     dense, expert = per_layer["dense"] * layers, per_layer["expert"] * layers
     vocab_block = padded_vocab * arch.hidden_size // layout.tp
+    frozen = 0
     if stage == 0:
         dense += vocab_block
+        vision = vision_params(arch, layout)
+        dense += vision["encoder"] + vision["projector"]
+        frozen = 0 if layout.train_vision else vision["encoder"]
     if stage == layout.pp - 1:
         dense += arch.hidden_size  # final norm
         if arch.untie_embeddings or layout.pp > 1:
             dense += vocab_block
-    return {"dense": dense, "expert": expert}
+    return {"dense": dense, "expert": expert, "frozen": frozen}
 
 
 def activation_bytes(arch, padded_vocab: int, layout: Layout, seq_length: int, stage: int,
@@ -126,6 +152,10 @@ def activation_bytes(arch, padded_vocab: int, layout: Layout, seq_length: int, s
     total = per_layer * (arch.num_layers // layout.pp) * in_flight + extra
     if stage == layout.pp - 1:
         total += 4 * s * b * padded_vocab / t
+    if stage == 0 and arch.vision is not None and layout.train_vision:
+        v = arch.vision
+        tokens = (v.image_size // v.patch_size) ** 2 + int(v.class_token)
+        total += 34 * tokens * v.hidden_size * v.num_layers * b * in_flight
     return int(total)
 
 
@@ -153,11 +183,13 @@ def rank_memory(arch, padded_vocab: int, layout: Layout, seq_length: int, precis
                    key=lambda m: m.total)
     n = stage_params(arch, padded_vocab, layout, stage)
     count = n["dense"] + n["expert"]
+    trained_dense = n["dense"] - n["frozen"]  # frozen parameters get no gradient buffer or optimizer state
     low = precision in ("bf16", "fp16")
     per_param_optimizer = 8 + (4 if low else 0)
     if layout.distributed_optimizer:  # dense state is sharded over the DP x CP group
-        optimizer = per_param_optimizer * (n["dense"] / (layout.dp * layout.cp) + n["expert"] / layout.expert_dp)
+        optimizer = per_param_optimizer * (trained_dense / (layout.dp * layout.cp) + n["expert"] / layout.expert_dp)
     else:
-        optimizer = per_param_optimizer * count
-    return RankMemory(params=count, weights=count * (2 if low else 4), grads=count * 4, optimizer=int(optimizer),
+        optimizer = per_param_optimizer * (trained_dense + n["expert"])
+    return RankMemory(params=count, weights=count * (2 if low else 4), grads=(trained_dense + n["expert"]) * 4,
+                      optimizer=int(optimizer),
                       activations=activation_bytes(arch, padded_vocab, layout, seq_length, stage), stage=stage)

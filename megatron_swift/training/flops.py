@@ -13,6 +13,11 @@ forward pass costs 2 FLOPs per multiply-accumulate of
 plus ``h * V`` for the output layer (``h`` for a reward model's scalar head). Training is 3x the forward (backward
 costs twice the forward). Activation recompute is not counted: this is model
 FLOPs, so MFU does not rise when recompute adds work.
+
+A VLM adds, per image, its vision encoder over the image's patches (and class token): per layer ``4 * h_v^2``
+for the projections, ``2 * T * h_v`` for scores and values, ``2 * h_v * f_v`` for the (ungated) MLP, per token;
+3x when the encoder trains, 1x (forward only) when frozen; and the projector ``h_v * h + h * h`` per image token,
+3x. Image tokens in the language model are ordinary positions of the row.
 """
 from __future__ import annotations
 
@@ -34,6 +39,23 @@ def flops_per_token(arch: Arch, seq_length: int, padded_vocab: int) -> float:
     return 3 * 2 * forward_macs
 
 
-def flops_per_step(arch: Arch, seq_length: int, padded_vocab: int, global_batch_size: int) -> float:
-    """Training FLOPs of one optimizer step over the whole global batch."""
-    return flops_per_token(arch, seq_length, padded_vocab) * seq_length * global_batch_size
+def vision_flops_per_image(arch: Arch, train_vision: bool = False) -> float:
+    """Training FLOPs of one image through a VLM's encoder and projector (0 for a text model)."""
+    if arch.vision is None:
+        return 0.0
+    from megatron_swift.models.vision import image_seq_length
+
+    v, h = arch.vision, arch.hidden_size
+    tokens = (v.image_size // v.patch_size) ** 2 + int(v.class_token)
+    layer = 4 * v.hidden_size ** 2 + 2 * tokens * v.hidden_size + 2 * v.hidden_size * v.ffn_hidden_size
+    encoder = v.num_layers * layer * tokens
+    projector = image_seq_length(v, arch.vision_select) * (v.hidden_size * h + h * h)
+    return 2 * ((3 if train_vision else 1) * encoder + 3 * projector)
+
+
+def flops_per_step(arch: Arch, seq_length: int, padded_vocab: int, global_batch_size: int,
+                   images_per_row: float = 0.0, train_vision: bool = False) -> float:
+    """Training FLOPs of one optimizer step over the whole global batch (``images_per_row``: a VLM's data's
+    mean images per row)."""
+    text = flops_per_token(arch, seq_length, padded_vocab) * seq_length * global_batch_size
+    return text + vision_flops_per_image(arch, train_vision) * images_per_row * global_batch_size

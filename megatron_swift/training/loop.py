@@ -414,7 +414,8 @@ def setup(cfg) -> Trainer:
         _print0(f"megatron-swift: MFU is against {be.peak_tflops():.0f} TFLOP/s, the dense bf16 peak of "
                 f"{be.device_name()} (FLOPs per step: training/flops.py)")
     trainer = Trainer(cfg, be, arch, model, optimizer, scheduler, train_data, eval_data, sampler, length,
-                      output_dir, flops_per_step(arch, cfg.train.seq_length, padded, cfg.train.global_batch_size),
+                      output_dir, flops_per_step(arch, cfg.train.seq_length, padded, cfg.train.global_batch_size,
+                                                 getattr(train_data, "images_per_row", 0.0), cfg.train.train_vision),
                       state, model_meta(arch, vocab, padded))
     trainer.guard = guard
     trainer.run_meta = dict(run_record, total_iters=length.total_iters)

@@ -14,6 +14,8 @@ DENSE = ["+model=qwen3", "model.hidden_size=256", "model.ffn_hidden_size=768", "
          "model.num_attention_heads=8", "model.num_query_groups=4", "model.kv_channels=32"]
 MOE = ["+model=qwen3_moe", "model.hidden_size=256", "model.moe_ffn_hidden_size=256", "model.num_layers=2",
        "model.num_attention_heads=8", "model.num_query_groups=4", "model.kv_channels=32"]
+VLM = ["+model=llava", "model.hidden_size=256", "model.ffn_hidden_size=768", "model.num_layers=4",
+       "model.num_attention_heads=8", "model.num_query_groups=4"]
 CASES = {
     "tp2-fp32": (DENSE, ["parallel.tp=2", "train.precision=fp32"]),
     "pp2-fp32": (DENSE, ["parallel.pp=2", "train.precision=fp32"]),
@@ -21,6 +23,11 @@ CASES = {
     "ep2-fp32": (MOE, ["parallel.ep=2", "train.precision=fp32"]),
     # The distributed optimizer shards over the DP x CP group (here DP=1, CP=2).
     "cp2-bf16-distopt": (DENSE, ["train.precision=bf16", "parallel.distributed_optimizer=true", "parallel.cp=2"]),
+    # A VLM: the first stage also holds the vision encoder (frozen by default: no gradients or Adam state)
+    # and the projector.
+    "llava-tp2-fp32": (VLM, ["parallel.tp=2", "train.precision=fp32"]),
+    "llava-pp2-train-vision-distopt": (VLM, ["parallel.pp=2", "train.precision=bf16", "train.train_vision=true",
+                                             "parallel.distributed_optimizer=true"]),
 }
 
 

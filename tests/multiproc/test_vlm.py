@@ -314,3 +314,27 @@ def test_vl_from_scratch_recipe_learns_and_freezes(tmp_path):
     (before, chance), (after, _) = overall(outputs[3]), overall(outputs[4])
     print(f"held-out accuracy: stage 1 {before:.3f}, stage 2 {after:.3f}, guessing {chance:.3f}")
     assert after > chance + 0.25 and after > before + 0.25
+
+
+def test_lora_on_a_vlm_adapts_the_language_model_and_exports_merged(tmp_path):
+    """tuner=lora from an HF LLaVA folder (TP=2): adapters on the language model's linears only; the merged
+    export loads in transformers with nothing missing, its encoder and projector are the source's and its
+    language model is not."""
+    from tests.conftest import run_train
+
+    tiny_llava("clip", tmp_path / "hf")
+    run = tmp_path / "run"
+    proc = run_train(2, ["+model=llava", f"model.pretrained={tmp_path / 'hf'}", "tuner=lora", "data=vl_sft",
+                         "data.tokenizer=byte", "train.precision=fp32", "train.train_iters=3", "train.lr=1e-2",
+                         "parallel.tp=2", "train.save_hf=true", f"train.output_dir={run}",
+                         "logging.tensorboard=false"])
+    assert "vision_model" not in proc.stdout.split("trainable parameters")[1].split("\n")[0]
+    export = next((run / "hf").iterdir())
+    original, merged = _canonical_tensors(tmp_path / "hf"), _canonical_tensors(export)
+    assert sorted(merged) == sorted(original)
+    for name, tensor in original.items():
+        same = torch.equal(merged[name], tensor)
+        assert same if name.startswith(("vision_tower.", "multi_modal_projector.")) else True, name
+    assert any(not torch.equal(merged[n], t) for n, t in original.items() if ".self_attn.q_proj." in n)
+    reloaded, info = transformers.LlavaForConditionalGeneration.from_pretrained(export, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
