@@ -10,24 +10,36 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Unexpected failures should show their whole traceback, not Hydra's one-line summary.
 os.environ.setdefault("HYDRA_FULL_ERROR", "1")
 
-import hydra  # noqa: E402
-
-from megatron_swift.cli import run_or_exit  # noqa: E402
-from megatron_swift.config.compose import check_composes, normalize_overrides  # noqa: E402
-from megatron_swift.config.schema import register  # noqa: E402
-
-register()
-sys.argv[1:] = normalize_overrides(sys.argv[1:])  # regexes as typed, one value for a list key
-run_or_exit(check_composes, sys.argv[1:])  # an unknown key or option: one line, exit 2
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
-def main(cfg) -> None:
+def main() -> None:
+    import hydra
+
+    @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+    def train(cfg) -> None:
+        from megatron_swift.cli import run_or_exit
+        from megatron_swift.training.loop import run
+
+        run_or_exit(run, cfg)
+
+    train()
+
+
+def check_command_line() -> None:
     from megatron_swift.cli import run_or_exit
-    from megatron_swift.training.loop import run
+    from megatron_swift.config.compose import check_composes, normalize_overrides
+    from megatron_swift.config.schema import register
 
-    run_or_exit(run, cfg)
+    register()
+    sys.argv[1:] = normalize_overrides(sys.argv[1:])  # regexes as typed, one value for a list key
+    run_or_exit(check_composes, sys.argv[1:])  # an unknown key or option: one line, exit 2
 
 
-if __name__ == "__main__":  # dist_checkpointing starts worker processes: keep the guard
+# Everything, imports included, runs under the guard: megatron-core's checkpoint saver starts a process with
+# "spawn", which imports this file again (as __mp_main__); module-level work there cost seconds at the first save.
+if __name__ == "__main__":
+    check_command_line()
     main()
+    from megatron_swift.cli import exit_finished
+
+    exit_finished()

@@ -65,3 +65,15 @@ def run_or_exit(fn, *args) -> None:
         sys.stderr.flush()
         sys.stdout.flush()
         os._exit(EXIT_DIVERGED if isinstance(e, Diverged) else EXIT_BAD_INPUT)  # skip atexit hooks on peers
+
+
+def exit_finished() -> None:
+    """End a finished run at once: exit handlers run and output is flushed, then the process exits without the
+    interpreter's teardown of every module (about 1.3 s per rank for torch and megatron-core; collective
+    libraries' destructors can also hang there). Everything the run writes is closed before this."""
+    import atexit
+
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -139,7 +139,5 @@ def add_image_token(arch, vocab: int, tokenizer, tag: str = "<image>"):
     if arch.vision is None or arch.image_token_id is not None:
         return arch, vocab
     ids = tokenizer.encode_with_offsets(tag)[0]
-    if len(ids) == 1 and ids[0] < vocab:
-        return dataclasses.replace(arch, image_token_id=ids[0]), vocab
-    new = tokenizer.vocab_size
-    return dataclasses.replace(arch, image_token_id=new), max(vocab, new + 1)
+    token = ids[0] if len(ids) == 1 else tokenizer.vocab_size
+    return dataclasses.replace(arch, image_token_id=token), max(vocab, token + 1)
