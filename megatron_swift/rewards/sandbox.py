@@ -547,18 +547,30 @@ def _descendants(pid: int) -> list:
 
 def _kill_tree(pid: int, namespaces: bool) -> None:
     """SIGKILL the run's process group (the launcher and init too, in namespace mode: init's death
-    takes the whole pid namespace with it) and, without namespaces, any descendant that left the
-    group with setsid (psutil scans every process: not worth it where the kernel does the job)."""
-    stragglers = [] if namespaces else _descendants(pid)
+    takes the whole pid namespace with it) and any descendant that left the group with setsid; then
+    wait until they are gone. In namespace mode the kernel kills the namespace's processes when init
+    dies, but not at once: a run must not return while any of them still runs."""
+    tree = _descendants(pid)
     try:
         os.killpg(pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
-    for proc in stragglers:
+    for proc in tree:
         try:
             proc.kill()  # psutil checks the process is still the one it saw (pid reuse)
         except Exception:
             pass
+    deadline = time.monotonic() + 5
+    while any(_running(proc) for proc in tree) and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
+def _running(proc) -> bool:
+    """Whether a psutil process still runs (a zombie has ended: only its exit status is left to collect)."""
+    try:
+        return proc.is_running() and proc.status() != "zombie"
+    except Exception:  # gone
+        return False
 
 
 class _Output:
