@@ -15,6 +15,40 @@ ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "launch" / "train.py"
 
 
+@pytest.fixture(scope="module")
+def world_of_one():
+    """A one-process gloo world with megatron-core's parallel state (every size 1), for in-process tests of
+    megatron-core modules; modules use it with ``pytestmark = pytest.mark.usefixtures("world_of_one")``."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    from megatron_swift.backend import cpu_compat
+    from megatron_swift.backend.device import _free_port
+
+    cpu_compat.apply()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    ps.initialize_model_parallel(1, 1)
+    model_parallel_cuda_manual_seed(0)
+    yield
+    ps.destroy_model_parallel()
+    dist.destroy_process_group()  # other in-process tests start their own
+
+
+def bpe_tokenizer(corpus: Sequence[str], specials: Sequence[str], vocab_size: int = 400):
+    """A byte-level BPE ``tokenizers.Tokenizer`` trained on the fly (50 passes over ``corpus``), ``specials``
+    first in its vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(list(corpus) * 50, trainer)
+    return tok
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

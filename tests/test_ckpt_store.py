@@ -7,18 +7,11 @@ import os
 import shutil
 
 import pytest
-import torch.distributed as dist
 
 from megatron_swift.training import ckpt_store
 
 
-@pytest.fixture(scope="module", autouse=True)
-def world_of_one():
-    from megatron_swift.backend.device import _free_port
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()  # other in-process tests start their own
+pytestmark = pytest.mark.usefixtures("world_of_one")  # tests/conftest.py
 
 
 def fake_checkpoint(ckpt_dir, iteration: int):

@@ -5,22 +5,12 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch.distributed as dist
-from megatron.core import parallel_state as ps
 
 from megatron_swift.training.errors import Diverged
 from megatron_swift.training.guard import StepGuard
 
 
-@pytest.fixture(scope="module", autouse=True)
-def world_of_one():
-    from megatron_swift.backend.device import _free_port
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
-    ps.initialize_model_parallel(1, 1)
-    yield
-    ps.destroy_model_parallel()
-    dist.destroy_process_group()  # other in-process tests start their own
+pytestmark = pytest.mark.usefixtures("world_of_one")  # tests/conftest.py
 
 
 class FakeOptimizer:

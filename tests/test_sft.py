@@ -23,16 +23,11 @@ SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 @pytest.fixture(scope="module")
 def tok_folder(tmp_path_factory):
     """A BPE tokenizer trained on the fly, with ChatML specials, and a tokenizer_config holding the template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tests.conftest import bpe_tokenizer
 
     folder = tmp_path_factory.mktemp("tok")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    corpus = ["You help people. Hi there, hello again and bye.", "system user assistant says hello"] * 50
-    tok.train_from_iterator(corpus, trainer)
+    tok = bpe_tokenizer(["You help people. Hi there, hello again and bye.", "system user assistant says hello"],
+                        SPECIALS)
     tok.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML, "eos_token": "<|im_end|>"}))
     return folder

@@ -4,24 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
-from megatron.core import parallel_state as ps
 
 
-@pytest.fixture(scope="module", autouse=True)
-def world_of_one():
-    from megatron_swift.backend import cpu_compat
-    from megatron_swift.backend.device import _free_port
-
-    cpu_compat.apply()
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
-    ps.initialize_model_parallel(1, 1)
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-    model_parallel_cuda_manual_seed(0)
-    yield
-    ps.destroy_model_parallel()
-    dist.destroy_process_group()  # other in-process tests start their own
+pytestmark = pytest.mark.usefixtures("world_of_one")  # tests/conftest.py
 
 
 def _photo():

@@ -33,16 +33,12 @@ def folders(tmp_path_factory):
     the two photographs scikit-learn ships, copied under img/ next to where the JSONL files go."""
     import sklearn.datasets
     import transformers
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from tests.conftest import bpe_tokenizer
 
     root = tmp_path_factory.mktemp("vl")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    corpus = ["What is in the picture? A temple, a flower and the sky.", "system user assistant says hello"] * 50
-    tok.train_from_iterator(corpus, trainer)
+    tok = bpe_tokenizer(["What is in the picture? A temple, a flower and the sky.",
+                         "system user assistant says hello"], SPECIALS)
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
                                                 extra_special_tokens={"image_token": "<image>"})
     fast.save_pretrained(str(root / "tok"))

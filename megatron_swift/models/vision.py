@@ -55,6 +55,15 @@ class VisionArch:
     def kv_channels(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
+    @property
+    def patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def encoder_tokens(self) -> int:
+        """Positions the encoder runs over per image: its patches, and CLIP's class token."""
+        return self.patches + int(self.class_token)
+
 
 def vision_arch(hf_vision: dict, feature_layer: int = -1) -> VisionArch:
     """``hf_vision``: an HF CLIP/SigLIP vision config (dict); ``feature_layer`` indexes HF's hidden_states
@@ -82,8 +91,7 @@ def hf_vision_config(arch: VisionArch) -> dict:
 
 def image_seq_length(arch: VisionArch, select: str) -> int:
     """Image tokens per image: one per patch, plus CLIP's class token when all features are kept (``full``)."""
-    patches = (arch.image_size // arch.patch_size) ** 2
-    return patches + (1 if arch.class_token and select == "full" else 0)
+    return arch.patches + (1 if arch.class_token and select == "full" else 0)
 
 
 def vision_config(arch: VisionArch, **common) -> TransformerConfig:

@@ -103,8 +103,7 @@ def vision_params(arch, layout: Layout) -> Dict[str, int]:
     # Per layer: two LayerNorms; QKV and fc1 (weights and biases) split over TP; proj and fc2 weights split,
     # their biases replicated.
     layer = 4 * h + (3 * h * h + 3 * h) // t + h * h // t + h + (h * f + f) // t + f * h // t + h
-    patches = (v.image_size // v.patch_size) ** 2
-    embed = 3 * v.patch_size ** 2 * h + (patches + int(v.class_token)) * h
+    embed = 3 * v.patch_size ** 2 * h + v.encoder_tokens * h  # patch convolution, position embeddings
     embed += 3 * h if v.class_token else h  # class token + ln_pre (CLIP), the patch bias (SigLIP)
     H = arch.hidden_size
     projector = (h * H + H) // t + H * H // t + H
@@ -154,8 +153,7 @@ def activation_bytes(arch, padded_vocab: int, layout: Layout, seq_length: int, s
         total += 4 * s * b * padded_vocab / t
     if stage == 0 and arch.vision is not None and layout.train_vision:
         v = arch.vision
-        tokens = (v.image_size // v.patch_size) ** 2 + int(v.class_token)
-        total += 34 * tokens * v.hidden_size * v.num_layers * b * in_flight
+        total += 34 * v.encoder_tokens * v.hidden_size * v.num_layers * b * in_flight
     return int(total)
 
 

@@ -46,7 +46,7 @@ def vision_flops_per_image(arch: Arch, train_vision: bool = False) -> float:
     from megatron_swift.models.vision import image_seq_length
 
     v, h = arch.vision, arch.hidden_size
-    tokens = (v.image_size // v.patch_size) ** 2 + int(v.class_token)
+    tokens = v.encoder_tokens
     layer = 4 * v.hidden_size ** 2 + 2 * tokens * v.hidden_size + 2 * v.hidden_size * v.ffn_hidden_size
     encoder = v.num_layers * layer * tokens
     projector = image_seq_length(v, arch.vision_select) * (v.hidden_size * h + h * h)
