@@ -78,3 +78,11 @@ def test_pretrained_and_composed_are_alternatives(tmp_path):
     folder = _llava_folder(tmp_path)
     text = _problems(["+model=llava", f"model.pretrained={folder}", f"model.llm={folder}", f"model.vision={folder}"])
     assert "model.pretrained (an HF LLaVA folder) and model.llm + model.vision" in text
+
+
+def test_vl_runs_are_named_as_sft_after_their_model():
+    from megatron_swift.training.run_dir import run_name
+
+    assert run_name(compose(["+model=llava", "data=vl_sft"])) == "llava-tiny-sft-train"
+    assert run_name(compose(["+model=llava", "data=vl_sft", "model.llm=/ckpt/Qwen3-1.7B",
+                             "model.vision=/ckpt/siglip"])) == "llava-Qwen3-1.7B-sft-train"

@@ -50,9 +50,11 @@ def run_name(cfg) -> str:
         model = os.path.basename(os.path.normpath(cfg.model.pretrained))
     elif cfg.model.load:
         model = "from_" + os.path.basename(os.path.normpath(cfg.model.load))
+    elif cfg.model.get("llm"):  # a VLM composed from an HF LLM and a vision encoder: named after the LLM
+        model = f"{cfg.model.family}-{os.path.basename(os.path.normpath(cfg.model.llm))}"
     else:
         model = f"{cfg.model.family}-{cfg.model.size}"
-    task = cfg.task.name if cfg.task.name != "lm" else ("sft" if cfg.data.source == "sft" else "pt")
+    task = cfg.task.name if cfg.task.name != "lm" else ("sft" if cfg.data.source in ("sft", "vl_sft") else "pt")
     paths = list(cfg.data.path)
     if cfg.data.source == "mock" or not paths:
         data = cfg.data.source
