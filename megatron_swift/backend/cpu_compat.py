@@ -137,6 +137,8 @@ def _patch_devices():
 
     @functools.wraps(original_to)
     def to(self, *args, **kwargs):
+        if not kwargs and len(args) == 1 and isinstance(args[0], torch.dtype):
+            return original_to(self, args[0])  # the common .to(dtype): no device to map (runs per layer)
         args = tuple(_cpu_device(a) if isinstance(a, (str, torch.device)) else a for a in args)
         if "device" in kwargs:
             kwargs["device"] = _cpu_device(kwargs["device"])

@@ -119,10 +119,11 @@ def init(requested_device: str = "auto", timeout_minutes: int = 30, attention: s
     ``attention`` is model.attention_backend (resolved by the attention seam)."""
     from megatron_swift.models.attention import resolve
 
-    from megatron_swift.backend import no_apex
+    from megatron_swift.backend import no_apex, no_grad_paths
 
     device = resolve_device(requested_device)
     no_apex.apply()
+    no_grad_paths.apply(skinny_products=device == "cpu")  # an MKL dispatch quirk, see no_grad_paths
     if device == "cpu":
         from megatron_swift.backend import cpu_compat
 

@@ -20,17 +20,22 @@ import torch
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
-    """flash-attn's ``apply_rotary_emb``: x [b, s, heads, d], cos/sin [s, r/2]; the first r features rotate."""
+    """flash-attn's ``apply_rotary_emb``: x [b, s, heads, d], cos/sin [s, r/2]; the first r features rotate.
+
+    Written as ``x * cos' + swap(x) * sin'`` with cos/sin widened to r features (sin' carrying the signs): two
+    multiplications and one addition over x instead of four and two (it runs twice per layer per token)."""
     r = 2 * cos.shape[-1]
     cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
-    head, rest = x[..., :r], x[..., r:]
-    if interleaved:
-        x1, x2 = head[..., 0::2], head[..., 1::2]
-        out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
-    else:
-        x1, x2 = head[..., :r // 2], head[..., r // 2:]
-        out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-    return torch.cat([out, rest], dim=-1)
+    head = x[..., :r] if r < x.shape[-1] else x
+    if interleaved:  # pairs (x[2i], x[2i+1]) rotate by angle i
+        cos_r, sin_r = cos.repeat_interleave(2, -1), torch.stack([-sin, sin], -1).flatten(-2)
+        swapped = head.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    else:  # halves (x[i], x[i + r/2]) rotate by angle i
+        cos_r, sin_r = torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1)
+        half = r // 2
+        swapped = torch.cat([head[..., half:], head[..., :half]], -1)
+    out = head * cos_r + swapped * sin_r
+    return out if head is x else torch.cat([out, x[..., r:]], dim=-1)
 
 
 @contextlib.contextmanager

@@ -159,6 +159,8 @@ class GRPOConfig(TaskConfig):
     """Dynamic sampling: extra rounds of prompts at most per generation; still short, zero-spread groups fill in."""
     generation_batch_size: int = 0
     """Prompts per generation forward (bounds the KV cache's memory); 0: all of a rank's prompts at once."""
+    prefill_tokens: int = 1024
+    """Padded prompt tokens per prefill forward (rows are split, never a prompt): bounds the prefill's activation memory; 0: the whole generation batch in one forward."""
     log_completions: int = 4
     """Completions per generation written (with their rewards) to completions.jsonl in the run folder and the WandB table."""
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)

@@ -110,6 +110,8 @@ class GRPOTask:
             problems.append(f"task.beta={task.beta} must be >= 0 (0: no reference model)")
         if task.max_resample < 0:
             problems.append(f"task.max_resample={task.max_resample} must be >= 0")
+        if task.generation_batch_size < 0 or task.prefill_tokens < 0:
+            problems.append("task.generation_batch_size and task.prefill_tokens must be >= 0 (0: no limit)")
         if task.steps_per_generation < 1:
             problems.append(f"task.steps_per_generation={task.steps_per_generation} must be >= 1")
         if task.beta > 0 and not (task.ref_model or cfg.model.pretrained or cfg.model.load) \
@@ -144,7 +146,7 @@ class GRPOTask:
         if cfg.task.beta != 0 and not lora_base:
             reference = build_reference(cfg, backend, arch, padded_vocab)
         engine = MegatronEngine(model, backend.torch_device, arch.vocab_size, cfg.task.generation_batch_size,
-                                masks=backend.attention != "te")
+                                masks=backend.attention != "te", prefill_tokens=cfg.task.prefill_tokens)
         task = cls(cfg, model, reference, None)
         prompts = dict(datasets)["train"]
         judge = None

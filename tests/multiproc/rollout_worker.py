@@ -3,8 +3,10 @@ prompts with the megatron rollout engine; rank 0 writes the completions as JSON.
 
 usage: rollout_worker.py <prompts.json> <out.json> <max_new_tokens> <stop id> <batching> <override> [...]
 
-batching: padded | unpadded (every rank generates every prompt), or split (2 ranks: rank 0 the first prompt,
-rank 1 the others, padded), which makes the ranks finish at different steps; each rank writes <out>.<rank>.
+batching: padded | unpadded (every rank generates every prompt), split (2 ranks: rank 0 the first prompt,
+rank 1 the others, padded), which makes the ranks finish at different steps; each rank writes <out>.<rank>;
+or wide: the prompts five times over in one batch (padded), so that a decode step multiplies 20 rows (the
+skinny products of backend.no_grad_paths on CPU).
 """
 import json
 import os
@@ -28,6 +30,8 @@ def main() -> None:
     prompts = json.loads(open(prompts_file).read())
     if mode == "split":
         prompts = prompts[:1] if dist.get_rank() == 0 else prompts[1:]
+    elif mode == "wide":
+        prompts = prompts * 5
     engine = MegatronEngine(trainer.model, trainer.backend.torch_device, trainer.arch.vocab_size,
                             masks=mode != "unpadded")
     out = engine.generate(prompts, SamplingParams(max_new_tokens=max_new, temperature=0, stop_token_ids=[stop]))

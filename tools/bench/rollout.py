@@ -2,9 +2,11 @@
 prompts, greedy, same number of new tokens per prompt (a stop token that never comes).
 
 A small random Qwen3 is written as an HF folder; transformers generates the batch at once (left padding,
-attention mask, KV cache); the project's engine generates it through the trainer's own megatron-core model
-(KV cache, prompts of different lengths without padding). Both get a warm-up call first. Prints tokens/s of
-each and the ratio (target >= 1.0 on CPU).
+attention mask, KV cache) in this process; the project's engine generates it through the trainer's own
+megatron-core model (left padding, static KV cache) in a torchrun worker. Both make a warm-up call; then
+they take turns (one timed call each, ``--repeat`` rounds, the other waiting idle), so that both see the same
+machine: on a shared CPU a minute can change speeds by 10 %. The fastest call of each counts. Prints tokens/s
+of each and the ratio (target >= 1.0 on CPU).
 
     python tools/bench/rollout.py                              # CPU: batch 16, 64 new tokens
     python tools/bench/rollout.py --batch 32 --new 128 --device cuda --dtype bf16
@@ -34,7 +36,8 @@ def _prompts(batch: int):
     return [torch.randint(0, 4000, (int(n),), generator=g).tolist() for n in torch.randint(16, 64, (batch,), generator=g)]
 
 
-def _hf(folder: str, prompts, new: int, device: str, dtype: str) -> float:
+def _hf(folder: str, prompts, new: int, device: str, dtype: str):
+    """transformers' generate, warmed up; returns a function that times one call (seconds)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -53,13 +56,35 @@ def _hf(folder: str, prompts, new: int, device: str, dtype: str) -> float:
             return model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
                                   eos_token_id=NEVER, pad_token_id=0)
 
+    def timed() -> float:
+        _sync(device)
+        start = time.perf_counter()
+        out = run()
+        _sync(device)
+        assert out.shape[1] - width == new
+        return time.perf_counter() - start
+
     run()
-    _sync(device)
-    start = time.perf_counter()
-    out = run()
-    _sync(device)
-    assert out.shape[1] - width == new
-    return len(prompts) * new / (time.perf_counter() - start)
+    return timed
+
+
+def _turn(work: str, name: str, timeout: float = 600.0) -> str:
+    """Wait for the file ``name`` in ``work`` (the other process's signal) and return its text."""
+    path = os.path.join(work, name)
+    deadline = time.time() + timeout
+    while not os.path.exists(path):
+        if time.time() > deadline:
+            raise TimeoutError(f"no {path} after {timeout:.0f} s")
+        time.sleep(0.01)
+    time.sleep(0.01)  # the writer closes the file right after creating it
+    return open(path).read()
+
+
+def _signal(work: str, name: str, text: str = "") -> None:
+    tmp = os.path.join(work, name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, os.path.join(work, name))
 
 
 def _sync(device: str) -> None:
@@ -69,7 +94,8 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _engine_worker(folder: str, prompts_file: str, new: int, out: str, overrides) -> None:
+def _engine_worker(work: str, new: int, repeat: int, overrides) -> None:
+    import torch
     import torch.distributed as dist
 
     from megatron_swift.config.compose import compose
@@ -77,23 +103,27 @@ def _engine_worker(folder: str, prompts_file: str, new: int, out: str, overrides
     from megatron_swift.rollout.sampling import SamplingParams
     from megatron_swift.training.loop import setup
 
-    trainer = setup(compose(["+model=qwen3", f"model.pretrained={folder}", "data.tokenizer=byte",
+    trainer = setup(compose(["+model=qwen3", f"model.pretrained={work}", "data.tokenizer=byte",
                              "train.seq_length=256", "train.global_batch_size=1", "train.micro_batch_size=1",
                              "logging.tensorboard=false", f"train.output_dir={tempfile.mkdtemp(prefix='rollout_')}",
                              *overrides]))
-    prompts = json.loads(open(prompts_file).read())
+    prompts = json.loads(open(os.path.join(work, "prompts.json")).read())
     engine = MegatronEngine(trainer.model, trainer.backend.torch_device, trainer.arch.vocab_size)
     params = SamplingParams(max_new_tokens=new, temperature=0, stop_token_ids=[NEVER])
     engine.generate(prompts, params)
-    trainer.backend.synchronize()
-    start = time.perf_counter()
-    result = engine.generate(prompts, params)
-    trainer.backend.synchronize()
-    seconds = time.perf_counter() - start
-    assert all(len(c) == new for c in result.token_ids)
-    if dist.get_rank() == 0:
-        with open(out, "w") as f:
-            json.dump({"tokens_per_s": len(prompts) * new / seconds}, f)
+    first = dist.get_rank() == 0
+    if first:
+        _signal(work, "engine.ready", str(torch.get_num_threads()))
+    for i in range(repeat):
+        _turn(work, f"go.{i}")
+        trainer.backend.synchronize()
+        start = time.perf_counter()
+        result = engine.generate(prompts, params)
+        trainer.backend.synchronize()
+        seconds = time.perf_counter() - start
+        assert all(len(c) == new for c in result.token_ids)
+        if first:
+            _signal(work, f"done.{i}", str(seconds))
 
 
 def main() -> None:
@@ -102,6 +132,7 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=64)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--repeat", type=int, default=3, help="timed calls of each after the warm-up, alternating; the fastest counts")
     parser.add_argument("overrides", nargs="*", help="extra trainer overrides (after --)")
     args = parser.parse_args()
 
@@ -114,20 +145,32 @@ def main() -> None:
     prompts = _prompts(args.batch)
     with open(os.path.join(work, "prompts.json"), "w") as f:
         json.dump(prompts, f)
-    hf = _hf(work, prompts, args.new, args.device, args.dtype)
-    out = os.path.join(work, "engine.json")
     precision = {"fp32": "fp32", "bf16": "bf16"}[args.dtype]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--master_port=29731",
-           os.path.abspath(__file__), "--worker", work, os.path.join(work, "prompts.json"), str(args.new), out,
+           os.path.abspath(__file__), "--worker", work, str(args.new), str(args.repeat),
            f"train.device={args.device}", f"train.precision={precision}", *args.overrides]
-    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
-    engine = json.load(open(out))["tokens_per_s"]
-    print(f"rollout, batch {args.batch} x {args.new} new tokens, {args.device} {args.dtype}: "
-          f"megatron engine {engine:,.0f} tok/s, transformers generate {hf:,.0f} tok/s, ratio {engine / hf:.2f}")
+    worker = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL)
+    try:
+        engine_threads = _turn(work, "engine.ready")  # the worker has built and warmed up; now it waits
+        hf_call = _hf(work, prompts, args.new, args.device, args.dtype)
+        hf, engine = [], []
+        for i in range(args.repeat):  # turns: neither runs while the other is timed
+            hf.append(hf_call())
+            _signal(work, f"go.{i}")
+            engine.append(float(_turn(work, f"done.{i}")))
+    finally:
+        if worker.wait(timeout=120) != 0:
+            raise SystemExit(f"the engine worker failed (exit {worker.returncode})")
+    tokens = len(prompts) * args.new
+    hf_rate, engine_rate = tokens / min(hf), tokens / min(engine)
+    threads = f", {torch.get_num_threads()}/{engine_threads} threads" if args.device == "cpu" else ""
+    print(f"rollout, batch {args.batch} x {args.new} new tokens, {args.device} {args.dtype}{threads}: "
+          f"megatron engine {engine_rate:,.0f} tok/s, transformers generate {hf_rate:,.0f} tok/s, "
+          f"ratio {engine_rate / hf_rate:.2f} (fastest of {args.repeat} alternating calls each)")
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        _engine_worker(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5], sys.argv[6:])
+        _engine_worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5:])
     else:
         main()
