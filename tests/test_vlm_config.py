@@ -86,3 +86,18 @@ def test_vl_runs_are_named_as_sft_after_their_model():
     assert run_name(compose(["+model=llava", "data=vl_sft"])) == "llava-tiny-sft-train"
     assert run_name(compose(["+model=llava", "data=vl_sft", "model.llm=/ckpt/Qwen3-1.7B",
                              "model.vision=/ckpt/siglip"])) == "llava-Qwen3-1.7B-sft-train"
+
+
+def test_an_unrelated_error_while_composing_is_not_passed_off_as_a_config_line(tmp_path, monkeypatch):
+    # Only the composition's own refusals (CompositionError, DataError) become config lines; a bug elsewhere
+    # keeps its type and traceback.
+    from megatron_swift.models.families.base import Family
+
+    def broken(*args, **kwargs):
+        raise ValueError("a bug, not a setting")
+
+    monkeypatch.setattr(Family, "read_hf", broken)  # the language model's config reader
+    folder = _llava_folder(tmp_path)
+    with pytest.raises(ValueError, match="a bug, not a setting") as e:
+        validate(compose(["+model=llava", f"model.llm={folder}", f"model.vision={folder}"]), 1)
+    assert not isinstance(e.value, ConfigError)

@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from megatron_swift.data.errors import DataError
 from megatron_swift.models import families
+from megatron_swift.models.families.base import CompositionError
 
 MIN_LINE_BYTES = 1024  # data.max_line_bytes below this would refuse ordinary rows
 
@@ -325,7 +326,7 @@ def validate(cfg, world_size: Optional[int], te_available: bool = False, device:
         arch = resolve(cfg.model)
     except KeyError as e:
         raise ConfigError([str(e.args[0])]) from None
-    except (DataError, ValueError) as e:
+    except (DataError, CompositionError) as e:
         raise ConfigError([str(e)]) from None
     problems: List[str] = []
     _layout(cfg, arch, te_available, problems)

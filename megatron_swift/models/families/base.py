@@ -5,6 +5,11 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
 
+class CompositionError(ValueError):
+    """A model put together from several HF folders (model.llm + model.vision) that cannot be: the message
+    names the key to change (config.validate turns it into one config line)."""
+
+
 @dataclass(frozen=True)
 class Size:
     """One published (or test) configuration of a family."""
@@ -54,7 +59,7 @@ class Family:
 
     def compose(self, model_cfg) -> dict:
         """Architecture fields of a model put together from several HF folders (model.llm + model.vision)."""
-        raise ValueError(f"model.llm / model.vision compose a vision-language model; +model={self.name} is not "
+        raise CompositionError(f"model.llm / model.vision compose a vision-language model; +model={self.name} is not "
                          "one (use +model=llava)")
 
     def write_hf(self, arch: dict, dtype: str) -> dict:

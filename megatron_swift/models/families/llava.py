@@ -12,7 +12,7 @@ from typing import Optional
 from megatron_swift.convert.rules import Direct
 from megatron_swift.convert.tables import prefixed, vit_style
 from megatron_swift.data.errors import DataError
-from megatron_swift.models.families.base import Family, Size
+from megatron_swift.models.families.base import CompositionError, Family, Size
 from megatron_swift.models.vision import VisionArch, hf_vision_config, image_seq_length, vision_arch
 
 # The canonical (transformers 4.x on-disk) spellings; 5.x writes the tower without "vision_model." and keeps
@@ -75,7 +75,7 @@ class LlavaFamily(Family):
         from megatron_swift.models import families
 
         if not model_cfg.vision:
-            raise ValueError("model.llm needs model.vision: the HF folder of a CLIP or SigLIP vision encoder")
+            raise CompositionError("model.llm needs model.vision: the HF folder of a CLIP or SigLIP vision encoder")
         llm = read_hf_config(model_cfg.llm)
         text_family = families.get(hf_family_name(llm, model_cfg.llm))
         fields = text_family.read_hf(llm, model_cfg.llm)
