@@ -37,10 +37,12 @@ def _forward(column, row, x):
     return out
 
 
+@pytest.mark.parametrize("frozen", [False, True])  # LinearWithFrozenWeight for a frozen column weight (LoRA's base)
 @pytest.mark.parametrize("rows", [3, 20, 200])  # few, skinny (16..48) and many rows of the product
-def test_no_grad_forward_equals_the_autograd_functions_bitwise(rows):
+def test_no_grad_forward_equals_the_autograd_functions_bitwise(rows, frozen):
     torch.manual_seed(0)
     column, row = _linears()
+    column.weight.requires_grad_(not frozen)
     x = torch.randn(rows, 1, 24)
     with_graph = _forward(column, row, x)
     assert with_graph.requires_grad  # megatron-core's Functions ran and recorded their graph
@@ -99,8 +101,9 @@ def test_make_viewless_tensor_without_grad_keeps_the_values_and_drops_the_base()
     base = torch.randn(4, 6)
     view = base[:, :3]
     with torch.no_grad():
-        out = transformer_layer.make_viewless_tensor(view, requires_grad=False, keep_graph=True)
+        out = transformer_layer.make_viewless_tensor(view, requires_grad=True, keep_graph=True)
     assert out._base is None and torch.equal(out, view)
+    assert not out.requires_grad  # as megatron-core's Function gives under no_grad
 
 
 @pytest.mark.parametrize("interleaved", [False, True])

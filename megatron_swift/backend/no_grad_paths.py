@@ -17,10 +17,13 @@ path. Applied once by ``backend.device.init`` on every device.
 
 Skinny products on CPU (:func:`generation`). A decode step multiplies each weight by as many rows as there
 are prompts. For 16 to 48 rows, MKL's sgemm (torch 2.13's CPU build) computes ``x @ W.t()`` 1.2-2x slower
-than the same product written ``(W @ x.t()).t()`` (measured on every linear shape of the bench model; the two
-gave bitwise equal results for those row counts, not for fewer rows, and the plain form is faster from 64
-rows on). Inside :func:`generation`, and only where the backend asked for it (CPU), such products take the
-second form. Generation only: the log-probabilities that training compares keep megatron-core's form.
+than the same product written ``(W @ x.t()).t()`` (measured on every linear shape of the bench model; the
+plain form is faster from 64 rows on, and for fewer than 16). Inside :func:`generation`, and only where the
+backend asked for it (CPU), such products take the second form. The two forms round differently in general
+(bitwise equal for the bench model's 512-wide shapes, up to ~1e-4 apart at 896 or 2048 wide), so on CPU a
+greedy completion at a near-tie may depend on how many rows its batch has, as it may under another batch
+size or TP split; a given run (and its resume) always forms the same batches. Generation only: the
+log-probabilities that training compares keep megatron-core's form.
 """
 from __future__ import annotations
 
@@ -87,9 +90,16 @@ def _region(forward):
 
 def _viewless(original):
     def call(inp, requires_grad, keep_graph):
-        return original(inp, requires_grad, False)  # megatron-core's own branch without the Function
+        # megatron-core's own branch without the Function; no grad, as the Function's output has none here.
+        return original(inp, False, False)
 
     return call
+
+
+def _frozen_eligible(args, kwargs) -> bool:
+    # linear_with_frozen_weight refuses these two (an assertion); megatron-core's path keeps refusing them.
+    return (not _sequence_parallel(args, kwargs) and kwargs.get("grad_output_buffer") is None
+            and kwargs.get("wgrad_deferral_limit") is None)
 
 
 def apply(skinny_products: bool = False) -> None:
@@ -103,8 +113,9 @@ def apply(skinny_products: bool = False) -> None:
     from megatron.core.transformer import transformer_block, transformer_layer
 
     not_sp = lambda args, kwargs: not _sequence_parallel(args, kwargs)  # noqa: E731
-    for name in ("linear_with_grad_accumulation_and_async_allreduce", "linear_with_frozen_weight"):
-        setattr(layers, name, _dispatch(getattr(layers, name), _matmul, not_sp))
+    for name, eligible in (("linear_with_grad_accumulation_and_async_allreduce", not_sp),
+                           ("linear_with_frozen_weight", _frozen_eligible)):
+        setattr(layers, name, _dispatch(getattr(layers, name), _matmul, eligible))
     # The region mappings' forwards: copy is the identity, reduce all-reduces, gather concatenates the
     # last dimension (the vocabulary-parallel logits).
     shortcuts = {"copy_to_tensor_model_parallel_region": lambda input_, group=None: input_,

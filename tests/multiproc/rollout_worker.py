@@ -6,7 +6,7 @@ usage: rollout_worker.py <prompts.json> <out.json> <max_new_tokens> <stop id> <b
 batching: padded | unpadded (every rank generates every prompt), split (2 ranks: rank 0 the first prompt,
 rank 1 the others, padded), which makes the ranks finish at different steps; each rank writes <out>.<rank>;
 or wide: the prompts five times over in one batch (padded), so that a decode step multiplies 20 rows (the
-skinny products of backend.no_grad_paths on CPU).
+skinny products of backend.no_grad_paths on CPU), prefilled 3 rows per forward (the last group has 2).
 """
 import json
 import os
@@ -32,8 +32,9 @@ def main() -> None:
         prompts = prompts[:1] if dist.get_rank() == 0 else prompts[1:]
     elif mode == "wide":
         prompts = prompts * 5
+    width = max(map(len, prompts))
     engine = MegatronEngine(trainer.model, trainer.backend.torch_device, trainer.arch.vocab_size,
-                            masks=mode != "unpadded")
+                            masks=mode != "unpadded", prefill_tokens=3 * width if mode == "wide" else 1024)
     out = engine.generate(prompts, SamplingParams(max_new_tokens=max_new, temperature=0, stop_token_ids=[stop]))
     if dist.get_rank() == 0 or mode == "split":
         with open(out_file + (f".{dist.get_rank()}" if mode == "split" else ""), "w") as f:

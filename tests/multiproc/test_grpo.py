@@ -44,11 +44,13 @@ def _hf_greedy(folder, stop=None):
 MOE = dict(num_key_value_heads=2, head_dim=16, tie_word_embeddings=False, num_experts=6, num_experts_per_tok=2,
            moe_intermediate_size=24, norm_topk_prob=True)
 # (name, ranks, overrides, batching): left-padded prompts with a mask (sdpa, local), or unpadded (TE's way);
-# wide: 20 prompts in a batch, decoded with the skinny products of backend.no_grad_paths.
+# wide: 20 prompts in a batch, prefilled 3 rows per forward, decoded with the skinny products of
+# backend.no_grad_paths.
 LAYOUTS = {"qwen3": [("tp1", 1, [], "padded"), ("tp2", 2, ["parallel.tp=2"], "padded"),
                      ("pp2", 2, ["parallel.pp=2"], "padded"),
                      ("tp2-local", 2, ["parallel.tp=2", "model.attention_backend=local"], "padded"),
-                     ("tp1-unpadded", 1, [], "unpadded"), ("tp2-wide", 2, ["parallel.tp=2"], "wide")],
+                     ("tp1-unpadded", 1, [], "unpadded"), ("tp2-wide", 2, ["parallel.tp=2"], "wide"),
+                     ("pp2-wide", 2, ["parallel.pp=2"], "wide")],
            # Ranks with other prompts that end at other steps: expert layers exchange tokens across them.
            "qwen3_moe": [("ep2", 2, ["parallel.ep=2"], "padded"), ("ep2-split", 2, ["parallel.ep=2"], "split")]}
 

@@ -68,15 +68,16 @@ def _hf(folder: str, prompts, new: int, device: str, dtype: str):
     return timed
 
 
-def _turn(work: str, name: str, timeout: float = 600.0) -> str:
-    """Wait for the file ``name`` in ``work`` (the other process's signal) and return its text."""
+def _turn(work: str, name: str, alive=lambda: True) -> str:
+    """Wait for the file ``name`` in ``work`` (the other process's signal) and return its text. Gives up when
+    ``alive()`` turns false (the worker died) or the other side wrote ``abort`` (the bench failed)."""
     path = os.path.join(work, name)
-    deadline = time.time() + timeout
     while not os.path.exists(path):
-        if time.time() > deadline:
-            raise TimeoutError(f"no {path} after {timeout:.0f} s")
+        if os.path.exists(os.path.join(work, "abort")):
+            raise SystemExit("rollout bench: aborted by the other process")
+        if not alive():
+            raise SystemExit(f"rollout bench: the engine worker ended before {name} (see its output above)")
         time.sleep(0.01)
-    time.sleep(0.01)  # the writer closes the file right after creating it
     return open(path).read()
 
 
@@ -132,9 +133,12 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=64)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-    parser.add_argument("--repeat", type=int, default=3, help="timed calls of each after the warm-up, alternating; the fastest counts")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="timed calls of each after the warm-up, alternating; the fastest counts")
     parser.add_argument("overrides", nargs="*", help="extra trainer overrides (after --)")
     args = parser.parse_args()
+    if args.repeat < 1 or args.batch < 1 or args.new < 1:
+        parser.error("--repeat, --batch and --new must be >= 1")
 
     import torch
     import transformers
@@ -150,17 +154,25 @@ def main() -> None:
            os.path.abspath(__file__), "--worker", work, str(args.new), str(args.repeat),
            f"train.device={args.device}", f"train.precision={precision}", *args.overrides]
     worker = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL)
+    alive = lambda: worker.poll() is None  # noqa: E731
     try:
-        engine_threads = _turn(work, "engine.ready")  # the worker has built and warmed up; now it waits
+        engine_threads = _turn(work, "engine.ready", alive)  # the worker has built and warmed up; now it waits
         hf_call = _hf(work, prompts, args.new, args.device, args.dtype)
         hf, engine = [], []
         for i in range(args.repeat):  # turns: neither runs while the other is timed
             hf.append(hf_call())
             _signal(work, f"go.{i}")
-            engine.append(float(_turn(work, f"done.{i}")))
-    finally:
-        if worker.wait(timeout=120) != 0:
-            raise SystemExit(f"the engine worker failed (exit {worker.returncode})")
+            engine.append(float(_turn(work, f"done.{i}", alive)))
+    except BaseException:
+        _signal(work, "abort")  # the worker leaves its wait; torchrun ends it on SIGTERM otherwise
+        worker.terminate()
+        try:
+            worker.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+        raise
+    if worker.wait(timeout=120) != 0:
+        raise SystemExit(f"the engine worker failed (exit {worker.returncode})")
     tokens = len(prompts) * args.new
     hf_rate, engine_rate = tokens / min(hf), tokens / min(engine)
     threads = f", {torch.get_num_threads()}/{engine_threads} threads" if args.device == "cpu" else ""
