@@ -11,7 +11,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("HYDRA_FULL_ERROR", "1")
 
 
-
 def main() -> None:
     import hydra
 
