@@ -31,12 +31,13 @@ from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
 from megatron_swift.backend import collective_device
 from megatron_swift.backend.no_apex import fuse_adam, torch_optimizers
-from megatron_swift.training import ckpt_store, safe_load, writer_procs
+from megatron_swift.training import ckpt_store, ckpt_writer, safe_load, save_deadline
 from megatron_swift.training.ckpt_store import (  # noqa: F401  (the checkpoint API other modules use)
     META, checkpoints_dir, complete_checkpoints, find_checkpoint, read_meta)
 from megatron_swift.training.errors import CheckpointError, Diverged
 
 _OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+SAVE_TIMEOUT_S = 30 * 60.0  # cluster.dist_timeout_minutes' default: a save may wait as long as a collective
 
 
 @dataclass
@@ -180,8 +181,9 @@ def _all_finite(model) -> bool:
 
 def save(output_dir: str, state: TrainState, model, optimizer, scheduler, config_yaml: str, keep_last: int,
          model_meta: Optional[dict] = None, data=None, adapter_only: bool = False,
-         run_meta: Optional[dict] = None) -> str:
-    """Write ``iter_N`` atomically (temporary dir, then rename) and prune to ``keep_last``.
+         run_meta: Optional[dict] = None, timeout_s: float = SAVE_TIMEOUT_S) -> str:
+    """Write ``iter_N`` atomically (temporary dir, then rename) and prune to ``keep_last``; a save still
+    running after ``timeout_s`` ends the process with one line (save_deadline).
 
     ``model_meta`` (architecture and vocabulary numbers) goes into megatron_swift.json so
     that export tools can rebuild the model without the original HF folder; ``run_meta`` (the
@@ -196,7 +198,7 @@ def save(output_dir: str, state: TrainState, model, optimizer, scheduler, config
                 **(run_meta or {}))
     return _write(output_dir, state.iteration,
                   lambda: _full_sharded_state(model, optimizer, scheduler, False, data, adapter_only, frozen),
-                  config_yaml, meta, keep_last)
+                  config_yaml, meta, keep_last, timeout_s)
 
 
 def save_weights(output_dir: str, model, config_yaml: str, model_meta: dict) -> str:
@@ -205,8 +207,16 @@ def save_weights(output_dir: str, model, config_yaml: str, model_meta: dict) -> 
     return _write(output_dir, 0, lambda: _model_sharded(model), config_yaml, meta, keep_last=0)
 
 
-def _write(output_dir: str, iteration: int, sharded_fn, config_yaml: str, meta: dict, keep_last: int) -> str:
-    writer_procs.install()
+def _write(output_dir: str, iteration: int, sharded_fn, config_yaml: str, meta: dict, keep_last: int,
+           timeout_s: float = SAVE_TIMEOUT_S) -> str:
+    ckpt_writer.install()
+    what = f"saving the checkpoint of step {iteration} into {checkpoints_dir(output_dir)}"
+    stacks = os.path.join(output_dir, f"save_stuck.rank{dist.get_rank()}.txt")
+    with save_deadline.bounded(timeout_s, what, stacks):
+        return _write_now(output_dir, iteration, sharded_fn, config_yaml, meta, keep_last)
+
+
+def _write_now(output_dir: str, iteration: int, sharded_fn, config_yaml: str, meta: dict, keep_last: int) -> str:
     ckpt_dir = checkpoints_dir(output_dir)
     final = os.path.join(ckpt_dir, ckpt_store.iter_name(iteration))
     tmp = os.path.join(ckpt_dir, ".tmp." + ckpt_store.iter_name(iteration))

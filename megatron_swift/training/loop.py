@@ -185,7 +185,8 @@ class Trainer:
         path = ckpt.save(self.output_dir, self.state, self.model, self.optimizer, self.scheduler,
                          OmegaConf.to_yaml(self.cfg), self.cfg.train.keep_last, self.model_meta,
                          self.train_data if _stateful(self.train_data) else None,
-                         adapter_only=self.cfg.tuner.name == "lora", run_meta=self.run_meta)
+                         adapter_only=self.cfg.tuner.name == "lora", run_meta=self.run_meta,
+                         timeout_s=60.0 * self.cfg.cluster.dist_timeout_minutes)
         _print0(f"saved checkpoint {path}")
         return path
 

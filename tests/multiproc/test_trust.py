@@ -142,25 +142,21 @@ def test_resume_under_another_layout_is_one_line(run_copy):
     assert "model.load=" in line
 
 
-def test_a_killed_rank_takes_its_checkpoint_writers_with_it(tmp_path):
-    """megatron-core's saver writes from processes it forks per rank at every save; when the rank is killed
-    mid-save they must not stay behind (and no other helper process, such as the results-queue manager
-    megatron-core would spawn, exists: training/writer_procs.py)."""
+def test_saves_fork_no_writer_or_helper_process(tmp_path):
+    """megatron-core's saver would fork writer processes at every save, from a rank with dozens of threads (a
+    fork that can inherit a held lock and hang for good), and spawn a results-queue manager: the rank writes
+    with its own threads instead (training/ckpt_writer.py), so no process of its own outlives a killed rank."""
     out = tmp_path / "run"
     proc = procs.start(2, [*BASE, "train.train_iters=400", "train.save_interval=1", f"train.output_dir={out}"])
     try:
         procs.wait_until(proc, lambda: len(list((out / "checkpoints").glob("iter_*"))) >= 2)
         workers = psutil.Process(proc.pid).children()
-        helpers = []
-        for _ in range(2000):  # the writers live while a save writes: catch the rank in the middle of one
-            helpers = [c for c in workers[0].children(recursive=True)]
-            if helpers:
-                break
+        newest = lambda: max(int(p.name[5:]) for p in (out / "checkpoints").glob("iter_*"))  # noqa: E731
+        first = newest()
+        for _ in range(600):  # a save every step: sample the ranks' children across several saves
+            assert not [c for w in workers for c in w.children(recursive=True)]
             time.sleep(0.005)
-        assert helpers, "no checkpoint writer process seen"
-        workers[0].kill()
-        gone, alive = psutil.wait_procs(helpers, timeout=20)
-        assert not alive, [p.cmdline()[:3] for p in alive]
+        assert newest() > first  # saves happened while we looked
     finally:
         procs.kill_tree(proc.pid)
     time.sleep(0.1)
