@@ -49,7 +49,7 @@ def test_non_finite_loss_or_norm_skips_the_update_and_three_in_a_row_stop_the_ru
     assert one_step(guard, opt, 2.0) is None and opt.updates == 2  # a good step resets the count
     for step in range(4, 7):
         assert one_step(guard, opt, math.inf) == "non-finite loss"
-    with pytest.raises(Diverged, match=r"3 consecutive steps skipped \(last at step 7: non-finite loss\)"):
+    with pytest.raises(Diverged, match=r"3 consecutive steps skipped \(steps 5-7, last: non-finite loss\)"):
         guard.check(7)
     assert guard.total_skipped == 5 and opt.updates == 2
 
@@ -73,3 +73,89 @@ def test_fp16_overflow_skips_do_not_count_as_divergence():
         assert guard.end_step(fp16_skipped=True) == "fp16 loss-scale overflow"
     guard.check(4)  # the loss scaler deals with these
     assert guard.total_skipped == 4
+
+
+def test_the_spike_test_uses_the_window_mean_not_the_last_loss():
+    """Windows whose last loss differs from their mean: comparing with the last loss gives the other verdict."""
+    guard, opt = StepGuard(max_skipped=5, spike_factor=3.0, spike_window=4), FakeOptimizer()
+    guard.install(opt)
+    for loss in (1.0, 1.0, 1.0, 5.0):  # mean 2: the limit is 6 (15 against the last loss)
+        one_step(guard, opt, loss)
+    assert one_step(guard, opt, 6.5) == "loss spike"
+    guard, opt = StepGuard(max_skipped=5, spike_factor=3.0, spike_window=4), FakeOptimizer()
+    guard.install(opt)
+    for loss in (5.0, 1.0, 1.0, 1.0):  # mean 2: the limit is 6 (3 against the last loss)
+        one_step(guard, opt, loss)
+    assert one_step(guard, opt, 4.0) is None
+
+
+def test_guard_state_survives_a_checkpoint_round_trip_exactly():
+    """What a checkpoint record keeps (JSON) gives a resumed guard the same window and counts, so a spike after
+    the resume point is judged as without the interruption."""
+    import json
+
+    losses = [2.0 + 1e-3 * math.pi * k for k in range(4)]  # floats that must survive JSON bit for bit
+    guard, opt = StepGuard(max_skipped=5, spike_factor=3.0, spike_window=4), FakeOptimizer()
+    guard.install(opt)
+    for loss in losses:
+        one_step(guard, opt, loss)
+    assert one_step(guard, opt, math.nan) == "non-finite loss"
+    resumed, opt2 = StepGuard(max_skipped=5, spike_factor=3.0, spike_window=4), FakeOptimizer()
+    resumed.install(opt2)
+    resumed.restore(json.loads(json.dumps(guard.state())))
+    assert list(resumed.recent) == losses and resumed.total_skipped == 1 and resumed.consecutive == 1
+    assert one_step(resumed, opt2, 7.0) == "loss spike" == one_step(guard, opt, 7.0)
+    assert resumed.state() == guard.state()
+    StepGuard(max_skipped=5).restore(None)  # a checkpoint from before guard state was kept
+
+
+def test_divergence_names_the_newest_checkpoint_from_before_the_streak():
+    guard, opt = StepGuard(max_skipped=2), FakeOptimizer()
+    guard.install(opt)
+    for loss in (2.0, 2.0, 2.0, math.nan, math.nan):  # steps 1-3 applied, 4-5 skipped
+        one_step(guard, opt, loss)
+    asked = []
+
+    def before_streak(step):
+        asked.append(step)
+        return "/run/checkpoints/iter_0000002"
+
+    with pytest.raises(Diverged, match=r"steps 4-5.*Resume from /run/checkpoints/iter_0000002 \(saved before"):
+        guard.check(5, before_streak)
+    assert asked == [3] and guard.skipping()
+    with pytest.raises(Diverged, match=r"No checkpoint was saved at or before step 3"):
+        guard.check(5, lambda step: None)
+
+
+class FakeScheduler:
+    def __init__(self, optimizer):
+        self.optimizer, self.steps = optimizer, 0
+
+    def step(self, increment):
+        self.steps += increment
+        self.optimizer.param_groups[0]["lr"] = 1e-3 * (1 + self.steps)  # a schedule that always moves
+
+
+def test_the_scheduler_stays_put_while_steps_are_skipped():
+    """Trainer.train_step on doubles: a skipped step leaves the schedule (and so the next step's lr) where it was."""
+    from types import SimpleNamespace
+
+    from megatron_swift.training.loop import Trainer
+
+    opt = FakeOptimizer()
+    opt.param_groups = [{"lr": 1e-3}]
+    opt.zero_grad = lambda: None
+    guard = StepGuard(max_skipped=5)
+    guard.install(opt)
+    losses = iter([2.0, math.nan, math.inf, 2.0])
+    trainer = Trainer.__new__(Trainer)
+    trainer.model, trainer.optimizer, trainer.guard = [SimpleNamespace(zero_grad_buffer=lambda: None)], opt, guard
+    trainer.scheduler, trainer.sampler, trainer.train_data = FakeScheduler(opt), None, None
+    trainer.backend = SimpleNamespace(torch_device="cpu")
+    trainer._microbatches = lambda *a: []
+    trainer._forward_backward = lambda *a: []
+    trainer._task_metrics = lambda reports: {"loss": next(losses)}
+    outcomes = [trainer.train_step(i) for i in range(4)]
+    assert [o[3] for o in outcomes] == [None, "non-finite loss", "non-finite loss", None]
+    assert [o[2] for o in outcomes] == [1e-3, 2e-3, 2e-3, 2e-3]  # the lr each step used
+    assert trainer.scheduler.steps == 2 and opt.updates == 2

@@ -18,12 +18,17 @@ megatron-core, and the loss verdict is shared over the pipeline stages here.
 A skipped step consumes its batch and counts as an iteration (as in
 Megatron-LM); the scheduler does not advance. ``max_skipped`` consecutive
 skips stop the run with :class:`Diverged`.
+
+The loss is shared over the pipeline stages too, so every rank holds the same
+window of recent losses: rank 0 stores the guard's ``state()`` with each
+checkpoint and a resume ``restore``s it, so a spike after the resume point is
+judged as it would have been without the interruption.
 """
 from __future__ import annotations
 
 import math
 from collections import deque
-from typing import Deque, Optional
+from typing import Callable, Deque, Optional
 
 import torch
 import torch.distributed as dist
@@ -71,10 +76,12 @@ class StepGuard:
                 problem = 1.0
             elif self._is_spike(loss):
                 problem = 2.0
-        if ps.get_pipeline_model_parallel_world_size() > 1:  # only the last stage has the loss
-            flag = torch.tensor([problem], device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=ps.get_pipeline_model_parallel_group())
-            problem = flag.item()
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            # Only the last stage has the loss: one sum over the stages (the others add zeros) gives every
+            # stage the verdict and the loss itself (float64: exactly), so every rank keeps the same window.
+            shared = torch.tensor([problem, 0.0 if loss is None else loss], dtype=torch.float64, device=device)
+            dist.all_reduce(shared, group=ps.get_pipeline_model_parallel_group())
+            problem, loss = shared.tolist()
         self._loss_problem = {0.0: None, 1.0: "non-finite loss", 2.0: "loss spike"}[problem]
         self._pending_loss = loss
 
@@ -103,11 +110,35 @@ class StepGuard:
         self.last_reason = reason
         return reason
 
-    def check(self, iteration: int) -> None:
+    def skipping(self) -> bool:
+        """Whether the latest steps were skipped (a streak is under way): no checkpoint is saved then."""
+        return self.consecutive > 0
+
+    def state(self) -> dict:
+        """What a checkpoint keeps of the guard (plain JSON: floats round-trip exactly)."""
+        return {"recent": list(self.recent), "consecutive": self.consecutive, "skipped_steps": self.total_skipped,
+                "last_reason": self.last_reason}
+
+    def restore(self, state: Optional[dict]) -> None:
+        """Continue from a checkpoint's ``state()`` (None: a checkpoint from before it was kept)."""
+        if not state:
+            return
+        self.recent.clear()
+        self.recent.extend(state["recent"])  # a shorter train.loss_spike_window keeps the newest losses
+        self.consecutive, self.total_skipped = state["consecutive"], state["skipped_steps"]
+        self.last_reason = state["last_reason"]
+
+    def check(self, iteration: int, before_streak: Optional[Callable[[int], Optional[str]]] = None) -> None:
         """Raise :class:`Diverged` after ``max_skipped`` consecutive skips (fp16 loss-scale overflows, which
-        the loss scaler handles, do not count)."""
-        if self.consecutive >= self.max_skipped and self.last_reason != "fp16 loss-scale overflow":
-            raise Diverged(f"training diverged: {self.consecutive} consecutive steps skipped (last at step "
-                           f"{iteration}: {self.last_reason}); their updates were not applied. Resume from the "
-                           "last good checkpoint with a lower train.lr, longer train.lr_warmup_iters or tighter "
-                           "train.clip_grad (train.max_skipped_steps sets how many skips are tolerated)")
+        the loss scaler handles, do not count). ``before_streak(step)`` names the newest checkpoint of a step
+        no later than ``step`` (the last one before the skipped steps), or None."""
+        if self.consecutive < self.max_skipped or self.last_reason == "fp16 loss-scale overflow":
+            return
+        good = iteration - self.consecutive  # the last step whose update was applied
+        ckpt = before_streak(good) if before_streak is not None else None
+        where = (f"Resume from {ckpt} (saved before the skipped steps)" if ckpt else
+                 f"No checkpoint was saved at or before step {good}: start again")
+        raise Diverged(f"training diverged: {self.consecutive} consecutive steps skipped (steps {good + 1}-"
+                       f"{iteration}, last: {self.last_reason}); their updates were not applied. {where} with a "
+                       "lower train.lr, longer train.lr_warmup_iters or tighter train.clip_grad "
+                       "(train.max_skipped_steps sets how many skips are tolerated)")

@@ -185,7 +185,8 @@ class Trainer:
         path = ckpt.save(self.output_dir, self.state, self.model, self.optimizer, self.scheduler,
                          OmegaConf.to_yaml(self.cfg), self.cfg.train.keep_last, self.model_meta,
                          self.train_data if _stateful(self.train_data) else None,
-                         adapter_only=self.cfg.tuner.name == "lora", run_meta=self.run_meta,
+                         adapter_only=self.cfg.tuner.name == "lora",
+                         run_meta=dict(self.run_meta, guard=self.guard.state()),
                          timeout_s=60.0 * self.cfg.cluster.dist_timeout_minutes)
         _print0(f"saved checkpoint {path}")
         return path
@@ -216,7 +217,7 @@ class Trainer:
             self.sinks.log(metrics)
         if hasattr(self.train_data, "take_samples"):  # a source that shows example outputs (rollouts)
             self.sinks.log_samples(self.state.iteration, self.train_data.take_samples())
-        self.guard.check(self.state.iteration)
+        self.guard.check(self.state.iteration, self._checkpoint_at_or_before)
         if train.eval_interval and self.eval_data is not None and self.state.iteration % train.eval_interval == 0:
             figures = self.evaluate()
             if figures is not None:
@@ -225,8 +226,18 @@ class Trainer:
             _print0(f"epoch {self.state.epoch} done at step {self.state.iteration} "
                     f"({self.state.consumed_samples} samples consumed)")
         if self._should_save(self.state.iteration):
-            self._save()
+            if self.guard.skipping():  # its weights are those of before the streak: keep that checkpoint newest
+                _print0(f"megatron-swift: no checkpoint at step {self.state.iteration}: the divergence guard "
+                        f"skipped the last {self.guard.consecutive} step(s)")
+            else:
+                self._save()
         return self.stops.check() if self.stops is not None else None
+
+    def _checkpoint_at_or_before(self, step: int) -> Optional[str]:
+        """The newest complete checkpoint of this run saved at or before ``step``, or None."""
+        found = [c for c in ckpt.complete_checkpoints(ckpt.checkpoints_dir(self.output_dir))
+                 if ckpt.read_meta(c)["iteration"] <= step]
+        return found[-1] if found else None
 
     def fit(self) -> ckpt.TrainState:
         """Train to the end of the run, or until a stop request (then save and return)."""
@@ -245,8 +256,15 @@ class Trainer:
         return self.state
 
     def _stop(self, reason: str) -> None:
-        path = ckpt.find_checkpoint(self.output_dir) if self._saved(self.state.iteration) else self._save()
         self.stopped = reason
+        if self.guard.skipping():  # as for periodic saves: a resume repeats the skipped steps from before them
+            path = self._checkpoint_at_or_before(self.state.iteration - self.guard.consecutive)
+            kept = f"the newest checkpoint is {path}, from before them" if path else "no checkpoint is from before them"
+            _print0(f"megatron-swift: stopped by {reason} at step {self.state.iteration} while the divergence "
+                    f"guard was skipping steps; not saved ({kept}). To continue, run the same command "
+                    f"(train.resume=auto), or add train.output_dir={self.output_dir}")
+            return
+        path = ckpt.find_checkpoint(self.output_dir) if self._saved(self.state.iteration) else self._save()
         _print0(f"megatron-swift: stopped by {reason} at step {self.state.iteration} of {self.length.total_iters}; "
                 f"checkpoint {path}. To continue, run the same command (train.resume=auto), or add "
                 f"train.output_dir={self.output_dir}")
@@ -401,6 +419,7 @@ def setup(cfg) -> Trainer:
         state = ckpt.load_full(resume_from, model, optimizer, scheduler,
                                train_data if _stateful(train_data) else None,
                                reseed=lambda step: _seed(cfg.train.seed + step))
+        guard.restore(ckpt.read_meta(resume_from).get("guard"))  # its window of losses, skips so far
         _print0(f"resumed from {resume_from} at step {state.iteration} (epoch {state.epoch}, "
                 f"{state.consumed_samples} samples consumed)")
 

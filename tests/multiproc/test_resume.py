@@ -39,6 +39,10 @@ LAYOUTS = {
                               "data.pack_window=8", "train.seq_length=256", "parallel.distributed_optimizer=true",
                               "parallel.cp=2", "train.global_batch_size=4", "train.micro_batch_size=1"],
 }
+# The divergence guard at work: with these settings the uninterrupted run skips steps 10, 12-14, 17-19 and 21-23
+# as loss spikes (above 1.01 x the mean of the last 2 good losses), and saves no checkpoint at step 12 (mid-streak).
+GUARDED = {"dp2_distopt_spikes": [*LAYOUTS["dp2_distopt"], "train.lr=1e-2", "train.loss_spike_factor=1.01",
+                                  "train.loss_spike_window=2", "train.max_skipped_steps=50"]}
 KILL_AFTER_STEP = 6  # a checkpoint (step 4) exists and later steps ran
 
 
@@ -57,7 +61,7 @@ def uninterrupted(tmp_path_factory):
     def rows(layout: str) -> dict:
         if layout not in cache:
             out = tmp_path_factory.mktemp(f"whole_{layout}")
-            procs.run(2, [*COMMON, *LAYOUTS[layout], f"train.output_dir={out}"])
+            procs.run(2, [*COMMON, *{**LAYOUTS, **GUARDED}[layout], f"train.output_dir={out}"])
             cache[layout] = per_step(out)
             assert sorted(cache[layout]) == list(range(1, TOTAL + 1))
         return cache[layout]
@@ -68,7 +72,7 @@ def uninterrupted(tmp_path_factory):
 def assert_same_steps(resumed: dict, expected: dict) -> None:
     assert sorted(resumed) == list(range(1, TOTAL + 1))
     for step in range(1, TOTAL + 1):
-        for key in ("loss", "lr", "grad_norm", "consumed_samples"):
+        for key in ("loss", "lr", "grad_norm", "consumed_samples", "skipped", "skipped_steps"):
             assert resumed[step][key] == expected[step][key], f"step {step}: {key} differs after the resume"
 
 
@@ -95,6 +99,25 @@ def test_killed_mid_run_resumes_exactly(tmp_path, uninterrupted, layout):
     # Resumed in the middle, from a checkpoint before the kill, with 10+ steps left to compare.
     assert 0 < start <= killed_at and TOTAL - start >= 10, (start, killed_at)
     assert_same_steps(per_step(out), uninterrupted(layout))
+
+
+def test_the_divergence_guard_resumes_with_its_window_and_count(tmp_path, uninterrupted):
+    """train.loss_spike_factor: the guard's window of recent losses and its count of skipped steps come back with
+    the checkpoint, so the steps it skips after the resume point are those of the uninterrupted run (with an
+    empty window the first steps after a resume could not be judged, and the count would start again at 0)."""
+    expected = uninterrupted("dp2_distopt_spikes")
+    out = tmp_path / "run"
+    command = [*COMMON, *GUARDED["dp2_distopt_spikes"], f"train.output_dir={out}"]
+    proc = procs.start(2, command, log=tmp_path / "killed.log")
+    try:
+        procs.wait_until(proc, lambda: procs.last_step(procs.metrics_file(out)) >= 17)
+    finally:
+        procs.kill_tree(proc.pid)
+    again = procs.run(2, command)
+    start = resumed_at(again.stdout)
+    assert start in (16, 20), start  # never 12: no checkpoint is saved while the guard skips steps
+    assert expected[start]["skipped_steps"] > 0 and expected[start + 1]["skipped"]  # what must come back
+    assert_same_steps(per_step(out), expected)
 
 
 def test_sigterm_saves_then_the_same_command_continues_exactly(tmp_path, uninterrupted):

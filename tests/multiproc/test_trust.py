@@ -69,6 +69,11 @@ def test_diverging_run_stops_and_keeps_finite_checkpoints(tmp_path):
     assert [r["skipped"] for r in rows[-3:]] == [True] * 3 and rows[-1]["iteration"] < 40
     kept = sorted((out / "checkpoints").glob("iter_*"))
     assert len(kept) == 2 and all(manifest_intact(c) for c in kept)
+    # No checkpoint is saved while steps are being skipped, and the message names one from before the streak.
+    skipped = {r["iteration"] for r in rows if r["skipped"]}
+    assert not {int(c.name[5:]) for c in kept} & skipped
+    named = re.search(r"Resume from (\S+iter_(\d+)) \(saved before the skipped steps\)", line)
+    assert named and named.group(1) == str(kept[-1]) and int(named.group(2)) < rows[-3]["iteration"]
     export = subprocess.run([sys.executable, str(ROOT / "tools" / "convert" / "mcore_to_hf.py"),
                                    "--ckpt", str(kept[-1]), "--out", str(tmp_path / "hf")],
                                   capture_output=True, text=True, timeout=300)
