@@ -40,3 +40,38 @@ def test_configuration_problems_are_named(tmp_path):
     broken.write_text("import nothing_here_at_all\n")
     (problem,) = check_names(_cfg(rewards=["accuracy"], reward_plugins=[str(broken)]))
     assert problem.startswith(f"task.reward_plugins: {broken}:1: ModuleNotFoundError"), problem
+
+
+def test_sandbox_settings_are_checked_before_work():
+    problems = check_names(_cfg(rewards=["code"]))
+    assert problems == []
+    cfg = _cfg(rewards=["code"])
+    cfg.sandbox.memory_mb, cfg.sandbox.isolation = 0, "docker"
+    problems = check_names(cfg)
+    assert "task.sandbox.memory_mb=0 must be > 0" in problems
+    assert any(p.startswith("task.sandbox.isolation=docker: isolation must be one of bwrap, none") for p in problems)
+
+
+def test_missing_isolator_stops_the_run_before_any_model(tmp_path):
+    """As a user meets it: bubblewrap not installed -> one line naming the fix, exit 2, nothing built."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, TRAIN, train_env
+
+    prompts = tmp_path / "code.jsonl"
+    prompts.write_text(json.dumps({"messages": [{"role": "user", "content": "Write add(a, b)."}],
+                                   "tests": ["assert add(1, 2) == 3"]}) + "\n")
+    env = dict(train_env(), PATH=str(tmp_path))  # no bwrap (nor anything else) on PATH
+    proc = subprocess.run([sys.executable, str(TRAIN), "+model=qwen3", "task=grpo", "task.rewards=[code]",
+                           "data=prompts", f"data.path=[{prompts}]", "task.max_completion_length=16",
+                           "task.beta=0", f"train.output_dir={tmp_path / 'out'}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert lines[0].startswith("megatron-swift: error: task.sandbox.isolation=bwrap: the code sandbox cannot start: "
+                               "bubblewrap (bwrap) is not installed"), lines[0]
+    assert "apt-get install bubblewrap" in lines[0]
+    assert not (tmp_path / "out").exists()

@@ -9,7 +9,8 @@ import pytest
 from megatron_swift.rewards import (JudgeReward, JudgeTemplateError, RewardError, RewardPluginError, RewardResult,
                                     UnknownReward, builtin, call, combine, configure, get, load_plugins, names,
                                     registry, reward)
-from megatron_swift.rewards.judge import JudgeError
+from megatron_swift.rewards.judge import DEFAULT_PATTERN, JudgeError, truncated_reply
+from megatron_swift.tasks.configs import JudgeConfig
 
 PROMPT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 6 * 7?"}]
 
@@ -297,6 +298,23 @@ def test_plugin_missing_file_and_name_clash_rolls_back(tmp_path):
     assert "fine" not in names()  # the failed file left nothing behind
 
 
+@pytest.mark.parametrize("name", ["code", "judge", "accuracy"])
+def test_a_plugin_cannot_take_a_builtin_name(tmp_path, name):
+    """Issue 25: a plugin registering code or judge was silently ignored (the run used the built-in)."""
+    path = _plugin(tmp_path, f"takes_{name}.py", f"""\
+        from megatron_swift.rewards import reward
+
+        @reward("{name}")
+        def mine(prompts, completions, **_):
+            return [1.0] * len(completions)
+        """)
+    with pytest.raises(RewardPluginError) as e:
+        load_plugins([path])
+    msg = str(e.value)
+    assert msg.startswith(f"{path}:3: ValueError: reward '{name}' is already registered by "), msg
+    assert "cannot register mine (" in msg and "\n" not in msg
+
+
 def test_plugin_reward_failure_names_plugin_file(tmp_path):
     path = _plugin(tmp_path, "flaky.py", """\
         from megatron_swift.rewards import reward
@@ -326,7 +344,7 @@ class FakeJudge:
 
 
 def test_judge_parses_scales_and_counts_malformed():
-    gen = FakeJudge(["Score: 7", "I think 3, final Score: 8", "no idea", "Score: 10",
+    gen = FakeJudge(["Score: 7", "I think 3.\n\n**Score:** 8", "no idea", "Score: 10/10",
                      "Score: 4.5", "???"])
     judge = JudgeReward(gen, scale=10)
     assert judge([PROMPT] * 4, ["a", "b", "c", "d"]) == [0.7, 0.8, 0.0, 1.0]
@@ -335,10 +353,24 @@ def test_judge_parses_scales_and_counts_malformed():
     assert (judge.last_malformed, judge.malformed, judge.replies) == (1, 2, 6)
     assert judge.stats() == {"malformed": 1.0, "malformed_frac": 0.5}
     assert len(gen.batches) == 2  # one generate call per reward call
-    first = JudgeReward(FakeJudge(["I think 3, final 8"]), match="first")
-    assert first([PROMPT], ["x"]) == [3.0]
     custom = JudgeReward(FakeJudge(["[[YES]] 9", "[[NO]]"]), pattern=r"\[\[(YES|NO)\]\]")
     assert custom([PROMPT] * 2, ["x", "y"]) == [0.0, 0.0] and custom.last_malformed == 2  # group not a number
+
+
+def test_judge_reads_only_a_final_score_line_and_clamps():
+    """Issue 25: the old parser took the reply's last number anywhere and never clamped: 'Score: 7/10' scored
+    1.0, 'Score: 1000' 100, and a reply cut off at the token limit counted."""
+    replies = ["Score: 7/10", "Score: 1000", "Score: -4", "I give it a 9 out of 10", "Score: 6\nActually, let me rethink",
+               "Score: 70/100", "score = 3.", truncated_reply("Long reasoning... Score: 1")]
+    judge = JudgeReward(FakeJudge(replies), scale=10)
+    out = judge([PROMPT] * len(replies), ["c"] * len(replies))
+    assert out == [0.7, 1.0, 0.0, 0.0, 0.0, 0.0, 0.3, 0.0]
+    assert judge.last_malformed == 4
+    ranged = JudgeReward(FakeJudge(["Score: 4", "Score: 0"]), scale=None, score_range=(1, 5))
+    assert ranged([PROMPT] * 2, ["a", "b"]) == [4.0, 1.0]
+    with pytest.raises(ValueError, match="score_range"):
+        JudgeReward(FakeJudge([]), score_range=(5, 1))
+    assert JudgeConfig().pattern == DEFAULT_PATTERN  # the config's default is the parser's
 
 
 def test_judge_template_variables():
@@ -372,8 +404,8 @@ def test_judge_strict_undefined_and_sandbox():
 
 
 def test_judge_through_registry_call():
-    judge = reward("judge")(JudgeReward(FakeJudge(["Score: 6", "nothing"]), scale=10))
-    out = call("judge", get("judge"), [PROMPT] * 2, ["a", "b"], {"solution": ["1", "2"]})
+    judge = reward("my_judge")(JudgeReward(FakeJudge(["Score: 6", "nothing"]), scale=10))
+    out = call("my_judge", get("my_judge"), [PROMPT] * 2, ["a", "b"], {"solution": ["1", "2"]})
     assert out == [0.6, 0.0] and judge.last_malformed == 1
 
 
@@ -425,11 +457,13 @@ def test_judge_with_tiny_model(tiny_model_generate):
         return replies
 
     completions = ["42", "It is 41.", "Paris", "", "six times seven is forty-two", "7 * 6 = 42", "no", "3.5"]
-    judge = JudgeReward(generate, scale=10)
+    ends_in_number = r"(-?\d+(?:\.\d+)?)\s*$"  # random weights never write "Score:": a number ending the reply
+    judge = JudgeReward(generate, pattern=ends_in_number, scale=10)
     out = call("judge", judge, [PROMPT] * len(completions), completions, {"solution": ["42"] * len(completions)})
     assert len(seen) == len(completions) and all(type(v) is float for v in out)
-    # Independently of the judge: the last number of each reply, or nothing.
-    numbers = [re.findall(r"-?\d+(?:\.\d+)?", r) for r in seen]
+    # Independently of the judge: the number ending each reply's last non-empty line, clamped to 0-10.
+    lines = [[line for line in r.splitlines() if line.strip()] for r in seen]
+    numbers = [re.findall(ends_in_number, ls[-1].strip()) if ls else [] for ls in lines]
     assert judge.last_malformed == sum(not n for n in numbers)
     assert 1 <= judge.last_malformed < len(completions)
-    assert out == [float(n[-1]) / 10 if n else 0.0 for n in numbers]
+    assert out == [min(max(float(n[-1]), 0.0), 10.0) / 10 if n else 0.0 for n in numbers]

@@ -1,121 +1,163 @@
-"""The code sandbox and the code-execution reward: scores, limits, containment, cleanup.
-
-Every behaviour is checked in both isolation modes ("namespaces" skips where the kernel refuses
-user namespaces). Cases marked "kernel boundary" switch the audit hook off to show that the
-namespaces alone contain the code. Limits are small so the file runs in well under a minute.
+"""The code sandbox and the code-execution reward, tried as an attacker would (issue 25): verdicts the
+code cannot forge, a box that does not reach the host, limits that hold for the whole job, nothing left
+running. Runs on bubblewrap (tools/install_isolator.sh installs it); limits are small so the file takes
+well under a minute.
 """
 from __future__ import annotations
 
-import dis
-import importlib.util
 import json
 import os
-import resource
 import socket
-import tempfile
+import threading
 import time
-import types
 import uuid
 
 import psutil
 import pytest
 
-from megatron_swift.rewards import sandbox
+from megatron_swift.rewards import code_harness, job_limits, sandbox
 from megatron_swift.rewards.code import code_reward, extract_code, score_one
 from megatron_swift.rewards.sandbox import (TRUNCATION_MARKER, SandboxJob, SandboxLimits, SandboxPool,
-                                            run_python)
+                                            SandboxUnavailable, run_python)
+from megatron_swift.tasks.configs import SandboxConfig
+from tests.conftest import ROOT
 
 FAST = SandboxLimits(cpu_seconds=2, wall_seconds=5, memory_mb=256, max_output_bytes=4096)
 TIGHT = SandboxLimits(cpu_seconds=1, wall_seconds=1.5, memory_mb=256, max_output_bytes=4096)
-
-
-def _skip_without_namespaces():
-    available, why = sandbox.namespace_support()
-    if not available:
-        pytest.skip(f"namespace isolation unavailable here: {why}")
-
-
-@pytest.fixture(params=["namespaces", "none"])
-def isolate(request):
-    if request.param == "namespaces":
-        _skip_without_namespaces()
-    return request.param
-
-
-@pytest.fixture(params=[("namespaces", True), ("none", True), ("namespaces", False)],
-                ids=["namespaces", "none", "kernel-boundary"])
-def guard(request):
-    """(isolate, audit hook on): both modes, plus namespaces without the hook ("kernel boundary")."""
-    if request.param[0] == "namespaces":
-        _skip_without_namespaces()
-    return request.param
-
-
-@pytest.fixture
-def namespaces():
-    _skip_without_namespaces()
-    return "namespaces"
-
-
-def _survivors(workdir: str) -> list:
-    """Processes still alive from the run that worked in ``workdir`` (its path is on their command line)."""
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        if workdir in " ".join(proc.info["cmdline"] or []):
-            found.append(proc.pid)
-    return found
-
-
-def _assert_all_gone(result):
-    workdir = result.stdout.split()[0]
-    assert workdir.startswith("/") and "msw-sandbox-" in workdir, result
-    assert not os.path.exists(workdir), "the working directory was not removed"
-    assert _survivors(workdir) == []
-    assert psutil.Process().children(recursive=True) == []
-
-
-# ----------------------------------------------------------------------------------------- the reward
+CGROUP = isinstance(job_limits.detect(), job_limits.CgroupLimits)
+ROOT_TRAINER = os.geteuid() == 0
 
 ADD = "def add(a, b):\n    return a + b\n"
 HALF = "def add(a, b):\n    return a + b if a < 10 else 0\n"
-ECHO_SUM = "import sys\nnums = [int(x) for x in sys.stdin.read().split()]\nprint(sum(nums))   \n"
+WRONG = "def add(a, b):\n    return 0\n"
+ASSERTS = ["assert add(1, 2) == 3", "assert add(2, 5) == 7", "assert add(20, 1) == 21", "assert add(30, 3) == 33"]
 
 
 def _md(code: str, lang: str = "python") -> str:
     return f"Here is my solution:\n```{lang}\n{code}```\nDone."
 
 
-def test_code_reward_scores(isolate):
-    asserts = ["assert add(1, 2) == 3", "assert add(2, 5) == 7", "assert add(20, 1) == 21", "assert add(30, 3) == 33"]
+def _box_processes() -> list:
+    """Processes of any box still alive: box uids (root trainer) or bubblewrap under this process."""
+    found = []
+    for proc in psutil.process_iter(["uids", "name", "status"]):
+        uid = proc.info["uids"].real if proc.info["uids"] else -1
+        if proc.info["status"] == psutil.STATUS_ZOMBIE:
+            continue  # ended; only its exit status waits for a parent
+        if sandbox.DEFAULT_UID_BASE <= uid < sandbox.DEFAULT_UID_BASE + 4096 or proc.info["name"] == "bwrap":
+            found.append(proc)
+    return found + [p for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]
+
+
+def _assert_all_gone():
+    assert _box_processes() == []
+
+
+# ----------------------------------------------------------------------------- verdicts (reward hacks)
+
+def test_correct_and_half_correct_solutions():
     io = [{"input": "1 2 3\n", "output": "6\n\n"}, {"input": "10 -3", "output": "7"}]
-    completions = [
-        _md(ADD),                                               # all pass
-        _md(HALF),                                              # 2 of 4
-        "def add(a, b): return a + b   (no code block)",      # nothing to run
-        _md(ECHO_SUM, lang=""),                                 # stdin/stdout, untagged fence
-        _md("print(6)"),                                        # 1 of 2 stdin/stdout
-        _md("import sys\nsys.exit(0)\n" + ADD),                 # exits before the asserts run
-        _md(ADD),                                               # no tests for this row
-        _md("import os\nos._exit(0)\n"),                        # same trick, harder exit
-    ]
-    tests = [asserts, asserts, asserts, io, io, asserts, [], json.dumps(asserts)]
-    rewards = code_reward([[]] * len(completions), completions, tests=tests, limits=FAST, workers=4,
-                          isolate=isolate, solution=[None] * len(completions))
-    assert rewards == [1.0, 0.5, 0.0, 1.0, 0.5, 0.0, 0.0, 0.0]
+    echo_sum = "import sys\nnums = [int(x) for x in sys.stdin.read().split()]\nprint(sum(nums))   \n"
+    completions = [_md(ADD), _md(HALF), "def add(a, b): return a + b   (no code block)", _md(echo_sum, lang=""),
+                   _md("print(6)"), _md(ADD)]
+    tests = [ASSERTS, ASSERTS, ASSERTS, io, io, []]
+    rewards = code_reward([[]] * len(completions), completions, tests=tests, limits=FAST, workers=4)
+    assert rewards == [1.0, 0.5, 0.0, 1.0, 0.5, 0.0]
+    _assert_all_gone()
+
+
+# Each of these passed every assert test before issue 25 without solving anything.
+HACKS = {
+    # print the harness's end marker (found in its own file) and leave before the asserts run
+    "marker": "import os, re\nsrc = open(__file__).read()\nfor m in re.findall(r\"sandbox-tests-passed-[0-9a-f]+\", src):\n"
+              "    print(m, flush=True)\nprint('sandbox-tests-passed', flush=True)\nos._exit(0)\n" + WRONG,
+    # an excepthook that prints a pass and exits 0 when an assert fails
+    "excepthook": "import sys, os\ndef hook(*a):\n    print('passed', flush=True)\n    os._exit(0)\n"
+                  "sys.excepthook = hook\n" + WRONG,
+    # an answer equal to everything
+    "eq": "class Any:\n    def __eq__(self, other):\n        return True\n    __hash__ = object.__hash__\n"
+          "def add(a, b):\n    return Any()\n",
+    # an int subclass equal to everything
+    "int-eq": "class I(int):\n    def __eq__(self, other):\n        return True\ndef add(a, b):\n    return I(0)\n",
+    # shadow what the test itself calls
+    "shadow": "import builtins\nbuiltins.AssertionError = type('X', (BaseException,), {})\n"
+              "def abs(x):\n    return 0\nclass M:\n    def isclose(self, *a, **k):\n        return True\nmath = M()\n"
+              "def add(a, b):\n    return 0\n",
+    # exit 0 at import, and an atexit handler that prints a pass
+    "exit": "import atexit, sys\natexit.register(lambda: print('all passed'))\nsys.exit(0)\n" + ADD,
+}
+
+
+@pytest.mark.parametrize("name", sorted(HACKS))
+def test_reward_hacks_score_zero(name):
+    tests = ASSERTS + ["assert abs(add(0.1, 0.2) - 0.3) < 1e-9", "import math\nassert math.isclose(add(1, 1), 2)"]
+    assert score_one(HACKS[name], tests, FAST, workers=4) == 0.0
+
+
+def test_dataset_search_hack_scores_zero(tmp_path):
+    """The code looks for the data set's expected outputs on disk: they never enter the box."""
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"tests": [{"input": "5 7", "output": "secret-answer-8841"}]}) + "\n")
+    search = ("import os, json, sys\nsys.stdin.read()\nfor root, dirs, files in os.walk('/'):\n"
+              "    for f in files:\n        try:\n            text = open(os.path.join(root, f)).read()\n"
+              "        except Exception:\n            continue\n        if 'secret-answer' in text:\n"
+              "            print(json.loads(text.splitlines()[0])['tests'][0]['output'])\n            raise SystemExit\n")
+    assert score_one(search, [{"input": "5 7", "output": "secret-answer-8841"}], FAST) == 0.0
+
+
+def test_timeouts_and_crashes_fail_in_the_denominator():
+    code = ADD + "import time\ndef slow():\n    time.sleep(60)\ndef crash():\n    import os; os._exit(1)\n"
+    tests = ["assert add(1, 1) == 2", "slow()", "crash()", "this is not python"]
+    assert score_one(code, tests, TIGHT, workers=4) == 0.25
+
+
+def test_harness_features():
+    """What test suites of real data sets use: classes, in-place functions, expected exceptions, HumanEval's
+    check(candidate), the solution's imports, generators and big integers."""
+    code = ("import math\nclass Solution:\n    def two_sum(self, nums, t):\n"
+            "        seen = {}\n        for i, n in enumerate(nums):\n            if t - n in seen:\n"
+            "                return [seen[t - n], i]\n            seen[n] = i\n"
+            "def rotate(nums, k):\n    nums[:] = nums[-k:] + nums[:-k]\n"
+            "def root(x):\n    if x < 0:\n        raise ValueError('negative')\n    return math.sqrt(x)\n"
+            "def evens(n):\n    yield from range(0, n, 2)\nBIG = 2 ** 20000\n")
+    tests = ["assert Solution().two_sum([2, 7, 11], 9) == [0, 1]",
+             "n = [1, 2, 3]\nrotate(n, 1)\nassert n == [3, 1, 2]",
+             "try:\n    root(-1)\nexcept ValueError:\n    pass\nelse:\n    raise AssertionError('no error')",
+             "def check(candidate):\n    assert candidate(9) == 3.0\ncheck(root)",
+             "assert math.isclose(root(2), 1.41421356, rel_tol=1e-6)",
+             "assert list(evens(7)) == [0, 2, 4, 6]",
+             "assert BIG % 1000 == 2 ** 20000 % 1000 and isinstance(BIG, int)",
+             "assert (1, 'a') in {(1, 'a'): 2} and {b'x'} == {b'x'}"]
+    assert score_one(code, tests, FAST, workers=4) == 1.0
+
+
+def test_codec_rebuilds_exact_types():
+    value = {(1, "a"): [1.5, None, True, b"x", bytearray(b"y"), frozenset({2}), {3}, 1 + 2j, float("inf")]}
+    back = code_harness.decode(json.loads(json.dumps(code_harness.encode(value))))
+    assert back == value and type(next(iter(back))) is tuple
+    with pytest.raises(code_harness.NotPlainData):
+        code_harness.decode({"$eval": "1"})
+    with pytest.raises(code_harness.NotPlainData):
+        code_harness.encode(object())
+    remote = code_harness.Remote(0, None)
+    for compare in (lambda: remote == 1, lambda: remote != 1, lambda: bool(remote), lambda: hash(remote),
+                    lambda: 1 < remote):
+        with pytest.raises(TypeError):
+            compare()
 
 
 def test_test_row_shapes():
     # APPS-style dict, JSON string, a single string of asserts, a conversational completion
     apps = {"inputs": ["2 3\n", "5 5\n"], "outputs": ["5\n", "10\n"]}
     code = "a, b = map(int, input().split())\nprint(a + b)\n"
-    assert score_one(code, apps, FAST, "none", workers=2) == 1.0
-    assert score_one(code, json.dumps(apps), FAST, "none") == 1.0
-    assert score_one(ADD, "assert add(1, 1) == 2\nassert add(0, 0) == 0", FAST, "none") == 1.0
-    assert score_one(None, ["assert True"], FAST, "none") == 0.0
-    assert score_one(ADD, [{"bad": "item"}, "assert add(1, 1) == 2"], FAST, "none") == 0.5
+    assert score_one(code, apps, FAST, workers=2) == 1.0
+    assert score_one(code, json.dumps(apps), FAST) == 1.0
+    assert score_one(ADD, "assert add(1, 1) == 2\nassert add(0, 0) == 0", FAST) == 1.0
+    assert score_one(None, ["assert True"], FAST) == 0.0
+    assert score_one(ADD, [{"bad": "item"}, "assert add(1, 1) == 2"], FAST) == 0.5
     assert code_reward([[]], [[{"role": "assistant", "content": _md(ADD)}]], tests=[["assert add(1, 1) == 2"]],
-                       limits=FAST, isolate="none") == [1.0]
-    assert code_reward([[]], [_md(ADD)], limits=FAST, isolate="none") == [0.0]  # no tests column
+                       limits=FAST) == [1.0]
+    assert code_reward([[]], [_md(ADD)], limits=FAST) == [0.0]  # no tests column
 
 
 def test_extract_code():
@@ -128,227 +170,222 @@ def test_extract_code():
     assert extract_code("```python\n   \n```") is None
 
 
-# ------------------------------------------------------------------------------------------- limits
+# --------------------------------------------------------------------------------- the host out of reach
 
-def test_sleeping_code_is_killed_at_wall_time(isolate):
-    result = run_python("import os, time\nprint(os.getcwd(), flush=True)\nwhile True:\n    time.sleep(1)\n",
-                        limits=TIGHT, isolate=isolate)
-    assert result.timed_out and result.reason == "wall time", result
-    assert TIGHT.wall_seconds <= result.duration < TIGHT.wall_seconds + 1.0
-    _assert_all_gone(result)
-
-
-def test_busy_loop_is_killed_and_scores_zero(isolate):
-    start = time.monotonic()
-    result = run_python("while True:\n    pass\n", limits=TIGHT, isolate=isolate)
-    assert result.timed_out and result.reason in ("cpu time", "wall time"), result
-    assert result.duration < TIGHT.wall_seconds + 1.0
-    assert score_one(ADD + "while True:\n    pass\n", ["assert add(1, 2) == 3"], TIGHT, isolate) == 0.0
-    assert time.monotonic() - start < 2 * TIGHT.wall_seconds + 2.0
-
-
-@pytest.mark.parametrize("bomb", ["x = bytearray(8 * 1024 ** 3)", "x = []\nwhile True:\n    x.append(' ' * 10 ** 7)"])
-def test_memory_bomb_is_contained(isolate, bomb):
-    rss_before = psutil.Process().memory_info().rss
-    result = run_python(bomb, limits=TIGHT, isolate=isolate)
-    assert result.returncode != 0 and result.reason == "memory", result
-    assert "MemoryError" in result.stderr
-    assert score_one(ADD + bomb, ["assert add(1, 2) == 3"], TIGHT, isolate) == 0.0
-    assert psutil.Process().memory_info().rss - rss_before < 64 * 1024 * 1024
-
-
-def test_huge_output_is_truncated_and_memory_bounded(isolate):
-    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
-    result = run_python("import sys\nwhile True:\n    print('x' * 10 ** 6)\n    sys.stderr.write('y' * 10 ** 6)\n",
-                        limits=TIGHT, isolate=isolate)
-    assert result.reason == "output truncated", result
-    assert result.stdout.endswith(TRUNCATION_MARKER)
-    assert len(result.stdout) <= TIGHT.max_output_bytes + len(TRUNCATION_MARKER)
-    assert len(result.stderr) <= TIGHT.max_output_bytes + len(TRUNCATION_MARKER)
-    assert result.duration < TIGHT.wall_seconds  # stopped at the limit, not at wall time
-    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before < 32 * 1024
+def test_host_files_devices_and_secrets_are_out_of_reach(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", "wandb-secret-1234")
+    secret = tmp_path / "root-only.txt"
+    secret.write_text("top-secret-0600")
+    secret.chmod(0o600)
+    code = f"""
+import os, glob
+def readable(path):
+    try:
+        with open(path, 'rb') as f:
+            f.read(1)
+        return True
+    except OSError:
+        return False
+seen = []
+for root, dirs, files in os.walk('/'):
+    if root.startswith(('/proc', '/usr', '/dev')):
+        dirs[:] = []
+        continue
+    seen += [os.path.join(root, f) for f in files]
+env = b''.join(open(p, 'rb').read() for p in glob.glob('/proc/[0-9]*/environ') if readable(p))
+print(os.getuid(), os.getpid(), sorted(os.listdir('/proc'))[:3])
+print(sorted(seen))
+print([p for p in ({str(secret)!r}, {str(ROOT / 'README.md')!r}, '/dev/kmsg', '/dev/kvm', '/dev/mem', '/etc/shadow',
+                   '/proc/1/mem', '/root/.bash_history') if readable(p)])
+print(b'secret' in env, sorted(os.listdir('/dev')), open('/proc/self/status').read().count('CapEff:\\t0000000000000000'))
+"""
+    result = run_python(code, limits=FAST)
+    assert result.ok, result
+    ids, files, readable, last = result.stdout.splitlines()
+    uid, pid = ids.split()[:2]
+    assert pid == "2" and (uid != "0" or not ROOT_TRAINER)
+    assert eval(files) == ["/tmp/main.py"]  # noqa: S307 - our own print of a list: the box's only file
+    assert eval(readable) == []  # noqa: S307
+    assert last == "False ['null', 'urandom', 'zero'] 1"
 
 
-# -------------------------------------------------------------------------------------- containment
+def test_audit_hook_bypass_reaches_nothing():
+    """The old escape (a fresh _posixsubprocess under a dotted name runs /bin/sh past the audit hook) now
+    runs a shell in the box: it sees only the box."""
+    code = """
+import _posixsubprocess, importlib.machinery, importlib.util, os
+if getattr(_posixsubprocess, '__file__', None):  # built into some interpreters
+    loader = importlib.machinery.ExtensionFileLoader('zz._posixsubprocess', _posixsubprocess.__file__)
+    loader.exec_module(importlib.util.module_from_spec(importlib.util.spec_from_loader('zz._posixsubprocess', loader)))
+out = os.popen('ls /; echo ---; ls /root /home 2>&1; id -u; cat /etc/hostname 2>&1').read()
+print(out)
+"""
+    result = run_python(code, limits=FAST)
+    assert result.ok, result
+    listing = result.stdout.split("---")[0].split()
+    assert set(listing) <= {"bin", "dev", "lib", "lib64", "lib32", "libx32", "sbin", "proc", "root", "tmp", "usr"}
+    assert "cannot access '/home'" in result.stdout and "/etc/hostname: No such file" in result.stdout
 
-FORK_BOMB = "import os\nprint(os.getcwd(), flush=True)\nwhile True:\n    os.fork()\n"
-SPAWN_SPAM = ("import os, subprocess, sys\nprint(os.getcwd(), flush=True)\n"
-              "while True:\n    subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n")
+
+def _listen(kind, address):
+    server = socket.socket(kind, socket.SOCK_STREAM)
+    server.bind(address)
+    server.listen(8)
+    server.settimeout(0.2)
+    got = []
+
+    def accept():
+        deadline = time.monotonic() + 6
+        while time.monotonic() < deadline:
+            try:
+                conn, _ = server.accept()
+                got.append(conn.recv(100))
+                conn.close()
+            except OSError:
+                pass
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    return server, got, thread
 
 
-@pytest.mark.parametrize("code", [FORK_BOMB, SPAWN_SPAM], ids=["fork", "subprocess"])
-def test_fork_bomb_is_contained(isolate, code):
-    result = run_python(code, limits=TIGHT, isolate=isolate)
-    assert result.returncode != 0
-    assert "sandbox: creating processes is not allowed" in result.stderr
-    _assert_all_gone(result)
+def test_host_sockets_and_network_receive_nothing(tmp_path):
+    path = f"/tmp/msw-test-{uuid.uuid4().hex[:8]}.sock"
+    unix, unix_got, t1 = _listen(socket.AF_UNIX, path)
+    abstract_name = f"\0msw-test-{uuid.uuid4().hex[:8]}"
+    abstract, abstract_got, t2 = _listen(socket.AF_UNIX, abstract_name)
+    tcp, tcp_got, t3 = _listen(socket.AF_INET, ("127.0.0.1", 0))
+    port = tcp.getsockname()[1]
+    code = f"""
+import socket
+tried = []
+for family, address in ((socket.AF_UNIX, {path!r}), (socket.AF_UNIX, {abstract_name!r}),
+                        (socket.AF_INET, ('127.0.0.1', {port})), (socket.AF_INET, ('8.8.8.8', 53))):
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.settimeout(1)
+    try:
+        s.connect(address)
+        s.sendall(b'hello from the box')
+        tried.append('connected')
+    except OSError as e:
+        tried.append(type(e).__name__)
+print(tried)
+"""
+    try:
+        result = run_python(code, limits=FAST)
+        time.sleep(0.3)
+    finally:
+        for server in (unix, abstract, tcp):
+            server.close()
+        os.unlink(path)
+    assert result.ok, result
+    assert "connected" not in result.stdout, result.stdout
+    assert unix_got == abstract_got == tcp_got == []
 
 
-# setsid + double fork: daemons that leave the process group; only the pid namespace catches them
-DAEMONS = ("import os, time\nprint(os.getcwd(), flush=True)\n"
-           "for _ in range(5):\n    if os.fork() == 0:\n        os.setsid()\n"
-           "        if os.fork() == 0:\n            time.sleep(60)\n        os._exit(0)\n")
+# ------------------------------------------------------------------------------------ limits per job
+
+DAEMONS = ("import os, time\n"
+           "for _ in range(3):\n    if os.fork() == 0:\n        os.setsid()\n"
+           "        if os.fork() == 0:\n            os.execv('/bin/sleep', ['sleep', '31.4159'])\n        os._exit(0)\n")
 
 
 @pytest.mark.parametrize("tail", ["time.sleep(60)\n", "os._exit(0)\n"], ids=["killed-at-wall-time", "main-exits"])
-def test_kernel_boundary_kills_escaping_daemons(namespaces, tail):
-    result = run_python(DAEMONS + tail, limits=TIGHT, isolate=namespaces, _audit_hook=False)
-    _assert_all_gone(result)
+def test_daemons_do_not_survive_the_job(tail):
+    result = run_python(DAEMONS + tail, limits=TIGHT)
+    assert result.reason in ("wall time", ""), result
+    assert not [p for p in psutil.process_iter(["cmdline"]) if "31.4159" in (p.info["cmdline"] or [])]
+    _assert_all_gone()
 
 
-def _write_attempts(tmp_path, in_cwd, beside_workdir):
-    new, existing = tmp_path / "new.txt", tmp_path / "existing.txt"
-    existing.write_text("original")
-    code = f"""
-import os
-def attempt(name, fn):
-    try:
-        fn()
-        print(name, "DONE")
-    except Exception as e:
-        print(name, "refused", type(e).__name__)
-attempt("inside", lambda: open("mine.txt", "w").write("ok"))
-attempt("new", lambda: open({str(new)!r}, "w").write("pwned"))
-attempt("overwrite", lambda: open({str(existing)!r}, "w").write("pwned"))
-attempt("append", lambda: open({str(existing)!r}, "a").write("pwned"))
-attempt("os.open", lambda: os.write(os.open({str(existing)!r}, os.O_WRONLY | os.O_TRUNC), b"pwned"))
-attempt("remove", lambda: os.remove({str(existing)!r}))
-attempt("rename", lambda: os.rename({str(existing)!r}, {str(new)!r}))
-attempt("trainer-cwd", lambda: open({in_cwd!r}, "w").write("pwned"))
-attempt("relative", lambda: open("../escape-{uuid.uuid4().hex}.txt", "w").write("pwned"))
-attempt("symlink", lambda: (os.symlink({str(tmp_path)!r}, "link"), open("link/via-link.txt", "w").write("pwned")))
-def via_dir_fd():  # a descriptor of the workdir and a deeper cwd: '../x' looks inside but is not
-    fd = os.open(".", os.O_RDONLY)
-    os.makedirs("a/b")
-    os.chdir("a/b")
-    os.write(os.open("../{beside_workdir}", os.O_CREAT | os.O_WRONLY, dir_fd=fd), b"pwned")
-attempt("dir_fd", via_dir_fd)
-attempt("mknod", lambda: os.mknod({str(tmp_path / "node")!r}))
-attempt("chdir", lambda: (os.chdir({str(tmp_path)!r}), open("via-chdir.txt", "w").write("pwned")))
-"""
-    return code, new, existing
+def test_fork_bomb_is_bounded_by_the_job_limit():
+    """As root too (RLIMIT_NPROC does not bind root): a box's uid and cgroup count its processes."""
+    code = ("import os, time\nn = 0\nfor i in range(200):\n    try:\n        pid = os.fork()\n    except OSError:\n"
+            "        break\n    if pid == 0:\n        time.sleep(30)\n        os._exit(0)\n    n += 1\nprint(n, flush=True)\n")
+    limits = SandboxLimits(cpu_seconds=2, wall_seconds=3, memory_mb=256, max_processes=8)
+    result = run_python(code, limits=limits)
+    assert result.ok, result
+    assert int(result.stdout) < limits.max_processes
+    _assert_all_gone()
 
 
-def test_writes_outside_the_workdir_have_no_effect(guard, tmp_path):
-    isolate, hook = guard
-    in_cwd = os.path.join(os.getcwd(), f"sandbox-escape-{uuid.uuid4().hex}.txt")
-    beside_workdir = f"sandbox-escape-{uuid.uuid4().hex}.txt"  # in the directory holding the workdirs
-    code, new, existing = _write_attempts(tmp_path, in_cwd, beside_workdir)
-    try:
-        result = run_python(code, limits=FAST, isolate=isolate, _audit_hook=hook)
-        lines = dict(line.split(" ", 1) for line in result.stdout.splitlines())
-        assert lines.pop("inside") == "DONE", result
-        assert len(lines) == 12 and all(v.startswith("refused") for v in lines.values()), result
-        assert not new.exists() and existing.read_text() == "original"
-        assert sorted(p.name for p in tmp_path.iterdir()) == ["existing.txt"]
-        assert not os.path.exists(in_cwd)
-        assert not os.path.exists(os.path.join(tempfile.gettempdir(), beside_workdir))
-    finally:
-        for leftover in (in_cwd, os.path.join(tempfile.gettempdir(), beside_workdir)):
-            if os.path.exists(leftover):
-                os.remove(leftover)
-
-
-def test_no_network(guard):
-    isolate, hook = guard
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen()
-        port = listener.getsockname()[1]
-        code = (f"import socket\ntry:\n    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)\n    s.settimeout(2)\n"
-                f"    s.connect(('127.0.0.1', {port}))\n    print('CONNECTED')\n"
-                f"except Exception as e:\n    print('refused', type(e).__name__, e)\n")
-        result = run_python(code, limits=FAST, isolate=isolate, _audit_hook=hook)
-        assert result.stdout.startswith("refused"), result
-        listener.settimeout(0.3)
-        with pytest.raises(socket.timeout):
-            listener.accept()
-
-
-def test_kernel_boundary_properties(namespaces):
-    """Without the hook: no capabilities, only its own processes visible, the trainer out of reach."""
-    code = f"""
-import ctypes, os, signal
-status = dict(l.split(':', 1) for l in open('/proc/self/status').read().splitlines())
-print(status['CapEff'].strip(), status['CapBnd'].strip(), os.getpid())
-print(sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))
+@pytest.mark.skipif(not CGROUP, reason="no writable cgroup here: memory is limited per process only")
+def test_memory_split_across_processes_is_bounded():
+    """Four processes of 200 MB each against a 256 MB job: at most one gets its memory."""
+    code = """
+import os, sys, time
+r, w = os.pipe()
+for i in range(4):
+    if os.fork() == 0:
+        block = bytearray(200 * 1024 * 1024)
+        for j in range(0, len(block), 4096):
+            block[j] = 1
+        os.write(w, b'x')
+        time.sleep(3)
+        os._exit(0)
+os.close(w)
+time.sleep(2.5)
+os.set_blocking(r, False)
 try:
-    os.kill({os.getpid()}, 0)
-    print('reached the trainer')
-except ProcessLookupError:
-    print('trainer not visible')
-libc = ctypes.CDLL(None, use_errno=True)
-print('remount', libc.mount(None, b'/', None, 32 | 4096 | 16384, None), ctypes.get_errno())  # MS_REMOUNT|MS_BIND|MS_REC
+    print(len(os.read(r, 10)))
+except BlockingIOError:
+    print(0)
 """
-    result = run_python(code, limits=FAST, isolate=namespaces, _audit_hook=False)
-    lines = result.stdout.splitlines()
-    assert lines[0] == "0000000000000000 0000000000000000 2", result
-    assert lines[1] == "[1, 2]"
-    assert lines[2] == "trainer not visible"
-    assert lines[3] == "remount -1 1"  # EPERM
+    limits = SandboxLimits(cpu_seconds=4, wall_seconds=6, memory_mb=256, max_disk_mb=8)
+    result = run_python(code, limits=limits)
+    assert result.stdout.strip() in ("0", "1"), result
+    _assert_all_gone()
 
 
-def test_hook_cannot_be_patched_or_bypassed(isolate):
+def test_memory_bomb_is_contained():
+    rss_before = psutil.Process().memory_info().rss
+    result = run_python("x = []\nwhile True:\n    x.append(' ' * 10 ** 7)", limits=TIGHT)
+    assert result.returncode != 0 and result.reason in ("memory", "killed"), result
+    assert score_one(ADD + "x = bytearray(8 * 1024 ** 3)\n", ["assert add(1, 2) == 3"], TIGHT) == 0.0
+    assert psutil.Process().memory_info().rss - rss_before < 64 * 1024 * 1024
+
+
+def test_disk_fill_is_bounded():
+    code = ("import os\nwritten = 0\ntry:\n    for i in range(300):\n        with open(f'f{i}', 'wb') as f:\n"
+            "            f.write(b'x' * 1024 * 1024)\n        written += 1\nexcept OSError as e:\n    print(type(e).__name__)\n"
+            "print(written)\n")
+    limits = SandboxLimits(cpu_seconds=4, wall_seconds=8, max_disk_mb=16, max_file_mb=4)
+    result = run_python(code, limits=limits)
+    assert result.ok, result
+    error, written = result.stdout.split()
+    assert error == "OSError" and int(written) <= limits.max_disk_mb
+    big = run_python("open('big', 'wb').write(b'x' * 8 * 1024 * 1024)", limits=limits)
+    assert big.returncode != 0  # over max_file_mb: SIGXFSZ
+
+
+def test_file_descriptors_are_bounded():
+    code = "fds = []\ntry:\n    for i in range(20000):\n        fds.append(open('/dev/null'))\nexcept OSError:\n    pass\nprint(len(fds))\n"
+    result = run_python(code, limits=FAST)
+    assert result.ok and int(result.stdout) < FAST.max_open_files, result
+
+
+def test_wall_time_and_busy_loops():
+    result = run_python("import time\nwhile True:\n    time.sleep(1)\n", limits=TIGHT)
+    assert result.timed_out and result.reason == "wall time", result
+    assert TIGHT.wall_seconds <= result.duration < TIGHT.wall_seconds + 1.0
+    result = run_python("while True:\n    pass\n", limits=TIGHT)
+    assert result.timed_out and result.reason in ("cpu time", "wall time"), result
+    _assert_all_gone()
+
+
+def test_huge_output_is_cut_and_the_job_killed():
+    result = run_python("import sys\nwhile True:\n    print('x' * 10 ** 6)\n    sys.stderr.write('y' * 10 ** 6)\n",
+                        limits=TIGHT)
+    assert result.reason == "output truncated", result
+    assert result.stdout.endswith(TRUNCATION_MARKER)
+    assert len(result.stdout) <= TIGHT.max_output_bytes + len(TRUNCATION_MARKER)
+    assert result.duration < TIGHT.wall_seconds
+
+
+# ------------------------------------------------------------------------------- the box works
+
+def test_common_code_still_runs():
     code = """
-import builtins, os, posixpath
-posixpath._joinrealpath = lambda *a: ('/nowhere', True)
-os.path.realpath = lambda p: os.getcwd() + '/x'
-builtins.len = lambda x: 0
-class Sneaky(str):
-    def startswith(self, *a): return True
-    def __eq__(self, other): return False
-    __hash__ = str.__hash__
-for name, fn in [("write", lambda: open(Sneaky('/tmp/sneaky-%d.txt' % os.getpid()), 'w')),
-                 ("ctypes", lambda: __import__(Sneaky('ctypes'))),
-                 ("gc", lambda: __import__('gc').get_objects()),
-                 ("rlimit", lambda: __import__('resource').setrlimit(__import__('resource').RLIMIT_CPU, (100, 100))),
-                 ("kill", lambda: os.kill(1, 0))]:
-    try:
-        fn()
-        print(name, "DONE")
-    except Exception as e:
-        print(name, type(e).__name__, e)
-"""
-    result = run_python(code, limits=FAST, isolate=isolate)
-    lines = result.stdout.splitlines()
-    assert len(lines) == 5 and all("sandbox:" in line for line in lines), result
-    assert lines[1].startswith("ctypes ImportError")
-
-
-@pytest.mark.skipif(os.geteuid() != 0, reason="mknod of a device node needs root")
-def test_device_nodes_are_refused():
-    """As root outside namespaces, a fresh posix module (from _imp) has the real mknod: the open is refused."""
-    code = """
-import _imp, importlib.util, os, stat
-posix = _imp.create_builtin(importlib.util.find_spec("posix"))
-posix.mknod("disk", 0o600 | stat.S_IFBLK, os.makedev(7, 0))
-open("disk", "rb")
-"""
-    result = run_python(code, limits=FAST, isolate="none")
-    assert "PermissionError: sandbox: opening device files is not allowed" in result.stderr, result
-
-
-def test_hook_reads_no_globals():
-    """The hook's functions use only closure variables: user code shares __main__'s globals and builtins."""
-    bootstrap = compile(sandbox._BOOTSTRAP, "<bootstrap>", "exec")
-    make_hook = next(c for c in bootstrap.co_consts if isinstance(c, types.CodeType) and c.co_name == "_make_hook")
-
-    def nested(code):
-        for const in code.co_consts:
-            if isinstance(const, types.CodeType):
-                yield const
-                yield from nested(const)
-
-    functions = list(nested(make_hook))
-    assert {f.co_name for f in functions} >= {"hook", "resolve", "check_open", "check_import", "inside"}
-    for function in functions:
-        globals_used = {i.argval for i in dis.get_instructions(function) if i.opname in ("LOAD_GLOBAL", "LOAD_NAME")}
-        assert not globals_used, f"{function.co_name} reads globals {globals_used}"
-
-
-def test_common_code_still_runs(isolate):
-    code = """
-import asyncio, collections, dataclasses, enum, json, math, tempfile, threading
+import asyncio, collections, dataclasses, json, math, subprocess, tempfile, threading
 async def f():
     return 3
 @dataclasses.dataclass
@@ -358,67 +395,52 @@ with tempfile.NamedTemporaryFile("w", delete=False) as t:
     t.write("kept in the workdir")
 results = []
 th = threading.Thread(target=results.append, args=(1,)); th.start(); th.join()
-print(asyncio.run(f()), P(1).x, math.isqrt(17), open(t.name).read(), results, open('/dev/null', 'w').write('x'))
+child = subprocess.run(['/bin/echo', 'child'], capture_output=True, text=True).stdout.strip()
+print(asyncio.run(f()), P(1).x, math.isqrt(17), open(t.name).read(), results, child, input())
 """
-    result = run_python(code, limits=FAST, isolate=isolate)
-    assert result.ok and result.stdout == "3 1 4 kept in the workdir [1] 1\n", result
-    if importlib.util.find_spec("numpy") is None:
-        return
-    result = run_python("import numpy as np\nprint(int(np.arange(10).sum()))", limits=FAST, isolate=isolate)
-    assert result.ok and result.stdout == "45\n", result  # numpy imports although ctypes is refused
+    result = run_python(code, "from stdin\n", limits=FAST)
+    assert result.ok and result.stdout == "3 1 4 kept in the workdir [1] child from stdin\n", result
 
 
-# ------------------------------------------------------------------------------- environment, cleanup
-
-def test_environment_is_scrubbed(isolate, monkeypatch):
-    monkeypatch.setenv("WANDB_API_KEY", "wandb-secret-1234")
-    monkeypatch.setenv("HF_TOKEN", "hf-secret-5678")
-    result = run_python("import json, os\nprint(os.getcwd())\nprint(json.dumps(dict(os.environ)))\n"
-                        "print(open('/proc/self/environ', 'rb').read().decode())\n", limits=FAST, isolate=isolate)
-    assert result.ok, result
-    workdir, env_json, proc_env = result.stdout.split("\n", 2)
-    env = json.loads(env_json)
-    assert "secret" not in result.stdout
-    assert env["HOME"] == env["TMPDIR"] == workdir and env["PATH"] == "/usr/bin:/bin"
+def test_environment_is_fixed():
+    result = run_python("import json, os\nprint(json.dumps(dict(os.environ)))\n", limits=FAST)
+    env = json.loads(result.stdout)
+    assert env["HOME"] == env["TMPDIR"] == "/tmp" and env["PATH"] == "/usr/bin:/bin"
     assert set(env) <= {"PATH", "LANG", "HOME", "TMPDIR", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
-                        "MKL_NUM_THREADS", "LC_CTYPE"}
+                        "MKL_NUM_THREADS", "LC_CTYPE", "PWD"}
 
 
-def test_workdir_is_removed_even_when_made_hard_to_remove(isolate):
-    code = ("import os\nprint(os.getcwd())\nos.makedirs('a/b/c')\nopen('a/b/c/f', 'w').write('x')\n"
-            "os.chmod('a/b', 0)\nos.chmod('a', 0o500)\n")
-    result = run_python(code, limits=FAST, isolate=isolate)
-    assert result.ok, result
-    _assert_all_gone(result)
-
-
-def test_pool_keeps_order(isolate):
+def test_pool_keeps_order():
     jobs = [SandboxJob(f"import time\ntime.sleep({(5 - i) * 0.05})\nprint({i})") for i in range(6)]
     jobs += ["print('plain')", ("print(input()[::-1])", "abc\n")]
-    with SandboxPool(workers=3, limits=FAST, isolate=isolate) as pool:
+    with SandboxPool(workers=3, limits=FAST) as pool:
         results = pool.map(jobs)
     assert [r.stdout.strip() for r in results] == ["0", "1", "2", "3", "4", "5", "plain", "cba"]
     assert all(r.ok for r in results)
 
 
-def test_isolation_choice():
-    available, _ = sandbox.namespace_support()
-    pid = run_python("import os; print(os.getpid())", limits=FAST, isolate="auto").stdout.strip()
-    assert (pid == "2") == available  # pid 2 of its own pid namespace, or an ordinary pid
-    with pytest.raises(ValueError):
-        run_python("pass", isolate="docker")
-    if not available:
-        with pytest.raises(RuntimeError):
-            run_python("pass", isolate="namespaces")
+def test_isolation_none_is_explicit_and_said():
+    result = run_python("import os\nprint(os.getpid() != 2)", limits=FAST, isolation="none")
+    assert result.ok and result.stdout.strip() == "True"
+    assert "NOT ISOLATED" in sandbox.describe("none")
+    assert "bubblewrap" in sandbox.describe("bwrap") and "job limits by" in sandbox.describe("bwrap")
+    with pytest.raises(SandboxUnavailable, match="isolation must be one of"):
+        SandboxPool(1, FAST, isolation="docker")
 
 
-def test_auto_falls_back_when_namespaces_fail(monkeypatch):
-    """A launcher that cannot set up (as in a container without user namespaces): 'auto' runs unisolated."""
-    failing = "import os, sys\nos.write(int(sys.argv[1]), b'error unshare: Operation not permitted\\n')\nos._exit(125)\n"
-    monkeypatch.setattr(sandbox, "_LAUNCHER", failing)
-    monkeypatch.setattr(sandbox, "_probe", None)
-    assert sandbox.namespace_support() == (False, "sandbox setup failed: unshare: Operation not permitted")
-    result = run_python("import os; print(os.getpid())", limits=FAST, isolate="auto")
-    assert result.ok and result.stdout.strip() != "2"
-    with pytest.raises(RuntimeError, match="not available"):
-        run_python("pass", isolate="namespaces")
+def test_missing_isolator_refuses_with_the_install_line(monkeypatch):
+    monkeypatch.setattr(sandbox, "_probes", {})
+    monkeypatch.setenv("PATH", "/nonexistent")
+    problem = sandbox.isolation_problem("bwrap")
+    assert problem.startswith("the code sandbox cannot start: bubblewrap (bwrap) is not installed")
+    assert "apt-get install bubblewrap" in problem and "task.sandbox.isolation=none" in problem
+    with pytest.raises(SandboxUnavailable):
+        SandboxPool(1, FAST)
+
+
+def test_config_limits_are_the_sandbox_limits():
+    """task.sandbox.* carries every SandboxLimits field with the same default (scoring builds one from it)."""
+    config = SandboxConfig()
+    for name, spec in SandboxLimits.__dataclass_fields__.items():
+        assert getattr(config, name) == spec.default, name
+    assert config.uid_base == sandbox.DEFAULT_UID_BASE and config.isolation == "bwrap"

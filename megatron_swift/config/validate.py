@@ -10,19 +10,12 @@ from typing import List, Optional
 
 from omegaconf import OmegaConf
 
+from megatron_swift.config.errors import ConfigError  # noqa: F401 - its old home; many modules import it from here
 from megatron_swift.data.errors import DataError
 from megatron_swift.models import families
 from megatron_swift.models.families.base import CompositionError
 
 MIN_LINE_BYTES = 1024  # data.max_line_bytes below this would refuse ordinary rows
-
-
-class ConfigError(ValueError):
-    """One or more configuration problems, each naming the key to change."""
-
-    def __init__(self, problems: List[str]):
-        self.problems = problems
-        super().__init__("invalid configuration:\n  - " + "\n  - ".join(problems))
 
 
 def _choice(problems, key, value, allowed):

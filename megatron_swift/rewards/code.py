@@ -1,27 +1,26 @@
-"""Code-execution reward: run the completion's Python code against the row's tests in a sandbox.
+"""Code-execution reward: run the completion's Python code against the row's tests in the sandbox.
 
-``code_reward(prompts, completions, tests=...)`` follows the reward calling
-convention of ``registry`` (one float per completion, ``tests`` a column
-aligned with the completions). For each completion the last fenced Python
-block (```python ... ``` or an untagged ``` ... ```) is run once per test item,
-each run a fresh ``sandbox.run_python`` process; the reward is the fraction of
-the row's test items that pass (0.0 without a code block or without tests).
+``code_reward(prompts, completions, tests=...)`` follows the reward calling convention of ``registry``
+(one float per completion, ``tests`` a column aligned with the completions). For each completion the
+last fenced Python block (```python ... ``` or an untagged ``` ... ```) is run once per test item, each
+run in fresh boxes (``rewards/sandbox.py``); the reward is the fraction of the row's test items that
+pass (0.0 without a code block or without tests). An item that times out, crashes or is malformed
+counts as failed.
 
 Test items (one list per row):
 
-* a string of Python statements, e.g. ``"assert add(1, 2) == 3"``: appended
-  after the code; it passes when the program runs to its end (exit status 0 and
-  a random end marker printed after the tests, so ``sys.exit(0)`` or
-  ``os._exit(0)`` before the asserts does not pass);
-* ``{"input": "...", "output": "..."}``: the code reads ``input`` on stdin; it
-  passes when it exits with status 0 and its stdout equals ``output`` after
-  stripping trailing whitespace of every line and trailing empty lines.
+* a string of Python statements, e.g. ``"assert add(1, 2) == 3"``: run by the harness in a box of its
+  own against the solution's box, only plain data crossing between them (``rewards/code_harness.py``);
+  it passes when the statements run to their end there. Nothing the solution does in its own box (exit
+  early, print a marker, install an excepthook, return an object equal to everything) makes it pass;
+* ``{"input": "...", "output": "..."}``: the code reads ``input`` on stdin; it passes when it exits with
+  status 0 and its stdout equals ``output`` after stripping trailing whitespace of every line and
+  trailing empty lines. The expected output never enters the box: the comparison is made here.
 
-A row's tests may also be given as a JSON string of such a list, a single
-string of asserts, or APPS-style ``{"inputs": [...], "outputs": [...]}``.
-The code runs as a script (``__name__ == "__main__"``) with empty stdin for
-assert items. Whatever the code does (exception, timeout, memory or output
-limit, crash), that item scores 0; this function does not raise because of it.
+A row's tests may also be given as a JSON string of such a list, a single string of asserts, or
+APPS-style ``{"inputs": [...], "outputs": [...]}``. The code runs as a script (``__name__ ==
+"__main__"``) with empty stdin for assert items. Whatever the code does, that item scores 0; this
+function does not raise because of it.
 """
 from __future__ import annotations
 
@@ -29,10 +28,12 @@ import json
 import logging
 import re
 import secrets
+from pathlib import Path
 from typing import Any, List, Optional, Sequence, Tuple
 
+from megatron_swift.rewards import code_harness
 from megatron_swift.rewards.builtin import completion_text
-from megatron_swift.rewards.sandbox import SandboxJob, SandboxLimits, SandboxPool, SandboxResult
+from megatron_swift.rewards.sandbox import DEFAULT_UID_BASE, MAIN_FILE, SandboxLimits, SandboxPool
 
 log = logging.getLogger(__name__)
 
@@ -88,65 +89,80 @@ def _row_tests(tests: Any) -> list:
     return list(tests)
 
 
-def _job(code: str, item: Any) -> Tuple[Optional[SandboxJob], Any]:
-    """(sandbox job, what a passing run must show) for one test item; (None, None) if malformed."""
-    if isinstance(item, str):
-        marker = "sandbox-tests-passed-" + secrets.token_hex(8)
-        program = f"{code}\n\n# ---- tests ----\n{item}\n\nprint({marker!r}, flush=True)\n"
-        return SandboxJob(program, ""), ("marker", marker)
-    if isinstance(item, dict) and "input" in item and "output" in item:
-        stdin = item["input"] if isinstance(item["input"], str) else "\n".join(map(str, item["input"]))
-        expected = item["output"] if isinstance(item["output"], str) else "\n".join(map(str, item["output"]))
-        return SandboxJob(code, stdin), ("stdout", _normalize_output(expected))
-    return None, None
+_HARNESS = Path(code_harness.__file__).read_bytes()
 
 
-def _passed(result: SandboxResult, check: Tuple[str, Any]) -> bool:
+def _assert_item(pool: SandboxPool, code: str, test: str) -> Tuple[bool, str]:
+    """(passed, reason) of one assert item: the harness box runs ``test``, the solution's box serves it."""
+    nonce = secrets.token_hex(16)
+    harness = ({"harness.py": _HARNESS}, ["harness.py", "judge", "{read}", "{write}"],
+               json.dumps({"nonce": nonce, "test": test}))
+    solution = ({"harness.py": _HARNESS, MAIN_FILE: code.encode("utf-8")},
+                ["harness.py", "serve", "{read}", "{write}", MAIN_FILE], "")
+    result, served = pool.run_linked(harness, solution)
     if not result.ok:
-        return False
-    kind, value = check
-    if kind == "marker":
-        return value in result.stdout.splitlines()
-    return _normalize_output(result.stdout) == value
+        return False, result.reason or f"harness exit {result.returncode}"
+    lines = result.stdout.rstrip("\n").rsplit("\n", 1)
+    head, _, verdict = lines[-1].partition(" ")
+    if head != nonce:
+        return False, "no verdict"
+    verdict = json.loads(verdict)
+    return verdict.get("passed") is True, verdict.get("error", "") or served.reason
+
+
+def _io_item(pool: SandboxPool, code: str, item: dict) -> Tuple[bool, str]:
+    """(passed, reason) of one stdin/stdout item, compared here: the expected output stays outside."""
+    stdin = item["input"] if isinstance(item["input"], str) else "\n".join(map(str, item["input"]))
+    expected = item["output"] if isinstance(item["output"], str) else "\n".join(map(str, item["output"]))
+    result = pool.run(code, stdin)
+    if not result.ok:
+        return False, result.reason or f"exit {result.returncode}"
+    return _normalize_output(result.stdout) == _normalize_output(expected), ""
+
+
+def _item_runner(item: Any):
+    """The function that runs one test item, or None for a malformed item."""
+    if isinstance(item, str):
+        return _assert_item
+    if isinstance(item, dict) and "input" in item and "output" in item:
+        return _io_item
+    return None
 
 
 def _score_rows(codes: Sequence[Optional[str]], row_tests: Sequence[list], limits: SandboxLimits,
-                workers: int, isolate: str) -> List[float]:
-    jobs, checks, owners = [], [], []
+                workers: int, isolation: str, uid_base: int = DEFAULT_UID_BASE) -> List[float]:
     totals = [len(items) for items in row_tests]
+    work = []
     for row, (code, items) in enumerate(zip(codes, row_tests)):
-        if code is None:
-            continue
-        for item in items:
-            job, check = _job(code, item)
-            if job is None:
-                log.warning("code reward: row %d has a malformed test item %r (scored 0)", row, item)
+        for item in items if code is not None else ():
+            runner = _item_runner(item)
+            if runner is None:
+                log.warning("code reward: row %d has a malformed test item %r (counted as failed)", row, item)
                 continue
-            jobs.append(job)
-            checks.append(check)
-            owners.append(row)
+            work.append((row, runner, code, item))
     passed = [0] * len(codes)
-    if jobs:
-        with SandboxPool(workers=max(1, min(workers, len(jobs))), limits=limits, isolate=isolate) as pool:
-            results = pool.map(jobs)
-        errors = [r.reason for r in results if r.reason.startswith(("sandbox error", "spawn failed", "sandbox setup"))]
+    if work:
+        with SandboxPool(max(1, min(workers, len(work))), limits, isolation, uid_base) as pool:
+            futures = [pool.submit(runner, code, item) for _row, runner, code, item in work]
+            outcomes = [f.result() for f in futures]
+        errors = [why for ok, why in outcomes if why.startswith("sandbox error")]
         if errors:
-            log.warning("code reward: %d of %d runs could not be started (first: %s)",
-                        len(errors), len(jobs), errors[0])
-        for row, result, check in zip(owners, results, checks):
-            passed[row] += _passed(result, check)
+            log.warning("code reward: %d of %d runs could not be started (first: %s)", len(errors), len(work),
+                        errors[0])
+        for (row, *_), (ok, _why) in zip(work, outcomes):
+            passed[row] += ok
     return [p / t if t else 0.0 for p, t in zip(passed, totals)]
 
 
-def score_one(code: Optional[str], tests: Any, limits: SandboxLimits = DEFAULT_LIMITS, isolate: str = "auto",
+def score_one(code: Optional[str], tests: Any, limits: SandboxLimits = DEFAULT_LIMITS, isolation: str = "bwrap",
               workers: int = 1) -> float:
     """Fraction of ``tests`` (one row's items) that ``code`` passes; 0.0 for no code or no tests."""
-    return _score_rows([code], [_row_tests(tests)], limits, workers, isolate)[0]
+    return _score_rows([code], [_row_tests(tests)], limits, workers, isolation)[0]
 
 
 def code_reward(prompts: Sequence[Any], completions: Sequence[Any], tests: Optional[Sequence[Any]] = None, *,
-                limits: SandboxLimits = DEFAULT_LIMITS, workers: int = 4, isolate: str = "auto",
-                **columns: Any) -> List[float]:
+                limits: SandboxLimits = DEFAULT_LIMITS, workers: int = 4, isolation: str = "bwrap",
+                uid_base: int = DEFAULT_UID_BASE, **columns: Any) -> List[float]:
     """Per completion: passed / total of its row's tests (see the module docstring)."""
     if tests is None:
         log.warning("code reward: the rows have no 'tests' column; every completion scores 0")
@@ -154,4 +170,4 @@ def code_reward(prompts: Sequence[Any], completions: Sequence[Any], tests: Optio
     if len(tests) != len(completions):
         raise ValueError(f"code reward: {len(tests)} test lists for {len(completions)} completions")
     codes = [extract_code(c) for c in completions]
-    return _score_rows(codes, [_row_tests(t) for t in tests], limits, workers, isolate)
+    return _score_rows(codes, [_row_tests(t) for t in tests], limits, workers, isolation, uid_base)

@@ -12,14 +12,14 @@ with a regular expression.
   strict (``StrictUndefined``): a misspelled variable is an error naming it,
   at construction when ``columns`` is given, else at the first call. Variables
   the template tests with ``is defined`` may be absent.
-* Parsing: the LAST match of ``pattern`` in the reply, by default (judges tend
-  to reason first and give the score at the end; ``match="first"`` for the
-  other habit); its first group if the pattern has groups, else the whole
-  match, as a float. Divided by ``scale`` when given (``scale=10`` maps the
-  default 0-10 score to 0-1).
-* A reply without a parsable number scores 0.0 and is counted:
-  ``malformed`` (since construction) and ``last_malformed`` (in the last call)
-  are there for metrics.
+* Parsing: the score is read from the reply's LAST non-empty line only, where the question asks for
+  it; the default pattern wants that line to be ``Score: N`` (``**Score:** N``, ``Score = N`` and
+  ``Score: N/10`` too). The pattern's first group (else the whole match) is the number; it is clamped
+  to ``score_range`` and divided by ``scale`` when given (``scale=10`` maps the default 0-10 score to
+  0-1). A number elsewhere in the reply ("7 of 10 steps are right...") is not a score.
+* A reply without a score on its last line, or cut off at the token limit (``generate`` returns a
+  ``JudgeReply`` with ``truncated=True``), scores 0.0 and is counted: ``malformed`` (since
+  construction) and ``last_malformed`` (in the last call) are there for metrics.
 """
 from __future__ import annotations
 
@@ -41,7 +41,20 @@ Reference answer:
 Rate the answer from 0 (wrong or useless) to 10 (correct and complete). \
 End your reply with "Score: N" where N is the score."""
 
-DEFAULT_PATTERN = r"(-?\d+(?:\.\d+)?)"
+DEFAULT_PATTERN = r"(?i)^\W*(?:final\s+)?score\W*?[:=][\s*_]*(-?\d+(?:\.\d+)?)[\s*_]*(?:/\s*10)?[\s*_.]*$"
+DEFAULT_RANGE = (0.0, 10.0)
+
+
+class JudgeReply(str):
+    """A judge's reply; ``truncated`` when generation stopped at the token limit, not at its end."""
+
+    truncated = False
+
+
+def truncated_reply(text: str) -> JudgeReply:
+    reply = JudgeReply(text)
+    reply.truncated = True
+    return reply
 
 # Names the judge itself provides to the template.
 RESERVED = ("prompt", "messages", "completion")
@@ -96,20 +109,21 @@ class JudgeReward:
     """
 
     def __init__(self, generate: Callable[[List[str]], Sequence[str]], template: str = DEFAULT_TEMPLATE,
-                 pattern: str = DEFAULT_PATTERN, scale: Optional[float] = None, match: str = "last",
-                 columns: Optional[Iterable[str]] = None):
+                 pattern: str = DEFAULT_PATTERN, scale: Optional[float] = None,
+                 score_range: Sequence[float] = DEFAULT_RANGE, columns: Optional[Iterable[str]] = None):
         from jinja2 import StrictUndefined, TemplateSyntaxError
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         if not callable(generate):
             raise TypeError(f"generate must be callable, got {type(generate).__name__}")
-        if match not in ("first", "last"):
-            raise ValueError(f"match must be 'first' or 'last', got {match!r}")
+        low, high = (float(v) for v in score_range)
+        if not low < high:
+            raise ValueError(f"score_range must be (low, high) with low < high, got {tuple(score_range)}")
         if scale is not None and (not isinstance(scale, (int, float)) or scale == 0 or not math.isfinite(scale)):
             raise ValueError(f"scale must be a non-zero number or None, got {scale!r}")
         self.generate = generate
         self.scale = scale
-        self.match = match
+        self.score_range = (low, high)
         try:
             self.regex = re.compile(pattern)
         except re.error as e:
@@ -154,11 +168,14 @@ class JudgeReward:
     # -- parsing ---------------------------------------------------------------------------------
 
     def parse(self, reply: str) -> Optional[float]:
-        """The score in ``reply`` (scaled), or None when the pattern finds no number there."""
-        found = list(self.regex.finditer(reply))
-        if not found:
+        """The score on the reply's last non-empty line, clamped and scaled; None when there is none or the
+        reply was cut off."""
+        if getattr(reply, "truncated", False):
             return None
-        m = found[-1] if self.match == "last" else found[0]
+        lines = [line for line in reply.splitlines() if line.strip()]
+        m = self.regex.search(lines[-1].strip()) if lines else None
+        if m is None:
+            return None
         text = m.group(1) if self.regex.groups else m.group(0)
         try:
             value = float(text)
@@ -166,6 +183,8 @@ class JudgeReward:
             return None
         if not math.isfinite(value):
             return None
+        low, high = self.score_range
+        value = min(max(value, low), high)
         return value / self.scale if self.scale is not None else value
 
     # -- reward function -------------------------------------------------------------------------

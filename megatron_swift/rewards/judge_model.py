@@ -33,10 +33,11 @@ def build_judge_generate(cfg, backend) -> Callable[[List[str]], List[str]]:
     from megatron_swift.data.tokenizer import build_tokenizer
     from megatron_swift.models.arch import padded_vocab_size
     from megatron_swift.models.builder import build_model, transformer_config
+    from megatron_swift.rewards.judge import truncated_reply
     from megatron_swift.rollout.megatron_engine import MegatronEngine
     from megatron_swift.rollout.sampling import SamplingParams
 
-    from megatron_swift.config.validate import ConfigError
+    from megatron_swift.config.errors import ConfigError
     from megatron_swift.data.errors import DataError
 
     judge = cfg.task.judge
@@ -66,6 +67,8 @@ def build_judge_generate(cfg, backend) -> Callable[[List[str]], List[str]]:
             template.render([{"role": "user", "content": t}], add_generation_prompt=True))[0] for t in texts]
         with torch.no_grad():
             out = engine.generate(prompts, params)
-        return [tokenizer.decode([t for t in ids if t not in stops]) for ids in out.token_ids]
+        replies = [tokenizer.decode([t for t in ids if t not in stops]) for ids in out.token_ids]
+        # a reply cut at task.judge.max_new_tokens may end in the middle of its score: never a score
+        return [r if done else truncated_reply(r) for r, done in zip(replies, out.stopped)]
 
     return generate

@@ -30,6 +30,10 @@ RewardFn = Callable[..., Sequence[Any]]
 
 _REGISTRY: Dict[str, RewardFn] = {}
 _FACTORIES: Dict[str, Callable[..., RewardFn]] = {}
+# Built-in rewards that take the run's settings (a sandbox, a model): the Scorer builds them
+# (rewards/scoring.py), and their names are taken like any built-in's.
+BUILT_BY_RUN = {"code": "the built-in code-execution reward (rewards/code.py)",
+                "judge": "the built-in LLM judge reward (rewards/judge.py)"}
 # While a plugin file is imported, the names its decorators register (see plugins.py).
 _recording: Optional[List[str]] = None
 
@@ -109,6 +113,9 @@ def reward(name: str, factory: Optional[Callable[..., RewardFn]] = None) -> Call
     def decorate(fn: RewardFn) -> RewardFn:
         if not callable(fn):
             raise TypeError(f"@reward({name!r}) needs a callable, got {type(fn).__name__}")
+        if name in BUILT_BY_RUN:
+            raise ValueError(f"reward {name!r} is already registered by {BUILT_BY_RUN[name]}; cannot register "
+                             f"{describe(fn)} under the same name (rename one)")
         old = _REGISTRY.get(name)
         if old is not None and not _same_definition(old, fn):
             raise ValueError(f"reward {name!r} is already registered by {describe(old)}; "

@@ -13,7 +13,7 @@ from megatron_swift.rewards import registry
 from megatron_swift.rewards.plugins import load_plugins
 
 # Rewards that take something from the run (a sandbox, a model): built by the Scorer, not the registry.
-RUN_REWARDS = ("code", "judge")
+RUN_REWARDS = tuple(registry.BUILT_BY_RUN)
 
 
 def check_names(task_cfg) -> List[str]:
@@ -61,6 +61,8 @@ def _parameter_problems(task_cfg) -> List[str]:
                         f"task.max_completion_length={task_cfg.max_completion_length}] for the soft_overlong reward")
     if "repetition" in used and task_cfg.repetition_ngram < 1:
         problems.append(f"task.repetition_ngram={task_cfg.repetition_ngram} must be >= 1")
+    if "code" in used:
+        problems += _sandbox_problems(task_cfg.sandbox)
     if "judge" in used:
         judge = task_cfg.judge
         if not judge.model:
@@ -73,6 +75,25 @@ def _parameter_problems(task_cfg) -> List[str]:
             re.compile(judge.pattern)
         except re.error as e:
             problems.append(f"task.judge.pattern is not a regular expression: {e}")
+        if not judge.min_score < judge.max_score:
+            problems.append(f"task.judge.min_score={judge.min_score} must be below task.judge.max_score={judge.max_score}")
+    return problems
+
+
+def _sandbox_problems(sandbox_cfg) -> List[str]:
+    """The code reward's settings, and whether its isolator runs here (a probe box): a run that cannot
+    isolate its code stops before any model is built."""
+    from megatron_swift.rewards.sandbox import SandboxLimits, isolation_problem
+
+    problems = []
+    for name in SandboxLimits.__dataclass_fields__:
+        if getattr(sandbox_cfg, name) <= 0:
+            problems.append(f"task.sandbox.{name}={getattr(sandbox_cfg, name)} must be > 0")
+    if sandbox_cfg.workers < 1:
+        problems.append(f"task.sandbox.workers={sandbox_cfg.workers} must be >= 1")
+    problem = isolation_problem(sandbox_cfg.isolation)
+    if problem:
+        problems.append(f"task.sandbox.isolation={sandbox_cfg.isolation}: {problem}")
     return problems
 
 
@@ -89,6 +110,11 @@ class Scorer:
         self.on_error = task_cfg.reward_on_error
         self.weights = list(task_cfg.reward_weights) if task_cfg.reward_weights is not None else None
         self.functions = {name: self._function(name, task_cfg, judge_generate) for name in task_cfg.rewards}
+        self.notes = []
+        """Lines a run prints once at its start (which isolation and limits the code reward has)."""
+        if "code" in self.functions:
+            from megatron_swift.rewards.sandbox import describe
+            self.notes.append(describe(task_cfg.sandbox.isolation))
 
     @staticmethod
     def _function(name: str, task_cfg, judge_generate):
@@ -124,12 +150,11 @@ def _code_reward(sandbox_cfg):
     from megatron_swift.rewards.code import code_reward
     from megatron_swift.rewards.sandbox import SandboxLimits
 
-    limits = SandboxLimits(cpu_seconds=sandbox_cfg.cpu_seconds, wall_seconds=sandbox_cfg.wall_seconds,
-                           memory_mb=sandbox_cfg.memory_mb, max_processes=sandbox_cfg.max_processes,
-                           max_file_mb=sandbox_cfg.max_file_mb, max_output_bytes=sandbox_cfg.max_output_bytes)
+    limits = SandboxLimits(**{name: getattr(sandbox_cfg, name) for name in SandboxLimits.__dataclass_fields__})
 
     def code(prompts, completions, tests=None, **columns):
-        return code_reward(prompts, completions, tests=tests, limits=limits, workers=sandbox_cfg.workers)
+        return code_reward(prompts, completions, tests=tests, limits=limits, workers=sandbox_cfg.workers,
+                           isolation=sandbox_cfg.isolation, uid_base=sandbox_cfg.uid_base)
 
     return code
 
@@ -143,4 +168,5 @@ def _judge_reward(judge_cfg, generate):
     if judge_cfg.template:
         with open(judge_cfg.template, encoding="utf-8") as f:
             template = f.read()
-    return JudgeReward(generate, template=template, pattern=judge_cfg.pattern, scale=judge_cfg.scale)
+    return JudgeReward(generate, template=template, pattern=judge_cfg.pattern, scale=judge_cfg.scale,
+                       score_range=(judge_cfg.min_score, judge_cfg.max_score))

@@ -73,22 +73,31 @@ class RMConfig(TaskConfig):
 
 @dataclass
 class SandboxConfig:
-    """Limits of each run of a completion's code (the ``code`` reward; rewards/sandbox.py)."""
+    """The code reward's sandbox (rewards/sandbox.py): its isolation and the limits of each job. The limit
+    fields are rewards.sandbox.SandboxLimits' own (tests/test_sandbox.py keeps the two equal)."""
 
+    isolation: str = "bwrap"
+    """bwrap: each job in bubblewrap boxes (install it: apt-get install bubblewrap); none: unisolated, for code you trust only."""
     cpu_seconds: int = 5
-    """CPU time of one run, seconds."""
-    wall_seconds: int = 10
-    """Wall-clock time of one run, seconds (the process group is killed after it)."""
+    """CPU time of one job, seconds (the whole job with a cgroup, else each process)."""
+    wall_seconds: float = 10
+    """Wall-clock time of one job, seconds; then all its processes are killed."""
     memory_mb: int = 512
-    """Address-space limit of one run, MiB."""
+    """Memory of one job, MiB (the whole job with a cgroup, else each process's address space)."""
     max_processes: int = 8
-    """Processes one run may have."""
+    """Processes and threads one job may have at once."""
     max_file_mb: int = 16
-    """Largest file one run may write, MiB."""
+    """Largest file one job may write, MiB."""
+    max_disk_mb: int = 32
+    """Size of a job's working directory (a tmpfs), MiB: all its files together."""
+    max_open_files: int = 64
+    """Open files of each process of a job."""
     max_output_bytes: int = 65536
-    """Bytes of stdout/stderr kept per run (the rest is cut)."""
+    """Bytes of stdout/stderr kept per job; a job that writes more is killed (and fails)."""
     workers: int = 4
-    """Runs at once."""
+    """Jobs at once."""
+    uid_base: int = 61000
+    """When the trainer runs as root: boxes run as host uids from this one up (one per running box; uids of existing accounts are skipped)."""
 
 
 @dataclass
@@ -99,10 +108,14 @@ class JudgeConfig:
     """HF folder of the judge (any supported family; its own tokenizer and chat template); needed for the judge reward."""
     template: Optional[str] = None
     """Jinja file of the judge's question (variables: prompt, messages, completion, every column); None: a built-in 0-10 question."""
-    pattern: str = "(-?\\d+(?:\\.\\d+)?)"
-    """Regex whose first group is the score in the judge's reply (the last match counts); no match scores 0 and is counted."""
+    pattern: str = "(?i)^\\W*(?:final\\s+)?score\\W*?[:=][\\s*_]*(-?\\d+(?:\\.\\d+)?)[\\s*_]*(?:/\\s*10)?[\\s*_.]*$"
+    """Regex whose first group is the score, matched on the reply's LAST non-empty line only (default: a final 'Score: N' line); a reply without one is malformed: scores 0 and is counted."""
+    min_score: float = 0.0
+    """Lowest score the judge may give (before scale); scores outside [min_score, max_score] are clamped."""
+    max_score: float = 10.0
+    """Highest score the judge may give (before scale)."""
     scale: Optional[float] = 10.0
-    """The parsed score is divided by this (10: a 0-10 score becomes 0-1); None keeps it."""
+    """The clamped score is divided by this (10: a 0-10 score becomes 0-1); None keeps it."""
     max_new_tokens: int = 64
     """Tokens the judge may write (greedy)."""
 

@@ -154,8 +154,12 @@ class GRPOTask:
             from megatron_swift.rewards.judge_model import build_judge_generate
 
             judge = build_judge_generate(cfg, backend)
+        scorer = Scorer(cfg.task, judge)
+        if torch.distributed.get_rank() == 0:
+            for line in scorer.notes:
+                print(line, flush=True)
         task.source = RolloutSource(prompts, cfg, engine, tokenizer, stop_token_ids(template, tokenizer),
-                                    Scorer(cfg.task, judge), task.logps_of, model, reference,
+                                    scorer, task.logps_of, model, reference,
                                     backend.torch_device, output_dir)
         return task
 
