@@ -28,6 +28,7 @@ from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_swift.backend import collective_device
 from megatron_swift.backend.no_apex import fuse_adam, torch_optimizers
@@ -280,9 +281,19 @@ def _dcp_load(sharded: dict, ckpt: str) -> dict:
         return safe_load.load(sharded, ckpt)
     except CheckpointError:  # safe_load's refusals included
         raise
-    except Exception as e:  # a torn or foreign file surfaces as whatever the reader trips on
-        raise CheckpointError(f"checkpoint {ckpt} cannot be loaded: {e.__class__.__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''}") from e
+    # A torn or foreign file surfaces as whatever the reader trips on; DCP collects the ranks' failures into a
+    # CheckpointException, which derives from BaseException (torch 2.x), so ``except Exception`` misses it.
+    except (Exception, CheckpointException) as e:
+        raise CheckpointError(f"checkpoint {ckpt} cannot be loaded: {_first_failure(e)}") from e
+
+
+def _first_failure(error: BaseException) -> str:
+    """``Class: first line`` of what went wrong; for a CheckpointException, of the first rank's own failure."""
+    failures = getattr(error, "failures", None) if isinstance(error, CheckpointException) else None
+    if failures:
+        error = next(iter(failures.values()))[0]
+    text = str(error).strip().splitlines()
+    return f"{error.__class__.__name__}: {text[0] if text else ''}"
 
 
 def _load_model(loaded: dict, keys: List[str], model, adapter_only: bool = False) -> None:

@@ -132,6 +132,11 @@ def _check_files(ckpt: str, manifest: Dict[str, List], names: List[str]) -> List
     return problems
 
 
+def _is_manifest(manifest) -> bool:
+    return isinstance(manifest, dict) and bool(manifest) and all(
+        isinstance(v, list) and len(v) == 2 for v in manifest.values())
+
+
 def verify(ckpt: str) -> List[str]:
     """What is wrong with ``ckpt`` (empty: intact). Collective: the files are shared out over the ranks and
     every rank returns the same list."""
@@ -141,8 +146,9 @@ def verify(ckpt: str) -> List[str]:
         problems = [str(e)]
     else:
         manifest = meta.get("manifest")
-        if manifest is None:  # written before manifests existed: nothing to check against
-            problems = []
+        if not _is_manifest(manifest):  # nothing to check the files against: not known to be intact
+            problems = [f"{META} has no manifest of its files (size and SHA-256 of each), so they cannot be "
+                        "checked"]
         else:
             names = sorted(manifest)
             rank, world = dist.get_rank(), dist.get_world_size()
