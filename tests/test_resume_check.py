@@ -44,3 +44,13 @@ def test_the_identity_of_a_command_includes_its_layout():
     one = resume_check.identity(cfg, now, world=2)
     two = resume_check.identity(compose(["+model=qwen3", "parallel.tp=2"]), now, world=2)
     assert one != two and one == resume_check.identity(cfg, settings(), world=2)
+
+
+def test_a_changed_global_batch_is_refused_naming_it():
+    """The data position is a function of the step and the global batch: a new global batch would skip or repeat
+    samples (the multi-process test of the same takes a minute; this one a second)."""
+    saved = json.loads(json.dumps(settings("train.global_batch_size=8")))
+    refused, applied = resume_check.compare(saved, settings("train.global_batch_size=16"))
+    assert refused == ["train.global_batch_size: 8 -> 16"] and applied == []
+    message = resume_check.refusal_message("/run/checkpoints/iter_0000009", refused)
+    assert "train.global_batch_size: 8 -> 16" in message and "model.load=/run/checkpoints/iter_0000009" in message

@@ -167,6 +167,22 @@ def test_image_positions_carry_no_loss_and_the_rest_is_sft(folders):
     assert rows[1]["images"].shape == (0, 3, SIDE, SIDE) and (rows[1]["image_index"] == -1).all()
 
 
+def test_image_positions_carry_no_loss_even_when_every_token_does(folders):
+    """data.loss_on=all makes the user turns, where the images are, carry loss: image positions still predict
+    nothing and are never predicted, packed or not."""
+    tok, vision = _vision(folders)
+    for packing in (False, True):
+        rows = _source(folders, [TWO, ONE, TEXT], loss_on="all", packing=packing, seq_length=256)
+        for row in (rows[i] for i in range(len(rows))):
+            image = row["image_index"] >= 0
+            assert image.any() or not packing
+            text = (row["tokens"] != tok.pad) & ~image
+            assert not row["loss_mask"][image].any()  # no image position predicts ...
+            assert not row["loss_mask"][:-1][image[1:]].any()  # ... nor is predicted
+            same = row["segments"][:-1] == row["segments"][1:]  # not across two packed samples
+            assert row["loss_mask"][:-1][text[:-1] & text[1:] & same].all()  # text predicting text carries loss
+
+
 def test_tokenizer_without_the_tag_encodes_the_text_between_tags(folders, tmp_path):
     from megatron_swift.data.conversations import to_messages
 
