@@ -132,8 +132,8 @@ class RlimitLimits:
     """No cgroup: the per-process rlimits (and, for a root trainer, a uid per box) are all there is."""
 
     version = 0
-    description = ("job limits by rlimits per process (no writable cgroup here: memory and CPU are limited per "
-                   "process, the process count per box uid)")
+    description = ("job limits by rlimits (no writable cgroup here: memory and CPU time are limited per process, "
+                   "the number of processes per box)")
 
     def create(self, limits) -> None:
         return None

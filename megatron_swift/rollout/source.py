@@ -285,6 +285,8 @@ class RolloutSource:
                       **{f"rewards/{k}": float(v[j]) for k, v in mine.per_function.items()}}
             if mine.replies[j] is not None:
                 sample["judge_reply"] = mine.replies[j]
+                # cut off at task.judge.max_new_tokens: never read as a score (rewards/judge.py)
+                sample["judge_truncated"] = bool(getattr(mine.replies[j], "truncated", False))
             self.samples.append(sample)
         with open(os.path.join(self.output_dir, "completions.jsonl"), "a", encoding="utf-8") as f:
             for sample in self.samples:

@@ -244,6 +244,15 @@ def judge_dir(tmp_path_factory):
     chatml = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
               "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": chatml, "eos_token": "<|im_end|>"}))
+    # The end-of-turn row of the output layer: a little more than the row of "w", so that the random judge
+    # ends its reply where it would write "w" ("42w..." becomes "42", a score of 2), and runs into
+    # task.judge.max_new_tokens elsewhere (cut off: never a score).
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(folder / "model.safetensors")
+    head = weights["lm_head.weight"]
+    head[tok.token_to_id("<|im_end|>")] = 1.05 * head[tok.token_to_id("w")]
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
     return folder
 
 
@@ -251,7 +260,7 @@ def test_judge_model_replies_are_parsed_and_malformed_ones_counted(judge_dir, tm
     import re
 
     out, _ = _grpo(tmp_path, "run", 2, ["parallel.tp=2", "task.rewards=[judge]", f"task.judge.model={judge_dir}",
-                                        "task.judge.max_new_tokens=6", "task.judge.pattern='(4)2[)w]'",
+                                        "task.judge.max_new_tokens=6", "task.judge.pattern='(\\d)\\D*$'",
                                         "task.beta=0", "task.num_generations=4",
                                         "train.global_batch_size=8", "train.micro_batch_size=4",
                                         "task.log_completions=8", "train.train_iters=2"])
@@ -259,12 +268,13 @@ def test_judge_model_replies_are_parsed_and_malformed_ones_counted(judge_dir, tm
     rows = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
     assert len(rows) == 16
     unparsable = 0
-    for row in rows:
-        found = re.findall(r"(4)2[)w]", row["judge_reply"])  # what the random judge writes decides the mix
+    for row in rows:  # what the random judge writes decides the mix
+        lines = [line for line in row["judge_reply"].splitlines() if line.strip()]
+        found = re.findall(r"(\d)\D*$", lines[-1].strip()) if lines and not row["judge_truncated"] else []
         expected = float(found[-1]) / 10 if found else 0.0
         unparsable += not found
         assert row["rewards/judge"] == pytest.approx(expected), row
-    assert 0 < unparsable < len(rows)
+    assert 0 < unparsable < len(rows), rows
     logged = sum(m["judge/malformed"] * 8 for m in metrics)
     assert logged == pytest.approx(unparsable)
 
