@@ -38,15 +38,21 @@ def _md(code: str, lang: str = "python") -> str:
 
 
 def _box_processes() -> list:
-    """Processes of any box still alive: box uids (root trainer) or bubblewrap under this process."""
-    found = []
-    for proc in psutil.process_iter(["uids", "name", "status"]):
+    """Processes of this test process's boxes still alive: its descendants, and whatever runs in its jobs'
+    cgroups (a daemon that left the process tree). Other processes' boxes (a suite running beside) are not ours."""
+    ours = f"msw-sandbox-{os.getpid()}/"
+    found = [p for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]
+    for proc in psutil.process_iter(["uids", "status"]):
         uid = proc.info["uids"].real if proc.info["uids"] else -1
-        if proc.info["status"] == psutil.STATUS_ZOMBIE:
-            continue  # ended; only its exit status waits for a parent
-        if sandbox.DEFAULT_UID_BASE <= uid < sandbox.DEFAULT_UID_BASE + 4096 or proc.info["name"] == "bwrap":
-            found.append(proc)
-    return found + [p for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]
+        if proc.info["status"] == psutil.STATUS_ZOMBIE or not sandbox.DEFAULT_UID_BASE <= uid < sandbox.DEFAULT_UID_BASE + 4096:
+            continue
+        try:
+            with open(f"/proc/{proc.pid}/cgroup") as f:
+                if ours in f.read():
+                    found.append(proc)
+        except OSError:
+            pass
+    return found
 
 
 def _assert_all_gone():

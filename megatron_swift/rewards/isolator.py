@@ -21,10 +21,12 @@ and so the project itself, are not on its path).
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import pwd
 import shutil
 import sys
+import tempfile
 import threading
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
@@ -149,25 +151,38 @@ def find_bubblewrap() -> Tuple[Optional[Bubblewrap], str]:
 
 class UidPool:
     """Host uids for boxes when the trainer is root: one per running box, so that RLIMIT_NPROC (per uid)
-    counts one box's processes only. Uids that name an account on this machine are skipped."""
+    counts one box's processes only. A uid is held with a lock file (in a root-only folder), so trainers
+    on one machine (every data-parallel rank scores its own completions) never share one; the kernel
+    drops the lock when a trainer dies. Uids that name an account on this machine are skipped."""
 
     def __init__(self, base: int, size: int = 4096):
         self.base, self.size = base, size
-        self._used: set = set()
+        self.folder = os.path.join(tempfile.gettempdir(), "msw-sandbox-uids")
+        self._held: Dict[int, int] = {}
         self._lock = threading.Lock()
 
     def take(self) -> int:
+        os.makedirs(self.folder, mode=0o700, exist_ok=True)
         with self._lock:
             for uid in range(self.base, self.base + self.size):
-                if uid not in self._used and not _is_account(uid):
-                    self._used.add(uid)
-                    return uid
+                if uid in self._held or _is_account(uid):
+                    continue
+                fd = os.open(os.path.join(self.folder, str(uid)), os.O_RDWR | os.O_CREAT, 0o600)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:  # another trainer's box runs as this uid
+                    os.close(fd)
+                    continue
+                self._held[uid] = fd
+                return uid
         raise RuntimeError(f"sandbox: no free uid in [{self.base}, {self.base + self.size})")
 
     def give(self, uid: Optional[int]) -> None:
         if uid is not None:
             with self._lock:
-                self._used.discard(uid)
+                fd = self._held.pop(uid, None)
+            if fd is not None:
+                os.close(fd)  # closing drops the lock
 
 
 def _is_account(uid: int) -> bool:

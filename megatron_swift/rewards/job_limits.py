@@ -96,7 +96,7 @@ class CgroupLimits:
         controllers = "pids, memory, cpu" if self.version == 2 else ", ".join(sorted(self.bases))
         return f"job limits by cgroup v{self.version} ({controllers})"
 
-    def create(self, limits) -> JobCgroup:
+    def create(self, limits, boxes: int = 1) -> JobCgroup:
         with self._lock:
             self._count += 1
             name = f"job-{self._count}"
@@ -107,15 +107,16 @@ class CgroupLimits:
                 os.mkdir(path)
                 dirs[controller] = path
             job = JobCgroup(dirs, self.version)
-            self._set(job, limits)
+            self._set(job, limits, boxes)
         except OSError:
             JobCgroup(dirs, self.version).remove()
             raise
         return job
 
-    def _set(self, job: JobCgroup, limits) -> None:
+    def _set(self, job: JobCgroup, limits, boxes: int) -> None:
         memory = (int(limits.memory_mb) + int(limits.max_disk_mb)) * 1024 * 1024  # files in tmpfs are memory
-        pids = int(limits.max_processes) + ISOLATOR_PROCESSES
+        # the code's processes, each box's isolator, and the program of every other box (the harness)
+        pids = int(limits.max_processes) + ISOLATOR_PROCESSES * boxes + boxes - 1
         if self.version == 2:
             d = job.dirs["unified"]
             settings = [("pids.max", pids), ("memory.max", memory), ("memory.swap.max", 0)]
@@ -135,7 +136,7 @@ class RlimitLimits:
     description = ("job limits by rlimits (no writable cgroup here: memory and CPU time are limited per process, "
                    "the number of processes per box)")
 
-    def create(self, limits) -> None:
+    def create(self, limits, boxes: int = 1) -> None:
         return None
 
 

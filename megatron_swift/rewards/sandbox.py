@@ -183,7 +183,7 @@ class _Runner:
         start = time.monotonic()
         cgroup = None
         try:
-            cgroup = self.job_limits.create(self.limits)
+            cgroup = self.job_limits.create(self.limits, boxes=len(specs))
             for files, args, stdin, fds in specs:
                 started.append(self._spawn(files, args, stdin, fds, cgroup))
             _close(inherited)  # the boxes hold them now: EOF comes when a box is gone
