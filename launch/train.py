@@ -36,7 +36,17 @@ def check_command_line() -> None:
 
 # Everything, imports included, runs under the guard: megatron-core's checkpoint saver starts a process with
 # "spawn", which imports this file again (as __mp_main__); module-level work there cost seconds at the first save.
+def print_help_if_asked() -> None:
+    """--help / -h: our own help (choices, every setting with its documentation), fast: no Hydra, no torch."""
+    if "--help" in sys.argv[1:] or "-h" in sys.argv[1:]:
+        from megatron_swift.config.help import render
+
+        sys.stdout.write(render([a for a in sys.argv[1:] if not a.startswith("-")]))
+        sys.exit(0)
+
+
 if __name__ == "__main__":
+    print_help_if_asked()
     check_command_line()
     main()
     from megatron_swift.cli import exit_finished

@@ -42,8 +42,8 @@ def test_unknown_model_names_the_choices():
 def test_a_misspelt_key_or_another_tasks_setting_is_one_line():
     proc = _train(["+model=qwen3", "train.lrr=1"])
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip() == ("megatron-swift: error: train.lrr: no such setting (the settings and their "
-                                   "documentation: megatron_swift/config/schema.py)")
+    assert proc.stderr.strip() == ("megatron-swift: error: train.lrr: no such setting (did you mean train.lr? the "
+                                   "settings and their documentation: launch/train.py --help)")
     proc = _train(["+model=qwen3", "task.beta=0.2"])  # beta is a DPO/KTO setting; the task is lm
     assert proc.returncode == 2
     assert proc.stderr.strip() == "megatron-swift: error: task.beta: task=lm has no such setting (its settings: name)"

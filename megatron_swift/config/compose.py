@@ -122,7 +122,12 @@ def _composition_problem(message: str, overrides: Sequence[str]) -> str:
             task = next((o.split("=", 1)[1] for o in overrides if o.startswith("task=")), "lm")
             fields = [f.name for f in dataclasses.fields(SCHEMAS[task])] if task in SCHEMAS else []
             return f"{key}: task={task} has no such setting (its settings: {', '.join(fields)})"
-        return f"{key}: no such setting (the settings and their documentation: megatron_swift/config/schema.py)"
+        from megatron_swift.config.help import suggest
+
+        task = next((o.split("=", 1)[1] for o in overrides if o.startswith("task=")), "lm")
+        close = suggest(key, task)
+        hint = f"did you mean {close}? " if close else ""
+        return f"{key}: no such setting ({hint}the settings and their documentation: launch/train.py --help)"
     missing = re.search(r"Could not find '([^'/]+)/([^']+)'", message)
     if missing:
         group, name = missing.groups()

@@ -271,7 +271,7 @@ def _vision(cfg, arch, problems: List[str]) -> None:
                         "a checkpoint's comes from its config.json")
     if arch.vision is None:
         return
-    from megatron_swift.models.vision import image_seq_length
+    from megatron_swift.models.vision_arch import image_seq_length
 
     vision, tp = arch.vision, cfg.parallel.tp
     _choice(problems, "model.vision_select", arch.vision_select, ("default", "full"))

@@ -10,7 +10,7 @@ import json
 import os
 import shutil
 
-from megatron_swift.models.vision import VisionArch
+from megatron_swift.models.vision_arch import VisionArch
 
 IMAGE_TOKEN = "<image>"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",

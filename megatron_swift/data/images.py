@@ -132,7 +132,7 @@ def vision_data(cfg, arch) -> Optional[VisionData]:
     image, and its encoder's image processor (model.pretrained's or model.vision's, else the default one)."""
     if arch.vision is None:
         return None
-    from megatron_swift.models.vision import image_seq_length
+    from megatron_swift.models.vision_arch import image_seq_length
 
     folder = cfg.model.pretrained or cfg.model.get("vision")
     processor = load_image_processor(folder, arch.vision.model_type, arch.vision.image_size)

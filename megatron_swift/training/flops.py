@@ -43,7 +43,7 @@ def vision_flops_per_image(arch: Arch, train_vision: bool = False) -> float:
     """Training FLOPs of one image through a VLM's encoder and projector (0 for a text model)."""
     if arch.vision is None:
         return 0.0
-    from megatron_swift.models.vision import image_seq_length
+    from megatron_swift.models.vision_arch import image_seq_length
 
     v, h = arch.vision, arch.hidden_size
     tokens = v.encoder_tokens

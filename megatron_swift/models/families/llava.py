@@ -13,7 +13,7 @@ from megatron_swift.convert.rules import Direct
 from megatron_swift.convert.tables import prefixed, vit_style
 from megatron_swift.data.errors import DataError
 from megatron_swift.models.families.base import CompositionError, Family, Size
-from megatron_swift.models.vision import VisionArch, hf_vision_config, image_seq_length, vision_arch
+from megatron_swift.models.vision_arch import VisionArch, hf_vision_config, image_seq_length, vision_arch
 
 # The canonical (transformers 4.x on-disk) spellings; 5.x writes the tower without "vision_model." and keeps
 # "model." in front of everything in memory. The exporter writes these, which both releases read.
