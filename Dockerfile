@@ -9,8 +9,10 @@
 FROM nvcr.io/nvidia/pytorch:25.04-py3
 
 WORKDIR /workspace/megatron-swift
-# bubblewrap: the code-execution reward's isolator (rewards/isolator.py); setpriv and prlimit come with util-linux.
-RUN apt-get update && apt-get install -y --no-install-recommends bubblewrap util-linux && rm -rf /var/lib/apt/lists/*
+# bubblewrap: the code-execution reward's isolator (rewards/isolator.py), libseccomp its system-call filter
+# (rewards/seccomp.py); setpriv and prlimit come with util-linux.
+RUN apt-get update && apt-get install -y --no-install-recommends bubblewrap util-linux libseccomp2 \
+ && rm -rf /var/lib/apt/lists/*
 # Dependencies first (cached while only the code changes). torch, TE and Apex come from the image:
 # pip must not replace them.
 COPY setup.py README.md ./

@@ -100,6 +100,42 @@ def test_reward_hacks_score_zero(name):
     assert score_one(HACKS[name], tests, FAST, workers=4) == 0.0
 
 
+# Found by a review that attacked the first version of the harness (issue 25): the solution's code runs in
+# the serving process, so it can send the harness a hello of its own, and map exceptions to builtins.
+FORGED_HELLO = """
+import sys, os, builtins, __main__ as H
+def add(a, b):
+    return 0
+def fake(name):
+    return (lambda *a, **k: True) if name in ("isinstance", "all", "any") else (lambda *a, **k: 0)
+objects = H._Objects()
+names = H._export({"add": add}, objects)
+names["__builtins__"] = {"value": {"$dict": [[n, {"$ref": objects.add(fake(n))}] for n in dir(builtins)
+                                            if not n.startswith("__") or n == "__import__"]}}
+channel = H.Channel(sys.argv[2], sys.argv[3])
+channel.send({"ready": True, "names": names})
+while True:
+    try:
+        request = channel.receive()
+    except Exception:
+        os._exit(0)
+    try:
+        reply = H._handle(request, objects)
+    except BaseException as e:
+        reply = {"error": [type(e).__name__, str(e)]}
+    channel.send(reply)
+"""
+
+
+@pytest.mark.parametrize("code", [FORGED_HELLO, "def add(a, b):\n    raise StopIteration\n"],
+                         ids=["forged-hello", "stop-iteration"])
+def test_forged_hello_and_exceptions_do_not_pass(code):
+    tests = ["import math\nassert math.isclose(add(0.1, 0.2), 0.3)", "assert abs(add(0.1, 0.2) - 0.3) < 1e-9",
+             "for a in range(3):\n    assert add(a, a) == 2 * a", "assert all(map(lambda c: add(*c) == sum(c), [(1, 2)]))",
+             "assert all(add(a, b) == a + b for a, b in [(1, 2)])", "assert isinstance(add(1, 2), int) and add(1, 2) == 3"]
+    assert score_one(code, tests, FAST, workers=4) == 0.0
+
+
 def test_dataset_search_hack_scores_zero(tmp_path):
     """The code looks for the data set's expected outputs on disk: they never enter the box."""
     data = tmp_path / "train.jsonl"
@@ -231,6 +267,33 @@ print(out)
     listing = result.stdout.split("---")[0].split()
     assert set(listing) <= {"bin", "dev", "lib", "lib64", "lib32", "libx32", "sbin", "proc", "root", "tmp", "usr"}
     assert "cannot access '/home'" in result.stdout and "/etc/hostname: No such file" in result.stdout
+
+
+def test_kernel_surfaces_are_filtered():
+    """No namespaces of its own (root inside them: kernel attack surface), no keyring (it outlives the box:
+    a channel from one job to the next), a stdin that cannot write to or reserve the host's disk."""
+    code = r"""
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+def call(*args):
+    rc = libc.syscall(*args)
+    return "ok" if rc >= 0 else os.strerror(ctypes.get_errno())
+print(call(272, 0x10000000))                                  # unshare(CLONE_NEWUSER)
+print(call(248, b"user", b"msw", b"from job 1", 10, -4))      # add_key to the user keyring
+print(call(285, 0, 1, ctypes.c_long(0), ctypes.c_long(1 << 30)))  # fallocate(stdin, KEEP_SIZE, 1 GiB)
+print(os.popen("unshare -Urn true 2>&1 || echo refused").read().strip().splitlines()[-1])
+try:
+    os.write(0, b"x")
+    print("stdin written")
+except OSError as e:
+    print(os.strerror(e.errno))
+"""
+    if os.uname().machine != "x86_64":
+        pytest.skip("the raw system-call numbers above are x86-64's")
+    result = run_python(code, "input", limits=FAST)
+    assert result.ok, result
+    assert result.stdout.split("\n")[:5] == ["Operation not permitted", "Operation not permitted",
+                                              "Bad file descriptor", "refused", "Bad file descriptor"], result.stdout
 
 
 def _listen(kind, address):

@@ -219,6 +219,7 @@ class RemoteError(Exception):
 
 
 _BUILTIN_NAMES = frozenset(dir(builtins))
+_NOT_REMOTE = (StopIteration, StopAsyncIteration, GeneratorExit)
 
 
 class Remote:
@@ -304,7 +305,8 @@ class Client:
         if "error" in reply:
             name, text = (list(reply["error"]) + ["", ""])[:2]
             error = getattr(builtins, name, None) if type(name) is str else None
-            if isinstance(error, type) and issubclass(error, Exception):
+            # StopIteration would end the test's own loops (all(), generators) as if they had finished
+            if isinstance(error, type) and issubclass(error, Exception) and error not in _NOT_REMOTE:
                 raise error(f"in the solution: {str(text)[:300]}")
             raise RemoteError(f"{name}: {str(text)[:300]}")
         return reply
@@ -326,9 +328,12 @@ def _namespace(hello, client):
     """The test's globals: the solution's names (proxies or plain values), never shadowing a builtin or
     a standard-library module."""
     stdlib = getattr(sys, "stdlib_module_names", frozenset())
-    namespace = {"__name__": "__test__", "__builtins__": builtins}
+    namespace = {}
     for name, spec in hello.get("names", {}).items():
-        if type(name) is not str or name in _BUILTIN_NAMES or name in stdlib:
+        # the hello comes from the solution's process (its code can send its own): dunder names such as
+        # __builtins__ would hand it every builtin and import of the test
+        if type(name) is not str or not name.isidentifier() or name.startswith("__") or name in _BUILTIN_NAMES \
+                or name in stdlib or type(spec) is not dict:
             continue
         if "module" in spec:
             module = spec["module"]
@@ -345,6 +350,7 @@ def _namespace(hello, client):
                 namespace[module] = __import__(module)
             except ImportError:
                 pass
+    namespace.update({"__name__": "__test__", "__builtins__": builtins})  # last: nothing overrides them
     return namespace
 
 

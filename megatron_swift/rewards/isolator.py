@@ -10,7 +10,8 @@ box has:
   fresh ``/proc``, a read-only ``/dev`` with null, zero and urandom only, and ``/tmp`` as its working
   directory: an empty tmpfs capped at ``max_disk_mb`` holding the program. No home folders, no checkout,
   no host ``/tmp``, ``/run`` or ``/etc``: no host Unix socket or file is there to reach;
-* no capabilities and no_new_privs, an environment of a few fixed variables;
+* no capabilities and no_new_privs, an environment of a few fixed variables, and a system-call filter
+  (``rewards/seccomp.py``): no namespaces of its own, no kernel keyring, no io_uring, bpf or ptrace;
 * a uid of its own when the trainer is root: bubblewrap runs privileged to build the root, then
   ``setpriv`` (util-linux) drops to that uid with empty capability sets before Python starts, so the
   kernel applies RLIMIT_NPROC and treats it as nobody in particular. A non-root trainer runs bubblewrap
@@ -31,8 +32,11 @@ import threading
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
-INSTALL_HINT = ("install bubblewrap (Debian/Ubuntu: apt-get install bubblewrap; Fedora/RHEL: dnf install "
-                "bubblewrap), or set task.sandbox.isolation=none to run the code unisolated (only code you trust)")
+from megatron_swift.rewards.seccomp import filter_program
+
+INSTALL_HINT = ("install it with sh tools/install_isolator.sh (Debian/Ubuntu: apt-get install bubblewrap libseccomp2; "
+                "Fedora/RHEL: dnf install bubblewrap libseccomp), or set task.sandbox.isolation=none to run the code "
+                "unisolated (only code you trust)")
 WORKDIR = "/tmp"
 _HOST_LINKS = ("/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32")
 _DEVICES = ("/dev/null", "/dev/zero", "/dev/urandom")
@@ -95,7 +99,10 @@ class Bubblewrap:
             fd = _memfd(name, data)
             box._fds.append(fd)
             args += ["--perms", "0444", "--file", str(fd), f"{WORKDIR}/{name}"]
-        args += ["--chdir", WORKDIR, "--"]
+        program, _ = filter_program()
+        fd = _memfd("seccomp", program)
+        box._fds.append(fd)
+        args += ["--seccomp", str(fd), "--chdir", WORKDIR, "--"]
         if self.root:
             args += [self.setpriv, f"--reuid={box.uid}", f"--regid={box.uid}", "--clear-groups",
                      "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"]
@@ -141,6 +148,9 @@ def find_bubblewrap() -> Tuple[Optional[Bubblewrap], str]:
     bwrap = shutil.which("bwrap")
     if bwrap is None:
         return None, "bubblewrap (bwrap) is not installed"
+    program, why = filter_program()
+    if program is None:
+        return None, f"the box's system-call filter cannot be built: {why}"
     setpriv = None
     if os.geteuid() == 0:
         setpriv = shutil.which("setpriv")

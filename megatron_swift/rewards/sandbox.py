@@ -20,6 +20,7 @@ started is gone.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -219,11 +220,12 @@ class _Runner:
         argv = job_limits.join_argv(cgroup) + _prlimit_argv(self.limits) + argv
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": workdir or "/", "TMPDIR": workdir or "/tmp"}
         try:
-            with tempfile.TemporaryFile() as stdin_file:  # a file: no writer thread, no pipe deadlock
-                stdin_file.write(stdin.encode("utf-8"))
-                stdin_file.seek(0)
-                proc = subprocess.Popen(argv, stdin=stdin_file, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            stdin_fd = _sealed_input(stdin.encode("utf-8"))
+            try:
+                proc = subprocess.Popen(argv, stdin=stdin_fd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                         cwd=cwd, env=env, start_new_session=True, close_fds=True, pass_fds=pass_fds)
+            finally:
+                os.close(stdin_fd)
         except OSError:
             for fd in (info_r, info_w):
                 if fd is not None:
@@ -244,6 +246,22 @@ class _Runner:
         if started.workdir is not None:
             _remove_tree(started.workdir)
             started.workdir = None
+
+
+def _sealed_input(data: bytes) -> int:
+    """A read-only fd holding ``data``, in memory and sealed: a file on the host's disk as stdin would let
+    the code write there or reserve blocks with fallocate (neither RLIMIT_FSIZE nor the cgroup counts
+    those); a pipe would need a writer thread for large inputs."""
+    fd = os.memfd_create("stdin", os.MFD_ALLOW_SEALING | os.MFD_CLOEXEC)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK
+                    | fcntl.F_SEAL_SEAL)
+        return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+    finally:
+        os.close(fd)
 
 
 def _prlimit_argv(limits: SandboxLimits) -> List[str]:
