@@ -39,4 +39,11 @@ def main(kind: str = "pairs", rows: int = 400) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:2])
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("kind", nargs="?", default="pairs", choices=["pairs", "kto"],
+                        help="pairs (DPO/RM rows) or kto (labelled completions)")
+    parser.add_argument("--rows", type=int, default=400, help="JSONL rows to write to stdout")
+    args = parser.parse_args()
+    main(args.kind, args.rows)

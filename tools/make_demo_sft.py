@@ -37,4 +37,10 @@ def main(rows: int = 800, seed: int = 0) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=800, help="JSONL rows to write to stdout")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the questions")
+    args = parser.parse_args()
+    main(args.rows, args.seed)

@@ -25,18 +25,28 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:7.1f}"
 
 
+def _arguments(argv):
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     usage="python tools/plan.py +model=<family> [key=value ...] [--top N] [--no-te]")
+    parser.add_argument("--top", type=int, default=10, help="layouts to print")
+    parser.add_argument("--no-te", action="store_true", help="the cluster has no Transformer Engine (CP as Ulysses only)")
+    args, overrides = parser.parse_known_args(argv)
+    unknown = [a for a in overrides if a.startswith("-")]
+    if unknown:
+        parser.error(f"unknown option {unknown[0]} (config settings are key=value)")
+    return args, overrides
+
+
 def main(argv) -> None:
+    args, argv = _arguments(argv)
     from megatron_swift.config.compose import compose
     from megatron_swift.models.arch import padded_vocab_size, resolve
     from megatron_swift.plan.memory import rank_memory
     from megatron_swift.plan.search import GPUS, candidates
 
-    top = 10
-    if "--top" in argv:
-        at = argv.index("--top")
-        top, argv = int(argv[at + 1]), argv[:at] + argv[at + 2:]
-    te = "--no-te" not in argv
-    argv = [a for a in argv if a != "--no-te"]
+    top, te = args.top, not args.no_te
     cfg = compose(argv)
     arch = resolve(cfg.model)
     if arch.vocab_size is None:

@@ -52,6 +52,15 @@ def _hf_logits(folder: str, tokens):
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hf", required=True, help="HF checkpoint folder")
+    parser.add_argument("--ckpt", help="Megatron checkpoint to compare instead of the HF weights loaded directly")
+    parser.add_argument("--batch", type=int, default=2, help="rows of random tokens")
+    parser.add_argument("--seq", type=int, default=32, help="tokens per row")
+    parser.add_argument("--report", help="also write the figures to this JSON file")
+    args, overrides = parser.parse_known_args()  # parsed before the heavy imports: --help answers at once
+
+    import shutil
     import tempfile
 
     import torch
@@ -59,14 +68,6 @@ def main() -> None:
     from megatron_swift.config.compose import compose
     from megatron_swift.convert.hf_config import hf_family_name, read_hf_config
     from megatron_swift.training.loop import setup
-
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hf", required=True, help="HF checkpoint folder")
-    parser.add_argument("--ckpt", help="Megatron checkpoint to compare instead of the HF weights loaded directly")
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--seq", type=int, default=32)
-    parser.add_argument("--report", help="also write the figures to this JSON file")
-    args, overrides = parser.parse_known_args()
 
     hf_config = read_hf_config(args.hf)
     family = hf_family_name(hf_config, args.hf)
@@ -90,6 +91,8 @@ def main() -> None:
             with open(args.report, "w", encoding="utf-8") as f:
                 json.dump(report, f)
     dist.barrier()
+    if dist.get_rank() == 0:  # the run folder setup() needed: nothing of it is worth keeping
+        shutil.rmtree(out_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":
