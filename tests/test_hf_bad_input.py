@@ -69,3 +69,18 @@ def test_unsupported_architecture_lists_the_supported_ones(tmp_path):
     assert "architectures ['GPT2LMHeadModel'] are not supported; supported: LlamaForCausalLM" in proc.stderr
     assert "Qwen3MoeForCausalLM" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_unsupported_rope_type_is_one_line_naming_the_key(tmp_path):
+    """dynamic (and longrope: tests/test_rope.py) RoPE stops the run before any model is built."""
+    hf, out = tmp_path / "hf", tmp_path / "out"
+    _tiny_qwen3(hf)
+    _edit_config(hf, rope_scaling={"type": "dynamic", "factor": 2.0})
+    proc = subprocess.run([sys.executable, str(TRAIN), "+model=qwen3", f"model.pretrained={hf}", "train.device=cpu",
+                           "train.train_iters=0", f"train.output_dir={out}", "logging.tensorboard=false"],
+                          cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == [
+        f"megatron-swift: error: {hf / 'config.json'}: rope_scaling.type='dynamic' is not supported; supported RoPE "
+        "types: default, linear, llama3, yarn"]
+    assert not out.exists()

@@ -28,18 +28,20 @@ def hf_family_name(hf: dict, folder: str) -> str:
                     f"{', '.join(families.hf_architectures())}")
 
 
-def _rope_theta(hf: dict, folder: str) -> float:
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind not in (None, "default"):
-        raise DataError(os.path.join(folder, "config.json"), None,
-                        f"RoPE scaling '{kind}' is not supported yet (only default RoPE)")
-    return float(hf.get("rope_theta", rope.get("rope_theta", 10000.0)))
+def _rope(hf: dict, folder: str):
+    """(rope_theta, partial rotary factor, RopeScaling or None) read by models.rope's table of HF RoPE keys."""
+    from megatron_swift.models.rope import RopeError, read_hf_rope
+
+    try:
+        return read_hf_rope(hf)
+    except RopeError as e:
+        raise DataError(os.path.join(folder, "config.json"), None, str(e)) from None
 
 
 def arch_fields(hf: dict, folder: str) -> Dict[str, object]:
     """Size-table fields (see models.families.base.Size) read from an HF config."""
     heads = hf["num_attention_heads"]
+    theta, partial, scaling = _rope(hf, folder)
     fields = dict(
         num_layers=hf["num_hidden_layers"],
         hidden_size=hf["hidden_size"],
@@ -49,7 +51,9 @@ def arch_fields(hf: dict, folder: str) -> Dict[str, object]:
         kv_channels=hf.get("head_dim") or hf["hidden_size"] // heads,
         vocab_size=hf["vocab_size"],
         max_position_embeddings=hf.get("max_position_embeddings", 4096),
-        rotary_base=_rope_theta(hf, folder),
+        rotary_base=theta,
+        rotary_percent=partial,
+        rope_scaling=scaling,
         norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
         untie_embeddings=not hf.get("tie_word_embeddings", False),
     )
@@ -90,12 +94,16 @@ def to_hf_config(family, arch: dict, dtype: str) -> dict:
         head_dim=arch["kv_channels"],
         vocab_size=arch["vocab_size"],
         max_position_embeddings=arch["max_position_embeddings"],
-        rope_theta=arch["rotary_base"],
         rms_norm_eps=arch["norm_epsilon"],
         tie_word_embeddings=not arch["untie_embeddings"],
         hidden_act="silu",
         torch_dtype=dtype,
     )
+    from megatron_swift.models.rope import RopeScaling, write_hf_rope
+
+    scaling = arch.get("rope_scaling")
+    write_hf_rope(config, arch["rotary_base"], arch.get("rotary_percent", 1.0),
+                  RopeScaling(**scaling) if isinstance(scaling, dict) else scaling)
     if arch.get("num_experts"):
         config.update(num_experts=arch["num_experts"], moe_intermediate_size=arch["moe_ffn_hidden_size"],
                       num_experts_per_tok=arch["moe_router_topk"],

@@ -7,7 +7,8 @@ from typing import Optional
 
 from megatron_swift.models import families
 from megatron_swift.models.families import Family
-from megatron_swift.models.vision_arch import VisionArch
+from megatron_swift.models.rope import RopeScaling
+from megatron_swift.models.vision import VisionArch
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,10 @@ class Arch:
     moe_ffn_hidden_size: Optional[int]
     moe_router_topk: Optional[int]
     moe_router_pre_softmax: bool = False  # default: checkpoints written before this field existed
+    # RoPE beyond rotary_base (models/rope.py): rotated fraction of each head (HF partial_rotary_factor) and the
+    # HF rope_scaling as written (None: default RoPE).
+    rotary_percent: float = 1.0
+    rope_scaling: Optional[RopeScaling] = None
     head: str = "lm"  # output layer: "lm" (vocabulary logits) or "reward" (one scalar; task=rm)
     # Vision-language models (families/llava.py): the fields above describe the language model.
     text_family: Optional[str] = None  # the language model's family (its decoder traits and weight table)
@@ -42,6 +47,8 @@ class Arch:
     def __post_init__(self):
         if isinstance(self.vision, dict):  # from a checkpoint's stored numbers (plain())
             object.__setattr__(self, "vision", VisionArch(**self.vision))
+        if isinstance(self.rope_scaling, dict):
+            object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
 
     @property
     def is_moe(self) -> bool:
@@ -54,12 +61,15 @@ class Arch:
 
     def plain(self) -> dict:
         """Every field but the family as JSON-able values (stored with checkpoints; Arch(family=..., **plain)).
-        A text model leaves out the vision fields, so its record equals one written before they existed."""
+        A text model leaves out the vision fields, and a model with default full RoPE the RoPE fields, so its
+        record equals one written before they existed."""
         skip = {"family"} | (set() if self.vision else set(_VLM_FIELDS))
+        skip |= {name for name, default in _ROPE_DEFAULTS.items() if getattr(self, name) == default}
         return {f.name: (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v)
                 for f in dataclasses.fields(self) if f.name not in skip for v in [getattr(self, f.name)]}
 
 
+_ROPE_DEFAULTS = {"rotary_percent": 1.0, "rope_scaling": None}
 _VLM_FIELDS = ("text_family", "vision", "image_token_id", "vision_select", "projector_activation", "projector_bias")
 
 

@@ -13,6 +13,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron_swift.backend import Backend
 from megatron_swift.models.arch import Arch
 from megatron_swift.models.attention import use_core_attention
+from megatron_swift.models import rope
 from megatron_swift.models.norm import swap_torch_norms, unfuse_layernorm_linears
 from megatron_swift.models.reward_head import RewardHead
 from megatron_swift.models.vocab_mask import mask_padded_logits
@@ -142,11 +143,14 @@ def build_gpt_chunks(arch: Arch, tconfig: TransformerConfig, padded_vocab: int, 
             post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
             # A reward head is its own weight even in models whose LM head is tied to the embedding.
             share_embeddings_and_output_weights=not arch.untie_embeddings and arch.head == "lm",
-            position_embedding_type="rope",
+            position_embedding_type="rope",  # every RoPE type: scaled ones through rope.install below
             rotary_base=arch.rotary_base,
+            rotary_percent=arch.rotary_percent,
             scatter_embedding_sequence_parallel=scatter_sp,
             vp_stage=stage,
         )
+        if arch.rope_scaling is not None:
+            rope.install(model, arch)
         if arch.head == "reward" and model.post_process:
             model.output_layer = RewardHead(tconfig)
         elif model.post_process and arch.vocab_size and padded_vocab > arch.vocab_size:

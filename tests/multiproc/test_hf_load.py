@@ -1,6 +1,8 @@
 """HF weights streamed into sharded Megatron models give HF's logits (ground truth: transformers)."""
 from __future__ import annotations
 
+import contextlib
+import json
 import subprocess
 
 import pytest
@@ -98,3 +100,103 @@ def test_megatron_logits_equal_hf_logits(tmp_path, case):
     padding = got[..., VOCAB:]
     unmasked = (~torch.isneginf(padding)).nonzero()[:, -1].unique() + VOCAB
     assert unmasked.numel() == 0, f"{case}: padding columns {unmasked.tolist()} are not -inf"
+
+
+# RoPE variants (models/rope.py): (family, tiny-model kind, config keys). Sequences of 40 tokens against
+# pre-scaling contexts of 16 (original_max_position_embeddings), so the scaling changes transformers' logits.
+ROPE_MODELS = {
+    # Llama 3.1-style, with values other than the 1/4/8192 megatron-core 0.16.1 fixes.
+    "llama3": ("llama", "llama", dict(num_key_value_heads=2, tie_word_embeddings=False, rope_scaling=dict(
+        rope_type="llama3", factor=4.0, low_freq_factor=2.0, high_freq_factor=8.0,
+        original_max_position_embeddings=16))),
+    "linear": ("llama", "mistral", dict(num_key_value_heads=2, tie_word_embeddings=False,
+                                        rope_scaling=dict(rope_type="linear", factor=2.5))),
+    # Qwen2.5's long-context recipe, written as transformers 4.x did (top-level rope_theta, rope_scaling.type).
+    "yarn-qwen2": ("qwen2", "qwen2", dict(num_key_value_heads=2, tie_word_embeddings=True, rope_scaling=dict(
+        rope_type="yarn", factor=4.0, original_max_position_embeddings=16))),
+    # DeepSeek's mscale / mscale_all_dim: an attention factor other than YaRN's default.
+    "yarn-qwen3": ("qwen3", "qwen3", dict(num_key_value_heads=2, head_dim=16, tie_word_embeddings=False,
+                                          rope_scaling=dict(rope_type="yarn", factor=8.0, beta_fast=16, beta_slow=2,
+                                                            original_max_position_embeddings=16, mscale=0.9,
+                                                            mscale_all_dim=0.7))),
+    # Half of each head rotates (transformers' Qwen3 rotates every feature whatever the key says: the ground
+    # truth is its GLM-4.5 partial rotary, swapped in by _partial_rotary_hf).
+    "partial": ("qwen3", "qwen3", dict(num_key_value_heads=2, head_dim=16, tie_word_embeddings=False,
+                                       partial_rotary_factor=0.5)),
+}
+
+
+def _v4_spelling(folder):
+    """config.json as transformers 4.x wrote it: rope_theta at the top, rope_scaling with "type"."""
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    rope = config.pop("rope_parameters")
+    config["rope_theta"] = rope.pop("rope_theta")
+    config["rope_scaling"] = dict(type=rope.pop("rope_type"), **rope)
+    path.write_text(json.dumps(config, indent=2))
+
+
+@contextlib.contextmanager
+def _partial_rotary_hf():
+    """transformers' Qwen3 with the rotary of its GLM-4.5 code (Glm4Moe), which applies partial_rotary_factor."""
+    from transformers.models.glm4_moe import modeling_glm4_moe as glm
+    from transformers.models.qwen3 import modeling_qwen3 as qwen3
+
+    rotary = qwen3.Qwen3RotaryEmbedding
+    saved = qwen3.apply_rotary_pos_emb, rotary.__dict__["compute_default_rope_parameters"]
+    qwen3.apply_rotary_pos_emb = glm.apply_rotary_pos_emb
+    rotary.compute_default_rope_parameters = glm.Glm4MoeRotaryEmbedding.__dict__["compute_default_rope_parameters"]
+    try:
+        yield
+    finally:
+        qwen3.apply_rotary_pos_emb, rotary.compute_default_rope_parameters = saved
+
+
+def _hf_logits(folder, tokens, partial: bool):
+    with _partial_rotary_hf() if partial else contextlib.nullcontext():
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        with torch.no_grad():
+            return model(tokens).logits.float()
+
+
+@pytest.fixture(scope="module")
+def rope_models(tmp_path_factory):
+    """Each RoPE model saved once (and the same weights without the RoPE keys), transformers' logits of both."""
+    root = tmp_path_factory.mktemp("rope")
+    tokens = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(2))
+    torch.save(tokens, root / "tokens.pt")
+    models = {}
+    for name, (family, kind, extra) in ROPE_MODELS.items():
+        folder, plain = root / name, root / f"{name}-plain"
+        _save_tiny(kind, folder, **extra)
+        _save_tiny(kind, plain, **{k: v for k, v in extra.items() if k not in ("rope_scaling", "partial_rotary_factor")})
+        if name == "yarn-qwen2":
+            _v4_spelling(folder)
+        partial = "partial_rotary_factor" in extra
+        models[name] = (family, folder, _hf_logits(folder, tokens, partial), _hf_logits(plain, tokens, partial))
+    return root, models
+
+
+@pytest.mark.parametrize("layout", [[], ["parallel.tp=2"], ["parallel.pp=2"]], ids=["tp1", "tp2", "pp2"])
+def test_rope_variants_logits_equal_hf_logits(rope_models, tmp_path, layout):
+    """Every RoPE model under one layout in one launch: the first as the trainer's model, the others built after it
+    (hf_logits_worker --also)."""
+    root, models = rope_models
+    names = list(models)
+    first_family, first_folder = models[names[0]][:2]
+    also = [f"--also={models[n][1]},{tmp_path / n}.pt" for n in names[1:]]
+    overrides = [f"+model={first_family}", f"model.pretrained={first_folder}", "train.precision=fp32",
+                 "train.device=cpu", f"train.output_dir={tmp_path / 'run'}", "logging.tensorboard=false", *layout]
+    proc = subprocess.run(launch_cmd(2 if layout else 1, [str(root / "tokens.pt"), str(tmp_path / f"{names[0]}.pt"),
+                                                         *overrides, *also], script=WORKER),
+                          cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    for name in names:
+        _, _, expected, unscaled = models[name]
+        got = torch.load(tmp_path / f"{name}.pt", weights_only=True)[..., :VOCAB]
+        effect = (expected - unscaled).abs().max().item()
+        diff = (got - expected).abs().max().item()
+        print(f"{name} {'-'.join(layout) or 'tp1'}: max |logit diff| {diff:.2e} (RoPE keys change HF's by {effect:.2e})")
+        # The RoPE keys move transformers' logits by far more than the tolerance.
+        assert effect > 20 * 1e-4, f"{name}: the RoPE keys change HF's logits by {effect} only"
+        assert diff < 1e-4, f"{name}: max |logit diff| {diff}"

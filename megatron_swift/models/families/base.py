@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
+from megatron_swift.models.rope import RopeScaling
+
 
 class CompositionError(ValueError):
     """A model put together from several HF folders (model.llm + model.vision) that cannot be: the message
@@ -31,6 +33,8 @@ class Size:
     # False: softmax over the top-k logits, i.e. top-k weights that sum to 1 (HF norm_topk_prob=True);
     # True: top-k of a softmax over all experts, not renormalised (norm_topk_prob=False).
     moe_router_pre_softmax: bool = False
+    rotary_percent: float = 1.0  # rotated fraction of each head (HF partial_rotary_factor)
+    rope_scaling: Optional[RopeScaling] = None  # HF rope_scaling (models/rope.py); None: default RoPE
 
 
 @dataclass(frozen=True)
