@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
 import sys
 
@@ -79,8 +80,9 @@ def test_malformed_jsonl_names_file_and_line_and_keeps_checkpoints(tmp_path):
     # A previous run's checkpoint in the run directory: it must come through untouched.
     ckpt = out / "checkpoints" / "iter_0000005"
     ckpt.mkdir(parents=True)
-    (ckpt / "megatron_swift.json").write_text('{"iteration": 5}')
     (ckpt / "common.pt").write_bytes(b"weights")
+    manifest = {"common.pt": [7, hashlib.sha256(b"weights").hexdigest()]}  # a record without one is not intact
+    (ckpt / "megatron_swift.json").write_text(json.dumps({"iteration": 5, "manifest": manifest}))
     before = _tree_digest(out)
     proc = _train(["+model=qwen3", f"data.path=[{data}]", f"train.output_dir={out}"])
     assert proc.returncode == 2

@@ -32,10 +32,10 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_swift.backend import collective_device
 from megatron_swift.backend.no_apex import fuse_adam, torch_optimizers
-from megatron_swift.training import ckpt_store, ckpt_writer, safe_load, save_deadline
+from megatron_swift.training import ckpt_space, ckpt_store, ckpt_writer, safe_load, save_deadline
 from megatron_swift.training.ckpt_store import (  # noqa: F401  (the checkpoint API other modules use)
     META, checkpoints_dir, complete_checkpoints, find_checkpoint, read_meta)
-from megatron_swift.training.errors import CheckpointError, Diverged
+from megatron_swift.training.errors import CheckpointError, Diverged, NoSpace
 
 _OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 SAVE_TIMEOUT_S = 30 * 60.0  # cluster.dist_timeout_minutes' default: a save may wait as long as a collective
@@ -222,19 +222,29 @@ def _write_now(output_dir: str, iteration: int, sharded_fn, config_yaml: str, me
     final = os.path.join(ckpt_dir, ckpt_store.iter_name(iteration))
     tmp = os.path.join(ckpt_dir, ".tmp." + ckpt_store.iter_name(iteration))
     rank0 = dist.get_rank() == 0
+    sharded = sharded_fn()
+    ckpt_space.check(ckpt_dir, sharded, iteration)  # a short disk stops every rank before anything is written
     if rank0:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp)  # left by a save that crashed
         os.makedirs(tmp)
     dist.barrier()
-    dist_checkpointing.save(sharded_fn(), tmp)  # wants an empty folder: config.yaml comes after
+    try:
+        dist_checkpointing.save(sharded, tmp)  # wants an empty folder: config.yaml comes after
+        if rank0:
+            with open(os.path.join(tmp, "config.yaml"), "w", encoding="utf-8") as f:
+                f.write(config_yaml)
+        dist.barrier()
+        manifest = ckpt_store.make_manifest(tmp)
+        if rank0:
+            _write_meta(tmp, dict(meta, complete=True, manifest=manifest))
+    except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
+        if not ckpt_space.is_no_space(e):
+            raise
+        if rank0:
+            shutil.rmtree(tmp, ignore_errors=True)  # give the space back; the previous checkpoints are whole
+        raise NoSpace(ckpt_space.message(ckpt_dir, iteration, None, ckpt_space.free_bytes(ckpt_dir))) from None
     if rank0:
-        with open(os.path.join(tmp, "config.yaml"), "w", encoding="utf-8") as f:
-            f.write(config_yaml)
-    dist.barrier()
-    manifest = ckpt_store.make_manifest(tmp)
-    if rank0:
-        _write_meta(tmp, dict(meta, complete=True, manifest=manifest))
         if os.path.isdir(final):  # an older save of this step (a resume from before it): replaced, marker first
             if os.path.isfile(os.path.join(final, META)):
                 os.remove(os.path.join(final, META))

@@ -181,3 +181,14 @@ def prune(ckpt_dir: str, keep_last: int) -> None:
         path = os.path.join(ckpt_dir, name)
         if ITER_RE.match(name) and not os.path.isfile(os.path.join(path, META)):
             shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_temporaries(ckpt_dir: str) -> List[str]:
+    """Remove the ``.tmp.iter_N`` folders of saves that never finished (rank 0, at the start of a run, with the
+    run folder locked: no other run can be writing them). Returns their names."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    stale = sorted(n for n in os.listdir(ckpt_dir) if n.startswith(".tmp.iter_"))
+    for name in stale:
+        shutil.rmtree(os.path.join(ckpt_dir, name), ignore_errors=True)
+    return stale

@@ -8,3 +8,7 @@ class Diverged(RuntimeError):
 class CheckpointError(ValueError):
     """A checkpoint cannot be used (corrupt, incomplete, from another run or layout); the message names it."""
 
+
+
+class NoSpace(CheckpointError):
+    """The file system cannot hold the next checkpoint; the previous ones are kept (exit code 2)."""

@@ -363,6 +363,9 @@ def setup(cfg) -> Trainer:
     par = cfg.parallel
     choice, resume_from, run_record = _choose_run(cfg, arch, world)
     output_dir = choice.output_dir
+    if dist.get_rank() == 0:  # the folder is locked by this run (run_dir.decide): no one else writes them
+        for name in ckpt.ckpt_store.remove_temporaries(ckpt.checkpoints_dir(output_dir)):
+            _print0(f"megatron-swift: removed {name}, left by a save that did not finish")
 
     # Data before model: bad data stops the run before any weights or checkpoints are touched.
     tokenizer_spec = cfg.data.tokenizer or cfg.model.pretrained or cfg.model.llm or "byte"
@@ -406,9 +409,7 @@ def setup(cfg) -> Trainer:
     scheduler = build_scheduler(optimizer, cfg.train, length.total_iters)
     guard = StepGuard(cfg.train.max_skipped_steps, cfg.train.loss_spike_factor, cfg.train.loss_spike_window)
     guard.install(optimizer)
-    if dist.get_rank() == 0:
-        os.makedirs(output_dir, exist_ok=True)
-    dist.barrier()
+    run_dir.claim(output_dir, _print0)
     datasets = [("train", train_data)] + ([("eval", eval_data)] if eval_data is not None else [])
     task = build_task(cfg, be, arch, padded, datasets, output_dir, model=model)
     source = getattr(task, "batch_source", None)

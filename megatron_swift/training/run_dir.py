@@ -13,6 +13,10 @@ folder: auto resumes its latest checkpoint (after the resume check), as before.
 Candidates are verified before use (ckpt_store.verify): a damaged checkpoint is
 reported by name, moved aside (``iter_N.corrupt``) and the previous intact one
 is used.
+
+Rank 0 locks the chosen folder as soon as it is chosen (if it exists) and holds
+the lock for the whole run (run_lock): a second run aimed at a folder in use
+stops with one line naming the holder, before it reads or moves anything there.
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ from typing import List, Optional
 import torch.distributed as dist
 
 from megatron_swift.config.validate import ConfigError
-from megatron_swift.training import ckpt_store
+from megatron_swift.training import ckpt_store, run_lock
 from megatron_swift.training.errors import CheckpointError
 
 ROOT = "outputs"
@@ -126,13 +130,35 @@ def decide(cfg, identity: dict) -> RunChoice:
     choice: List[object] = [None]
     if dist.get_rank() == 0:
         try:
-            choice[0] = _decide_here(cfg, identity)
+            choice[0] = _locked(_decide_here(cfg, identity))
         except ConfigError as e:
             choice[0] = e
     dist.broadcast_object_list(choice, src=0)
     if isinstance(choice[0], ConfigError):
         raise choice[0]
     return choice[0]
+
+
+def claim(output_dir: str, printer=print) -> None:
+    """Create the run folder, lock it if that did not happen when it was chosen (it did not exist yet) and record
+    this run as its holder: from here on the run writes there (collective; rank 0 holds the lock)."""
+    outcome: List[object] = [None]
+    if dist.get_rank() == 0:
+        try:
+            outcome[0] = run_lock.claim(output_dir)
+        except ConfigError as e:  # two runs created the same new folder: the second one stops here
+            outcome[0] = e
+    dist.broadcast_object_list(outcome, src=0)
+    if isinstance(outcome[0], ConfigError):
+        raise outcome[0]
+    if outcome[0]:
+        printer(outcome[0])
+
+
+def _locked(choice: RunChoice) -> RunChoice:
+    """The choice, its folder locked by this process (run_lock), with any warning about locking in its note."""
+    warning = run_lock.acquire(choice.output_dir)
+    return RunChoice(choice.output_dir, choice.resume_from, choice.note + (f"\n{warning}" if warning else ""))
 
 
 def _decide_here(cfg, identity: dict) -> RunChoice:

@@ -167,6 +167,21 @@ def test_saves_fork_no_writer_or_helper_process(tmp_path):
     time.sleep(0.1)
 
 
+def test_a_second_run_in_a_folder_in_use_is_refused_and_the_first_goes_on(tmp_path):
+    """Two launches with one train.output_dir: the second stops with one line naming the folder and the first
+    run's process (exit 2), before writing anything there; the first is untouched."""
+    out = tmp_path / "run"
+    command = [*BASE, "train.train_iters=400", f"train.output_dir={out}"]
+    first = procs.start(2, command)
+    try:
+        procs.wait_until(first, lambda: procs.last_step(procs.metrics_file(out)) >= 1)
+        _, line = failing(command)
+        assert f"run folder {out} is in use by another run (pid " in line and "launch/train.py" in line
+        assert first.poll() is None
+    finally:
+        procs.kill_tree(first.pid)
+
+
 def test_time_budget_stops_with_a_checkpoint(tmp_path):
     """train.exit_duration_minutes: the run stops after the step in which the budget ran out, saves, exits 0."""
     out = tmp_path / "run"
