@@ -230,7 +230,7 @@ def readable(path):
         return False
 seen = []
 for root, dirs, files in os.walk('/'):
-    if root.startswith(('/proc', '/usr', '/dev')):
+    if root.startswith(('/proc', '/usr', '/dev', '/opt/python')):
         dirs[:] = []
         continue
     seen += [os.path.join(root, f) for f in files]
@@ -265,7 +265,7 @@ print(out)
     result = run_python(code, limits=FAST)
     assert result.ok, result
     listing = result.stdout.split("---")[0].split()
-    assert set(listing) <= {"bin", "dev", "lib", "lib64", "lib32", "libx32", "sbin", "proc", "root", "tmp", "usr"}
+    assert set(listing) <= {"bin", "dev", "lib", "lib64", "lib32", "libx32", "sbin", "proc", "opt", "tmp", "usr"}
     assert "cannot access '/home'" in result.stdout and "/etc/hostname: No such file" in result.stdout
 
 
@@ -471,12 +471,22 @@ print(asyncio.run(f()), P(1).x, math.isqrt(17), open(t.name).read(), results, ch
     assert result.ok and result.stdout == "3 1 4 kept in the workdir [1] child from stdin\n", result
 
 
+def test_the_box_runs_the_trainers_own_python_without_its_packages():
+    import sys
+
+    result = run_python("import sys, os\nprint(sys.version)\nprint([os.listdir(p) for p in sys.path if os.path.isdir(p)"
+                        " and 'site-packages' in p])\nimport torch", limits=FAST)
+    version, packages = result.stdout.splitlines()[:2]
+    assert version == sys.version and packages == "[]", result
+    assert "No module named 'torch'" in result.stderr
+
+
 def test_environment_is_fixed():
     result = run_python("import json, os\nprint(json.dumps(dict(os.environ)))\n", limits=FAST)
     env = json.loads(result.stdout)
     assert env["HOME"] == env["TMPDIR"] == "/tmp" and env["PATH"] == "/usr/bin:/bin"
     assert set(env) <= {"PATH", "LANG", "HOME", "TMPDIR", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
-                        "MKL_NUM_THREADS", "LC_CTYPE", "PWD"}
+                        "MKL_NUM_THREADS", "LC_CTYPE", "PWD", "LD_LIBRARY_PATH"}
 
 
 def test_pool_keeps_order():

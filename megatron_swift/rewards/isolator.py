@@ -6,7 +6,8 @@ box has:
 * new pid, network, IPC, UTS (and cgroup, where possible) namespaces: it sees only its own processes, has
   no network interface at all (abstract Unix sockets are per network namespace too), and dies with the
   trainer (``--die-with-parent``) in a session of its own (``--new-session``: no terminal to inject into);
-* a root of its own: ``/usr`` and the Python runtime read-only, the /bin, /lib... links of the host, a
+* a root of its own: ``/usr`` and the Python runtime read-only (at ``/opt/python`` when it lives outside
+  /usr, its installed packages hidden), the /bin, /lib... links of the host, a
   fresh ``/proc``, a read-only ``/dev`` with null, zero and urandom only, and ``/tmp`` as its working
   directory: an empty tmpfs capped at ``max_disk_mb`` holding the program. No home folders, no checkout,
   no host ``/tmp``, ``/run`` or ``/etc``: no host Unix socket or file is there to reach;
@@ -62,14 +63,39 @@ class Box:
         self._fds.clear()
 
 
-def interpreter() -> Tuple[str, List[str]]:
-    """(the base interpreter's real path, the directories outside /usr the box must see for it)."""
-    exe = os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
-    dirs = []
-    for path in (os.path.realpath(sys.base_prefix), os.path.dirname(exe)):
-        if not path.startswith("/usr/") and not any(path == d or path.startswith(d + "/") for d in dirs):
-            dirs.append(path)
-    return exe, dirs
+BOX_RUNTIME = "/opt/python"
+"""Where a runtime outside /usr appears in a box: its own host path may sit under a folder the box's user
+cannot enter (pyenv's under /root), and the interpreter finds its standard library next to itself."""
+
+
+def interpreter() -> str:
+    """The real path of the base interpreter (a virtual environment's python is a link to it)."""
+    return os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
+
+
+def runtime() -> Tuple[str, Optional[str]]:
+    """(the interpreter's path inside a box, the host folder bound at BOX_RUNTIME or None when under /usr)."""
+    exe, prefix = interpreter(), os.path.realpath(sys.base_prefix)
+    if exe.startswith("/usr/") and (prefix == "/usr" or prefix.startswith("/usr/")):
+        return exe, None
+    if not exe.startswith(prefix + "/"):
+        raise OSError(f"the interpreter {exe} is not inside its prefix {prefix}")
+    return BOX_RUNTIME + exe[len(prefix):], prefix
+
+
+def hidden_packages(prefix: Optional[str]) -> List[str]:
+    """Box paths of the trainer's installed packages: a box runs ``python -S`` and sees empty folders there
+    (nothing of the trainer's environment, the project's editable install included)."""
+    import site
+
+    found = []
+    for path in site.getsitepackages() + [site.getusersitepackages()]:
+        real = os.path.realpath(path)
+        if prefix is not None and real.startswith(prefix + "/") and os.path.isdir(real):
+            found.append(BOX_RUNTIME + real[len(prefix):])
+        elif real.startswith("/usr/") and os.path.isdir(real):
+            found.append(real)
+    return sorted(set(found))
 
 
 class Bubblewrap:
@@ -80,7 +106,7 @@ class Bubblewrap:
     def __init__(self, bwrap: str, setpriv: Optional[str]):
         self.bwrap, self.setpriv = bwrap, setpriv
         self.root = setpriv is not None
-        self.exe, self.runtime_dirs = interpreter()
+        self.exe, self.prefix = runtime()
 
     def argv(self, box: Box, disk_mb: int) -> List[str]:
         """The command line; opens fds (the program's files, the runtime folders) that ``box.close`` closes."""
@@ -93,6 +119,8 @@ class Bubblewrap:
             args += ["--unshare-user", "--disable-userns"]
         for key, value in _ENV.items():
             args += ["--setenv", key, value]
+        if self.prefix is not None:  # an interpreter linked with an absolute RUNPATH to its host folder
+            args += ["--setenv", "LD_LIBRARY_PATH", f"{BOX_RUNTIME}/lib"]
         args += self._root_fs(box)
         args += ["--perms", "1777", "--size", str(int(disk_mb) * 1024 * 1024), "--tmpfs", WORKDIR]
         for name, data in box.files.items():
@@ -115,13 +143,16 @@ class Bubblewrap:
                 args += ["--symlink", os.readlink(path), path]
             elif os.path.isdir(path):
                 args += ["--ro-bind", path, path]
-        for path in self.runtime_dirs:
-            if self.root:  # a folder under /root is not reachable by path once bwrap drops to the box's uid
-                fd = os.open(path, os.O_PATH | os.O_DIRECTORY)
+        if self.prefix is not None:
+            args += ["--perms", "0755", "--dir", os.path.dirname(BOX_RUNTIME)]  # made 0700 otherwise
+            if self.root:  # bubblewrap opens it as root: the box's uid need not reach it on the host
+                fd = os.open(self.prefix, os.O_PATH | os.O_DIRECTORY)
                 box._fds.append(fd)
-                args += ["--ro-bind-fd", str(fd), path]
+                args += ["--ro-bind-fd", str(fd), BOX_RUNTIME]
             else:
-                args += ["--ro-bind", path, path]
+                args += ["--ro-bind", self.prefix, BOX_RUNTIME]
+        for path in hidden_packages(self.prefix):
+            args += ["--perms", "0755", "--size", "4096", "--tmpfs", path, "--remount-ro", path]
         args += ["--proc", "/proc", "--size", "65536", "--tmpfs", "/dev"]
         for dev in _DEVICES:
             args += ["--dev-bind", dev, dev]
@@ -148,6 +179,10 @@ def find_bubblewrap() -> Tuple[Optional[Bubblewrap], str]:
     bwrap = shutil.which("bwrap")
     if bwrap is None:
         return None, "bubblewrap (bwrap) is not installed"
+    try:
+        runtime()
+    except OSError as e:
+        return None, str(e)
     program, why = filter_program()
     if program is None:
         return None, f"the box's system-call filter cannot be built: {why}"

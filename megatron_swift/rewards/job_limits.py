@@ -121,12 +121,13 @@ class CgroupLimits:
             d = job.dirs["unified"]
             settings = [("pids.max", pids), ("memory.max", memory), ("memory.swap.max", 0)]
             paths = [(os.path.join(d, f), v) for f, v in settings]
-        else:
+        else:  # memory + swap: the same bound, so that a machine with swap cannot page the job out past it
             paths = [(os.path.join(job.dirs["pids"], "pids.max"), pids),
-                     (os.path.join(job.dirs["memory"], "memory.limit_in_bytes"), memory)]
+                     (os.path.join(job.dirs["memory"], "memory.limit_in_bytes"), memory),
+                     (os.path.join(job.dirs["memory"], "memory.memsw.limit_in_bytes"), memory)]
         for path, value in paths:
-            if not _write(path, str(value)) and not path.endswith("swap.max"):  # no swap accounting: fine
-                raise OSError(f"cannot set {path}")
+            if not _write(path, str(value)) and "swap" not in path and "memsw" not in path:
+                raise OSError(f"cannot set {path}")  # (no swap accounting on this kernel: nothing to bound)
 
 
 class RlimitLimits:

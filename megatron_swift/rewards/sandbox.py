@@ -216,7 +216,7 @@ class _Runner:
                 with open(os.path.join(workdir, name), "wb") as f:
                     f.write(data)
             from megatron_swift.rewards.isolator import interpreter
-            argv, cwd, pass_fds = [interpreter()[0], "-I", "-S", *args], workdir, tuple(fds)
+            argv, cwd, pass_fds = [interpreter(), "-I", "-S", *args], workdir, tuple(fds)
         argv = job_limits.join_argv(cgroup) + _prlimit_argv(self.limits) + argv
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": workdir or "/", "TMPDIR": workdir or "/tmp"}
         try:
