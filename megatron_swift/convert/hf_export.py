@@ -15,10 +15,10 @@ import shutil
 from typing import Dict, Iterable, Optional, Tuple
 
 import torch
-from safetensors.torch import save_file
 
 from megatron_swift.convert.hf_config import read_hf_config
 from megatron_swift.convert.hf_load import Context, compile_rules, context_of, match_rule
+from megatron_swift.convert.safetensors_io import save
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -48,7 +48,7 @@ class ShardWriter:
 
     def _flush(self) -> None:
         file = f"part-{len(self.files):05d}.safetensors"
-        save_file(self.pending, os.path.join(self.folder, file), metadata={"format": "pt"})
+        save(self.pending, os.path.join(self.folder, file), metadata={"format": "pt"})
         self.files.append((file, list(self.pending)))
         self.pending, self.pending_bytes = {}, 0
 

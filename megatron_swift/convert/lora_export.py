@@ -22,9 +22,9 @@ import re
 from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
-from safetensors.torch import save_file
 
 from megatron_swift.convert.hf_load import Context, SafetensorsFolder, context_of, match_rule
+from megatron_swift.convert.safetensors_io import save
 
 # A decoder layer's HF tensors: model.layers.N. (a VLM's language model: language_model.model.layers.N.).
 _HF_LAYER = re.compile(r"^(?:\w+\.)?model\.layers\.(\d+)\.")
@@ -121,6 +121,6 @@ def adapter_config(tuner, modules: Iterable[str], base: str, task: str) -> dict:
 
 
 def write_adapter(folder: str, tensors: Dict[str, torch.Tensor], config: dict) -> None:
-    save_file(tensors, os.path.join(folder, "adapter_model.safetensors"), metadata={"format": "pt"})
+    save(tensors, os.path.join(folder, "adapter_model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(folder, "adapter_config.json"), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)

@@ -10,6 +10,8 @@ import torch
 import transformers  # a test dependency (setup.py [test]): missing, the suite must fail, not skip
 from safetensors.torch import load_file
 
+from megatron_swift.convert.safetensors_io import current_umask
+
 from tests.conftest import ROOT, launch_cmd, run_train, train_env
 from tests.multiproc.test_hf_load import CASES, VOCAB, WORKER, _save_tiny
 
@@ -68,6 +70,8 @@ def test_round_trip_is_bitwise(tmp_path, case, via, dtype):
     _export(run, out, *(["--max-shard-gb", "0.0001"] if sharded else []))
     if sharded:
         assert len(list(out.glob("model-*-of-*.safetensors"))) > 3
+    # readable by the next user of a shared folder: the umask's mode, as the export's other files (was 0600)
+    assert {oct(p.stat().st_mode & 0o777) for p in out.glob("*.safetensors")} == {oct(0o666 & ~current_umask())}
     original, exported = load_file(hf_dir / "model.safetensors"), _tensors(out)
     assert sorted(exported) == sorted(original)
     for name, tensor in original.items():
