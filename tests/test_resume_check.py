@@ -54,3 +54,14 @@ def test_a_changed_global_batch_is_refused_naming_it():
     assert refused == ["train.global_batch_size: 8 -> 16"] and applied == []
     message = resume_check.refusal_message("/run/checkpoints/iter_0000009", refused)
     assert "train.global_batch_size: 8 -> 16" in message and "model.load=/run/checkpoints/iter_0000009" in message
+
+
+def test_the_identity_of_a_command_covers_every_setting_but_where_it_writes():
+    """train.resume=auto in the default folder continues only the same command: another lr is another run."""
+    def ident(*overrides):
+        cfg = compose(["+model=qwen3", *overrides])
+        return resume_check.identity(cfg, resume_check.settings(cfg, validate(cfg, 2)), world=2)
+
+    same = ident()
+    assert ident("train.lr=1e-3") != same and ident("logging.log_interval=5") != same
+    assert ident("train.output_dir=/elsewhere", "train.resume=auto") == same == json.loads(json.dumps(same))

@@ -76,14 +76,22 @@ def settings(cfg, arch) -> Dict[str, dict]:
     return json.loads(json.dumps(out))  # as a checkpoint record holds it (lists, not tuples), so == compares
 
 
+# Settings that say where a run is, not what it is: the same command continues its run whatever they say.
+_NOT_IDENTITY = ("output_dir", "resume")
+
+
 def identity(cfg, run_settings: dict, world: int) -> dict:
-    """What makes two commands the same run: the refused settings and the layout (train.resume=auto with the
-    default output folder continues only a run with the same identity)."""
+    """What makes two commands the same run (train.resume=auto with the default output folder continues only a
+    run with the same identity): every setting but train.output_dir/train.resume, the data files' contents and
+    the number of ranks. A command with another learning rate is another command, so another run; a schedule
+    change is applied to a run only when it is named (train.output_dir, or train.resume=<checkpoint>)."""
     par = cfg.parallel
     layout = {"world": world, "tp": par.tp, "pp": par.pp, "vpp": par.vpp or 1, "cp": par.cp, "ep": par.ep,
               "etp": par.etp, "distributed_optimizer": par.distributed_optimizer}
-    return {"data": run_settings["data"], "files": run_settings["files"], "model": run_settings["model"],
-            "layout": layout}
+    every = OmegaConf.to_container(cfg, resolve=True)
+    every["train"] = {k: v for k, v in every["train"].items() if k not in _NOT_IDENTITY}
+    return json.loads(json.dumps({"data": run_settings["data"], "files": run_settings["files"],
+                                  "model": run_settings["model"], "layout": layout, "config": every}))
 
 
 def _diff(saved: dict, now: dict) -> List[Tuple[str, object, object]]:

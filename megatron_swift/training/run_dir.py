@@ -5,9 +5,10 @@ One run, one folder. Without ``train.output_dir`` a run gets
 or family-size), the objective (pt, sft, dpo, kto, rm, grpo) and the first data file
 name it; the start time (rank 0's clock, shared with every rank) makes each new
 run its own folder, so commands never collide. ``train.resume=auto`` then
-continues the newest unfinished run under that name whose stored settings
-(resume_check.settings, and the layout) are the ones of this command; any other
-command starts a new folder. With ``train.output_dir`` set, the run is that
+continues the newest unfinished run under that name whose stored identity
+(resume_check.identity: every setting but train.output_dir/resume, the data
+files' contents and the layout) is this command's; any other command, another
+train.lr included, starts a new folder. With ``train.output_dir`` set, the run is that
 folder: auto resumes its latest checkpoint (after the resume check), as before.
 
 Candidates are verified before use (ckpt_store.verify): a damaged checkpoint is

@@ -152,6 +152,30 @@ def test_sigterm_saves_then_the_same_command_continues_exactly(tmp_path, uninter
     assert len(list(runs.glob("*/*"))) == 1  # one run, one folder
 
 
+def test_another_command_starts_its_own_run_and_leaves_the_unfinished_one_alone(tmp_path, uninterrupted):
+    """Run A is stopped (SIGTERM) in the default folder; the same command but for train.lr is another command:
+    it starts a new folder instead of continuing A, and A's own command then continues A exactly."""
+    command = [*COMMON, *LAYOUTS["dp2_distopt"]]
+    runs = tmp_path / "outputs"
+    proc = procs.start(2, command, cwd=tmp_path, log=tmp_path / "a.log")
+    try:
+        procs.wait_until(proc, lambda: any(procs.last_step(m) >= 5 for m in runs.glob("*/*/metrics.jsonl")))
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        procs.kill_tree(proc.pid)
+    stopped = re.search(r"stopped by SIGTERM at step (\d+) of 24", (tmp_path / "a.log").read_text())
+    assert stopped, (tmp_path / "a.log").read_text()[-3000:]
+    (run_a,) = runs.glob("*/*")
+    other = procs.run(2, [*command, "train.lr=2e-3"], cwd=tmp_path)
+    assert "(new run)" in other.stdout and "continuing" not in other.stdout
+    assert len(list(runs.glob("*/*"))) == 2 and procs.last_step(procs.metrics_file(run_a)) == int(stopped.group(1))
+    again = procs.run(2, command, cwd=tmp_path)
+    assert f"run folder {run_a.relative_to(tmp_path)} (continuing this command's unfinished run)" in again.stdout
+    assert resumed_at(again.stdout) == int(stopped.group(1))
+    assert_same_steps(per_step(run_a), uninterrupted("dp2_distopt"))
+
+
 def test_adam_state_is_per_parameter_after_resume(tmp_path):
     """The distributed optimizer's Adam step count comes back per parameter, at the checkpoint's value
     (megatron-core 0.16 restores one shared tensor at 0; checkpoint._restore_adam_steps)."""
