@@ -65,3 +65,26 @@ def test_the_identity_of_a_command_covers_every_setting_but_where_it_writes():
     same = ident()
     assert ident("train.lr=1e-3") != same and ident("logging.log_interval=5") != same
     assert ident("train.output_dir=/elsewhere", "train.resume=auto") == same == json.loads(json.dumps(same))
+
+
+def test_a_same_size_edit_anywhere_in_a_large_file_is_caught_and_an_unchanged_file_read_once(tmp_path, monkeypatch):
+    """Every byte counts (a fingerprint of the first and last MiB let a same-size edit in the middle through),
+    and a file whose inode, size, mtime and ctime are unchanged is not read again (cost: one stat)."""
+    import os
+
+    from megatron_swift.training import fingerprint
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    data = tmp_path / "big.jsonl"
+    data.write_text('{"text": "one"}\n' * 300_000)  # 4.8 MB
+    reads = []
+    monkeypatch.setattr(fingerprint, "hash_file", lambda p, real=fingerprint.hash_file: reads.append(p) or real(p))
+    saved = settings(f"data.path={data}")
+    assert resume_check.compare(saved, settings(f"data.path={data}")) == ([], []) and len(reads) == 1
+    before = os.stat(data)
+    text = data.read_text()
+    middle = len(text) // 2
+    data.write_text(text[:middle] + text[middle:].replace("one", "two", 1))  # same size, one word changed
+    os.utime(data, ns=(before.st_atime_ns, before.st_mtime_ns))  # even with the modification time put back
+    refused, _ = resume_check.compare(saved, settings(f"data.path={data}"))
+    assert refused == [f"data file {data}: contents changed"] and len(reads) == 2

@@ -314,7 +314,11 @@ def init_runtime(cfg):
 def _choose_run(cfg, arch, world: int):
     """(run choice, checkpoint to resume or None, record stored with each checkpoint: settings and identity);
     refuses a resume whose data order or model would change (resume_check), reports schedule changes."""
-    settings = resume_check.settings(cfg, arch)
+    # Rank 0 reads the data files for their fingerprints (once per file: training/fingerprint.py); every rank
+    # gets its answer.
+    box = [resume_check.settings(cfg, arch) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    settings = box[0]
     identity = resume_check.identity(cfg, settings, world)
     choice = run_dir.decide(cfg, identity)
     _print0(f"megatron-swift: {choice.note}")

@@ -5,7 +5,8 @@ Three kinds of settings (``settings()`` returns them as one dict):
 
 - ``data`` and ``files``: everything that decides which samples come at which
   step (global batch, sequence length, seed, the files and a fingerprint of
-  their contents, packing, ...). The data position is a function of the step
+  all their bytes (training/fingerprint.py: one read per file, then cached),
+  packing, ...). The data position is a function of the step
   and these, so a change would silently skip or repeat data: refused.
 - ``model``: the architecture, the objective and the tuner: refused, with the
   key that differs (instead of a shape error from inside torch).
@@ -16,12 +17,13 @@ Three kinds of settings (``settings()`` returns them as one dict):
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from typing import Dict, List, Tuple
 
 from omegaconf import OmegaConf
+
+from megatron_swift.training import fingerprint
 
 # Settings (config keys) that decide the order and content of the samples.
 _DATA_KEYS = ("train.global_batch_size", "train.seq_length", "train.seed", "data.source", "data.path",
@@ -32,20 +34,6 @@ _DATA_KEYS = ("train.global_batch_size", "train.seq_length", "train.seed", "data
 _SCHEDULE_KEYS = ("train.lr", "train.min_lr", "train.lr_warmup_iters", "train.lr_decay_iters",
                   "train.lr_decay_style", "train.weight_decay", "train.adam_beta1", "train.adam_beta2",
                   "train.adam_eps", "train.clip_grad", "train.train_iters", "train.max_epochs")
-_SAMPLED = 1 << 20  # bytes hashed at each end of a large data file
-
-
-def _fingerprint(path: str) -> str:
-    """Size plus a hash of the first and last MiB (the whole file when small): cheap on terabyte corpora,
-    and it changes when a file is replaced, appended to or rewritten."""
-    size = os.path.getsize(path)
-    digest = hashlib.sha256(str(size).encode())
-    with open(path, "rb") as f:
-        digest.update(f.read(_SAMPLED))
-        if size > 2 * _SAMPLED:
-            f.seek(size - _SAMPLED)
-        digest.update(f.read(_SAMPLED))
-    return f"{size}:{digest.hexdigest()[:16]}"
 
 
 def _data_files(cfg) -> List[str]:
@@ -69,7 +57,7 @@ def settings(cfg, arch) -> Dict[str, dict]:
     data_keys = _DATA_KEYS + tuple(f"task.{k}" for k in getattr(task_class(cfg.task.name), "data_keys", ()))
     out = {
         "data": {key: plain(key) for key in data_keys},
-        "files": {os.path.abspath(p): _fingerprint(p) for p in _data_files(cfg)},
+        "files": fingerprint.fingerprints(_data_files(cfg)),
         "model": model,
         "schedule": {key: plain(key) for key in _SCHEDULE_KEYS},
     }
