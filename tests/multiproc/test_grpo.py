@@ -52,7 +52,10 @@ LAYOUTS = {"qwen3": [("tp1", 1, [], "padded"), ("tp2", 2, ["parallel.tp=2"], "pa
                      ("tp1-unpadded", 1, [], "unpadded"), ("tp2-wide", 2, ["parallel.tp=2"], "wide"),
                      ("pp2-wide", 2, ["parallel.pp=2"], "wide")],
            # Ranks with other prompts that end at other steps: expert layers exchange tokens across them.
-           "qwen3_moe": [("ep2", 2, ["parallel.ep=2"], "padded"), ("ep2-split", 2, ["parallel.ep=2"], "split")]}
+           "qwen3_moe": [("ep2", 2, ["parallel.ep=2"], "padded"), ("ep2-split", 2, ["parallel.ep=2"], "split")],
+           # YaRN with DeepSeek's mscale (models/rope.py): the engine's rotated keys carry transformers' frequencies
+           # and attention factor, left padding shifting every position.
+           "qwen3-yarn": [("tp2", 2, ["parallel.tp=2"], "padded")]}
 
 
 @pytest.mark.parametrize("family", list(LAYOUTS))
@@ -61,18 +64,23 @@ def test_greedy_rollouts_equal_transformers_under_each_layout(family, hf_dir, tm
     if family == "qwen3":
         folder = hf_dir
     else:
-        from tests.multiproc.test_hf_load import _save_tiny
+        from tests.multiproc.test_hf_load import ROPE_MODELS, _save_tiny
 
         folder = tmp_path / "hf"
-        _save_tiny(family, folder, **MOE)
+        kind, extra = (family, MOE) if family == "qwen3_moe" else ROPE_MODELS["yarn-qwen3"][1:]
+        _save_tiny(kind, folder, **extra)
     expected_free = _hf_greedy(folder)
+    if family == "qwen3-yarn":  # the attention factor alone changes transformers' completions
+        unit = dict(extra, rope_scaling=dict(extra["rope_scaling"], attention_factor=1.0))
+        _save_tiny(kind, tmp_path / "hf-af1", **unit)
+        assert _hf_greedy(tmp_path / "hf-af1") != expected_free
     stop = expected_free[0][3]  # a token the first prompt's completion reaches: that completion ends early
     expected = _hf_greedy(folder, stop)
     assert len(expected[0]) <= 4 and any(len(c) == MAX_NEW for c in expected)
     (tmp_path / "prompts.json").write_text(json.dumps(PROMPTS))
     for name, nproc, layout, batching in LAYOUTS[family]:
         out = tmp_path / f"{name}.json"
-        overrides = [*BASE, f"+model={family}", f"model.pretrained={folder}", "data.tokenizer=byte",
+        overrides = [*BASE, f"+model={family.split('-')[0]}", f"model.pretrained={folder}", "data.tokenizer=byte",
                      "train.seq_length=64", "train.global_batch_size=2", "train.micro_batch_size=1",
                      f"train.output_dir={tmp_path / name}", *layout]
         overrides.remove("+model=qwen3")

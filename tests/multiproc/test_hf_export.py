@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from megatron_swift.convert.safetensors_io import current_umask
 
 from tests.conftest import ROOT, launch_cmd, run_train, train_env
-from tests.multiproc.test_hf_load import CASES, VOCAB, WORKER, _save_tiny
+from tests.multiproc.test_hf_load import CASES, ROPE_MODELS, VOCAB, WORKER, _save_tiny, _v4_spelling
 
 CONVERT = ROOT / "tools" / "convert" / "mcore_to_hf.py"
 HF_TO_MCORE = ROOT / "tools" / "convert" / "hf_to_mcore.py"
@@ -54,11 +54,15 @@ def _run_tool(nproc, script, args):
     ("qwen2-tied-tp2", "tool", torch.float32),
     # Experts sharded over EP=2, weights kept in bf16 end to end, export split into many small files.
     ("qwen3_moe-ep2", "tool", torch.bfloat16),
+    # Llama 3.1-style RoPE scaling written as transformers 4.x did: config.json comes back as written.
+    ("llama3-rope-v4", "tool", torch.float32),
 ])
 def test_round_trip_is_bitwise(tmp_path, case, via, dtype):
-    kind, extra, nproc, layout = CASES[case]
+    kind, extra, nproc, layout = CASES.get(case) or ("llama", ROPE_MODELS["llama3"][2], 2, ["parallel.tp=2"])
     hf_dir, run, out = tmp_path / "hf", tmp_path / "run", tmp_path / "out"
     _save_tiny(kind, hf_dir, dtype=dtype, **extra)
+    if case.endswith("-v4"):
+        _v4_spelling(hf_dir)
     # Loaded under TP=2 (or EP=2) and saved sharded; the export reshards to one process.
     if via == "train":
         run_train(nproc, [f"+model={kind}", f"model.pretrained={hf_dir}", "train.precision=fp32",
@@ -77,6 +81,8 @@ def test_round_trip_is_bitwise(tmp_path, case, via, dtype):
     for name, tensor in original.items():
         assert exported[name].dtype == tensor.dtype and torch.equal(exported[name], tensor), name
     assert _config(out) == _config(hf_dir)
+    if case.endswith("-v4"):
+        assert _config(out)["rope_scaling"]["type"] == "llama3" and "rope_parameters" not in _config(out)
 
 
 def test_trained_export_loads_in_transformers_with_megatron_logits(tmp_path):

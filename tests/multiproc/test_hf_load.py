@@ -114,11 +114,12 @@ ROPE_MODELS = {
     # Qwen2.5's long-context recipe, written as transformers 4.x did (top-level rope_theta, rope_scaling.type).
     "yarn-qwen2": ("qwen2", "qwen2", dict(num_key_value_heads=2, tie_word_embeddings=True, rope_scaling=dict(
         rope_type="yarn", factor=4.0, original_max_position_embeddings=16))),
-    # DeepSeek's mscale / mscale_all_dim: an attention factor other than YaRN's default.
+    # DeepSeek's mscale / mscale_all_dim: an attention factor other than YaRN's default (1.44; greedy rollouts of
+    # this model change when it is 1, see test_grpo).
     "yarn-qwen3": ("qwen3", "qwen3", dict(num_key_value_heads=2, head_dim=16, tie_word_embeddings=False,
-                                          rope_scaling=dict(rope_type="yarn", factor=8.0, beta_fast=16, beta_slow=2,
-                                                            original_max_position_embeddings=16, mscale=0.9,
-                                                            mscale_all_dim=0.7))),
+                                          rope_scaling=dict(rope_type="yarn", factor=32.0, beta_fast=16, beta_slow=2,
+                                                            original_max_position_embeddings=8, mscale=2.0,
+                                                            mscale_all_dim=0.5))),
     # Half of each head rotates (transformers' Qwen3 rotates every feature whatever the key says: the ground
     # truth is its GLM-4.5 partial rotary, swapped in by _partial_rotary_hf).
     "partial": ("qwen3", "qwen3", dict(num_key_value_heads=2, head_dim=16, tie_word_embeddings=False,
