@@ -195,3 +195,22 @@ def test_pretrained_config_sets_the_architecture(tmp_path):
     arch = validate(compose(["+model=llama", f"model.pretrained={tmp_path}", "parallel.tp=3"]), 3)
     assert (arch.num_layers, arch.hidden_size, arch.kv_channels, arch.vocab_size) == (3, 96, 16, 1000)
     assert arch.rotary_base == 500000.0 and not arch.untie_embeddings
+
+
+@pytest.mark.parametrize("overrides", [["task=grpo", "data=prompts"], ["data=sft"], ["data=prefs", "task=rm"]],
+                         ids=lambda o: " ".join(o))
+def test_groups_bring_settings_their_bundled_data_runs_with(overrides):
+    """Issue 27, item 3: `task=grpo data=prompts` failed (completion longer than the row, no reference for a run
+    from scratch) and `data=sft` failed on the bundled set (conversations of 172 tokens, seq_length 128)."""
+    cfg = compose(["+model=qwen3", *overrides])
+    validate(cfg, world_size=2)
+    if "data=sft" in overrides:  # every bundled conversation fits: the reader refuses one that does not
+        from omegaconf import OmegaConf
+
+        from megatron_swift.data.sources import build_source
+        from megatron_swift.data.tokenizer import build_tokenizer
+
+        data = OmegaConf.to_container(cfg.data, resolve=True)
+        rows = build_source(cfg.data, data["path"], build_tokenizer("byte"), cfg.train.seq_length, seed=0)
+        assert len(rows) > 100
+        assert compose(["+model=qwen3", "data=sft", "train.seq_length=200"]).train.seq_length == 200  # typed wins

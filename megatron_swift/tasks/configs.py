@@ -128,8 +128,8 @@ class GRPOConfig(TaskConfig):
     """Always grpo."""
     num_generations: int = 8
     """Completions per prompt (a group); train.global_batch_size counts completions and must divide by it."""
-    max_completion_length: int = 256
-    """Tokens a completion may have (prompt + this must fit train.seq_length)."""
+    max_completion_length: int = 64
+    """Tokens a completion may have (prompt + this must fit train.seq_length; 64 suits the bundled prompts and the CPU default seq_length 128)."""
     temperature: float = 1.0
     """Sampling temperature (0: greedy); the loss's log-probabilities use the same temperature."""
     top_p: float = 1.0
@@ -155,7 +155,7 @@ class GRPOConfig(TaskConfig):
     beta: float = 0.04
     """Weight of the KL to the frozen reference (k3 estimator); 0 builds no reference model."""
     ref_model: Optional[str] = None
-    """Reference weights (HF folder or checkpoint); None: the starting weights (with LoRA: the base without adapters)."""
+    """Reference weights (HF folder or checkpoint); None: the starting weights (model.pretrained/load, the initial weights of a run from scratch; with LoRA: the base without adapters)."""
     epsilon: float = 0.2
     """Clipping of the probability ratio below: 1 - epsilon."""
     epsilon_high: Optional[float] = None

@@ -114,10 +114,6 @@ class GRPOTask:
             problems.append("task.generation_batch_size and task.prefill_tokens must be >= 0 (0: no limit)")
         if task.steps_per_generation < 1:
             problems.append(f"task.steps_per_generation={task.steps_per_generation} must be >= 1")
-        if task.beta > 0 and not (task.ref_model or cfg.model.pretrained or cfg.model.load) \
-                and cfg.tuner.name != "lora":
-            problems.append("task.beta > 0 needs a reference: set model.pretrained or model.load (the starting "
-                            "weights are the reference) or task.ref_model, or task.beta=0")
         for key, value, why in (("parallel.cp", par.cp > 1, "context parallelism"),
                                 ("parallel.sp", par.sp, "sequence parallelism"),
                                 ("parallel.vpp", (par.vpp or 1) > 1, "virtual pipeline stages")):
@@ -143,8 +139,8 @@ class GRPOTask:
         template = load_template(cfg.data.template, tokenizer_spec if tokenizer_spec != "byte" else None)
         lora_base = cfg.tuner.name == "lora" and not cfg.task.ref_model
         reference = None
-        if cfg.task.beta != 0 and not lora_base:
-            reference = build_reference(cfg, backend, arch, padded_vocab)
+        if cfg.task.beta != 0 and not lora_base:  # from scratch: the initial weights are the reference
+            reference = build_reference(cfg, backend, arch, padded_vocab, policy=model)
         engine = MegatronEngine(model, backend.torch_device, arch.vocab_size, cfg.task.generation_batch_size,
                                 masks=backend.attention != "te", prefill_tokens=cfg.task.prefill_tokens)
         task = cls(cfg, model, reference, None)

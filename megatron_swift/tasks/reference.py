@@ -157,8 +157,9 @@ def per_item_reports(figures: Dict[str, torch.Tensor], count: torch.Tensor) -> D
     return {name: torch.stack([value.sum(), count]) for name, value in figures.items()}
 
 
-def build_reference(cfg, backend, arch, padded_vocab: int) -> List[torch.nn.Module]:
-    """Frozen model chunks with the policy's layout, loaded from task.ref_model or the starting weights."""
+def build_reference(cfg, backend, arch, padded_vocab: int, policy=None) -> List[torch.nn.Module]:
+    """Frozen model chunks with the policy's layout, loaded from task.ref_model or the starting weights:
+    model.pretrained / model.load, else (a run from scratch) a copy of ``policy``'s weights as they are now."""
     from megatron.core.transformer.module import Float16Module
 
     from megatron_swift.convert.hf_load import load_hf_weights
@@ -168,7 +169,9 @@ def build_reference(cfg, backend, arch, padded_vocab: int) -> List[torch.nn.Modu
     tconfig = transformer_config(arch, cfg, backend, initialize=False)
     chunks = build_model(arch, tconfig, padded_vocab, cfg.train.seq_length, backend)
     source = cfg.task.ref_model or cfg.model.pretrained or cfg.model.load
-    if os.path.isfile(os.path.join(source, "config.json")):
+    if source is None:
+        _copy_weights(policy, chunks)
+    elif os.path.isfile(os.path.join(source, "config.json")):
         load_hf_weights(chunks, source, arch, padded_vocab)
     else:
         ckpt.load_weights(source, chunks)
@@ -178,3 +181,13 @@ def build_reference(cfg, backend, arch, padded_vocab: int) -> List[torch.nn.Modu
         chunk.eval()
         chunk.requires_grad_(False)
     return chunks
+
+
+def _copy_weights(policy, chunks) -> None:
+    """The policy's current weights into the reference's chunks (same layout, same parameter names)."""
+    from megatron.core.utils import unwrap_model
+
+    if policy is None:
+        raise ValueError("a reference without task.ref_model, model.pretrained or model.load copies the policy")
+    for source, target in zip(unwrap_model(list(policy)), chunks):
+        target.load_state_dict(source.state_dict())

@@ -318,3 +318,13 @@ def test_evaluation_is_the_mean_reward_of_greedy_completions(hf_dir, tmp_path):
     assert evaluation["eval_reward"] == pytest.approx(sum(expected) / 5, abs=1e-6)
     assert evaluation["eval_rewards/ascii"] == pytest.approx(sum(expected) / 5, abs=1e-6)
     assert evaluation["eval_completion_length"] == pytest.approx(sum(lengths) / 5)
+
+
+def test_a_run_from_scratch_keeps_its_initial_weights_as_the_reference(tmp_path):
+    """task=grpo with task.beta > 0 and no model.pretrained (issue 27, item 3): the reference is a copy of the
+    initial weights, so the KL is exactly 0 at the first step and grows once the policy has moved."""
+    out, _ = _grpo(tmp_path, "run", 2, ["task.beta=0.04", "task.num_generations=4", "train.global_batch_size=8",
+                                        "train.micro_batch_size=4", "train.lr=5e-3", "train.lr_warmup_iters=0",
+                                        "train.train_iters=2"])
+    kl = [m["policy/kl"] for m in read_metrics(out)]
+    assert kl[0] == 0.0 and kl[1] > 0.0, kl
