@@ -290,3 +290,19 @@ def test_sentencepiece_sft_masks_the_assistant_text(tmp_path):
     learned = sp.decode([i for i, t in zip(ids.tolist(), targets) if t and i != sp.piece_to_id("<|im_end|>")])
     assert learned.replace(" ", "") == "HellothereBye"
     assert sum(1 for i, t in zip(ids.tolist(), targets) if t and i == sp.piece_to_id("<|im_end|>")) == 2
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_byte_order_mark_before_the_first_row_is_not_part_of_it(tmp_path, streaming):
+    """Windows editors start UTF-8 files with a BOM: the first row is a good row, not invalid JSON (nor, with
+    data.on_error=skip, a row silently dropped)."""
+    from megatron_swift.data.sft import sft_source
+
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(_qa(f"q{i}", f"a{i}")) + "\n" for i in range(4)).encode())
+    if streaming:
+        rows = _stream(str(path), 0, 1, packing=False).next_rows(4)
+    else:
+        rows = [r for r in sft_source([str(path)], _cfg(template="plain"), ByteTokenizer(), 96, "plain", None)]
+    assert sorted(_row_key(r).split(b"\n<|assistant|>")[0] for r in rows) == [f"<|user|>\nq{i}".encode()
+                                                                              for i in range(4)]

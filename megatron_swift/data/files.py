@@ -8,11 +8,13 @@ it: a corrupt or binary file with no newline for gigabytes cannot take the
 memory of a whole line, let alone the much larger parse and token lists made
 from it. Under ``data.on_error=skip`` such lines are skipped and counted like
 any other bad row; the rest of an over-long line is then read past in small
-chunks.
+chunks. A UTF-8 byte-order mark at the start of a file (Windows editors write
+one) is not part of its first line.
 """
 from __future__ import annotations
 
 import os
+from codecs import BOM_UTF8
 from typing import BinaryIO, Iterator, Optional, Sequence, Tuple, Union
 
 from megatron_swift.data.errors import DataError
@@ -31,6 +33,11 @@ def require_files(paths: Sequence[str]) -> None:
     for path in paths:
         if not os.path.isfile(path):
             raise DataError(path, None, "data file not found (check data.path)")
+
+
+def strip_bom(raw: Optional[bytes], at_start: bool) -> Optional[bytes]:
+    """``raw`` without a UTF-8 byte-order mark if it is the file's first line (``at_start``)."""
+    return raw[len(BOM_UTF8):] if at_start and raw and raw.startswith(BOM_UTF8) else raw
 
 
 def read_line(f: BinaryIO, max_bytes: int) -> Optional[bytes]:
@@ -73,7 +80,7 @@ def numbered_lines(f: BinaryIO, max_bytes: int,
     past (in chunks) only if the caller goes on iterating, so a caller that stops at the error reads no more."""
     line_no = 0
     while True:
-        raw = read_line(f, max_bytes)
+        raw = strip_bom(read_line(f, max_bytes), at_start=line_no == 0)
         line_no += 1
         if raw is None:
             yield line_no, too_long(max_bytes, limit_key)

@@ -23,7 +23,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 from megatron_swift.data.files import (DEFAULT_MAX_LINE_BYTES, LineError, bad_line, decode_line, read_line,
-                                       skip_rest, too_long)
+                                       skip_rest, strip_bom, too_long)
 from megatron_swift.data.packing import best_fit_decreasing
 from megatron_swift.data.sft import SFTRows, fill_row
 
@@ -60,7 +60,7 @@ class StreamingRows:
             with open(self.paths[r["file"]], "rb") as f:
                 f.seek(r["offset"])
                 while True:
-                    raw = read_line(f, self.max_line_bytes)
+                    raw = strip_bom(read_line(f, self.max_line_bytes), at_start=r["offset"] == 0)
                     if raw == b"":
                         break
                     ref = (r["file"], r["offset"], r["line"] + 1)
@@ -95,7 +95,8 @@ class StreamingRows:
         """The line at ``ref`` again (restore). It was read fine before, so a bad line now is an error."""
         with open(self.paths[ref[0]], "rb") as f:
             f.seek(ref[1])
-            return self._line_text(read_line(f, self.max_line_bytes), ref, "error")
+            raw = strip_bom(read_line(f, self.max_line_bytes), at_start=ref[1] == 0)
+            return self._line_text(raw, ref, "error")
 
     def _next_sample(self):
         """(ref, ids, targets) through the shuffle buffer; starts the next epoch when the files are done."""
