@@ -107,3 +107,18 @@ def test_unsupported_rope_is_one_line_naming_the_key(rope, message):
     with pytest.raises(RopeError) as e:
         read_hf_rope(rope)
     assert str(e.value) == message
+
+
+def test_llama_3_1_and_3_2_sizes_carry_their_published_rope_scaling():
+    from megatron_swift.config.compose import compose
+    from megatron_swift.models.arch import resolve
+
+    published = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                 "original_max_position_embeddings": 8192}  # Llama-3.2-1B's config.json
+    arch = resolve(compose(["+model=llama", "model.size=llama3-1b"]).model)
+    assert arch.rope_scaling.hf() == published and arch.max_position_embeddings == 131072
+    written = arch.family.write_hf(dict(arch.plain(), vocab_size=128256), "bfloat16")
+    assert written["rope_scaling"] == published and written["rope_theta"] == 5e5
+    arch = resolve(compose(["+model=llama", "model.size=llama3.1-8b"]).model)
+    assert arch.rope_scaling.factor == 8.0 and resolve(compose(["+model=llama", "model.size=llama3-8b"]).model
+                                                       ).rope_scaling is None
