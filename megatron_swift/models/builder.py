@@ -11,9 +11,9 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer import TransformerConfig
 
 from megatron_swift.backend import Backend
+from megatron_swift.models import rope
 from megatron_swift.models.arch import Arch
 from megatron_swift.models.attention import use_core_attention
-from megatron_swift.models import rope
 from megatron_swift.models.norm import swap_torch_norms, unfuse_layernorm_linears
 from megatron_swift.models.reward_head import RewardHead
 from megatron_swift.models.vocab_mask import mask_padded_logits

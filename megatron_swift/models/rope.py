@@ -1,6 +1,11 @@
 """Rotary position embeddings as Hugging Face configs describe them: default, ``linear``, ``llama3`` and ``yarn``
 frequencies, YaRN's attention factor, partial rotary.
 
+Partial rotary (``partial_rotary_factor``, read at the top level or in ``rope_parameters``) rotates the first
+``int(head_dim * factor)`` features of each head, in halves, as transformers' GLM-4.5 / Phi-3 / NeoX code does;
+transformers' own Llama / Qwen2 / Qwen3 classes ignore the key for default RoPE (and fail for scaled types), so a
+checkpoint of those families with it set loads here as a partial-rotary model.
+
 The HF config is read by a table (``_KEYS``: the keys of ``rope_scaling`` / ``rope_parameters`` each RoPE type
 reads) into a :class:`RopeScaling` kept as written, so an export writes the same keys back. The frequencies and the
 attention factor are computed here with transformers' formulas (``transformers.modeling_rope_utils``; the
