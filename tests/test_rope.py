@@ -122,3 +122,20 @@ def test_llama_3_1_and_3_2_sizes_carry_their_published_rope_scaling():
     arch = resolve(compose(["+model=llama", "model.size=llama3.1-8b"]).model)
     assert arch.rope_scaling.factor == 8.0 and resolve(compose(["+model=llama", "model.size=llama3-8b"]).model
                                                        ).rope_scaling is None
+
+
+def test_a_vlms_language_model_reads_and_writes_its_rope():
+    """LLaVA's text_config goes through its text family's reader and writer (families/llava.py)."""
+    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                           num_attention_heads=4, image_size=56, patch_size=14)
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+    text = transformers.Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, rope_scaling=dict(yarn))
+    hf = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=299,
+                                  image_seq_length=16).to_dict()
+    llava = families.get("llava")
+    fields = llava.read_hf(hf, "/nowhere")
+    assert fields["rope_scaling"].hf() == yarn
+    arch = Arch(family=llava, num_experts=None, moe_ffn_hidden_size=None, moe_router_topk=None, **fields)
+    written = llava.write_hf(json.loads(json.dumps(arch.plain())), "float32")
+    assert written["text_config"]["rope_scaling"] == yarn
