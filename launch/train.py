@@ -17,6 +17,9 @@ def main() -> None:
     @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
     def train(cfg) -> None:
         from megatron_swift.cli import run_or_exit
+        from megatron_swift.config.validate import precheck
+
+        run_or_exit(precheck, cfg)  # config problems before the heavy imports below
         from megatron_swift.training.loop import run
 
         run_or_exit(run, cfg)

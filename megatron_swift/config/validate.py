@@ -334,3 +334,14 @@ def validate(cfg, world_size: Optional[int], te_available: bool = False, device:
     if problems:
         raise ConfigError(problems)
     return arch
+
+
+def precheck(cfg) -> None:
+    """``validate`` as the run will call it, before megatron-core is imported (launch/train.py): a config
+    problem is one line in a second or two instead of after the heavy imports. The device and Transformer
+    Engine are found the way the backend finds them; the run validates again once it has them for real."""
+    from megatron_swift.backend.device import resolve_device, te_available
+
+    device = resolve_device(cfg.train.device)
+    validate(cfg, int(os.environ.get("WORLD_SIZE", "1")), te_available=device == "cuda" and te_available(),
+             device=device)
