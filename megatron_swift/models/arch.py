@@ -8,7 +8,7 @@ from typing import Optional
 from megatron_swift.models import families
 from megatron_swift.models.families import Family
 from megatron_swift.models.rope import RopeScaling
-from megatron_swift.models.vision import VisionArch
+from megatron_swift.models.vision_arch import VisionArch
 
 
 @dataclass(frozen=True)
