@@ -75,3 +75,17 @@ def test_quarantine_moves_a_damaged_checkpoint_out_of_the_candidates(tmp_path):
     assert [os.path.basename(p) for p in ckpt_store.complete_checkpoints(str(tmp_path))] == ["iter_0000001"]
     ckpt_store.prune(str(tmp_path), keep_last=1)  # pruning leaves the quarantined folder for inspection
     assert os.path.isdir(moved)
+
+
+def test_incomplete_iter_folders_are_named(tmp_path):
+    """An empty or half-written newest iter_N is passed over, and said so (training/run_dir.report_incomplete)."""
+    from megatron_swift.training import run_dir
+
+    fake_checkpoint(tmp_path / "checkpoints", 3)
+    (tmp_path / "checkpoints" / "iter_0000006").mkdir()  # empty
+    partial = fake_checkpoint(tmp_path / "checkpoints", 9)
+    (partial / ckpt_store.META).write_text('{"iteration": 9, "compl')  # torn record
+    said = []
+    run_dir.report_incomplete(str(tmp_path), said.append)
+    assert len(said) == 2 and "iter_0000006 is not a complete checkpoint" in said[0] and "iter_0000009" in said[1]
+    assert ckpt_store.find_checkpoint(str(tmp_path)).endswith("iter_0000003")

@@ -5,6 +5,7 @@ import json
 import os
 from typing import Dict, Optional
 
+from megatron_swift.observe.metrics_file import open_metrics
 from megatron_swift.observe.progress import Progress
 
 # Scalars sent to TensorBoard/WandB under these names.
@@ -15,7 +16,8 @@ _SCALARS = ("loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_device", "mfu
 class Sinks:
     """Created on every rank; only the rank that holds the loss writes anything."""
 
-    def __init__(self, cfg, output_dir: str, config_dict: dict, active: bool, progress: Progress, printer=print):
+    def __init__(self, cfg, output_dir: str, config_dict: dict, active: bool, progress: Progress, printer=print,
+                 resumed_at: int = 0):
         self.active = active
         self.progress = progress
         self.printer = printer
@@ -25,7 +27,7 @@ class Sinks:
         if not active:
             return
         os.makedirs(output_dir, exist_ok=True)
-        self._metrics = open(os.path.join(output_dir, "metrics.jsonl"), "a", encoding="utf-8")
+        self._metrics = open_metrics(output_dir, resumed_at)  # rows of steps to be redone moved out
         if cfg.logging.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 

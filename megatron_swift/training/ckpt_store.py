@@ -74,6 +74,15 @@ def complete_checkpoints(ckpt_dir: str) -> List[str]:
     return [os.path.join(ckpt_dir, n) for n in names if _is_complete(os.path.join(ckpt_dir, n))]
 
 
+def incomplete_checkpoints(ckpt_dir: str) -> List[str]:
+    """``iter_N`` folders that are not complete checkpoints (empty, no record, a torn or unfinished record): a
+    save or prune that did not finish. They are never loaded and the next prune removes them."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    return [os.path.join(ckpt_dir, n) for n in sorted(os.listdir(ckpt_dir))
+            if ITER_RE.match(n) and not _is_complete(os.path.join(ckpt_dir, n))]
+
+
 def find_checkpoint(path: str) -> str:
     """Accept a run dir, its checkpoints dir or an iter_N dir; return the latest complete iter_N dir."""
     if os.path.isfile(os.path.join(path, META)):

@@ -322,6 +322,7 @@ def _choose_run(cfg, arch, world: int):
     identity = resume_check.identity(cfg, settings, world)
     choice = run_dir.decide(cfg, identity)
     _print0(f"megatron-swift: {choice.note}")
+    run_dir.report_incomplete(choice.output_dir, _print0)
     resume_from = run_dir.intact_checkpoint(choice, _print0, verify=cfg.train.verify_checkpoints)
     if resume_from is not None:
         saved = ckpt.read_meta(resume_from).get("settings")
@@ -446,7 +447,8 @@ def setup(cfg) -> Trainer:
     trainer.run_meta = dict(run_record, total_iters=length.total_iters)
     progress = Progress(length.total_iters, cfg.train.max_epochs, state.iteration)
     trainer.task = task
-    trainer.sinks = Sinks(cfg, output_dir, OmegaConf.to_container(cfg, resolve=True), _log_rank(), progress)
+    trainer.sinks = Sinks(cfg, output_dir, OmegaConf.to_container(cfg, resolve=True), _log_rank(), progress,
+                          resumed_at=state.iteration)
     if dist.get_rank() == 0:
         with open(os.path.join(output_dir, "config.yaml"), "w", encoding="utf-8") as f:
             f.write(OmegaConf.to_yaml(cfg))

@@ -175,6 +175,14 @@ def _decide_here(cfg, identity: dict) -> RunChoice:
     return RunChoice(path, None, f"run folder {path} (new run)")
 
 
+def report_incomplete(output_dir: str, printer=print) -> None:
+    """Say which ``iter_N`` folders of the run are not complete checkpoints (and so are passed over)."""
+    for folder in ckpt_store.incomplete_checkpoints(ckpt_store.checkpoints_dir(output_dir)):
+        printer(f"megatron-swift: WARNING: {folder} is not a complete checkpoint (no finished "
+                f"{ckpt_store.META}: a save or prune that did not finish); it is not used and the next save "
+                "removes it")
+
+
 def intact_checkpoint(choice: RunChoice, printer=print, verify: bool = True) -> Optional[str]:
     """The checkpoint to load: the newest intact one the choice points at (collective). Damaged ones are
     reported by name and moved aside; an explicitly named damaged checkpoint is an error. ``verify=False``

@@ -47,10 +47,11 @@ KILL_AFTER_STEP = 6  # a checkpoint (step 4) exists and later steps ran
 
 
 def per_step(output_dir: Path) -> dict:
-    rows = {}
-    for row in read_metrics(output_dir):
-        rows[row["iteration"]] = row  # a resumed run logs the steps after its checkpoint again
-    return rows
+    rows = read_metrics(output_dir)
+    # A resumed run logs the steps after its checkpoint again; their earlier rows are moved to
+    # metrics.redone.jsonl, so each step has one row.
+    assert len({row["iteration"] for row in rows}) == len(rows), "a step has two rows in metrics.jsonl"
+    return {row["iteration"]: row for row in rows}
 
 
 @pytest.fixture(scope="module")
