@@ -229,7 +229,7 @@ def test_weighted_files_are_drawn_in_proportion(tmp_path):
 
 
 def _stream(path, rank, dp, packing=True, buffer=7, window=5):
-    from megatron_swift.data.sft import stream_source
+    from megatron_swift.data.streaming import stream_source
 
     cfg = _cfg(packing=packing, stream_buffer=buffer, pack_window=window, streaming=True, template="plain")
     return stream_source([path], cfg, ByteTokenizer(), 96, None, 0, rank, dp)

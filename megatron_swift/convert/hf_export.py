@@ -17,8 +17,9 @@ from typing import Dict, Iterable, Optional, Tuple
 import torch
 
 from megatron_swift.convert.hf_config import read_hf_config
-from megatron_swift.convert.hf_load import Context, compile_rules, context_of, match_rule
+from megatron_swift.convert.hf_load import Context, compile_rules
 from megatron_swift.convert.safetensors_io import save
+from megatron_swift.convert.to_hf import hf_tensors
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -64,16 +65,6 @@ class ShardWriter:
         if count > 1:
             with open(os.path.join(self.folder, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
                 json.dump({"metadata": {"total_size": self.total}, "weight_map": weight_map}, f, indent=2)
-
-
-def hf_tensors(params: Iterable[Tuple[str, torch.Tensor]], rules, ctx, layer_offset: int,
-               dtype: torch.dtype) -> Iterable[Tuple[str, torch.Tensor]]:
-    """(HF name, tensor) for unsharded Megatron parameters; ``layer_offset`` turns layer 0 into the real index.
-    ``ctx``: a Context, or a function of the parameter's name giving its Context (a VLM's vision encoder)."""
-    for name, param in params:
-        rule, layer = match_rule(name, rules, {"layer": layer_offset}, "export")
-        for hf_name, tensor in rule.split(param, layer, context_of(ctx, name)).items():
-            yield hf_name, tensor.to(dtype)
 
 
 def export_checkpoint(ckpt: str, out_dir: str, source: Optional[str] = None, dtype: Optional[str] = None,

@@ -25,6 +25,7 @@ import torch
 
 from megatron_swift.convert.hf_load import Context, SafetensorsFolder, context_of, match_rule
 from megatron_swift.convert.safetensors_io import save
+from megatron_swift.convert.to_hf import hf_tensors
 
 # A decoder layer's HF tensors: model.layers.N. (a VLM's language model: language_model.model.layers.N.).
 _HF_LAYER = re.compile(r"^(?:\w+\.)?model\.layers\.(\d+)\.")
@@ -52,7 +53,6 @@ class McoreBase:
     """Base tensors from a megatron-swift checkpoint, turned into HF tensors by the family's table."""
 
     def __init__(self, ckpt: str, rules, ctx: Context):
-        from megatron_swift.convert.hf_export import hf_tensors
         from megatron_swift.convert.mcore_read import LayerwiseCheckpoint
 
         self.reader, self.rules, self.ctx, self._hf = LayerwiseCheckpoint(ckpt), rules, ctx, hf_tensors
@@ -82,8 +82,6 @@ def split_trained(params: Iterable[Tuple[str, torch.Tensor]]):
 
 def merge_into(base: Dict[str, torch.Tensor], trained, rules, ctx: Context, offset: int, scale: float) -> None:
     """Add each adapter's update to the base HF tensors and put fully trained tensors in place, in place."""
-    from megatron_swift.convert.hf_export import hf_tensors
-
     adapters, full = trained
     for mname, (a, b) in adapters.items():
         rule, layer = match_rule(mname, rules, {"layer": offset}, "export")

@@ -23,7 +23,7 @@ import torch
 
 from megatron_swift.data.conversations import RowError, to_messages
 from megatron_swift.data.errors import DataError
-from megatron_swift.data.files import jsonl_lines, line_rules, require_files
+from megatron_swift.data.files import jsonl_lines, line_rules
 from megatron_swift.data.packing import best_fit_decreasing
 from megatron_swift.data.sampler import Batch
 from megatron_swift.data.templates import ChatTemplate, TemplateError
@@ -253,17 +253,3 @@ def sft_source(paths: Sequence[str], data_cfg, tokenizer, seq_length: int, templ
                    f"samples, {counts.skipped} bad rows skipped, {counts.truncated} truncated, {counts.dropped} "
                    f"dropped)")
     return SFTRows(samples, seq_length, tokenizer.pad, data_cfg.packing, description)
-
-
-def stream_source(paths: Sequence[str], data_cfg, tokenizer, seq_length: int, template_folder: Optional[str],
-                  seed: int, dp_rank: int, dp_size: int):
-    """A StreamingRows over conversation files for one data-parallel rank (data.streaming=true)."""
-    from megatron_swift.data.streaming import StreamingRows
-    from megatron_swift.data.templates import load_template
-
-    require_files(paths)
-    template = load_template(data_cfg.template, template_folder)
-    encode_line = line_encoder(data_cfg, template, tokenizer, seq_length, Counts())
-    return StreamingRows(paths, encode_line, seq_length, tokenizer.pad, data_cfg.packing,
-                         dp_rank, dp_size, seed, data_cfg.stream_buffer, data_cfg.pack_window,
-                         *line_rules(data_cfg))

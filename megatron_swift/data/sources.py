@@ -102,7 +102,7 @@ def build_source(data_cfg, paths: Sequence[str], tokenizer, seq_length: int, see
 
         return indexed_source(paths, data_cfg.weights, tokenizer, seq_length, seed, num_samples, cache_dir)
     if data_cfg.source == "sft" and data_cfg.streaming and stream_rank is not None:
-        from megatron_swift.data.sft import stream_source
+        from megatron_swift.data.streaming import stream_source
 
         return stream_source(paths, data_cfg, tokenizer, seq_length, template_folder, seed, *stream_rank)
     if data_cfg.source == "vl_sft":

@@ -22,10 +22,10 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from megatron_swift.data.files import (DEFAULT_MAX_LINE_BYTES, LineError, bad_line, decode_line, read_line,
-                                       skip_rest, strip_bom, too_long)
+from megatron_swift.data.files import (DEFAULT_MAX_LINE_BYTES, LineError, bad_line, decode_line, line_rules, read_line,
+                                       require_files, skip_rest, strip_bom, too_long)
 from megatron_swift.data.packing import best_fit_decreasing
-from megatron_swift.data.sft import SFTRows, fill_row
+from megatron_swift.data.sft import Counts, SFTRows, fill_row, line_encoder
 
 Ref = Tuple[int, int, int]  # (file index, byte offset, line number)
 
@@ -163,3 +163,16 @@ class StreamingRows:
 def _as_tuple(value):
     """random.Random state back from a checkpoint (lists where tuples were)."""
     return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def stream_source(paths: Sequence[str], data_cfg, tokenizer, seq_length: int, template_folder: Optional[str],
+                  seed: int, dp_rank: int, dp_size: int):
+    """A StreamingRows over conversation files for one data-parallel rank (data.streaming=true)."""
+    from megatron_swift.data.templates import load_template
+
+    require_files(paths)
+    template = load_template(data_cfg.template, template_folder)
+    encode_line = line_encoder(data_cfg, template, tokenizer, seq_length, Counts())
+    return StreamingRows(paths, encode_line, seq_length, tokenizer.pad, data_cfg.packing,
+                         dp_rank, dp_size, seed, data_cfg.stream_buffer, data_cfg.pack_window,
+                         *line_rules(data_cfg))

@@ -1,0 +1,20 @@
+"""Megatron parameters -> HF tensors by a family's table: what whole-model export (hf_export) and LoRA export
+(lora_export, merging into a base read from a checkpoint) both use, kept apart so neither imports the other
+for it."""
+from __future__ import annotations
+
+from typing import Iterable, Tuple
+
+import torch
+
+from megatron_swift.convert.hf_load import context_of, match_rule
+
+
+def hf_tensors(params: Iterable[Tuple[str, torch.Tensor]], rules, ctx, layer_offset: int,
+               dtype: torch.dtype) -> Iterable[Tuple[str, torch.Tensor]]:
+    """(HF name, tensor) for unsharded Megatron parameters; ``layer_offset`` turns layer 0 into the real index.
+    ``ctx``: a Context, or a function of the parameter's name giving its Context (a VLM's vision encoder)."""
+    for name, param in params:
+        rule, layer = match_rule(name, rules, {"layer": layer_offset}, "export")
+        for hf_name, tensor in rule.split(param, layer, context_of(ctx, name)).items():
+            yield hf_name, tensor.to(dtype)
