@@ -2,7 +2,8 @@
 
 Expected failures: bad config (ConfigError), bad data (DataError), an unusable
 checkpoint (CheckpointError), a reward function that fails (RewardError) exit 2;
-a run that diverged (Diverged) exits 3.
+a run that diverged (Diverged) exits 3; a checkpoint save that does not finish in time exits 4
+(training/save_deadline.py, which prints its own line).
 Anything else is a bug and keeps its traceback.
 
 Under torchrun the launcher prints its own failure report after the workers
