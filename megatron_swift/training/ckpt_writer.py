@@ -40,20 +40,23 @@ def _write_in_threads(transform_list, use_msc: bool, rank: int, write_buckets: L
     def write(i: int, bucket) -> None:
         count.put(i)
         kwargs = {"use_msc": use_msc} if use_msc else {}
-        FileSystemWriterAsync.write_preloaded_data(transform_list, i, bucket, local_results, count, True, **kwargs)
+        try:  # write_preloaded_data reports the failures of writing through local_results itself
+            FileSystemWriterAsync.write_preloaded_data(transform_list, i, bucket, local_results, count, True,
+                                                       **kwargs)
+        except Exception as e:  # anything else too, so that every rank goes on to the collective error path
+            local_results.put((i, e))
 
     with ThreadPoolExecutor(max_workers=max(1, len(write_buckets)), thread_name_prefix="ckpt-writer") as pool:
         for future in [pool.submit(write, i, b) for i, b in enumerate(write_buckets)]:
-            future.result()  # write_preloaded_data reports its own failures through local_results
+            future.result()
     results: Dict[int, list] = {}
-    outcome: object = results
     while not local_results.empty():
         index, result = local_results.get()
         if isinstance(result, Exception):
-            outcome = result
-            break
+            global_results_queue.put(result)
+            return
         results[index] = result
-    global_results_queue.put(outcome)
+    global_results_queue.put(dict(sorted(results.items())))  # bucket order, whichever thread finished first
 
 
 def install() -> None:
