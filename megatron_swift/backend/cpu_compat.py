@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 
 import torch
 
@@ -111,6 +112,11 @@ def _patch_rng():
     torch.cuda.get_rng_state_all = lambda: [torch.get_rng_state()]
     mrandom._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
     mrandom._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state()
+    # The tracker's fork() warns when the CPU generator moved inside it ("CPU RNG state changed within GPU RNG
+    # context"): here the "GPU" generator IS the CPU one, so every dropout inside a fork (LoRA dropout: 16
+    # lines a step) moves it by design. Only that message is dropped.
+    logging.getLogger(mrandom.__name__).addFilter(
+        lambda record: record.getMessage() != "CPU RNG state changed within GPU RNG context")
 
 
 def _patch_devices():
