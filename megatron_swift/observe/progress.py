@@ -18,18 +18,29 @@ def _si(value: float) -> str:
 
 
 class Progress:
-    """Formats one line per logged step; ETA from the mean step time since start (or resume)."""
+    """Formats one line per logged step. ETA: the mean step time since the warm-up steps (the first steps of a
+    run or resume pay one-off costs: allocation, first checkpoint-free graph, caches), ``--`` until then."""
+
+    WARMUP_STEPS = 2
 
     def __init__(self, total_iters: int, max_epochs: Optional[int], start_iter: int):
         self.total_iters = total_iters
         self.max_epochs = max_epochs
         self.start_iter = start_iter
-        self.start_time = time.monotonic()
+        self.base: Optional[tuple] = None  # (iteration, time) when the warm-up was over
+
+    def eta(self, iteration: int) -> str:
+        now = time.monotonic()
+        if self.base is None and iteration - self.start_iter >= self.WARMUP_STEPS:
+            self.base = (iteration, now)
+            return "--"
+        if self.base is None or iteration == self.base[0]:
+            return "--"
+        per_step = (now - self.base[1]) / (iteration - self.base[0])
+        return _hms(per_step * (self.total_iters - iteration))
 
     def line(self, m: Dict[str, float]) -> str:
-        done = m["iteration"] - self.start_iter
-        elapsed = time.monotonic() - self.start_time
-        eta = elapsed / max(done, 1) * (self.total_iters - m["iteration"])
+        eta = self.eta(m["iteration"])
         epochs = f"/{self.max_epochs}" if self.max_epochs else ""
         parts = [
             f"step {m['iteration']}/{self.total_iters}",
@@ -51,7 +62,7 @@ class Progress:
         ]
         if m.get("mfu") is not None:
             parts.append(f"MFU {100 * m['mfu']:.1f}%")
-        parts += [f"mem {m['memory_gib']:.2f} GiB", f"ETA {_hms(eta)}"]
+        parts += [f"mem {m['memory_gib']:.2f} GiB", f"ETA {eta}"]
         if m.get("skip_reason"):  # the update was not applied (training.guard)
             parts.append(f"SKIPPED: {m['skip_reason']} ({m['skipped_steps']} so far)")
         return " | ".join(parts)
