@@ -28,7 +28,9 @@ setup(
         "te": ["transformer-engine[pytorch]>=2.0"],
         # GRPO's accuracy reward verifies math answers with it (falls back to a normalised exact match).
         "rl": ["math-verify>=0.7,<1"],
+        # Vision-language models: the encoders' image processors (transformers, on PIL) and the VL demo tools.
+        "vl": ["transformers>=4.45", "pillow>=9"],
         # scikit-learn ships two real JPEGs (china.jpg, flower.jpg) the vision tests use.
-        "test": ["pytest>=8", "transformers>=4.45", "peft>=0.13", "math-verify>=0.7,<1", "scikit-learn>=1.3"],
+        "test": ["pytest>=8", "transformers>=4.45", "pillow>=9", "peft>=0.13", "math-verify>=0.7,<1", "scikit-learn>=1.3"],
     },
 )

@@ -12,3 +12,15 @@ def test_ci_runs_the_readme_test_command():
 def test_readme_demo_command_uses_the_public_interface():
     readme = (ROOT / "README.md").read_text()
     assert "torchrun --nproc_per_node 2 launch/train.py +model=qwen3" in readme
+
+
+def test_every_extra_a_readme_command_names_exists():
+    """Issue 27, item 4: the VLM section needed transformers, which the install it named did not bring."""
+    import re
+
+    setup = (ROOT / "setup.py").read_text()
+    readme = (ROOT / "README.md").read_text()
+    for extra in set(re.findall(r'pip install -e "\.\[(\w+)\]"', readme)):
+        assert f'"{extra}": [' in setup, extra
+    assert 'pip install -e ".[vl]"' in readme.split("make_vl_demo.py --models")[0].rsplit("```bash", 1)[-1]
+    assert '"transformers>=' in setup.split('"vl": [')[1].split("]")[0]
