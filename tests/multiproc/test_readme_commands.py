@@ -16,16 +16,25 @@ STEPS = 3  # appended to every command to keep the test short; the folders and r
 
 
 def readme_commands():
-    """Every `torchrun --nproc_per_node 2 launch/train.py ...` command of README.md, continuation lines joined."""
+    """In document order: every `torchrun --nproc_per_node 2 launch/train.py ...` command of README.md and the
+    `python tools/convert/mcore_to_hf.py ...` exports between them (the tiny model the later commands start
+    from), continuation lines joined."""
     text = (ROOT / "README.md").read_text().replace("\\\n", " ")
-    found = re.findall(r"torchrun --nproc_per_node 2 launch/train\.py[^\n&|]*", text)
-    return [" ".join(c.split()) for c in dict.fromkeys(found)]
+    found = re.findall(r"(?:torchrun --nproc_per_node 2 launch/train\.py|python tools/convert/mcore_to_hf\.py)[^\n&|]*",
+                       text)
+    commands = [" ".join(c.split()) for c in dict.fromkeys(found)]
+    return [c for c in commands if "<" not in c and "[--" not in c]  # not the usage lines with placeholders
 
 
-def run(command: str, cwd, tiny_hf):
-    args = shlex.split(command.replace("/ckpt/tiny-qwen3", str(tiny_hf)))[4:]  # after "launch/train.py"
-    cmd = ["python", "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", str(TRAIN),
-           *args, f"train.train_iters={STEPS}", "train.device=cpu"]
+def run(command: str, cwd):
+    """A training command with STEPS steps on CPU; anything else (an export) exactly as printed."""
+    if command.startswith("python "):
+        cmd = ["python", *shlex.split(command)[1:]]
+        cmd[1] = str(ROOT / cmd[1])
+    else:
+        args = shlex.split(command)[4:]  # after "launch/train.py"
+        cmd = ["python", "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+               str(TRAIN), *args, f"train.train_iters={STEPS}", "train.device=cpu"]
     proc = subprocess.run(cmd, cwd=cwd, env=train_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{command}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout
@@ -41,12 +50,15 @@ def tied_hf(tmp_path_factory):
     return folder
 
 
-def test_readme_commands_run_top_to_bottom_in_one_folder(tmp_path, tiny_hf, tied_hf):
+def test_readme_commands_run_top_to_bottom_in_one_folder(tmp_path, tied_hf):
     commands = readme_commands()
-    assert len(commands) >= 6, commands  # demo, TP=2, SFT, DPO, KTO, RM
+    assert len(commands) >= 7, commands  # demo, TP=2, SFT, the tiny model (SFT + export), DPO, KTO, RM, GRPO
+    assert any(c.startswith("python tools/convert/mcore_to_hf.py") for c in commands)
     folders = []
     for command in [*commands, commands[0], f"{commands[0]} model.pretrained={tied_hf}"]:
-        out = run(command, tmp_path, tiny_hf)
+        out = run(command, tmp_path)
+        if command.startswith("python "):
+            continue
         match = re.search(r"megatron-swift: run folder (\S+) \(new run\)", out)
         assert match, f"{command}: not a new run\n{out[-2000:]}"
         assert "resumed from" not in out and "nothing to train" not in out
