@@ -159,3 +159,24 @@ def test_the_scheduler_stays_put_while_steps_are_skipped():
     assert [o[3] for o in outcomes] == [None, "non-finite loss", "non-finite loss", None]
     assert [o[2] for o in outcomes] == [1e-3, 2e-3, 2e-3, 2e-3]  # the lr each step used
     assert trainer.scheduler.steps == 2 and opt.updates == 2
+
+
+def test_a_stop_while_steps_are_skipped_saves_nothing_and_names_the_checkpoint_from_before(tmp_path, capsys):
+    """SIGTERM mid-streak: no checkpoint of the streak (a resume repeats it from before, guard state included)."""
+    import json
+
+    from megatron_swift.training.loop import Trainer
+
+    ckpt = tmp_path / "checkpoints" / "iter_0000004"
+    ckpt.mkdir(parents=True)
+    (ckpt / "megatron_swift.json").write_text(json.dumps({"iteration": 4, "complete": True, "manifest": {}}))
+    guard, opt = StepGuard(max_skipped=5), FakeOptimizer()
+    guard.install(opt)
+    for loss in (2.0, math.nan, math.nan):  # step 5 applied, 6-7 skipped
+        one_step(guard, opt, loss)
+    trainer = Trainer.__new__(Trainer)
+    trainer.guard, trainer.output_dir, trainer.state = guard, str(tmp_path), type("S", (), {"iteration": 7})()
+    trainer._save = lambda: pytest.fail("saved in the middle of a skip streak")
+    trainer._stop("SIGTERM")
+    out = capsys.readouterr().out
+    assert trainer.stopped == "SIGTERM" and f"not saved (the newest checkpoint is {ckpt}, from before them)" in out
