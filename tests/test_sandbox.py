@@ -523,3 +523,18 @@ def test_config_limits_are_the_sandbox_limits():
     for name, spec in SandboxLimits.__dataclass_fields__.items():
         assert getattr(config, name) == spec.default, name
     assert config.uid_base == sandbox.DEFAULT_UID_BASE and config.isolation == "bwrap"
+
+
+def test_a_box_that_cannot_start_gives_back_what_it_took(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise OSError("no process for you")
+
+    pool = SandboxPool(1, FAST)
+    monkeypatch.setattr(sandbox.subprocess, "Popen", refuse)
+    fds_before = len(os.listdir("/proc/self/fd"))
+    results = pool.map(["print(1)"] * 3)
+    assert all(r.returncode == -1 and r.reason.startswith("sandbox error") for r in results), results
+    assert len(os.listdir("/proc/self/fd")) == fds_before
+    uids = pool._runner.uids
+    assert uids is None or not uids._held
+    pool.close()

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from megatron_swift.rewards import job_limits
-from megatron_swift.rewards.isolator import INSTALL_HINT, Box, Bubblewrap, UidPool, find_bubblewrap
+from megatron_swift.rewards.isolator import INSTALL_HINT, Box, Bubblewrap, UidPool, find_bubblewrap, interpreter
 
 log = logging.getLogger(__name__)
 
@@ -204,36 +204,32 @@ class _Runner:
     def _spawn(self, files, args, stdin: str, fds, cgroup) -> _Started:
         box = Box(files, list(args), tuple(fds))
         workdir = info_r = info_w = None
-        if self.isolator is not None:
-            box.uid = self.uids.take() if self.uids is not None else None
-            info_r, info_w = os.pipe()
-            argv = self.isolator.argv(box, self.limits.max_disk_mb)
-            argv[1:1] = ["--info-fd", str(info_w)]
-            cwd, pass_fds = "/", (*box._fds, *fds, info_w)
-        else:
-            workdir = tempfile.mkdtemp(prefix="msw-sandbox-")
-            for name, data in files.items():
-                with open(os.path.join(workdir, name), "wb") as f:
-                    f.write(data)
-            from megatron_swift.rewards.isolator import interpreter
-            argv, cwd, pass_fds = [interpreter(), "-I", "-S", *args], workdir, tuple(fds)
-        argv = job_limits.join_argv(cgroup) + _prlimit_argv(self.limits) + argv
-        env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": workdir or "/", "TMPDIR": workdir or "/tmp"}
         try:
+            if self.isolator is not None:
+                box.uid = self.uids.take() if self.uids is not None else None
+                info_r, info_w = os.pipe()
+                argv = self.isolator.argv(box, self.limits.max_disk_mb)
+                argv[1:1] = ["--info-fd", str(info_w)]
+                cwd, pass_fds = "/", (*box._fds, *fds, info_w)
+            else:
+                workdir = tempfile.mkdtemp(prefix="msw-sandbox-")
+                for name, data in files.items():
+                    with open(os.path.join(workdir, name), "wb") as f:
+                        f.write(data)
+                argv, cwd, pass_fds = [interpreter(), "-I", "-S", *args], workdir, tuple(fds)
+            argv = job_limits.join_argv(cgroup) + _prlimit_argv(self.limits) + argv
+            env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": workdir or "/", "TMPDIR": workdir or "/tmp"}
             stdin_fd = _sealed_input(stdin.encode("utf-8"))
             try:
                 proc = subprocess.Popen(argv, stdin=stdin_fd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                         cwd=cwd, env=env, start_new_session=True, close_fds=True, pass_fds=pass_fds)
             finally:
                 os.close(stdin_fd)
-        except OSError:
-            for fd in (info_r, info_w):
-                if fd is not None:
-                    os.close(fd)
+        except BaseException:  # nothing started: give back the uid, the fds and the folder
+            _close([fd for fd in (info_r, info_w) if fd is not None])
             self._release(_Started(None, box, workdir, None))
             raise
-        if info_w is not None:
-            os.close(info_w)
+        _close([info_w] if info_w is not None else [])
         box.close()
         return _Started(proc, box, workdir, info_r, isolated=self.isolator is not None)
 
