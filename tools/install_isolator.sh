@@ -3,7 +3,10 @@
 # libseccomp (its system-call filter, rewards/seccomp.py), when they are missing. A distribution package (Flatpak's bwrap): apt-get on Debian/Ubuntu, dnf/yum on Fedora/RHEL,
 # zypper, apk, pacman. Uses sudo when not root. Exits 1, saying what to do, when it cannot install it.
 set -e
-has_seccomp() { ldconfig -p 2>/dev/null | grep -q 'libseccomp\.so\.2'; }
+has_seccomp() {  # ldconfig may sit in an sbin folder that is not on PATH
+    { ldconfig -p || /sbin/ldconfig -p || /usr/sbin/ldconfig -p; } 2>/dev/null | grep -q 'libseccomp\.so\.2' \
+        || ls /usr/lib/*/libseccomp.so.2 /lib/*/libseccomp.so.2 /usr/lib64/libseccomp.so.2 >/dev/null 2>&1
+}
 if command -v bwrap >/dev/null 2>&1 && command -v setpriv >/dev/null 2>&1 && command -v prlimit >/dev/null 2>&1 \
         && has_seccomp; then
     exit 0
