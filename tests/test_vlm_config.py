@@ -84,6 +84,9 @@ def test_vl_runs_are_named_as_sft_after_their_model():
     from megatron_swift.training.run_dir import run_name
 
     assert run_name(compose(["+model=llava", "data=vl_sft"])) == "llava-tiny-sft-train"
+    assert run_name(compose(["+model=llava", "data=vl_sft", "parallel.tp=2", "tuner=lora"]), world=8) == \
+        "llava-tiny-sft-train-lora-tp2_dp4"
+    assert run_name(compose(["+model=qwen3", "model.pretrained=/ckpt/tiny-qwen3"])) == "hf_tiny-qwen3-pt-demo_corpus"
     assert run_name(compose(["+model=llava", "data=vl_sft", "model.llm=/ckpt/Qwen3-1.7B",
                              "model.vision=/ckpt/siglip"])) == "llava-Qwen3-1.7B-sft-train"
 

@@ -35,7 +35,8 @@ from megatron_swift.observe.progress import Progress
 from megatron_swift.tasks import build_task, task_class
 from megatron_swift.tuners.apply import apply_tuner
 from megatron_swift.training import checkpoint as ckpt
-from megatron_swift.training import cp_shard, resume_check, run_dir, run_length
+from megatron_swift.training import cp_shard, resume_check, run_dir, run_index, run_length
+from megatron_swift.training.errors import Diverged
 from megatron_swift.training.flops import flops_per_step
 from megatron_swift.training.guard import StepGuard
 from megatron_swift.training.optim import build_optimizer, build_scheduler, wrap_model
@@ -83,6 +84,7 @@ class Trainer:
     guard: Optional[StepGuard] = None  # skips steps with a non-finite loss or gradient norm
     stops: Optional[StopRequests] = None  # SIGTERM/SIGINT/SIGUSR1 and the wall-clock budget
     run_meta: Optional[dict] = None  # settings and planned length stored with each checkpoint (resume_check)
+    resumed_from: Optional[str] = None  # the checkpoint this run continued from (outputs/runs.jsonl)
 
     def _microbatches(self, dataset, sampler, iteration: int) -> List[Batch]:
         device = self.backend.torch_device
@@ -444,6 +446,7 @@ def setup(cfg) -> Trainer:
                                                  getattr(train_data, "images_per_row", 0.0), cfg.train.train_vision),
                       state, model_meta(arch, vocab, padded))
     trainer.guard = guard
+    trainer.resumed_from = resume_from
     trainer.run_meta = dict(run_record, total_iters=length.total_iters)
     progress = Progress(length.total_iters, cfg.train.max_epochs, state.iteration)
     trainer.task = task
@@ -485,12 +488,20 @@ def run(cfg) -> ckpt.TrainState:
     try:
         trainer = setup(cfg)
         trainer.stops = stops
+        run_index.started(trainer.output_dir, trainer.resumed_from, trainer.state.iteration,
+                          trainer.length.total_iters)
         try:
             state = trainer.fit()
+        except BaseException as e:  # recorded in outputs/runs.jsonl, then handled as before (cli.run_or_exit)
+            status = "diverged" if isinstance(e, Diverged) else f"failed: {type(e).__name__}"
+            run_index.ended(trainer.output_dir, status, trainer.state.iteration, trainer.length.total_iters)
+            raise
         finally:
             trainer.sinks.close()
     finally:
         stops.uninstall()
+    status = f"stopped by {trainer.stopped}" if trainer.stopped else "finished"
+    run_index.ended(trainer.output_dir, status, state.iteration, trainer.length.total_iters)
     if trainer.stopped:
         return state
     if cfg.train.save_hf:

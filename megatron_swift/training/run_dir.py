@@ -1,9 +1,9 @@
 """Which folder a run writes to, and which checkpoint it continues from.
 
 One run, one folder. Without ``train.output_dir`` a run gets
-``outputs/<model>-<task>-<data>/<start time>``: the model (the HF folder's name,
-or family-size), the objective (pt, sft, dpo, kto, rm, grpo) and the first data file
-name it; the start time (rank 0's clock, shared with every rank) makes each new
+``outputs/<model>-<task>-<data>[-<tuner>][-<layout>]/<start time>`` (run_name says how
+each part is written; outputs/runs.jsonl, run_index, lists each run's command and
+outcome); the start time (rank 0's clock, shared with every rank) makes each new
 run its own folder, so commands never collide. ``train.resume=auto`` then
 continues the newest unfinished run under that name whose stored identity
 (resume_check.identity: every setting but train.output_dir/resume, the data
@@ -49,10 +49,16 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._+-]", "_", name).strip("_") or "run"
 
 
-def run_name(cfg) -> str:
-    """``<model>-<task>-<data>``: what makes a command's runs distinct at a glance."""
+def run_name(cfg, world: Optional[int] = None) -> str:
+    """``<model>-<task>-<data>[-<tuner>][-<layout>]``: what makes a command's runs distinct at a glance.
+
+    The model is ``hf_<folder>`` for ``model.pretrained``, ``from_<folder>`` for ``model.load`` and
+    ``<family>-<size>`` for new weights, so a folder named like a family never reads as one. A tuner other
+    than full training and every parallel degree above 1 (``tp2``, ``pp2``, ``cp2``, ``ep2``, ``dp2`` with
+    ``world`` processes) are appended: runs of one command under other layouts or tuners get their own names.
+    """
     if cfg.model.pretrained:
-        model = os.path.basename(os.path.normpath(cfg.model.pretrained))
+        model = "hf_" + os.path.basename(os.path.normpath(cfg.model.pretrained))
     elif cfg.model.load:
         model = "from_" + os.path.basename(os.path.normpath(cfg.model.load))
     elif cfg.model.get("llm"):  # a VLM composed from an HF LLM and a vision encoder: named after the LLM
@@ -66,12 +72,25 @@ def run_name(cfg) -> str:
     else:
         data = os.path.splitext(os.path.basename(os.path.normpath(paths[0])))[0]
         data += f"+{len(paths) - 1}" if len(paths) > 1 else ""
-    return "-".join(_safe(part) for part in (model, task, data))
+    parts = [model, task, data]
+    if cfg.tuner.name != "none":
+        parts.append(cfg.tuner.name)
+    layout = _layout(cfg.parallel, world)
+    if layout:
+        parts.append(layout)
+    return "-".join(_safe(part) for part in parts)
+
+
+def _layout(par, world: Optional[int]) -> str:
+    """``tp2_dp2``-style: the parallel degrees above 1 (data-parallel only when ``world`` is known)."""
+    dp = world // (par.tp * par.pp * par.cp) if world else 1
+    degrees = (("tp", par.tp), ("pp", par.pp), ("cp", par.cp), ("ep", par.ep), ("dp", dp))
+    return "_".join(f"{name}{size}" for name, size in degrees if size and size > 1)
 
 
 def new_run_dir(cfg, root: str = ROOT) -> str:
     """A fresh folder name under ``outputs/<run name>/`` from this process's clock."""
-    base = os.path.join(root, run_name(cfg))
+    base = os.path.join(root, run_name(cfg, dist.get_world_size() if dist.is_initialized() else None))
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path, n = os.path.join(base, stamp), 1
     while os.path.exists(path):
@@ -168,7 +187,7 @@ def _decide_here(cfg, identity: dict) -> RunChoice:
     if cfg.train.resume not in ("auto", "none"):
         return _from_path(cfg.train.resume, None)
     if cfg.train.resume == "auto":
-        match = _unfinished_match(os.path.join(ROOT, run_name(cfg)), identity)
+        match = _unfinished_match(os.path.join(ROOT, run_name(cfg, dist.get_world_size())), identity)
         if match:
             return RunChoice(match, match, f"run folder {match} (continuing this command's unfinished run)")
     path = new_run_dir(cfg)

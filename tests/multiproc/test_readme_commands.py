@@ -4,6 +4,7 @@ a new run rather than "training" nothing. (That the same command continues its o
 test_resume's SIGTERM test.)"""
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import subprocess
@@ -67,7 +68,14 @@ def test_readme_commands_run_top_to_bottom_in_one_folder(tmp_path, tied_hf):
     assert len(set(folders)) == len(folders)
     # Folders say what ran: model (or HF folder name), objective, data.
     names = [f.split("/")[1] for f in folders]
-    assert names[0] == "qwen3-tiny-pt-demo_corpus" and "qwen3-tiny-sft-demo_sft" in names
-    assert any(n.endswith("-dpo-demo_prefs") for n in names) and names[-1] == "my-tied-qwen3-pt-demo_corpus"
-    assert any(n.endswith("-grpo-demo_prompts") for n in names)
+    # Folders say what ran: model (hf_<folder> for an HF start), objective, data, tuner, layout.
+    assert names[0] == "qwen3-tiny-pt-demo_corpus-dp2" and "qwen3-tiny-pt-demo_corpus-tp2" in names
+    assert "hf_tiny-qwen3-dpo-demo_prefs-dp2" in names and names[-1] == "hf_my-tied-qwen3-pt-demo_corpus-dp2"
+    assert "hf_tiny-qwen3-rm-demo_prefs-tp2" in names and "hf_tiny-qwen3-grpo-demo_prompts-dp2" in names
+    # outputs/runs.jsonl: a start and an end line per run, each with its command.
+    index = [json.loads(line) for line in (tmp_path / "outputs" / "runs.jsonl").read_text().splitlines()]
+    assert [r["event"] for r in index] == ["start", "end"] * len(folders)
+    assert [r["run"] for r in index[::2]] == folders and all(r["status"] == "finished" for r in index[1::2])
+    assert index[0]["command"] == "+model=qwen3" + f" train.train_iters={STEPS} train.device=cpu"
+    assert index[0]["nproc"] == 2 and index[1]["step"] == STEPS
     assert "initial weights from HF checkpoint" in out  # the last run loaded its own weights
