@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +14,7 @@ from safetensors.torch import load_file
 
 from megatron_swift.convert.safetensors_io import current_umask
 
-from tests.conftest import ROOT, launch_cmd, run_train, train_env
+from tests.conftest import ROOT, free_port, launch_cmd, run_train, train_env
 from tests.multiproc.test_hf_load import CASES, ROPE_MODELS, VOCAB, WORKER, _save_tiny, _v4_spelling
 
 CONVERT = ROOT / "tools" / "convert" / "mcore_to_hf.py"
@@ -116,8 +118,15 @@ def test_check_tool_reports_logit_agreement(tmp_path):
     kind, extra, _, _ = CASES["qwen3-tp2"]
     _save_tiny(kind, tmp_path / "hf", **extra)
     report = tmp_path / "report.json"
-    proc = _run_tool(2, CHECK, ["--hf", str(tmp_path / "hf"), "--report", str(report), "parallel.tp=2",
-                                "train.device=cpu"])
+    port = free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", str(CHECK),
+           "--hf", str(tmp_path / "hf"), "--report", str(report), "parallel.tp=2", "train.device=cpu"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
     figures = json.loads(report.read_text())
     assert figures["max_abs_diff"] < 1e-4 and figures["token_agreement"] == 1.0
-    assert "logits vs HF: mean |diff|" in proc.stdout
+    # Its one line, not a training run's lines, and nothing left behind in the temporary folder.
+    assert [line for line in proc.stdout.splitlines() if line.strip()] == [
+        line for line in proc.stdout.splitlines() if line.startswith("logits vs HF: mean |diff|")]
+    assert "logits vs HF: mean |diff|" in proc.stdout and "run folder" not in proc.stdout
+    assert not (Path(tempfile.gettempdir()) / f"swift-check-{port}").exists()

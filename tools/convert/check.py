@@ -10,6 +10,8 @@ on CPU unless overridden). Extra arguments are config overrides.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import sys
@@ -51,15 +53,18 @@ def _hf_logits(folder: str, tokens):
         return model(tokens).logits.float()
 
 
-def main() -> None:
+def _arguments():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hf", required=True, help="HF checkpoint folder")
     parser.add_argument("--ckpt", help="Megatron checkpoint to compare instead of the HF weights loaded directly")
     parser.add_argument("--batch", type=int, default=2, help="rows of random tokens")
     parser.add_argument("--seq", type=int, default=32, help="tokens per row")
     parser.add_argument("--report", help="also write the figures to this JSON file")
-    args, overrides = parser.parse_known_args()  # parsed before the heavy imports: --help answers at once
+    return parser.parse_known_args()  # parsed before the heavy imports: --help answers at once
 
+
+def _check(args, overrides) -> None:
+    """Build both models, compare their logits, report (rank of the last stage); expected failures raise."""
     import shutil
     import tempfile
 
@@ -79,21 +84,31 @@ def main() -> None:
     reporter = os.environ.get("RANK", "0") == str(int(os.environ.get("WORLD_SIZE", "1")) - 1)
     hf_logits = _hf_logits(args.hf, tokens) if reporter else None
     out_dir = os.path.join(tempfile.gettempdir(), f"swift-check-{os.environ.get('MASTER_PORT', 'solo')}")
-    trainer = setup(compose([f"+model={family}", f"model.pretrained={args.hf}", "train.precision=fp32",
-                             f"train.output_dir={out_dir}", "train.resume=auto", "logging.tensorboard=false",
-                             *([f"model.load={args.ckpt}"] if args.ckpt else []), *overrides]))
-    logits = megatron_logits(trainer, tokens)
-    if hf_logits is not None:
-        report = compare(logits, hf_logits, vocab)
-        print(f"logits vs HF: mean |diff| {report['mean_abs_diff']:.3e}, max |diff| {report['max_abs_diff']:.3e}, "
-              f"top-1 agreement {100 * report['token_agreement']:.2f} %", flush=True)
-        if args.report:
-            with open(args.report, "w", encoding="utf-8") as f:
-                json.dump(report, f)
-    dist.barrier()
-    if dist.get_rank() == 0:  # the run folder setup() needed: nothing of it is worth keeping
-        shutil.rmtree(out_dir, ignore_errors=True)
+    try:
+        # setup() prints a training run's lines (run folder, data, parameters): not what this tool reports.
+        with contextlib.redirect_stdout(io.StringIO()):
+            trainer = setup(compose([f"+model={family}", f"model.pretrained={args.hf}", "train.precision=fp32",
+                                     f"train.output_dir={out_dir}", "train.resume=auto", "logging.tensorboard=false",
+                                     *([f"model.load={args.ckpt}"] if args.ckpt else []), *overrides]))
+        logits = megatron_logits(trainer, tokens)
+        if hf_logits is not None:
+            report = compare(logits, hf_logits, vocab)
+            print(f"logits vs HF: mean |diff| {report['mean_abs_diff']:.3e}, max |diff| {report['max_abs_diff']:.3e}, "
+                  f"top-1 agreement {100 * report['token_agreement']:.2f} %", flush=True)
+            if args.report:
+                with open(args.report, "w", encoding="utf-8") as f:
+                    json.dump(report, f)
+        dist.barrier()
+    finally:  # the run folder setup() needed: nothing of it is worth keeping, also when the check fails
+        if os.environ.get("RANK", "0") == "0":
+            shutil.rmtree(out_dir, ignore_errors=True)
 
+
+def main() -> None:
+    args, overrides = _arguments()
+    from megatron_swift.cli import run_or_exit
+
+    run_or_exit(_check, args, overrides)
 
 if __name__ == "__main__":
     main()
