@@ -27,6 +27,7 @@ from megatron_swift.data.images import vision_data
 from megatron_swift.data.sampler import Batch, DataParallelSampler
 from megatron_swift.data.sources import build_source
 from megatron_swift.data.tokenizer import build_tokenizer
+from megatron_swift.models import new_tokens, unloaded
 from megatron_swift.models.arch import padded_vocab_size
 from megatron_swift.models.builder import build_model, transformer_config
 from megatron_swift.models.vlm import add_image_token
@@ -376,7 +377,8 @@ def setup(cfg) -> Trainer:
     tokenizer_spec = cfg.data.tokenizer or cfg.model.pretrained or cfg.model.llm or "byte"
     tokenizer = build_tokenizer(tokenizer_spec)
     folder = tokenizer_spec if os.path.isdir(tokenizer_spec) else None  # where a chat template may live
-    vocab = arch.vocab_size or tokenizer.vocab_size
+    added = new_tokens.add_to_tokenizer(tokenizer, cfg.model, _print0)  # model.new_tokens, before <image>
+    vocab = added.grow(arch.vocab_size or tokenizer.vocab_size)
     arch, vocab = add_image_token(arch, vocab, tokenizer)  # VLMs: the id the data marks image positions with
     train_data, eval_data, num_samples, streaming = _read_data(cfg, tokenizer, folder, output_dir,
                                                                vision_data(cfg, arch))
@@ -408,9 +410,16 @@ def setup(cfg) -> Trainer:
         load_composed_weights(chunks, cfg.model.llm, cfg.model.vision, arch, padded)
         _print0(f"initial weights from HF checkpoints {cfg.model.llm} (language) and {cfg.model.vision} (vision); "
                 "new projector")
+    if resume_from is None or lora:  # a resume's checkpoint holds every value (LoRA: the new rows too)
+        unloaded.initialise(chunks, cfg, arch, padded, added,
+                            "all" if cfg.model.load else "marked" if weights_given else "none", _print0)
     _print0(apply_tuner(chunks, cfg))
+    opened = new_tokens.train_new_rows_only(chunks, added, arch.head)  # LoRA / frozen embedding: new rows train
+    if opened:
+        _print0(f"megatron-swift: new token rows train (only they) in {', '.join(opened)}")
     model = wrap_model(chunks, tconfig, par)
     optimizer = build_optimizer(model, tconfig, cfg.train, par)
+    new_tokens.install_row_masks(optimizer, model)
     scheduler = build_scheduler(optimizer, cfg.train, length.total_iters)
     guard = StepGuard(cfg.train.max_skipped_steps, cfg.train.loss_spike_factor, cfg.train.loss_spike_window)
     guard.install(optimizer)
