@@ -451,7 +451,7 @@ def setup(cfg) -> Trainer:
     trainer = Trainer(cfg, be, arch, model, optimizer, scheduler, train_data, eval_data, sampler, length,
                       output_dir, flops_per_step(arch, cfg.train.seq_length, padded, cfg.train.global_batch_size,
                                                  getattr(train_data, "images_per_row", 0.0), cfg.train.train_vision),
-                      state, model_meta(arch, vocab, padded))
+                      state, dict(model_meta(arch, vocab, padded), **({"new_token_rows": added.rows} if added.rows else {})))
     trainer.guard = guard
     trainer.run_meta = dict(run_record, total_iters=length.total_iters)
     progress = Progress(length.total_iters, cfg.train.max_epochs, state.iteration)
