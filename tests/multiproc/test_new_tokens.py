@@ -111,3 +111,49 @@ def test_new_rows_and_init_strategy_under_every_layout(tmp_path):
         assert torch.equal(tp1[name], tp2[name]), name  # the same model whatever the layout
     q = tp1["model.layers.0.self_attn.q_proj.weight"]  # its own HF shape's fans: [out, in] = [q heads x d, 64]
     assert q.std().item() == pytest.approx(math.sqrt(2.0 / (q.shape[0] + q.shape[1])), rel=0.1)
+
+
+def test_lora_sft_trains_only_new_rows_and_exports_load(tmp_path):
+    import peft
+    from safetensors.torch import load_file
+
+    from tests.conftest import run_train
+    from tests.multiproc.test_hf_export import _export
+
+    base, _ = save_tiny_with_tokenizer(tmp_path / "base", tied=False)
+    vocab = base.config.vocab_size
+    rows = [{"messages": [{"role": "user", "content": f"add {a} and {b}"},
+                          {"role": "assistant", "content": f"<tool_call>add({a},{b})</tool_call>"}]}
+            for a in range(8) for b in range(4)]
+    (tmp_path / "calls.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    run = tmp_path / "run"
+    proc = run_train(2, ["+model=qwen2", f"model.pretrained={tmp_path / 'base'}", "data=sft",
+                         f"data.path=[{tmp_path / 'calls.jsonl'}]", f"data.tokenizer={tmp_path / 'base'}",
+                         f"model.new_tokens={json.dumps(TOKENS)}", "tuner=lora", "tuner.rank=4",
+                         "train.precision=fp32", "train.train_iters=4", "train.global_batch_size=8", "train.lr=1e-2",
+                         "train.weight_decay=0.1", "train.seq_length=64", "parallel.tp=2", "train.save_hf=true",
+                         f"train.output_dir={run}", "logging.tensorboard=false"])
+    assert "new token rows train (only they)" in proc.stdout
+    merged = next((run / "hf").iterdir())
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(merged, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(merged)
+    assert [tokenizer.encode(t, add_special_tokens=False) for t in TOKENS] == [[vocab], [vocab + 1]]
+    exported = load_file(merged / "model.safetensors")
+    original = base.state_dict()
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert torch.equal(exported[name][:vocab], original[name])  # old rows bitwise, weight decay on
+        start = original[name].double().mean(0).float()
+        assert not torch.allclose(exported[name][vocab:], start.expand(2, -1))  # the new rows trained
+
+    adapter = tmp_path / "adapter"
+    _export(run, adapter, "--export", "adapter")
+    resized = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    resized.resize_token_embeddings(vocab + 2)
+    with_adapter = peft.PeftModel.from_pretrained(resized, adapter).eval()
+    tokens = torch.tensor([tokenizer.encode("<|user|>add 3 and 1<|endoftext|><|assistant|><tool_call>add(3,1)"
+                                            "</tool_call>", add_special_tokens=False)])
+    assert vocab in tokens and vocab + 1 in tokens
+    with torch.no_grad():
+        diff = (with_adapter(tokens).logits - model.eval()(tokens).logits).abs().max().item()
+    assert diff < 1e-4, diff
