@@ -127,11 +127,11 @@ def test_lora_sft_trains_only_new_rows_and_exports_load(tmp_path):
             for a in range(8) for b in range(4)]
     (tmp_path / "calls.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     run = tmp_path / "run"
-    proc = run_train(2, ["+model=qwen2", f"model.pretrained={tmp_path / 'base'}", "data=sft",
+    proc = run_train(1, ["+model=qwen2", f"model.pretrained={tmp_path / 'base'}", "data=sft",
                          f"data.path=[{tmp_path / 'calls.jsonl'}]", f"data.tokenizer={tmp_path / 'base'}",
                          f"model.new_tokens={json.dumps(TOKENS)}", "tuner=lora", "tuner.rank=4",
                          "train.precision=fp32", "train.train_iters=4", "train.global_batch_size=8", "train.lr=1e-2",
-                         "train.weight_decay=0.1", "train.seq_length=64", "parallel.tp=2", "train.save_hf=true",
+                         "train.weight_decay=0.1", "train.seq_length=64", "train.save_hf=true",
                          f"train.output_dir={run}", "logging.tensorboard=false"])
     assert "new token rows train (only they)" in proc.stdout
     merged = next((run / "hf").iterdir())
