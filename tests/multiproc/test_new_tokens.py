@@ -1,5 +1,5 @@
-"""model.new_tokens and model.init_strategy under TP=1, TP=2 and PP=2 (one launch), and a LoRA SFT run with new
-tokens whose exports load in transformers and peft."""
+"""model.new_tokens and model.init_strategy under TP=1, TP=2 and PP=2, and SFT runs with new tokens (LoRA under TP=2,
+a frozen embedding under PP=2) whose exports load in transformers and peft: every model is built in one launch."""
 from __future__ import annotations
 
 import json
@@ -45,9 +45,54 @@ def save_tiny_with_tokenizer(folder, tied: bool, seed: int = 0):
 def _launch(tmp_path, runs, nproc=2):
     (tmp_path / "runs.json").write_text(json.dumps(runs))
     proc = subprocess.run(launch_cmd(nproc, [str(tmp_path), str(tmp_path / "runs.json")], script=WORKER), cwd=ROOT,
-                          env=train_env(), capture_output=True, text=True, timeout=900)
+                          env=train_env(), capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc.stdout
+
+
+LAYOUTS = {"tp1": [], "tp2": ["parallel.tp=2"], "pp2": ["parallel.pp=2"]}
+COMMON = ["train.precision=fp32", "train.device=cpu", "logging.tensorboard=false", f"model.new_tokens={json.dumps(TOKENS)}"]
+CALLS = [{"messages": [{"role": "user", "content": f"add {a} and {b}"},
+                       {"role": "assistant", "content": f"<tool_call>add({a},{b})</tool_call>"}]}
+         for a in range(8) for b in range(4)]
+
+
+def _rendered(row) -> str:
+    """The tokenizer's chat template (save_tiny_with_tokenizer), by hand."""
+    return "".join(f"<|{m['role']}|>{m['content']}<|endoftext|>" for m in row["messages"])
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    """(folder, {name: HF model}, vocab, stdout) after one launch building every model of this file."""
+    tmp_path = tmp_path_factory.mktemp("new_tokens")
+    untied, untied_tok = save_tiny_with_tokenizer(tmp_path / "untied", tied=False)
+    tied, _ = save_tiny_with_tokenizer(tmp_path / "tied", tied=True, seed=1)
+    (tmp_path / "calls.jsonl").write_text("\n".join(json.dumps(r) for r in CALLS))
+    from tokenizers import AddedToken
+
+    untied_tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in TOKENS])  # as the run does
+    tokens = torch.tensor([untied_tok.encode(_rendered(CALLS[13])).ids])
+    torch.save(tokens, tmp_path / "tokens.pt")
+    untied_run = ["+model=qwen2", f"model.pretrained={tmp_path / 'untied'}", f"data.tokenizer={tmp_path / 'untied'}"]
+    setup_only = [*COMMON, "train.train_iters=0"]
+    runs = [dict(name=f"untied-{k}", overrides=[*untied_run, *setup_only, f"train.output_dir={tmp_path / ('run-' + k)}",
+                                                 *v]) for k, v in LAYOUTS.items()]
+    runs.append(dict(name="tied-pp2", overrides=[
+        "+model=qwen2", f"model.pretrained={tmp_path / 'tied'}", f"data.tokenizer={tmp_path / 'tied'}", *setup_only,
+        "model.new_token_init=text", f"model.new_token_init_text={json.dumps(TEXTS)}",
+        f"train.output_dir={tmp_path / 'run-tied'}", "parallel.pp=2"]))
+    runs += [dict(name=f"scratch-{k}", overrides=[
+        "+model=qwen3", "model.init_strategy=xavier_uniform", *setup_only, f"train.output_dir={tmp_path / ('s-' + k)}",
+        *v]) for k, v in list(LAYOUTS.items())[:2]]
+    sft = [*untied_run, *COMMON, "data=sft", f"data.path=[{tmp_path / 'calls.jsonl'}]", "train.global_batch_size=8",
+           "train.lr=1e-2", "train.weight_decay=0.1", "train.seq_length=64", "train.train_iters=4"]
+    runs.append(dict(name="lora-tp2", fit=True, tokens=str(tmp_path / "tokens.pt"), overrides=[
+        *sft, "tuner=lora", "tuner.rank=4", "parallel.tp=2", f"train.output_dir={tmp_path / 'lora'}"]))
+    runs.append(dict(name="freeze-pp2", fit=True, tokens=str(tmp_path / "tokens.pt"), overrides=[
+        *sft, "train.freeze=[embedding]", "parallel.pp=2", f"train.output_dir={tmp_path / 'freeze'}"]))
+    stdout = _launch(tmp_path, runs)
+    return tmp_path, {"untied": untied, "tied": tied}, untied.config.vocab_size, stdout
 
 
 def _merged(tmp_path, name):
@@ -57,33 +102,15 @@ def _merged(tmp_path, name):
     return out
 
 
-def test_new_rows_and_init_strategy_under_every_layout(tmp_path):
-    untied, untied_tok = save_tiny_with_tokenizer(tmp_path / "untied", tied=False)
-    tied, tied_tok = save_tiny_with_tokenizer(tmp_path / "tied", tied=True, seed=1)
-    common = ["train.precision=fp32", "train.device=cpu", "train.train_iters=0", "logging.tensorboard=false",
-              f"model.new_tokens={json.dumps(TOKENS)}"]
-    layouts = {"tp1": [], "tp2": ["parallel.tp=2"], "pp2": ["parallel.pp=2"]}
-    runs = [dict(name=f"untied-{k}", overrides=["+model=qwen2", f"model.pretrained={tmp_path / 'untied'}", *common,
-                                                 f"data.tokenizer={tmp_path / 'untied'}",
-                                                 f"train.output_dir={tmp_path / ('run-' + k)}", *v])
-            for k, v in layouts.items()]
-    runs.append(dict(name="tied-pp2", overrides=[
-        "+model=qwen2", f"model.pretrained={tmp_path / 'tied'}", *common, "model.new_token_init=text",
-        f"data.tokenizer={tmp_path / 'tied'}",
-        f"model.new_token_init_text={json.dumps(TEXTS)}", f"train.output_dir={tmp_path / 'run-tied'}",
-        "parallel.pp=2"]))
-    runs += [dict(name=f"scratch-{k}", overrides=[
-        "+model=qwen3", "model.init_strategy=xavier_uniform", *common, f"train.output_dir={tmp_path / ('s-' + k)}",
-        *v]) for k, v in list(layouts.items())[:2]]
-    stdout = _launch(tmp_path, runs)
-    (tmp_path / "stdout.txt").write_text(stdout)
-    vocab = untied.config.vocab_size
+def test_new_rows_and_init_strategy_under_every_layout(launched):
+    tmp_path, models, vocab, stdout = launched
+    untied, tied = models["untied"], models["tied"]
     assert f"initialised, not loaded: embedding rows {vocab}-{vocab + 1} (mean), output rows {vocab}-{vocab + 1} " \
            "(mean)" in stdout
 
     hf = untied.state_dict()
     old_emb, old_out = hf["model.embed_tokens.weight"], hf["lm_head.weight"]
-    for layout in layouts:
+    for layout in LAYOUTS:
         got = _merged(tmp_path, f"untied-{layout}")
         emb, out = got["model.embed_tokens.weight"], got["lm_head.weight"]
         assert emb.shape == (vocab + 2, 64) and out.shape == (vocab + 2, 64), layout
@@ -95,6 +122,9 @@ def test_new_rows_and_init_strategy_under_every_layout(tmp_path):
             if name not in ("model.embed_tokens.weight", "lm_head.weight"):
                 assert torch.equal(tensor, hf[name]), (layout, name)
 
+    from tokenizers import Tokenizer
+
+    tied_tok = Tokenizer.from_file(str(tmp_path / "tied" / "tokenizer.json"))
     got, hf = _merged(tmp_path, "tied-pp2"), tied.state_dict()
     emb, copy = got["model.embed_tokens.weight"], got["copy:model.embed_tokens.weight"]
     assert torch.equal(emb, copy)  # tied stays tied: the last stage's copy is the embedding
@@ -113,47 +143,82 @@ def test_new_rows_and_init_strategy_under_every_layout(tmp_path):
     assert q.std().item() == pytest.approx(math.sqrt(2.0 / (q.shape[0] + q.shape[1])), rel=0.1)
 
 
-def test_lora_sft_trains_only_new_rows_and_exports_load(tmp_path):
+def _new_token_loss(model, tokenizer, vocab) -> float:
+    """transformers' mean cross-entropy of the positions whose next token is a new one, over the SFT rows."""
+    total, count = 0.0, 0
+    for row in CALLS:
+        ids = torch.tensor([tokenizer.encode(_rendered(row), add_special_tokens=False)])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
+        targets = ids[0, 1:]
+        at = (targets >= vocab).nonzero()[:, 0]
+        total -= logp[at, targets[at]].sum().item()
+        count += len(at)
+    assert count == 2 * len(CALLS)  # each row: both tokens, each one id
+    return total / count
+
+
+def test_lora_trains_only_new_rows_and_exports_load_with_the_checkpoint_logits(launched):
     import peft
     from safetensors.torch import load_file
 
-    from tests.conftest import run_train
     from tests.multiproc.test_hf_export import _export
 
-    base, _ = save_tiny_with_tokenizer(tmp_path / "base", tied=False)
-    vocab = base.config.vocab_size
-    rows = [{"messages": [{"role": "user", "content": f"add {a} and {b}"},
-                          {"role": "assistant", "content": f"<tool_call>add({a},{b})</tool_call>"}]}
-            for a in range(8) for b in range(4)]
-    (tmp_path / "calls.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    run = tmp_path / "run"
-    proc = run_train(1, ["+model=qwen2", f"model.pretrained={tmp_path / 'base'}", "data=sft",
-                         f"data.path=[{tmp_path / 'calls.jsonl'}]", f"data.tokenizer={tmp_path / 'base'}",
-                         f"model.new_tokens={json.dumps(TOKENS)}", "tuner=lora", "tuner.rank=4",
-                         "train.precision=fp32", "train.train_iters=4", "train.global_batch_size=8", "train.lr=1e-2",
-                         "train.weight_decay=0.1", "train.seq_length=64", "train.save_hf=true",
-                         f"train.output_dir={run}", "logging.tensorboard=false"])
-    assert "new token rows train (only they)" in proc.stdout
-    merged = next((run / "hf").iterdir())
+    tmp_path, models, vocab, stdout = launched
+    base = models["untied"]
+    assert "new token rows train (only they)" in stdout
+    original, trained = base.state_dict(), _merged(tmp_path, "lora-tp2")
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert torch.equal(trained[name][:vocab], original[name])  # old rows bitwise, with weight decay on
+        assert not torch.allclose(trained[name][vocab:], original[name].double().mean(0).float().expand(2, -1))
+
+    merged = tmp_path / "lora-merged"
+    _export(tmp_path / "lora", merged)
     model, info = transformers.AutoModelForCausalLM.from_pretrained(merged, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     tokenizer = transformers.AutoTokenizer.from_pretrained(merged)
     assert [tokenizer.encode(t, add_special_tokens=False) for t in TOKENS] == [[vocab], [vocab + 1]]
     exported = load_file(merged / "model.safetensors")
-    original = base.state_dict()
-    for name in ("model.embed_tokens.weight", "lm_head.weight"):
-        assert torch.equal(exported[name][:vocab], original[name])  # old rows bitwise, weight decay on
-        start = original[name].double().mean(0).float()
-        assert not torch.allclose(exported[name][vocab:], start.expand(2, -1))  # the new rows trained
-
-    adapter = tmp_path / "adapter"
-    _export(run, adapter, "--export", "adapter")
-    resized = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base")
-    resized.resize_token_embeddings(vocab + 2)
-    with_adapter = peft.PeftModel.from_pretrained(resized, adapter).eval()
-    tokens = torch.tensor([tokenizer.encode("<|user|>add 3 and 1<|endoftext|><|assistant|><tool_call>add(3,1)"
-                                            "</tool_call>", add_special_tokens=False)])
+    assert all(torch.equal(exported[n][:vocab], original[n]) for n in ("model.embed_tokens.weight", "lm_head.weight"))
+    tokens = torch.load(tmp_path / "tokens.pt", weights_only=True)
     assert vocab in tokens and vocab + 1 in tokens
     with torch.no_grad():
-        diff = (with_adapter(tokens).logits - model.eval()(tokens).logits).abs().max().item()
-    assert diff < 1e-4, diff
+        hf_logits = model.eval()(tokens).logits
+    megatron = torch.load(tmp_path / "lora-tp2-logits.pt", weights_only=True)[..., :vocab + 2]
+    assert (megatron - hf_logits).abs().max().item() < 1e-4
+
+    adapter = tmp_path / "lora-adapter"
+    _export(tmp_path / "lora", adapter, "--export", "adapter")
+    resized = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "untied")
+    resized.resize_token_embeddings(vocab + 2)
+    with_adapter = peft.PeftModel.from_pretrained(resized, adapter).eval()
+    with torch.no_grad():
+        assert (with_adapter(tokens).logits - hf_logits).abs().max().item() < 1e-4
+
+    # The loss on the new tokens falls: the run's start (the mean rows) against the trained export.
+    start = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "untied")
+    start.resize_token_embeddings(vocab + 2)
+    with torch.no_grad():
+        for name in ("model.embed_tokens.weight", "lm_head.weight"):
+            start.get_parameter(name)[vocab:] = original[name].double().mean(0).float()
+    assert _new_token_loss(model.eval(), tokenizer, vocab) < _new_token_loss(start.eval(), tokenizer, vocab)
+
+
+def test_frozen_embedding_trains_new_rows_and_export_gives_the_checkpoint_logits(launched):
+    from tests.multiproc.test_hf_export import _export
+
+    tmp_path, models, vocab, _ = launched
+    original, trained = models["untied"].state_dict(), _merged(tmp_path, "freeze-pp2")
+    emb = trained["model.embed_tokens.weight"]
+    assert torch.equal(emb[:vocab], original["model.embed_tokens.weight"])
+    assert not torch.allclose(emb[vocab:], original["model.embed_tokens.weight"].double().mean(0).float())
+    assert not torch.equal(trained["lm_head.weight"][:vocab], original["lm_head.weight"])  # not frozen: trains
+    out = tmp_path / "freeze-hf"
+    _export(tmp_path / "freeze", out)
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not any(info.values())
+    tokens = torch.load(tmp_path / "tokens.pt", weights_only=True)
+    with torch.no_grad():
+        hf_logits = model.eval()(tokens).logits
+    megatron = torch.load(tmp_path / "freeze-pp2-logits.pt", weights_only=True)[..., :vocab + 2]
+    assert (megatron - hf_logits).abs().max().item() < 1e-4
