@@ -115,3 +115,25 @@ def test_bad_new_token_settings_name_the_key(overrides, message):
     with pytest.raises(ConfigError) as e:
         validate(compose(["+model=qwen3", *overrides]), 1)
     assert any(message in line for line in e.value.problems), e.value.problems
+
+
+def test_sft_rows_hold_new_tokens_as_single_ids_with_loss_in_assistant_turns_only(tmp_path):
+    """The chat template renders them as text; the SFT encoding and masks treat them like any token."""
+    import json
+
+    from megatron_swift.data.conversations import to_messages
+    from megatron_swift.data.sft import encode
+    from megatron_swift.data.templates import load_template
+
+    tokenizer = _hf_tokenizer(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>", "chat_template": (
+        "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<|endoftext|>{% endfor %}")}))
+    new = add_to_tokenizer(tokenizer, _cfg(TOKENS), print)
+    row = {"messages": [{"role": "user", "content": "call <tool_call> for me"},
+                        {"role": "assistant", "content": "<tool_call>add</tool_call>"}]}
+    ids, targets = encode(to_messages(row), load_template(None, str(tmp_path)), tokenizer, "assistant")
+    ids = ids.tolist()
+    opening = [k for k, i in enumerate(ids) if i == new.ids[0]]
+    closing = [k for k, i in enumerate(ids) if i == new.ids[1]]
+    assert len(opening) == 2 and len(closing) == 1  # one id each time the text appears
+    assert not targets[opening[0]] and targets[opening[1]] and targets[closing[0]]  # user turn: no loss
