@@ -13,6 +13,7 @@ matrix initialisations.
 from __future__ import annotations
 
 import math
+import re
 import zlib
 from typing import Callable, Dict, Optional, Tuple
 
@@ -79,6 +80,7 @@ def shard_of(name: str, param, rules, offsets, ctx, tp_rank: int, strategy: str,
     Megatron-shaped tensor seeded by its name."""
     from megatron_swift.convert.hf_load import match_rule
     from megatron_swift.convert.rules import Part
+    from megatron_swift.data.errors import DataError
 
     tp = ctx.tp
     part = Part(param.partition_dim, tp_rank, tp) if getattr(param, "tensor_model_parallel", False) else None
@@ -90,7 +92,7 @@ def shard_of(name: str, param, rules, offsets, ctx, tp_rank: int, strategy: str,
                            layer, ctx, part)
         if tuple(shard.shape) == tuple(param.shape):
             return shard
-    except Exception:  # noqa: BLE001 - no table entry or shape for it: the Megatron-shaped fallback below
+    except (DataError, KeyError, RuntimeError, ValueError):  # no table entry, or shapes it cannot split
         pass
     full = generate(strategy, shape, "megatron:" + name, seed, std)
     return full if part is None else full.chunk(part.count, dim=part.dim)[part.rank]
@@ -99,8 +101,6 @@ def shard_of(name: str, param, rules, offsets, ctx, tp_rank: int, strategy: str,
 def apply(chunks, arch, padded_vocab: int, strategy: str, seed: int, std: float, wanted) -> Dict[str, int]:
     """Set every matrix parameter ``wanted(name, param)`` selects to its ``strategy`` values; returns
     {group of names: tensors} for the start line."""
-    import re
-
     from megatron_swift.convert.hf_load import param_sources
 
     done: Dict[str, int] = {}

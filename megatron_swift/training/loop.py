@@ -275,9 +275,11 @@ class Trainer:
         return bool(latest) and ckpt.read_meta(latest[-1])["iteration"] == iteration
 
 
-def model_meta(arch, vocab: int, padded: int) -> dict:
-    """Architecture numbers stored with each checkpoint (see checkpoint.save)."""
-    return dict(family=arch.family.name, arch=dict(arch.plain(), vocab_size=vocab), padded_vocab_size=padded)
+def model_meta(arch, vocab: int, padded: int, new_token_rows=()) -> dict:
+    """Architecture numbers stored with each checkpoint (see checkpoint.save); ``new_token_rows``: the rows of
+    model.new_tokens (a LoRA adapter export writes them as PEFT trainable tokens)."""
+    meta = dict(family=arch.family.name, arch=dict(arch.plain(), vocab_size=vocab), padded_vocab_size=padded)
+    return dict(meta, new_token_rows=list(new_token_rows)) if new_token_rows else meta
 
 
 def _streaming(dataset) -> bool:
@@ -451,7 +453,7 @@ def setup(cfg) -> Trainer:
     trainer = Trainer(cfg, be, arch, model, optimizer, scheduler, train_data, eval_data, sampler, length,
                       output_dir, flops_per_step(arch, cfg.train.seq_length, padded, cfg.train.global_batch_size,
                                                  getattr(train_data, "images_per_row", 0.0), cfg.train.train_vision),
-                      state, dict(model_meta(arch, vocab, padded), **({"new_token_rows": added.rows} if added.rows else {})))
+                      state, model_meta(arch, vocab, padded, added.rows))
     trainer.guard = guard
     trainer.run_meta = dict(run_record, total_iters=length.total_iters)
     progress = Progress(length.total_iters, cfg.train.max_epochs, state.iteration)

@@ -26,7 +26,8 @@ def gathered(trainer):
 
     chunks = [m.module for m in trainer.model]
     out = {}
-    for name, param, rules, offsets, ctx, _ in param_sources(chunks, trainer.arch, trainer.model_meta["padded_vocab_size"]):
+    padded = trainer.model_meta["padded_vocab_size"]
+    for name, param, rules, offsets, ctx, _ in param_sources(chunks, trainer.arch, padded):
         full = param.detach()
         if getattr(param, "tensor_model_parallel", False) and ctx.tp > 1:
             parts = [torch.empty_like(full) for _ in range(ctx.tp)]

@@ -51,7 +51,8 @@ def _launch(tmp_path, runs, nproc=2):
 
 
 LAYOUTS = {"tp1": [], "tp2": ["parallel.tp=2"], "pp2": ["parallel.pp=2"]}
-COMMON = ["train.precision=fp32", "train.device=cpu", "logging.tensorboard=false", f"model.new_tokens={json.dumps(TOKENS)}"]
+COMMON = ["train.precision=fp32", "train.device=cpu", "logging.tensorboard=false",
+          f"model.new_tokens={json.dumps(TOKENS)}"]
 CALLS = [{"messages": [{"role": "user", "content": f"add {a} and {b}"},
                        {"role": "assistant", "content": f"<tool_call>add({a},{b})</tool_call>"}]}
          for a in range(8) for b in range(4)]
@@ -158,9 +159,8 @@ def _new_token_loss(model, tokenizer, vocab) -> float:
     return total / count
 
 
-def test_lora_trains_only_new_rows_and_exports_load_with_the_checkpoint_logits(launched):
+def test_lora_trains_only_new_rows_and_its_peft_adapter_gives_the_checkpoint_logits(launched):
     import peft
-    from safetensors.torch import load_file
 
     from tests.multiproc.test_hf_export import _export
 
@@ -172,39 +172,33 @@ def test_lora_trains_only_new_rows_and_exports_load_with_the_checkpoint_logits(l
         assert torch.equal(trained[name][:vocab], original[name])  # old rows bitwise, with weight decay on
         assert not torch.allclose(trained[name][vocab:], original[name].double().mean(0).float().expand(2, -1))
 
-    merged = tmp_path / "lora-merged"
-    _export(tmp_path / "lora", merged)
-    model, info = transformers.AutoModelForCausalLM.from_pretrained(merged, output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
-    tokenizer = transformers.AutoTokenizer.from_pretrained(merged)
-    assert [tokenizer.encode(t, add_special_tokens=False) for t in TOKENS] == [[vocab], [vocab + 1]]
-    exported = load_file(merged / "model.safetensors")
-    assert all(torch.equal(exported[n][:vocab], original[n]) for n in ("model.embed_tokens.weight", "lm_head.weight"))
-    tokens = torch.load(tmp_path / "tokens.pt", weights_only=True)
-    assert vocab in tokens and vocab + 1 in tokens
-    with torch.no_grad():
-        hf_logits = model.eval()(tokens).logits
-    megatron = torch.load(tmp_path / "lora-tp2-logits.pt", weights_only=True)[..., :vocab + 2]
-    assert (megatron - hf_logits).abs().max().item() < 1e-4
-
     adapter = tmp_path / "lora-adapter"
     _export(tmp_path / "lora", adapter, "--export", "adapter")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["trainable_token_indices"] == {"embed_tokens": [vocab, vocab + 1], "lm_head": [vocab, vocab + 1]}
+    tokenizer = transformers.AutoTokenizer.from_pretrained(adapter)  # the adapter folder's tokenizer has them
+    assert [tokenizer.encode(t, add_special_tokens=False) for t in TOKENS] == [[vocab], [vocab + 1]]
     resized = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "untied")
-    resized.resize_token_embeddings(vocab + 2)
+    resized.resize_token_embeddings(len(tokenizer))
     with_adapter = peft.PeftModel.from_pretrained(resized, adapter).eval()
+    tokens = torch.load(tmp_path / "tokens.pt", weights_only=True)
+    assert vocab in tokens and vocab + 1 in tokens
+    megatron = torch.load(tmp_path / "lora-tp2-logits.pt", weights_only=True)[..., :vocab + 2]
     with torch.no_grad():
-        assert (with_adapter(tokens).logits - hf_logits).abs().max().item() < 1e-4
+        assert (with_adapter(tokens).logits - megatron).abs().max().item() < 1e-4
 
-    # The loss on the new tokens falls: the run's start (the mean rows) against the trained export.
+    # The loss on the new tokens falls: the run's start (the mean rows) against the trained model.
     start = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "untied")
     start.resize_token_embeddings(vocab + 2)
     with torch.no_grad():
         for name in ("model.embed_tokens.weight", "lm_head.weight"):
             start.get_parameter(name)[vocab:] = original[name].double().mean(0).float()
-    assert _new_token_loss(model.eval(), tokenizer, vocab) < _new_token_loss(start.eval(), tokenizer, vocab)
+    assert _new_token_loss(with_adapter, tokenizer, vocab) < _new_token_loss(start.eval(), tokenizer, vocab)
 
 
 def test_frozen_embedding_trains_new_rows_and_export_gives_the_checkpoint_logits(launched):
+    from safetensors.torch import load_file
+
     from tests.multiproc.test_hf_export import _export
 
     tmp_path, models, vocab, _ = launched
@@ -216,7 +210,13 @@ def test_frozen_embedding_trains_new_rows_and_export_gives_the_checkpoint_logits
     out = tmp_path / "freeze-hf"
     _export(tmp_path / "freeze", out)
     model, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
-    assert not any(info.values())
+    assert not any(info.values())  # nothing missing, unexpected or mismatched
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == vocab + 2
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    assert [tokenizer.encode(t, add_special_tokens=False) for t in TOKENS] == [[vocab], [vocab + 1]]
+    assert all(tokenizer.added_tokens_decoder[vocab + k].special for k in range(2))
+    exported = load_file(out / "model.safetensors")
+    assert torch.equal(exported["model.embed_tokens.weight"][:vocab], original["model.embed_tokens.weight"])
     tokens = torch.load(tmp_path / "tokens.pt", weights_only=True)
     with torch.no_grad():
         hf_logits = model.eval()(tokens).logits
