@@ -147,7 +147,8 @@ def test_new_rows_and_init_strategy_under_every_layout(launched):
 def _new_token_loss(model, tokenizer, vocab) -> float:
     """transformers' mean cross-entropy of the positions whose next token is a new one, over the SFT rows."""
     total, count = 0.0, 0
-    for row in CALLS:
+    rows = CALLS[::4]  # 8 of the training rows
+    for row in rows:
         ids = torch.tensor([tokenizer.encode(_rendered(row), add_special_tokens=False)])
         with torch.no_grad():
             logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
@@ -155,7 +156,7 @@ def _new_token_loss(model, tokenizer, vocab) -> float:
         at = (targets >= vocab).nonzero()[:, 0]
         total -= logp[at, targets[at]].sum().item()
         count += len(at)
-    assert count == 2 * len(CALLS)  # each row: both tokens, each one id
+    assert count == 2 * len(rows)  # each row: both tokens, each one id
     return total / count
 
 
