@@ -102,7 +102,8 @@ def export_checkpoint(ckpt: str, out_dir: str, source: Optional[str] = None, dty
             _write_config(tmp, family, arch, _DTYPE_NAMES[torch_dtype], source)
             if not source:
                 family.export_assets(tmp, reader.cfg.model, arch)
-        write_new_tokens(tmp, list(reader.cfg.model.get("new_tokens") or []), arch["vocab_size"])
+        write_new_tokens(tmp, list(reader.cfg.model.get("new_tokens") or []), arch["vocab_size"],
+                         reader.meta.get("new_token_rows"))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written stays behind
         raise

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-from typing import List
+from typing import List, Optional
 
 
-def write_new_tokens(folder: str, tokens: List[str], vocab_size: int) -> None:
+def write_new_tokens(folder: str, tokens: List[str], vocab_size: int, rows: Optional[List[int]] = None) -> None:
+    """``rows``: the ids the run gave the tokens it added (the checkpoint's new_token_rows), checked."""
     if not tokens:
         return
     _grow_config(os.path.join(folder, "config.json"), vocab_size)
@@ -22,12 +23,15 @@ def write_new_tokens(folder: str, tokens: List[str], vocab_size: int) -> None:
     from tokenizers import AddedToken, Tokenizer
 
     tokenizer = Tokenizer.from_file(path)
+    fresh = [t for t in tokens if tokenizer.token_to_id(t) is None]
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in tokens])
     ids = {t: tokenizer.token_to_id(t) for t in tokens}
     past = {t: i for t, i in ids.items() if i >= vocab_size}
-    if past:
-        raise ValueError(f"{path}: new tokens {past} get ids past the model's {vocab_size} rows; is this the "
-                         "tokenizer the run used (data.tokenizer)?")
+    moved = rows is not None and len(rows) == len(fresh) and [ids[t] for t in fresh] != list(rows)
+    if past or moved:
+        raise ValueError(f"{path}: the new tokens get ids {ids} here, but the model's rows for them are "
+                         f"{rows if moved else f'below {vocab_size}'}; is this the tokenizer the run used "
+                         "(data.tokenizer)? Pass its folder as --base")
     tokenizer.save(path)
     config_path = os.path.join(folder, "tokenizer_config.json")
     if os.path.isfile(config_path):
