@@ -413,8 +413,8 @@ def setup(cfg) -> Trainer:
         _print0(f"initial weights from HF checkpoints {cfg.model.llm} (language) and {cfg.model.vision} (vision); "
                 "new projector")
     if resume_from is None or lora:  # a resume's checkpoint holds every value (LoRA: the new rows too)
-        unloaded.initialise(chunks, cfg, arch, padded, added,
-                            "all" if cfg.model.load else "marked" if weights_given else "none", _print0)
+        loaded = "all" if cfg.model.load else "marked" if (cfg.model.pretrained or cfg.model.llm) else "none"
+        unloaded.initialise(chunks, cfg, arch, padded, added, loaded, _print0)
     _print0(apply_tuner(chunks, cfg))
     opened = new_tokens.train_new_rows_only(chunks, added, arch.head)  # LoRA / frozen embedding: new rows train
     if opened:

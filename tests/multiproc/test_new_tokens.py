@@ -77,8 +77,10 @@ def launched(tmp_path_factory):
     torch.save(tokens, tmp_path / "tokens.pt")
     untied_run = ["+model=qwen2", f"model.pretrained={tmp_path / 'untied'}", f"data.tokenizer={tmp_path / 'untied'}"]
     setup_only = [*COMMON, "train.train_iters=0"]
-    runs = [dict(name=f"untied-{k}", overrides=[*untied_run, *setup_only, f"train.output_dir={tmp_path / ('run-' + k)}",
-                                                 *v]) for k, v in LAYOUTS.items()]
+    # A strategy applies to what is not loaded only: here nothing but the new rows, which new_token_init sets.
+    runs = [dict(name=f"untied-{k}", overrides=[*untied_run, *setup_only, "model.init_strategy=orthogonal",
+                                                 f"train.output_dir={tmp_path / ('run-' + k)}", *v])
+            for k, v in LAYOUTS.items()]
     runs.append(dict(name="tied-pp2", overrides=[
         "+model=qwen2", f"model.pretrained={tmp_path / 'tied'}", f"data.tokenizer={tmp_path / 'tied'}", *setup_only,
         "model.new_token_init=text", f"model.new_token_init_text={json.dumps(TEXTS)}",
