@@ -122,6 +122,20 @@ def init_rows(chunks, new: NewTokens, how: str, arch, seed: int, std: float) -> 
     return sorted(set(done))
 
 
+def reference_rows(chunks, cfg, arch) -> None:
+    """A frozen reference model loaded from HF weights (tasks/reference.py) gets the new rows the policy started
+    with: the same tokens added to the run's tokenizer, the same init (deterministic: means of the same loaded
+    rows, or the same seeded draw)."""
+    if not cfg.model.new_tokens:
+        return
+    from megatron_swift.data.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer(cfg.data.tokenizer or cfg.model.pretrained or cfg.model.llm or "byte")
+    new = add_to_tokenizer(tokenizer, cfg.model, lambda line: None)
+    with torch.no_grad():
+        init_rows(chunks, new, cfg.model.new_token_init, arch, cfg.train.seed, cfg.model.init_method_std)
+
+
 def _spans(ids: List[int]) -> str:
     """1,2,3,7 -> '1-3, 7'."""
     out, ids = [], sorted(ids)
