@@ -92,6 +92,13 @@ def launched(tmp_path_factory):
            "train.lr=1e-2", "train.weight_decay=0.1", "train.seq_length=64", "train.train_iters=4"]
     runs.append(dict(name="lora-tp2", fit=True, tokens=str(tmp_path / "tokens.pt"), overrides=[
         *sft, "tuner=lora", "tuner.rank=4", "parallel.tp=2", f"train.output_dir={tmp_path / 'lora'}"]))
+    prefs = [{"prompt": f"add {a} and 1", "chosen": f"<tool_call>add({a},1)</tool_call>", "rejected": f"{a}"}
+             for a in range(8)]
+    (tmp_path / "prefs.jsonl").write_text("\n".join(json.dumps(r) for r in prefs))
+    runs.append(dict(name="dpo", fit=True, overrides=[
+        *untied_run, *COMMON, "data=prefs", f"data.path=[{tmp_path / 'prefs.jsonl'}]", "task=dpo", "train.lr=0",
+        "train.min_lr=0", "train.train_iters=1", "train.global_batch_size=8", "train.seq_length=64",
+        f"train.output_dir={tmp_path / 'dpo'}"]))
     runs.append(dict(name="freeze-pp2", fit=True, tokens=str(tmp_path / "tokens.pt"), overrides=[
         *sft, "train.freeze=[embedding]", "parallel.pp=2", f"train.output_dir={tmp_path / 'freeze'}"]))
     stdout = _launch(tmp_path, runs)
@@ -225,3 +232,13 @@ def test_frozen_embedding_trains_new_rows_and_export_gives_the_checkpoint_logits
         hf_logits = model.eval()(tokens).logits
     megatron = torch.load(tmp_path / "freeze-pp2-logits.pt", weights_only=True)[..., :vocab + 2]
     assert (megatron - hf_logits).abs().max().item() < 1e-4
+
+
+def test_dpo_reference_starts_with_the_policys_new_rows(launched):
+    """lr 0: policy and reference are the same model, so the DPO loss of step 1 is log 2 exactly by hand (a
+    reference whose new rows were left zero gave 0.6959 here)."""
+    from tests.conftest import read_metrics
+
+    tmp_path = launched[0]
+    (row,) = read_metrics(tmp_path / "dpo")
+    assert row["loss"] == pytest.approx(math.log(2.0), abs=1e-6)
