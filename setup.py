@@ -31,6 +31,6 @@ setup(
         # Vision-language models: the encoders' image processors (transformers, on PIL) and the VL demo tools.
         "vl": ["transformers>=4.45", "pillow>=9"],
         # scikit-learn ships two real JPEGs (china.jpg, flower.jpg) the vision tests use.
-        "test": ["pytest>=8", "transformers>=4.45", "pillow>=9", "peft>=0.13", "math-verify>=0.7,<1", "scikit-learn>=1.3"],
+        "test": ["pytest>=8", "transformers>=4.45", "pillow>=9", "peft>=0.15", "math-verify>=0.7,<1", "scikit-learn>=1.3"],
     },
 )

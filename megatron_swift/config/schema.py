@@ -75,6 +75,14 @@ class ModelConfig:
     """VLMs: the encoder layer whose output is the image features (HF vision_feature_layer; None: the checkpoint's, else -2)."""
     vision_select: Optional[str] = None
     """VLMs: default (drop CLIP's class token) or full (keep every feature); None: the checkpoint's, else default."""
+    new_tokens: List[str] = field(default_factory=list)
+    """Tokens to add to the tokenizer as special, never-split tokens (e.g. ['<tool_call>','</tool_call>']); the embedding and output layer grow to hold them."""
+    new_token_init: str = "mean"
+    """Initial rows of the new tokens: mean (of the existing rows), text (mean of model.new_token_init_text's tokens), or an init strategy name."""
+    new_token_init_text: List[str] = field(default_factory=list)
+    """With model.new_token_init=text: one text per new token whose tokens' mean row starts it (e.g. ['tool call','end tool call'])."""
+    init_strategy: Optional[str] = None
+    """Init of every parameter not loaded from model.pretrained/model.load: normal, zero, uniform, xavier_uniform, xavier_normal, kaiming_uniform, kaiming_normal, orthogonal (None: megatron-core's default)."""
 
 
 @dataclass

@@ -287,6 +287,39 @@ def _vision(cfg, arch, problems: List[str]) -> None:
         problems.append(f"train.seq_length={cfg.train.seq_length} must hold an image's {tokens} tokens and text")
 
 
+def _new_tokens(model, problems: List[str]) -> None:
+    """model.new_tokens / new_token_init / new_token_init_text / init_strategy (models/new_tokens.py)."""
+    from megatron_swift.models.init_names import STRATEGY_NAMES, TOKEN_INITS
+
+    if model.init_strategy is not None:
+        _choice(problems, "model.init_strategy", model.init_strategy, STRATEGY_NAMES)
+    tokens = list(model.new_tokens)
+    for i, token in enumerate(tokens):
+        if not isinstance(token, str) or not token.strip():
+            problems.append(f"model.new_tokens[{i}] is empty: give each new token some text, e.g. '<tool_call>'")
+        elif token != token.strip():
+            problems.append(f"model.new_tokens[{i}]={token!r} has surrounding spaces: write it without them")
+    repeated = sorted({t for t in tokens if tokens.count(t) > 1})
+    if repeated:
+        problems.append(f"model.new_tokens lists {', '.join(map(repr, repeated))} more than once")
+    _choice(problems, "model.new_token_init", model.new_token_init, TOKEN_INITS)
+    texts = list(model.new_token_init_text)
+    if not tokens and (texts or model.new_token_init != "mean"):
+        key = "model.new_token_init_text" if texts else f"model.new_token_init={model.new_token_init}"
+        problems.append(f"{key} applies to the rows of model.new_tokens, which is empty: list the tokens to add "
+                        "in model.new_tokens or drop it")
+    if tokens and model.new_token_init == "text" and (len(texts) != len(tokens) or not all(t and t.strip()
+                                                                                             for t in texts)):
+        problems.append(f"model.new_token_init=text needs model.new_token_init_text with one non-empty text per "
+                        f"new token ({len(tokens)}), e.g. ['tool call','end tool call']; it has {len(texts)}")
+    if tokens and texts and model.new_token_init != "text":
+        problems.append(f"model.new_token_init_text is used only with model.new_token_init=text "
+                        f"(now {model.new_token_init})")
+    if tokens and getattr(model, "llm", None):
+        problems.append("model.new_tokens with a VLM composed from model.llm + model.vision is not supported yet: "
+                        "add the tokens to the LLM's tokenizer first, or start from an HF LLaVA folder")
+
+
 def _attention(cfg, te_available: bool) -> str:
     from megatron_swift.models.attention import resolve
 
@@ -330,6 +363,7 @@ def validate(cfg, world_size: Optional[int], te_available: bool = False, device:
     _task(cfg, problems)
     _tuner(cfg, arch, problems)
     _vision(cfg, arch, problems)
+    _new_tokens(cfg.model, problems)
     _backend(cfg, te_available, device, problems)
     if problems:
         raise ConfigError(problems)

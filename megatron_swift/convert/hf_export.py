@@ -18,6 +18,7 @@ import torch
 
 from megatron_swift.convert.hf_config import read_hf_config
 from megatron_swift.convert.hf_load import Context, compile_rules
+from megatron_swift.convert.new_token_assets import write_new_tokens
 from megatron_swift.convert.safetensors_io import save
 from megatron_swift.convert.to_hf import hf_tensors
 
@@ -101,6 +102,8 @@ def export_checkpoint(ckpt: str, out_dir: str, source: Optional[str] = None, dty
             _write_config(tmp, family, arch, _DTYPE_NAMES[torch_dtype], source)
             if not source:
                 family.export_assets(tmp, reader.cfg.model, arch)
+        write_new_tokens(tmp, list(reader.cfg.model.get("new_tokens") or []), arch["vocab_size"],
+                         reader.meta.get("new_token_rows"))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written stays behind
         raise
@@ -143,11 +146,16 @@ def _write_lora(reader, rules, ctx: Context, folder: str, source: Optional[str],
 
     tuner, family, arch = reader.cfg.tuner, reader.family, reader.meta["arch"]
     if export == "adapter":
-        tensors = {}
+        tensors, indices = {}, {}
         for layer, params in reader.sections():
-            tensors.update(lx.peft_tensors(lx.split_trained(params), rules, ctx, layer or 0))
-        modules = {key.split(".")[-3] for key in tensors}
-        lx.write_adapter(folder, tensors, lx.adapter_config(tuner, modules, source or "", reader.cfg.task.name))
+            adapters, full = lx.split_trained(params)
+            found, rows, full = lx.token_rows(full, rules, ctx, reader.meta.get("new_token_rows") or [])
+            indices.update(found)
+            tensors.update(lx.peft_tensors((adapters, full), rules, ctx, layer or 0))
+            tensors.update(rows)
+        modules = {key.split(".")[-3] for key in tensors if ".lora_" in key}
+        lx.write_adapter(folder, tensors, lx.adapter_config(tuner, modules, source or "", reader.cfg.task.name,
+                                                            indices))
         _write_config(folder, family, arch, "float32", source, config_name=None)
         return
     load = reader.cfg.model.get("load")

@@ -124,15 +124,27 @@ def load_hf_weights(chunks, folder: str, arch, padded_vocab: int) -> None:
     family = arch.family
     if arch.decoder_family.weights is None:
         raise DataError(folder, None, f"loading HF weights is not supported yet for family {family.name}")
-    rules = compile_rules(family.rules(arch))
-    dense = Context(arch.num_query_groups, arch.kv_channels, padded_vocab, ps.get_tensor_model_parallel_world_size())
-    expert = replace(dense, tp=ps.get_expert_tensor_parallel_world_size())
-    tp_rank, etp_rank = ps.get_tensor_model_parallel_rank(), ps.get_expert_tensor_parallel_rank()
     reader = SafetensorsFolder(folder, family.canonical_hf_name)
     reader.used.update(n for n in reader.file_of if family.hf_unused(arch, n))  # declared unused by design
     if not arch.untie_embeddings:
         reader.used.add(family.hf_head)  # a tied copy some checkpoints carry; transformers ignores it too
     fresh_head = _check_head(reader, arch.head, family.hf_head)
+    for name, param, rules, offsets, ctx, rank in param_sources(chunks, arch, padded_vocab):
+        if fresh_head and name.endswith("output_layer.weight"):
+            continue  # a new reward head keeps its initial values
+        _load_param(name, param, rules, reader, offsets, ctx, rank)
+        param.loaded_from_checkpoint = True  # models/unloaded.py initialises the others
+    _check_all_used(reader)
+
+
+def param_sources(chunks, arch, padded_vocab: int):
+    """(Megatron name, parameter, compiled rules, wildcard offsets, Context, TP rank of its shard) for every
+    parameter of ``chunks``: what building it from HF tensors needs (loading, and models/init_strategy.py)."""
+    rules = compile_rules(arch.family.rules(arch))
+    dense = Context(arch.num_query_groups, arch.kv_channels, padded_vocab, ps.get_tensor_model_parallel_world_size(),
+                    vocab_size=arch.vocab_size or 0)
+    expert = replace(dense, tp=ps.get_expert_tensor_parallel_world_size())
+    tp_rank, etp_rank = ps.get_tensor_model_parallel_rank(), ps.get_expert_tensor_parallel_rank()
     num_local_experts = (arch.num_experts or 0) // ps.get_expert_model_parallel_world_size()
     expert_offset = ps.get_expert_model_parallel_rank() * num_local_experts
     vpp = len(chunks)
@@ -141,13 +153,10 @@ def load_hf_weights(chunks, folder: str, arch, padded_vocab: int) -> None:
         offsets = dict(layer=get_transformer_layer_offset(chunk.config, vp_stage=vp_stage if vpp > 1 else None),
                        expert=expert_offset)
         for name, param in chunk.named_parameters():
-            if fresh_head and name.endswith("output_layer.weight"):
-                continue  # a new reward head keeps its initial values
             # Expert weights are not all-reduced across DP and are split over the expert TP group.
             is_expert = not getattr(param, "allreduce", True)
-            ctx, rank = (expert, etp_rank) if is_expert else (family.context(name, arch, dense), tp_rank)
-            _load_param(name, param, rules, reader, offsets, ctx, rank)
-    _check_all_used(reader)
+            ctx, rank = (expert, etp_rank) if is_expert else (arch.family.context(name, arch, dense), tp_rank)
+            yield name, param, rules, offsets, ctx, rank
 
 
 def _check_head(reader: SafetensorsFolder, head: str, lm_head: str = "lm_head.weight") -> bool:
@@ -208,6 +217,7 @@ def load_vision_weights(model, folder: str, arch, hf_prefix: Optional[str] = Non
     ctx = Context(arch.num_attention_heads, arch.kv_channels, 0, ps.get_tensor_model_parallel_world_size())
     for name, param in model.named_parameters():
         _load_param(name, param, rules, reader, {}, ctx, ps.get_tensor_model_parallel_rank())
+        param.loaded_from_checkpoint = True
     return reader
 
 

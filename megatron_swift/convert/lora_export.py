@@ -91,6 +91,21 @@ def merge_into(base: Dict[str, torch.Tensor], trained, rules, ctx: Context, offs
         base[hf_name] = tensor.to(base[hf_name].dtype)
 
 
+def token_rows(full, rules, ctx: Context, rows: List[int]):
+    """Fully trained embedding / output layer of a run with new tokens (models/new_tokens.py trains only their
+    rows) as PEFT trainable tokens: ({HF module: rows}, {key: the rows' values}); ``full`` keeps the rest."""
+    indices, tensors, rest = {}, {}, []
+    for name, tensor in full:
+        if not rows or not name.endswith(("embedding.word_embeddings.weight", "output_layer.weight")):
+            rest.append((name, tensor))
+            continue
+        for hf_name, value in hf_tensors([(name, tensor)], rules, ctx, 0, tensor.dtype):
+            module = hf_name[: -len(".weight")]
+            indices[module.split(".")[-1]] = list(rows)
+            tensors[f"base_model.model.{module}.token_adapter.trainable_tokens_delta"] = value[rows].contiguous()
+    return indices, tensors, rest
+
+
 def peft_tensors(trained, rules, ctx: Context, offset: int) -> Dict[str, torch.Tensor]:
     """PEFT keys and tensors of one section's adapters."""
     adapters, full = trained
@@ -109,8 +124,9 @@ def peft_tensors(trained, rules, ctx: Context, offset: int) -> Dict[str, torch.T
     return out
 
 
-def adapter_config(tuner, modules: Iterable[str], base: str, task: str) -> dict:
+def adapter_config(tuner, modules: Iterable[str], base: str, task: str, token_indices=None) -> dict:
     return {
+        **({"trainable_token_indices": token_indices} if token_indices else {}),
         "peft_type": "LORA", "task_type": "SEQ_CLS" if task == "rm" else "CAUSAL_LM",
         "base_model_name_or_path": base, "r": tuner.rank, "lora_alpha": tuner.alpha,
         "lora_dropout": tuner.dropout, "use_rslora": tuner.rslora, "bias": "none", "fan_in_fan_out": False,

@@ -27,7 +27,23 @@ class ByteTokenizer:
     SPECIAL = {"<|endoftext|>": 256, "<|bos|>": 257, "<|pad|>": 258}
     _SPECIAL_RE = re.compile("|".join(re.escape(s) for s in SPECIAL))
 
+    def __init__(self):
+        self.vocab_size = ByteTokenizer.vocab_size
+        self._added = {}  # model.new_tokens: text -> id, from 259 on
+
+    def add_special_tokens(self, tokens: List[str]) -> List[int]:
+        """Ids of ``tokens`` as new never-split tokens (numbered after the last id)."""
+        for token in tokens:
+            if token not in self._added and token not in self.SPECIAL:
+                self._added[token] = self.vocab_size
+                self.vocab_size += 1
+        names = sorted({**self.SPECIAL, **self._added}, key=len, reverse=True)
+        self._SPECIAL_RE = re.compile("|".join(re.escape(s) for s in names))
+        return [{**self.SPECIAL, **self._added}[t] for t in tokens]
+
     def encode(self, text: str) -> List[int]:
+        if self._added:  # added tokens are never split, in plain text too
+            return self.encode_with_offsets(text)[0]
         return list(text.encode("utf-8"))
 
     def encode_with_offsets(self, text: str) -> Tuple[List[int], List[Tuple[int, int]]]:
@@ -40,13 +56,22 @@ class ByteTokenizer:
                 ids.extend(encoded)
                 spans.extend([(i, i + 1)] * len(encoded))
             if match:
-                ids.append(self.SPECIAL[match.group()])
+                ids.append(self.SPECIAL.get(match.group(), self._added.get(match.group())))
                 spans.append(match.span())
                 pos = match.end()
         return ids, spans
 
     def decode(self, ids: List[int]) -> str:
-        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+        text = {i: t for t, i in self._added.items()}
+        pieces, run = [], []
+        for i in list(ids) + [None]:
+            if i is None or i in text:
+                pieces.append(bytes(b for b in run if b < 256).decode("utf-8", errors="replace"))
+                pieces.append(text.get(i, ""))
+                run = []
+            else:
+                run.append(i)
+        return "".join(pieces)
 
 
 class HFTokenizer:
@@ -79,6 +104,14 @@ class HFTokenizer:
             if token_id is not None:
                 return token_id
         raise ValueError(f"tokenizer in {folder} has no end-of-document token (looked for eos_token, {fallbacks})")
+
+    def add_special_tokens(self, tokens: List[str]) -> List[int]:
+        """Ids of ``tokens`` added as special tokens (never split, not normalised), as transformers adds them."""
+        from tokenizers import AddedToken
+
+        self._tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in tokens])
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        return [self._tok.token_to_id(t) for t in tokens]
 
     def encode(self, text: str) -> List[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
@@ -113,10 +146,26 @@ class SentencePieceTokenizer:
                          if self._sp.is_control(i) or (not self._sp.is_byte(i) and not self._sp.is_unknown(i)
                                                        and _BRACKETED.match(self._sp.id_to_piece(i)))}
         self._special.pop("", None)
+        self._added = {}  # model.new_tokens: text -> id after the model's pieces
+        self._compile()
+
+    def _compile(self) -> None:
         names = sorted(self._special, key=len, reverse=True)
         self._special_re = re.compile("|".join(re.escape(n) for n in names)) if names else None
 
+    def add_special_tokens(self, tokens: List[str]) -> List[int]:
+        """Ids of ``tokens`` as new never-split tokens, numbered after the model's pieces (the ``.model`` file
+        itself is not changed: SentencePiece cannot add pieces to a trained model)."""
+        for token in tokens:
+            if token not in self._special:
+                self._special[token] = self._added[token] = self.vocab_size
+                self.vocab_size += 1
+        self._compile()
+        return [self._special[t] for t in tokens]
+
     def encode(self, text: str) -> List[int]:
+        if self._added:  # added tokens are never split, in plain text too
+            return self.encode_with_offsets(text)[0]
         return self._sp.encode(text)
 
     def encode_with_offsets(self, text: str) -> Tuple[List[int], List[Tuple[int, int]]]:
@@ -147,7 +196,16 @@ class SentencePieceTokenizer:
             return self._sp.encode(text, out_type="immutable_proto").pieces
 
     def decode(self, ids: List[int]) -> str:
-        return self._sp.decode(ids)
+        text = {i: t for t, i in self._added.items()}
+        pieces, run = [], []
+        for i in list(ids) + [None]:
+            if i is None or i in text:
+                pieces.append(self._sp.decode(run) if run else "")
+                pieces.append(text.get(i, ""))
+                run = []
+            else:
+                run.append(i)
+        return "".join(pieces)
 
 
 def build_tokenizer(spec: str):

@@ -131,11 +131,13 @@ class GRPOTask:
     @classmethod
     def build(cls, cfg, backend, arch, padded_vocab: int, datasets=(), output_dir: str = ".", model=None):
         from megatron_swift.data.tokenizer import build_tokenizer
+        from megatron_swift.models.new_tokens import add_to_tokenizer
         from megatron_swift.rewards.scoring import Scorer
         from megatron_swift.tasks.reference import build_reference
 
         tokenizer_spec = cfg.data.tokenizer or cfg.model.pretrained or "byte"
         tokenizer = build_tokenizer(tokenizer_spec)
+        add_to_tokenizer(tokenizer, cfg.model, lambda line: None)  # model.new_tokens, as the trainer's tokenizer
         template = load_template(cfg.data.template, tokenizer_spec if tokenizer_spec != "byte" else None)
         lora_base = cfg.tuner.name == "lora" and not cfg.task.ref_model
         reference = None

@@ -164,6 +164,7 @@ def build_reference(cfg, backend, arch, padded_vocab: int, policy=None) -> List[
 
     from megatron_swift.convert.hf_load import load_hf_weights
     from megatron_swift.models.builder import build_model, transformer_config
+    from megatron_swift.models.new_tokens import reference_rows
     from megatron_swift.training import checkpoint as ckpt
 
     tconfig = transformer_config(arch, cfg, backend, initialize=False)
@@ -173,6 +174,7 @@ def build_reference(cfg, backend, arch, padded_vocab: int, policy=None) -> List[
         _copy_weights(policy, chunks)
     elif os.path.isfile(os.path.join(source, "config.json")):
         load_hf_weights(chunks, source, arch, padded_vocab)
+        reference_rows(chunks, cfg, arch)  # model.new_tokens: the rows the policy started from
     else:
         ckpt.load_weights(source, chunks)
     if tconfig.bf16 or tconfig.fp16:

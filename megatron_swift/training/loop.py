@@ -27,6 +27,7 @@ from megatron_swift.data.images import vision_data
 from megatron_swift.data.sampler import Batch, DataParallelSampler
 from megatron_swift.data.sources import build_source
 from megatron_swift.data.tokenizer import build_tokenizer
+from megatron_swift.models import new_tokens, unloaded
 from megatron_swift.models.arch import padded_vocab_size
 from megatron_swift.models.builder import build_model, transformer_config
 from megatron_swift.models.vlm import add_image_token
@@ -276,9 +277,11 @@ class Trainer:
         return bool(latest) and ckpt.read_meta(latest[-1])["iteration"] == iteration
 
 
-def model_meta(arch, vocab: int, padded: int) -> dict:
-    """Architecture numbers stored with each checkpoint (see checkpoint.save)."""
-    return dict(family=arch.family.name, arch=dict(arch.plain(), vocab_size=vocab), padded_vocab_size=padded)
+def model_meta(arch, vocab: int, padded: int, new_token_rows=()) -> dict:
+    """Architecture numbers stored with each checkpoint (see checkpoint.save); ``new_token_rows``: the rows of
+    model.new_tokens (a LoRA adapter export writes them as PEFT trainable tokens)."""
+    meta = dict(family=arch.family.name, arch=dict(arch.plain(), vocab_size=vocab), padded_vocab_size=padded)
+    return dict(meta, new_token_rows=list(new_token_rows)) if new_token_rows else meta
 
 
 def _streaming(dataset) -> bool:
@@ -378,7 +381,8 @@ def setup(cfg) -> Trainer:
     tokenizer_spec = cfg.data.tokenizer or cfg.model.pretrained or cfg.model.llm or "byte"
     tokenizer = build_tokenizer(tokenizer_spec)
     folder = tokenizer_spec if os.path.isdir(tokenizer_spec) else None  # where a chat template may live
-    vocab = arch.vocab_size or tokenizer.vocab_size
+    added = new_tokens.add_to_tokenizer(tokenizer, cfg.model, _print0)  # model.new_tokens, before <image>
+    vocab = added.grow(arch.vocab_size or tokenizer.vocab_size)
     arch, vocab = add_image_token(arch, vocab, tokenizer)  # VLMs: the id the data marks image positions with
     train_data, eval_data, num_samples, streaming = _read_data(cfg, tokenizer, folder, output_dir,
                                                                vision_data(cfg, arch))
@@ -410,9 +414,16 @@ def setup(cfg) -> Trainer:
         load_composed_weights(chunks, cfg.model.llm, cfg.model.vision, arch, padded)
         _print0(f"initial weights from HF checkpoints {cfg.model.llm} (language) and {cfg.model.vision} (vision); "
                 "new projector")
+    if resume_from is None or lora:  # a resume's checkpoint holds every value (LoRA: the new rows too)
+        loaded = "all" if cfg.model.load else "marked" if (cfg.model.pretrained or cfg.model.llm) else "none"
+        unloaded.initialise(chunks, cfg, arch, padded, added, loaded, _print0)
     _print0(apply_tuner(chunks, cfg))
+    opened = new_tokens.train_new_rows_only(chunks, added, arch.head)  # LoRA / frozen embedding: new rows train
+    if opened:
+        _print0(f"megatron-swift: new token rows train (only they) in {', '.join(opened)}")
     model = wrap_model(chunks, tconfig, par)
     optimizer = build_optimizer(model, tconfig, cfg.train, par)
+    new_tokens.install_row_masks(optimizer, model)
     scheduler = build_scheduler(optimizer, cfg.train, length.total_iters)
     guard = StepGuard(cfg.train.max_skipped_steps, cfg.train.loss_spike_factor, cfg.train.loss_spike_window)
     guard.install(optimizer)
@@ -444,7 +455,7 @@ def setup(cfg) -> Trainer:
     trainer = Trainer(cfg, be, arch, model, optimizer, scheduler, train_data, eval_data, sampler, length,
                       output_dir, flops_per_step(arch, cfg.train.seq_length, padded, cfg.train.global_batch_size,
                                                  getattr(train_data, "images_per_row", 0.0), cfg.train.train_vision),
-                      state, model_meta(arch, vocab, padded))
+                      state, model_meta(arch, vocab, padded, added.rows))
     trainer.guard = guard
     trainer.resumed_from = resume_from
     trainer.run_meta = dict(run_record, total_iters=length.total_iters)

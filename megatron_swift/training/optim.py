@@ -1,12 +1,15 @@
 """megatron-core DDP wrapping, optimizer (optionally distributed) and LR/WD scheduler."""
 from __future__ import annotations
 
+import torch
+import torch.distributed as dist
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.module import Float16Module
 
+from megatron_swift.backend import collective_device
 from megatron_swift.backend.no_apex import fuse_adam
 
 
@@ -58,9 +61,24 @@ def build_optimizer(model, tconfig, train, par):
         overlap_param_gather_with_optimizer_step=False,
         initial_loss_scale=2**16 if tconfig.fp16 else None,
     )
-    optimizer = get_megatron_optimizer(config, model)
+    optimizer = get_megatron_optimizer(config, model, config_overrides=_overrides(config, model))
     fuse_adam(optimizer)
     return optimizer
+
+
+def _overrides(config, model):
+    """megatron-core's standard groups (no weight decay on biases and 1-D parameters), plus none on a matrix that
+    trains only its new-token rows (models/new_tokens.py): decay would move the rows it must leave unchanged.
+    None (megatron-core's default) when there is no such matrix on any rank."""
+    from megatron.core.optimizer import ParamGroupOverride, ParamKey, get_standard_config_overrides
+
+    mine = torch.tensor([float(any(getattr(p, "new_rows_only", False) for c in model for p in c.parameters()))],
+                        device=collective_device())
+    if dist.is_initialized():
+        dist.all_reduce(mine)  # every rank must build the same parameter groups
+    if not mine.item():
+        return None
+    return {**get_standard_config_overrides(config), ParamKey(attr="new_rows_only"): ParamGroupOverride(wd_mult=0.0)}
 
 
 def build_scheduler(optimizer, train, total_iters: int) -> OptimizerParamScheduler:
