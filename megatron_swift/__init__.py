@@ -8,3 +8,8 @@ __version__ = "0.1.0"
 for _pattern in (r"Apex is not installed.*", r"Transformer Engine and Apex are not installed.*",
                  r"Transformer Engine is not installed.*", r"full scope is deprecated.*"):
     warnings.filterwarnings("ignore", message=_pattern)
+
+# Importing megatron-core later in this process skips what no run needs up front (import_cost.py).
+from megatron_swift import import_cost as _import_cost  # noqa: E402
+
+_import_cost.install()
