@@ -126,3 +126,45 @@ def test_context_parallel_gives_the_one_rank_run(tmp_path, tiny_hf, task, data, 
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5), (a["iteration"], a["grad_norm"],
                                                                            b["grad_norm"])
     assert a_rows[-1]["loss"] != a_rows[0]["loss"]  # it trained
+
+
+REFERENCE_FREE = ("cpo", "simpo", "orpo")
+# Each task's defaults: CPO's NLL weight 1, SimPO's margin, ORPO's lambda (the formulas' other settings are
+# checked against TRL in tests/test_reference_free_losses.py).
+FREE_SETTINGS = ["train.train_iters=3", "train.lr=1e-3", "train.global_batch_size=4", "train.micro_batch_size=1",
+                 "train.save_at_end=false"]
+
+
+def _train_each_free_task(tmp, tiny_hf, nproc, layout):
+    """One torchrun job training CPO, SimPO and ORPO in turn (dpo_worker --tasks); per-task metrics rows."""
+    out = tmp / "runs"
+    overrides = [o for o in _base(tiny_hf, None) if not o.startswith(("task=", "train.output_dir="))]
+    overrides += [*FREE_SETTINGS, *layout]
+    proc = subprocess.run(launch_cmd(nproc, [str(tmp / "unused.json"), f"--tasks={','.join(REFERENCE_FREE)}",
+                                             str(out), *overrides], script=WORKER),
+                          cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return {task: read_metrics(out / task) for task in REFERENCE_FREE}
+
+
+@pytest.fixture(scope="module")
+def free_one_rank(tmp_path_factory, tiny_hf):
+    return _train_each_free_task(tmp_path_factory.mktemp("free1"), tiny_hf, 1, [])
+
+
+@pytest.mark.parametrize("nproc,layout", [(2, ["parallel.tp=2"]), (4, ["parallel.pp=2", "parallel.distributed_optimizer=true"])],
+                         ids=["tp2", "pp2-dp2-distopt"])
+def test_reference_free_tasks_give_the_one_rank_run_under_each_layout(tmp_path, tiny_hf, free_one_rank, nproc, layout):
+    """CPO, SimPO, ORPO: 3 steps under TP=2, and PP=2 x DP=2 with the distributed optimizer (one 4-rank job:
+    a launch less), report the one-rank losses, figures and gradient norms within 1e-5, and they train (no
+    reference: from the start the rewards differ from 0, unlike DPO's)."""
+    got = _train_each_free_task(tmp_path, tiny_hf, nproc, layout)
+    for task in REFERENCE_FREE:
+        want, rows = free_one_rank[task], got[task]
+        assert [r["iteration"] for r in rows] == [r["iteration"] for r in want] == [1, 2, 3], task
+        for a, b in zip(want, rows):
+            for key in ("loss", "rewards/margins", "rewards/chosen", "nll_loss", "logps/rejected"):
+                assert abs(a[key] - b[key]) < 1e-5, (task, a["iteration"], key, a[key], b[key])
+            assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5), (task, a["grad_norm"], b["grad_norm"])
+        assert want[0]["rewards/chosen"] != 0.0 and want[-1]["loss"] < want[0]["loss"], (task, want)
+    assert "log_odds_ratio" in got["orpo"][0] and "log_odds_chosen" in got["orpo"][0]
