@@ -115,3 +115,28 @@ def _trl_logps(trl, logits, labels, averaged):
     padded_logits = torch.cat([logits, torch.zeros(2, 1, logits.shape[-1])], dim=1)
     padded_labels = torch.cat([torch.full((2, 1), -100), labels], dim=1)
     return trl.get_batch_logps(padded_logits, padded_labels, average_log_prob=averaged)
+
+
+@pytest.mark.parametrize("overrides,line", [
+    (["task=simpo", "task.beta=0"], "task.beta=0.0 must be > 0"),
+    (["task=cpo", "task.label_smoothing=0.5"], "task.label_smoothing=0.5 must be in [0, 0.5)"),
+    (["task=cpo", "task.alpha=-1"], "task.alpha=-1.0 must be >= 0"),
+    (["task=orpo", "task.lambda_=-0.1"], "task.lambda_=-0.1 must be >= 0"),
+    (["task=orpo", "data.packing=true"], "task=orpo does not support data.packing or data.streaming yet"),
+])
+def test_bad_settings_are_one_line_naming_the_key(overrides, line):
+    from megatron_swift.config.compose import compose
+    from megatron_swift.config.validate import ConfigError, validate
+
+    with pytest.raises(ConfigError) as e:
+        validate(compose(["+model=qwen3", "data=prefs", *overrides]), 1)
+    assert e.value.problems == [line]
+
+
+def test_no_starting_weights_needed():
+    """Unlike DPO (its reference is the starting weights), these train from any weights, random included."""
+    from megatron_swift.config.compose import compose
+    from megatron_swift.config.validate import validate
+
+    for task in ("cpo", "simpo", "orpo"):
+        validate(compose(["+model=qwen3", "data=prefs", f"task={task}"]), 1)
