@@ -1,7 +1,7 @@
 """Run under torchrun: train with task=dpo, then check the reference against a fresh load of its source.
 
 usage: dpo_worker.py <result.json> <override> [<override> ...]
-       dpo_worker.py <result.json> --tasks=cpo,simpo,orpo <out dir> <override> [<override> ...]
+       dpo_worker.py <result.json> --tasks=cpo,simpo,gkd@data=sft@... <out dir> <override> [<override> ...]
 The second form trains each task in turn in this one torchrun job (metrics in <out dir>/<task>), so a layout
 check of several tasks pays for one launch.
 Writes {"reference_unchanged": bool, "reference_params": n} from rank 0: a separate reference model's
@@ -37,12 +37,17 @@ def _same_logps(task, fresh, data, device) -> tuple:
 
 
 def _each_task(tasks: str, out: str, overrides) -> None:
+    """``tasks``: comma-separated ``task[@key=value...]``; a task's own settings replace the shared ones with
+    the same key (e.g. ``gkd@data=sft@task.teacher.model=...``)."""
     from megatron.core import parallel_state as ps
 
     from tests.multiproc.trained import trained
 
-    for task in tasks.split(","):
-        trained([*overrides, f"task={task}", f"train.output_dir={os.path.join(out, task)}"])
+    for item in tasks.split(","):
+        task, *own = item.split("@")
+        keys = {o.split("=", 1)[0] for o in own}
+        shared = [o for o in overrides if o.split("=", 1)[0] not in keys]
+        trained([*shared, *own, f"task={task}", f"train.output_dir={os.path.join(out, task)}"])
         ps.destroy_model_parallel()  # the next task's setup makes the groups again
 
 

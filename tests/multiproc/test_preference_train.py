@@ -135,30 +135,49 @@ FREE_SETTINGS = ["train.train_iters=3", "train.lr=1e-3", "train.global_batch_siz
                  "train.save_at_end=false"]
 
 
-def _train_each_free_task(tmp, tiny_hf, nproc, layout):
-    """One torchrun job training CPO, SimPO and ORPO in turn (dpo_worker --tasks); per-task metrics rows."""
+# GKD rides along on the SFT rows: off-policy (lmbda 0: sampled completions depend on how rows are grouped),
+# the teacher a random model of its own (the student starts from tiny_hf), so the divergence is far from 0.
+GKD = ["data=sft", "train.seq_length=128", "data.truncation=drop", "task.lmbda=0", "task.beta=0.3",
+       "task.temperature=0.8"]
+
+
+def _train_each_free_task(tmp, tiny_hf, teacher, nproc, layout):
+    """One torchrun job training CPO, SimPO, ORPO and GKD in turn (dpo_worker --tasks); per-task metrics rows."""
     out = tmp / "runs"
     overrides = [o for o in _base(tiny_hf, None) if not o.startswith(("task=", "train.output_dir="))]
     overrides += [*FREE_SETTINGS, *layout]
-    proc = subprocess.run(launch_cmd(nproc, [str(tmp / "unused.json"), f"--tasks={','.join(REFERENCE_FREE)}",
+    gkd = "@".join(["gkd", *GKD, f"task.teacher.model={teacher}", "task.teacher.tokenizer=byte"])
+    proc = subprocess.run(launch_cmd(nproc, [str(tmp / "unused.json"), f"--tasks={','.join(REFERENCE_FREE)},{gkd}",
                                              str(out), *overrides], script=WORKER),
                           cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-5000:]
-    return {task: read_metrics(out / task) for task in REFERENCE_FREE}
+    return {task: read_metrics(out / task) for task in (*REFERENCE_FREE, "gkd")}
 
 
 @pytest.fixture(scope="module")
-def free_one_rank(tmp_path_factory, tiny_hf):
-    return _train_each_free_task(tmp_path_factory.mktemp("free1"), tiny_hf, 1, [])
+def teacher_hf(tmp_path_factory):
+    """Another random tiny Qwen3, narrower and shallower, with tiny_hf's vocabulary: GKD's teacher."""
+    from tests.multiproc.test_hf_load import _save_tiny
+
+    folder = tmp_path_factory.mktemp("teacher")
+    _save_tiny("qwen3", folder, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+               num_key_value_heads=2, head_dim=16, tie_word_embeddings=False)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def free_one_rank(tmp_path_factory, tiny_hf, teacher_hf):
+    return _train_each_free_task(tmp_path_factory.mktemp("free1"), tiny_hf, teacher_hf, 1, [])
 
 
 @pytest.mark.parametrize("nproc,layout", [(2, ["parallel.tp=2"]), (4, ["parallel.pp=2", "parallel.distributed_optimizer=true"])],
                          ids=["tp2", "pp2-dp2-distopt"])
-def test_reference_free_tasks_give_the_one_rank_run_under_each_layout(tmp_path, tiny_hf, free_one_rank, nproc, layout):
+def test_reference_free_tasks_and_gkd_give_the_one_rank_run_under_each_layout(tmp_path, tiny_hf, teacher_hf,
+                                                                              free_one_rank, nproc, layout):
     """CPO, SimPO, ORPO: 3 steps under TP=2, and PP=2 x DP=2 with the distributed optimizer (one 4-rank job:
     a launch less), report the one-rank losses, figures and gradient norms within 1e-5, and they train (no
     reference: from the start the rewards differ from 0, unlike DPO's)."""
-    got = _train_each_free_task(tmp_path, tiny_hf, nproc, layout)
+    got = _train_each_free_task(tmp_path, tiny_hf, teacher_hf, nproc, layout)
     for task in REFERENCE_FREE:
         want, rows = free_one_rank[task], got[task]
         assert [r["iteration"] for r in rows] == [r["iteration"] for r in want] == [1, 2, 3], task
@@ -168,3 +187,10 @@ def test_reference_free_tasks_give_the_one_rank_run_under_each_layout(tmp_path, 
             assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5), (task, a["grad_norm"], b["grad_norm"])
         assert want[0]["rewards/chosen"] != 0.0 and want[-1]["loss"] < want[0]["loss"], (task, want)
     assert "log_odds_ratio" in got["orpo"][0] and "log_odds_chosen" in got["orpo"][0]
+    # GKD: the divergence (its loss), vocabulary-parallel under TP=2, equals the one-rank run's
+    want, rows = free_one_rank["gkd"], got["gkd"]
+    assert [r["iteration"] for r in rows] == [r["iteration"] for r in want] == [1, 2, 3]
+    for a, b in zip(want, rows):
+        assert abs(a["loss"] - b["loss"]) < 1e-5, ("gkd", a["iteration"], a["loss"], b["loss"])
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5), ("gkd", a["grad_norm"], b["grad_norm"])
+    assert want[0]["loss"] > 1e-3 and want[-1]["loss"] < want[0]["loss"], want  # random models: close, not equal
