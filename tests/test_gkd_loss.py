@@ -55,3 +55,35 @@ def test_padding_columns_add_nothing(beta):
     (want_grad,) = torch.autograd.grad(want, student)
     assert torch.isfinite(got) and got.item() == pytest.approx(want.item(), abs=1e-5)
     assert torch.allclose(grad, want_grad, atol=1e-6, rtol=0)
+
+
+def _gkd_problems(overrides):
+    from megatron_swift.config.compose import compose
+    from megatron_swift.config.validate import ConfigError, validate
+
+    with pytest.raises(ConfigError) as e:
+        validate(compose(["+model=qwen3", "data=sft", "data.tokenizer=byte", "task=gkd", *overrides]), 1)
+    return e.value.problems
+
+
+def test_gkd_without_a_teacher_is_one_line():
+    assert _gkd_problems([]) == ["task=gkd needs a teacher: set task.teacher.model=<HF folder> (a checkpoint with "
+                                 "the student's tokenizer)"]
+
+
+def test_a_teacher_with_another_tokenizer_is_one_line(tmp_path):
+    from tests.conftest import bpe_tokenizer
+
+    (tmp_path / "config.json").write_text("{}")
+    # (the BPE stops at 278 tokens on so little text)
+    bpe_tokenizer(["twelve plus thirty is forty-two"], ["<|endoftext|>"], vocab_size=300).save(
+        str(tmp_path / "tokenizer.json"))
+    problems = _gkd_problems([f"task.teacher.model={tmp_path}"])
+    assert problems == [f"task.teacher.model={tmp_path}: the teacher's tokenizer ({tmp_path}, 278 tokens) is not "
+                        "the student's (byte, 259 tokens); GKD needs one tokenizer"], problems
+    # the same folder read with the student's tokenizer passes that check; other settings are named one by one
+    problems = _gkd_problems([f"task.teacher.model={tmp_path}", "task.teacher.tokenizer=byte", "task.teacher.tp=2",
+                              "task.beta=1.5", "task.lmbda=-0.1", "task.temperature=0"])
+    assert problems == ["task.teacher.tp=2: the teacher runs on the student's tensor-parallel size (parallel.tp=1) "
+                        "in this version; leave task.teacher.tp out", "task.lmbda=-0.1 must be in [0, 1]",
+                        "task.beta=1.5 must be in [0, 1]", "task.temperature=0.0 must be > 0"], problems

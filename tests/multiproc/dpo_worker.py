@@ -47,7 +47,8 @@ def _each_task(tasks: str, out: str, overrides) -> None:
         task, *own = item.split("@")
         keys = {o.split("=", 1)[0] for o in own}
         shared = [o for o in overrides if o.split("=", 1)[0] not in keys]
-        trained([*shared, *own, f"task={task}", f"train.output_dir={os.path.join(out, task)}"])
+        folder = [] if "train.output_dir" in keys else [f"train.output_dir={os.path.join(out, task)}"]
+        trained([*shared, *own, f"task={task}", *folder])
         ps.destroy_model_parallel()  # the next task's setup makes the groups again
 
 

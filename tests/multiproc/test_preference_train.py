@@ -141,17 +141,19 @@ GKD = ["data=sft", "train.seq_length=128", "data.truncation=drop", "task.lmbda=0
        "task.temperature=0.8"]
 
 
-def _train_each_free_task(tmp, tiny_hf, teacher, nproc, layout):
-    """One torchrun job training CPO, SimPO, ORPO and GKD in turn (dpo_worker --tasks); per-task metrics rows."""
+def _train_each_free_task(tmp, tiny_hf, teacher, nproc, layout, extra=()):
+    """One torchrun job training CPO, SimPO, ORPO and GKD in turn (dpo_worker --tasks), then the ``extra``
+    items; per-task metrics rows."""
     out = tmp / "runs"
     overrides = [o for o in _base(tiny_hf, None) if not o.startswith(("task=", "train.output_dir="))]
     overrides += [*FREE_SETTINGS, *layout]
     gkd = "@".join(["gkd", *GKD, f"task.teacher.model={teacher}", "task.teacher.tokenizer=byte"])
-    proc = subprocess.run(launch_cmd(nproc, [str(tmp / "unused.json"), f"--tasks={','.join(REFERENCE_FREE)},{gkd}",
-                                             str(out), *overrides], script=WORKER),
+    items = [*REFERENCE_FREE, gkd, *extra]
+    proc = subprocess.run(launch_cmd(nproc, [str(tmp / "unused.json"), f"--tasks={','.join(items)}", str(out),
+                                             *overrides], script=WORKER),
                           cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-5000:]
-    return {task: read_metrics(out / task) for task in (*REFERENCE_FREE, "gkd")}
+    return {task: read_metrics(out / task) for task in (i.split("@")[0] for i in items)}
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +169,21 @@ def teacher_hf(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def free_one_rank(tmp_path_factory, tiny_hf, teacher_hf):
-    return _train_each_free_task(tmp_path_factory.mktemp("free1"), tiny_hf, teacher_hf, 1, [])
+    # and GKD fully on-policy with the student's own starting weights as the teacher (output folder "self")
+    on_policy = "@".join(["gkd", *GKD[:3], "task.lmbda=1", "task.max_new_tokens=12", "train.train_iters=1",
+                          f"task.teacher.model={tiny_hf}", "task.teacher.tokenizer=byte",
+                          f"train.output_dir={tmp_path_factory.getbasetemp() / 'free1-self'}"])
+    rows = _train_each_free_task(tmp_path_factory.mktemp("free1"), tiny_hf, teacher_hf, 1, [], [on_policy])
+    rows["self"] = read_metrics(tmp_path_factory.getbasetemp() / "free1-self")
+    return rows
+
+
+def test_gkd_on_the_students_own_samples_against_itself_is_zero(free_one_rank):
+    """lmbda 1: every completion is the student's own, sampled by the rollout engine; a teacher with the
+    student's weights then gives divergence 0 (closed form), every sample counted on-policy."""
+    (first,) = free_one_rank["self"]
+    assert first["on_policy"] == 1.0 and abs(first["loss"]) < 1e-6, first
+    assert free_one_rank["gkd"][0]["on_policy"] == 0.0  # lmbda 0: the data's replies
 
 
 @pytest.mark.parametrize("nproc,layout", [(2, ["parallel.tp=2"]), (4, ["parallel.pp=2", "parallel.distributed_optimizer=true"])],
