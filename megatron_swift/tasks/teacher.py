@@ -22,7 +22,9 @@ def tokenizer_problem(cfg) -> Optional[str]:
     except Exception as e:  # noqa: BLE001 - any reader's error is reported as one line naming the key
         return (f"task.teacher.tokenizer={teacher_spec}: cannot read the teacher's tokenizer ({e}); set "
                 "task.teacher.tokenizer to the tokenizer the teacher was trained with")
-    if mine.vocab_size != theirs.vocab_size or mine.encode_with_offsets(PROBE)[0] != theirs.encode_with_offsets(PROBE)[0]:
+    same = mine.vocab_size == theirs.vocab_size and \
+        mine.encode_with_offsets(PROBE)[0] == theirs.encode_with_offsets(PROBE)[0]
+    if not same:
         return (f"task.teacher.model={teacher.model}: the teacher's tokenizer ({teacher_spec}, {theirs.vocab_size} "
                 f"tokens) is not the student's ({student_spec}, {mine.vocab_size} tokens); GKD needs one tokenizer")
     return None

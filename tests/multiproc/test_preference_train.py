@@ -186,7 +186,8 @@ def test_gkd_on_the_students_own_samples_against_itself_is_zero(free_one_rank):
     assert free_one_rank["gkd"][0]["on_policy"] == 0.0  # lmbda 0: the data's replies
 
 
-@pytest.mark.parametrize("nproc,layout", [(2, ["parallel.tp=2"]), (4, ["parallel.pp=2", "parallel.distributed_optimizer=true"])],
+@pytest.mark.parametrize("nproc,layout", [(2, ["parallel.tp=2"]),
+                                          (4, ["parallel.pp=2", "parallel.distributed_optimizer=true"])],
                          ids=["tp2", "pp2-dp2-distopt"])
 def test_reference_free_tasks_and_gkd_give_the_one_rank_run_under_each_layout(tmp_path, tiny_hf, teacher_hf,
                                                                               free_one_rank, nproc, layout):
