@@ -9,6 +9,12 @@ student's own chunks (rollout.megatron_engine); with ``seq_kd`` the others get o
 forward-only schedule and its logits (this rank's vocabulary shard, last pipeline stage) are attached to
 the batches. The loss is the divergence summed over completion tokens and divided by their number over the
 global batch (megatron-core's per-token loss contract), TRL's ``batchmean``.
+
+Known limits of this version: the step in the on-policy draw is the task's own count of prepared batches
+(evaluation included; a resumed run starts it again, so it draws other samples than the uninterrupted run
+would); sampled completions depend on how rows are grouped into micro-batches, so on-policy runs are not
+comparable number for number across layouts (off-policy ones are); the teacher's logits of a step's
+micro-batches are held at once ([rows, seq, vocabulary shard] each).
 """
 from __future__ import annotations
 
