@@ -231,6 +231,6 @@ def test_help_answers_without_hydra_or_megatron_core():
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("IMPORTED False False"), out.stdout[-300:]
     text = out.stdout
-    assert "qwen3      sizes: tiny, 0.6b" in text and "task     dpo, grpo, kto, lm, rm" in text
+    assert "qwen3      sizes: tiny, 0.6b" in text and "task     cpo, dpo, gkd, grpo, kto, lm, orpo, rm, simpo" in text
     assert "train.lr = " in text and "task.num_generations = 8" in text and "task.sandbox.isolation = 'bwrap'" in text
     assert "base_" not in text  # the schemas behind the groups are not choices

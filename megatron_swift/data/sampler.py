@@ -46,6 +46,8 @@ class Batch:
     # the T tokens of image k; -1 for text). Made before the CP cut, so each rank places exactly its own.
     images: Optional[torch.Tensor] = None
     image_index: Optional[torch.Tensor] = None
+    # GKD: the teacher's logits of the rows ([b, s, this rank's vocabulary shard]; last pipeline stage).
+    teacher_logits: Optional[torch.Tensor] = None
 
     def to(self, device) -> "Batch":
         return Batch(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)

@@ -54,6 +54,9 @@ class Layout:
     cp: int = 1
     cp_comm: str = "a2a"
     train_vision: bool = False  # VLMs: whether the vision encoder trains (frozen by default)
+    # Frozen copies of the policy's weights the task holds (a DPO/KTO/GRPO reference: 1; CPO, SimPO, ORPO, a
+    # precomputed reference or LoRA's own base: 0): weights only, no gradients, optimizer state or activations.
+    reference_copies: int = 0
 
     @property
     def world(self) -> int:
@@ -72,7 +75,16 @@ def layout_of(cfg, world: int) -> Layout:
                   sp=par.sp, distributed_optimizer=par.distributed_optimizer, recompute=train.recompute,
                   micro_batch_size=train.micro_batch_size,
                   num_microbatches=train.global_batch_size // (train.micro_batch_size * dp), cp=par.cp,
-                  cp_comm=par.cp_comm, train_vision=train.train_vision)
+                  cp_comm=par.cp_comm, train_vision=train.train_vision, reference_copies=reference_copies(cfg))
+
+
+def reference_copies(cfg) -> int:
+    """How many frozen copies of the policy ``cfg``'s task builds (its class's ``reference_copies``; 0 if it
+    names none)."""
+    from megatron_swift.tasks import task_class
+
+    count = getattr(task_class(cfg.task.name), "reference_copies", None)
+    return count(cfg) if count else 0
 
 
 def layer_params(arch, layout: Layout) -> Dict[str, int]:
@@ -167,10 +179,12 @@ class RankMemory:
     optimizer: int
     activations: int
     stage: int
+    reference: int = 0
+    """Weights of the task's frozen reference copies (Layout.reference_copies)."""
 
     @property
     def total(self) -> int:
-        return self.weights + self.grads + self.optimizer + self.activations
+        return self.weights + self.grads + self.optimizer + self.activations + self.reference
 
 
 def rank_memory(arch, padded_vocab: int, layout: Layout, seq_length: int, precision: str = "bf16",
@@ -188,6 +202,8 @@ def rank_memory(arch, padded_vocab: int, layout: Layout, seq_length: int, precis
         optimizer = per_param_optimizer * (trained_dense / (layout.dp * layout.cp) + n["expert"] / layout.expert_dp)
     else:
         optimizer = per_param_optimizer * (trained_dense + n["expert"])
-    return RankMemory(params=count, weights=count * (2 if low else 4), grads=(trained_dense + n["expert"]) * 4,
+    weights = count * (2 if low else 4)
+    return RankMemory(params=count, weights=weights, grads=(trained_dense + n["expert"]) * 4,
                       optimizer=int(optimizer),
-                      activations=activation_bytes(arch, padded_vocab, layout, seq_length, stage), stage=stage)
+                      activations=activation_bytes(arch, padded_vocab, layout, seq_length, stage), stage=stage,
+                      reference=layout.reference_copies * weights)

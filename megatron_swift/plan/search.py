@@ -65,11 +65,13 @@ def cp_options(arch, tp: int, seq_length: int, limit: int, te: bool):
 
 
 def candidates(arch, padded_vocab_of, gpus: int, gpus_per_node: int, gpu: str, seq_length: int,
-               global_batch: int, precision: str = "bf16", te: bool = True) -> List[Candidate]:
+               global_batch: int, precision: str = "bf16", te: bool = True,
+               reference_copies: int = 0) -> List[Candidate]:
     """Every valid layout on ``gpus`` devices, best first (fitting ones before the others).
 
     ``padded_vocab_of(tp)`` is the padded vocabulary under a TP size; ``te``: whether the cluster has
-    Transformer Engine (TE's ring CP modes where Ulysses does not divide the heads)."""
+    Transformer Engine (TE's ring CP modes where Ulysses does not divide the heads); ``reference_copies``:
+    frozen copies of the model the task holds (plan.memory.reference_copies)."""
     memory_gib, peak = GPUS[gpu]
     out = []
     for tp in _divisors(gpus_per_node, 8):
@@ -87,7 +89,8 @@ def candidates(arch, padded_vocab_of, gpus: int, gpus_per_node: int, gpu: str, s
                         continue
                     for recompute in ("none", "selective", "full"):
                         layout = Layout(tp=tp, pp=pp, ep=ep, etp=1, dp=dp, sp=tp > 1, recompute=recompute,
-                                        num_microbatches=global_batch // dp, cp=cp, cp_comm=cp_comm)
+                                        num_microbatches=global_batch // dp, cp=cp, cp_comm=cp_comm,
+                                        reference_copies=reference_copies)
                         padded = padded_vocab_of(tp)
                         memory = rank_memory(arch, padded, layout, seq_length, precision)
                         fits = memory.total / GIB <= memory_gib - HEADROOM_GIB

@@ -11,7 +11,7 @@ import importlib
 
 # The task modules import torch and megatron-core; the schemas (tasks/configs.py) do not. Loading the
 # modules on first use keeps composing and validating a config (and --help) free of those imports.
-_MODULES = ("dpo", "grpo", "kto", "lm", "rm")
+_MODULES = ("cpo", "dpo", "gkd", "grpo", "kto", "lm", "orpo", "rm", "simpo")
 
 
 def _load() -> dict:

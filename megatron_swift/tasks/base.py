@@ -29,6 +29,8 @@ class Task(Protocol):
     """How it reads its rows: (paths, data_cfg, tokenizer, seq_length, folder, cfg=run config) -> dataset;
     None: data.source. A dataset with ``samples_per_epoch`` counts that many samples per epoch, not its length."""
 
+    # Optional: ``reference_copies(cfg) -> int``, frozen copies of the policy's weights the run holds (a
+    # reference model; the memory planner adds their weights; absent: 0).
     # Optional: ``data_keys``, names of task.* settings that decide which samples a step trains on (a resume with
     # one changed is refused, like data.* settings; training/resume_check.py).
 

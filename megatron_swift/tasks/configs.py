@@ -15,7 +15,7 @@ class TaskConfig:
     """What the model is trained to do: the fields every task has."""
 
     name: str = "lm"
-    """lm (pretraining and SFT: token cross-entropy), dpo (pairs, frozen reference), kto (labelled completions, frozen reference), rm (scalar reward head on pairs) or grpo (online RL from the policy's own completions)."""
+    """lm (pretraining and SFT: token cross-entropy), dpo (pairs, frozen reference), kto (labelled completions, frozen reference), rm (scalar reward head on pairs), cpo / simpo / orpo (pairs, no reference model), gkd (distillation from a teacher), or grpo (online RL from the policy's own completions)."""
 
 
 @dataclass
@@ -69,6 +69,78 @@ class RMConfig(TaskConfig):
     """Always rm."""
     center_rewards_coefficient: float = 0.0
     """Weight of (r_chosen + r_rejected)^2 added to each pair's loss, keeping rewards centred on 0; 0 disables it."""
+
+
+@dataclass
+class CPOConfig(TaskConfig):
+    """CPO on preference pairs: a sigmoid preference term on the policy's own log-probabilities plus NLL on the chosen reply; no reference model."""
+
+    name: str = "cpo"
+    """Always cpo."""
+    beta: float = 0.1
+    """Temperature of the preference term: -log sigmoid(beta * (logp_chosen - logp_rejected)), log-probs summed over completion tokens."""
+    alpha: float = 1.0
+    """Weight of the chosen completion's mean token NLL added to each pair's loss; 0 disables it."""
+    label_smoothing: float = 0.0
+    """Probability that a preference label is flipped (conservative form); 0 is plain CPO."""
+
+
+@dataclass
+class SimPOConfig(TaskConfig):
+    """SimPO on preference pairs: length-normalised log-probabilities with a target margin; no reference model."""
+
+    name: str = "simpo"
+    """Always simpo."""
+    beta: float = 2.0
+    """Reward scale: -log sigmoid(beta * (mean logp_chosen - mean logp_rejected) - gamma), means over completion tokens."""
+    gamma_beta_ratio: float = 0.5
+    """Target margin over beta: gamma = gamma_beta_ratio * beta."""
+    label_smoothing: float = 0.0
+    """Probability that a preference label is flipped (conservative form); 0 is plain SimPO."""
+    alpha: float = 0.0
+    """Weight of the chosen completion's mean token NLL added to each pair's loss (CPO-SimPO); 0 disables it."""
+
+
+@dataclass
+class ORPOConfig(TaskConfig):
+    """ORPO on preference pairs: NLL on the chosen reply plus lambda x the log odds-ratio term; no reference model."""
+
+    name: str = "orpo"
+    """Always orpo."""
+    lambda_: float = 0.1
+    """Weight of the odds-ratio term -log sigmoid(log odds(chosen) - log odds(rejected)), on mean token log-probabilities."""
+
+
+@dataclass
+class TeacherConfig:
+    """GKD's frozen teacher."""
+
+    model: Optional[str] = None
+    """HF folder of the teacher (any supported family); required for task=gkd."""
+    tokenizer: Optional[str] = None
+    """The teacher's tokenizer (byte, an HF folder or tokenizer.json, a .model); None: the teacher folder's own. Must be the student's."""
+    tp: Optional[int] = None
+    """Tensor-parallel size of the teacher; None: the student's parallel.tp (the only size supported yet: the divergence pairs vocabulary shards)."""
+
+
+@dataclass
+class GKDConfig(TaskConfig):
+    """GKD: on-policy distillation from a frozen teacher, generalised Jensen-Shannon divergence per token."""
+
+    name: str = "gkd"
+    """Always gkd."""
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    """The teacher model."""
+    lmbda: float = 0.5
+    """Fraction of the samples whose completion the student writes itself (rollout engine); the rest keep the data's reply."""
+    beta: float = 0.5
+    """Generalised JSD interpolation: 0 forward KL(teacher || student), 1 reverse KL(student || teacher)."""
+    temperature: float = 0.9
+    """Temperature of both distributions in the divergence and of the student's sampling."""
+    seq_kd: bool = False
+    """Sequence-level KD: the samples not written by the student get a reply the teacher writes (greedy) instead of the data's."""
+    max_new_tokens: int = 64
+    """Tokens a generated completion may have (the prompt + this is cut at train.seq_length)."""
 
 
 @dataclass
@@ -182,5 +254,6 @@ class GRPOConfig(TaskConfig):
     """The judge reward's model and question."""
 
 
-SCHEMAS = {"lm": LMConfig, "dpo": DPOConfig, "kto": KTOConfig, "rm": RMConfig, "grpo": GRPOConfig}
+SCHEMAS = {"lm": LMConfig, "dpo": DPOConfig, "kto": KTOConfig, "rm": RMConfig, "grpo": GRPOConfig, "cpo": CPOConfig,
+           "simpo": SimPOConfig, "orpo": ORPOConfig, "gkd": GKDConfig}
 """Schema of each task name (the task classes in megatron_swift.tasks register under the same names)."""

@@ -128,6 +128,13 @@ class GRPOTask:
         self.model, self.reference, self.source = model, reference, source
         self.eps_high = self.task.epsilon if self.task.epsilon_high is None else self.task.epsilon_high
 
+    @staticmethod
+    def reference_copies(cfg) -> int:
+        """Frozen copies of the policy the run holds (the memory planner counts them): the reference, unless
+        beta is 0 or LoRA's base (the policy without adapters) is the reference."""
+        lora_base = cfg.tuner.name == "lora" and not cfg.task.ref_model
+        return int(cfg.task.beta != 0 and not lora_base)
+
     @classmethod
     def build(cls, cfg, backend, arch, padded_vocab: int, datasets=(), output_dir: str = ".", model=None):
         from megatron_swift.data.tokenizer import build_tokenizer
@@ -139,9 +146,8 @@ class GRPOTask:
         tokenizer = build_tokenizer(tokenizer_spec)
         add_to_tokenizer(tokenizer, cfg.model, lambda line: None)  # model.new_tokens, as the trainer's tokenizer
         template = load_template(cfg.data.template, tokenizer_spec if tokenizer_spec != "byte" else None)
-        lora_base = cfg.tuner.name == "lora" and not cfg.task.ref_model
         reference = None
-        if cfg.task.beta != 0 and not lora_base:  # from scratch: the initial weights are the reference
+        if cls.reference_copies(cfg):  # from scratch: the initial weights are the reference
             reference = build_reference(cfg, backend, arch, padded_vocab, policy=model)
         engine = MegatronEngine(model, backend.torch_device, arch.vocab_size, cfg.task.generation_batch_size,
                                 masks=backend.attention != "te", prefill_tokens=cfg.task.prefill_tokens)

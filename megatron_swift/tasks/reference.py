@@ -68,10 +68,15 @@ class ReferenceTask:
     # The policy itself, when the reference is the policy with its LoRA adapters disabled.
     policy: Optional[List[torch.nn.Module]] = None
 
+    @staticmethod
+    def reference_copies(cfg) -> int:
+        """Frozen copies of the policy held while training (the memory planner counts them): none when the
+        reference log-probs are precomputed (the model is freed first) or LoRA's base is the reference."""
+        return int(not (cfg.task.precompute_ref or _base_is_reference(cfg)))
+
     @classmethod
     def build(cls, cfg, backend, arch, padded_vocab: int, datasets=(), output_dir: str = ".", model=None):
-        # With LoRA the base weights are frozen: the policy without its adapters is the reference.
-        base_is_reference = cfg.tuner.name == "lora" and not cfg.task.ref_model
+        base_is_reference = _base_is_reference(cfg)
         reference = None if base_is_reference else build_reference(cfg, backend, arch, padded_vocab)
         task = cls(cfg.task, reference, cfg.train.seq_length, cfg.train.micro_batch_size)
         task.policy = model if base_is_reference else None
@@ -142,6 +147,11 @@ class ReferenceTask:
 
     def metrics(self, reports: List[dict], device) -> Dict[str, float]:
         return reduce_reports(reports, device)
+
+
+def _base_is_reference(cfg) -> bool:
+    """With LoRA the base weights are frozen: the policy without its adapters is the reference."""
+    return cfg.tuner.name == "lora" and not cfg.task.ref_model
 
 
 def _base_of_policy(policy, run):

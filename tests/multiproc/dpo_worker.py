@@ -1,6 +1,9 @@
 """Run under torchrun: train with task=dpo, then check the reference against a fresh load of its source.
 
 usage: dpo_worker.py <result.json> <override> [<override> ...]
+       dpo_worker.py <result.json> --tasks=cpo,simpo,gkd@data=sft@... <out dir> <override> [<override> ...]
+The second form trains each task in turn in this one torchrun job (metrics in <out dir>/<task>), so a layout
+check of several tasks pays for one launch.
 Writes {"reference_unchanged": bool, "reference_params": n} from rank 0: a separate reference model's
 weights are bitwise those of a fresh load; a LoRA policy's reference (the policy with its adapters
 disabled) gives the fresh model's log-probabilities on the first pairs of the data.
@@ -33,7 +36,25 @@ def _same_logps(task, fresh, data, device) -> tuple:
     return float(diff < 1e-5), len(batches)
 
 
+def _each_task(tasks: str, out: str, overrides) -> None:
+    """``tasks``: comma-separated ``task[@key=value...]``; a task's own settings replace the shared ones with
+    the same key (e.g. ``gkd@data=sft@task.teacher.model=...``)."""
+    from megatron.core import parallel_state as ps
+
+    from tests.multiproc.trained import trained
+
+    for item in tasks.split(","):
+        task, *own = item.split("@")
+        keys = {o.split("=", 1)[0] for o in own}
+        shared = [o for o in overrides if o.split("=", 1)[0] not in keys]
+        folder = [] if "train.output_dir" in keys else [f"train.output_dir={os.path.join(out, task)}"]
+        trained([*shared, *own, f"task={task}", *folder])
+        ps.destroy_model_parallel()  # the next task's setup makes the groups again
+
+
 def main() -> None:
+    if sys.argv[2].startswith("--tasks="):
+        return _each_task(sys.argv[2].split("=", 1)[1], sys.argv[3], sys.argv[4:])
     import torch
     import torch.distributed as dist
 

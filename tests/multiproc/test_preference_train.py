@@ -3,6 +3,8 @@
 DPO: log 2 at the start under every layout, learns a learnable preference, reference frozen, precomputed
 reference equal to live. KTO: the closed-form start value, then desirable rewards rise and undesirable fall.
 RM: learns the pairs, and the exported HF sequence-classification model scores rows as Megatron does.
+CPO, SimPO, ORPO and (off-policy) GKD: TP=2 and PP=2 x DP=2 give the one-rank run; GKD on the student's own
+samples against its own weights is 0.
 """
 from __future__ import annotations
 
@@ -126,3 +128,88 @@ def test_context_parallel_gives_the_one_rank_run(tmp_path, tiny_hf, task, data, 
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5), (a["iteration"], a["grad_norm"],
                                                                            b["grad_norm"])
     assert a_rows[-1]["loss"] != a_rows[0]["loss"]  # it trained
+
+
+REFERENCE_FREE = ("cpo", "simpo", "orpo")
+# Each task's defaults: CPO's NLL weight 1, SimPO's margin, ORPO's lambda (the formulas' other settings are
+# checked against TRL in tests/test_reference_free_losses.py).
+FREE_SETTINGS = ["train.train_iters=3", "train.lr=1e-3", "train.global_batch_size=4", "train.micro_batch_size=1",
+                 "train.save_at_end=false"]
+
+
+# GKD rides along on the SFT rows: off-policy (lmbda 0: sampled completions depend on how rows are grouped),
+# the teacher a random model of its own (the student starts from tiny_hf), so the divergence is far from 0.
+GKD = ["data=sft", "train.seq_length=128", "data.truncation=drop", "task.lmbda=0", "task.beta=0.3",
+       "task.temperature=0.8"]
+
+
+def _train_each_free_task(tmp, tiny_hf, teacher, nproc, layout, extra=()):
+    """One torchrun job training CPO, SimPO, ORPO and GKD in turn (dpo_worker --tasks), then the ``extra``
+    items; per-task metrics rows."""
+    out = tmp / "runs"
+    overrides = [o for o in _base(tiny_hf, None) if not o.startswith(("task=", "train.output_dir="))]
+    overrides += [*FREE_SETTINGS, *layout]
+    gkd = "@".join(["gkd", *GKD, f"task.teacher.model={teacher}", "task.teacher.tokenizer=byte"])
+    items = [*REFERENCE_FREE, gkd, *extra]
+    proc = subprocess.run(launch_cmd(nproc, [str(tmp / "unused.json"), f"--tasks={','.join(items)}", str(out),
+                                             *overrides], script=WORKER),
+                          cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return {task: read_metrics(out / task) for task in (i.split("@")[0] for i in items)}
+
+
+@pytest.fixture(scope="module")
+def teacher_hf(tmp_path_factory):
+    """Another random tiny Qwen3, narrower and shallower, with tiny_hf's vocabulary: GKD's teacher."""
+    from tests.multiproc.test_hf_load import _save_tiny
+
+    folder = tmp_path_factory.mktemp("teacher")
+    _save_tiny("qwen3", folder, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+               num_key_value_heads=2, head_dim=16, tie_word_embeddings=False)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def free_one_rank(tmp_path_factory, tiny_hf, teacher_hf):
+    # and GKD fully on-policy with the student's own starting weights as the teacher (output folder "self")
+    on_policy = "@".join(["gkd", *GKD[:3], "task.lmbda=1", "task.max_new_tokens=12", "train.train_iters=1",
+                          f"task.teacher.model={tiny_hf}", "task.teacher.tokenizer=byte",
+                          f"train.output_dir={tmp_path_factory.getbasetemp() / 'free1-self'}"])
+    rows = _train_each_free_task(tmp_path_factory.mktemp("free1"), tiny_hf, teacher_hf, 1, [], [on_policy])
+    rows["self"] = read_metrics(tmp_path_factory.getbasetemp() / "free1-self")
+    return rows
+
+
+def test_gkd_on_the_students_own_samples_against_itself_is_zero(free_one_rank):
+    """lmbda 1: every completion is the student's own, sampled by the rollout engine; a teacher with the
+    student's weights then gives divergence 0 (closed form), every sample counted on-policy."""
+    (first,) = free_one_rank["self"]
+    assert first["on_policy"] == 1.0 and abs(first["loss"]) < 1e-6, first
+    assert free_one_rank["gkd"][0]["on_policy"] == 0.0  # lmbda 0: the data's replies
+
+
+@pytest.mark.parametrize("nproc,layout", [(2, ["parallel.tp=2"]),
+                                          (4, ["parallel.pp=2", "parallel.distributed_optimizer=true"])],
+                         ids=["tp2", "pp2-dp2-distopt"])
+def test_reference_free_tasks_and_gkd_give_the_one_rank_run_under_each_layout(tmp_path, tiny_hf, teacher_hf,
+                                                                              free_one_rank, nproc, layout):
+    """CPO, SimPO, ORPO: 3 steps under TP=2, and PP=2 x DP=2 with the distributed optimizer (one 4-rank job:
+    a launch less), report the one-rank losses, figures and gradient norms within 1e-5, and they train (no
+    reference: from the start the rewards differ from 0, unlike DPO's)."""
+    got = _train_each_free_task(tmp_path, tiny_hf, teacher_hf, nproc, layout)
+    for task in REFERENCE_FREE:
+        want, rows = free_one_rank[task], got[task]
+        assert [r["iteration"] for r in rows] == [r["iteration"] for r in want] == [1, 2, 3], task
+        for a, b in zip(want, rows):
+            for key in ("loss", "rewards/margins", "rewards/chosen", "nll_loss", "logps/rejected"):
+                assert abs(a[key] - b[key]) < 1e-5, (task, a["iteration"], key, a[key], b[key])
+            assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5), (task, a["grad_norm"], b["grad_norm"])
+        assert want[0]["rewards/chosen"] != 0.0 and want[-1]["loss"] < want[0]["loss"], (task, want)
+    assert "log_odds_ratio" in got["orpo"][0] and "log_odds_chosen" in got["orpo"][0]
+    # GKD: the divergence (its loss), vocabulary-parallel under TP=2, equals the one-rank run's
+    want, rows = free_one_rank["gkd"], got["gkd"]
+    assert [r["iteration"] for r in rows] == [r["iteration"] for r in want] == [1, 2, 3]
+    for a, b in zip(want, rows):
+        assert abs(a["loss"] - b["loss"]) < 1e-5, ("gkd", a["iteration"], a["loss"], b["loss"])
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5), ("gkd", a["grad_norm"], b["grad_norm"])
+    assert want[0]["loss"] > 1e-3 and want[-1]["loss"] < want[0]["loss"], want  # random models: close, not equal

@@ -1,0 +1,65 @@
+"""GKD's teacher: a frozen HF checkpoint (any supported family) on megatron-core, under the student's layout,
+and the check that teacher and student share a tokenizer (the divergence compares distributions over the
+same token ids, shard by shard)."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import List, Optional
+
+PROBE = "Teacher and student: 12 + 30 = 42.\n<|im_start|>user\nÜber café 東京</s>"
+
+
+def tokenizer_problem(cfg) -> Optional[str]:
+    """One line if the teacher's tokenizer is not the student's (or cannot be read), else None."""
+    from megatron_swift.data.tokenizer import build_tokenizer
+
+    teacher = cfg.task.teacher
+    student_spec = cfg.data.tokenizer or cfg.model.pretrained or "byte"
+    teacher_spec = teacher.tokenizer or teacher.model
+    try:
+        mine, theirs = build_tokenizer(student_spec), build_tokenizer(teacher_spec)
+    except Exception as e:  # noqa: BLE001 - any reader's error is reported as one line naming the key
+        return (f"task.teacher.tokenizer={teacher_spec}: cannot read the teacher's tokenizer ({e}); set "
+                "task.teacher.tokenizer to the tokenizer the teacher was trained with")
+    same = mine.vocab_size == theirs.vocab_size and \
+        mine.encode_with_offsets(PROBE)[0] == theirs.encode_with_offsets(PROBE)[0]
+    if not same:
+        return (f"task.teacher.model={teacher.model}: the teacher's tokenizer ({teacher_spec}, {theirs.vocab_size} "
+                f"tokens) is not the student's ({student_spec}, {mine.vocab_size} tokens); GKD needs one tokenizer")
+    return None
+
+
+def build_teacher(cfg, backend, arch, padded_vocab: int) -> List:
+    """Frozen teacher chunks with the student's layout and padded vocabulary (the same vocabulary shards)."""
+    from megatron.core.transformer.module import Float16Module
+
+    from megatron_swift.config.errors import ConfigError
+    from megatron_swift.convert.hf_load import load_hf_weights
+    from megatron_swift.models.builder import build_model, transformer_config
+    from megatron_swift.rewards.judge_model import _judge_arch  # the architecture from config.json alone
+
+    folder = cfg.task.teacher.model
+    teacher_arch = _judge_arch(cfg, folder)
+    if (teacher_arch.vocab_size or arch.vocab_size) != arch.vocab_size:
+        raise ConfigError([f"task.teacher.model={folder}: vocab_size {teacher_arch.vocab_size} in its config.json "
+                           f"is not the student's {arch.vocab_size}; GKD needs one vocabulary"])
+    teacher_arch = dataclasses.replace(teacher_arch, vocab_size=arch.vocab_size, head="lm")
+    tconfig = transformer_config(teacher_arch, cfg, backend, initialize=False)
+    chunks = build_model(teacher_arch, tconfig, padded_vocab, cfg.train.seq_length, backend)
+    load_hf_weights(chunks, folder, teacher_arch, padded_vocab)
+    if tconfig.bf16 or tconfig.fp16:
+        chunks = [Float16Module(tconfig, c) for c in chunks]
+    for chunk in chunks:
+        chunk.eval()
+        chunk.requires_grad_(False)
+    return chunks
+
+
+def teacher_folder_problem(folder: Optional[str]) -> Optional[str]:
+    if not folder:
+        return ("task=gkd needs a teacher: set task.teacher.model=<HF folder> (a checkpoint with the student's "
+                "tokenizer)")
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        return f"task.teacher.model={folder}: not a Hugging Face checkpoint folder (no config.json)"
+    return None
