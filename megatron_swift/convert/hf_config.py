@@ -16,18 +16,6 @@ def read_hf_config(folder: str) -> dict:
         return json.load(f)
 
 
-def hf_family_name(hf: dict, folder: str) -> str:
-    """The registered family that loads this HF config's ``architectures`` (the tools' +model=)."""
-    from megatron_swift.models import families
-
-    for arch in hf.get("architectures") or []:
-        if arch in families.hf_architectures():
-            return families.by_hf_architecture(arch).name
-    raise DataError(os.path.join(folder, "config.json"), None,
-                    f"architectures {hf.get('architectures')} are not supported; supported: "
-                    f"{', '.join(families.hf_architectures())}")
-
-
 def _rope(hf: dict, folder: str):
     """(rope_theta, partial rotary factor, RopeScaling or None) read by models.rope's table of HF RoPE keys."""
     from megatron_swift.models.rope import RopeError, read_hf_rope

@@ -1,4 +1,9 @@
-"""Build this rank's megatron-core GPTModel chunk(s) from a resolved architecture."""
+"""Build this rank's megatron-core GPTModel chunk(s) from a resolved architecture.
+
+Layering (one-way, tests/test_import_layers.py): this module reads a resolved architecture (a models.arch.Arch,
+duck-typed: it does not import models.arch) and the traits of its family object; model families
+(models/families) call into it, and models.arch (which resolves a config through the family registry) sits
+above both."""
 from __future__ import annotations
 
 from typing import List
@@ -12,7 +17,6 @@ from megatron.core.transformer import TransformerConfig
 
 from megatron_swift.backend import Backend
 from megatron_swift.models import rope
-from megatron_swift.models.arch import Arch
 from megatron_swift.models.attention import use_core_attention
 from megatron_swift.models.norm import swap_torch_norms, unfuse_layernorm_linears
 from megatron_swift.models.reward_head import RewardHead
@@ -32,7 +36,7 @@ def _no_init(weight: torch.Tensor) -> None:
     """Leave the weight as allocated (it is overwritten by loaded values)."""
 
 
-def transformer_config(arch: Arch, cfg, backend: Backend, initialize: bool = True) -> TransformerConfig:
+def transformer_config(arch, cfg, backend: Backend, initialize: bool = True) -> TransformerConfig:
     """megatron-core TransformerConfig for this run: architecture, layout, precision, recompute.
 
     ``initialize=False`` leaves the weights' values unset, for models whose every weight is loaded next
@@ -109,14 +113,14 @@ def transformer_config(arch: Arch, cfg, backend: Backend, initialize: bool = Tru
     return TransformerConfig(**kwargs)
 
 
-def build_model(arch: Arch, tconfig: TransformerConfig, padded_vocab: int, seq_length: int,
+def build_model(arch, tconfig: TransformerConfig, padded_vocab: int, seq_length: int,
                 backend: Backend, unfuse_norms: bool = False) -> list:
     """This rank's model chunks, one per virtual pipeline stage, as the family builds them (GPTModels, or a
     VLM's models.vlm.VisionLanguageModel)."""
     return arch.family.build(arch, tconfig, padded_vocab, seq_length, backend, unfuse_norms)
 
 
-def build_gpt_chunks(arch: Arch, tconfig: TransformerConfig, padded_vocab: int, seq_length: int,
+def build_gpt_chunks(arch, tconfig: TransformerConfig, padded_vocab: int, seq_length: int,
                      backend: Backend, unfuse_norms: bool = False, scatter_sp: bool = True) -> List[GPTModel]:
     """One GPTModel per virtual pipeline stage held by this rank (one when vpp is off).
 

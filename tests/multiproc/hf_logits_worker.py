@@ -45,7 +45,8 @@ def _load(trainer, cfg, folder: str) -> list:
 
     from omegaconf import OmegaConf
 
-    from megatron_swift.convert.hf_config import hf_family_name, read_hf_config
+    from megatron_swift.convert.hf_config import read_hf_config
+    from megatron_swift.models.families import hf_family_name
     from megatron_swift.convert.hf_load import load_hf_weights
     from megatron_swift.models.arch import padded_vocab_size, resolve
     from megatron_swift.models.builder import build_model, transformer_config
