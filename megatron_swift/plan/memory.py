@@ -81,9 +81,9 @@ def layer_params(arch, layout: Layout) -> Dict[str, int]:
     q, kv = arch.num_attention_heads * arch.kv_channels, arch.num_query_groups * arch.kv_channels
     dense = 2 * h  # input and pre-MLP norms
     dense += h * (q + 2 * kv) // t + q * h // t
-    if arch.decoder_family.add_qkv_bias:
+    if arch.uses_qkv_bias:
         dense += (q + 2 * kv) // t
-    if arch.decoder_family.qk_layernorm:
+    if arch.uses_qk_norm:
         dense += 2 * arch.kv_channels
     expert = 0
     if arch.is_moe:

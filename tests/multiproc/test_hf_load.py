@@ -20,7 +20,8 @@ def _save_tiny(kind: str, folder, dtype=torch.float32, **extra):
     common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                   num_attention_heads=4, max_position_embeddings=128, rms_norm_eps=1e-6)
     common.update(extra)
-    hf_name = {"qwen3": "Qwen3", "qwen2": "Qwen2", "llama": "Llama", "mistral": "Mistral", "qwen3_moe": "Qwen3Moe"}[kind]
+    hf_name = {"qwen3": "Qwen3", "qwen2": "Qwen2", "llama": "Llama", "mistral": "Mistral", "qwen3_moe": "Qwen3Moe",
+               "mixtral": "Mixtral", "qwen2_moe": "Qwen2Moe", "glm4_moe": "Glm4Moe"}[kind]
     config = getattr(transformers, hf_name + "Config")(**common)
     torch.manual_seed(0)
     model = getattr(transformers, hf_name + "ForCausalLM")(config)
@@ -29,6 +30,9 @@ def _save_tiny(kind: str, folder, dtype=torch.float32, **extra):
         for name, p in model.named_parameters():
             if "norm" in name or name.endswith("bias"):
                 p.normal_(1.0 if "norm" in name else 0.0, 0.2)
+        for name, b in model.named_buffers():  # a router's selection bias (GLM-4.5), zero as initialised
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0.0, 0.2)
     model.to(dtype).save_pretrained(folder)
     return model
 
@@ -201,3 +205,65 @@ def test_rope_variants_logits_equal_hf_logits(rope_models, tmp_path, layout):
         # The RoPE keys move transformers' logits by far more than the tolerance.
         assert effect > 20 * 1e-4, f"{name}: the RoPE keys change HF's logits by {effect} only"
         assert diff < 1e-4, f"{name}: max |logit diff| {diff}"
+
+
+# MoE families (issue 28): every layout of one launch loads all of them (hf_logits_worker --also). Shapes differ
+# from the tiny sizes and from each other: head_dim other than hidden/heads, expert counts and widths, dense
+# layers among MoE layers (mlp_only_layers, decoder_sparse_step, first_k_dense_replace), shared experts with and
+# without a gate, sigmoid routing with a correction bias, expert groups, QK norm and QKV bias on and off.
+MOE_MODELS = {
+    "mixtral": ("mixtral", dict(num_key_value_heads=2, head_dim=24, num_local_experts=6, num_experts_per_tok=2,
+                                intermediate_size=40, tie_word_embeddings=False)),
+    "qwen2_moe": ("qwen2_moe", dict(num_key_value_heads=2, num_experts=6, num_experts_per_tok=3,
+                                    moe_intermediate_size=24, shared_expert_intermediate_size=40,
+                                    mlp_only_layers=[0, 2], tie_word_embeddings=False)),
+    "qwen2_moe-step": ("qwen2_moe", dict(num_attention_heads=8, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                                         moe_intermediate_size=16, shared_expert_intermediate_size=48,
+                                         decoder_sparse_step=2, norm_topk_prob=True, tie_word_embeddings=True)),
+    "glm4_moe": ("glm4_moe", dict(num_key_value_heads=2, head_dim=32, n_routed_experts=6, num_experts_per_tok=2,
+                                  moe_intermediate_size=24, n_shared_experts=2, first_k_dense_replace=1,
+                                  routed_scaling_factor=1.7, attention_bias=True, use_qk_norm=True,
+                                  num_nextn_predict_layers=0, tie_word_embeddings=False)),
+    "glm4_moe-groups": ("glm4_moe", dict(num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2,
+                                         moe_intermediate_size=16, n_shared_experts=1, first_k_dense_replace=2,
+                                         n_group=2, topk_group=1, routed_scaling_factor=2.5, attention_bias=False,
+                                         use_qk_norm=False, num_nextn_predict_layers=0, tie_word_embeddings=False)),
+}
+
+
+@pytest.fixture(scope="module")
+def moe_models(tmp_path_factory):
+    """Each MoE model saved once, with transformers' logits."""
+    root = tmp_path_factory.mktemp("moe")
+    tokens = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(3))
+    torch.save(tokens, root / "tokens.pt")
+    models = {}
+    for name, (kind, extra) in MOE_MODELS.items():
+        with torch.no_grad():
+            models[name] = (kind, root / name, _save_tiny(kind, root / name, **extra)(tokens).logits.float())
+    return root, models
+
+
+MOE_LAYOUTS = {"tp1": [], "tp2": ["parallel.tp=2"], "pp2": ["parallel.pp=2"], "ep2": ["parallel.ep=2"],
+               "tp2-ep2": ["parallel.tp=2", "parallel.ep=2", "parallel.etp=1"]}
+
+
+@pytest.mark.parametrize("layout", list(MOE_LAYOUTS))
+def test_moe_families_logits_equal_hf_logits(moe_models, tmp_path, layout):
+    root, models = moe_models
+    names = list(models)
+    first_kind, first_folder = models[names[0]][:2]
+    also = [f"--also={models[n][1]},{tmp_path / n}.pt" for n in names[1:]]
+    overrides = [f"+model={first_kind}", f"model.pretrained={first_folder}", "train.precision=fp32",
+                 "train.device=cpu", f"train.output_dir={tmp_path / 'run'}", "logging.tensorboard=false",
+                 *MOE_LAYOUTS[layout]]
+    nproc = 2 if MOE_LAYOUTS[layout] else 1
+    proc = subprocess.run(launch_cmd(nproc, [str(root / "tokens.pt"), str(tmp_path / f"{names[0]}.pt"),
+                                             *overrides, *also], script=WORKER),
+                          cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    for name in names:
+        got = torch.load(tmp_path / f"{name}.pt", weights_only=True)[..., :VOCAB]
+        diff = (got - models[name][2]).abs().max().item()
+        print(f"{name} {layout}: max |logit diff| {diff:.2e}")
+        assert diff < 1e-4, f"{name} {layout}: max |logit diff| {diff}"
