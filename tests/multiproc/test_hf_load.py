@@ -244,26 +244,37 @@ def moe_models(tmp_path_factory):
     return root, models
 
 
-MOE_LAYOUTS = {"tp1": [], "tp2": ["parallel.tp=2"], "pp2": ["parallel.pp=2"], "ep2": ["parallel.ep=2"],
-               "tp2-ep2": ["parallel.tp=2", "parallel.ep=2", "parallel.etp=1"]}
+# One launch of two processes covers every layout: TP=1 (two data-parallel ranks), then megatron-core's groups
+# rebuilt for the others (hf_logits_worker --then); the EP=2 models are also saved for the round trip
+# (test_hf_export).
+MOE_LAYOUTS = {"tp2": "parallel.tp=2", "pp2": "parallel.tp=1,parallel.pp=2",
+               "ep2": "parallel.pp=1,parallel.ep=2",
+               "tp2-ep2": "parallel.tp=2,parallel.ep=2,parallel.etp=1"}
 
 
-@pytest.mark.parametrize("layout", list(MOE_LAYOUTS))
-def test_moe_families_logits_equal_hf_logits(moe_models, tmp_path, layout):
+@pytest.fixture(scope="module")
+def moe_run(moe_models, tmp_path_factory):
+    """The launch: (folder of its outputs, models)."""
     root, models = moe_models
+    out = tmp_path_factory.mktemp("moe-run")
     names = list(models)
     first_kind, first_folder = models[names[0]][:2]
-    also = [f"--also={models[n][1]},{tmp_path / n}.pt" for n in names[1:]]
+    also = [f"--also={models[n][1]},{out / n}.pt" for n in names[1:]]
+    then = [f"--then={name}:{layout}" for name, layout in MOE_LAYOUTS.items()]
     overrides = [f"+model={first_kind}", f"model.pretrained={first_folder}", "train.precision=fp32",
-                 "train.device=cpu", f"train.output_dir={tmp_path / 'run'}", "logging.tensorboard=false",
-                 *MOE_LAYOUTS[layout]]
-    nproc = 2 if MOE_LAYOUTS[layout] else 1
-    proc = subprocess.run(launch_cmd(nproc, [str(root / "tokens.pt"), str(tmp_path / f"{names[0]}.pt"),
-                                             *overrides, *also], script=WORKER),
-                          cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=400)
+                 "train.device=cpu", f"train.output_dir={out / 'run'}", "logging.tensorboard=false"]
+    proc = subprocess.run(launch_cmd(2, [str(root / "tokens.pt"), str(out / f"{names[0]}.pt"), *overrides, *also,
+                                         *then, "--save=ep2"], script=WORKER),
+                          cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-5000:]
-    for name in names:
-        got = torch.load(tmp_path / f"{name}.pt", weights_only=True)[..., :VOCAB]
-        diff = (got - models[name][2]).abs().max().item()
+    return out, models
+
+
+@pytest.mark.parametrize("layout", ["tp1", *MOE_LAYOUTS])
+def test_moe_families_logits_equal_hf_logits(moe_run, layout):
+    out, models = moe_run
+    for name, (_, _, expected) in models.items():
+        got = torch.load(out / (f"{name}.pt" if layout == "tp1" else f"{name}.{layout}.pt"), weights_only=True)
+        diff = (got[..., :VOCAB] - expected).abs().max().item()
         print(f"{name} {layout}: max |logit diff| {diff:.2e}")
         assert diff < 1e-4, f"{name} {layout}: max |logit diff| {diff}"
