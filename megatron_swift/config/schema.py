@@ -222,7 +222,7 @@ class TrainConfig:
     device: str = "auto"
     """auto (CUDA if available), cuda or cpu."""
     freeze: List[str] = field(default_factory=list)
-    """Parameter groups to freeze: embedding, output_layer, attention, mlp, router, experts, norms; VLMs also vision, projector, llm."""
+    """Parameter groups to freeze: embedding, output_layer, attention, mlp, router, experts, shared_experts, norms; VLMs also vision, projector, llm."""
     train_vision: bool = False
     """VLMs: train the vision encoder too (frozen by default, as the peers do; train.freeze=[vision] is then implied)."""
     freeze_regex: Optional[str] = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import json
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -278,3 +279,34 @@ def test_moe_families_logits_equal_hf_logits(moe_run, layout):
         diff = (got[..., :VOCAB] - expected).abs().max().item()
         print(f"{name} {layout}: max |logit diff| {diff:.2e}")
         assert diff < 1e-4, f"{name} {layout}: max |logit diff| {diff}"
+
+
+def test_moe_families_round_trip_is_bitwise(moe_run, tmp_path):
+    """HF -> Megatron (loaded under EP=2 and saved by the launch above) -> HF (the export tool's convert, one
+    process for all models): every tensor and config.json as they were. A bf16 export keeps the router's
+    selection bias in float32, as checkpoints store it."""
+    import json
+
+    from safetensors.torch import load_file
+
+    out, models = moe_run
+    jobs = [(str(out / f"{name}.ep2.ckpt"), str(tmp_path / name), None) for name in models]
+    jobs.append((str(out / "glm4_moe.ep2.ckpt"), str(tmp_path / "glm4_moe-bf16"), "bf16"))
+    script = ("import json, sys; sys.path.insert(0, 'tools/convert'); from mcore_to_hf import convert\n"
+              "for ckpt, dest, dtype in json.loads(sys.argv[1]): convert(ckpt, dest, dtype)")
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps(jobs)], cwd=ROOT, env=train_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    volatile = {"transformers_version", "torch_dtype", "dtype"}
+    for name, (_, folder, _) in models.items():
+        original, exported = load_file(folder / "model.safetensors"), load_file(tmp_path / name / "model.safetensors")
+        assert sorted(exported) == sorted(original), name
+        for key, tensor in original.items():
+            assert exported[key].dtype == tensor.dtype and torch.equal(exported[key], tensor), f"{name}: {key}"
+        configs = [{k: v for k, v in json.loads((f / "config.json").read_text()).items() if k not in volatile}
+                   for f in (folder, tmp_path / name)]
+        assert configs[0] == configs[1], name
+    bf16 = load_file(tmp_path / "glm4_moe-bf16" / "model.safetensors")
+    biases = [k for k in bf16 if k.endswith("e_score_correction_bias")]
+    assert biases and all(bf16[k].dtype == torch.float32 for k in biases)
+    assert bf16["model.embed_tokens.weight"].dtype == torch.bfloat16
