@@ -107,7 +107,7 @@ def test_glm_mtp_layers_are_dropped_with_a_line(saved, tmp_path, capsys):
     hf.update(num_nextn_predict_layers=1)
     family = families.get("glm4_moe")
     family.read_hf(hf, str(tmp_path))
-    assert f"num_nextn_predict_layers=1" in capsys.readouterr().out
+    assert "num_nextn_predict_layers=1" in capsys.readouterr().out
     arch = _arch("glm4_moe", folder)
     n = arch.num_layers
     assert family.hf_unused(arch, f"model.layers.{n}.eh_proj.weight")

@@ -52,7 +52,6 @@ class LayerwiseCheckpoint:
         from megatron_swift import backend as backend_mod
         from megatron_swift.models import families
         from megatron_swift.models.arch import Arch
-        from megatron_swift.models.builder import build_model, transformer_config
         from megatron_swift.training import checkpoint
 
         self.ckpt = ckpt
@@ -74,20 +73,22 @@ class LayerwiseCheckpoint:
         pattern = Arch(family=self.family, **self.meta["arch"]).moe_layer_pattern
         self.kinds = pattern or [None] * self.num_layers
         self.per_layer = pattern is not None
-        self._build = lambda kind: self._one_layer_model(kind, be, build_model, transformer_config)
+        self._backend = be
         self.adapter_only = bool(checkpoint.read_meta(ckpt).get("adapter_only"))
         self._models = {}
         self.model = self._model_of(self.kinds[0])
         self._stored = SafeFileSystemReader(ckpt).read_metadata().state_dict_metadata
 
-    def _one_layer_model(self, kind, be, build_model, transformer_config):
+    def _one_layer_model(self, kind):
         """A one-layer model whose layer is of ``kind`` (None: the model's only kind)."""
         from megatron_swift.models.arch import Arch
+        from megatron_swift.models.builder import build_model, transformer_config
 
         fields = dict(self.meta["arch"], num_layers=1)
         if kind is not None:  # that layer routes (1) or is dense (0), whatever the model's pattern says
             fields.update(moe_dense_first=0, moe_sparse_step=1, moe_dense_layers=() if kind else (0,))
         arch = Arch(family=self.family, **fields)
+        be = self._backend
         tconfig = transformer_config(arch, self.cfg, be, initialize=False)
         (model,) = build_model(arch, tconfig, self.meta["padded_vocab_size"], self.cfg.train.seq_length, be)
         if self.cfg.get("tuner", {}).get("name", "none") == "lora":
@@ -99,7 +100,7 @@ class LayerwiseCheckpoint:
 
     def _model_of(self, kind):
         if kind not in self._models:
-            self._models[kind] = self._build(kind)
+            self._models[kind] = self._one_layer_model(kind)
         return self._models[kind]
 
     def sections(self):

@@ -25,9 +25,9 @@ def main() -> None:
     import torch
     import torch.distributed as dist
     from check import megatron_logits
-    from megatron.core import parallel_state as ps
 
     from megatron_swift.config.compose import compose
+    from megatron_swift.models.arch import padded_vocab_size
     from megatron_swift.training.loop import setup
 
     tokens_file, out_file, args = sys.argv[1], sys.argv[2], sys.argv[3:]
@@ -39,8 +39,6 @@ def main() -> None:
     first_folder = cfg.model.pretrained
     trainer = setup(cfg)
     tokens = torch.load(tokens_file, weights_only=True)
-    from megatron_swift.models.arch import padded_vocab_size
-
     first = (trainer.model, trainer.arch,
              padded_vocab_size(trainer.arch.vocab_size, cfg.model.make_vocab_size_divisible_by, cfg.parallel.tp))
     models = [(out_file, lambda: first)]
