@@ -355,5 +355,10 @@ def precheck(cfg) -> None:
     from megatron_swift.backend.device import resolve_device, te_available
 
     device = resolve_device(cfg.train.device)
-    validate(cfg, int(os.environ.get("WORLD_SIZE", "1")), te_available=device == "cuda" and te_available(),
-             device=device)
+    arch = validate(cfg, int(os.environ.get("WORLD_SIZE", "1")), te_available=device == "cuda" and te_available(),
+                    device=device)
+    par = cfg.parallel
+    if arch.is_moe and par.tp > 1 and not par.sp and cfg.train.train_iters != 0:
+        # megatron-core 0.16 (MoELayer.forward) raises in training mode; forward-only tools are not affected.
+        raise ConfigError([f"parallel.tp={par.tp} on a MoE model needs parallel.sp=true to train (megatron-core "
+                           "refuses MoE layers under tensor parallelism without sequence parallelism)"])
