@@ -143,3 +143,17 @@ def test_shared_experts_freeze_group_names_them_only():
     assert pattern.search("decoder.layers.3.mlp.shared_experts.linear_fc1.weight")
     assert pattern.search("decoder.layers.3.mlp.shared_experts.gate_weight")
     assert not pattern.search("decoder.layers.3.mlp.experts.local_experts.0.linear_fc1.weight")
+
+
+def test_training_moe_under_tp_needs_sequence_parallelism(monkeypatch):
+    """megatron-core 0.16 raises inside the MoE layer's training forward under TP without SP: one config line
+    before any work instead; with parallel.sp=true (or no training steps) the config passes."""
+    from megatron_swift.config.errors import ConfigError
+    from megatron_swift.config.validate import precheck
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    base = ["+model=glm4_moe", "parallel.tp=2", "train.device=cpu", "train.global_batch_size=2"]
+    with pytest.raises(ConfigError, match="parallel.tp=2 on a MoE model needs parallel.sp=true"):
+        precheck(compose([*base, "train.train_iters=1"]))
+    precheck(compose([*base, "train.train_iters=1", "parallel.sp=true"]))
+    precheck(compose([*base, "train.train_iters=0"]))
