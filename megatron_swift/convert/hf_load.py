@@ -152,11 +152,20 @@ def param_sources(chunks, arch, padded_vocab: int):
         # The language layers' global numbers; a VLM's vision layers sit on the first stage, offset 0 too.
         offsets = dict(layer=get_transformer_layer_offset(chunk.config, vp_stage=vp_stage if vpp > 1 else None),
                        expert=expert_offset)
-        for name, param in chunk.named_parameters():
+        for name, param in loadable_tensors(chunk, rules):
             # Expert weights are not all-reduced across DP and are split over the expert TP group.
             is_expert = not getattr(param, "allreduce", True)
             ctx, rank = (expert, etp_rank) if is_expert else (arch.family.context(name, arch, dense), tp_rank)
             yield name, param, rules, offsets, ctx, rank
+
+
+def loadable_tensors(module, rules):
+    """(name, tensor) of every parameter, and of the buffers the table names (a router's expert bias is a
+    buffer in megatron-core, a tensor of the checkpoint)."""
+    yield from module.named_parameters()
+    for name, buffer in module.named_buffers():
+        if any(pattern.match(name) for pattern, _ in rules):
+            yield name, buffer
 
 
 def _check_head(reader: SafetensorsFolder, head: str, lm_head: str = "lm_head.weight") -> bool:

@@ -52,7 +52,6 @@ class LayerwiseCheckpoint:
         from megatron_swift import backend as backend_mod
         from megatron_swift.models import families
         from megatron_swift.models.arch import Arch
-        from megatron_swift.models.builder import build_model, transformer_config
         from megatron_swift.training import checkpoint
 
         self.ckpt = ckpt
@@ -69,16 +68,40 @@ class LayerwiseCheckpoint:
         be = backend_mod.init("cpu")
         if not ps.model_parallel_is_initialized():
             ps.initialize_model_parallel()
-        arch = Arch(family=self.family, **dict(self.meta["arch"], num_layers=1))
-        tconfig = transformer_config(arch, self.cfg, be, initialize=False)
-        (self.model,) = build_model(arch, tconfig, self.meta["padded_vocab_size"], self.cfg.train.seq_length, be)
+        # Layers of two kinds (dense MLP among MoE layers) are stored per layer, each read into a one-layer
+        # model of its kind (1: routed experts, 0: dense), built when first needed.
+        pattern = Arch(family=self.family, **self.meta["arch"]).moe_layer_pattern
+        self.kinds = pattern or [None] * self.num_layers
+        self.per_layer = pattern is not None
+        self._backend = be
         self.adapter_only = bool(checkpoint.read_meta(ckpt).get("adapter_only"))
+        self._models = {}
+        self.model = self._model_of(self.kinds[0])
+        self._stored = SafeFileSystemReader(ckpt).read_metadata().state_dict_metadata
+
+    def _one_layer_model(self, kind):
+        """A one-layer model whose layer is of ``kind`` (None: the model's only kind)."""
+        from megatron_swift.models.arch import Arch
+        from megatron_swift.models.builder import build_model, transformer_config
+
+        fields = dict(self.meta["arch"], num_layers=1)
+        if kind is not None:  # that layer routes (1) or is dense (0), whatever the model's pattern says
+            fields.update(moe_dense_first=0, moe_sparse_step=1, moe_dense_layers=() if kind else (0,))
+        arch = Arch(family=self.family, **fields)
+        be = self._backend
+        tconfig = transformer_config(arch, self.cfg, be, initialize=False)
+        (model,) = build_model(arch, tconfig, self.meta["padded_vocab_size"], self.cfg.train.seq_length, be)
         if self.cfg.get("tuner", {}).get("name", "none") == "lora":
             from megatron_swift.tuners.apply import apply_tuner
 
-            apply_tuner([self.model], self.cfg, check_patterns=False)  # the adapters' parameters, to read into
-        self.model.requires_grad_(False)  # read in place into views of the weights
-        self._stored = SafeFileSystemReader(ckpt).read_metadata().state_dict_metadata
+            apply_tuner([model], self.cfg, check_patterns=False)  # the adapters' parameters, to read into
+        model.requires_grad_(False)  # read in place into views of the weights
+        return model
+
+    def _model_of(self, kind):
+        if kind not in self._models:
+            self._models[kind] = self._one_layer_model(kind)
+        return self._models[kind]
 
     def sections(self):
         """(layer index, its parameters) in reading order: (None, embedding/norm/output) then each layer."""
@@ -94,10 +117,13 @@ class LayerwiseCheckpoint:
     def layer_params(self, index: int) -> Iterator[Tuple[str, torch.Tensor]]:
         """Parameters of decoder layer ``index``, named as layer 0 (``decoder.layers.0.*``)."""
         prefix = self.layers + "0."
+        self.model = self._model_of(self.kinds[index])
         layer = self.model.get_submodule(self.layers.rstrip("."))[0]
-        if self.adapter_only:  # stored with per-layer (and per-expert) keys: training.checkpoint._PER_LAYER
-            metadata = ensure_metadata_has_dp_cp_group(dict(non_homogeneous_layers=True, singleton_local_shards=True))
-            sharded = layer.sharded_state_dict(prefix, [], metadata)
+        if self.adapter_only or self.per_layer:
+            # Per-layer keys: an adapter-only checkpoint's (and per-expert: training.checkpoint._PER_LAYER), or
+            # those megatron-core writes for layers of two kinds.
+            extra = dict(non_homogeneous_layers=True, singleton_local_shards=True) if self.adapter_only else None
+            sharded = layer.sharded_state_dict(prefix, [], ensure_metadata_has_dp_cp_group(extra))
             replace_prefix_for_sharding(sharded, prefix, f"{self.layers}{index}.")
         else:
             sharded = layer.sharded_state_dict(prefix, [(0, index, self.num_layers)],
@@ -107,7 +133,10 @@ class LayerwiseCheckpoint:
 
     def _read(self, sharded: Dict[str, object], wanted) -> Iterator[Tuple[str, torch.Tensor]]:
         """The wanted parameters; of an adapter-only checkpoint, those it holds (adapters, trained modules)."""
+        stored = {id(getattr(v, "data", None)) for v in _sharded_tensors(dict(sharded))}
         params = [(name, p) for name, p in self.model.named_parameters() if wanted(name)]
+        # Buffers a checkpoint holds (a router's expert bias), after the parameters.
+        params += [(name, b) for name, b in self.model.named_buffers() if wanted(name) and id(b) in stored]
         if self.adapter_only:
             sharded = {k: v for k, v in sharded.items() if self._holds(v)}
             held = {id(getattr(v, "data", None)) for v in sharded.values()}

@@ -1,4 +1,9 @@
-"""Build this rank's megatron-core GPTModel chunk(s) from a resolved architecture."""
+"""Build this rank's megatron-core GPTModel chunk(s) from a resolved architecture.
+
+Layering (one-way, tests/test_import_layers.py): this module reads a resolved architecture (a models.arch.Arch,
+duck-typed: it does not import models.arch) and the traits of its family object; model families
+(models/families) call into it, and models.arch (which resolves a config through the family registry) sits
+above both."""
 from __future__ import annotations
 
 from typing import List
@@ -12,7 +17,6 @@ from megatron.core.transformer import TransformerConfig
 
 from megatron_swift.backend import Backend
 from megatron_swift.models import rope
-from megatron_swift.models.arch import Arch
 from megatron_swift.models.attention import use_core_attention
 from megatron_swift.models.norm import swap_torch_norms, unfuse_layernorm_linears
 from megatron_swift.models.reward_head import RewardHead
@@ -32,7 +36,7 @@ def _no_init(weight: torch.Tensor) -> None:
     """Leave the weight as allocated (it is overwritten by loaded values)."""
 
 
-def transformer_config(arch: Arch, cfg, backend: Backend, initialize: bool = True) -> TransformerConfig:
+def transformer_config(arch, cfg, backend: Backend, initialize: bool = True) -> TransformerConfig:
     """megatron-core TransformerConfig for this run: architecture, layout, precision, recompute.
 
     ``initialize=False`` leaves the weights' values unset, for models whose every weight is loaded next
@@ -53,8 +57,8 @@ def transformer_config(arch: Arch, cfg, backend: Backend, initialize: bool = Tru
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
-        add_qkv_bias=arch.decoder_family.add_qkv_bias,
-        qk_layernorm=arch.decoder_family.qk_layernorm,
+        add_qkv_bias=arch.uses_qkv_bias,
+        qk_layernorm=arch.uses_qk_norm,
         hidden_dropout=model.hidden_dropout,
         attention_dropout=model.attention_dropout,
         init_method_std=model.init_method_std,
@@ -105,18 +109,36 @@ def transformer_config(arch: Arch, cfg, backend: Backend, initialize: bool = Tru
             moe_grouped_gemm=backend.use_te and cfg.tuner.name != "lora",
             moe_router_pre_softmax=arch.moe_router_pre_softmax,
             moe_router_dtype="fp32",
+            **_moe_layout(arch),
         )
     return TransformerConfig(**kwargs)
 
 
-def build_model(arch: Arch, tconfig: TransformerConfig, padded_vocab: int, seq_length: int,
+def _moe_layout(arch) -> dict:
+    """megatron-core settings of the MoE axes beyond routed experts (families/base.Size documents them)."""
+    kwargs = dict(moe_router_score_function=arch.moe_score_function,
+                  moe_router_topk_scaling_factor=arch.moe_topk_scaling_factor)
+    if arch.moe_layer_pattern is not None:  # dense layers among the MoE ones: megatron-core's per-layer list
+        kwargs.update(moe_layer_freq=arch.moe_layer_pattern)
+    if arch.moe_shared_ffn_hidden_size:
+        kwargs.update(moe_shared_expert_intermediate_size=arch.moe_shared_ffn_hidden_size,
+                      moe_shared_expert_gate=arch.moe_shared_expert_gate)
+    if arch.moe_expert_bias:
+        # The checkpoint's bias is used as it is: no aux-loss-free updates while fine-tuning (rate 0).
+        kwargs.update(moe_router_enable_expert_bias=True, moe_router_bias_update_rate=0.0)
+    if arch.moe_num_groups and arch.moe_num_groups > 1:
+        kwargs.update(moe_router_num_groups=arch.moe_num_groups, moe_router_group_topk=arch.moe_group_topk)
+    return kwargs
+
+
+def build_model(arch, tconfig: TransformerConfig, padded_vocab: int, seq_length: int,
                 backend: Backend, unfuse_norms: bool = False) -> list:
     """This rank's model chunks, one per virtual pipeline stage, as the family builds them (GPTModels, or a
     VLM's models.vlm.VisionLanguageModel)."""
     return arch.family.build(arch, tconfig, padded_vocab, seq_length, backend, unfuse_norms)
 
 
-def build_gpt_chunks(arch: Arch, tconfig: TransformerConfig, padded_vocab: int, seq_length: int,
+def build_gpt_chunks(arch, tconfig: TransformerConfig, padded_vocab: int, seq_length: int,
                      backend: Backend, unfuse_norms: bool = False, scatter_sp: bool = True) -> List[GPTModel]:
     """One GPTModel per virtual pipeline stage held by this rank (one when vpp is off).
 

@@ -24,6 +24,7 @@ from megatron.core.models.vision.multimodal_projector import MultimodalProjector
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
 
+from megatron_swift.models.builder import build_gpt_chunks
 from megatron_swift.models.vision import build_vision_model, vision_config
 
 _PROJECTOR_ACTIVATIONS = {"gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
@@ -113,8 +114,6 @@ def _shared_settings(tconfig: TransformerConfig) -> dict:
 def build_vlm_chunks(arch, tconfig: TransformerConfig, padded_vocab: int, seq_length: int, backend,
                      unfuse_norms: bool = False) -> List[VisionLanguageModel]:
     """This rank's chunks: the language model's GPTModel chunks, the first holding the encoder and projector."""
-    from megatron_swift.models.builder import build_gpt_chunks
-
     chunks = []
     language = build_gpt_chunks(arch, tconfig, padded_vocab, seq_length, backend, unfuse_norms, scatter_sp=False)
     for vp_stage, lm in enumerate(language):

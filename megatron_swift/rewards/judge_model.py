@@ -15,7 +15,8 @@ from omegaconf import OmegaConf
 def _judge_arch(cfg, folder: str):
     """The judge's architecture from its config.json alone (none of the policy's model.* overrides apply)."""
     from megatron_swift.config.schema import ModelConfig
-    from megatron_swift.convert.hf_config import hf_family_name, read_hf_config
+    from megatron_swift.convert.hf_config import read_hf_config
+    from megatron_swift.models.families import hf_family_name
     from megatron_swift.models.arch import resolve
 
     family = hf_family_name(read_hf_config(folder), folder)

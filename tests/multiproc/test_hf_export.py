@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from megatron_swift.convert.safetensors_io import current_umask
 
 from tests.conftest import ROOT, free_port, launch_cmd, run_train, train_env
-from tests.multiproc.test_hf_load import CASES, ROPE_MODELS, VOCAB, WORKER, _save_tiny, _v4_spelling
+from tests.multiproc.test_hf_load import CASES, MOE_MODELS, ROPE_MODELS, VOCAB, WORKER, _save_tiny, _v4_spelling
 
 CONVERT = ROOT / "tools" / "convert" / "mcore_to_hf.py"
 HF_TO_MCORE = ROOT / "tools" / "convert" / "hf_to_mcore.py"
@@ -114,13 +114,19 @@ def test_trained_export_loads_in_transformers_with_megatron_logits(tmp_path):
     assert (hf_logits - before).abs().max().item() > 1e-3  # the exported weights are the trained ones
 
 
-def test_check_tool_reports_logit_agreement(tmp_path):
-    kind, extra, _, _ = CASES["qwen3-tp2"]
+@pytest.mark.parametrize("case", ["qwen3-tp2", "glm4_moe-ep2"])
+def test_check_tool_reports_logit_agreement(tmp_path, case):
+    """The check users run on a folder (the issue's GLM-4.5 command: parallel.ep=2)."""
+    if case == "glm4_moe-ep2":
+        (kind, extra), layout = MOE_MODELS["glm4_moe"], ["parallel.ep=2"]
+    else:
+        kind, extra, _, _ = CASES[case]
+        layout = ["parallel.tp=2"]
     _save_tiny(kind, tmp_path / "hf", **extra)
     report = tmp_path / "report.json"
     port = free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", str(CHECK),
-           "--hf", str(tmp_path / "hf"), "--report", str(report), "parallel.tp=2", "train.device=cpu"]
+           "--hf", str(tmp_path / "hf"), "--report", str(report), *layout, "train.device=cpu"]
     proc = subprocess.run(cmd, cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     figures = json.loads(report.read_text())

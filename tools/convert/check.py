@@ -71,7 +71,8 @@ def _check(args, overrides) -> None:
     import torch
     import torch.distributed as dist
     from megatron_swift.config.compose import compose
-    from megatron_swift.convert.hf_config import hf_family_name, read_hf_config
+    from megatron_swift.convert.hf_config import read_hf_config
+    from megatron_swift.models.families import hf_family_name
     from megatron_swift.training.loop import setup
 
     hf_config = read_hf_config(args.hf)

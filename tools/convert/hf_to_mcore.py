@@ -20,7 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 def convert(args, overrides) -> None:
     from megatron_swift.config.compose import compose
-    from megatron_swift.convert.hf_config import hf_family_name, read_hf_config
+    from megatron_swift.convert.hf_config import read_hf_config
+    from megatron_swift.models.families import hf_family_name
     from megatron_swift.convert.to_mcore import hf_to_checkpoint
 
     hf_config = read_hf_config(args.hf)

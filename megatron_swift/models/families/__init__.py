@@ -1,14 +1,19 @@
 """Model families, registered by name and by Hugging Face architecture.
 
-A family is one small module in this package that defines ``FAMILY``; adding a
-module here is all it takes to add a family.
+A family is one small module in this package that defines ``FAMILY`` (plus its table parts in
+convert/tables.py); adding a module here is all it takes to add a family. Family modules are found by name
+(pkgutil), never imported from here, and import only lower layers (models.builder, models.vlm, models.rope,
+convert.tables/rules/hf_config): models.arch and everything that resolves a config sit above this package
+(tests/test_import_layers.py).
 """
 from __future__ import annotations
 
 import importlib
 import pkgutil
+import os
 from typing import Dict
 
+from megatron_swift.data.errors import DataError
 from megatron_swift.models.families.base import Family, Size  # noqa: F401
 
 _BY_NAME: Dict[str, Family] = {}
@@ -63,3 +68,13 @@ def by_hf_architecture(arch: str) -> Family:
     if arch not in _BY_HF_ARCH:
         raise KeyError(f"unsupported HF architecture '{arch}'; supported: {', '.join(sorted(_BY_HF_ARCH))}")
     return _BY_HF_ARCH[arch]
+
+
+def hf_family_name(hf: dict, folder: str) -> str:
+    """The registered family that loads this HF config's ``architectures`` (the tools' +model=)."""
+    for arch in hf.get("architectures") or []:
+        if arch in hf_architectures():
+            return by_hf_architecture(arch).name
+    raise DataError(os.path.join(folder, "config.json"), None,
+                    f"architectures {hf.get('architectures')} are not supported; supported: "
+                    f"{', '.join(hf_architectures())}")

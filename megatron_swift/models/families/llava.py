@@ -71,13 +71,13 @@ class LlavaFamily(Family):
     def compose(self, model_cfg) -> dict:
         """An HF causal LM (model.llm) and an HF CLIP/SigLIP encoder (model.vision); the image token is added
         to the vocabulary when the data is read (models.vlm.add_image_token)."""
-        from megatron_swift.convert.hf_config import hf_family_name, read_hf_config
+        from megatron_swift.convert.hf_config import read_hf_config
         from megatron_swift.models import families
 
         if not model_cfg.vision:
             raise CompositionError("model.llm needs model.vision: the HF folder of a CLIP or SigLIP vision encoder")
         llm = read_hf_config(model_cfg.llm)
-        text_family = families.get(hf_family_name(llm, model_cfg.llm))
+        text_family = families.get(families.hf_family_name(llm, model_cfg.llm))
         fields = text_family.read_hf(llm, model_cfg.llm)
         vision_hf = read_hf_config(model_cfg.vision)
         vision_hf = vision_hf.get("vision_config", vision_hf)  # a whole CLIPModel / SiglipModel folder
