@@ -140,7 +140,7 @@ def load_hf_weights(chunks, folder: str, arch, padded_vocab: int) -> None:
         # The language layers' global numbers; a VLM's vision layers sit on the first stage, offset 0 too.
         offsets = dict(layer=get_transformer_layer_offset(chunk.config, vp_stage=vp_stage if vpp > 1 else None),
                        expert=expert_offset)
-        for name, param in chunk.named_parameters():
+        for name, param in _named_tensors(chunk, rules):
             if fresh_head and name.endswith("output_layer.weight"):
                 continue  # a new reward head keeps its initial values
             # Expert weights are not all-reduced across DP and are split over the expert TP group.
@@ -148,6 +148,15 @@ def load_hf_weights(chunks, folder: str, arch, padded_vocab: int) -> None:
             ctx, rank = (expert, etp_rank) if is_expert else (family.context(name, arch, dense), tp_rank)
             _load_param(name, param, rules, reader, offsets, ctx, rank)
     _check_all_used(reader)
+
+
+def _named_tensors(chunk, rules):
+    """The chunk's parameters, then the buffers the table maps (a router's expert bias: a checkpoint value
+    that is not trained by gradients)."""
+    yield from chunk.named_parameters()
+    for name, buffer in chunk.named_buffers():
+        if buffer is not None and any(pattern.match(name) for pattern, _ in rules):
+            yield name, buffer
 
 
 def _check_head(reader: SafetensorsFolder, head: str, lm_head: str = "lm_head.weight") -> bool:

@@ -35,6 +35,7 @@ class Arch:
     # HF rope_scaling as written (None: default RoPE).
     rotary_percent: float = 1.0
     rope_scaling: Optional[RopeScaling] = None
+    family_options: Optional[dict] = None  # numbers only this family has (families.base.Size.family_options)
     head: str = "lm"  # output layer: "lm" (vocabulary logits) or "reward" (one scalar; task=rm)
     # Vision-language models (families/llava.py): the fields above describe the language model.
     text_family: Optional[str] = None  # the language model's family (its decoder traits and weight table)
@@ -69,7 +70,7 @@ class Arch:
                 for f in dataclasses.fields(self) if f.name not in skip for v in [getattr(self, f.name)]}
 
 
-_ROPE_DEFAULTS = {"rotary_percent": 1.0, "rope_scaling": None}
+_ROPE_DEFAULTS = {"rotary_percent": 1.0, "rope_scaling": None, "family_options": None}
 _VLM_FIELDS = ("text_family", "vision", "image_token_id", "vision_select", "projector_activation", "projector_bias")
 
 

@@ -14,6 +14,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.transformer_config import MLATransformerConfig
 
 from megatron_swift.backend import Backend
 from megatron_swift.models import rope
@@ -109,8 +110,12 @@ def transformer_config(arch, cfg, backend: Backend, initialize: bool = True) -> 
             moe_grouped_gemm=backend.use_te and cfg.tuner.name != "lora",
             moe_router_pre_softmax=arch.moe_router_pre_softmax,
             moe_router_dtype="fp32",
+            moe_router_bias_update_rate=model.moe_expert_bias_update_rate,
         )
-    return TransformerConfig(**kwargs)
+    kwargs.update(arch.decoder_family.transformer_fields(arch))
+    # Multi-latent attention's ranks and head dims are fields of megatron-core's MLATransformerConfig.
+    config_class = MLATransformerConfig if kwargs.get("multi_latent_attention") else TransformerConfig
+    return config_class(**kwargs)
 
 
 def build_model(arch, tconfig: TransformerConfig, padded_vocab: int, seq_length: int,

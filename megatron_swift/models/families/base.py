@@ -35,6 +35,9 @@ class Size:
     moe_router_pre_softmax: bool = False
     rotary_percent: float = 1.0  # rotated fraction of each head (HF partial_rotary_factor)
     rope_scaling: Optional[RopeScaling] = None  # HF rope_scaling (models/rope.py); None: default RoPE
+    # Numbers only this family's architecture has, as a plain dict its module documents (families/deepseek.py:
+    # MLA ranks and head dims, routing); None for families without.
+    family_options: Optional[dict] = None
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,16 @@ class Family:
         from megatron_swift.models.builder import build_gpt_chunks
 
         return build_gpt_chunks(arch, tconfig, padded_vocab, seq_length, backend, unfuse_norms)
+
+    def transformer_fields(self, arch) -> dict:
+        """Extra megatron-core TransformerConfig fields of this architecture (``multi_latent_attention=True``
+        makes it an MLATransformerConfig)."""
+        return {}
+
+    def one_layer_fields(self, arch: dict, index: int) -> dict:
+        """Stored architecture numbers (Arch.plain()) of a one-layer model whose layer is built as layer
+        ``index`` is (convert.mcore_read reads a checkpoint one layer at a time into it)."""
+        return dict(arch, num_layers=1)
 
     def rules(self, arch) -> list:
         """The HF <-> Megatron weight table of this architecture."""
