@@ -177,6 +177,9 @@ def _write_config(folder: str, family, arch: dict, dtype_name: str, source: Opti
         config = read_hf_config(source)
         config["torch_dtype"] = dtype_name
         config.pop("dtype", None)
+        if config.pop("quantization_config", None) is not None:  # convert.fp8: dequantized when loaded
+            print(f"export: the source's quantized weights (quantization_config) are written as {dtype_name}; "
+                  "quantization_config is left out of config.json", flush=True)
     else:
         config = family.write_hf(arch, dtype_name)
     if arch.get("head") == "reward":  # transformers reads the score of the last non-padding token
