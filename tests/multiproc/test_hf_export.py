@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from megatron_swift.convert.safetensors_io import current_umask
 
 from tests.conftest import ROOT, launch_cmd, run_train, train_env
-from tests.multiproc.test_hf_load import CASES, ROPE_MODELS, VOCAB, WORKER, _save_tiny, _v4_spelling
+from tests.multiproc.test_hf_load import CASES, DEEPSEEK, ROPE_MODELS, VOCAB, WORKER, _save_tiny, _v4_spelling
 
 CONVERT = ROOT / "tools" / "convert" / "mcore_to_hf.py"
 HF_TO_MCORE = ROOT / "tools" / "convert" / "hf_to_mcore.py"
@@ -56,9 +56,13 @@ def _run_tool(nproc, script, args):
     ("qwen3_moe-ep2", "tool", torch.bfloat16),
     # Llama 3.1-style RoPE scaling written as transformers 4.x did: config.json comes back as written.
     ("llama3-rope-v4", "tool", torch.float32),
+    # DeepSeek-V3: MLA, a dense first layer then MoE layers (stored per layer), the router's correction bias.
+    ("deepseek-v3-ep2", "tool", torch.float32),
 ])
 def test_round_trip_is_bitwise(tmp_path, case, via, dtype):
-    kind, extra, nproc, layout = CASES.get(case) or ("llama", ROPE_MODELS["llama3"][2], 2, ["parallel.tp=2"])
+    others = {"llama3-rope-v4": ("llama", ROPE_MODELS["llama3"][2], 2, ["parallel.tp=2"]),
+              "deepseek-v3-ep2": (*DEEPSEEK["v3"], 2, ["parallel.ep=2"])}
+    kind, extra, nproc, layout = CASES.get(case) or others[case]
     hf_dir, run, out = tmp_path / "hf", tmp_path / "run", tmp_path / "out"
     _save_tiny(kind, hf_dir, dtype=dtype, **extra)
     if case.endswith("-v4"):
