@@ -112,9 +112,11 @@ def vision_params(arch, layout: Layout) -> Dict[str, int]:
 
 def stage_params(arch, padded_vocab: int, layout: Layout, stage: int) -> Dict[str, int]:
     """Parameters held by a rank of pipeline stage ``stage`` ("frozen": those of them that do not train)."""
-    per_layer = layer_params(arch, layout)
     layers = arch.num_layers // layout.pp
-    dense, expert = per_layer["dense"] * layers, per_layer["expert"] * layers
+    dense = expert = 0
+    for index in range(stage * layers, (stage + 1) * layers):  # a family's layers may differ (dense, then MoE)
+        per_layer = arch.decoder_family.layer_params(arch, layout, index) or layer_params(arch, layout)
+        dense, expert = dense + per_layer["dense"], expert + per_layer["expert"]
     vocab_block = padded_vocab * arch.hidden_size // layout.tp
     frozen = 0
     if stage == 0:

@@ -10,7 +10,8 @@ forward pass costs 2 FLOPs per multiply-accumulate of
 * MLP: ``3 * h * f`` for SwiGLU (gate, up, down), or for MoE
   ``topk * 3 * h * f_expert + h * experts`` (router);
 
-plus ``h * V`` for the output layer (``h`` for a reward model's scalar head). Training is 3x the forward (backward
+(a family may count its own layers instead: models/families/deepseek.py's multi-head latent attention and
+dense first layers), plus ``h * V`` for the output layer (``h`` for a reward model's scalar head). Training is 3x the forward (backward
 costs twice the forward). Activation recompute is not counted: this is model
 FLOPs, so MFU does not rise when recompute adds work.
 
@@ -27,6 +28,10 @@ from megatron_swift.models.arch import Arch
 def flops_per_token(arch: Arch, seq_length: int, padded_vocab: int) -> float:
     """Training FLOPs (forward + backward) per token."""
     h = arch.hidden_size
+    outputs = padded_vocab if arch.head == "lm" else 1
+    layers = arch.decoder_family.layer_macs(arch, seq_length)  # a family's own layers (MLA, dense + MoE)
+    if layers is not None:
+        return 3 * 2 * (layers + h * outputs)
     q = arch.num_attention_heads * arch.kv_channels
     kv = arch.num_query_groups * arch.kv_channels
     attention = h * (q + 2 * kv) + q * h + 2 * seq_length * q
@@ -34,7 +39,6 @@ def flops_per_token(arch: Arch, seq_length: int, padded_vocab: int) -> float:
         mlp = arch.moe_router_topk * 3 * h * arch.moe_ffn_hidden_size + h * arch.num_experts
     else:
         mlp = 3 * h * arch.ffn_hidden_size
-    outputs = padded_vocab if arch.head == "lm" else 1
     forward_macs = arch.num_layers * (attention + mlp) + h * outputs
     return 3 * 2 * forward_macs
 

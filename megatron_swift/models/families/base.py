@@ -100,6 +100,21 @@ class Family:
         ``index`` is (convert.mcore_read reads a checkpoint one layer at a time into it)."""
         return dict(arch, num_layers=1)
 
+    def layout_problems(self, arch, cfg) -> list:
+        """What this architecture cannot do under the run's layout (config.validate lists them): one line each,
+        naming the key to change."""
+        return []
+
+    def layer_macs(self, arch, seq_length: int) -> Optional[float]:
+        """Forward multiply-accumulates per token of all decoder layers (training.flops), or None for the
+        formula of GQA attention and (MoE) SwiGLU MLPs there."""
+        return None
+
+    def layer_params(self, arch, layout, index: int) -> Optional[Dict[str, int]]:
+        """Parameters of decoder layer ``index`` on one rank, {"dense": n, "expert": n} (plan.memory), or None
+        for the count of a GQA attention and (MoE) SwiGLU MLP layer there."""
+        return None
+
     def rules(self, arch) -> list:
         """The HF <-> Megatron weight table of this architecture."""
         return self.weights(tied=not arch.untie_embeddings, head=arch.head)

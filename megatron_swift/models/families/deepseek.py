@@ -143,6 +143,54 @@ class DeepSeekFamily(Family):
         return deepseek_style(q_lora=options(arch).q_lora_rank is not None, tied=not arch.untie_embeddings,
                               head=arch.head)
 
+    def layout_problems(self, arch, cfg) -> list:
+        opts, tp = options(arch), cfg.parallel.tp
+        problems = []
+        # megatron-core splits the down-projections' outputs over TP (then gathers them)
+        for key, width in (("q_lora_rank", opts.q_lora_rank),
+                           ("kv_lora_rank + qk_rope_head_dim", opts.kv_lora_rank + opts.qk_rope_head_dim)):
+            if width is not None and width % tp:
+                problems.append(f"parallel.tp={tp} does not divide the model's {key}={width} (MLA's down-projections "
+                                "are split over TP ranks): choose a tp that divides it")
+        if cfg.parallel.cp > 1:
+            problems.append(f"parallel.cp={cfg.parallel.cp}: context parallelism is not supported for multi-head "
+                            "latent attention (+model=deepseek) yet; use parallel.cp=1")
+        return problems
+
+    def layer_macs(self, arch, seq_length: int) -> float:
+        """MLA: the query path (through its LoRA or direct), the KV down- and up-projections, scores over the
+        query/key width and values over the value width (full s x s, as the generic formula), the output
+        projection; then a dense SwiGLU MLP (first layers) or routed top-k experts, shared experts and router."""
+        o, h, n = options(arch), arch.hidden_size, arch.num_attention_heads
+        qk, v = o.qk_nope_head_dim + o.qk_rope_head_dim, o.v_head_dim
+        query = h * o.q_lora_rank + o.q_lora_rank * n * qk if o.q_lora_rank else h * n * qk
+        attention = (query + h * (o.kv_lora_rank + o.qk_rope_head_dim) + o.kv_lora_rank * n * (o.qk_nope_head_dim + v)
+                     + seq_length * n * (qk + v) + n * v * h)
+        dense, moe = 3 * h * arch.ffn_hidden_size, 0.0
+        if arch.is_moe:
+            f = arch.moe_ffn_hidden_size
+            moe = arch.moe_router_topk * 3 * h * f + 3 * h * f * o.n_shared_experts + h * arch.num_experts
+        k = o.first_k_dense_replace if arch.is_moe else arch.num_layers
+        return arch.num_layers * attention + k * dense + (arch.num_layers - k) * moe
+
+    def layer_params(self, arch, layout, index: int) -> dict:
+        """As megatron-core allocates them: the down-projections (column-parallel) and up-projections split over
+        TP, the latent norms replicated; a dense MLP, or router + shared experts (over TP) + this rank's experts."""
+        o, h, n, t = options(arch), arch.hidden_size, arch.num_attention_heads, layout.tp
+        qk, v = o.qk_nope_head_dim + o.qk_rope_head_dim, o.v_head_dim
+        query = (h * o.q_lora_rank // t + o.q_lora_rank + o.q_lora_rank * n * qk // t if o.q_lora_rank
+                 else h * n * qk // t)
+        dense = (2 * h + query + h * (o.kv_lora_rank + o.qk_rope_head_dim) // t + o.kv_lora_rank
+                 + o.kv_lora_rank * n * (o.qk_nope_head_dim + v) // t + n * v * h // t)
+        expert = 0
+        if arch.is_moe and index >= o.first_k_dense_replace:
+            f = arch.moe_ffn_hidden_size
+            dense += arch.num_experts * h + 3 * h * f * o.n_shared_experts // t
+            expert = (arch.num_experts // layout.ep) * 3 * f * h // layout.etp
+        else:
+            dense += 3 * arch.ffn_hidden_size * h // t
+        return {"dense": dense, "expert": expert}
+
     def one_layer_fields(self, arch: dict, index: int) -> dict:
         """Architecture numbers of a one-layer model whose layer is of layer ``index``'s kind (dense or MoE)."""
         opts = dict(arch["family_options"], first_k_dense_replace=int(
