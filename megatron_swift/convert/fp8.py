@@ -39,6 +39,11 @@ def block_size(hf: dict, folder: str) -> Optional[Tuple[int, int]]:
     return int(block[0]), int(block[1])
 
 
+def is_scale(name: str) -> bool:
+    """Whether an HF tensor is a block scale (read with its weight, never written on its own)."""
+    return name.endswith(_SCALE)
+
+
 class Dequantizing:
     """A safetensors reader (hf_load.SafetensorsFolder) whose FP8 weights read as ``weight x scale_inv``."""
 

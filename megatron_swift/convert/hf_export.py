@@ -128,11 +128,13 @@ def _unused_from(source: Optional[str], family, arch) -> Iterable[Tuple[str, tor
     if not source or not os.path.isfile(os.path.join(source, "config.json")):
         yield from family.hf_fill(arch).items()
         return
-    from megatron_swift.convert.hf_load import SafetensorsFolder
+    from megatron_swift.convert.fp8 import Dequantizing, is_scale
+    from megatron_swift.convert.hf_load import open_checkpoint
 
-    reader = SafetensorsFolder(source, family.canonical_hf_name)
+    reader = open_checkpoint(source, family.canonical_hf_name)  # FP8 weights come out dequantized
+    quantized = isinstance(reader, Dequantizing)
     for name in sorted(reader.file_of):
-        if family.hf_unused(arch, name):
+        if family.hf_unused(arch, name) and not (quantized and is_scale(name)):
             yield name, reader.read(name)
 
 

@@ -128,7 +128,7 @@ def load_hf_weights(chunks, folder: str, arch, padded_vocab: int) -> None:
     dense = Context(arch.num_query_groups, arch.kv_channels, padded_vocab, ps.get_tensor_model_parallel_world_size())
     expert = replace(dense, tp=ps.get_expert_tensor_parallel_world_size())
     tp_rank, etp_rank = ps.get_tensor_model_parallel_rank(), ps.get_expert_tensor_parallel_rank()
-    reader = _dequantizing(SafetensorsFolder(folder, family.canonical_hf_name))
+    reader = open_checkpoint(folder, family.canonical_hf_name)
     reader.used.update(n for n in reader.file_of if family.hf_unused(arch, n))  # declared unused by design
     if not arch.untie_embeddings:
         reader.used.add(family.hf_head)  # a tied copy some checkpoints carry; transformers ignores it too
@@ -150,12 +150,13 @@ def load_hf_weights(chunks, folder: str, arch, padded_vocab: int) -> None:
     _check_all_used(reader)
 
 
-def _dequantizing(reader: SafetensorsFolder):
-    """The reader, or for an FP8 block-quantized checkpoint a reader that dequantizes (convert.fp8)."""
+def open_checkpoint(folder: str, canonical=None):
+    """A SafetensorsFolder, or for an FP8 block-quantized checkpoint one that dequantizes (convert.fp8)."""
     from megatron_swift.convert import fp8
     from megatron_swift.convert.hf_config import read_hf_config
 
-    block = fp8.block_size(read_hf_config(reader.folder), reader.folder)
+    reader = SafetensorsFolder(folder, canonical)
+    block = fp8.block_size(read_hf_config(folder), folder)
     return fp8.Dequantizing(reader, block) if block else reader
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -71,6 +72,7 @@ class DeepSeekFamily(Family):
             routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
             norm_topk_prob=bool(hf.get("norm_topk_prob", arch_name == V3)), hf_architecture=arch_name)
         _check(hf, opts, where)
+        _note_mtp(hf, folder)
         # arch_fields reads the common keys; MoE ones are DeepSeek's own names (n_routed_experts), read here.
         fields = arch_fields({k: v for k, v in hf.items() if k not in ("num_experts", "num_local_experts")}, folder)
         # MLA has no key/value groups (every head has its own key and value from the shared latent).
@@ -191,11 +193,31 @@ class DeepSeekFamily(Family):
             dense += 3 * arch.ffn_hidden_size * h // t
         return {"dense": dense, "expert": expert}
 
+    def hf_unused(self, arch, name: str) -> bool:
+        """The multi-token-prediction layers a V3 checkpoint stores after the decoder (model.layers.{N+i}.*):
+        not built (MTP is not supported yet), kept as they are by an export from this folder."""
+        layer = re.match(r"model\.layers\.(\d+)\.", name)
+        return bool(layer and int(layer.group(1)) >= arch.num_layers)
+
     def one_layer_fields(self, arch: dict, index: int) -> dict:
         """Architecture numbers of a one-layer model whose layer is of layer ``index``'s kind (dense or MoE)."""
         opts = dict(arch["family_options"], first_k_dense_replace=int(
             index < arch["family_options"]["first_k_dense_replace"]))
         return dict(arch, num_layers=1, family_options=opts)
+
+
+_NOTED = set()
+
+
+def _note_mtp(hf: dict, folder: str) -> None:
+    """One printed line (first rank, once per folder) when the checkpoint's MTP layers are left out."""
+    depth = hf.get("num_nextn_predict_layers") or 0
+    if depth and folder not in _NOTED and os.environ.get("RANK", "0") == "0":
+        _NOTED.add(folder)
+        n = hf["num_hidden_layers"]
+        print(f"model: {folder} has {depth} multi-token-prediction layer(s) (model.layers.{n}.* on, if stored): "
+              "not built or trained (MTP is not supported yet); an export from this folder writes them back "
+              "unchanged", flush=True)
 
 
 @contextlib.contextmanager
