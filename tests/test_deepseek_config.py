@@ -76,3 +76,30 @@ def test_what_megatron_core_computes_otherwise_is_refused_naming_the_key(tmp_pat
         _arch(tmp_path, dict(V3, **change))
     assert message in str(error.value) and str(tmp_path / "config.json") in str(error.value)
     assert "\n" not in str(error.value)
+
+
+def test_fp8_source_export_writes_dequantized_weights_without_the_quantization_entry(tmp_path, capsys):
+    """What an export from an FP8 folder takes from it: config.json without quantization_config (said in a
+    printed line), and the tensors it keeps as they are (an MTP layer) dequantized, scales left out."""
+    import torch
+    from safetensors.torch import save_file
+
+    from megatron_swift.convert import hf_export
+    from megatron_swift.convert.fp8 import quantize
+
+    weight = torch.randn(300, 200, generator=torch.Generator().manual_seed(0))
+    q, scale = quantize(weight, (128, 128))
+    save_file({"model.layers.2.eh_proj.weight": q, "model.layers.2.eh_proj.weight_scale_inv": scale,
+               "model.layers.2.enorm.weight": torch.ones(7)}, tmp_path / "model.safetensors")
+    arch = _arch(tmp_path, V3)
+    kept = dict(hf_export._unused_from(str(tmp_path), arch.family, arch))
+    rows, cols = torch.arange(300) // 128, torch.arange(200) // 128
+    assert sorted(kept) == ["model.layers.2.eh_proj.weight", "model.layers.2.enorm.weight"]
+    assert torch.equal(kept["model.layers.2.eh_proj.weight"], q.float() * scale[rows][:, cols])
+    assert (kept["model.layers.2.eh_proj.weight"] - weight).abs().max() < 0.07 * weight.abs().max()
+    out = tmp_path / "out"
+    out.mkdir()
+    hf_export._write_config(str(out), arch.family, arch.plain(), "bfloat16", str(tmp_path))
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config and config["torch_dtype"] == "bfloat16"
+    assert "quantization_config is left out of config.json" in capsys.readouterr().out

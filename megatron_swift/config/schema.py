@@ -56,8 +56,7 @@ class ModelConfig:
     moe_aux_loss_coeff: float = 0.0
     """Weight of the load-balancing auxiliary loss (0 disables it)."""
     moe_expert_bias_update_rate: float = 0.0
-    """Aux-loss-free balancing for routers with an expert bias (DeepSeek-V3's e_score_correction_bias): after
-    each step the bias moves by this rate toward equal expert load (0 keeps the checkpoint's bias)."""
+    """Aux-loss-free balancing (routers with an expert bias, DeepSeek-V3): per-step bias update rate; 0 keeps it."""
     moe_token_dispatcher: str = "alltoall"
     """MoE token dispatcher: alltoall or allgather."""
     hidden_dropout: float = 0.0
