@@ -16,16 +16,11 @@ MOE = ["+model=qwen3_moe", "model.hidden_size=256", "model.moe_ffn_hidden_size=2
        "model.num_attention_heads=8", "model.num_query_groups=4", "model.kv_channels=32"]
 VLM = ["+model=llava", "model.hidden_size=256", "model.ffn_hidden_size=768", "model.num_layers=4",
        "model.num_attention_heads=8", "model.num_query_groups=4"]
-# DeepSeek-V3-style tiny (families/deepseek.py): MLA, a dense first layer then MoE layers with a shared expert.
-DEEPSEEK = ["+model=deepseek", "model.num_layers=4"]
 CASES = {
     "tp2-fp32": (DENSE, ["parallel.tp=2", "train.precision=fp32"]),
     "pp2-fp32": (DENSE, ["parallel.pp=2", "train.precision=fp32"]),
     "dp2-bf16-distopt": (DENSE, ["train.precision=bf16", "parallel.distributed_optimizer=true"]),
     "ep2-fp32": (MOE, ["parallel.ep=2", "train.precision=fp32"]),
-    # pipeline stages of different layers: stage 0 holds the dense layer and an MoE one, stage 1 two MoE layers
-    "deepseek-pp2-bf16-distopt": (DEEPSEEK, ["parallel.pp=2", "train.precision=bf16",
-                                             "parallel.distributed_optimizer=true"]),
     # The distributed optimizer shards over the DP x CP group (here DP=1, CP=2).
     "cp2-bf16-distopt": (DENSE, ["train.precision=bf16", "parallel.distributed_optimizer=true", "parallel.cp=2"]),
     # A VLM: the first stage also holds the vision encoder (frozen by default: no gradients or Adam state)
