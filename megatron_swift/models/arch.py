@@ -62,15 +62,16 @@ class Arch:
 
     def plain(self) -> dict:
         """Every field but the family as JSON-able values (stored with checkpoints; Arch(family=..., **plain)).
-        A text model leaves out the vision fields, and a model with default full RoPE the RoPE fields, so its
-        record equals one written before they existed."""
+        A text model leaves out the vision fields, a model with default full RoPE the RoPE fields and one without
+        family options those, so its record equals one written before they existed."""
         skip = {"family"} | (set() if self.vision else set(_VLM_FIELDS))
-        skip |= {name for name, default in _ROPE_DEFAULTS.items() if getattr(self, name) == default}
+        skip |= {name for name, default in _OMITTED_AT_DEFAULT.items() if getattr(self, name) == default}
         return {f.name: (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v)
                 for f in dataclasses.fields(self) if f.name not in skip for v in [getattr(self, f.name)]}
 
 
-_ROPE_DEFAULTS = {"rotary_percent": 1.0, "rope_scaling": None, "family_options": None}
+# Left out of plain() at these values, so that a record equals one written before the field existed.
+_OMITTED_AT_DEFAULT = {"rotary_percent": 1.0, "rope_scaling": None, "family_options": None}
 _VLM_FIELDS = ("text_family", "vision", "image_token_id", "vision_select", "projector_activation", "projector_bias")
 
 
