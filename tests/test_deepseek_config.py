@@ -103,3 +103,16 @@ def test_fp8_source_export_writes_dequantized_weights_without_the_quantization_e
     config = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in config and config["torch_dtype"] == "bfloat16"
     assert "quantization_config is left out of config.json" in capsys.readouterr().out
+
+
+def test_context_parallelism_is_refused_and_the_planner_skips_it():
+    from megatron_swift.config.errors import ConfigError
+    from megatron_swift.config.validate import validate
+    from megatron_swift.plan.search import candidates
+
+    with pytest.raises(ConfigError) as error:
+        validate(compose(["+model=deepseek", "parallel.cp=2"]), 2)
+    assert "parallel.cp=2: context parallelism is not supported for multi-head latent attention" in str(error.value)
+    arch = resolve(compose(["+model=deepseek", "model.size=v3-671b"]).model)
+    found = candidates(arch, lambda tp: 129280, 64, 8, "h100-80gb", 8192, 512)
+    assert found and all(c.layout.cp == 1 for c in found)

@@ -57,7 +57,7 @@ def _layout(cfg, arch, te_available: bool, problems: List[str]) -> None:
             problems.append(f"parallel.ep={par.ep} does not divide model.num_experts={arch.num_experts}")
         if par.etp is not None and arch.moe_ffn_hidden_size % par.etp:
             problems.append(f"parallel.etp={par.etp} does not divide model.moe_ffn_hidden_size={arch.moe_ffn_hidden_size}")
-    problems += arch.decoder_family.layout_problems(arch, cfg)
+    problems += arch.decoder_family.layout_problems(arch, par)
     if par.overlap_param_gather and not par.distributed_optimizer:
         problems.append("parallel.overlap_param_gather=true needs parallel.distributed_optimizer=true")
 

@@ -100,9 +100,10 @@ class Family:
         ``index`` is (convert.mcore_read reads a checkpoint one layer at a time into it)."""
         return dict(arch, num_layers=1)
 
-    def layout_problems(self, arch, cfg) -> list:
-        """What this architecture cannot do under the run's layout (config.validate lists them): one line each,
-        naming the key to change."""
+    def layout_problems(self, arch, parallel) -> list:
+        """What this architecture cannot do under a layout (``parallel``: its tp, pp, cp, ep, as the run's
+        parallel config or a planner Layout has them): one line each, naming the key to change (config.validate
+        lists them; the planner skips such layouts)."""
         return []
 
     def layer_macs(self, arch, seq_length: int) -> Optional[float]:

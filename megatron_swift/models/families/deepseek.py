@@ -145,8 +145,8 @@ class DeepSeekFamily(Family):
         return deepseek_style(q_lora=options(arch).q_lora_rank is not None, tied=not arch.untie_embeddings,
                               head=arch.head)
 
-    def layout_problems(self, arch, cfg) -> list:
-        opts, tp = options(arch), cfg.parallel.tp
+    def layout_problems(self, arch, parallel) -> list:
+        opts, tp = options(arch), parallel.tp
         problems = []
         # megatron-core splits the down-projections' outputs over TP (then gathers them)
         for key, width in (("q_lora_rank", opts.q_lora_rank),
@@ -154,8 +154,8 @@ class DeepSeekFamily(Family):
             if width is not None and width % tp:
                 problems.append(f"parallel.tp={tp} does not divide the model's {key}={width} (MLA's down-projections "
                                 "are split over TP ranks): choose a tp that divides it")
-        if cfg.parallel.cp > 1:
-            problems.append(f"parallel.cp={cfg.parallel.cp}: context parallelism is not supported for multi-head "
+        if parallel.cp > 1:
+            problems.append(f"parallel.cp={parallel.cp}: context parallelism is not supported for multi-head "
                             "latent attention (+model=deepseek) yet; use parallel.cp=1")
         return problems
 
