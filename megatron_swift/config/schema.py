@@ -18,7 +18,7 @@ class ModelConfig:
     """Which model to build; architecture fields left at None come from the family's size table."""
 
     family: str = MISSING
-    """Model family, chosen with +model=<family> (llama, qwen2, qwen3, qwen3_moe, deepseek)."""
+    """Model family, chosen with +model=<family> (llama, qwen2, qwen3, qwen3_moe, mixtral, qwen2_moe, glm4_moe, deepseek, llava)."""
     size: str = "tiny"
     """Named size in the family's table (tiny for CPU, or a published size such as 8b)."""
     pretrained: Optional[str] = None
@@ -224,7 +224,7 @@ class TrainConfig:
     device: str = "auto"
     """auto (CUDA if available), cuda or cpu."""
     freeze: List[str] = field(default_factory=list)
-    """Parameter groups to freeze: embedding, output_layer, attention, mlp, router, experts, norms; VLMs also vision, projector, llm."""
+    """Parameter groups to freeze: embedding, output_layer, attention, mlp, router, experts, shared_experts, norms; VLMs also vision, projector, llm."""
     train_vision: bool = False
     """VLMs: train the vision encoder too (frozen by default, as the peers do; train.freeze=[vision] is then implied)."""
     freeze_regex: Optional[str] = None

@@ -55,8 +55,20 @@ def _layout(cfg, arch, te_available: bool, problems: List[str]) -> None:
     if arch.is_moe:
         if arch.num_experts % par.ep:
             problems.append(f"parallel.ep={par.ep} does not divide model.num_experts={arch.num_experts}")
-        if par.etp is not None and arch.moe_ffn_hidden_size % par.etp:
-            problems.append(f"parallel.etp={par.etp} does not divide model.moe_ffn_hidden_size={arch.moe_ffn_hidden_size}")
+        etp = par.etp if par.etp is not None else par.tp
+        if arch.moe_ffn_hidden_size % etp:
+            key = f"parallel.etp={par.etp}" if par.etp is not None else f"parallel.tp={par.tp} (the expert TP size)"
+            problems.append(f"{key} does not divide model.moe_ffn_hidden_size={arch.moe_ffn_hidden_size}; "
+                            "set parallel.etp to a divisor of it (1 keeps experts whole)")
+        if arch.moe_shared_ffn_hidden_size and arch.moe_shared_ffn_hidden_size % par.tp:
+            problems.append(f"parallel.tp={par.tp} does not divide the shared experts' width "
+                            f"{arch.moe_shared_ffn_hidden_size}")
+        if arch.moe_num_groups and arch.num_experts % arch.moe_num_groups:
+            problems.append(f"the expert groups ({arch.moe_num_groups}) do not divide model.num_experts="
+                            f"{arch.num_experts}")
+        if arch.moe_layer_pattern is not None and not any(arch.moe_layer_pattern):
+            problems.append(f"model.num_layers={arch.num_layers} leaves no MoE layer (the family's first "
+                            f"{arch.moe_dense_first} layers are dense)")
     problems += arch.decoder_family.layout_problems(arch, par)
     if par.overlap_param_gather and not par.distributed_optimizer:
         problems.append("parallel.overlap_param_gather=true needs parallel.distributed_optimizer=true")
@@ -344,5 +356,10 @@ def precheck(cfg) -> None:
     from megatron_swift.backend.device import resolve_device, te_available
 
     device = resolve_device(cfg.train.device)
-    validate(cfg, int(os.environ.get("WORLD_SIZE", "1")), te_available=device == "cuda" and te_available(),
-             device=device)
+    arch = validate(cfg, int(os.environ.get("WORLD_SIZE", "1")), te_available=device == "cuda" and te_available(),
+                    device=device)
+    par = cfg.parallel
+    if arch.is_moe and par.tp > 1 and not par.sp and cfg.train.train_iters != 0:
+        # megatron-core 0.16 (MoELayer.forward) raises in training mode; forward-only tools are not affected.
+        raise ConfigError([f"parallel.tp={par.tp} on a MoE model needs parallel.sp=true to train (megatron-core "
+                           "refuses MoE layers under tensor parallelism without sequence parallelism)"])

@@ -48,28 +48,16 @@ def arch_fields(hf: dict, folder: str) -> Dict[str, object]:
         norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
         untie_embeddings=not hf.get("tie_word_embeddings", False),
     )
-    # transformers 5 writes num_local_experts (its attribute map), older versions num_experts.
-    experts = hf.get("num_experts", hf.get("num_local_experts"))
-    if experts:
-        _check_all_layers_moe(hf, folder)
-        fields.update(num_experts=experts, moe_ffn_hidden_size=hf["moe_intermediate_size"],
-                      moe_router_topk=hf["num_experts_per_tok"],
-                      # transformers' Qwen3MoeConfig defaults norm_topk_prob to False
-                      moe_router_pre_softmax=not hf.get("norm_topk_prob", False))
     return fields
 
 
-def _check_all_layers_moe(hf: dict, folder: str) -> None:
-    """Only models whose every layer is an MoE layer without a shared expert are built (Qwen3-MoE)."""
-    problems = []
-    if hf.get("decoder_sparse_step", 1) != 1:
-        problems.append(f"decoder_sparse_step={hf['decoder_sparse_step']} (only 1 is supported)")
-    if hf.get("mlp_only_layers"):
-        problems.append(f"mlp_only_layers={hf['mlp_only_layers']} (dense layers among MoE layers)")
-    if hf.get("shared_expert_intermediate_size"):
-        problems.append("a shared expert (shared_expert_intermediate_size)")
+def check_keys(hf: dict, where: str, supported: Dict[str, object]) -> None:
+    """One error naming every HF key whose value this model cannot be built with: ``supported`` maps a key to
+    a predicate of its value (its absence passes) and the phrase that says what is supported."""
+    problems = [f"{key}={hf[key]} ({phrase})" for key, (ok, phrase) in supported.items()
+                if key in hf and hf[key] is not None and not ok(hf[key])]
     if problems:
-        raise DataError(os.path.join(folder, "config.json"), None, "unsupported MoE layout: " + "; ".join(problems))
+        raise DataError(where, None, "unsupported: " + "; ".join(problems))
 
 
 def to_hf_config(family, arch: dict, dtype: str) -> dict:
@@ -95,9 +83,30 @@ def to_hf_config(family, arch: dict, dtype: str) -> dict:
     scaling = arch.get("rope_scaling")
     write_hf_rope(config, arch["rotary_base"], arch.get("rotary_percent", 1.0),
                   RopeScaling(**scaling) if isinstance(scaling, dict) else scaling)
-    if arch.get("num_experts"):
-        config.update(num_experts=arch["num_experts"], moe_intermediate_size=arch["moe_ffn_hidden_size"],
-                      num_experts_per_tok=arch["moe_router_topk"],
-                      norm_topk_prob=not arch.get("moe_router_pre_softmax", False),
-                      decoder_sparse_step=1, mlp_only_layers=[])
     return config
+
+
+# Parts of MoE families' HF config readers and writers (a family's hf_read / hf_write put them together).
+def routed_fields(hf: dict, experts: str, width: str, norm_topk_default: bool = False) -> Dict[str, object]:
+    """Routed experts: their number (key ``experts``), width (key ``width``) and top-k; ``norm_topk_prob``
+    True is a softmax over the top-k logits (weights summing to 1), False top-k of a softmax over all."""
+    return dict(num_experts=hf[experts], moe_ffn_hidden_size=hf[width], moe_router_topk=hf["num_experts_per_tok"],
+                moe_router_pre_softmax=not hf.get("norm_topk_prob", norm_topk_default))
+
+
+def routed_keys(arch: dict, experts: str, width: str) -> Dict[str, object]:
+    """The HF keys routed_fields reads, from an Arch record."""
+    return {experts: arch["num_experts"], width: arch["moe_ffn_hidden_size"],
+            "num_experts_per_tok": arch["moe_router_topk"],
+            "norm_topk_prob": not arch.get("moe_router_pre_softmax", False)}
+
+
+def sparse_step_fields(hf: dict) -> Dict[str, object]:
+    """Qwen-MoE's dense layers: layer i routes when (i + 1) % decoder_sparse_step == 0 and i is not in
+    mlp_only_layers."""
+    return dict(moe_sparse_step=hf.get("decoder_sparse_step", 1) or 1,
+                moe_dense_layers=tuple(hf.get("mlp_only_layers") or ()))
+
+
+def sparse_step_keys(arch: dict) -> Dict[str, object]:
+    return dict(decoder_sparse_step=arch.get("moe_sparse_step", 1), mlp_only_layers=list(arch.get("moe_dense_layers", ())))

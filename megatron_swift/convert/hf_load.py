@@ -140,7 +140,7 @@ def load_hf_weights(chunks, folder: str, arch, padded_vocab: int) -> None:
         # The language layers' global numbers; a VLM's vision layers sit on the first stage, offset 0 too.
         offsets = dict(layer=get_transformer_layer_offset(chunk.config, vp_stage=vp_stage if vpp > 1 else None),
                        expert=expert_offset)
-        for name, param in _named_tensors(chunk, rules):
+        for name, param in loadable_tensors(chunk, rules):
             if fresh_head and name.endswith("output_layer.weight"):
                 continue  # a new reward head keeps its initial values
             # Expert weights are not all-reduced across DP and are split over the expert TP group.
@@ -160,12 +160,12 @@ def open_checkpoint(folder: str, canonical=None):
     return fp8.Dequantizing(reader, block) if block else reader
 
 
-def _named_tensors(chunk, rules):
-    """The chunk's parameters, then the buffers the table maps (a router's expert bias: a checkpoint value
-    that is not trained by gradients)."""
-    yield from chunk.named_parameters()
-    for name, buffer in chunk.named_buffers():
-        if buffer is not None and any(pattern.match(name) for pattern, _ in rules):
+def loadable_tensors(module, rules):
+    """(name, tensor) of every parameter, and of the buffers the table names (a router's expert bias is a
+    buffer in megatron-core, a tensor of the checkpoint)."""
+    yield from module.named_parameters()
+    for name, buffer in module.named_buffers():
+        if any(pattern.match(name) for pattern, _ in rules):
             yield name, buffer
 
 

@@ -16,9 +16,7 @@ Nothing is unpickled unrestricted: the metadata goes through
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import re
 from typing import Dict, Iterator, List, Tuple
 
 import torch
@@ -54,7 +52,6 @@ class LayerwiseCheckpoint:
         from megatron_swift import backend as backend_mod
         from megatron_swift.models import families
         from megatron_swift.models.arch import Arch
-        from megatron_swift.models.builder import build_model, transformer_config
         from megatron_swift.training import checkpoint
 
         self.ckpt = ckpt
@@ -71,35 +68,40 @@ class LayerwiseCheckpoint:
         be = backend_mod.init("cpu")
         if not ps.model_parallel_is_initialized():
             ps.initialize_model_parallel()
+        # Layers of two kinds (dense MLP among MoE layers) are stored per layer, each read into a one-layer
+        # model of its kind (1: routed experts, 0: dense), built when first needed.
+        pattern = Arch(family=self.family, **self.meta["arch"]).moe_layer_pattern
+        self.kinds = pattern or [None] * self.num_layers
+        self.per_layer = pattern is not None
+        self._backend = be
         self.adapter_only = bool(checkpoint.read_meta(ckpt).get("adapter_only"))
-
-        def one_layer_model(fields: dict):
-            arch = Arch(family=self.family, **fields)
-            tconfig = transformer_config(arch, self.cfg, be, initialize=False)
-            (model,) = build_model(arch, tconfig, self.meta["padded_vocab_size"], self.cfg.train.seq_length, be)
-            if self.cfg.get("tuner", {}).get("name", "none") == "lora":
-                from megatron_swift.tuners.apply import apply_tuner
-
-                apply_tuner([model], self.cfg, check_patterns=False)  # the adapters' parameters, to read into
-            return model.requires_grad_(False)  # read in place into views of the weights
-
-        self._build = one_layer_model
-        self._models: Dict[str, object] = {}  # one one-layer model per kind of layer (dense, MoE), by its numbers
-        self.model = self._model_for(0)
+        self._models = {}
+        self.model = self._model_of(self.kinds[0])
         self._stored = SafeFileSystemReader(ckpt).read_metadata().state_dict_metadata
-        # Layers stored under their own keys (decoder.layers.<i>.*): adapter-only checkpoints, and models whose
-        # layers differ (dense and MoE layers: megatron-core's non_homogeneous_layers); else one tensor per
-        # parameter with a leading layer axis.
-        per_layer = re.compile(re.escape(self.layers) + r"\d+\.")
-        self.per_layer = self.adapter_only or any(per_layer.match(key) for key in self._stored)
 
-    def _model_for(self, index: int):
-        """The one-layer model whose layer is built as layer ``index`` is (family.one_layer_fields)."""
-        fields = self.family.one_layer_fields(dict(self.meta["arch"]), index)
-        key = json.dumps(fields, sort_keys=True, default=str)
-        if key not in self._models:
-            self._models[key] = self._build(fields)
-        return self._models[key]
+    def _one_layer_model(self, kind):
+        """A one-layer model whose layer is of ``kind`` (None: the model's only kind)."""
+        from megatron_swift.models.arch import Arch
+        from megatron_swift.models.builder import build_model, transformer_config
+
+        fields = dict(self.meta["arch"], num_layers=1)
+        if kind is not None:  # that layer routes (1) or is dense (0), whatever the model's pattern says
+            fields.update(moe_dense_first=0, moe_sparse_step=1, moe_dense_layers=() if kind else (0,))
+        arch = Arch(family=self.family, **fields)
+        be = self._backend
+        tconfig = transformer_config(arch, self.cfg, be, initialize=False)
+        (model,) = build_model(arch, tconfig, self.meta["padded_vocab_size"], self.cfg.train.seq_length, be)
+        if self.cfg.get("tuner", {}).get("name", "none") == "lora":
+            from megatron_swift.tuners.apply import apply_tuner
+
+            apply_tuner([model], self.cfg, check_patterns=False)  # the adapters' parameters, to read into
+        model.requires_grad_(False)  # read in place into views of the weights
+        return model
+
+    def _model_of(self, kind):
+        if kind not in self._models:
+            self._models[kind] = self._one_layer_model(kind)
+        return self._models[kind]
 
     def sections(self):
         """(layer index, its parameters) in reading order: (None, embedding/norm/output) then each layer."""
@@ -115,28 +117,26 @@ class LayerwiseCheckpoint:
     def layer_params(self, index: int) -> Iterator[Tuple[str, torch.Tensor]]:
         """Parameters of decoder layer ``index``, named as layer 0 (``decoder.layers.0.*``)."""
         prefix = self.layers + "0."
-        model = self._model_for(index)
-        layer = model.get_submodule(self.layers.rstrip("."))[0]
-        if self.per_layer:
-            # adapter-only: per-layer and per-expert keys (training.checkpoint._PER_LAYER)
-            metadata = ensure_metadata_has_dp_cp_group(
-                dict(non_homogeneous_layers=True, singleton_local_shards=self.adapter_only))
-            sharded = layer.sharded_state_dict(prefix, [], metadata)
+        self.model = self._model_of(self.kinds[index])
+        layer = self.model.get_submodule(self.layers.rstrip("."))[0]
+        if self.adapter_only or self.per_layer:
+            # Per-layer keys: an adapter-only checkpoint's (and per-expert: training.checkpoint._PER_LAYER), or
+            # those megatron-core writes for layers of two kinds.
+            extra = dict(non_homogeneous_layers=True, singleton_local_shards=True) if self.adapter_only else None
+            sharded = layer.sharded_state_dict(prefix, [], ensure_metadata_has_dp_cp_group(extra))
             replace_prefix_for_sharding(sharded, prefix, f"{self.layers}{index}.")
         else:
             sharded = layer.sharded_state_dict(prefix, [(0, index, self.num_layers)],
                                                ensure_metadata_has_dp_cp_group(None))
             replace_prefix_for_sharding(sharded, prefix, self.layers)
-        yield from self._read(sharded, lambda name: name.startswith(prefix), model)
+        yield from self._read(sharded, lambda name: name.startswith(prefix))
 
-    def _read(self, sharded: Dict[str, object], wanted, model=None) -> Iterator[Tuple[str, torch.Tensor]]:
-        """The wanted parameters (and persistent floating-point buffers: a router's expert bias); of an
-        adapter-only checkpoint, those it holds (adapters, trained modules)."""
-        model = model or self.model
-        saved = set(model.state_dict())
-        buffers = [(name, b) for name, b in model.named_buffers()
-                   if name in saved and b is not None and b.is_floating_point() and wanted(name)]
-        params = [(name, p) for name, p in model.named_parameters() if wanted(name)] + buffers
+    def _read(self, sharded: Dict[str, object], wanted) -> Iterator[Tuple[str, torch.Tensor]]:
+        """The wanted parameters; of an adapter-only checkpoint, those it holds (adapters, trained modules)."""
+        stored = {id(getattr(v, "data", None)) for v in _sharded_tensors(dict(sharded))}
+        params = [(name, p) for name, p in self.model.named_parameters() if wanted(name)]
+        # Buffers a checkpoint holds (a router's expert bias), after the parameters.
+        params += [(name, b) for name, b in self.model.named_buffers() if wanted(name) and id(b) in stored]
         if self.adapter_only:
             sharded = {k: v for k, v in sharded.items() if self._holds(v)}
             held = {id(getattr(v, "data", None)) for v in sharded.values()}

@@ -46,11 +46,13 @@ def _cut(full: torch.Tensor, part: Optional[Part]) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Direct:
-    """One HF tensor as it is; ``pad_vocab`` zero-pads rows up to the padded vocabulary."""
+    """One HF tensor as it is; ``pad_vocab`` zero-pads rows up to the padded vocabulary; ``fp32``: written in
+    float32 whatever the export's dtype (a router's selection bias, which checkpoints keep in float32)."""
 
     mcore: Tuple[str, ...]
     hf: str
     pad_vocab: bool = False
+    fp32: bool = False
 
     def hf_names(self):
         return (self.hf,)

@@ -1,12 +1,13 @@
 """Weight tables (HF name <-> Megatron name) of the Llama-style decoders, assembled from named parts.
 
-Llama, Mistral, Qwen2 and Qwen3 are ``llama_style`` with options; Qwen3-MoE is
-``moe_style``: the same embedding and attention with routed experts as the MLP.
+Llama, Mistral, Qwen2 and Qwen3 are ``llama_style`` with options; Qwen3-MoE, Mixtral, Qwen2-MoE and GLM-4.5
+are ``moe_style`` with options: the same embedding and attention with routed experts (and shared experts,
+dense layers) as the MLP.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import List
+from typing import List, Optional
 
 from megatron_swift.convert.rules import QKV, Direct, GateUp, Reshape
 
@@ -54,17 +55,35 @@ def _dense_mlp() -> List[object]:
     ]
 
 
-def _routed_experts() -> List[object]:
+def _routed_experts(mlp: str = "mlp.", names=("gate_proj", "up_proj", "down_proj"),
+                    expert_bias: bool = False) -> List[object]:
+    """Router and routed experts; ``mlp``: the HF module holding them (Mixtral: block_sparse_moe.), ``names``:
+    each expert's gate, up and down projections; ``expert_bias``: the router's selection bias."""
     # Megatron keeps one weight per expert: SequentialMLP (local spec) names it
     # local_experts.{i}.linear_fc1.weight, TEGroupedMLP linear_fc1.weight{i}; {expert} is global.
     seq, grouped = _L + "mlp.experts.local_experts.{expert}.", _L + "mlp.experts."
-    hf = _H + "mlp.experts.{expert}."
-    return [
-        Direct((_L + "mlp.router.weight",), _H + "mlp.gate.weight"),
+    hf = _H + mlp + "experts.{expert}."
+    gate, up, down = names
+    rules = [
+        Direct((_L + "mlp.router.weight",), _H + mlp + "gate.weight"),
         GateUp((seq + "linear_fc1.weight", grouped + "linear_fc1.weight{expert}"),
-               hf + "gate_proj.weight", hf + "up_proj.weight"),
-        Direct((seq + "linear_fc2.weight", grouped + "linear_fc2.weight{expert}"), hf + "down_proj.weight"),
+               hf + f"{gate}.weight", hf + f"{up}.weight"),
+        Direct((seq + "linear_fc2.weight", grouped + "linear_fc2.weight{expert}"), hf + f"{down}.weight"),
     ]
+    if expert_bias:  # a float32 buffer of the router (megatron-core keeps it in float32)
+        rules.append(Direct((_L + "mlp.router.expert_bias",), _H + mlp + "gate.e_score_correction_bias", fp32=True))
+    return rules
+
+
+def _shared_experts(hf_name: str, gate: bool) -> List[object]:
+    """The shared expert(s) every token goes through, HF ``mlp.<hf_name>``; ``gate``: scaled by a sigmoid
+    of one linear (HF ``mlp.shared_expert_gate``)."""
+    m, hf = _L + "mlp.shared_experts.", _H + f"mlp.{hf_name}."
+    rules = [GateUp((m + "linear_fc1.weight",), hf + "gate_proj.weight", hf + "up_proj.weight"),
+             Direct((m + "linear_fc2.weight",), hf + "down_proj.weight")]
+    if gate:
+        rules.append(Direct((m + "gate_weight",), _H + "mlp.shared_expert_gate.weight"))
+    return rules
 
 
 def llama_style(qk_norm: bool = False, qkv_bias: bool = False, tied: bool = False, head: str = "lm") -> List[object]:
@@ -73,9 +92,15 @@ def llama_style(qk_norm: bool = False, qkv_bias: bool = False, tied: bool = Fals
     return _embedding(tied, head) + _attention(qk_norm, qkv_bias) + _dense_mlp()
 
 
-def moe_style(qk_norm: bool = False, qkv_bias: bool = False, tied: bool = False, head: str = "lm") -> List[object]:
-    """Rules for a decoder whose every MLP is a router plus routed SwiGLU experts (Qwen3-MoE)."""
-    return _embedding(tied, head) + _attention(qk_norm, qkv_bias) + _routed_experts()
+def moe_style(qk_norm: bool = False, qkv_bias: bool = False, tied: bool = False, head: str = "lm",
+              mlp: str = "mlp.", expert_names=("gate_proj", "up_proj", "down_proj"), expert_bias: bool = False,
+              shared: Optional[str] = None, shared_gate: bool = False) -> List[object]:
+    """Rules for a decoder whose MLPs are a router plus routed SwiGLU experts (Qwen3-MoE), some layers
+    perhaps dense (their rules match only where a layer has a dense MLP); options as in _routed_experts and
+    _shared_experts (``shared``: the HF name of the shared expert module, None: there is none)."""
+    rules = _embedding(tied, head) + _attention(qk_norm, qkv_bias) + _dense_mlp()
+    rules += _routed_experts(mlp, expert_names, expert_bias)
+    return rules + (_shared_experts(shared, shared_gate) if shared else [])
 
 
 def _mla(q_lora: bool) -> List[object]:

@@ -17,4 +17,4 @@ def hf_tensors(params: Iterable[Tuple[str, torch.Tensor]], rules, ctx, layer_off
     for name, param in params:
         rule, layer = match_rule(name, rules, {"layer": layer_offset}, "export")
         for hf_name, tensor in rule.split(param, layer, context_of(ctx, name)).items():
-            yield hf_name, tensor.to(dtype)
+            yield hf_name, tensor.to(torch.float32 if getattr(rule, "fp32", False) else dtype)

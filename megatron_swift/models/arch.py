@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 from megatron_swift.models import families
 from megatron_swift.models.families import Family
+from megatron_swift.models.families.base import moe_layer_pattern
 from megatron_swift.models.rope import RopeScaling
 from megatron_swift.models.vision_arch import VisionArch
 
@@ -35,6 +36,19 @@ class Arch:
     # HF rope_scaling as written (None: default RoPE).
     rotary_percent: float = 1.0
     rope_scaling: Optional[RopeScaling] = None
+    qkv_bias: Optional[bool] = None  # None: the family's trait (uses_qkv_bias)
+    qk_norm: Optional[bool] = None  # None: the family's trait (uses_qk_norm)
+    # MoE layout and router (families/base.Size documents each; the defaults describe Qwen3-MoE).
+    moe_shared_ffn_hidden_size: Optional[int] = None
+    moe_shared_expert_gate: bool = False
+    moe_score_function: str = "softmax"
+    moe_expert_bias: bool = False
+    moe_topk_scaling_factor: Optional[float] = None
+    moe_num_groups: Optional[int] = None
+    moe_group_topk: Optional[int] = None
+    moe_dense_first: int = 0
+    moe_sparse_step: int = 1
+    moe_dense_layers: Tuple[int, ...] = ()
     family_options: Optional[dict] = None  # numbers only this family has (families.base.Size.family_options)
     head: str = "lm"  # output layer: "lm" (vocabulary logits) or "reward" (one scalar; task=rm)
     # Vision-language models (families/llava.py): the fields above describe the language model.
@@ -50,10 +64,32 @@ class Arch:
             object.__setattr__(self, "vision", VisionArch(**self.vision))
         if isinstance(self.rope_scaling, dict):
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+        object.__setattr__(self, "moe_dense_layers", tuple(self.moe_dense_layers or ()))  # a list from JSON
 
     @property
     def is_moe(self) -> bool:
         return bool(self.num_experts)
+
+    @property
+    def uses_qkv_bias(self) -> bool:
+        """Biases on the Q/K/V projections: this checkpoint's, else the decoder family's trait."""
+        return self.decoder_family.add_qkv_bias if self.qkv_bias is None else self.qkv_bias
+
+    @property
+    def uses_qk_norm(self) -> bool:
+        """Per-head RMSNorm on queries and keys: this checkpoint's, else the decoder family's trait."""
+        return self.decoder_family.qk_layernorm if self.qk_norm is None else self.qk_norm
+
+    @property
+    def moe_layer_pattern(self) -> Optional[list]:
+        """Per layer 1 (routed experts) or 0 (dense MLP); None when every layer is the same kind."""
+        pattern = moe_layer_pattern(self) if self.is_moe else None
+        return pattern if pattern and not all(pattern) else None
+
+    @property
+    def moe_layers(self) -> int:
+        """How many layers have routed experts."""
+        return sum(moe_layer_pattern(self)) if self.is_moe else 0
 
     @property
     def decoder_family(self) -> Family:
@@ -65,13 +101,19 @@ class Arch:
         A text model leaves out the vision fields, a model with default full RoPE the RoPE fields and one without
         family options those, so its record equals one written before they existed."""
         skip = {"family"} | (set() if self.vision else set(_VLM_FIELDS))
-        skip |= {name for name, default in _OMITTED_AT_DEFAULT.items() if getattr(self, name) == default}
+        skip |= {name for name, default in _OPTIONAL_DEFAULTS.items() if getattr(self, name) == default}
         return {f.name: (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v)
                 for f in dataclasses.fields(self) if f.name not in skip for v in [getattr(self, f.name)]}
 
 
-# Left out of plain() at these values, so that a record equals one written before the field existed.
-_OMITTED_AT_DEFAULT = {"rotary_percent": 1.0, "rope_scaling": None, "family_options": None}
+# Fields a record leaves out at their default (the record of a model without them equals one written before
+# they existed): RoPE beyond the base, and the MoE axes beyond routed experts in every layer.
+_OPTIONAL_DEFAULTS = {"rotary_percent": 1.0, "rope_scaling": None, "qkv_bias": None, "qk_norm": None,
+                      "moe_shared_ffn_hidden_size": None,
+                      "moe_shared_expert_gate": False, "moe_score_function": "softmax", "moe_expert_bias": False,
+                      "moe_topk_scaling_factor": None, "moe_num_groups": None, "moe_group_topk": None,
+                      "moe_dense_first": 0, "moe_sparse_step": 1, "moe_dense_layers": (),
+                      "family_options": None}
 _VLM_FIELDS = ("text_family", "vision", "image_token_id", "vision_select", "projector_activation", "projector_bias")
 
 

@@ -58,8 +58,8 @@ def transformer_config(arch, cfg, backend: Backend, initialize: bool = True) -> 
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
-        add_qkv_bias=arch.decoder_family.add_qkv_bias,
-        qk_layernorm=arch.decoder_family.qk_layernorm,
+        add_qkv_bias=arch.uses_qkv_bias,
+        qk_layernorm=arch.uses_qk_norm,
         hidden_dropout=model.hidden_dropout,
         attention_dropout=model.attention_dropout,
         init_method_std=model.init_method_std,
@@ -110,12 +110,30 @@ def transformer_config(arch, cfg, backend: Backend, initialize: bool = True) -> 
             moe_grouped_gemm=backend.use_te and cfg.tuner.name != "lora",
             moe_router_pre_softmax=arch.moe_router_pre_softmax,
             moe_router_dtype="fp32",
-            moe_router_bias_update_rate=model.moe_expert_bias_update_rate,
+            **_moe_layout(arch, model),
         )
     kwargs.update(arch.decoder_family.transformer_fields(arch))
     # Multi-latent attention's ranks and head dims are fields of megatron-core's MLATransformerConfig.
     config_class = MLATransformerConfig if kwargs.get("multi_latent_attention") else TransformerConfig
     return config_class(**kwargs)
+
+
+def _moe_layout(arch, model) -> dict:
+    """megatron-core settings of the MoE axes beyond routed experts (families/base.Size documents them)."""
+    kwargs = dict(moe_router_score_function=arch.moe_score_function,
+                  moe_router_topk_scaling_factor=arch.moe_topk_scaling_factor)
+    if arch.moe_layer_pattern is not None:  # dense layers among the MoE ones: megatron-core's per-layer list
+        kwargs.update(moe_layer_freq=arch.moe_layer_pattern)
+    if arch.moe_shared_ffn_hidden_size:
+        kwargs.update(moe_shared_expert_intermediate_size=arch.moe_shared_ffn_hidden_size,
+                      moe_shared_expert_gate=arch.moe_shared_expert_gate)
+    if arch.moe_expert_bias:
+        # The checkpoint's bias is used as it is unless aux-loss-free updates are asked for (default rate 0).
+        kwargs.update(moe_router_enable_expert_bias=True,
+                      moe_router_bias_update_rate=model.moe_expert_bias_update_rate)
+    if arch.moe_num_groups and arch.moe_num_groups > 1:
+        kwargs.update(moe_router_num_groups=arch.moe_num_groups, moe_router_group_topk=arch.moe_group_topk)
+    return kwargs
 
 
 def build_model(arch, tconfig: TransformerConfig, padded_vocab: int, seq_length: int,

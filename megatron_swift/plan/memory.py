@@ -3,8 +3,8 @@
 Parameters are counted as megatron-core allocates them (local or TE specs
 alike): per decoder layer the norms (replicated), fused QKV and output
 projections (split over TP), the MLP (fc1 = gate+up and fc2 split over TP) or,
-for MoE, the router (replicated) and this rank's ``experts / ep`` experts
-(split over expert-TP); the embedding on the first stage and the output layer
+for an MoE layer, the router (replicated), this rank's ``experts / ep`` experts
+(split over expert-TP) and any shared experts (split over TP, their gate replicated); the embedding on the first stage and the output layer
 (its own, or the tied copy when PP>1) and final norm on the last, split over
 TP by the padded vocabulary. The rank reported is the largest stage.
 
@@ -75,20 +75,23 @@ def layout_of(cfg, world: int) -> Layout:
                   cp_comm=par.cp_comm, train_vision=train.train_vision)
 
 
-def layer_params(arch, layout: Layout) -> Dict[str, int]:
-    """Parameters of one decoder layer on one rank: {"dense": n, "expert": n}."""
+def layer_params(arch, layout: Layout, moe: Optional[bool] = None) -> Dict[str, int]:
+    """Parameters of one decoder layer on one rank: {"dense": n, "expert": n}; ``moe``: whether the layer has
+    routed experts (None: whether the model does; a model may have dense layers among its MoE layers)."""
     h, t = arch.hidden_size, layout.tp
     q, kv = arch.num_attention_heads * arch.kv_channels, arch.num_query_groups * arch.kv_channels
     dense = 2 * h  # input and pre-MLP norms
     dense += h * (q + 2 * kv) // t + q * h // t
-    if arch.decoder_family.add_qkv_bias:
+    if arch.uses_qkv_bias:
         dense += (q + 2 * kv) // t
-    if arch.decoder_family.qk_layernorm:
+    if arch.uses_qk_norm:
         dense += 2 * arch.kv_channels
     expert = 0
-    if arch.is_moe:
-        dense += arch.num_experts * h  # router
+    if arch.is_moe if moe is None else moe:
+        dense += arch.num_experts * h  # router (its expert bias is a buffer)
         expert = (arch.num_experts // layout.ep) * 3 * arch.moe_ffn_hidden_size * h // layout.etp
+        if arch.moe_shared_ffn_hidden_size:  # shared experts: a dense MLP split over TP, and its gate
+            dense += 3 * arch.moe_shared_ffn_hidden_size * h // t + (h if arch.moe_shared_expert_gate else 0)
     else:
         dense += 3 * arch.ffn_hidden_size * h // t
     return {"dense": dense, "expert": expert}
@@ -113,10 +116,12 @@ def vision_params(arch, layout: Layout) -> Dict[str, int]:
 def stage_params(arch, padded_vocab: int, layout: Layout, stage: int) -> Dict[str, int]:
     """Parameters held by a rank of pipeline stage ``stage`` ("frozen": those of them that do not train)."""
     layers = arch.num_layers // layout.pp
-    dense = expert = 0
-    for index in range(stage * layers, (stage + 1) * layers):  # a family's layers may differ (dense, then MoE)
-        per_layer = arch.decoder_family.layer_params(arch, layout, index) or layer_params(arch, layout)
-        dense, expert = dense + per_layer["dense"], expert + per_layer["expert"]
+    kinds = arch.moe_layer_pattern or [None] * arch.num_layers  # this stage's layers: a contiguous block
+    indices = range(stage * layers, (stage + 1) * layers)
+    # a family may count its own layers (MLA: families/deepseek.py)
+    per_layer = [arch.decoder_family.layer_params(arch, layout, i)
+                 or layer_params(arch, layout, kinds[i] if kinds[i] is None else bool(kinds[i])) for i in indices]
+    dense, expert = sum(p["dense"] for p in per_layer), sum(p["expert"] for p in per_layer)
     vocab_block = padded_vocab * arch.hidden_size // layout.tp
     frozen = 0
     if stage == 0:

@@ -7,8 +7,9 @@ forward pass costs 2 FLOPs per multiply-accumulate of
   with ``q = heads * head_dim`` and ``kv = query_groups * head_dim``;
 * attention scores and weighted values: ``2 * s * q`` (full ``s x s``, the causal
   half is not subtracted, as in Megatron-LM's report);
-* MLP: ``3 * h * f`` for SwiGLU (gate, up, down), or for MoE
-  ``topk * 3 * h * f_expert + h * experts`` (router);
+* MLP: ``3 * h * f`` for SwiGLU (gate, up, down), or for an MoE layer
+  ``topk * 3 * h * f_expert + h * experts`` (router) plus ``3 * h * f_shared`` for shared experts (and ``h``
+  for their sigmoid gate); a model with dense layers among its MoE layers counts each layer as what it is;
 
 (a family may count its own layers instead: models/families/deepseek.py's multi-head latent attention and
 dense first layers), plus ``h * V`` for the output layer (``h`` for a reward model's scalar head). Training is 3x the forward (backward
@@ -35,11 +36,15 @@ def flops_per_token(arch: Arch, seq_length: int, padded_vocab: int) -> float:
     q = arch.num_attention_heads * arch.kv_channels
     kv = arch.num_query_groups * arch.kv_channels
     attention = h * (q + 2 * kv) + q * h + 2 * seq_length * q
+    dense = 3 * h * arch.ffn_hidden_size
+    moe = 0
     if arch.is_moe:
-        mlp = arch.moe_router_topk * 3 * h * arch.moe_ffn_hidden_size + h * arch.num_experts
-    else:
-        mlp = 3 * h * arch.ffn_hidden_size
-    forward_macs = arch.num_layers * (attention + mlp) + h * outputs
+        moe = arch.moe_router_topk * 3 * h * arch.moe_ffn_hidden_size + h * arch.num_experts
+        if arch.moe_shared_ffn_hidden_size:
+            moe += 3 * h * arch.moe_shared_ffn_hidden_size + (h if arch.moe_shared_expert_gate else 0)
+    moe_layers = arch.moe_layers
+    forward_macs = (arch.num_layers * attention + moe_layers * moe + (arch.num_layers - moe_layers) * dense
+                    + h * outputs)
     return 3 * 2 * forward_macs
 
 

@@ -9,6 +9,7 @@ FREEZE_GROUPS = {
     "mlp": r"\.mlp\.",
     "router": r"\.mlp\.router\.",
     "experts": r"\.mlp\.experts\.",
+    "shared_experts": r"\.mlp\.shared_experts\.",  # MoE families' shared experts (and their gate)
     "norms": r"(layernorm|_norm)\.weight$|layer_norm_weight$",
     # Vision-language models (models/vlm.py): the encoder, the projector, the language model.
     "vision": r"^vision_model\.",

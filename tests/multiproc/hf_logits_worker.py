@@ -5,6 +5,12 @@ usage: hf_logits_worker.py <tokens.pt> <out.pt> <override> [<override> ...] [--a
 
 --also: after the trainer's own model, more HF folders (of any family) under the same layout, each built and
 loaded as model.pretrained=<folder> would be, in the same processes (one launch for several models: CI time).
+
+--then=<name>:<override>,<override>...: afterwards, megatron-core's parallel groups are rebuilt in the same
+processes with these parallel.* overrides, and every model (the trainer's and --also's) is built and loaded
+again under them; its logits go to <out without .pt>.<name>.pt. Several --then run in order.
+--save=<name>: the models built under layout <name> (a --then name, or "first") are also written as weights-only
+checkpoints, each in the run folder <out without .pt>.ckpt (HF -> Megatron, for round-trip tests).
 """
 import os
 import sys
@@ -19,24 +25,67 @@ def main() -> None:
     import torch
     import torch.distributed as dist
     from check import megatron_logits
-    from megatron.core import parallel_state as ps
 
     from megatron_swift.config.compose import compose
+    from megatron_swift.models.arch import padded_vocab_size
     from megatron_swift.training.loop import setup
 
     tokens_file, out_file, args = sys.argv[1], sys.argv[2], sys.argv[3:]
-    overrides = [a for a in args if not a.startswith("--also=")]
+    overrides = [a for a in args if not a.startswith("--")]
     also = [a[len("--also="):].split(",") for a in args if a.startswith("--also=")]
+    then = [a[len("--then="):].split(":", 1) for a in args if a.startswith("--then=")]
+    save = [a[len("--save="):] for a in args if a.startswith("--save=")]
     cfg = compose(overrides)
+    first_folder = cfg.model.pretrained
     trainer = setup(cfg)
     tokens = torch.load(tokens_file, weights_only=True)
-    models = [(out_file, lambda: trainer.model)] + [(out, lambda folder=folder: _load(trainer, cfg, folder))
-                                                    for folder, out in also]
+    first = (trainer.model, trainer.arch,
+             padded_vocab_size(trainer.arch.vocab_size, cfg.model.make_vocab_size_divisible_by, cfg.parallel.tp))
+    models = [(out_file, lambda: first)]
+    models += [(out, lambda folder=folder: _load(trainer, cfg, folder)) for folder, out in also]
+    _run(models, trainer, cfg, tokens, "first" in save, megatron_logits)
+    for name, layout in then:
+        _relayout(cfg, layout.split(","))
+        stem = lambda out: out[:-len(".pt")] if out.endswith(".pt") else out  # noqa: E731
+        models = [(f"{stem(out)}.{name}.pt", lambda folder=folder: _load(trainer, cfg, folder))
+                  for folder, out in [(first_folder, out_file)] + also]
+        _run(models, trainer, cfg, tokens, name in save, megatron_logits)
+    dist.barrier()
+
+
+def _run(models, trainer, cfg, tokens, save: bool, megatron_logits) -> None:
+    """Each model's logits into its file (and, with ``save``, its weights into <file>.ckpt)."""
+    import torch
+    from megatron.core import parallel_state as ps
+    from omegaconf import OmegaConf
+
+    from megatron_swift.training import checkpoint as ckpt
+    from megatron_swift.training.loop import model_meta
+
     for out, model in models:
-        logits = megatron_logits(SimpleNamespace(model=model(), backend=trainer.backend), tokens)
+        chunks, arch, padded = model()
+        logits = megatron_logits(SimpleNamespace(model=chunks, backend=trainer.backend), tokens)
         if logits is not None and ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0:
             torch.save(logits, out)
-    dist.barrier()
+        if save:
+            ckpt.save_weights(out[:-len(".pt")] + ".ckpt", chunks, OmegaConf.to_yaml(cfg),
+                              model_meta(arch, arch.vocab_size, padded))
+
+
+def _relayout(cfg, overrides) -> None:
+    """megatron-core's parallel groups rebuilt in these processes for the parallel.* ``overrides``."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+    from omegaconf import OmegaConf
+
+    for item in overrides:
+        key, value = item.split("=", 1)
+        OmegaConf.update(cfg, key, value)
+    par = cfg.parallel
+    ps.destroy_model_parallel()
+    ps.initialize_model_parallel(tensor_model_parallel_size=par.tp, pipeline_model_parallel_size=par.pp,
+                                 expert_model_parallel_size=par.ep, expert_tensor_parallel_size=par.etp)
+    model_parallel_cuda_manual_seed(cfg.train.seed)
 
 
 def _load(trainer, cfg, folder: str) -> list:
@@ -58,7 +107,7 @@ def _load(trainer, cfg, folder: str) -> list:
     chunks = build_model(arch, transformer_config(arch, cfg, trainer.backend, initialize=False), padded,
                          cfg.train.seq_length, trainer.backend)
     load_hf_weights(chunks, folder, arch, padded)
-    return chunks
+    return chunks, arch, padded
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 from megatron_swift.convert.safetensors_io import current_umask
 
 from tests.conftest import ROOT, launch_cmd, run_train, train_env
-from tests.multiproc.test_hf_load import CASES, DEEPSEEK, ROPE_MODELS, VOCAB, WORKER, _save_tiny, _v4_spelling
+from tests.multiproc.test_hf_load import (CASES, DEEPSEEK, MOE_MODELS, ROPE_MODELS, VOCAB, WORKER, _save_tiny,
+                                          _v4_spelling)
 
 CONVERT = ROOT / "tools" / "convert" / "mcore_to_hf.py"
 HF_TO_MCORE = ROOT / "tools" / "convert" / "hf_to_mcore.py"
@@ -138,11 +139,17 @@ def test_trained_export_loads_in_transformers_with_megatron_logits(tmp_path):
     assert (hf_logits - before).abs().max().item() > 1e-3  # the exported weights are the trained ones
 
 
-def test_check_tool_reports_logit_agreement(tmp_path):
-    kind, extra, _, _ = CASES["qwen3-tp2"]
+@pytest.mark.parametrize("case", ["qwen3-tp2", "glm4_moe-ep2"])
+def test_check_tool_reports_logit_agreement(tmp_path, case):
+    """The check users run on a folder (the issue's GLM-4.5 command: parallel.ep=2)."""
+    if case == "glm4_moe-ep2":
+        (kind, extra), layout = MOE_MODELS["glm4_moe"], ["parallel.ep=2"]
+    else:
+        kind, extra, _, _ = CASES[case]
+        layout = ["parallel.tp=2"]
     _save_tiny(kind, tmp_path / "hf", **extra)
     report = tmp_path / "report.json"
-    proc = _run_tool(2, CHECK, ["--hf", str(tmp_path / "hf"), "--report", str(report), "parallel.tp=2",
+    proc = _run_tool(2, CHECK, ["--hf", str(tmp_path / "hf"), "--report", str(report), *layout,
                                 "train.device=cpu"])
     figures = json.loads(report.read_text())
     assert figures["max_abs_diff"] < 1e-4 and figures["token_agreement"] == 1.0

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import json
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -21,15 +22,19 @@ def _save_tiny(kind: str, folder, dtype=torch.float32, **extra):
                   num_attention_heads=4, max_position_embeddings=128, rms_norm_eps=1e-6)
     common.update(extra)
     hf_name = {"qwen3": "Qwen3", "qwen2": "Qwen2", "llama": "Llama", "mistral": "Mistral", "qwen3_moe": "Qwen3Moe",
-               "deepseek_v2": "DeepseekV2", "deepseek_v3": "DeepseekV3"}[kind]
+               "mixtral": "Mixtral", "qwen2_moe": "Qwen2Moe", "glm4_moe": "Glm4Moe", "deepseek_v2": "DeepseekV2",
+               "deepseek_v3": "DeepseekV3"}[kind]
     config = getattr(transformers, hf_name + "Config")(**common)
     torch.manual_seed(0)
     model = getattr(transformers, hf_name + "ForCausalLM")(config)
     model = model.float().eval()
-    with torch.no_grad():  # random norms and biases (DeepSeek-V3's router bias is a buffer), so that a skipped
-        for name, p in [*model.named_parameters(), *model.named_buffers()]:  # tensor shows in the logits
+    with torch.no_grad():  # random norms and biases, so that a skipped tensor shows in the logits
+        for name, p in model.named_parameters():
             if "norm" in name or name.endswith("bias"):
                 p.normal_(1.0 if "norm" in name else 0.0, 0.2)
+        for name, b in model.named_buffers():  # a router's selection bias (GLM-4.5), zero as initialised
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0.0, 0.2)
     model.to(dtype).save_pretrained(folder)
     return model
 
@@ -202,6 +207,110 @@ def test_rope_variants_logits_equal_hf_logits(rope_models, tmp_path, layout):
         # The RoPE keys move transformers' logits by far more than the tolerance.
         assert effect > 20 * 1e-4, f"{name}: the RoPE keys change HF's logits by {effect} only"
         assert diff < 1e-4, f"{name}: max |logit diff| {diff}"
+
+
+# MoE families (issue 28): every layout of one launch loads all of them (hf_logits_worker --also). Shapes differ
+# from the tiny sizes and from each other: head_dim other than hidden/heads, expert counts and widths, dense
+# layers among MoE layers (mlp_only_layers, decoder_sparse_step, first_k_dense_replace), shared experts with and
+# without a gate, sigmoid routing with a correction bias, expert groups, QK norm and QKV bias on and off.
+MOE_MODELS = {
+    "mixtral": ("mixtral", dict(num_key_value_heads=2, head_dim=24, num_local_experts=6, num_experts_per_tok=2,
+                                intermediate_size=40, tie_word_embeddings=False)),
+    "qwen2_moe": ("qwen2_moe", dict(num_key_value_heads=2, num_experts=6, num_experts_per_tok=3,
+                                    moe_intermediate_size=24, shared_expert_intermediate_size=40,
+                                    mlp_only_layers=[0, 2], tie_word_embeddings=False)),
+    "qwen2_moe-step": ("qwen2_moe", dict(num_attention_heads=8, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                                         moe_intermediate_size=16, shared_expert_intermediate_size=48,
+                                         decoder_sparse_step=2, norm_topk_prob=True, tie_word_embeddings=True)),
+    "glm4_moe": ("glm4_moe", dict(num_key_value_heads=2, head_dim=32, n_routed_experts=6, num_experts_per_tok=2,
+                                  moe_intermediate_size=24, n_shared_experts=2, first_k_dense_replace=1,
+                                  routed_scaling_factor=1.7, attention_bias=True, use_qk_norm=True,
+                                  num_nextn_predict_layers=0, tie_word_embeddings=False)),
+    "glm4_moe-groups": ("glm4_moe", dict(num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2,
+                                         moe_intermediate_size=16, n_shared_experts=1, first_k_dense_replace=2,
+                                         n_group=2, topk_group=1, routed_scaling_factor=2.5, attention_bias=False,
+                                         use_qk_norm=False, num_nextn_predict_layers=0, tie_word_embeddings=False)),
+}
+
+
+@pytest.fixture(scope="module")
+def moe_models(tmp_path_factory):
+    """Each MoE model saved once, with transformers' logits."""
+    root = tmp_path_factory.mktemp("moe")
+    tokens = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(3))
+    torch.save(tokens, root / "tokens.pt")
+    models = {}
+    for name, (kind, extra) in MOE_MODELS.items():
+        with torch.no_grad():
+            models[name] = (kind, root / name, _save_tiny(kind, root / name, **extra)(tokens).logits.float())
+    return root, models
+
+
+# One launch of two processes covers every layout: TP=1 (two data-parallel ranks), then megatron-core's groups
+# rebuilt for the others (hf_logits_worker --then); the EP=2 models are also saved for the round trip
+# (test_hf_export).
+MOE_LAYOUTS = {"tp2": "parallel.tp=2", "pp2": "parallel.tp=1,parallel.pp=2",
+               "ep2": "parallel.pp=1,parallel.ep=2",
+               "tp2-ep2": "parallel.tp=2,parallel.ep=2,parallel.etp=1"}
+
+
+@pytest.fixture(scope="module")
+def moe_run(moe_models, tmp_path_factory):
+    """The launch: (folder of its outputs, models)."""
+    root, models = moe_models
+    out = tmp_path_factory.mktemp("moe-run")
+    names = list(models)
+    first_kind, first_folder = models[names[0]][:2]
+    also = [f"--also={models[n][1]},{out / n}.pt" for n in names[1:]]
+    then = [f"--then={name}:{layout}" for name, layout in MOE_LAYOUTS.items()]
+    overrides = [f"+model={first_kind}", f"model.pretrained={first_folder}", "train.precision=fp32",
+                 "train.device=cpu", f"train.output_dir={out / 'run'}", "logging.tensorboard=false"]
+    proc = subprocess.run(launch_cmd(2, [str(root / "tokens.pt"), str(out / f"{names[0]}.pt"), *overrides, *also,
+                                         *then, "--save=ep2"], script=WORKER),
+                          cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return out, models
+
+
+@pytest.mark.parametrize("layout", ["tp1", *MOE_LAYOUTS])
+def test_moe_families_logits_equal_hf_logits(moe_run, layout):
+    out, models = moe_run
+    for name, (_, _, expected) in models.items():
+        got = torch.load(out / (f"{name}.pt" if layout == "tp1" else f"{name}.{layout}.pt"), weights_only=True)
+        diff = (got[..., :VOCAB] - expected).abs().max().item()
+        print(f"{name} {layout}: max |logit diff| {diff:.2e}")
+        assert diff < 1e-4, f"{name} {layout}: max |logit diff| {diff}"
+
+
+def test_moe_families_round_trip_is_bitwise(moe_run, tmp_path):
+    """HF -> Megatron (loaded under EP=2 and saved by the launch above) -> HF (the export tool's convert, one
+    process for all models): every tensor and config.json as they were. A bf16 export keeps the router's
+    selection bias in float32, as checkpoints store it."""
+    import json
+
+    from safetensors.torch import load_file
+
+    out, models = moe_run
+    jobs = [(str(out / f"{name}.ep2.ckpt"), str(tmp_path / name), None) for name in models]
+    jobs.append((str(out / "glm4_moe.ep2.ckpt"), str(tmp_path / "glm4_moe-bf16"), "bf16"))
+    script = ("import json, sys; sys.path.insert(0, 'tools/convert'); from mcore_to_hf import convert\n"
+              "for ckpt, dest, dtype in json.loads(sys.argv[1]): convert(ckpt, dest, dtype)")
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps(jobs)], cwd=ROOT, env=train_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    volatile = {"transformers_version", "torch_dtype", "dtype"}
+    for name, (_, folder, _) in models.items():
+        original, exported = load_file(folder / "model.safetensors"), load_file(tmp_path / name / "model.safetensors")
+        assert sorted(exported) == sorted(original), name
+        for key, tensor in original.items():
+            assert exported[key].dtype == tensor.dtype and torch.equal(exported[key], tensor), f"{name}: {key}"
+        configs = [{k: v for k, v in json.loads((f / "config.json").read_text()).items() if k not in volatile}
+                   for f in (folder, tmp_path / name)]
+        assert configs[0] == configs[1], name
+    bf16 = load_file(tmp_path / "glm4_moe-bf16" / "model.safetensors")
+    biases = [k for k in bf16 if k.endswith("e_score_correction_bias")]
+    assert biases and all(bf16[k].dtype == torch.float32 for k in biases)
+    assert bf16["model.embed_tokens.weight"].dtype == torch.bfloat16
 
 
 # DeepSeek-V2/V3 (families/deepseek.py). V3-style: a query LoRA, sigmoid routing with its correction bias over

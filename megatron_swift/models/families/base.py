@@ -35,9 +35,32 @@ class Size:
     moe_router_pre_softmax: bool = False
     rotary_percent: float = 1.0  # rotated fraction of each head (HF partial_rotary_factor)
     rope_scaling: Optional[RopeScaling] = None  # HF rope_scaling (models/rope.py); None: default RoPE
+    # Attention traits that vary between checkpoints of one family (GLM-4.5's attention_bias, use_qk_norm);
+    # None: the family's own trait (Family.add_qkv_bias / qk_layernorm).
+    qkv_bias: Optional[bool] = None
+    qk_norm: Optional[bool] = None
+    # MoE axes beyond routed experts (defaults: every layer routed, softmax router, no shared expert).
+    moe_shared_ffn_hidden_size: Optional[int] = None  # width of the shared expert(s) together; None: none
+    moe_shared_expert_gate: bool = False  # the shared expert's output scaled by sigmoid(x . w) (Qwen2-MoE)
+    moe_score_function: str = "softmax"  # router scores: softmax or sigmoid (GLM-4.5, DeepSeek-V3)
+    moe_expert_bias: bool = False  # a per-expert bias added to the scores for selection only (HF e_score_correction_bias)
+    moe_topk_scaling_factor: Optional[float] = None  # routed weights times this (HF routed_scaling_factor)
+    moe_num_groups: Optional[int] = None  # experts in groups, top groups chosen first (HF n_group; None: no groups)
+    moe_group_topk: Optional[int] = None  # groups chosen per token (HF topk_group)
+    moe_dense_first: int = 0  # the first k layers have a dense MLP (HF first_k_dense_replace)
+    moe_sparse_step: int = 1  # layer i routes when (i + 1) % step == 0 (HF decoder_sparse_step)
+    moe_dense_layers: Tuple[int, ...] = ()  # more layers with a dense MLP (HF mlp_only_layers)
     # Numbers only this family's architecture has, as a plain dict its module documents (families/deepseek.py:
     # MLA ranks and head dims, routing); None for families without.
     family_options: Optional[dict] = None
+
+
+def moe_layer_pattern(arch) -> list:
+    """Per layer, 1 for a routed-experts MLP and 0 for a dense one (megatron-core's moe_layer_freq list), from
+    an Arch's or Size's MoE layout fields; every layer 1 when nothing makes a layer dense."""
+    dense = set(arch.moe_dense_layers or ())
+    return [int(i >= arch.moe_dense_first and (i + 1) % arch.moe_sparse_step == 0 and i not in dense)
+            for i in range(arch.num_layers)]
 
 
 @dataclass(frozen=True)
@@ -54,15 +77,25 @@ class Family:
     # weights(tied=...) -> the HF <-> Megatron weight table (convert.tables); None: not convertible yet.
     weights: Optional[Callable[..., list]] = None
     hf_head: str = "lm_head.weight"  # the HF name of the LM head (read to tell LMs from reward models)
+    # HF config keys of this family beyond a dense causal LM's (MoE layout, router, optional attention traits):
+    # hf_read(hf, where) -> Size fields (``where``: config.json's path, for errors); hf_write(arch record) ->
+    # the HF keys back. Both live in the family's file.
+    hf_read: Optional[Callable[[dict, str], dict]] = None
+    hf_write: Optional[Callable[[dict], dict]] = None
     layers_prefix: str = "decoder.layers."  # Megatron names of the pipelined (language) decoder layers
 
     # What a family may override (families/llava.py does): how its HF config reads and writes, how its
     # module is built, its weight table, and which HF tensors it reads under which names.
     def read_hf(self, hf: dict, folder: str) -> dict:
         """Architecture fields (models.arch.Arch) from an HF config.json."""
+        import os
+
         from megatron_swift.convert.hf_config import arch_fields
 
-        return arch_fields(hf, folder)
+        fields = arch_fields(hf, folder)
+        if self.hf_read is not None:
+            fields.update(self.hf_read(hf, os.path.join(folder, "config.json")))
+        return fields
 
     def compose(self, model_cfg) -> dict:
         """Architecture fields of a model put together from several HF folders (model.llm + model.vision)."""
@@ -73,7 +106,10 @@ class Family:
         """An HF config.json from stored architecture numbers (Arch.plain())."""
         from megatron_swift.convert.hf_config import to_hf_config
 
-        return to_hf_config(self, arch, dtype)
+        config = to_hf_config(self, arch, dtype)
+        if self.hf_write is not None:
+            config.update(self.hf_write(arch))
+        return config
 
     def hf_fill(self, arch) -> dict:
         """HF tensors an export without a source folder adds so that transformers finds no weight missing
@@ -95,11 +131,6 @@ class Family:
         makes it an MLATransformerConfig)."""
         return {}
 
-    def one_layer_fields(self, arch: dict, index: int) -> dict:
-        """Stored architecture numbers (Arch.plain()) of a one-layer model whose layer is built as layer
-        ``index`` is (convert.mcore_read reads a checkpoint one layer at a time into it)."""
-        return dict(arch, num_layers=1)
-
     def layout_problems(self, arch, parallel) -> list:
         """What this architecture cannot do under a layout (``parallel``: its tp, pp, cp, ep, as the run's
         parallel config or a planner Layout has them): one line each, naming the key to change (config.validate
@@ -118,7 +149,8 @@ class Family:
 
     def rules(self, arch) -> list:
         """The HF <-> Megatron weight table of this architecture."""
-        return self.weights(tied=not arch.untie_embeddings, head=arch.head)
+        traits = {k: v for k, v in (("qkv_bias", arch.qkv_bias), ("qk_norm", arch.qk_norm)) if v is not None}
+        return self.weights(tied=not arch.untie_embeddings, head=arch.head, **traits)
 
     def context(self, name: str, arch, dense):
         """The convert.hf_load.Context of Megatron parameter ``name`` (``dense``: the language model's)."""

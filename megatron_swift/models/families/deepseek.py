@@ -54,6 +54,18 @@ def options(arch) -> Options:
     return Options(**arch.family_options)
 
 
+def moe_axes(opts, moe_ffn_hidden_size: int) -> dict:
+    """The MoE layout and router (families.base.Size's MoE axes) of DeepSeek's numbers: dense first layers,
+    shared experts fused into one MLP, softmax (V2) or sigmoid with the correction bias (V3), groups, scaling."""
+    o = opts if isinstance(opts, Options) else Options(**opts)
+    grouped = o.n_group > 1
+    return dict(moe_dense_first=o.first_k_dense_replace, moe_score_function=o.scoring_func,
+                moe_router_pre_softmax=o.scoring_func == "softmax", moe_expert_bias=o.scoring_func == "sigmoid",
+                moe_shared_ffn_hidden_size=moe_ffn_hidden_size * o.n_shared_experts or None,
+                moe_topk_scaling_factor=o.routed_scaling_factor if o.routed_scaling_factor != 1.0 else None,
+                moe_num_groups=o.n_group if grouped else None, moe_group_topk=o.topk_group if grouped else None)
+
+
 class DeepSeekFamily(Family):
     def read_hf(self, hf: dict, folder: str) -> dict:
         from megatron_swift.convert.hf_config import arch_fields
@@ -80,8 +92,7 @@ class DeepSeekFamily(Family):
                       kv_channels=opts.qk_nope_head_dim + opts.qk_rope_head_dim)
         if experts:
             fields.update(num_experts=experts, moe_ffn_hidden_size=hf["moe_intermediate_size"],
-                          moe_router_topk=hf["num_experts_per_tok"],
-                          moe_router_pre_softmax=opts.scoring_func == "softmax")
+                          moe_router_topk=hf["num_experts_per_tok"], **moe_axes(opts, hf["moe_intermediate_size"]))
         return fields
 
     def write_hf(self, arch: dict, dtype: str) -> dict:
@@ -96,7 +107,8 @@ class DeepSeekFamily(Family):
                       head_dim=opts.qk_rope_head_dim, num_key_value_heads=arch["num_attention_heads"],
                       **{k: v for k, v in dataclasses.asdict(opts).items() if k != "hf_architecture"})
         if arch.get("num_experts"):
-            config.update(n_routed_experts=arch["num_experts"])
+            config.update(n_routed_experts=arch["num_experts"], moe_intermediate_size=arch["moe_ffn_hidden_size"],
+                          num_experts_per_tok=arch["moe_router_topk"])
         if opts.hf_architecture == V2:
             config["topk_method"] = "group_limited_greedy" if opts.n_group > 1 else "greedy"
         return config
@@ -117,19 +129,6 @@ class DeepSeekFamily(Family):
                           or arch.max_position_embeddings,
                           beta_fast=yarn.beta_fast or 32.0, beta_slow=yarn.beta_slow or 1.0,
                           mscale=yarn.mscale if both else 1.0, mscale_all_dim=yarn.mscale_all_dim or 0.0)
-        if arch.is_moe:
-            k = opts.first_k_dense_replace
-            fields.update(
-                moe_layer_freq=[0] * k + [1] * (arch.num_layers - k) if k else 1,
-                moe_shared_expert_intermediate_size=(arch.moe_ffn_hidden_size * opts.n_shared_experts
-                                                     if opts.n_shared_experts else None),
-                moe_router_score_function=opts.scoring_func,
-                moe_router_enable_expert_bias=opts.scoring_func == "sigmoid",
-                moe_router_topk_scaling_factor=(opts.routed_scaling_factor
-                                                if opts.routed_scaling_factor != 1.0 else None),
-                moe_router_num_groups=opts.n_group if opts.n_group > 1 else None,
-                moe_router_group_topk=opts.topk_group if opts.n_group > 1 else None,
-            )
         return fields
 
     def build(self, arch, tconfig, padded_vocab: int, seq_length: int, backend, unfuse_norms: bool = False) -> list:
@@ -171,8 +170,8 @@ class DeepSeekFamily(Family):
         dense, moe = 3 * h * arch.ffn_hidden_size, 0.0
         if arch.is_moe:
             f = arch.moe_ffn_hidden_size
-            moe = arch.moe_router_topk * 3 * h * f + 3 * h * f * o.n_shared_experts + h * arch.num_experts
-        k = o.first_k_dense_replace if arch.is_moe else arch.num_layers
+            moe = arch.moe_router_topk * 3 * h * f + 3 * h * (arch.moe_shared_ffn_hidden_size or 0) + h * arch.num_experts
+        k = arch.num_layers - arch.moe_layers
         return arch.num_layers * attention + k * dense + (arch.num_layers - k) * moe
 
     def layer_params(self, arch, layout, index: int) -> dict:
@@ -185,9 +184,10 @@ class DeepSeekFamily(Family):
         dense = (2 * h + query + h * (o.kv_lora_rank + o.qk_rope_head_dim) // t + o.kv_lora_rank
                  + o.kv_lora_rank * n * (o.qk_nope_head_dim + v) // t + n * v * h // t)
         expert = 0
-        if arch.is_moe and index >= o.first_k_dense_replace:
+        pattern = arch.moe_layer_pattern
+        if arch.is_moe and (pattern is None or pattern[index]):
             f = arch.moe_ffn_hidden_size
-            dense += arch.num_experts * h + 3 * h * f * o.n_shared_experts // t
+            dense += arch.num_experts * h + 3 * h * (arch.moe_shared_ffn_hidden_size or 0) // t
             expert = (arch.num_experts // layout.ep) * 3 * f * h // layout.etp
         else:
             dense += 3 * arch.ffn_hidden_size * h // t
@@ -198,12 +198,6 @@ class DeepSeekFamily(Family):
         not built (MTP is not supported yet), kept as they are by an export from this folder."""
         layer = re.match(r"model\.layers\.(\d+)\.", name)
         return bool(layer and int(layer.group(1)) >= arch.num_layers)
-
-    def one_layer_fields(self, arch: dict, index: int) -> dict:
-        """Architecture numbers of a one-layer model whose layer is of layer ``index``'s kind (dense or MoE)."""
-        opts = dict(arch["family_options"], first_k_dense_replace=int(
-            index < arch["family_options"]["first_k_dense_replace"]))
-        return dict(arch, num_layers=1, family_options=opts)
 
 
 _NOTED = set()
@@ -296,6 +290,12 @@ _LITE_OPTS = dict(q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128, qk_r
 _MOONLIGHT_OPTS = dict(_V3_OPTS, q_lora_rank=None, n_shared_experts=2, n_group=1, topk_group=1,
                        first_k_dense_replace=1, routed_scaling_factor=2.446)
 
+def _size(layers: int, hidden: int, ffn: int, heads: int, **fields) -> Size:
+    """A Size whose MoE axes come from its DeepSeek options (MLA: as many key/value heads as heads)."""
+    return Size(layers, hidden, ffn, heads, heads, **fields,
+                **moe_axes(fields["family_options"], fields["moe_ffn_hidden_size"]))
+
+
 FAMILY = DeepSeekFamily(
     name="deepseek",
     hf_architectures=(V3, V2),
@@ -304,21 +304,21 @@ FAMILY = DeepSeekFamily(
     qk_layernorm=True,
     weights=deepseek_style,
     sizes={
-        "tiny": Size(3, 64, 128, 4, 4, kv_channels=24, max_position_embeddings=1024, num_experts=8,
-                     moe_ffn_hidden_size=32, moe_router_topk=2, moe_router_pre_softmax=True,
-                     family_options=dict(_V3_OPTS, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16,
-                                         qk_rope_head_dim=8, v_head_dim=16, first_k_dense_replace=1, n_group=1,
-                                         topk_group=1)),
-        "v2-lite": Size(27, 2048, 10944, 16, 16, kv_channels=192, vocab_size=102400, max_position_embeddings=163840,
-                        norm_epsilon=1e-6, num_experts=64, moe_ffn_hidden_size=1408, moe_router_topk=6,
-                        moe_router_pre_softmax=True, family_options=_LITE_OPTS,
-                        rope_scaling=RopeScaling("yarn", factor=40.0, original_max_position_embeddings=4096,
-                                                 beta_fast=32, beta_slow=1, mscale=0.707, mscale_all_dim=0.707)),
-        "moonlight-16b-a3b": Size(27, 2048, 11264, 16, 16, kv_channels=192, vocab_size=163840,
-                                  max_position_embeddings=8192, rotary_base=5e4, norm_epsilon=1e-5,
-                                  num_experts=64, moe_ffn_hidden_size=1408, moe_router_topk=6,
-                                  family_options=_MOONLIGHT_OPTS),
-        "v3-671b": Size(61, 7168, 18432, 128, 128, kv_channels=192, num_experts=256, moe_ffn_hidden_size=2048,
-                        moe_router_topk=8, rope_scaling=_V3_YARN, family_options=_V3_OPTS, **_V3),
+        "tiny": _size(3, 64, 128, 4, kv_channels=24, max_position_embeddings=1024, num_experts=8,
+                      moe_ffn_hidden_size=32, moe_router_topk=2,
+                      family_options=dict(_V3_OPTS, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16,
+                                          qk_rope_head_dim=8, v_head_dim=16, first_k_dense_replace=1, n_group=1,
+                                          topk_group=1)),
+        "v2-lite": _size(27, 2048, 10944, 16, kv_channels=192, vocab_size=102400, max_position_embeddings=163840,
+                         norm_epsilon=1e-6, num_experts=64, moe_ffn_hidden_size=1408, moe_router_topk=6,
+                         family_options=_LITE_OPTS,
+                         rope_scaling=RopeScaling("yarn", factor=40.0, original_max_position_embeddings=4096,
+                                                  beta_fast=32, beta_slow=1, mscale=0.707, mscale_all_dim=0.707)),
+        "moonlight-16b-a3b": _size(27, 2048, 11264, 16, kv_channels=192, vocab_size=163840,
+                                   max_position_embeddings=8192, rotary_base=5e4, norm_epsilon=1e-5,
+                                   num_experts=64, moe_ffn_hidden_size=1408, moe_router_topk=6,
+                                   family_options=_MOONLIGHT_OPTS),
+        "v3-671b": _size(61, 7168, 18432, 128, kv_channels=192, num_experts=256, moe_ffn_hidden_size=2048,
+                         moe_router_topk=8, rope_scaling=_V3_YARN, family_options=_V3_OPTS, **_V3),
     },
 )
