@@ -374,13 +374,15 @@ def deepseek_models(tmp_path_factory):
     return root, models
 
 
-# One launch for every model (CI time): attention split over TP=2, experts over EP=2 (whole experts: expert TP 1),
-# FP8 rows dequantized per shard. PP=2: test_grpo's greedy rollouts of the V2-style model.
+# One launch per layout for every model (CI time): attention split over TP=2, experts over EP=2 (whole experts:
+# expert TP 1), FP8 rows dequantized per shard; PP=2 with a dense and an MoE layer on the first stage (V3). TP=1:
+# test_grpo's greedy rollouts of the V2-style model.
 @pytest.mark.parametrize("layout,names", [
     (["parallel.tp=2", "parallel.ep=2", "parallel.etp=1"], ["v3", "v2", "v3-fp8"]),
-], ids=["tp2-ep2"])
+    (["parallel.pp=2"], ["v3", "v2"]),
+], ids=["tp2-ep2", "pp2"])
 def test_deepseek_logits_equal_hf_logits(deepseek_models, tmp_path, layout, names):
-    """Every model in one launch (hf_logits_worker --also)."""
+    """Every model in one launch per layout (hf_logits_worker --also)."""
     root, models = deepseek_models
     also = [f"--also={models[n][0]},{tmp_path / n}.pt" for n in names[1:]]
     overrides = ["+model=deepseek", f"model.pretrained={models[names[0]][0]}", "train.precision=fp32",
