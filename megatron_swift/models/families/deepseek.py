@@ -7,9 +7,11 @@ kv_lora_rank, nope/rope/v head dims, its own RoPE or YaRN with ``mscale``/``msca
 top-k and ``moe_router_topk_scaling_factor``; ``moe_layer_freq`` as a list makes the first
 ``first_k_dense_replace`` layers dense.
 
-The numbers only this family has live in ``Arch.family_options`` (a plain dict, :class:`Options`). What
-megatron-core's router computes differently from transformers is refused when reading config.json, one line
-naming the key (:func:`_check_routing`).
+MLA's numbers (and what an export writes back) live in ``Arch.family_options`` (a plain dict, :class:`Options`);
+the MoE layout and router are the shared MoE axes of families.base.Size (:func:`moe_axes`). What megatron-core's
+router computes differently from transformers is refused when reading config.json, one line naming the key
+(:func:`_check_routing`). Multi-token-prediction layers (V3's ``model.layers.{N+i}``) are not built yet: they are
+declared unused and an export from the folder writes them back unchanged.
 
 FP8 checkpoints (``quantization_config.quant_method=fp8``, V3/R1/Kimi-K2 as published) are dequantized while
 reading (convert/fp8.py); an export writes the training dtype and no ``quantization_config``.
