@@ -18,7 +18,7 @@ from megatron_swift.training.flops import flops_per_token
 
 from tests.multiproc.test_hf_load import MOE_MODELS, VOCAB, _save_tiny
 
-_HF = {"mixtral": "Mixtral", "qwen2_moe": "Qwen2Moe", "glm4_moe": "Glm4Moe"}
+_HF = {"mixtral": "Mixtral", "qwen2_moe": "Qwen2Moe", "glm4_moe": "Glm4Moe", "qwen3_moe": "Qwen3Moe"}
 
 
 @pytest.fixture(scope="module")

@@ -230,6 +230,10 @@ MOE_MODELS = {
                                          moe_intermediate_size=16, n_shared_experts=1, first_k_dense_replace=2,
                                          n_group=2, topk_group=1, routed_scaling_factor=2.5, attention_bias=False,
                                          use_qk_norm=False, num_nextn_predict_layers=0, tie_word_embeddings=False)),
+    # Qwen3-MoE reads the same dense-layer keys as Qwen2-MoE.
+    "qwen3_moe-dense": ("qwen3_moe", dict(num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2,
+                                          moe_intermediate_size=16, mlp_only_layers=[1], norm_topk_prob=True,
+                                          tie_word_embeddings=False)),
 }
 
 
