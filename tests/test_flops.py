@@ -32,3 +32,16 @@ def test_vlm_adds_the_encoder_per_image():
     text = flops_per_step(arch, s, v, 8)
     assert flops_per_step(arch, s, v, 8, images_per_row=1.5) == text + 1.5 * 8 * 2 * (encoder + 3 * projector)
     assert flops_per_step(arch, s, v, 8, 1.5, train_vision=True) == text + 1.5 * 8 * 2 * (3 * encoder + 3 * projector)
+
+
+def test_deepseek_counts_latent_attention_dense_first_layers_and_shared_experts():
+    # tiny: 3 layers (1 dense), h=64, f=128, 4 heads; q LoRA 32, KV LoRA 16, nope/rope/v head dims 16/8/16;
+    # 8 experts of width 32, top-2, one shared expert
+    arch = resolve(compose(["+model=deepseek"]).model)
+    s, v = 32, 512
+    query = 64 * 32 + 32 * 4 * (16 + 8)  # down to the query LoRA, up to every head's nope + rope
+    kv = 64 * (16 + 8) + 16 * 4 * (16 + 16)  # down to the latent and the shared rope key; up to keys and values
+    attention = query + kv + s * 4 * (24 + 16) + 4 * 16 * 64  # scores over 24 features, values over 16; output
+    dense = 3 * 64 * 128
+    moe = 2 * 3 * 64 * 32 + 3 * 64 * 32 + 64 * 8  # routed top-2, the shared expert, the router
+    assert flops_per_token(arch, s, v) == 6 * (3 * attention + dense + 2 * moe + 64 * v)

@@ -18,7 +18,7 @@ class ModelConfig:
     """Which model to build; architecture fields left at None come from the family's size table."""
 
     family: str = MISSING
-    """Model family, chosen with +model=<family> (llama, qwen2, qwen3, qwen3_moe, mixtral, qwen2_moe, glm4_moe, llava)."""
+    """Model family, chosen with +model=<family> (llama, qwen2, qwen3, qwen3_moe, mixtral, qwen2_moe, glm4_moe, deepseek, llava)."""
     size: str = "tiny"
     """Named size in the family's table (tiny for CPU, or a published size such as 8b)."""
     pretrained: Optional[str] = None
@@ -55,6 +55,8 @@ class ModelConfig:
     """Experts chosen per token (None: from the size table)."""
     moe_aux_loss_coeff: float = 0.0
     """Weight of the load-balancing auxiliary loss (0 disables it)."""
+    moe_expert_bias_update_rate: float = 0.0
+    """Aux-loss-free balancing (routers with an expert bias, DeepSeek-V3): per-step bias update rate; 0 keeps it."""
     moe_token_dispatcher: str = "alltoall"
     """MoE token dispatcher: alltoall or allgather."""
     hidden_dropout: float = 0.0

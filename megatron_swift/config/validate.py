@@ -69,6 +69,7 @@ def _layout(cfg, arch, te_available: bool, problems: List[str]) -> None:
         if arch.moe_layer_pattern is not None and not any(arch.moe_layer_pattern):
             problems.append(f"model.num_layers={arch.num_layers} leaves no MoE layer (the family's first "
                             f"{arch.moe_dense_first} layers are dense)")
+    problems += arch.decoder_family.layout_problems(arch, par)
     if par.overlap_param_gather and not par.distributed_optimizer:
         problems.append("parallel.overlap_param_gather=true needs parallel.distributed_optimizer=true")
 

@@ -28,6 +28,9 @@ def _rope(hf: dict, folder: str):
 
 def arch_fields(hf: dict, folder: str) -> Dict[str, object]:
     """Size-table fields (see models.families.base.Size) read from an HF config."""
+    from megatron_swift.convert.fp8 import block_size
+
+    block_size(hf, folder)  # an unsupported quantization is refused here, before anything is built
     heads = hf["num_attention_heads"]
     theta, partial, scaling = _rope(hf, folder)
     fields = dict(

@@ -131,11 +131,13 @@ def _unused_from(source: Optional[str], family, arch) -> Iterable[Tuple[str, tor
     if not source or not os.path.isfile(os.path.join(source, "config.json")):
         yield from family.hf_fill(arch).items()
         return
-    from megatron_swift.convert.hf_load import SafetensorsFolder
+    from megatron_swift.convert.fp8 import Dequantizing, is_scale
+    from megatron_swift.convert.hf_load import open_checkpoint
 
-    reader = SafetensorsFolder(source, family.canonical_hf_name)
+    reader = open_checkpoint(source, family.canonical_hf_name)  # FP8 weights come out dequantized
+    quantized = isinstance(reader, Dequantizing)
     for name in sorted(reader.file_of):
-        if family.hf_unused(arch, name):
+        if family.hf_unused(arch, name) and not (quantized and is_scale(name)):
             yield name, reader.read(name)
 
 
@@ -185,6 +187,9 @@ def _write_config(folder: str, family, arch: dict, dtype_name: str, source: Opti
         config = read_hf_config(source)
         config["torch_dtype"] = dtype_name
         config.pop("dtype", None)
+        if config.pop("quantization_config", None) is not None:  # convert.fp8: dequantized when loaded
+            print(f"export: the source's quantized weights (quantization_config) are written as {dtype_name}; "
+                  "quantization_config is left out of config.json", flush=True)
     else:
         config = family.write_hf(arch, dtype_name)
     if arch.get("head") == "reward":  # transformers reads the score of the last non-padding token

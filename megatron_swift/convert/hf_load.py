@@ -124,7 +124,7 @@ def load_hf_weights(chunks, folder: str, arch, padded_vocab: int) -> None:
     family = arch.family
     if arch.decoder_family.weights is None:
         raise DataError(folder, None, f"loading HF weights is not supported yet for family {family.name}")
-    reader = SafetensorsFolder(folder, family.canonical_hf_name)
+    reader = open_checkpoint(folder, family.canonical_hf_name)
     reader.used.update(n for n in reader.file_of if family.hf_unused(arch, n))  # declared unused by design
     if not arch.untie_embeddings:
         reader.used.add(family.hf_head)  # a tied copy some checkpoints carry; transformers ignores it too
@@ -157,6 +157,16 @@ def param_sources(chunks, arch, padded_vocab: int):
             is_expert = not getattr(param, "allreduce", True)
             ctx, rank = (expert, etp_rank) if is_expert else (arch.family.context(name, arch, dense), tp_rank)
             yield name, param, rules, offsets, ctx, rank
+
+
+def open_checkpoint(folder: str, canonical=None):
+    """A SafetensorsFolder, or for an FP8 block-quantized checkpoint one that dequantizes (convert.fp8)."""
+    from megatron_swift.convert import fp8
+    from megatron_swift.convert.hf_config import read_hf_config
+
+    reader = SafetensorsFolder(folder, canonical)
+    block = fp8.block_size(read_hf_config(folder), folder)
+    return fp8.Dequantizing(reader, block) if block else reader
 
 
 def loadable_tensors(module, rules):

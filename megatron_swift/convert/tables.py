@@ -103,6 +103,48 @@ def moe_style(qk_norm: bool = False, qkv_bias: bool = False, tied: bool = False,
     return rules + (_shared_experts(shared, shared_gate) if shared else [])
 
 
+def _mla(q_lora: bool) -> List[object]:
+    """Multi-head latent attention (megatron-core MLASelfAttention; local-spec and TE-spec norm names).
+
+    Megatron and HF lay the projections out alike (per head: no-RoPE then RoPE query rows; per head: key then
+    value rows of the KV up-projection; the latent then the shared RoPE key of the KV down-projection), and
+    megatron-core's MLA rotates DeepSeek's interleaved RoPE features itself, so every tensor maps directly."""
+    a, h = _L + "self_attention.", _H + "self_attn."
+    rules = [
+        Direct((_L + "input_layernorm.weight",), _H + "input_layernorm.weight"),
+        Direct((a + "linear_kv_down_proj.weight",), h + "kv_a_proj_with_mqa.weight"),
+        Direct((a + "kv_layernorm.weight", a + "linear_kv_up_proj.layer_norm_weight"), h + "kv_a_layernorm.weight"),
+        Direct((a + "linear_kv_up_proj.weight",), h + "kv_b_proj.weight"),
+        Direct((a + "linear_proj.weight",), h + "o_proj.weight"),
+        Direct((_L + "pre_mlp_layernorm.weight", _L + "mlp.linear_fc1.layer_norm_weight"),
+               _H + "post_attention_layernorm.weight"),
+    ]
+    if q_lora:
+        return rules + [
+            Direct((a + "linear_q_down_proj.weight",), h + "q_a_proj.weight"),
+            Direct((a + "q_layernorm.weight", a + "linear_q_up_proj.layer_norm_weight"), h + "q_a_layernorm.weight"),
+            Direct((a + "linear_q_up_proj.weight",), h + "q_b_proj.weight"),
+        ]
+    return rules + [Direct((a + "linear_q_proj.weight",), h + "q_proj.weight")]
+
+
+def _shared_experts_and_bias() -> List[object]:
+    """DeepSeek's shared experts (one SwiGLU MLP, tensor-parallel like a dense one) and the router's score
+    correction bias (megatron-core's expert_bias buffer)."""
+    m, h = _L + "mlp.shared_experts.", _H + "mlp.shared_experts."
+    return [
+        GateUp((m + "linear_fc1.weight",), h + "gate_proj.weight", h + "up_proj.weight"),
+        Direct((m + "linear_fc2.weight",), h + "down_proj.weight"),
+        Direct((_L + "mlp.router.expert_bias",), _H + "mlp.gate.e_score_correction_bias"),
+    ]
+
+
+def deepseek_style(q_lora: bool = True, tied: bool = False, head: str = "lm") -> List[object]:
+    """Rules for DeepSeek-V2/V3: MLA, dense MLPs in the first layers, routed plus shared experts after."""
+    return (_embedding(tied, head) + _mla(q_lora) + _dense_mlp() + _routed_experts()
+            + _shared_experts_and_bias())
+
+
 def vit_style(model_type: str, hf_prefix: str = "vision_model.") -> List[object]:
     """Rules for a CLIP or SigLIP vision encoder as megatron-core's CLIPViTModel (models/vision.py) holds it.
 

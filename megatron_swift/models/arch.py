@@ -49,6 +49,7 @@ class Arch:
     moe_dense_first: int = 0
     moe_sparse_step: int = 1
     moe_dense_layers: Tuple[int, ...] = ()
+    family_options: Optional[dict] = None  # numbers only this family has (families.base.Size.family_options)
     head: str = "lm"  # output layer: "lm" (vocabulary logits) or "reward" (one scalar; task=rm)
     # Vision-language models (families/llava.py): the fields above describe the language model.
     text_family: Optional[str] = None  # the language model's family (its decoder traits and weight table)
@@ -97,8 +98,8 @@ class Arch:
 
     def plain(self) -> dict:
         """Every field but the family as JSON-able values (stored with checkpoints; Arch(family=..., **plain)).
-        A text model leaves out the vision fields, and a model with default full RoPE the RoPE fields, so its
-        record equals one written before they existed."""
+        A text model leaves out the vision fields, a model with default full RoPE the RoPE fields and one without
+        family options those, so its record equals one written before they existed."""
         skip = {"family"} | (set() if self.vision else set(_VLM_FIELDS))
         skip |= {name for name, default in _OPTIONAL_DEFAULTS.items() if getattr(self, name) == default}
         return {f.name: (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v)
@@ -111,7 +112,8 @@ _OPTIONAL_DEFAULTS = {"rotary_percent": 1.0, "rope_scaling": None, "qkv_bias": N
                       "moe_shared_ffn_hidden_size": None,
                       "moe_shared_expert_gate": False, "moe_score_function": "softmax", "moe_expert_bias": False,
                       "moe_topk_scaling_factor": None, "moe_num_groups": None, "moe_group_topk": None,
-                      "moe_dense_first": 0, "moe_sparse_step": 1, "moe_dense_layers": ()}
+                      "moe_dense_first": 0, "moe_sparse_step": 1, "moe_dense_layers": (),
+                      "family_options": None}
 _VLM_FIELDS = ("text_family", "vision", "image_token_id", "vision_select", "projector_activation", "projector_bias")
 
 

@@ -14,6 +14,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.transformer_config import MLATransformerConfig
 
 from megatron_swift.backend import Backend
 from megatron_swift.models import rope
@@ -109,12 +110,15 @@ def transformer_config(arch, cfg, backend: Backend, initialize: bool = True) -> 
             moe_grouped_gemm=backend.use_te and cfg.tuner.name != "lora",
             moe_router_pre_softmax=arch.moe_router_pre_softmax,
             moe_router_dtype="fp32",
-            **_moe_layout(arch),
+            **_moe_layout(arch, model),
         )
-    return TransformerConfig(**kwargs)
+    kwargs.update(arch.decoder_family.transformer_fields(arch))
+    # Multi-latent attention's ranks and head dims are fields of megatron-core's MLATransformerConfig.
+    config_class = MLATransformerConfig if kwargs.get("multi_latent_attention") else TransformerConfig
+    return config_class(**kwargs)
 
 
-def _moe_layout(arch) -> dict:
+def _moe_layout(arch, model) -> dict:
     """megatron-core settings of the MoE axes beyond routed experts (families/base.Size documents them)."""
     kwargs = dict(moe_router_score_function=arch.moe_score_function,
                   moe_router_topk_scaling_factor=arch.moe_topk_scaling_factor)
@@ -124,8 +128,9 @@ def _moe_layout(arch) -> dict:
         kwargs.update(moe_shared_expert_intermediate_size=arch.moe_shared_ffn_hidden_size,
                       moe_shared_expert_gate=arch.moe_shared_expert_gate)
     if arch.moe_expert_bias:
-        # The checkpoint's bias is used as it is: no aux-loss-free updates while fine-tuning (rate 0).
-        kwargs.update(moe_router_enable_expert_bias=True, moe_router_bias_update_rate=0.0)
+        # The checkpoint's bias is used as it is unless aux-loss-free updates are asked for (default rate 0).
+        kwargs.update(moe_router_enable_expert_bias=True,
+                      moe_router_bias_update_rate=model.moe_expert_bias_update_rate)
     if arch.moe_num_groups and arch.moe_num_groups > 1:
         kwargs.update(moe_router_num_groups=arch.moe_num_groups, moe_router_group_topk=arch.moe_group_topk)
     return kwargs

@@ -44,7 +44,8 @@ class SDPAttention(MegatronModule):
 
     def __init__(self, config, layer_number: int, attn_mask_type: AttnMaskType, attention_type: str,
                  attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
-                 cp_comm_type: Optional[str] = None, pg_collection: Optional[ProcessGroupCollection] = None):
+                 cp_comm_type: Optional[str] = None, pg_collection: Optional[ProcessGroupCollection] = None,
+                 k_channels: Optional[int] = None, v_channels: Optional[int] = None):
         super().__init__(config=config)
         # Refused here rather than computed differently: validation keeps these off for sdpa.
         # Context parallelism wraps this module (models.ulysses), which gives it a config with cp = 1.
@@ -57,9 +58,11 @@ class SDPAttention(MegatronModule):
         self.attn_mask_type = attn_mask_type
         self.heads = divide(config.num_attention_heads, tp)
         self.groups = divide(config.num_query_groups, tp)
-        self.hidden_size_per_partition = divide(config.kv_channels * config.num_attention_heads, tp)
+        # k_channels / v_channels: per-head key and value widths where they differ (multi-latent attention).
+        k_channels, v_channels = k_channels or config.kv_channels, v_channels or config.kv_channels
+        self.hidden_size_per_partition = divide(v_channels * config.num_attention_heads, tp)
         # megatron-core's query-key layer scaling divides and multiplies back by the layer number: net 1.
-        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
+        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(k_channels)
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

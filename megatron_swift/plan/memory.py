@@ -129,8 +129,10 @@ def stage_params(arch, padded_vocab: int, layout: Layout, stage: int) -> Dict[st
     """Parameters held by a rank of pipeline stage ``stage`` ("frozen": those of them that do not train)."""
     layers = arch.num_layers // layout.pp
     kinds = arch.moe_layer_pattern or [None] * arch.num_layers  # this stage's layers: a contiguous block
-    per_layer = [layer_params(arch, layout, kind if kind is None else bool(kind))
-                 for kind in kinds[stage * layers:(stage + 1) * layers]]
+    indices = range(stage * layers, (stage + 1) * layers)
+    # a family may count its own layers (MLA: families/deepseek.py)
+    per_layer = [arch.decoder_family.layer_params(arch, layout, i)
+                 or layer_params(arch, layout, kinds[i] if kinds[i] is None else bool(kinds[i])) for i in indices]
     dense, expert = sum(p["dense"] for p in per_layer), sum(p["expert"] for p in per_layer)
     vocab_block = padded_vocab * arch.hidden_size // layout.tp
     frozen = 0

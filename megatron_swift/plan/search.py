@@ -91,6 +91,8 @@ def candidates(arch, padded_vocab_of, gpus: int, gpus_per_node: int, gpu: str, s
                         layout = Layout(tp=tp, pp=pp, ep=ep, etp=1, dp=dp, sp=tp > 1, recompute=recompute,
                                         num_microbatches=global_batch // dp, cp=cp, cp_comm=cp_comm,
                                         reference_copies=reference_copies)
+                        if arch.decoder_family.layout_problems(arch, layout):  # e.g. MLA has no CP yet
+                            continue
                         padded = padded_vocab_of(tp)
                         memory = rank_memory(arch, padded, layout, seq_length, precision)
                         fits = memory.total / GIB <= memory_gib - HEADROOM_GIB

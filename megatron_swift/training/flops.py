@@ -11,7 +11,8 @@ forward pass costs 2 FLOPs per multiply-accumulate of
   ``topk * 3 * h * f_expert + h * experts`` (router) plus ``3 * h * f_shared`` for shared experts (and ``h``
   for their sigmoid gate); a model with dense layers among its MoE layers counts each layer as what it is;
 
-plus ``h * V`` for the output layer (``h`` for a reward model's scalar head). Training is 3x the forward (backward
+(a family may count its own layers instead: models/families/deepseek.py's multi-head latent attention and
+dense first layers), plus ``h * V`` for the output layer (``h`` for a reward model's scalar head). Training is 3x the forward (backward
 costs twice the forward). Activation recompute is not counted: this is model
 FLOPs, so MFU does not rise when recompute adds work.
 
@@ -28,6 +29,10 @@ from megatron_swift.models.arch import Arch
 def flops_per_token(arch: Arch, seq_length: int, padded_vocab: int) -> float:
     """Training FLOPs (forward + backward) per token."""
     h = arch.hidden_size
+    outputs = padded_vocab if arch.head == "lm" else 1
+    layers = arch.decoder_family.layer_macs(arch, seq_length)  # a family's own layers (MLA, dense + MoE)
+    if layers is not None:
+        return 3 * 2 * (layers + h * outputs)
     q = arch.num_attention_heads * arch.kv_channels
     kv = arch.num_query_groups * arch.kv_channels
     attention = h * (q + 2 * kv) + q * h + 2 * seq_length * q
@@ -38,7 +43,6 @@ def flops_per_token(arch: Arch, seq_length: int, padded_vocab: int) -> float:
         if arch.moe_shared_ffn_hidden_size:
             moe += 3 * h * arch.moe_shared_ffn_hidden_size + (h if arch.moe_shared_expert_gate else 0)
     moe_layers = arch.moe_layers
-    outputs = padded_vocab if arch.head == "lm" else 1
     forward_macs = (arch.num_layers * attention + moe_layers * moe + (arch.num_layers - moe_layers) * dense
                     + h * outputs)
     return 3 * 2 * forward_macs

@@ -17,4 +17,7 @@ FREEZE_GROUPS = {
     "llm": r"^language_model\.",
 }
 # Megatron linears that tuner.target_modules may name (all-linear: every one of them).
-LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+# Multi-head latent attention (families/deepseek.py) has its query (direct, or down then up) and key/value (down,
+# then up) projections instead of linear_qkv.
+LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "linear_q_proj", "linear_q_down_proj",
+                "linear_q_up_proj", "linear_kv_down_proj", "linear_kv_up_proj")

@@ -55,7 +55,11 @@ LAYOUTS = {"qwen3": [("tp1", 1, [], "padded"), ("tp2", 2, ["parallel.tp=2"], "pa
            "qwen3_moe": [("ep2", 2, ["parallel.ep=2"], "padded"), ("ep2-split", 2, ["parallel.ep=2"], "split")],
            # YaRN with DeepSeek's mscale (models/rope.py): the engine's rotated keys carry transformers' frequencies
            # and attention factor, left padding shifting every position.
-           "qwen3-yarn": [("tp2", 2, ["parallel.tp=2"], "padded")]}
+           "qwen3-yarn": [("tp2", 2, ["parallel.tp=2"], "padded")],
+           # Multi-head latent attention (DeepSeek-V2-style with YaRN, dense then MoE layers): megatron-core's MLA
+           # caches its up-projected keys (RoPE applied at their positions) and values; one rank (TP=2 x EP=2 and
+           # PP=2: test_hf_load's DeepSeek logits)
+           "deepseek": [("tp1", 1, [], "padded")]}
 
 
 @pytest.mark.parametrize("family", list(LAYOUTS))
@@ -64,10 +68,10 @@ def test_greedy_rollouts_equal_transformers_under_each_layout(family, hf_dir, tm
     if family == "qwen3":
         folder = hf_dir
     else:
-        from tests.multiproc.test_hf_load import ROPE_MODELS, _save_tiny
+        from tests.multiproc.test_hf_load import DEEPSEEK, ROPE_MODELS, _save_tiny
 
         folder = tmp_path / "hf"
-        kind, extra = (family, MOE) if family == "qwen3_moe" else ROPE_MODELS["yarn-qwen3"][1:]
+        kind, extra = {"qwen3_moe": (family, MOE), "deepseek": DEEPSEEK["v2"]}.get(family) or ROPE_MODELS["yarn-qwen3"][1:]
         _save_tiny(kind, folder, **extra)
     expected_free = _hf_greedy(folder)
     if family == "qwen3-yarn":  # the attention factor alone changes transformers' completions

@@ -22,7 +22,8 @@ def _save_tiny(kind: str, folder, dtype=torch.float32, **extra):
                   num_attention_heads=4, max_position_embeddings=128, rms_norm_eps=1e-6)
     common.update(extra)
     hf_name = {"qwen3": "Qwen3", "qwen2": "Qwen2", "llama": "Llama", "mistral": "Mistral", "qwen3_moe": "Qwen3Moe",
-               "mixtral": "Mixtral", "qwen2_moe": "Qwen2Moe", "glm4_moe": "Glm4Moe"}[kind]
+               "mixtral": "Mixtral", "qwen2_moe": "Qwen2Moe", "glm4_moe": "Glm4Moe", "deepseek_v2": "DeepseekV2",
+               "deepseek_v3": "DeepseekV3"}[kind]
     config = getattr(transformers, hf_name + "Config")(**common)
     torch.manual_seed(0)
     model = getattr(transformers, hf_name + "ForCausalLM")(config)
@@ -314,3 +315,87 @@ def test_moe_families_round_trip_is_bitwise(moe_run, tmp_path):
     biases = [k for k in bf16 if k.endswith("e_score_correction_bias")]
     assert biases and all(bf16[k].dtype == torch.float32 for k in biases)
     assert bf16["model.embed_tokens.weight"].dtype == torch.bfloat16
+
+
+# DeepSeek-V2/V3 (families/deepseek.py). V3-style: a query LoRA, sigmoid routing with its correction bias over
+# 4 groups of which 2 are chosen, a routed scaling factor, one dense first layer. V2-style: queries projected
+# directly, other nope/rope/v head dims, softmax routing, two dense first layers, two shared experts, and YaRN with
+# DeepSeek's mscale / mscale_all_dim over 40 tokens (16 before scaling).
+DEEPSEEK = {
+    "v3": ("deepseek_v3", dict(moe_intermediate_size=24, n_shared_experts=1, n_routed_experts=8, num_experts_per_tok=4,
+                               n_group=4, topk_group=2, first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=16,
+                               qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12, routed_scaling_factor=2.5,
+                               num_key_value_heads=4, tie_word_embeddings=False)),
+    "v2": ("deepseek_v2", dict(moe_intermediate_size=24, n_shared_experts=2, n_routed_experts=6, num_experts_per_tok=2,
+                               first_k_dense_replace=2, q_lora_rank=None, kv_lora_rank=24, qk_nope_head_dim=16,
+                               qk_rope_head_dim=4, v_head_dim=8, routed_scaling_factor=1.5, num_key_value_heads=4,
+                               tie_word_embeddings=False, rope_scaling=dict(
+                                   rope_type="yarn", factor=8.0, original_max_position_embeddings=16, mscale=0.707,
+                                   mscale_all_dim=0.5, beta_fast=32, beta_slow=1))),
+}
+FP8_BLOCK = (16, 16)  # not 128: the tiny weights then span several blocks, and TP shards cut through blocks
+
+
+def save_fp8(source, quantized, reference):
+    """``source``'s projection weights quantized to FP8 blocks (convert.fp8.quantize) in ``quantized``, and what
+    they stand for, dequantized by hand (weight x its block's scale), as a plain checkpoint in ``reference``."""
+    from safetensors.torch import load_file, save_file
+
+    from megatron_swift.convert.fp8 import quantize
+
+    plain, fp8, ref = load_file(source / "model.safetensors"), {}, {}
+    for name, weight in plain.items():
+        fp8[name] = ref[name] = weight
+        if name.endswith(("proj.weight", "proj_with_mqa.weight")):
+            q, scale = quantize(weight, FP8_BLOCK)
+            fp8[name], fp8[name + "_scale_inv"] = q, scale
+            rows, cols = (torch.arange(n) // b for n, b in zip(weight.shape, FP8_BLOCK))
+            ref[name] = q.float() * scale[rows][:, cols]
+    config = json.loads((source / "config.json").read_text())
+    for folder, tensors, extra in ((quantized, fp8, dict(quantization_config=dict(
+            quant_method="fp8", fmt="e4m3", activation_scheme="dynamic", weight_block_size=list(FP8_BLOCK)))),
+                                   (reference, ref, {})):
+        folder.mkdir()
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+        (folder / "config.json").write_text(json.dumps(dict(config, **extra)))
+
+
+@pytest.fixture(scope="module")
+def deepseek_models(tmp_path_factory):
+    """Both DeepSeek models and the V3 one quantized to FP8 blocks, with transformers' logits (of the FP8 one: of
+    its dequantized reference)."""
+    root = tmp_path_factory.mktemp("deepseek")
+    tokens = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(3))
+    torch.save(tokens, root / "tokens.pt")
+    models = {}
+    for name, (kind, extra) in DEEPSEEK.items():
+        _save_tiny(kind, root / name, **extra)
+        models[name] = (root / name, _hf_logits(root / name, tokens, False))
+    save_fp8(root / "v3", root / "v3-fp8", root / "v3-fp8-reference")
+    models["v3-fp8"] = (root / "v3-fp8", _hf_logits(root / "v3-fp8-reference", tokens, False))
+    # the quantization moved the weights: the FP8 model's logits are not the plain one's
+    assert (models["v3-fp8"][1] - models["v3"][1]).abs().max().item() > 1e-3
+    return root, models
+
+
+# One launch per layout for every model (CI time): attention split over TP=2, experts over EP=2 (whole experts:
+# expert TP 1), FP8 rows dequantized per shard; PP=2 with a dense and an MoE layer on the first stage (V3). TP=1:
+# test_grpo's greedy rollouts of the V2-style model.
+@pytest.mark.parametrize("layout,names", [
+    (["parallel.tp=2", "parallel.ep=2", "parallel.etp=1"], ["v3", "v2", "v3-fp8"]),
+    (["parallel.pp=2"], ["v3", "v2"]),
+], ids=["tp2-ep2", "pp2"])
+def test_deepseek_logits_equal_hf_logits(deepseek_models, tmp_path, layout, names):
+    """Every model in one launch per layout (hf_logits_worker --also)."""
+    root, models = deepseek_models
+    also = [f"--also={models[n][0]},{tmp_path / n}.pt" for n in names[1:]]
+    overrides = ["+model=deepseek", f"model.pretrained={models[names[0]][0]}", "train.precision=fp32",
+                 "train.device=cpu", f"train.output_dir={tmp_path / 'run'}", "logging.tensorboard=false", *layout]
+    proc = subprocess.run(launch_cmd(2, [str(root / "tokens.pt"), str(tmp_path / f"{names[0]}.pt"), *overrides,
+                                         *also], script=WORKER),
+                          cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    for name in names:
+        diff = (torch.load(tmp_path / f"{name}.pt", weights_only=True)[..., :VOCAB] - models[name][1]).abs().max()
+        print(f"deepseek {name} {'-'.join(layout)}: max |logit diff| {diff.item():.2e}")
+        assert diff.item() < 1e-4, f"{name}: max |logit diff| {diff.item()}"

@@ -50,6 +50,9 @@ class Size:
     moe_dense_first: int = 0  # the first k layers have a dense MLP (HF first_k_dense_replace)
     moe_sparse_step: int = 1  # layer i routes when (i + 1) % step == 0 (HF decoder_sparse_step)
     moe_dense_layers: Tuple[int, ...] = ()  # more layers with a dense MLP (HF mlp_only_layers)
+    # Numbers only this family's architecture has, as a plain dict its module documents (families/deepseek.py:
+    # MLA ranks and head dims, routing); None for families without.
+    family_options: Optional[dict] = None
 
 
 def moe_layer_pattern(arch) -> list:
@@ -122,6 +125,27 @@ class Family:
         from megatron_swift.models.builder import build_gpt_chunks
 
         return build_gpt_chunks(arch, tconfig, padded_vocab, seq_length, backend, unfuse_norms)
+
+    def transformer_fields(self, arch) -> dict:
+        """Extra megatron-core TransformerConfig fields of this architecture (``multi_latent_attention=True``
+        makes it an MLATransformerConfig)."""
+        return {}
+
+    def layout_problems(self, arch, parallel) -> list:
+        """What this architecture cannot do under a layout (``parallel``: its tp, pp, cp, ep, as the run's
+        parallel config or a planner Layout has them): one line each, naming the key to change (config.validate
+        lists them; the planner skips such layouts)."""
+        return []
+
+    def layer_macs(self, arch, seq_length: int) -> Optional[float]:
+        """Forward multiply-accumulates per token of all decoder layers (training.flops), or None for the
+        formula of GQA attention and (MoE) SwiGLU MLPs there."""
+        return None
+
+    def layer_params(self, arch, layout, index: int) -> Optional[Dict[str, int]]:
+        """Parameters of decoder layer ``index`` on one rank, {"dense": n, "expert": n} (plan.memory), or None
+        for the count of a GQA attention and (MoE) SwiGLU MLP layer there."""
+        return None
 
     def rules(self, arch) -> list:
         """The HF <-> Megatron weight table of this architecture."""
