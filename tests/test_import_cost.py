@@ -1,5 +1,5 @@
-"""import_cost: megatron-core imported without TorchDynamo/Inductor, torch.compile untouched afterwards, and a
-deferred compile that still compiles (once, at the first call) what megatron-core decorated."""
+"""import_cost: megatron-core imported without TorchDynamo/Inductor or wandb, torch.compile and wandb untouched
+afterwards, and a deferred compile that still compiles (once, at the first call) what megatron-core decorated."""
 from __future__ import annotations
 
 import subprocess
@@ -14,10 +14,14 @@ from tests.conftest import ROOT
 def test_megatron_core_imports_without_compiler_and_leaves_torch_compile_alone():
     probe = ("import sys, torch, megatron_swift, megatron.core.models.gpt, megatron.core.optimizer\n"
              "from megatron.core import jit\n"
+             "from megatron.core.inference.contexts import dynamic_context\n"
              "print('torch._inductor.compile_fx' in sys.modules, torch.compile.__module__, "
-             "jit.jit_fuser is torch.compile)")
+             "jit.jit_fuser is torch.compile, 'wandb' in sys.modules, dynamic_context.HAVE_WANDB)\n"
+             "import wandb\n"
+             "print(callable(wandb.init))")
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert out.stdout.split() == ["False", "torch", "False"], out.stderr[-2000:]
+    # No compiler, no wandb during the import; torch.compile untouched and wandb importable afterwards.
+    assert out.stdout.split() == ["False", "torch", "False", "False", "False", "True"], out.stderr[-2000:]
 
 
 def test_deferred_compile_calls_the_real_one_once_at_first_use():
