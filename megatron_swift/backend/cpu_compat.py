@@ -119,6 +119,15 @@ def _patch_rng():
         lambda record: record.getMessage() != "CPU RNG state changed within GPU RNG context")
 
 
+def _quiet_cuda_stream_advice():
+    """The tensor-parallel linear warns once per process, under TP>1 or SP, to set CUDA_DEVICE_MAX_CONNECTIONS=1
+    (the order of CUDA streams' communication and compute): advice about CUDA streams, which a CPU run does not
+    have. Its own "already warned" flag is set."""
+    from megatron.core.tensor_parallel import layers
+
+    layers.linear_with_grad_accumulation_and_async_allreduce.warned = True
+
+
 def _patch_devices():
     """``torch.cuda.current_device()`` is used as a ``device=`` argument and
     ``.cuda()`` moves buffers (DDP grad buffers, optimizer state, loss
@@ -209,4 +218,5 @@ def apply() -> None:
     _patch_tensor_type()
     _patch_moe()
     _patch_all_to_all()
+    _quiet_cuda_stream_advice()
     _APPLIED = True

@@ -48,6 +48,8 @@ def run(command: str, cwd):
                str(TRAIN), *args, *steps, "train.device=cpu"]
     proc = subprocess.run(cmd, cwd=cwd, env=train_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{command}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    # No CUDA advice on a CPU run (megatron-core's TP/SP linear asks for CUDA_DEVICE_MAX_CONNECTIONS=1).
+    assert "CUDA_DEVICE_MAX_CONNECTIONS" not in proc.stdout + proc.stderr, f"{command}\n{proc.stderr[-3000:]}"
     return proc.stdout
 
 
