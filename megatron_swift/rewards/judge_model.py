@@ -26,7 +26,7 @@ def _judge_arch(cfg, folder: str):
 
 def build_judge_generate(cfg, backend) -> Callable[[List[str]], List[str]]:
     """``generate(texts) -> replies`` for task.judge.model: each text is sent as one user turn."""
-    from megatron.core.transformer.module import Float16Module
+    from megatron_swift.training.optim import frozen_model
 
     from megatron_swift.convert.hf_load import load_hf_weights
     from megatron_swift.data.prompts import stop_token_ids
@@ -54,11 +54,7 @@ def build_judge_generate(cfg, backend) -> Callable[[List[str]], List[str]]:
     tconfig = transformer_config(arch, cfg, backend, initialize=False)
     chunks = build_model(arch, tconfig, padded, arch.max_position_embeddings or cfg.train.seq_length, backend)
     load_hf_weights(chunks, folder, arch, padded)
-    if tconfig.bf16 or tconfig.fp16:
-        chunks = [Float16Module(tconfig, c) for c in chunks]
-    for chunk in chunks:
-        chunk.eval()
-        chunk.requires_grad_(False)
+    chunks = frozen_model(chunks, tconfig)
     engine = MegatronEngine(chunks, backend.torch_device, arch.vocab_size, masks=backend.attention != "te")
     stops = stop_token_ids(template, tokenizer)
     params = SamplingParams(max_new_tokens=judge.max_new_tokens, temperature=0, stop_token_ids=stops)

@@ -170,7 +170,7 @@ def per_item_reports(figures: Dict[str, torch.Tensor], count: torch.Tensor) -> D
 def build_reference(cfg, backend, arch, padded_vocab: int, policy=None) -> List[torch.nn.Module]:
     """Frozen model chunks with the policy's layout, loaded from task.ref_model or the starting weights:
     model.pretrained / model.load, else (a run from scratch) a copy of ``policy``'s weights as they are now."""
-    from megatron.core.transformer.module import Float16Module
+    from megatron_swift.training.optim import frozen_model
 
     from megatron_swift.convert.hf_load import load_hf_weights
     from megatron_swift.models.builder import build_model, transformer_config
@@ -187,12 +187,7 @@ def build_reference(cfg, backend, arch, padded_vocab: int, policy=None) -> List[
         reference_rows(chunks, cfg, arch)  # model.new_tokens: the rows the policy started from
     else:
         ckpt.load_weights(source, chunks)
-    if tconfig.bf16 or tconfig.fp16:
-        chunks = [Float16Module(tconfig, c) for c in chunks]
-    for chunk in chunks:
-        chunk.eval()
-        chunk.requires_grad_(False)
-    return chunks
+    return frozen_model(chunks, tconfig)
 
 
 def _copy_weights(policy, chunks) -> None:

@@ -32,7 +32,7 @@ def tokenizer_problem(cfg) -> Optional[str]:
 
 def build_teacher(cfg, backend, arch, padded_vocab: int) -> List:
     """Frozen teacher chunks with the student's layout and padded vocabulary (the same vocabulary shards)."""
-    from megatron.core.transformer.module import Float16Module
+    from megatron_swift.training.optim import frozen_model
 
     from megatron_swift.config.errors import ConfigError
     from megatron_swift.convert.hf_load import load_hf_weights
@@ -48,12 +48,7 @@ def build_teacher(cfg, backend, arch, padded_vocab: int) -> List:
     tconfig = transformer_config(teacher_arch, cfg, backend, initialize=False)
     chunks = build_model(teacher_arch, tconfig, padded_vocab, cfg.train.seq_length, backend)
     load_hf_weights(chunks, folder, teacher_arch, padded_vocab)
-    if tconfig.bf16 or tconfig.fp16:
-        chunks = [Float16Module(tconfig, c) for c in chunks]
-    for chunk in chunks:
-        chunk.eval()
-        chunk.requires_grad_(False)
-    return chunks
+    return frozen_model(chunks, tconfig)
 
 
 def teacher_folder_problem(folder: Optional[str]) -> Optional[str]:

@@ -13,6 +13,17 @@ from megatron_swift.backend import collective_device
 from megatron_swift.backend.no_apex import fuse_adam
 
 
+def frozen_model(chunks, tconfig):
+    """A model that only runs forward (a reference, a judge, a teacher): wrapped for bf16/fp16 as the trained
+    one is (``wrap_model``), in eval mode, with no gradients."""
+    if tconfig.bf16 or tconfig.fp16:
+        chunks = [Float16Module(tconfig, c) for c in chunks]
+    for chunk in chunks:
+        chunk.eval()
+        chunk.requires_grad_(False)
+    return chunks
+
+
 def wrap_model(chunks, tconfig, par):
     """Float16Module for bf16/fp16, then megatron-core DDP; hooks the schedules need go on ``tconfig``."""
     if tconfig.bf16 or tconfig.fp16:
