@@ -11,6 +11,8 @@ processes with these parallel.* overrides, and every model (the trainer's and --
 again under them; its logits go to <out without .pt>.<name>.pt. Several --then run in order.
 --save=<name>: the models built under layout <name> (a --then name, or "first") are also written as weights-only
 checkpoints, each in the run folder <out without .pt>.ckpt (HF -> Megatron, for round-trip tests).
+--mtp=<out.pt>: the trainer's model's multi-token-prediction head too (one pipeline stage): the output head's
+full-vocabulary logits of the first MTP layer's hidden states, [b, s, padded V].
 """
 import os
 import sys
@@ -35,6 +37,7 @@ def main() -> None:
     also = [a[len("--also="):].split(",") for a in args if a.startswith("--also=")]
     then = [a[len("--then="):].split(":", 1) for a in args if a.startswith("--then=")]
     save = [a[len("--save="):] for a in args if a.startswith("--save=")]
+    mtp = [a[len("--mtp="):] for a in args if a.startswith("--mtp=")]
     cfg = compose(overrides)
     first_folder = cfg.model.pretrained
     trainer = setup(cfg)
@@ -44,6 +47,8 @@ def main() -> None:
     models = [(out_file, lambda: first)]
     models += [(out, lambda folder=folder: _load(trainer, cfg, folder)) for folder, out in also]
     _run(models, trainer, cfg, tokens, "first" in save, megatron_logits)
+    if mtp:
+        _mtp_logits(trainer.model[-1], tokens, mtp[0])
     for name, layout in then:
         _relayout(cfg, layout.split(","))
         stem = lambda out: out[:-len(".pt")] if out.endswith(".pt") else out  # noqa: E731
@@ -70,6 +75,29 @@ def _run(models, trainer, cfg, tokens, save: bool, megatron_logits) -> None:
         if save:
             ckpt.save_weights(out[:-len(".pt")] + ".ckpt", chunks, OmegaConf.to_yaml(cfg),
                               model_meta(arch, arch.vocab_size, padded))
+
+
+def _mtp_logits(chunk, tokens, out: str) -> None:
+    """The first MTP layer's logits: GPTModel runs its MTP block when given labels (its output, the main and
+    each MTP layer's hidden states stacked along the sequence, is caught by a hook), then the shared head."""
+    import torch
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    while not hasattr(chunk, "mtp"):  # inside megatron-core's DDP (and Float16Module) wrappers
+        chunk = chunk.module
+    captured = {}
+    handle = chunk.mtp.register_forward_hook(lambda module, inputs, output: captured.setdefault("h", output))
+    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+    with torch.no_grad():
+        chunk(tokens, positions, None, labels=tokens)
+        handle.remove()
+        s = tokens.shape[1]
+        weight = chunk.shared_embedding_or_output_weight() if chunk.share_embeddings_and_output_weights else None
+        logits, _ = chunk.output_layer(captured["h"][s:2 * s], weight=weight)
+        logits = gather_from_tensor_model_parallel_region(logits).transpose(0, 1).float()
+    if ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0:
+        torch.save(logits, out)
 
 
 def _relayout(cfg, overrides) -> None:

@@ -399,3 +399,116 @@ def test_deepseek_logits_equal_hf_logits(deepseek_models, tmp_path, layout, name
         diff = (torch.load(tmp_path / f"{name}.pt", weights_only=True)[..., :VOCAB] - models[name][1]).abs().max()
         print(f"deepseek {name} {'-'.join(layout)}: max |logit diff| {diff.item():.2e}")
         assert diff.item() < 1e-4, f"{name}: max |logit diff| {diff.item()}"
+
+
+# MiMo (families/mimo.py): a Qwen2 checkpoint plus MTP layers named as MiMo's remote code names them
+# (model.mtp_layers.{i}: token_layernorm, hidden_layernorm, input_proj over [hidden; embedding], a Qwen2 decoder
+# layer, final_layernorm). transformers has no MiMo class: the main model's ground truth is Qwen2ForCausalLM with
+# the same weights, the MTP head's a computation of its formula by hand (_mimo_mtp_by_hand).
+MIMO = dict(num_hidden_layers=4, num_key_value_heads=2, intermediate_size=96, tie_word_embeddings=False)
+MIMO_MTP_NAMES = ("token_layernorm", "hidden_layernorm", "final_layernorm")
+
+
+def save_tiny_mimo(folder, mtp_layers: int = 1, **extra):
+    """A tiny MiMo folder: a random Qwen2 model saved, then its MTP layers added (random, norms included) and
+    config.json made MiMo's. Returns (the Qwen2 model, the MTP layers' tensors)."""
+    from safetensors.torch import load_file, save_file
+
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
+
+    model = _save_tiny("qwen2", folder, **dict(MIMO, **extra))
+    tensors, g = load_file(folder / "model.safetensors"), torch.Generator().manual_seed(5)
+    mtp = {}
+    for i in range(mtp_layers):
+        torch.manual_seed(10 + i)
+        layer = Qwen2DecoderLayer(model.config, layer_idx=0).float()
+        for name, t in layer.state_dict().items():
+            noise = torch.randn(t.shape, generator=g) * 0.2
+            mtp[f"model.mtp_layers.{i}.{name}"] = (1.0 + noise) if "norm" in name else t + (noise if "bias" in name else 0)
+        h = model.config.hidden_size
+        for name in MIMO_MTP_NAMES:
+            mtp[f"model.mtp_layers.{i}.{name}.weight"] = 1.0 + 0.2 * torch.randn(h, generator=g)
+        mtp[f"model.mtp_layers.{i}.input_proj.weight"] = torch.randn(h, 2 * h, generator=g) * 0.08
+    save_file(dict(tensors, **mtp), folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config.update(architectures=["MiMoForCausalLM"], model_type="mimo", num_nextn_predict_layers=mtp_layers)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return model, mtp
+
+
+def _mimo_mtp_by_hand(model, mtp, tokens):
+    """MTP layer 0's logits by its formula: h = the decoder's output (after its final norm), e = the embedding of
+    the next token (0 after the last, as megatron-core rolls), x = input_proj([hidden_layernorm(h);
+    token_layernorm(e)]), one Qwen2 decoder layer over x at the same positions, final_layernorm, lm_head."""
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
+
+    def rms(x, w):
+        return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + model.config.rms_norm_eps))
+
+    w = {k[len("model.mtp_layers.0."):]: v for k, v in mtp.items() if k.startswith("model.mtp_layers.0.")}
+    config = dataclasses_copy(model.config)
+    layer = Qwen2DecoderLayer(config, layer_idx=0).float().eval()
+    layer.load_state_dict({k: v for k, v in w.items() if k.split(".")[0] in (
+        "self_attn", "mlp", "input_layernorm", "post_attention_layernorm")})
+    with torch.no_grad():
+        h = model.model(tokens).last_hidden_state
+        following = torch.cat([tokens[:, 1:], torch.zeros_like(tokens[:, :1])], dim=1)
+        e = model.model.embed_tokens(following)
+        x = torch.cat([rms(h, w["hidden_layernorm.weight"]), rms(e, w["token_layernorm.weight"])], -1)
+        x = x @ w["input_proj.weight"].T
+        positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+        out = layer(x, attention_mask=None, position_ids=positions,
+                    position_embeddings=model.model.rotary_emb(x, positions))
+        out = out[0] if isinstance(out, tuple) else out
+        return model.lm_head(rms(out, w["final_layernorm.weight"])).float()
+
+
+def dataclasses_copy(config):
+    """The HF config with sdpa attention (causal without a mask)."""
+    import copy
+
+    config = copy.deepcopy(config)
+    config._attn_implementation = "sdpa"
+    return config
+
+
+MIMO_LAYOUTS = {"tp2": "parallel.tp=2", "pp2": "parallel.tp=1,parallel.pp=2"}
+
+
+@pytest.fixture(scope="module")
+def mimo_run(tmp_path_factory):
+    """One launch of two processes: TP=1 (main logits, MTP logits, weights saved for the round trip), then TP=2
+    and PP=2 (main logits)."""
+    root = tmp_path_factory.mktemp("mimo")
+    folder = root / "hf"
+    model, mtp = save_tiny_mimo(folder)
+    tokens = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(6))
+    torch.save(tokens, root / "tokens.pt")
+    with torch.no_grad():
+        expected = model(tokens).logits.float()
+    overrides = ["+model=mimo", f"model.pretrained={folder}", "train.precision=fp32", "train.device=cpu",
+                 f"train.output_dir={root / 'run'}", "logging.tensorboard=false"]
+    then = [f"--then={name}:{layout}" for name, layout in MIMO_LAYOUTS.items()]
+    proc = subprocess.run(launch_cmd(2, [str(root / "tokens.pt"), str(root / "main.pt"), *overrides,
+                                         f"--mtp={root / 'mtp.pt'}", *then, "--save=first"], script=WORKER),
+                          cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return root, folder, expected, _mimo_mtp_by_hand(model, mtp, tokens)
+
+
+@pytest.mark.parametrize("layout", ["tp1", *MIMO_LAYOUTS])
+def test_mimo_logits_equal_qwen2_logits(mimo_run, layout):
+    root, _, expected, _ = mimo_run
+    got = torch.load(root / ("main.pt" if layout == "tp1" else f"main.{layout}.pt"), weights_only=True)
+    diff = (got[..., :VOCAB] - expected).abs().max().item()
+    print(f"mimo {layout}: max |logit diff| vs Qwen2ForCausalLM {diff:.2e}")
+    assert diff < 1e-4, f"mimo {layout}: max |logit diff| {diff}"
+
+
+def test_mimo_mtp_head_equals_its_formula(mimo_run):
+    root, _, main, by_hand = mimo_run
+    got = torch.load(root / "mtp.pt", weights_only=True)[..., :VOCAB]
+    diff = (got - by_hand).abs().max().item()
+    print(f"mimo MTP head: max |logit diff| vs by hand {diff:.2e}")
+    assert (by_hand - main).abs().max().item() > 0.1  # the MTP head is not the main head
+    assert diff < 1e-4, f"MTP head: max |logit diff| {diff}"

@@ -53,6 +53,9 @@ class Size:
     # Numbers only this family's architecture has, as a plain dict its module documents (families/deepseek.py:
     # MLA ranks and head dims, routing); None for families without.
     family_options: Optional[dict] = None
+    # Multi-token-prediction layers after the decoder (megatron-core MultiTokenPredictionBlock; HF
+    # num_nextn_predict_layers); 0: none.
+    mtp_num_layers: int = 0
 
 
 def moe_layer_pattern(arch) -> list:
