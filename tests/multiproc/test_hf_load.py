@@ -512,3 +512,24 @@ def test_mimo_mtp_head_equals_its_formula(mimo_run):
     print(f"mimo MTP head: max |logit diff| vs by hand {diff:.2e}")
     assert (by_hand - main).abs().max().item() > 0.1  # the MTP head is not the main head
     assert diff < 1e-4, f"MTP head: max |logit diff| {diff}"
+
+
+def test_mimo_round_trip_is_bitwise(mimo_run, tmp_path):
+    """HF -> Megatron (saved by the launch above, MTP layer included) -> HF: every tensor, the MTP layer's too, and
+    config.json as they were."""
+    from safetensors.torch import load_file
+
+    root, folder, _, _ = mimo_run
+    script = "import sys; sys.path.insert(0, 'tools/convert'); from mcore_to_hf import convert; convert(*sys.argv[1:])"
+    proc = subprocess.run([sys.executable, "-c", script, str(root / "main.ckpt"), str(tmp_path / "hf")], cwd=ROOT,
+                          env=train_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    original, exported = load_file(folder / "model.safetensors"), load_file(tmp_path / "hf" / "model.safetensors")
+    assert any(k.startswith("model.mtp_layers.0.") for k in exported)
+    assert sorted(exported) == sorted(original)
+    for key, tensor in original.items():
+        assert exported[key].dtype == tensor.dtype and torch.equal(exported[key], tensor), key
+    volatile = {"transformers_version", "torch_dtype", "dtype"}
+    configs = [{k: v for k, v in json.loads((f / "config.json").read_text()).items() if k not in volatile}
+               for f in (folder, tmp_path / "hf")]
+    assert configs[0] == configs[1]
