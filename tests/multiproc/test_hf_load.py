@@ -533,3 +533,25 @@ def test_mimo_round_trip_is_bitwise(mimo_run, tmp_path):
     configs = [{k: v for k, v in json.loads((f / "config.json").read_text()).items() if k not in volatile}
                for f in (folder, tmp_path / "hf")]
     assert configs[0] == configs[1]
+
+
+def test_mimo_trains_its_mtp_layer(mimo_run, tmp_path):
+    """3 steps under PP=2 (the MTP layer on the last stage, with its copy of the embedding): metrics.jsonl has the
+    MTP loss on its own, and the exported MTP layer moved (its loss reached the backward)."""
+    from safetensors.torch import load_file
+
+    from tests.conftest import run_train
+
+    _, folder, _, _ = mimo_run
+    run = tmp_path / "run"
+    run_train(2, ["+model=mimo", f"model.pretrained={folder}", "train.precision=fp32", "logging.tensorboard=false",
+                  "parallel.pp=2", "train.train_iters=3", "train.lr=1e-2", "model.mtp_loss_weight=0.5",
+                  f"train.output_dir={run}", "train.save_hf=true"])
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [row.get("mtp_loss") for row in rows if "loss" in row and row.get("iteration")]
+    print("mtp_loss per step:", losses)
+    assert len(losses) == 3 and all(v is not None and 0 < v < 20 for v in losses)
+    original, trained = load_file(folder / "model.safetensors"), load_file(run / "hf" / "iter_0000003" /
+                                                                            "model.safetensors")
+    name = "model.mtp_layers.0.input_proj.weight"
+    assert (trained[name] - original[name]).abs().max().item() > 1e-4
