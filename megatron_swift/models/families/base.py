@@ -140,6 +140,10 @@ class Family:
         lists them; the planner skips such layouts)."""
         return []
 
+    def mtp_layers_supported(self, arch) -> int:
+        """How many multi-token-prediction layers this architecture can build (model.mtp_num_layers at most)."""
+        return 0
+
     def layer_macs(self, arch, seq_length: int) -> Optional[float]:
         """Forward multiply-accumulates per token of all decoder layers (training.flops), or None for the
         formula of GQA attention and (MoE) SwiGLU MLPs there."""

@@ -47,6 +47,10 @@ class MiMoFamily(Family):
                   "trained; an export from this folder writes them back unchanged", flush=True)
         return super().build(arch, tconfig, padded_vocab, seq_length, backend, unfuse_norms)
 
+    def mtp_layers_supported(self, arch) -> int:
+        """As many as the checkpoint (or the named size) has: their weights come from it."""
+        return (arch.family_options or {}).get("num_nextn_predict_layers", 0)
+
     def hf_unused(self, arch, name: str) -> bool:
         """MTP layers beyond model.mtp_num_layers (dropped on purpose)."""
         layer = _MTP.match(name)
