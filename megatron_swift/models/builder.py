@@ -151,14 +151,17 @@ def mtp_block_spec(tconfig: TransformerConfig, block_spec, backend: Backend, sta
 
 
 class MTPGPTModel(GPTModel):
-    """megatron-core 0.16.1's GPTModel, able to return logits without labels when it has MTP layers.
+    """megatron-core 0.16.1's GPTModel whose multi-token-prediction layers run only when asked for.
 
-    Workaround: with ``mtp_num_layers`` set, GPTModel._postprocess always computes the MTP losses and calls
-    ``labels.clone()``, so a forward without labels (logits for evaluation, rollouts, reference log-probs)
-    fails. Without labels this runs the main head only: the MTP layers are skipped, as inference would."""
+    Workaround: with ``mtp_num_layers`` set, GPTModel._postprocess always runs the MTP block and adds its loss
+    to the backward (MTPLossAutoScaler), and without labels fails on ``labels.clone()``. Here MTP runs when the
+    caller passes labels and a ``loss_mask`` (the lm task's forward step, training.forward_step, whose loss is the
+    per-token one MTP's is scaled like); every other call (logits for evaluation and rollouts, reference and
+    preference log-probs) runs the main head only, as inference would."""
 
     def _postprocess(self, hidden_states, input_ids, position_ids, labels, *args, **kwargs):
-        if labels is not None or self.config.mtp_num_layers is None:
+        wanted = labels is not None and kwargs.get("loss_mask") is not None
+        if wanted or self.config.mtp_num_layers is None:
             return super()._postprocess(hidden_states, input_ids, position_ids, labels, *args, **kwargs)
         kwargs["mtp_in_postprocess"] = False
         saved, self.config.mtp_num_layers = self.config.mtp_num_layers, None

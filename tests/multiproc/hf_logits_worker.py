@@ -78,7 +78,7 @@ def _run(models, trainer, cfg, tokens, save: bool, megatron_logits) -> None:
 
 
 def _mtp_logits(chunk, tokens, out: str) -> None:
-    """The first MTP layer's logits: GPTModel runs its MTP block when given labels (its output, the main and
+    """The first MTP layer's logits: GPTModel runs its MTP block when given labels and a loss mask (its output, the main and
     each MTP layer's hidden states stacked along the sequence, is caught by a hook), then the shared head."""
     import torch
     from megatron.core import parallel_state as ps
@@ -90,7 +90,7 @@ def _mtp_logits(chunk, tokens, out: str) -> None:
     handle = chunk.mtp.register_forward_hook(lambda module, inputs, output: captured.setdefault("h", output))
     positions = torch.arange(tokens.shape[1]).expand_as(tokens)
     with torch.no_grad():
-        chunk(tokens, positions, None, labels=tokens)
+        chunk(tokens, positions, None, labels=tokens, loss_mask=torch.ones_like(tokens))
         handle.remove()
         s = tokens.shape[1]
         weight = chunk.shared_embedding_or_output_weight() if chunk.share_embeddings_and_output_weights else None
