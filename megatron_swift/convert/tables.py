@@ -185,6 +185,12 @@ MIMO_MTP = dict(enorm="token_layernorm.weight", hnorm="hidden_layernorm.weight",
                 final_layernorm="final_layernorm.weight", swap=True)
 
 
+# DeepSeek-V3 and GLM-4.5 store MTP layer i as model.layers.{N + i}: the decoder layer's tensors plus these (and
+# embed_tokens / shared_head.head, copies of the model's embedding and output head: families declare them unused).
+NEXTN_MTP = dict(enorm="enorm.weight", hnorm="hnorm.weight", eh_proj="eh_proj.weight",
+                 final_layernorm="shared_head.norm.weight")
+
+
 def mimo_style(mtp_layers: int = 0, tied: bool = False, head: str = "lm") -> List[object]:
     """MiMo: the Qwen2 decoder (QKV bias) plus ``mtp_layers`` MTP layers stored as ``model.mtp_layers.{i}.``."""
     rules = llama_style(qkv_bias=True, tied=tied, head=head)

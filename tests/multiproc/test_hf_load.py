@@ -555,3 +555,102 @@ def test_mimo_trains_its_mtp_layer(mimo_run, tmp_path):
                                                                             "model.safetensors")
     name = "model.mtp_layers.0.input_proj.weight"
     assert (trained[name] - original[name]).abs().max().item() > 1e-4
+
+
+# GLM-4.5 with its MTP layer stored after the decoder's (model.layers.{N}: a MoE decoder layer plus enorm, hnorm,
+# eh_proj over [embedding; hidden], shared_head.norm, and copies of the embedding and head). transformers'
+# Glm4Moe ignores it: its main logits are the ground truth; the MTP head's is its formula by hand.
+GLM_MTP = dict(num_key_value_heads=2, head_dim=24, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=20,
+               n_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=1.3, attention_bias=True,
+               use_qk_norm=True, num_hidden_layers=2, num_nextn_predict_layers=1, tie_word_embeddings=False)
+
+
+def save_tiny_glm_mtp(folder):
+    """The GLM folder, and its MTP layer's decoder layer as transformers' own module (a copy of the model with
+    one more layer, loaded from the same tensors: their on-disk names are transformers' per-expert ones)."""
+    from safetensors.torch import load_file, save_file
+
+    model = _save_tiny("glm4_moe", folder, **GLM_MTP)
+    tensors, g, n = load_file(folder / "model.safetensors"), torch.Generator().manual_seed(7), GLM_MTP["num_hidden_layers"]
+    h, last = model.config.hidden_size, f"model.layers.{n - 1}."  # the last layer routes (first_k_dense_replace=1)
+    mtp = {}
+    for name, t in tensors.items():
+        if name.startswith(last):
+            noise = torch.randn(t.shape, generator=g) * 0.2
+            mtp[name.replace(last, f"model.layers.{n}.")] = 1.0 + noise if "norm" in name else t + noise * t.std()
+    for name in ("enorm", "hnorm", "shared_head.norm"):
+        mtp[f"model.layers.{n}.{name}.weight"] = 1.0 + 0.2 * torch.randn(h, generator=g)
+    mtp[f"model.layers.{n}.eh_proj.weight"] = torch.randn(h, 2 * h, generator=g) * 0.08
+    mtp[f"model.layers.{n}.embed_tokens.weight"] = tensors["model.embed_tokens.weight"].clone()
+    mtp[f"model.layers.{n}.shared_head.head.weight"] = tensors["lm_head.weight"].clone()
+    save_file(dict(tensors, **mtp), folder / "model.safetensors", metadata={"format": "pt"})
+    longer = folder.parent / "longer"  # num_hidden_layers N + 1: its layer N is the MTP layer's decoder layer
+    longer.mkdir()
+    save_file(dict(tensors, **mtp), longer / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    (longer / "config.json").write_text(json.dumps(dict(config, num_hidden_layers=n + 1)))
+    with_mtp = transformers.AutoModelForCausalLM.from_pretrained(longer, dtype=torch.float32).eval()
+    return model, mtp, with_mtp.model.layers[n]
+
+
+def _glm_mtp_by_hand(model, mtp, layer, tokens):
+    """x = eh_proj([enorm(e); hnorm(h)]) (DeepSeek-V3's order), GLM's MoE decoder layer, shared_head.norm, lm_head."""
+    n = GLM_MTP["num_hidden_layers"]
+    w = {k[len(f"model.layers.{n}."):]: v for k, v in mtp.items()}
+
+    def rms(x, weight):
+        return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + model.config.rms_norm_eps))
+
+    layer.self_attn.config._attn_implementation = "sdpa"  # causal without a mask
+    with torch.no_grad():
+        h = model.model(tokens).last_hidden_state
+        e = model.model.embed_tokens(torch.cat([tokens[:, 1:], torch.zeros_like(tokens[:, :1])], dim=1))
+        x = torch.cat([rms(e, w["enorm.weight"]), rms(h, w["hnorm.weight"])], -1) @ w["eh_proj.weight"].T
+        positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+        out = layer(x, attention_mask=None, position_ids=positions,
+                    position_embeddings=model.model.rotary_emb(x, positions))
+        out = out[0] if isinstance(out, tuple) else out
+        return model.lm_head(rms(out, w["shared_head.norm.weight"])).float()
+
+
+@pytest.fixture(scope="module")
+def glm_mtp_run(tmp_path_factory):
+    """One launch of two processes: TP=1 (main and MTP logits, weights saved), then EP=2 (main logits)."""
+    root = tmp_path_factory.mktemp("glm-mtp")
+    folder = root / "hf"
+    model, mtp, layer = save_tiny_glm_mtp(folder)
+    tokens = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(8))
+    torch.save(tokens, root / "tokens.pt")
+    with torch.no_grad():
+        expected = model(tokens).logits.float()
+    overrides = ["+model=glm4_moe", f"model.pretrained={folder}", "train.precision=fp32", "train.device=cpu",
+                 f"train.output_dir={root / 'run'}", "logging.tensorboard=false"]
+    proc = subprocess.run(launch_cmd(2, [str(root / "tokens.pt"), str(root / "main.pt"), *overrides,
+                                         f"--mtp={root / 'mtp.pt'}", "--then=ep2:parallel.ep=2", "--save=first"],
+                                     script=WORKER), cwd=ROOT, env=train_env(), capture_output=True, text=True,
+                          timeout=400)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return root, folder, expected, _glm_mtp_by_hand(model, mtp, layer, tokens)
+
+
+def test_glm_mtp_logits_head_and_round_trip(glm_mtp_run, tmp_path):
+    """Main logits equal transformers' (TP=1, EP=2), the MTP head its formula, HF -> Megatron -> HF bitwise (the
+    MTP layer and its embedding / head copies included)."""
+    from safetensors.torch import load_file
+
+    root, folder, expected, by_hand = glm_mtp_run
+    for name in ("main.pt", "main.ep2.pt"):
+        diff = (torch.load(root / name, weights_only=True)[..., :VOCAB] - expected).abs().max().item()
+        print(f"glm4_moe+mtp {name}: max |logit diff| {diff:.2e}")
+        assert diff < 1e-4, f"{name}: max |logit diff| {diff}"
+    diff = (torch.load(root / "mtp.pt", weights_only=True)[..., :VOCAB] - by_hand).abs().max().item()
+    print(f"glm4_moe MTP head: max |logit diff| vs by hand {diff:.2e}")
+    assert (by_hand - expected).abs().max().item() > 0.1 and diff < 1e-4, diff
+    script = "import sys; sys.path.insert(0, 'tools/convert'); from mcore_to_hf import convert; convert(*sys.argv[1:])"
+    proc = subprocess.run([sys.executable, "-c", script, str(root / "main.ckpt"), str(tmp_path / "hf")], cwd=ROOT,
+                          env=train_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    original, exported = load_file(folder / "model.safetensors"), load_file(tmp_path / "hf" / "model.safetensors")
+    assert sorted(exported) == sorted(original)
+    for key, tensor in original.items():
+        assert exported[key].dtype == tensor.dtype and torch.equal(exported[key], tensor), key
