@@ -46,7 +46,7 @@ def _read(hf: dict, where: str) -> dict:
         "topk_group": (lambda v: groups == 1 or topk // v == 2, "with n_group > 1, num_experts_per_tok / "
                        "topk_group must be 2 (groups are scored by their top two experts)"),
     })
-    stored = int(hf.get("num_nextn_predict_layers") or 0)
+    stored = hc.stored_nextn_layers(hf, os.path.dirname(where))
     fields = hc.routed_fields(hf, "n_routed_experts", "moe_intermediate_size", norm_topk_default=True)
     shared = hf.get("n_shared_experts") or 0
     fields.update(moe_shared_ffn_hidden_size=shared * hf["moe_intermediate_size"] or None,
