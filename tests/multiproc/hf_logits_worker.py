@@ -11,8 +11,9 @@ processes with these parallel.* overrides, and every model (the trainer's and --
 again under them; its logits go to <out without .pt>.<name>.pt. Several --then run in order.
 --save=<name>: the models built under layout <name> (a --then name, or "first") are also written as weights-only
 checkpoints, each in the run folder <out without .pt>.ckpt (HF -> Megatron, for round-trip tests).
---mtp=<out.pt>: the trainer's model's multi-token-prediction head too (one pipeline stage): the output head's
-full-vocabulary logits of the first MTP layer's hidden states, [b, s, padded V].
+--mtp=<out.pt>: the multi-token-prediction head too (one pipeline stage): the output head's full-vocabulary
+logits of the first MTP layer's hidden states, [b, s, padded V], of the trainer's model in <out.pt> and of each
+--also model in its <out without .pt>.mtp.pt.
 """
 import os
 import sys
@@ -46,9 +47,8 @@ def main() -> None:
              padded_vocab_size(trainer.arch.vocab_size, cfg.model.make_vocab_size_divisible_by, cfg.parallel.tp))
     models = [(out_file, lambda: first)]
     models += [(out, lambda folder=folder: _load(trainer, cfg, folder)) for folder, out in also]
-    _run(models, trainer, cfg, tokens, "first" in save, megatron_logits)
-    if mtp:
-        _mtp_logits(trainer.model[-1], tokens, mtp[0])
+    _run(models, trainer, cfg, tokens, "first" in save, megatron_logits,
+         [mtp[0]] + [out[:-len(".pt")] + ".mtp.pt" for _, out in also] if mtp else None)
     for name, layout in then:
         _relayout(cfg, layout.split(","))
         stem = lambda out: out[:-len(".pt")] if out.endswith(".pt") else out  # noqa: E731
@@ -58,8 +58,9 @@ def main() -> None:
     dist.barrier()
 
 
-def _run(models, trainer, cfg, tokens, save: bool, megatron_logits) -> None:
-    """Each model's logits into its file (and, with ``save``, its weights into <file>.ckpt)."""
+def _run(models, trainer, cfg, tokens, save: bool, megatron_logits, mtp_outs=None) -> None:
+    """Each model's logits into its file (and, with ``save``, its weights into <file>.ckpt; with ``mtp_outs``,
+    its MTP head's logits into those files)."""
     import torch
     from megatron.core import parallel_state as ps
     from omegaconf import OmegaConf
@@ -67,9 +68,11 @@ def _run(models, trainer, cfg, tokens, save: bool, megatron_logits) -> None:
     from megatron_swift.training import checkpoint as ckpt
     from megatron_swift.training.loop import model_meta
 
-    for out, model in models:
+    for i, (out, model) in enumerate(models):
         chunks, arch, padded = model()
         logits = megatron_logits(SimpleNamespace(model=chunks, backend=trainer.backend), tokens)
+        if mtp_outs:
+            _mtp_logits(chunks[-1], tokens, mtp_outs[i])
         if logits is not None and ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0:
             torch.save(logits, out)
         if save:

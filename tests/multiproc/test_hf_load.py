@@ -565,13 +565,18 @@ GLM_MTP = dict(num_key_value_heads=2, head_dim=24, n_routed_experts=4, num_exper
                use_qk_norm=True, num_hidden_layers=2, num_nextn_predict_layers=1, tie_word_embeddings=False)
 
 
-def save_tiny_glm_mtp(folder):
-    """The GLM folder, and its MTP layer's decoder layer as transformers' own module (a copy of the model with
-    one more layer, loaded from the same tensors: their on-disk names are transformers' per-expert ones)."""
+# DeepSeek-V3 likewise (MLA and MoE in the MTP layer), 3 layers, the first dense.
+DEEPSEEK_MTP = dict(DEEPSEEK["v3"][1], num_hidden_layers=3, num_nextn_predict_layers=1)
+
+
+def save_tiny_nextn_mtp(kind, folder, extra):
+    """A GLM / DeepSeek-V3 folder with one MTP layer, and that layer's decoder layer as transformers' own module
+    (a copy of the model with one more layer, loaded from the same tensors: on disk they carry transformers'
+    per-expert names)."""
     from safetensors.torch import load_file, save_file
 
-    model = _save_tiny("glm4_moe", folder, **GLM_MTP)
-    tensors, g, n = load_file(folder / "model.safetensors"), torch.Generator().manual_seed(7), GLM_MTP["num_hidden_layers"]
+    model = _save_tiny(kind, folder, **extra)
+    tensors, g, n = load_file(folder / "model.safetensors"), torch.Generator().manual_seed(7), extra["num_hidden_layers"]
     h, last = model.config.hidden_size, f"model.layers.{n - 1}."  # the last layer routes (first_k_dense_replace=1)
     mtp = {}
     for name, t in tensors.items():
@@ -584,7 +589,7 @@ def save_tiny_glm_mtp(folder):
     mtp[f"model.layers.{n}.embed_tokens.weight"] = tensors["model.embed_tokens.weight"].clone()
     mtp[f"model.layers.{n}.shared_head.head.weight"] = tensors["lm_head.weight"].clone()
     save_file(dict(tensors, **mtp), folder / "model.safetensors", metadata={"format": "pt"})
-    longer = folder.parent / "longer"  # num_hidden_layers N + 1: its layer N is the MTP layer's decoder layer
+    longer = folder.parent / f"{folder.name}-longer"  # num_hidden_layers N + 1: its layer N is the MTP layer's decoder layer
     longer.mkdir()
     save_file(dict(tensors, **mtp), longer / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((folder / "config.json").read_text())
@@ -593,9 +598,9 @@ def save_tiny_glm_mtp(folder):
     return model, mtp, with_mtp.model.layers[n]
 
 
-def _glm_mtp_by_hand(model, mtp, layer, tokens):
-    """x = eh_proj([enorm(e); hnorm(h)]) (DeepSeek-V3's order), GLM's MoE decoder layer, shared_head.norm, lm_head."""
-    n = GLM_MTP["num_hidden_layers"]
+def _nextn_mtp_by_hand(model, mtp, layer, tokens):
+    """x = eh_proj([enorm(e); hnorm(h)]) (DeepSeek-V3's order), the MTP decoder layer, shared_head.norm, lm_head."""
+    n = model.config.num_hidden_layers
     w = {k[len(f"model.layers.{n}."):]: v for k, v in mtp.items()}
 
     def rms(x, weight):
@@ -615,39 +620,45 @@ def _glm_mtp_by_hand(model, mtp, layer, tokens):
 
 @pytest.fixture(scope="module")
 def glm_mtp_run(tmp_path_factory):
-    """One launch of two processes: TP=1 (main and MTP logits, weights saved), then EP=2 (main logits)."""
-    root = tmp_path_factory.mktemp("glm-mtp")
-    folder = root / "hf"
-    model, mtp, layer = save_tiny_glm_mtp(folder)
+    """One launch of two processes for both models: TP=1 (main and MTP logits, weights saved), then EP=2 (main
+    logits)."""
+    root = tmp_path_factory.mktemp("nextn-mtp")
     tokens = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(8))
     torch.save(tokens, root / "tokens.pt")
-    with torch.no_grad():
-        expected = model(tokens).logits.float()
-    overrides = ["+model=glm4_moe", f"model.pretrained={folder}", "train.precision=fp32", "train.device=cpu",
+    models = {}
+    for name, kind, extra in (("glm", "glm4_moe", GLM_MTP), ("deepseek", "deepseek_v3", DEEPSEEK_MTP)):
+        model, mtp, layer = save_tiny_nextn_mtp(kind, root / name, extra)
+        with torch.no_grad():
+            expected = model(tokens).logits.float()
+        models[name] = (root / name, expected, _nextn_mtp_by_hand(model, mtp, layer, tokens))
+    overrides = ["+model=glm4_moe", f"model.pretrained={root / 'glm'}", "train.precision=fp32", "train.device=cpu",
                  f"train.output_dir={root / 'run'}", "logging.tensorboard=false"]
-    proc = subprocess.run(launch_cmd(2, [str(root / "tokens.pt"), str(root / "main.pt"), *overrides,
-                                         f"--mtp={root / 'mtp.pt'}", "--then=ep2:parallel.ep=2", "--save=first"],
+    proc = subprocess.run(launch_cmd(2, [str(root / "tokens.pt"), str(root / "glm.pt"), *overrides,
+                                         f"--also={root / 'deepseek'},{root / 'deepseek.pt'}",
+                                         f"--mtp={root / 'glm.mtp.pt'}", "--then=ep2:parallel.ep=2", "--save=first"],
                                      script=WORKER), cwd=ROOT, env=train_env(), capture_output=True, text=True,
                           timeout=400)
     assert proc.returncode == 0, proc.stderr[-5000:]
-    return root, folder, expected, _glm_mtp_by_hand(model, mtp, layer, tokens)
+    return root, models
 
 
-def test_glm_mtp_logits_head_and_round_trip(glm_mtp_run, tmp_path):
+@pytest.mark.parametrize("name", ["glm", "deepseek"])
+def test_nextn_mtp_logits_head_and_round_trip(glm_mtp_run, tmp_path, name):
     """Main logits equal transformers' (TP=1, EP=2), the MTP head its formula, HF -> Megatron -> HF bitwise (the
     MTP layer and its embedding / head copies included)."""
     from safetensors.torch import load_file
 
-    root, folder, expected, by_hand = glm_mtp_run
-    for name in ("main.pt", "main.ep2.pt"):
-        diff = (torch.load(root / name, weights_only=True)[..., :VOCAB] - expected).abs().max().item()
-        print(f"glm4_moe+mtp {name}: max |logit diff| {diff:.2e}")
-        assert diff < 1e-4, f"{name}: max |logit diff| {diff}"
-    diff = (torch.load(root / "mtp.pt", weights_only=True)[..., :VOCAB] - by_hand).abs().max().item()
-    print(f"glm4_moe MTP head: max |logit diff| vs by hand {diff:.2e}")
+    root, models = glm_mtp_run
+    folder, expected, by_hand = models[name]
+    for out in (f"{name}.pt", f"{name}.ep2.pt"):
+        diff = (torch.load(root / out, weights_only=True)[..., :VOCAB] - expected).abs().max().item()
+        print(f"{name}+mtp {out}: max |logit diff| {diff:.2e}")
+        assert diff < 1e-4, f"{out}: max |logit diff| {diff}"
+    diff = (torch.load(root / f"{name}.mtp.pt", weights_only=True)[..., :VOCAB] - by_hand).abs().max().item()
+    print(f"{name} MTP head: max |logit diff| vs by hand {diff:.2e}")
     assert (by_hand - expected).abs().max().item() > 0.1 and diff < 1e-4, diff
     script = "import sys; sys.path.insert(0, 'tools/convert'); from mcore_to_hf import convert; convert(*sys.argv[1:])"
-    proc = subprocess.run([sys.executable, "-c", script, str(root / "main.ckpt"), str(tmp_path / "hf")], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-c", script, str(root / f"{name}.ckpt"), str(tmp_path / "hf")], cwd=ROOT,
                           env=train_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     original, exported = load_file(folder / "model.safetensors"), load_file(tmp_path / "hf" / "model.safetensors")
