@@ -446,7 +446,7 @@ def _mimo_mtp_by_hand(model, mtp, tokens):
         return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + model.config.rms_norm_eps))
 
     w = {k[len("model.mtp_layers.0."):]: v for k, v in mtp.items() if k.startswith("model.mtp_layers.0.")}
-    config = dataclasses_copy(model.config)
+    config = _sdpa_config(model.config)
     layer = Qwen2DecoderLayer(config, layer_idx=0).float().eval()
     layer.load_state_dict({k: v for k, v in w.items() if k.split(".")[0] in (
         "self_attn", "mlp", "input_layernorm", "post_attention_layernorm")})
@@ -463,7 +463,7 @@ def _mimo_mtp_by_hand(model, mtp, tokens):
         return model.lm_head(rms(out, w["final_layernorm.weight"])).float()
 
 
-def dataclasses_copy(config):
+def _sdpa_config(config):
     """The HF config with sdpa attention (causal without a mask)."""
     import copy
 
