@@ -80,7 +80,8 @@ def test_what_megatron_core_computes_otherwise_is_refused_naming_the_key(tmp_pat
 
 def test_fp8_source_export_writes_dequantized_weights_without_the_quantization_entry(tmp_path, capsys):
     """What an export from an FP8 folder takes from it: config.json without quantization_config (said in a
-    printed line), and the tensors it keeps as they are (an MTP layer) dequantized, scales left out."""
+    printed line), and the tensors it keeps as they are (an MTP layer dropped by model.mtp_num_layers=0)
+    dequantized, scales left out."""
     import torch
     from safetensors.torch import save_file
 
@@ -91,7 +92,9 @@ def test_fp8_source_export_writes_dequantized_weights_without_the_quantization_e
     q, scale = quantize(weight, (128, 128))
     save_file({"model.layers.2.eh_proj.weight": q, "model.layers.2.eh_proj.weight_scale_inv": scale,
                "model.layers.2.enorm.weight": torch.ones(7)}, tmp_path / "model.safetensors")
-    arch = _arch(tmp_path, V3)
+    (tmp_path / "config.json").write_text(json.dumps(V3))
+    arch = resolve(compose(["+model=deepseek", f"model.pretrained={tmp_path}", "model.mtp_num_layers=0"]).model)
+    assert arch.family.mtp_layers_supported(arch) == 1  # the folder stores one
     kept = dict(hf_export._unused_from(str(tmp_path), arch.family, arch))
     rows, cols = torch.arange(300) // 128, torch.arange(200) // 128
     assert sorted(kept) == ["model.layers.2.eh_proj.weight", "model.layers.2.enorm.weight"]

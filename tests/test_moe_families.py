@@ -100,18 +100,30 @@ def test_unbuildable_config_is_one_line_naming_the_key(saved, tmp_path, case):
     assert key in message and str(tmp_path / "config.json") in message and "\n" not in message
 
 
-def test_glm_mtp_layers_are_dropped_with_a_line(saved, tmp_path, capsys):
-    """The hook for multi-token prediction: the layers after the decoder's are named and declared unused."""
+def test_glm_mtp_layers_are_built_or_dropped_with_a_line(saved, tmp_path, capsys):
+    """The layers after the decoder's are MTP layers: built (their embedding / head copies declared unused), or
+    with model.mtp_num_layers=0 declared unused with a printed line."""
+    import dataclasses
+
+    from megatron_swift.models.families import glm4_moe
+
     _, folder, _ = saved["glm4_moe"]
     hf = transformers.AutoConfig.from_pretrained(folder).to_dict()
     hf.update(num_nextn_predict_layers=1)
     family = families.get("glm4_moe")
-    family.read_hf(hf, str(tmp_path))
-    assert "num_nextn_predict_layers=1" in capsys.readouterr().out
-    arch = _arch("glm4_moe", folder)
+    fields = family.read_hf(hf, str(tmp_path))
+    assert fields["mtp_num_layers"] == 1
+    arch = dataclasses.replace(_arch("glm4_moe", folder), mtp_num_layers=1,
+                               family_options=fields["family_options"])
     n = arch.num_layers
-    assert family.hf_unused(arch, f"model.layers.{n}.eh_proj.weight")
+    assert not family.hf_unused(arch, f"model.layers.{n}.eh_proj.weight")
+    assert family.hf_unused(arch, f"model.layers.{n}.embed_tokens.weight")
     assert not family.hf_unused(arch, f"model.layers.{n - 1}.mlp.gate.weight")
+    dropped = dataclasses.replace(arch, mtp_num_layers=0)
+    assert family.hf_unused(dropped, f"model.layers.{n}.eh_proj.weight")
+    glm4_moe._note_dropped(dropped)
+    assert "model.mtp_num_layers=0: 1 of the checkpoint's 1 multi-token-prediction" in capsys.readouterr().out
+    assert family.write_hf(dropped.plain(), "float32")["num_nextn_predict_layers"] == 1
 
 
 def test_moe_flops_by_hand():

@@ -57,6 +57,10 @@ class ModelConfig:
     """Weight of the load-balancing auxiliary loss (0 disables it)."""
     moe_expert_bias_update_rate: float = 0.0
     """Aux-loss-free balancing (routers with an expert bias, DeepSeek-V3): per-step bias update rate; 0 keeps it."""
+    mtp_num_layers: Optional[int] = None
+    """Multi-token-prediction layers to build and train (None: as many as the checkpoint / size has; 0 drops them)."""
+    mtp_loss_weight: float = 0.1
+    """Weight of the multi-token-prediction loss (the mean over MTP layers) added to the main loss."""
     moe_token_dispatcher: str = "alltoall"
     """MoE token dispatcher: alltoall or allgather."""
     hidden_dropout: float = 0.0

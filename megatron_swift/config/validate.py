@@ -70,8 +70,20 @@ def _layout(cfg, arch, te_available: bool, problems: List[str]) -> None:
             problems.append(f"model.num_layers={arch.num_layers} leaves no MoE layer (the family's first "
                             f"{arch.moe_dense_first} layers are dense)")
     problems += arch.decoder_family.layout_problems(arch, par)
+    _mtp(cfg, arch, problems)
     if par.overlap_param_gather and not par.distributed_optimizer:
         problems.append("parallel.overlap_param_gather=true needs parallel.distributed_optimizer=true")
+
+
+def _mtp(cfg, arch, problems: List[str]) -> None:
+    """Multi-token prediction: no more layers than the family can build (MiMo: those its checkpoint holds)."""
+    most = arch.decoder_family.mtp_layers_supported(arch)
+    if arch.mtp_num_layers < 0 or arch.mtp_num_layers > most:
+        problems.append(f"model.mtp_num_layers={arch.mtp_num_layers} is not supported for +model={arch.family.name}"
+                        f" (supported: 0..{most}" + ("" if most else "; this family builds no multi-token-prediction "
+                                                      "layers yet") + ")")
+    if cfg.model.mtp_loss_weight < 0:
+        problems.append(f"model.mtp_loss_weight={cfg.model.mtp_loss_weight} must be >= 0")
 
 
 CP_COMMS = ("a2a", "p2p", "a2a+p2p", "allgather")

@@ -110,3 +110,25 @@ def sparse_step_fields(hf: dict) -> Dict[str, object]:
 
 def sparse_step_keys(arch: dict) -> Dict[str, object]:
     return dict(decoder_sparse_step=arch.get("moe_sparse_step", 1), mlp_only_layers=list(arch.get("moe_dense_layers", ())))
+
+
+def stored_nextn_layers(hf: dict, folder: str) -> int:
+    """How many multi-token-prediction layers a DeepSeek-V3 / GLM-4.5 folder stores after the decoder's
+    (``model.layers.{N + i}.eh_proj.weight``): ``num_nextn_predict_layers``, less those its weights lack (an
+    export of a fine-tune through transformers keeps the key but drops the tensors); the key's count when the
+    folder has no weights (a config.json alone, for planning)."""
+    count, n = int(hf.get("num_nextn_predict_layers") or 0), hf["num_hidden_layers"]
+    index, single = os.path.join(folder, "model.safetensors.index.json"), os.path.join(folder, "model.safetensors")
+    if not count:
+        return 0
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            names = set(json.load(f).get("weight_map", {}))
+    elif os.path.isfile(single):
+        from safetensors import safe_open
+
+        with safe_open(single, framework="pt") as f:
+            names = set(f.keys())
+    else:
+        return count
+    return sum(1 for i in range(count) if f"model.layers.{n + i}.eh_proj.weight" in names)

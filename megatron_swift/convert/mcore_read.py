@@ -110,7 +110,9 @@ class LayerwiseCheckpoint:
             yield index, self.layer_params(index)
 
     def non_layer_params(self) -> Iterator[Tuple[str, torch.Tensor]]:
-        """Embedding, final norm and output layer (and a VLM's vision encoder and projector)."""
+        """Embedding, final norm and output layer (and a VLM's vision encoder and projector, and the
+        multi-token-prediction layers, whose transformer layer is of the last decoder layer's kind)."""
+        self.model = self._model_of(self.kinds[-1])
         sharded = {k: v for k, v in self.model.sharded_state_dict().items() if not k.startswith(self.layers)}
         yield from self._read(sharded, lambda name: not name.startswith(self.layers))
 

@@ -165,3 +165,28 @@ class Reshape:
 
     def split(self, full: torch.Tensor, layer: Dict[str, str], ctx) -> Dict[str, torch.Tensor]:
         return {self.hf.format(**layer): full.reshape(self.hf_shape).contiguous()}
+
+
+@dataclass(frozen=True)
+class SwapHalves:
+    """One HF tensor whose two column halves Megatron holds the other way round: MiMo's MTP ``input_proj``
+    takes [hidden; embedding], megatron-core's ``eh_proj`` [embedding; hidden] (the same matrix, columns
+    swapped); rows split over TP as they are."""
+
+    mcore: Tuple[str, ...]
+    hf: str
+
+    def hf_names(self):
+        return (self.hf,)
+
+    def build(self, reader: Reader, layer: Dict[str, str], ctx, part: Optional[Part] = None) -> torch.Tensor:
+        name = self.hf.format(**layer)
+        rows = reader.shape(name)[0]
+        start, stop = _block(rows, part if part is not None and part.dim == 0 else None)
+        first, second = reader.read(name, 0, start, stop).chunk(2, dim=1)
+        full = torch.cat([second, first], dim=1)
+        return full if part is None or part.dim == 0 else _cut(full, part)
+
+    def split(self, full: torch.Tensor, layer: Dict[str, str], ctx) -> Dict[str, torch.Tensor]:
+        embedding, hidden = full.chunk(2, dim=1)
+        return {self.hf.format(**layer): torch.cat([hidden, embedding], dim=1).contiguous()}

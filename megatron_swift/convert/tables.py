@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import List, Optional
 
-from megatron_swift.convert.rules import QKV, Direct, GateUp, Reshape
+from megatron_swift.convert.rules import QKV, Direct, GateUp, Reshape, SwapHalves
 
 _L = "decoder.layers.{layer}."
 _H = "model.layers.{layer}."
@@ -143,6 +143,58 @@ def deepseek_style(q_lora: bool = True, tied: bool = False, head: str = "lm") ->
     """Rules for DeepSeek-V2/V3: MLA, dense MLPs in the first layers, routed plus shared experts after."""
     return (_embedding(tied, head) + _mla(q_lora) + _dense_mlp() + _routed_experts()
             + _shared_experts_and_bias())
+
+
+def relayered(rules: List[object], mcore: str, hf: str) -> List[object]:
+    """The decoder-layer rules of ``rules`` for one more layer under fixed names (no ``{layer}``): Megatron's
+    ``decoder.layers.{layer}.`` becomes ``mcore``, HF's ``model.layers.{layer}.`` becomes ``hf``; rules of
+    no decoder layer (embedding, final norm) are left out."""
+    out = []
+    for rule in rules:
+        if not all(name.startswith(_L) for name in rule.mcore):
+            continue
+        changes = {f.name: (tuple(mcore + n[len(_L):] for n in rule.mcore) if f.name == "mcore"
+                            else hf + value[len(_H):] if value.startswith(_H) else value)
+                   for f in dataclasses.fields(rule) for value in [getattr(rule, f.name)]
+                   if f.name == "mcore" or isinstance(value, str)}
+        out.append(dataclasses.replace(rule, **changes))
+    return out
+
+
+def mtp_part(count: int, layer_rules: List[object], hf_layer, names: dict) -> List[object]:
+    """Multi-token-prediction layers as megatron-core's MultiTokenPredictionBlock holds them
+    (``mtp.layers.{i}.``: enorm, hnorm, eh_proj, one transformer layer, final_layernorm).
+
+    ``layer_rules``: the decoder's rules (its layer rules are reused for the MTP transformer layer, which
+    megatron-core builds from the last decoder layer's spec); ``hf_layer(i)``: the HF prefix of MTP layer i
+    (MiMo ``model.mtp_layers.{i}.``, DeepSeek-V3 / GLM-4.5 ``model.layers.{N + i}.``); ``names``: the HF names of
+    enorm, hnorm, eh_proj and final_layernorm under it, and ``swap`` true where the HF projection takes
+    [hidden; embedding] (MiMo) rather than megatron-core's [embedding; hidden]."""
+    rules = []
+    for i in range(count):
+        m, h = f"mtp.layers.{i}.", hf_layer(i)
+        proj = SwapHalves if names.get("swap") else Direct
+        rules += relayered(layer_rules, m + "transformer_layer.", h)
+        rules += [Direct((m + "enorm.weight",), h + names["enorm"]), Direct((m + "hnorm.weight",), h + names["hnorm"]),
+                  proj((m + "eh_proj.weight",), h + names["eh_proj"]),
+                  Direct((m + "final_layernorm.weight",), h + names["final_layernorm"])]
+    return rules
+
+
+MIMO_MTP = dict(enorm="token_layernorm.weight", hnorm="hidden_layernorm.weight", eh_proj="input_proj.weight",
+                final_layernorm="final_layernorm.weight", swap=True)
+
+
+# DeepSeek-V3 and GLM-4.5 store MTP layer i as model.layers.{N + i}: the decoder layer's tensors plus these (and
+# embed_tokens / shared_head.head, copies of the model's embedding and output head: families declare them unused).
+NEXTN_MTP = dict(enorm="enorm.weight", hnorm="hnorm.weight", eh_proj="eh_proj.weight",
+                 final_layernorm="shared_head.norm.weight")
+
+
+def mimo_style(mtp_layers: int = 0, tied: bool = False, head: str = "lm") -> List[object]:
+    """MiMo: the Qwen2 decoder (QKV bias) plus ``mtp_layers`` MTP layers stored as ``model.mtp_layers.{i}.``."""
+    rules = llama_style(qkv_bias=True, tied=tied, head=head)
+    return rules + mtp_part(mtp_layers, rules, lambda i: f"model.mtp_layers.{i}.", MIMO_MTP)
 
 
 def vit_style(model_type: str, hf_prefix: str = "vision_model.") -> List[object]:

@@ -50,6 +50,7 @@ class Arch:
     moe_sparse_step: int = 1
     moe_dense_layers: Tuple[int, ...] = ()
     family_options: Optional[dict] = None  # numbers only this family has (families.base.Size.family_options)
+    mtp_num_layers: int = 0  # multi-token-prediction layers built after the decoder (families.base.Size)
     head: str = "lm"  # output layer: "lm" (vocabulary logits) or "reward" (one scalar; task=rm)
     # Vision-language models (families/llava.py): the fields above describe the language model.
     text_family: Optional[str] = None  # the language model's family (its decoder traits and weight table)
@@ -113,7 +114,7 @@ _OPTIONAL_DEFAULTS = {"rotary_percent": 1.0, "rope_scaling": None, "qkv_bias": N
                       "moe_shared_expert_gate": False, "moe_score_function": "softmax", "moe_expert_bias": False,
                       "moe_topk_scaling_factor": None, "moe_num_groups": None, "moe_group_topk": None,
                       "moe_dense_first": 0, "moe_sparse_step": 1, "moe_dense_layers": (),
-                      "family_options": None}
+                      "family_options": None, "mtp_num_layers": 0}
 _VLM_FIELDS = ("text_family", "vision", "image_token_id", "vision_select", "projector_activation", "projector_bias")
 
 

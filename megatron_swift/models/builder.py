@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state as ps
 from megatron.core.models.gpt import GPTModel
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_mtp_block_spec
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.transformer_config import MLATransformerConfig
 
@@ -112,6 +112,8 @@ def transformer_config(arch, cfg, backend: Backend, initialize: bool = True) -> 
             moe_router_dtype="fp32",
             **_moe_layout(arch, model),
         )
+    if arch.mtp_num_layers:
+        kwargs.update(mtp_num_layers=arch.mtp_num_layers, mtp_loss_scaling_factor=model.mtp_loss_weight)
     kwargs.update(arch.decoder_family.transformer_fields(arch))
     # Multi-latent attention's ranks and head dims are fields of megatron-core's MLATransformerConfig.
     config_class = MLATransformerConfig if kwargs.get("multi_latent_attention") else TransformerConfig
@@ -134,6 +136,39 @@ def _moe_layout(arch, model) -> dict:
     if arch.moe_num_groups and arch.moe_num_groups > 1:
         kwargs.update(moe_router_num_groups=arch.moe_num_groups, moe_router_group_topk=arch.moe_group_topk)
     return kwargs
+
+
+def mtp_block_spec(tconfig: TransformerConfig, block_spec, backend: Backend, stage):
+    """megatron-core's multi-token-prediction block spec (None without MTP, or on a stage that holds none of its
+    layers): each MTP layer's transformer layer is the decoder's last layer spec, after the norm and attention
+    swaps above; its own norms are swapped the same way."""
+    if not tconfig.mtp_num_layers:
+        return None
+    spec = get_gpt_mtp_block_spec(tconfig, block_spec, use_transformer_engine=backend.use_te, vp_stage=stage)
+    if spec is not None and not backend.use_te:
+        swap_torch_norms(spec)
+    return spec
+
+
+class MTPGPTModel(GPTModel):
+    """megatron-core 0.16.1's GPTModel whose multi-token-prediction layers run only when asked for.
+
+    Workaround: with ``mtp_num_layers`` set, GPTModel._postprocess always runs the MTP block and adds its loss
+    to the backward (MTPLossAutoScaler), and without labels fails on ``labels.clone()``. Here MTP runs when the
+    caller passes labels and a ``loss_mask`` (the lm task's forward step, training.forward_step, whose loss is the
+    per-token one MTP's is scaled like); every other call (logits for evaluation and rollouts, reference and
+    preference log-probs) runs the main head only, as inference would."""
+
+    def _postprocess(self, hidden_states, input_ids, position_ids, labels, *args, **kwargs):
+        wanted = labels is not None and kwargs.get("loss_mask") is not None
+        if wanted or self.config.mtp_num_layers is None:
+            return super()._postprocess(hidden_states, input_ids, position_ids, labels, *args, **kwargs)
+        kwargs["mtp_in_postprocess"] = False
+        saved, self.config.mtp_num_layers = self.config.mtp_num_layers, None
+        try:
+            return super()._postprocess(hidden_states, input_ids, position_ids, labels, *args, **kwargs)
+        finally:
+            self.config.mtp_num_layers = saved
 
 
 def build_model(arch, tconfig: TransformerConfig, padded_vocab: int, seq_length: int,
@@ -161,7 +196,7 @@ def build_gpt_chunks(arch, tconfig: TransformerConfig, padded_vocab: int, seq_le
         elif unfuse_norms:
             unfuse_layernorm_linears(block_spec)
         use_core_attention(block_spec, backend.attention, tconfig.context_parallel_size)
-        model = GPTModel(
+        model = MTPGPTModel(
             config=tconfig,
             transformer_layer_spec=block_spec,
             vocab_size=padded_vocab,
@@ -175,6 +210,7 @@ def build_gpt_chunks(arch, tconfig: TransformerConfig, padded_vocab: int, seq_le
             rotary_percent=arch.rotary_percent,
             scatter_embedding_sequence_parallel=scatter_sp,
             vp_stage=stage,
+            mtp_block_spec=mtp_block_spec(tconfig, block_spec, backend, stage),
         )
         if arch.rope_scaling is not None:
             rope.install(model, arch)

@@ -145,6 +145,14 @@ def stage_params(arch, padded_vocab: int, layout: Layout, stage: int) -> Dict[st
         dense += arch.hidden_size  # final norm
         if arch.untie_embeddings or layout.pp > 1:
             dense += vocab_block
+        if arch.mtp_num_layers:  # MTP layers: like the last decoder layer, plus eh_proj (over TP) and 3 norms
+            last = (arch.decoder_family.layer_params(arch, layout, arch.num_layers - 1)
+                    or layer_params(arch, layout, kinds[-1] if kinds[-1] is None else bool(kinds[-1])))
+            h = arch.hidden_size
+            dense += arch.mtp_num_layers * (last["dense"] + 2 * h * h // layout.tp + 3 * h)
+            expert += arch.mtp_num_layers * last["expert"]
+            if layout.pp > 1:
+                dense += vocab_block  # the stage's own copy of the embedding, for the next tokens
     return {"dense": dense, "expert": expert, "frozen": frozen}
 
 

@@ -5,7 +5,7 @@ from typing import Dict, List
 
 from megatron_swift.tasks.base import register
 from megatron_swift.tasks.configs import LMConfig
-from megatron_swift.tasks.reports import reduce_reports
+from megatron_swift.tasks.reports import mtp_losses, reduce_reports
 from megatron_swift.training.forward_step import make_forward_step
 
 
@@ -39,4 +39,5 @@ class LMTask:
     def metrics(self, reports: List[dict], device) -> Dict[str, float]:
         out = reduce_reports(reports, device)
         out["loss"] = out.pop("lm loss")
+        out.update(mtp_losses(len(reports), device))  # models with MTP layers: their loss, on its own
         return out

@@ -22,3 +22,27 @@ def reduce_reports(reports: List[Dict[str, torch.Tensor]], device) -> Dict[str, 
             total[i] += report[name].to(total)
     dist.all_reduce(total, group=ps.get_data_parallel_group(with_context_parallel=True))
     return {name: (total[i, 0] / total[i, 1].clamp(min=1)).item() for i, name in enumerate(names)}
+
+
+def mtp_losses(num_microbatches: int, device) -> Dict[str, float]:
+    """This step's multi-token-prediction losses (models with MTP layers, trained through GPTModel's labels path),
+    as megatron-core 0.16.1 records them: per MTP layer, the sum over this rank's micro-batches of each one's mean
+    token loss (MTPLossLoggingHelper's tracker). Returned as the mean over micro-batches and DP x CP ranks
+    (``mtp_loss``: over the MTP layers too; ``mtp_<i>_loss`` per layer when there are several); the tracker is
+    emptied for the next step. Empty without MTP layers or when no training forward ran.
+
+    The tracker's own reduction averages with ReduceOp.AVG, which gloo lacks: summed and divided here instead."""
+    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+    tracker = MTPLossLoggingHelper.tracker
+    if "values" not in tracker or not num_microbatches or not bool(tracker["values"].any()):
+        return {}
+    values = tracker["values"].detach().to(device=device, dtype=torch.float64)
+    group = ps.get_data_parallel_group(with_context_parallel=True)
+    dist.all_reduce(values, group=group)
+    values /= num_microbatches * dist.get_world_size(group)
+    tracker["values"].zero_()
+    out = {"mtp_loss": values.mean().item()}
+    if values.numel() > 1:
+        out.update({f"mtp_{i + 1}_loss": v.item() for i, v in enumerate(values)})
+    return out

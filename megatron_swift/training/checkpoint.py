@@ -65,7 +65,14 @@ _PER_LAYER = {"non_homogeneous_layers": True, "singleton_local_shards": True}
 
 def _model_sharded(model, trainable_only: bool = False, per_layer: bool = False) -> Dict[str, dict]:
     def one(chunk) -> dict:
-        sharded = _unwrap(chunk).sharded_state_dict(metadata=dict(_PER_LAYER) if per_layer else None)
+        metadata = dict(_PER_LAYER) if per_layer else None
+        if getattr(_unwrap(chunk), "mtp_process", False):
+            # megatron-core 0.16.1: a stage with MTP layers but no embedding of its own (PP > 1) reads
+            # metadata['dp_cp_group'] to shard its embedding copy, and fails on the default metadata=None.
+            from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
+
+            metadata = ensure_metadata_has_dp_cp_group(metadata)
+        sharded = _unwrap(chunk).sharded_state_dict(metadata=metadata)
         return _trainable_entries(chunk, sharded) if trainable_only else sharded
 
     if len(model) == 1:

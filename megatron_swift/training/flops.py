@@ -43,8 +43,12 @@ def flops_per_token(arch: Arch, seq_length: int, padded_vocab: int) -> float:
         if arch.moe_shared_ffn_hidden_size:
             moe += 3 * h * arch.moe_shared_ffn_hidden_size + (h if arch.moe_shared_expert_gate else 0)
     moe_layers = arch.moe_layers
+    # Each multi-token-prediction layer: its [embedding; hidden] projection, a layer like the last decoder
+    # layer, and the shared output head once more.
+    last = moe if arch.is_moe and (arch.moe_layer_pattern is None or arch.moe_layer_pattern[-1]) else dense
+    mtp = arch.mtp_num_layers * (2 * h * h + attention + last + h * outputs)
     forward_macs = (arch.num_layers * attention + moe_layers * moe + (arch.num_layers - moe_layers) * dense
-                    + h * outputs)
+                    + h * outputs + mtp)
     return 3 * 2 * forward_macs
 
 

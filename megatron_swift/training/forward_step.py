@@ -31,9 +31,11 @@ def make_forward_step(packed_format: str):
     """The forward step for megatron-core's schedules; ``packed_format`` is the backend's (see Backend)."""
 
     def forward_step(data_iterator, model):
-        """Run one micro-batch; GPTModel returns per-token losses when given labels."""
+        """Run one micro-batch; GPTModel returns per-token losses when given labels. The loss mask reaches the
+        model for its multi-token-prediction layers (megatron-core rolls it with the labels, and adds their loss
+        to the backward itself: MTPLossAutoScaler); without MTP layers GPTModel does not read it."""
         batch = next(data_iterator)
-        output = model(batch.tokens, batch.position_ids, labels=batch.labels,
+        output = model(batch.tokens, batch.position_ids, labels=batch.labels, loss_mask=batch.loss_mask,
                        **attention_inputs(batch.segments, packed_format), **image_inputs(batch))
         return output, partial(loss_func, batch.loss_mask)
 

@@ -11,6 +11,9 @@ processes with these parallel.* overrides, and every model (the trainer's and --
 again under them; its logits go to <out without .pt>.<name>.pt. Several --then run in order.
 --save=<name>: the models built under layout <name> (a --then name, or "first") are also written as weights-only
 checkpoints, each in the run folder <out without .pt>.ckpt (HF -> Megatron, for round-trip tests).
+--mtp=<out.pt>: the multi-token-prediction head too (one pipeline stage): the output head's full-vocabulary
+logits of the first MTP layer's hidden states, [b, s, padded V], of the trainer's model in <out.pt> and of each
+--also model in its <out without .pt>.mtp.pt.
 """
 import os
 import sys
@@ -35,6 +38,7 @@ def main() -> None:
     also = [a[len("--also="):].split(",") for a in args if a.startswith("--also=")]
     then = [a[len("--then="):].split(":", 1) for a in args if a.startswith("--then=")]
     save = [a[len("--save="):] for a in args if a.startswith("--save=")]
+    mtp = [a[len("--mtp="):] for a in args if a.startswith("--mtp=")]
     cfg = compose(overrides)
     first_folder = cfg.model.pretrained
     trainer = setup(cfg)
@@ -43,7 +47,8 @@ def main() -> None:
              padded_vocab_size(trainer.arch.vocab_size, cfg.model.make_vocab_size_divisible_by, cfg.parallel.tp))
     models = [(out_file, lambda: first)]
     models += [(out, lambda folder=folder: _load(trainer, cfg, folder)) for folder, out in also]
-    _run(models, trainer, cfg, tokens, "first" in save, megatron_logits)
+    _run(models, trainer, cfg, tokens, "first" in save, megatron_logits,
+         [mtp[0]] + [out[:-len(".pt")] + ".mtp.pt" for _, out in also] if mtp else None)
     for name, layout in then:
         _relayout(cfg, layout.split(","))
         stem = lambda out: out[:-len(".pt")] if out.endswith(".pt") else out  # noqa: E731
@@ -53,8 +58,9 @@ def main() -> None:
     dist.barrier()
 
 
-def _run(models, trainer, cfg, tokens, save: bool, megatron_logits) -> None:
-    """Each model's logits into its file (and, with ``save``, its weights into <file>.ckpt)."""
+def _run(models, trainer, cfg, tokens, save: bool, megatron_logits, mtp_outs=None) -> None:
+    """Each model's logits into its file (and, with ``save``, its weights into <file>.ckpt; with ``mtp_outs``,
+    its MTP head's logits into those files)."""
     import torch
     from megatron.core import parallel_state as ps
     from omegaconf import OmegaConf
@@ -62,14 +68,39 @@ def _run(models, trainer, cfg, tokens, save: bool, megatron_logits) -> None:
     from megatron_swift.training import checkpoint as ckpt
     from megatron_swift.training.loop import model_meta
 
-    for out, model in models:
+    for i, (out, model) in enumerate(models):
         chunks, arch, padded = model()
         logits = megatron_logits(SimpleNamespace(model=chunks, backend=trainer.backend), tokens)
+        if mtp_outs:
+            _mtp_logits(chunks[-1], tokens, mtp_outs[i])
         if logits is not None and ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0:
             torch.save(logits, out)
         if save:
             ckpt.save_weights(out[:-len(".pt")] + ".ckpt", chunks, OmegaConf.to_yaml(cfg),
                               model_meta(arch, arch.vocab_size, padded))
+
+
+def _mtp_logits(chunk, tokens, out: str) -> None:
+    """The first MTP layer's logits: GPTModel runs its MTP block when given labels and a loss mask (its output, the main and
+    each MTP layer's hidden states stacked along the sequence, is caught by a hook), then the shared head."""
+    import torch
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    while not hasattr(chunk, "mtp"):  # inside megatron-core's DDP (and Float16Module) wrappers
+        chunk = chunk.module
+    captured = {}
+    handle = chunk.mtp.register_forward_hook(lambda module, inputs, output: captured.setdefault("h", output))
+    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+    with torch.no_grad():
+        chunk(tokens, positions, None, labels=tokens, loss_mask=torch.ones_like(tokens))
+        handle.remove()
+        s = tokens.shape[1]
+        weight = chunk.shared_embedding_or_output_weight() if chunk.share_embeddings_and_output_weights else None
+        logits, _ = chunk.output_layer(captured["h"][s:2 * s], weight=weight)
+        logits = gather_from_tensor_model_parallel_region(logits).transpose(0, 1).float()
+    if ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0:
+        torch.save(logits, out)
 
 
 def _relayout(cfg, overrides) -> None:

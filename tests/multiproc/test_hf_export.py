@@ -71,7 +71,7 @@ def test_round_trip_is_bitwise(tmp_path, case, via, dtype):
     if case.endswith("-v4"):
         _v4_spelling(hf_dir)
     if case.startswith("deepseek"):
-        _edit_tensors(hf_dir, _add_mtp_layer)  # kept as they are, though not built (MTP is not supported yet)
+        _edit_tensors(hf_dir, _add_mtp_layer)  # built as an MTP layer; its embedding / head copies kept as they are
     # Loaded under TP=2 (or EP=2) and saved sharded; the export reshards to one process.
     if via == "train":
         run_train(nproc, [f"+model={kind}", f"model.pretrained={hf_dir}", "train.precision=fp32",

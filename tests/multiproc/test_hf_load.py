@@ -399,3 +399,269 @@ def test_deepseek_logits_equal_hf_logits(deepseek_models, tmp_path, layout, name
         diff = (torch.load(tmp_path / f"{name}.pt", weights_only=True)[..., :VOCAB] - models[name][1]).abs().max()
         print(f"deepseek {name} {'-'.join(layout)}: max |logit diff| {diff.item():.2e}")
         assert diff.item() < 1e-4, f"{name}: max |logit diff| {diff.item()}"
+
+
+# MiMo (families/mimo.py): a Qwen2 checkpoint plus MTP layers named as MiMo's remote code names them
+# (model.mtp_layers.{i}: token_layernorm, hidden_layernorm, input_proj over [hidden; embedding], a Qwen2 decoder
+# layer, final_layernorm). transformers has no MiMo class: the main model's ground truth is Qwen2ForCausalLM with
+# the same weights, the MTP head's a computation of its formula by hand (_mimo_mtp_by_hand).
+MIMO = dict(num_hidden_layers=4, num_key_value_heads=2, intermediate_size=96, tie_word_embeddings=False)
+MIMO_MTP_NAMES = ("token_layernorm", "hidden_layernorm", "final_layernorm")
+
+
+def save_tiny_mimo(folder, mtp_layers: int = 1, **extra):
+    """A tiny MiMo folder: a random Qwen2 model saved, then its MTP layers added (random, norms included) and
+    config.json made MiMo's. Returns (the Qwen2 model, the MTP layers' tensors)."""
+    from safetensors.torch import load_file, save_file
+
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
+
+    model = _save_tiny("qwen2", folder, **dict(MIMO, **extra))
+    tensors, g = load_file(folder / "model.safetensors"), torch.Generator().manual_seed(5)
+    mtp = {}
+    for i in range(mtp_layers):
+        torch.manual_seed(10 + i)
+        layer = Qwen2DecoderLayer(model.config, layer_idx=0).float()
+        for name, t in layer.state_dict().items():
+            noise = torch.randn(t.shape, generator=g) * 0.2
+            mtp[f"model.mtp_layers.{i}.{name}"] = (1.0 + noise) if "norm" in name else t + (noise if "bias" in name else 0)
+        h = model.config.hidden_size
+        for name in MIMO_MTP_NAMES:
+            mtp[f"model.mtp_layers.{i}.{name}.weight"] = 1.0 + 0.2 * torch.randn(h, generator=g)
+        mtp[f"model.mtp_layers.{i}.input_proj.weight"] = torch.randn(h, 2 * h, generator=g) * 0.08
+    save_file(dict(tensors, **mtp), folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config.update(architectures=["MiMoForCausalLM"], model_type="mimo", num_nextn_predict_layers=mtp_layers)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return model, mtp
+
+
+def _mimo_mtp_by_hand(model, mtp, tokens):
+    """MTP layer 0's logits by its formula: h = the decoder's output (after its final norm), e = the embedding of
+    the next token (0 after the last, as megatron-core rolls), x = input_proj([hidden_layernorm(h);
+    token_layernorm(e)]), one Qwen2 decoder layer over x at the same positions, final_layernorm, lm_head."""
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
+
+    def rms(x, w):
+        return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + model.config.rms_norm_eps))
+
+    w = {k[len("model.mtp_layers.0."):]: v for k, v in mtp.items() if k.startswith("model.mtp_layers.0.")}
+    config = _sdpa_config(model.config)
+    layer = Qwen2DecoderLayer(config, layer_idx=0).float().eval()
+    layer.load_state_dict({k: v for k, v in w.items() if k.split(".")[0] in (
+        "self_attn", "mlp", "input_layernorm", "post_attention_layernorm")})
+    with torch.no_grad():
+        h = model.model(tokens).last_hidden_state
+        following = torch.cat([tokens[:, 1:], torch.zeros_like(tokens[:, :1])], dim=1)
+        e = model.model.embed_tokens(following)
+        x = torch.cat([rms(h, w["hidden_layernorm.weight"]), rms(e, w["token_layernorm.weight"])], -1)
+        x = x @ w["input_proj.weight"].T
+        positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+        out = layer(x, attention_mask=None, position_ids=positions,
+                    position_embeddings=model.model.rotary_emb(x, positions))
+        out = out[0] if isinstance(out, tuple) else out
+        return model.lm_head(rms(out, w["final_layernorm.weight"])).float()
+
+
+def _sdpa_config(config):
+    """The HF config with sdpa attention (causal without a mask)."""
+    import copy
+
+    config = copy.deepcopy(config)
+    config._attn_implementation = "sdpa"
+    return config
+
+
+MIMO_LAYOUTS = {"tp2": "parallel.tp=2", "pp2": "parallel.tp=1,parallel.pp=2"}
+
+
+@pytest.fixture(scope="module")
+def mimo_run(tmp_path_factory):
+    """One launch of two processes: TP=1 (main logits, MTP logits, weights saved for the round trip), then TP=2
+    and PP=2 (main logits)."""
+    root = tmp_path_factory.mktemp("mimo")
+    folder = root / "hf"
+    model, mtp = save_tiny_mimo(folder)
+    tokens = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(6))
+    torch.save(tokens, root / "tokens.pt")
+    with torch.no_grad():
+        expected = model(tokens).logits.float()
+    overrides = ["+model=mimo", f"model.pretrained={folder}", "train.precision=fp32", "train.device=cpu",
+                 f"train.output_dir={root / 'run'}", "logging.tensorboard=false"]
+    then = [f"--then={name}:{layout}" for name, layout in MIMO_LAYOUTS.items()]
+    proc = subprocess.run(launch_cmd(2, [str(root / "tokens.pt"), str(root / "main.pt"), *overrides,
+                                         f"--mtp={root / 'mtp.pt'}", *then, "--save=first"], script=WORKER),
+                          cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return root, folder, expected, _mimo_mtp_by_hand(model, mtp, tokens)
+
+
+@pytest.mark.parametrize("layout", ["tp1", *MIMO_LAYOUTS])
+def test_mimo_logits_equal_qwen2_logits(mimo_run, layout):
+    root, _, expected, _ = mimo_run
+    got = torch.load(root / ("main.pt" if layout == "tp1" else f"main.{layout}.pt"), weights_only=True)
+    diff = (got[..., :VOCAB] - expected).abs().max().item()
+    print(f"mimo {layout}: max |logit diff| vs Qwen2ForCausalLM {diff:.2e}")
+    assert diff < 1e-4, f"mimo {layout}: max |logit diff| {diff}"
+
+
+def test_mimo_mtp_head_equals_its_formula(mimo_run):
+    root, _, main, by_hand = mimo_run
+    got = torch.load(root / "mtp.pt", weights_only=True)[..., :VOCAB]
+    diff = (got - by_hand).abs().max().item()
+    print(f"mimo MTP head: max |logit diff| vs by hand {diff:.2e}")
+    assert (by_hand - main).abs().max().item() > 0.1  # the MTP head is not the main head
+    assert diff < 1e-4, f"MTP head: max |logit diff| {diff}"
+
+
+def test_mimo_round_trip_is_bitwise(mimo_run, tmp_path):
+    """HF -> Megatron (saved by the launch above, MTP layer included) -> HF: every tensor, the MTP layer's too, and
+    config.json as they were."""
+    from safetensors.torch import load_file
+
+    root, folder, _, _ = mimo_run
+    script = "import sys; sys.path.insert(0, 'tools/convert'); from mcore_to_hf import convert; convert(*sys.argv[1:])"
+    proc = subprocess.run([sys.executable, "-c", script, str(root / "main.ckpt"), str(tmp_path / "hf")], cwd=ROOT,
+                          env=train_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    original, exported = load_file(folder / "model.safetensors"), load_file(tmp_path / "hf" / "model.safetensors")
+    assert any(k.startswith("model.mtp_layers.0.") for k in exported)
+    assert sorted(exported) == sorted(original)
+    for key, tensor in original.items():
+        assert exported[key].dtype == tensor.dtype and torch.equal(exported[key], tensor), key
+    volatile = {"transformers_version", "torch_dtype", "dtype"}
+    configs = [{k: v for k, v in json.loads((f / "config.json").read_text()).items() if k not in volatile}
+               for f in (folder, tmp_path / "hf")]
+    assert configs[0] == configs[1]
+
+
+def test_mimo_trains_its_mtp_layer(mimo_run, tmp_path):
+    """3 steps under PP=2 (the MTP layer on the last stage, with its copy of the embedding): metrics.jsonl has the
+    MTP loss on its own, and the exported MTP layer moved (its loss reached the backward)."""
+    from safetensors.torch import load_file
+
+    from tests.conftest import run_train
+
+    _, folder, _, _ = mimo_run
+    run = tmp_path / "run"
+    run_train(2, ["+model=mimo", f"model.pretrained={folder}", "train.precision=fp32", "logging.tensorboard=false",
+                  "parallel.pp=2", "train.train_iters=3", "train.lr=1e-2", "model.mtp_loss_weight=0.5",
+                  f"train.output_dir={run}", "train.save_hf=true"])
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [row.get("mtp_loss") for row in rows if "loss" in row and row.get("iteration")]
+    print("mtp_loss per step:", losses)
+    assert len(losses) == 3 and all(v is not None and 0 < v < 20 for v in losses)
+    original, trained = load_file(folder / "model.safetensors"), load_file(run / "hf" / "iter_0000003" /
+                                                                            "model.safetensors")
+    name = "model.mtp_layers.0.input_proj.weight"
+    assert (trained[name] - original[name]).abs().max().item() > 1e-4
+
+
+# GLM-4.5 with its MTP layer stored after the decoder's (model.layers.{N}: a MoE decoder layer plus enorm, hnorm,
+# eh_proj over [embedding; hidden], shared_head.norm, and copies of the embedding and head). transformers'
+# Glm4Moe ignores it: its main logits are the ground truth; the MTP head's is its formula by hand.
+GLM_MTP = dict(num_key_value_heads=2, head_dim=24, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=20,
+               n_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=1.3, attention_bias=True,
+               use_qk_norm=True, num_hidden_layers=2, num_nextn_predict_layers=1, tie_word_embeddings=False)
+
+
+# DeepSeek-V3 likewise (MLA and MoE in the MTP layer), 3 layers, the first dense.
+DEEPSEEK_MTP = dict(DEEPSEEK["v3"][1], num_hidden_layers=3, num_nextn_predict_layers=1)
+
+
+def save_tiny_nextn_mtp(kind, folder, extra):
+    """A GLM / DeepSeek-V3 folder with one MTP layer, and that layer's decoder layer as transformers' own module
+    (a copy of the model with one more layer, loaded from the same tensors: on disk they carry transformers'
+    per-expert names)."""
+    from safetensors.torch import load_file, save_file
+
+    model = _save_tiny(kind, folder, **extra)
+    tensors, g, n = load_file(folder / "model.safetensors"), torch.Generator().manual_seed(7), extra["num_hidden_layers"]
+    h, last = model.config.hidden_size, f"model.layers.{n - 1}."  # the last layer routes (first_k_dense_replace=1)
+    mtp = {}
+    for name, t in tensors.items():
+        if name.startswith(last):
+            noise = torch.randn(t.shape, generator=g) * 0.2
+            mtp[name.replace(last, f"model.layers.{n}.")] = 1.0 + noise if "norm" in name else t + noise * t.std()
+    for name in ("enorm", "hnorm", "shared_head.norm"):
+        mtp[f"model.layers.{n}.{name}.weight"] = 1.0 + 0.2 * torch.randn(h, generator=g)
+    mtp[f"model.layers.{n}.eh_proj.weight"] = torch.randn(h, 2 * h, generator=g) * 0.08
+    mtp[f"model.layers.{n}.embed_tokens.weight"] = tensors["model.embed_tokens.weight"].clone()
+    mtp[f"model.layers.{n}.shared_head.head.weight"] = tensors["lm_head.weight"].clone()
+    save_file(dict(tensors, **mtp), folder / "model.safetensors", metadata={"format": "pt"})
+    longer = folder.parent / f"{folder.name}-longer"  # num_hidden_layers N + 1: its layer N is the MTP layer's decoder layer
+    longer.mkdir()
+    save_file(dict(tensors, **mtp), longer / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    (longer / "config.json").write_text(json.dumps(dict(config, num_hidden_layers=n + 1)))
+    with_mtp = transformers.AutoModelForCausalLM.from_pretrained(longer, dtype=torch.float32).eval()
+    return model, mtp, with_mtp.model.layers[n]
+
+
+def _nextn_mtp_by_hand(model, mtp, layer, tokens):
+    """x = eh_proj([enorm(e); hnorm(h)]) (DeepSeek-V3's order), the MTP decoder layer, shared_head.norm, lm_head."""
+    n = model.config.num_hidden_layers
+    w = {k[len(f"model.layers.{n}."):]: v for k, v in mtp.items()}
+
+    def rms(x, weight):
+        return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + model.config.rms_norm_eps))
+
+    layer.self_attn.config._attn_implementation = "sdpa"  # causal without a mask
+    with torch.no_grad():
+        h = model.model(tokens).last_hidden_state
+        e = model.model.embed_tokens(torch.cat([tokens[:, 1:], torch.zeros_like(tokens[:, :1])], dim=1))
+        x = torch.cat([rms(e, w["enorm.weight"]), rms(h, w["hnorm.weight"])], -1) @ w["eh_proj.weight"].T
+        positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+        out = layer(x, attention_mask=None, position_ids=positions,
+                    position_embeddings=model.model.rotary_emb(x, positions))
+        out = out[0] if isinstance(out, tuple) else out
+        return model.lm_head(rms(out, w["shared_head.norm.weight"])).float()
+
+
+@pytest.fixture(scope="module")
+def glm_mtp_run(tmp_path_factory):
+    """One launch of two processes for both models: TP=1 (main and MTP logits, weights saved), then EP=2 (main
+    logits)."""
+    root = tmp_path_factory.mktemp("nextn-mtp")
+    tokens = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(8))
+    torch.save(tokens, root / "tokens.pt")
+    models = {}
+    for name, kind, extra in (("glm", "glm4_moe", GLM_MTP), ("deepseek", "deepseek_v3", DEEPSEEK_MTP)):
+        model, mtp, layer = save_tiny_nextn_mtp(kind, root / name, extra)
+        with torch.no_grad():
+            expected = model(tokens).logits.float()
+        models[name] = (root / name, expected, _nextn_mtp_by_hand(model, mtp, layer, tokens))
+    overrides = ["+model=glm4_moe", f"model.pretrained={root / 'glm'}", "train.precision=fp32", "train.device=cpu",
+                 f"train.output_dir={root / 'run'}", "logging.tensorboard=false"]
+    proc = subprocess.run(launch_cmd(2, [str(root / "tokens.pt"), str(root / "glm.pt"), *overrides,
+                                         f"--also={root / 'deepseek'},{root / 'deepseek.pt'}",
+                                         f"--mtp={root / 'glm.mtp.pt'}", "--then=ep2:parallel.ep=2", "--save=first"],
+                                     script=WORKER), cwd=ROOT, env=train_env(), capture_output=True, text=True,
+                          timeout=400)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return root, models
+
+
+@pytest.mark.parametrize("name", ["glm", "deepseek"])
+def test_nextn_mtp_logits_head_and_round_trip(glm_mtp_run, tmp_path, name):
+    """Main logits equal transformers' (TP=1, EP=2), the MTP head its formula, HF -> Megatron -> HF bitwise (the
+    MTP layer and its embedding / head copies included)."""
+    from safetensors.torch import load_file
+
+    root, models = glm_mtp_run
+    folder, expected, by_hand = models[name]
+    for out in (f"{name}.pt", f"{name}.ep2.pt"):
+        diff = (torch.load(root / out, weights_only=True)[..., :VOCAB] - expected).abs().max().item()
+        print(f"{name}+mtp {out}: max |logit diff| {diff:.2e}")
+        assert diff < 1e-4, f"{out}: max |logit diff| {diff}"
+    diff = (torch.load(root / f"{name}.mtp.pt", weights_only=True)[..., :VOCAB] - by_hand).abs().max().item()
+    print(f"{name} MTP head: max |logit diff| vs by hand {diff:.2e}")
+    assert (by_hand - expected).abs().max().item() > 0.1 and diff < 1e-4, diff
+    script = "import sys; sys.path.insert(0, 'tools/convert'); from mcore_to_hf import convert; convert(*sys.argv[1:])"
+    proc = subprocess.run([sys.executable, "-c", script, str(root / f"{name}.ckpt"), str(tmp_path / "hf")], cwd=ROOT,
+                          env=train_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    original, exported = load_file(folder / "model.safetensors"), load_file(tmp_path / "hf" / "model.safetensors")
+    assert sorted(exported) == sorted(original)
+    for key, tensor in original.items():
+        assert exported[key].dtype == tensor.dtype and torch.equal(exported[key], tensor), key

@@ -53,6 +53,9 @@ class Size:
     # Numbers only this family's architecture has, as a plain dict its module documents (families/deepseek.py:
     # MLA ranks and head dims, routing); None for families without.
     family_options: Optional[dict] = None
+    # Multi-token-prediction layers after the decoder (megatron-core MultiTokenPredictionBlock; HF
+    # num_nextn_predict_layers); 0: none.
+    mtp_num_layers: int = 0
 
 
 def moe_layer_pattern(arch) -> list:
@@ -136,6 +139,10 @@ class Family:
         parallel config or a planner Layout has them): one line each, naming the key to change (config.validate
         lists them; the planner skips such layouts)."""
         return []
+
+    def mtp_layers_supported(self, arch) -> int:
+        """How many multi-token-prediction layers this architecture can build (model.mtp_num_layers at most)."""
+        return 0
 
     def layer_macs(self, arch, seq_length: int) -> Optional[float]:
         """Forward multiply-accumulates per token of all decoder layers (training.flops), or None for the

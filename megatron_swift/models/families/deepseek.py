@@ -10,8 +10,10 @@ top-k and ``moe_router_topk_scaling_factor``; ``moe_layer_freq`` as a list makes
 MLA's numbers (and what an export writes back) live in ``Arch.family_options`` (a plain dict, :class:`Options`);
 the MoE layout and router are the shared MoE axes of families.base.Size (:func:`moe_axes`). What megatron-core's
 router computes differently from transformers is refused when reading config.json, one line naming the key
-(:func:`_check_routing`). Multi-token-prediction layers (V3's ``model.layers.{N+i}``) are not built yet: they are
-declared unused and an export from the folder writes them back unchanged.
+(:func:`_check_routing`). Multi-token-prediction layers (V3's ``model.layers.{N+i}``, those the folder stores) are
+megatron-core's MTP layers (convert.tables.NEXTN_MTP); ``model.mtp_num_layers`` builds fewer (a printed line),
+and an export from the folder writes the dropped ones, and the layers' copies of the embedding and head, back
+unchanged.
 
 FP8 checkpoints (``quantization_config.quant_method=fp8``, V3/R1/Kimi-K2 as published) are dequantized while
 reading (convert/fp8.py); an export writes the training dtype and no ``quantization_config``.
@@ -25,7 +27,7 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
-from megatron_swift.convert.tables import deepseek_style
+from megatron_swift.convert.tables import NEXTN_MTP, deepseek_style, mtp_part
 from megatron_swift.data.errors import DataError
 from megatron_swift.models.families.base import Family, Size
 from megatron_swift.models.rope import RopeScaling
@@ -50,6 +52,7 @@ class Options:
     routed_scaling_factor: float = 1.0
     norm_topk_prob: bool = False
     hf_architecture: str = V3  # which HF class (export writes it back)
+    num_nextn_predict_layers: int = 0  # MTP layers the checkpoint stores (model.mtp_num_layers builds up to these)
 
 
 def options(arch) -> Options:
@@ -70,7 +73,7 @@ def moe_axes(opts, moe_ffn_hidden_size: int) -> dict:
 
 class DeepSeekFamily(Family):
     def read_hf(self, hf: dict, folder: str) -> dict:
-        from megatron_swift.convert.hf_config import arch_fields
+        from megatron_swift.convert.hf_config import arch_fields, stored_nextn_layers
 
         where = os.path.join(folder, "config.json")
         hf = dict(hf)
@@ -84,13 +87,14 @@ class DeepSeekFamily(Family):
             scoring_func=hf.get("scoring_func", "sigmoid" if arch_name == V3 else "softmax"),
             n_group=hf.get("n_group") or 1, topk_group=hf.get("topk_group") or 1,
             routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
-            norm_topk_prob=bool(hf.get("norm_topk_prob", arch_name == V3)), hf_architecture=arch_name)
+            norm_topk_prob=bool(hf.get("norm_topk_prob", arch_name == V3)), hf_architecture=arch_name,
+            num_nextn_predict_layers=stored_nextn_layers(hf, folder))
         _check(hf, opts, where)
-        _note_mtp(hf, folder)
         # arch_fields reads the common keys; MoE ones are DeepSeek's own names (n_routed_experts), read here.
         fields = arch_fields({k: v for k, v in hf.items() if k not in ("num_experts", "num_local_experts")}, folder)
         # MLA has no key/value groups (every head has its own key and value from the shared latent).
         fields.update(family_options=dataclasses.asdict(opts), num_query_groups=hf["num_attention_heads"],
+                      mtp_num_layers=opts.num_nextn_predict_layers,
                       kv_channels=opts.qk_nope_head_dim + opts.qk_rope_head_dim)
         if experts:
             fields.update(num_experts=experts, moe_ffn_hidden_size=hf["moe_intermediate_size"],
@@ -138,13 +142,19 @@ class DeepSeekFamily(Family):
 
         # MLA builds its own rotary embedding (plain or YaRN) from the TransformerConfig: the GPT-level RoPE
         # replacement (models.rope.install) does not apply.
+        _note_dropped(arch)
         with _mla_without_te(backend.use_te):
             return build_gpt_chunks(dataclasses.replace(arch, rope_scaling=None), tconfig, padded_vocab,
                                     seq_length, backend, unfuse_norms)
 
     def rules(self, arch) -> list:
-        return deepseek_style(q_lora=options(arch).q_lora_rank is not None, tied=not arch.untie_embeddings,
-                              head=arch.head)
+        rules = deepseek_style(q_lora=options(arch).q_lora_rank is not None, tied=not arch.untie_embeddings,
+                               head=arch.head)
+        n = arch.num_layers
+        return rules + mtp_part(arch.mtp_num_layers, rules, lambda i: f"model.layers.{n + i}.", NEXTN_MTP)
+
+    def mtp_layers_supported(self, arch) -> int:
+        return options(arch).num_nextn_predict_layers
 
     def layout_problems(self, arch, parallel) -> list:
         opts, tp = options(arch), parallel.tp
@@ -196,24 +206,26 @@ class DeepSeekFamily(Family):
         return {"dense": dense, "expert": expert}
 
     def hf_unused(self, arch, name: str) -> bool:
-        """The multi-token-prediction layers a V3 checkpoint stores after the decoder (model.layers.{N+i}.*):
-        not built (MTP is not supported yet), kept as they are by an export from this folder."""
+        """MTP layers beyond model.mtp_num_layers (model.layers.{N+i}.*), and the built ones' copies of the
+        embedding and output head (megatron-core's MTP layers share the model's own)."""
         layer = re.match(r"model\.layers\.(\d+)\.", name)
-        return bool(layer and int(layer.group(1)) >= arch.num_layers)
+        if not layer or int(layer.group(1)) < arch.num_layers:
+            return False
+        return (int(layer.group(1)) >= arch.num_layers + arch.mtp_num_layers
+                or name.endswith(("embed_tokens.weight", "shared_head.head.weight")))
 
 
 _NOTED = set()
 
 
-def _note_mtp(hf: dict, folder: str) -> None:
-    """One printed line (first rank, once per folder) when the checkpoint's MTP layers are left out."""
-    depth = hf.get("num_nextn_predict_layers") or 0
-    if depth and folder not in _NOTED and os.environ.get("RANK", "0") == "0":
-        _NOTED.add(folder)
-        n = hf["num_hidden_layers"]
-        print(f"model: {folder} has {depth} multi-token-prediction layer(s) (model.layers.{n}.* on, if stored): "
-              "not built or trained (MTP is not supported yet); an export from this folder writes them back "
-              "unchanged", flush=True)
+def _note_dropped(arch) -> None:
+    """One printed line (first rank, once) when model.mtp_num_layers leaves some of the checkpoint's MTP layers out."""
+    stored = options(arch).num_nextn_predict_layers
+    if stored > arch.mtp_num_layers and stored not in _NOTED and os.environ.get("RANK", "0") == "0":
+        _NOTED.add(stored)
+        print(f"model: model.mtp_num_layers={arch.mtp_num_layers}: {stored - arch.mtp_num_layers} of the checkpoint's "
+              f"{stored} multi-token-prediction layer(s) (model.layers.{arch.num_layers + arch.mtp_num_layers}..) are "
+              "not built or trained; an export from this folder writes them back unchanged", flush=True)
 
 
 @contextlib.contextmanager

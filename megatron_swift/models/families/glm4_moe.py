@@ -3,9 +3,10 @@
 experts chosen by sigmoid scores plus a correction bias (e_score_correction_bias), weights renormalised and
 scaled by routed_scaling_factor, plus shared experts.
 
-Multi-token prediction: checkpoints store num_nextn_predict_layers MTP layers as model.layers.{N + i}. They
-are not built yet: loading drops them with a printed line, and an export with the source folder copies them
-back unchanged (hf_unused). The hook for building them is _mtp_layers / hf_unused below."""
+Multi-token prediction: checkpoints store num_nextn_predict_layers MTP layers as model.layers.{N + i} (a decoder
+layer plus enorm, hnorm, eh_proj, shared_head.norm, and copies of the embedding and output head). They are built
+as megatron-core's MTP layers (convert.tables.NEXTN_MTP); model.mtp_num_layers builds fewer (a printed line),
+and an export with the source folder writes the dropped layers and the copies back unchanged (hf_unused)."""
 from __future__ import annotations
 
 import os
@@ -14,21 +15,25 @@ from dataclasses import dataclass
 from functools import partial
 
 from megatron_swift.convert import hf_config as hc
-from megatron_swift.convert.tables import moe_style
+from megatron_swift.convert.tables import NEXTN_MTP, moe_style, mtp_part
 from megatron_swift.models.families.base import Family, Size
 
 _REPORTED = set()
 
 
-def _mtp_layers(hf: dict, where: str) -> int:
-    """How many MTP layers the checkpoint stores (said once per folder: they are dropped)."""
-    count = hf.get("num_nextn_predict_layers") or 0
-    if count and where not in _REPORTED and int(os.environ.get("RANK", "0")) == 0:
-        _REPORTED.add(where)
-        print(f"{where}: num_nextn_predict_layers={count}: the multi-token-prediction layers "
-              f"(model.layers.{hf['num_hidden_layers']}..) are not loaded or trained; an export with this "
-              "folder as its source writes them back unchanged", flush=True)
-    return count
+def _note_dropped(arch) -> None:
+    """One printed line (first rank, once) when model.mtp_num_layers leaves some of the checkpoint's MTP layers out."""
+    stored = _stored_mtp(arch)
+    if stored > arch.mtp_num_layers and stored not in _REPORTED and int(os.environ.get("RANK", "0")) == 0:
+        _REPORTED.add(stored)
+        print(f"model: model.mtp_num_layers={arch.mtp_num_layers}: {stored - arch.mtp_num_layers} of the checkpoint's "
+              f"{stored} multi-token-prediction layer(s) (model.layers.{arch.num_layers + arch.mtp_num_layers}..) are "
+              "not built or trained; an export with the source folder writes them back unchanged", flush=True)
+
+
+def _stored_mtp(arch) -> int:
+    options = arch.family_options if not isinstance(arch, dict) else arch.get("family_options")
+    return (options or {}).get("num_nextn_predict_layers", 0)
 
 
 def _read(hf: dict, where: str) -> dict:
@@ -41,7 +46,7 @@ def _read(hf: dict, where: str) -> dict:
         "topk_group": (lambda v: groups == 1 or topk // v == 2, "with n_group > 1, num_experts_per_tok / "
                        "topk_group must be 2 (groups are scored by their top two experts)"),
     })
-    _mtp_layers(hf, where)
+    stored = hc.stored_nextn_layers(hf, os.path.dirname(where))
     fields = hc.routed_fields(hf, "n_routed_experts", "moe_intermediate_size", norm_topk_default=True)
     shared = hf.get("n_shared_experts") or 0
     fields.update(moe_shared_ffn_hidden_size=shared * hf["moe_intermediate_size"] or None,
@@ -50,7 +55,8 @@ def _read(hf: dict, where: str) -> dict:
                   moe_num_groups=groups if groups > 1 else None,
                   moe_group_topk=hf.get("topk_group") if groups > 1 else None,
                   moe_dense_first=hf.get("first_k_dense_replace", 0),
-                  qkv_bias=bool(hf.get("attention_bias", False)), qk_norm=bool(hf.get("use_qk_norm", False)))
+                  qkv_bias=bool(hf.get("attention_bias", False)), qk_norm=bool(hf.get("use_qk_norm", False)),
+                  mtp_num_layers=stored, family_options=dict(num_nextn_predict_layers=stored) if stored else None)
     return fields
 
 
@@ -61,18 +67,37 @@ def _write(arch: dict) -> dict:
                 routed_scaling_factor=arch.get("moe_topk_scaling_factor") or 1.0,
                 n_group=arch.get("moe_num_groups") or 1, topk_group=arch.get("moe_group_topk") or 1,
                 first_k_dense_replace=arch.get("moe_dense_first", 0), attention_bias=bool(arch.get("qkv_bias")),
-                use_qk_norm=bool(arch.get("qk_norm")), num_nextn_predict_layers=0)
+                use_qk_norm=bool(arch.get("qk_norm")),
+                num_nextn_predict_layers=max(_stored_mtp(arch), arch.get("mtp_num_layers", 0)))
 
 
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
 
+_COPIES = ("embed_tokens.weight", "shared_head.head.weight")
+
+
 @dataclass(frozen=True)
 class Glm4MoeFamily(Family):
+    def rules(self, arch) -> list:
+        n = arch.num_layers
+        return super().rules(arch) + mtp_part(arch.mtp_num_layers, super().rules(arch),
+                                              lambda i: f"model.layers.{n + i}.", NEXTN_MTP)
+
+    def build(self, arch, tconfig, padded_vocab: int, seq_length: int, backend, unfuse_norms: bool = False) -> list:
+        _note_dropped(arch)
+        return super().build(arch, tconfig, padded_vocab, seq_length, backend, unfuse_norms)
+
+    def mtp_layers_supported(self, arch) -> int:
+        return _stored_mtp(arch)
+
     def hf_unused(self, arch, name: str) -> bool:
-        """The MTP layers after the decoder's (model.layers.{num_layers + i}.*): not built yet."""
+        """MTP layers beyond model.mtp_num_layers, and the built ones' copies of the embedding and output head
+        (megatron-core's MTP layers share the model's own)."""
         layer = _LAYER.match(name)
-        return bool(layer and int(layer.group(1)) >= arch.num_layers)
+        if not layer or int(layer.group(1)) < arch.num_layers:
+            return False
+        return int(layer.group(1)) >= arch.num_layers + arch.mtp_num_layers or name.endswith(_COPIES)
 
 
 _G = dict(kv_channels=128, vocab_size=151552, max_position_embeddings=131072, rotary_base=1e6, norm_epsilon=1e-5,
