@@ -64,12 +64,14 @@ def test_every_list_key_of_the_schema_takes_a_single_value():
             "cluster.sbatch_extra"} <= list_keys()
     cfg = compose(["+model=qwen3", "data.path=a.jsonl", "data.eval_path=/d/e v.jsonl", "data.weights=0.5",
                    "train.freeze=embedding", "tuner.target_modules=linear_qkv", "tuner.modules_to_save=output_layer",
-                   "logging.wandb.tags=ci", "cluster.container_mounts=/a:/b", "cluster.sbatch_extra=--mem=0"])
+                   "logging.wandb.tags=ci", "cluster.container_mounts=/a:/b", "cluster.sbatch_extra=--mem=0",
+                   "model.new_tokens=think", "model.new_token_init_text=a thought"])
     got = {key: OmegaConf.to_container(OmegaConf.select(cfg, key)) for key in list_keys()}
     assert got == {"data.path": ["a.jsonl"], "data.eval_path": ["/d/e v.jsonl"], "data.weights": [0.5],
                    "train.freeze": ["embedding"], "tuner.target_modules": ["linear_qkv"],
                    "tuner.modules_to_save": ["output_layer"], "logging.wandb.tags": ["ci"],
-                   "cluster.container_mounts": ["/a:/b"], "cluster.sbatch_extra": ["--mem=0"]}
+                   "cluster.container_mounts": ["/a:/b"], "cluster.sbatch_extra": ["--mem=0"],
+                   "model.new_tokens": ["think"], "model.new_token_init_text": ["a thought"]}
     # Commas separate entries; brackets, an empty value and regexes are as before.
     cfg = compose(["+model=qwen3", "data.path=a.jsonl,b.jsonl", "data.weights=[0.7,0.3]", "train.freeze=",
                    r"train.freeze_regex=^decoder\.layers\.(0|1)\."])
