@@ -40,6 +40,16 @@ def lm_forward(batch, model):
     return model(batch.tokens, batch.position_ids, attention_mask=None, labels=batch.labels)
 
 
+def pair_rows_step(loss_func):
+    """megatron-core's forward_step_func for pair rows scored by the policy's per-token loss: ``loss_func(batch,
+    token_losses)`` counted once per context-parallel group (DPO, KTO, CPO, SimPO, ORPO)."""
+    def step(data_iterator, model):
+        batch = next(data_iterator)
+        return lm_forward(batch, model), cp_shard.counted_once(partial(loss_func, batch))
+
+    return step
+
+
 class ReferenceTask:
     rows_per_sample = 2
     # Policy forward+backward (3 units) plus the reference forward (1 unit); precomputed: 1.
@@ -136,11 +146,7 @@ class ReferenceTask:
                 batch.ref_logps = ref.detach()
 
     def forward_step(self):
-        def step(data_iterator, model):
-            batch = next(data_iterator)
-            return lm_forward(batch, model), cp_shard.counted_once(partial(self.loss_func, batch))
-
-        return step
+        return pair_rows_step(self.loss_func)
 
     def loss_func(self, batch, token_losses: torch.Tensor):
         raise NotImplementedError

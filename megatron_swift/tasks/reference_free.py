@@ -12,16 +12,14 @@ tokens instead; the two agree with one pair per micro-batch).
 """
 from __future__ import annotations
 
-from functools import partial
 from typing import Dict, List
 
 import torch
 
 from megatron_swift.data.preference import preference_source
 from megatron_swift.tasks.base import rows_from_jsonl
-from megatron_swift.tasks.reference import lm_forward, per_item_reports, sequence_logps
+from megatron_swift.tasks.reference import pair_rows_step, per_item_reports, sequence_logps
 from megatron_swift.tasks.reports import reduce_reports
-from megatron_swift.training import cp_shard
 
 
 class ReferenceFreeTask:
@@ -58,11 +56,7 @@ class ReferenceFreeTask:
         """Nothing to compute before the forward/backward: there is no reference."""
 
     def forward_step(self):
-        def step(data_iterator, model):
-            batch = next(data_iterator)
-            return lm_forward(batch, model), cp_shard.counted_once(partial(self.loss_func, batch))
-
-        return step
+        return pair_rows_step(self.loss_func)
 
     @property
     def nll_weight(self) -> float:
