@@ -88,9 +88,9 @@ def _layout(par, world: Optional[int]) -> str:
     return "_".join(f"{name}{size}" for name, size in degrees if size and size > 1)
 
 
-def new_run_dir(cfg, root: str = ROOT) -> str:
-    """A fresh folder name under ``outputs/<run name>/`` from this process's clock."""
-    base = os.path.join(root, run_name(cfg, dist.get_world_size() if dist.is_initialized() else None))
+def new_run_dir(cfg, world: Optional[int] = None, root: str = ROOT) -> str:
+    """A fresh folder name under ``outputs/<run name>/`` from this process's clock (``world``: run_name's processes)."""
+    base = os.path.join(root, run_name(cfg, world))
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path, n = os.path.join(base, stamp), 1
     while os.path.exists(path):
@@ -186,11 +186,12 @@ def _decide_here(cfg, identity: dict) -> RunChoice:
         return _explicit(cfg, cfg.train.output_dir)
     if cfg.train.resume not in ("auto", "none"):
         return _from_path(cfg.train.resume, None)
+    world = dist.get_world_size()
     if cfg.train.resume == "auto":
-        match = _unfinished_match(os.path.join(ROOT, run_name(cfg, dist.get_world_size())), identity)
+        match = _unfinished_match(os.path.join(ROOT, run_name(cfg, world)), identity)
         if match:
             return RunChoice(match, match, f"run folder {match} (continuing this command's unfinished run)")
-    path = new_run_dir(cfg)
+    path = new_run_dir(cfg, world)
     return RunChoice(path, None, f"run folder {path} (new run)")
 
 
