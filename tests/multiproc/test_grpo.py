@@ -43,16 +43,14 @@ def _hf_greedy(folder, stop=None):
 
 MOE = dict(num_key_value_heads=2, head_dim=16, tie_word_embeddings=False, num_experts=6, num_experts_per_tok=2,
            moe_intermediate_size=24, norm_topk_prob=True)
-# (name, ranks, overrides, batching): left-padded prompts with a mask (sdpa, local), or unpadded (TE's way);
+# (name, ranks, overrides, batchings): left-padded prompts with a mask (sdpa, local), or unpadded (TE's way);
 # wide: 20 prompts in a batch, prefilled 3 rows per forward, decoded with the skinny products of
-# backend.no_grad_paths.
-LAYOUTS = {"qwen3": [("tp1", 1, [], "padded"), ("tp2", 2, ["parallel.tp=2"], "padded"),
-                     ("pp2", 2, ["parallel.pp=2"], "padded"),
-                     ("tp2-local", 2, ["parallel.tp=2", "model.attention_backend=local"], "padded"),
-                     ("tp1-unpadded", 1, [], "unpadded"), ("tp2-wide", 2, ["parallel.tp=2"], "wide"),
-                     ("pp2-wide", 2, ["parallel.pp=2"], "wide")],
+# backend.no_grad_paths. One launch runs a layout's batchings in turn.
+LAYOUTS = {"qwen3": [("tp1", 1, [], "padded,unpadded"), ("tp2", 2, ["parallel.tp=2"], "padded,wide"),
+                     ("pp2", 2, ["parallel.pp=2"], "padded,wide"),
+                     ("tp2-local", 2, ["parallel.tp=2", "model.attention_backend=local"], "padded")],
            # Ranks with other prompts that end at other steps: expert layers exchange tokens across them.
-           "qwen3_moe": [("ep2", 2, ["parallel.ep=2"], "padded"), ("ep2-split", 2, ["parallel.ep=2"], "split")],
+           "qwen3_moe": [("ep2", 2, ["parallel.ep=2"], "padded,split")],
            # YaRN with DeepSeek's mscale (models/rope.py): the engine's rotated keys carry transformers' frequencies
            # and attention factor, left padding shifting every position.
            "qwen3-yarn": [("tp2", 2, ["parallel.tp=2"], "padded")],
@@ -82,24 +80,25 @@ def test_greedy_rollouts_equal_transformers_under_each_layout(family, hf_dir, tm
     expected = _hf_greedy(folder, stop)
     assert len(expected[0]) <= 4 and any(len(c) == MAX_NEW for c in expected)
     (tmp_path / "prompts.json").write_text(json.dumps(PROMPTS))
-    for name, nproc, layout, batching in LAYOUTS[family]:
-        out = tmp_path / f"{name}.json"
+    for name, nproc, layout, batchings in LAYOUTS[family]:
+        out = tmp_path / name
         overrides = [*BASE, f"+model={family.split('-')[0]}", f"model.pretrained={folder}", "data.tokenizer=byte",
                      "train.seq_length=64", "train.global_batch_size=2", "train.micro_batch_size=1",
                      f"train.output_dir={tmp_path / name}", *layout]
         overrides.remove("+model=qwen3")
-        cmd = launch_cmd(nproc, [str(tmp_path / "prompts.json"), str(out), str(MAX_NEW), str(stop), batching,
+        cmd = launch_cmd(nproc, [str(tmp_path / "prompts.json"), str(out), str(MAX_NEW), str(stop), batchings,
                                  *overrides], script=WORKER)
         proc = subprocess.run(cmd, cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        if batching == "split":
-            parts = [json.loads(Path(f"{out}.{rank}").read_text()) for rank in (0, 1)]
-            got = {key: parts[0][key] + parts[1][key] for key in ("token_ids", "stopped")}
-        else:
-            got = json.loads(out.read_text())
-        want = expected * 5 if batching == "wide" else expected
-        assert got["token_ids"] == want, name
-        assert got["stopped"] == [c[-1] == stop for c in want], name
+        for batching in batchings.split(","):
+            if batching == "split":
+                parts = [json.loads(Path(f"{out}.split.{rank}.json").read_text()) for rank in (0, 1)]
+                got = {key: parts[0][key] + parts[1][key] for key in ("token_ids", "stopped")}
+            else:
+                got = json.loads(Path(f"{out}.{batching}.json").read_text())
+            want = expected * 5 if batching == "wide" else expected
+            assert got["token_ids"] == want, (name, batching)
+            assert got["stopped"] == [c[-1] == stop for c in want], (name, batching)
 
 
 def _grpo(tmp_path, name, nproc, extra, check=True, completion=8):
