@@ -46,11 +46,12 @@ class GKDTask:
     head = "lm"
     read_data = None  # conversation rows from data.source (data=sft)
 
-    def __init__(self, cfg, teacher, student, engines, pad_id: int, stops: List[int]):
+    def __init__(self, cfg, teacher, student, engines, pad_id: int, stops: List[int], own_layout=None):
         self.cfg, self.task = cfg, cfg.task
         self.teacher, self.student = teacher, student
         self.engines = engines  # {"student": MegatronEngine, "teacher": MegatronEngine} as needed
         self.pad_id, self.stops = pad_id, stops
+        self.own_layout = own_layout  # tasks.teacher_logits.TeacherOnOwnLayout, or None: the student's layout
         self.steps = 0
 
     @classmethod
@@ -59,9 +60,7 @@ class GKDTask:
         folder = teacher_folder_problem(task.teacher.model)
         if folder:
             problems.append(folder)
-        if task.teacher.tp not in (None, par.tp):
-            problems.append(f"task.teacher.tp={task.teacher.tp}: the teacher runs on the student's tensor-parallel "
-                            f"size (parallel.tp={par.tp}) in this version; leave task.teacher.tp out")
+        cls._teacher_layout_problems(cfg, problems)
         if not 0 <= task.lmbda <= 1:
             problems.append(f"task.lmbda={task.lmbda} must be in [0, 1]")
         if not 0 <= task.beta <= 1:
@@ -77,6 +76,24 @@ class GKDTask:
             if mismatch:
                 problems.append(mismatch)
 
+    @staticmethod
+    def _teacher_layout_problems(cfg, problems: List[str]) -> None:
+        """A teacher on a tensor-parallel size of its own: over the same ranks, data-parallel rows only."""
+        import os
+
+        tp, par = cfg.task.teacher.tp, cfg.parallel
+        if tp in (None, par.tp):
+            return
+        world = int(os.environ.get("WORLD_SIZE", tp))  # set by torchrun; the planner has no ranks to count
+        if tp < 1 or world % tp:
+            problems.append(f"task.teacher.tp={tp} must divide the number of ranks ({world})")
+        if par.pp > 1:
+            problems.append(f"task.teacher.tp={tp} differs from parallel.tp={par.tp}: a teacher on its own layout "
+                            "needs parallel.pp=1 (leave task.teacher.tp out to run it on the student's layout)")
+        if cfg.task.seq_kd:
+            problems.append(f"task.teacher.tp={tp} differs from parallel.tp={par.tp}: task.seq_kd (the teacher "
+                            "writing completions) runs the teacher on the student's layout; leave task.teacher.tp out")
+
     @classmethod
     def build(cls, cfg, backend, arch, padded_vocab: int, datasets=(), output_dir: str = ".", model=None):
         from megatron_swift.data.prompts import stop_token_ids
@@ -87,14 +104,19 @@ class GKDTask:
         spec = cfg.data.tokenizer or cfg.model.pretrained or "byte"
         tokenizer = build_tokenizer(spec)
         template = load_template(cfg.data.template, spec if spec != "byte" else None)
-        teacher = build_teacher(cfg, backend, arch, padded_vocab)
+        teacher, layout, teacher_padded = build_teacher(cfg, backend, arch, padded_vocab)
+        own = None
+        if layout is not None:
+            from megatron_swift.tasks.teacher_logits import TeacherOnOwnLayout
+
+            own = TeacherOnOwnLayout(teacher, layout, arch.vocab_size, padded_vocab, teacher_padded, _logits)
         masks = backend.attention != "te"
         engines = {}
         if cfg.task.lmbda > 0:
             engines["student"] = MegatronEngine(model, backend.torch_device, arch.vocab_size, masks=masks)
         if cfg.task.seq_kd and cfg.task.lmbda < 1:
             engines["teacher"] = MegatronEngine(teacher, backend.torch_device, arch.vocab_size, masks=masks)
-        return cls(cfg, teacher, model, engines, tokenizer.pad, stop_token_ids(template, tokenizer))
+        return cls(cfg, teacher, model, engines, tokenizer.pad, stop_token_ids(template, tokenizer), own)
 
     # -- before the step ------------------------------------------------------------------------------
 
@@ -104,8 +126,11 @@ class GKDTask:
         if self.engines:
             for k, batch in enumerate(batches):
                 self._rewrite(batch, k)
-        logits = collect(self.teacher, batches, _logits, lambda batch, out: out.detach(),
-                         self.cfg.train.seq_length, self.cfg.train.micro_batch_size)
+        if self.own_layout is not None:
+            logits = self.own_layout.logits(batches, self.cfg.train.seq_length, self.cfg.train.micro_batch_size)
+        else:
+            logits = collect(self.teacher, batches, _logits, lambda batch, out: out.detach(),
+                             self.cfg.train.seq_length, self.cfg.train.micro_batch_size)
         if ps.is_pipeline_last_stage(ignore_virtual=True):
             for batch, out in zip(batches, logits):
                 batch.teacher_logits = out
