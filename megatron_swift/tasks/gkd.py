@@ -77,6 +77,15 @@ class GKDTask:
                 problems.append(mismatch)
 
     @staticmethod
+    def frozen_model(cfg):
+        """The teacher, for the memory planner (plan.memory.FrozenModel): its architecture and layout."""
+        from megatron_swift.models.frozen import arch_from_folder
+        from megatron_swift.plan.memory import FrozenModel
+
+        return FrozenModel(arch_from_folder(cfg.task.teacher.model), cfg.task.teacher.tp,
+                           cfg.model.make_vocab_size_divisible_by)
+
+    @staticmethod
     def _teacher_layout_problems(cfg, problems: List[str]) -> None:
         """A teacher on a tensor-parallel size of its own: over the same ranks, data-parallel rows only."""
         import os
