@@ -83,7 +83,8 @@ def test_a_teacher_with_another_tokenizer_is_one_line(tmp_path):
                         "the student's (byte, 259 tokens); GKD needs one tokenizer"], problems
     # the same folder read with the student's tokenizer passes that check; other settings are named one by one
     problems = _gkd_problems([f"task.teacher.model={tmp_path}", "task.teacher.tokenizer=byte", "task.teacher.tp=2",
-                              "task.beta=1.5", "task.lmbda=-0.1", "task.temperature=0"])
-    assert problems == ["task.teacher.tp=2: the teacher runs on the student's tensor-parallel size (parallel.tp=1) "
-                        "in this version; leave task.teacher.tp out", "task.lmbda=-0.1 must be in [0, 1]",
+                              "task.seq_kd=true", "task.beta=1.5", "task.lmbda=-0.1", "task.temperature=0"])
+    assert problems == ["task.teacher.tp=2 differs from parallel.tp=1: task.seq_kd (the teacher writing completions) "
+                        "runs the teacher on the student's layout; leave task.teacher.tp out",
+                        "task.lmbda=-0.1 must be in [0, 1]",
                         "task.beta=1.5 must be in [0, 1]", "task.temperature=0.0 must be > 0"], problems

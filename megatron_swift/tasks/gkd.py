@@ -10,9 +10,12 @@ forward-only schedule and its logits (this rank's vocabulary shard, last pipelin
 the batches. The loss is the divergence summed over completion tokens and divided by their number over the
 global batch (megatron-core's per-token loss contract), TRL's ``batchmean``.
 
-Known limits of this version: the step in the on-policy draw is the task's own count of prepared batches
-(evaluation included; a resumed run starts it again, so it draws other samples than the uninterrupted run
-would); sampled completions depend on how rows are grouped into micro-batches, so on-policy runs are not
+The on-policy draw and the sampling generators key on the training step each micro-batch is for (the
+trainer's iteration, restored with a checkpoint), so a resumed run draws and samples what the uninterrupted
+one did; evaluation passes key on their own count. With ``task.teacher.tp`` other than ``parallel.tp`` the
+teacher runs on process groups of its own (tasks/teacher_logits.py).
+
+Known limits of this version: sampled completions depend on how rows are grouped into micro-batches, so on-policy runs are not
 comparable number for number across layouts (off-policy ones are); the teacher's logits of a step's
 micro-batches are held at once ([rows, seq, vocabulary shard] each).
 """
@@ -52,7 +55,7 @@ class GKDTask:
         self.engines = engines  # {"student": MegatronEngine, "teacher": MegatronEngine} as needed
         self.pad_id, self.stops = pad_id, stops
         self.own_layout = own_layout  # tasks.teacher_logits.TeacherOnOwnLayout, or None: the student's layout
-        self.steps = 0
+        self.evaluations = 0  # evaluation passes so far (their draws key on it; training's on the step)
 
     @classmethod
     def validate(cls, cfg, problems: List[str]) -> None:
@@ -131,7 +134,8 @@ class GKDTask:
 
     def prepare(self, batches, dataset=None) -> None:
         """Student (and with seq_kd teacher) completions where drawn, then the teacher's logits of the rows."""
-        self.steps += 1
+        if batches and batches[0].step is None:
+            self.evaluations += 1
         if self.engines:
             for k, batch in enumerate(batches):
                 self._rewrite(batch, k)
@@ -144,10 +148,17 @@ class GKDTask:
             for batch, out in zip(batches, logits):
                 batch.teacher_logits = out
 
+    def _draw_key(self, batch) -> List[int]:
+        """Seed of a micro-batch's draws: the run seed and the training step it is for (the trainer's iteration,
+        restored on resume), or the evaluation pass."""
+        if batch.step is not None:
+            return [self.cfg.train.seed, 0, int(batch.step)]
+        return [self.cfg.train.seed, 1, self.evaluations]
+
     def _on_policy(self, batch) -> List[bool]:
         """Per row: whether the student writes its completion (a draw from the seed, step and sample index)."""
         ids = batch.sample_ids.tolist() if batch.sample_ids is not None else range(batch.tokens.shape[0])
-        draws = [np.random.default_rng([self.cfg.train.seed, self.steps, int(i)]).random() for i in ids]
+        draws = [np.random.default_rng([*self._draw_key(batch), int(i)]).random() for i in ids]
         return [u < self.task.lmbda for u in draws]
 
     def _rewrite(self, batch, k: int) -> None:
@@ -164,7 +175,7 @@ class GKDTask:
             prompts = [self._prompt(batch, i) for i in rows]
             # one generator per micro-batch and writer, the same on every rank of the model-parallel group
             generator = torch.Generator(device=batch.tokens.device)
-            generator.manual_seed(int(np.random.default_rng([self.cfg.train.seed, self.steps, k, n])
+            generator.manual_seed(int(np.random.default_rng([*self._draw_key(batch), k, n])
                                       .integers(2**62)))
             params = SamplingParams(max_new_tokens=self.task.max_new_tokens,
                                     temperature=self.task.temperature if who == "student" else 0,
