@@ -84,12 +84,12 @@ class TeacherOnOwnLayout:
                 if peer == self.me:
                     mine[..., lo - base:hi - base] = piece
                 else:
-                    ops.append(dist.P2POp(dist.isend, piece.contiguous(), rank))
+                    ops.append(dist.P2POp(dist.isend, piece.contiguous(), rank, self.group))
             # what I receive from peer: my rows, the columns its teacher shard has of my student shard
             lo, hi = self._columns(peer, self.me)
             if hi > lo and peer != self.me:
                 buf = torch.empty((rows, out.shape[1], hi - lo), dtype=out.dtype, device=device)
-                ops.append(dist.P2POp(dist.irecv, buf, rank))
+                ops.append(dist.P2POp(dist.irecv, buf, rank, self.group))
                 received.append((buf, lo - base))
         if ops:
             for request in dist.batch_isend_irecv(ops):

@@ -178,8 +178,12 @@ def free_one_rank(tmp_path_factory, tiny_hf, teacher_hf):
     on_policy = "@".join(["gkd", *GKD[:3], "task.lmbda=1", "task.max_new_tokens=12", "train.train_iters=1",
                           f"task.teacher.model={tiny_hf}", "task.teacher.tokenizer=byte",
                           f"train.output_dir={tmp_path_factory.getbasetemp() / 'free1-self'}"])
-    rows = _train_each_free_task(tmp_path_factory.mktemp("free1"), tiny_hf, teacher_hf, 1, [], [on_policy])
+    # and with seq_kd: the data's replies replaced by the teacher's greedy ones
+    seq_kd = _gkd_item(teacher_hf, "task.seq_kd=true", "task.max_new_tokens=12",
+                       f"train.output_dir={tmp_path_factory.getbasetemp() / 'free1-seq_kd'}")
+    rows = _train_each_free_task(tmp_path_factory.mktemp("free1"), tiny_hf, teacher_hf, 1, [], [on_policy, seq_kd])
     rows["self"] = read_metrics(tmp_path_factory.getbasetemp() / "free1-self")
+    rows["seq_kd"] = read_metrics(tmp_path_factory.getbasetemp() / "free1-seq_kd")
     return rows
 
 
@@ -201,7 +205,10 @@ def test_reference_free_tasks_and_gkd_give_the_one_rank_run_under_each_layout(tm
     reference: from the start the rewards differ from 0, unlike DPO's)."""
     # Under TP=2 the teacher also runs on a layout of its own: TP=1 beside the student's TP=2, and TP=2 beside
     # a student on TP=1 x DP=2 (its group gathers both ranks' rows; logits go back to each rank's shard).
-    own = {"teacher-tp1": ["task.teacher.tp=1"], "student-tp1": ["parallel.tp=1", "task.teacher.tp=2"]}
+    # Also under TP=2: seq_kd (the teacher's greedy replies, generated on TP=2), and a LoRA student (its adapters
+    # start at 0: the first step is the full model's).
+    own = {"teacher-tp1": ["task.teacher.tp=1"], "student-tp1": ["parallel.tp=1", "task.teacher.tp=2"],
+           "seq_kd": ["task.seq_kd=true", "task.max_new_tokens=12"], "lora": ["tuner=lora", "train.lr=1e-2"]}
     extra = [_gkd_item(teacher_hf, *o, f"train.output_dir={tmp_path / name}") for name, o in own.items()] \
         if layout == ["parallel.tp=2"] else []
     got = _train_each_free_task(tmp_path, tiny_hf, teacher_hf, nproc, layout, extra)
@@ -216,9 +223,8 @@ def test_reference_free_tasks_and_gkd_give_the_one_rank_run_under_each_layout(tm
         assert want[0]["rewards/chosen"] != 0.0 and want[-1]["loss"] < want[0]["loss"], (task, want)
     assert "log_odds_ratio" in got["orpo"][0] and "log_odds_chosen" in got["orpo"][0]
     # GKD: the divergence (its loss), vocabulary-parallel under TP=2, equals the one-rank run's
-    want = free_one_rank["gkd"]
-    for name in ("gkd", "teacher-tp1", "student-tp1"):
-        rows = got.get(name)
+    for name in ("gkd", "teacher-tp1", "student-tp1", "seq_kd"):
+        want, rows = free_one_rank["seq_kd" if name == "seq_kd" else "gkd"], got.get(name)
         if rows is None:
             continue
         assert [r["iteration"] for r in rows] == [r["iteration"] for r in want] == [1, 2, 3], name
@@ -226,4 +232,10 @@ def test_reference_free_tasks_and_gkd_give_the_one_rank_run_under_each_layout(tm
             assert abs(a["loss"] - b["loss"]) < 1e-5, (name, a["iteration"], a["loss"], b["loss"])
             assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5), (name, a["grad_norm"], b["grad_norm"])
     assert ("student-tp1" in got) == (layout == ["parallel.tp=2"])
+    if "lora" in got:
+        full, lora = free_one_rank["gkd"], got["lora"]
+        assert abs(lora[0]["loss"] - full[0]["loss"]) < 1e-5, (lora[0], full[0])
+        assert lora[-1]["loss"] < lora[0]["loss"] and abs(lora[1]["loss"] - full[1]["loss"]) > 1e-4, lora
+    # seq_kd trains on other completions than the data's replies
+    assert abs(free_one_rank["seq_kd"][0]["loss"] - free_one_rank["gkd"][0]["loss"]) > 1e-4
     assert want[0]["loss"] > 1e-3 and want[-1]["loss"] < want[0]["loss"], want  # random models: close, not equal
