@@ -31,7 +31,8 @@ from megatron.core import parallel_state as ps
 from megatron_swift.tasks.base import register
 from megatron_swift.tasks.configs import GKDConfig
 from megatron_swift.tasks.reports import reduce_reports
-from megatron_swift.tasks.teacher import build_teacher, teacher_folder_problem, tokenizer_problem
+from megatron_swift.tasks.teacher import (build_teacher, teacher_folder_problem, teacher_layout_problems,
+                                          tokenizer_problem)
 from megatron_swift.training.forward_only import collect, eval_mode
 from megatron_swift.training.gkd_loss import generalized_jsd
 
@@ -63,7 +64,8 @@ class GKDTask:
         folder = teacher_folder_problem(task.teacher.model)
         if folder:
             problems.append(folder)
-        cls._teacher_layout_problems(cfg, problems)
+        if not folder:
+            problems += teacher_layout_problems(cfg)
         if not 0 <= task.lmbda <= 1:
             problems.append(f"task.lmbda={task.lmbda} must be in [0, 1]")
         if not 0 <= task.beta <= 1:
@@ -87,24 +89,6 @@ class GKDTask:
 
         return FrozenModel(arch_from_folder(cfg.task.teacher.model), cfg.task.teacher.tp,
                            cfg.model.make_vocab_size_divisible_by)
-
-    @staticmethod
-    def _teacher_layout_problems(cfg, problems: List[str]) -> None:
-        """A teacher on a tensor-parallel size of its own: over the same ranks, data-parallel rows only."""
-        import os
-
-        tp, par = cfg.task.teacher.tp, cfg.parallel
-        if tp in (None, par.tp):
-            return
-        world = int(os.environ.get("WORLD_SIZE", tp))  # set by torchrun; the planner has no ranks to count
-        if tp < 1 or world % tp:
-            problems.append(f"task.teacher.tp={tp} must divide the number of ranks ({world})")
-        if par.pp > 1:
-            problems.append(f"task.teacher.tp={tp} differs from parallel.tp={par.tp}: a teacher on its own layout "
-                            "needs parallel.pp=1 (leave task.teacher.tp out to run it on the student's layout)")
-        if cfg.task.seq_kd:
-            problems.append(f"task.teacher.tp={tp} differs from parallel.tp={par.tp}: task.seq_kd (the teacher "
-                            "writing completions) runs the teacher on the student's layout; leave task.teacher.tp out")
 
     @classmethod
     def build(cls, cfg, backend, arch, padded_vocab: int, datasets=(), output_dir: str = ".", model=None):

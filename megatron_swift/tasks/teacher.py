@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Optional
+from typing import List, Optional
 
 PROBE = "Teacher and student: 12 + 30 = 42.\n<|im_start|>user\nÜber café 東京</s>"
 
@@ -59,3 +59,33 @@ def teacher_folder_problem(folder: Optional[str]) -> Optional[str]:
     if not os.path.isfile(os.path.join(folder, "config.json")):
         return f"task.teacher.model={folder}: not a Hugging Face checkpoint folder (no config.json)"
     return None
+
+
+def teacher_layout_problems(cfg) -> List[str]:
+    """The teacher's tensor-parallel size: its heads split evenly; another size than the student's runs over
+    the same ranks with data-parallel rows only (parallel.pp=1) and writes no completions (no seq_kd)."""
+    from megatron_swift.data.errors import DataError
+    from megatron_swift.models.frozen import arch_from_folder
+
+    tp, par, problems = cfg.task.teacher.tp, cfg.parallel, []
+    try:
+        arch = arch_from_folder(cfg.task.teacher.model)
+    except (DataError, ValueError, KeyError) as e:
+        return [f"task.teacher.model={cfg.task.teacher.model}: cannot read its architecture ({e})"]
+    size = tp or par.tp
+    if arch.num_attention_heads % size or arch.num_query_groups % size:
+        problems.append(f"task.teacher.tp={size}: the teacher's {arch.num_attention_heads} attention heads and "
+                        f"{arch.num_query_groups} key-value heads must divide by its tensor-parallel size; set "
+                        "task.teacher.tp to a divisor of both")
+    if tp in (None, par.tp):
+        return problems
+    world = int(os.environ.get("WORLD_SIZE", tp))  # set by torchrun; the planner has no ranks to count
+    if tp < 1 or world % tp:
+        problems.append(f"task.teacher.tp={tp} must divide the number of ranks ({world})")
+    if par.pp > 1:
+        problems.append(f"task.teacher.tp={tp} differs from parallel.tp={par.tp}: a teacher on its own layout "
+                        "needs parallel.pp=1 (leave task.teacher.tp out to run it on the student's layout)")
+    if cfg.task.seq_kd:
+        problems.append(f"task.teacher.tp={tp} differs from parallel.tp={par.tp}: task.seq_kd (the teacher "
+                        "writing completions) runs the teacher on the student's layout; leave task.teacher.tp out")
+    return problems
