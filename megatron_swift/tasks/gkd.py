@@ -83,10 +83,13 @@ class GKDTask:
 
     @staticmethod
     def frozen_model(cfg):
-        """The teacher, for the memory planner (plan.memory.FrozenModel): its architecture and layout."""
+        """The teacher, for the memory planner (plan.memory.FrozenModel): its architecture and layout (None
+        without task.teacher.model: training refuses that config)."""
         from megatron_swift.models.frozen import arch_from_folder
         from megatron_swift.plan.memory import FrozenModel
 
+        if teacher_folder_problem(cfg.task.teacher.model):
+            return None
         return FrozenModel(arch_from_folder(cfg.task.teacher.model), cfg.task.teacher.tp,
                            cfg.model.make_vocab_size_divisible_by)
 
