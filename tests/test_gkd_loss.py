@@ -74,7 +74,11 @@ def test_gkd_without_a_teacher_is_one_line():
 def test_a_teacher_with_another_tokenizer_is_one_line(tmp_path):
     from tests.conftest import bpe_tokenizer
 
-    (tmp_path / "config.json").write_text("{}")
+    import transformers
+
+    transformers.Qwen3Config(vocab_size=259, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                             architectures=["Qwen3ForCausalLM"]).save_pretrained(tmp_path)
     # (the BPE stops at 278 tokens on so little text)
     bpe_tokenizer(["twelve plus thirty is forty-two"], ["<|endoftext|>"], vocab_size=300).save(
         str(tmp_path / "tokenizer.json"))
@@ -82,8 +86,11 @@ def test_a_teacher_with_another_tokenizer_is_one_line(tmp_path):
     assert problems == [f"task.teacher.model={tmp_path}: the teacher's tokenizer ({tmp_path}, 278 tokens) is not "
                         "the student's (byte, 259 tokens); GKD needs one tokenizer"], problems
     # the same folder read with the student's tokenizer passes that check; other settings are named one by one
-    problems = _gkd_problems([f"task.teacher.model={tmp_path}", "task.teacher.tokenizer=byte", "task.teacher.tp=2",
-                              "task.beta=1.5", "task.lmbda=-0.1", "task.temperature=0"])
-    assert problems == ["task.teacher.tp=2: the teacher runs on the student's tensor-parallel size (parallel.tp=1) "
-                        "in this version; leave task.teacher.tp out", "task.lmbda=-0.1 must be in [0, 1]",
+    problems = _gkd_problems([f"task.teacher.model={tmp_path}", "task.teacher.tokenizer=byte", "task.teacher.tp=4",
+                              "task.seq_kd=true", "task.beta=1.5", "task.lmbda=-0.1", "task.temperature=0"])
+    assert problems == ["task.teacher.tp=4: the teacher's 4 attention heads and 2 key-value heads must divide by its "
+                        "tensor-parallel size; set task.teacher.tp to a divisor of both",
+                        "task.teacher.tp=4 differs from parallel.tp=1: task.seq_kd (the teacher writing completions) "
+                        "runs the teacher on the student's layout; leave task.teacher.tp out",
+                        "task.lmbda=-0.1 must be in [0, 1]",
                         "task.beta=1.5 must be in [0, 1]", "task.temperature=0.0 must be > 0"], problems

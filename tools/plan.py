@@ -43,7 +43,7 @@ def main(argv) -> None:
     args, argv = _arguments(argv)
     from megatron_swift.config.compose import compose
     from megatron_swift.models.arch import padded_vocab_size, resolve
-    from megatron_swift.plan.memory import rank_memory, reference_copies
+    from megatron_swift.plan.memory import frozen_model_of, rank_memory, reference_copies
     from megatron_swift.plan.search import GPUS, candidates
 
     top, te = args.top, not args.no_te
@@ -60,12 +60,18 @@ def main(argv) -> None:
     precision = "bf16" if train.precision in ("auto", "bf16") else train.precision
     found = candidates(arch, lambda tp: padded_vocab_size(arch.vocab_size, cfg.model.make_vocab_size_divisible_by, tp),
                        gpus, cluster.gpus_per_node, cluster.gpu, train.seq_length, train.global_batch_size, precision,
-                       te, reference_copies(cfg))
+                       te, reference_copies(cfg), frozen_model_of(cfg))
     print(f"{arch.family.name}-{cfg.model.size}: seq {train.seq_length}, global batch {train.global_batch_size}, "
           f"{gpus} x {cluster.gpu} ({GPUS[cluster.gpu][0]:.0f} GiB); GiB on the largest rank, distributed optimizer")
     if found and found[0].layout.reference_copies:
         print(f"task={cfg.task.name} holds {found[0].layout.reference_copies} frozen reference copy of the weights "
               "(counted in total; task.precompute_ref=true or LoRA's base needs none)")
+    if found and found[0].layout.frozen is not None:
+        teacher = found[0].layout.frozen
+        where = (f"on its own tensor-parallel size {teacher.tp}: {found[0].memory.frozen / 2**30:.1f} GiB a rank"
+                 if teacher.tp else "on each layout below")
+        print(f"task={cfg.task.name} holds a frozen {teacher.arch.family.name} model (weights only, counted in total) "
+              f"{where}")
     print("  tp cp        pp ep  dp recompute   weights  grads  optim  (no dist-opt)  activ   total  fits  step s")
     for c in found[:top]:
         lay, mem = c.layout, c.memory

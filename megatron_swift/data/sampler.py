@@ -48,6 +48,9 @@ class Batch:
     image_index: Optional[torch.Tensor] = None
     # GKD: the teacher's logits of the rows ([b, s, this rank's vocabulary shard]; last pipeline stage).
     teacher_logits: Optional[torch.Tensor] = None
+    # The training step (0-based iteration) the micro-batch is for, None in evaluation: draws a task makes per
+    # step key on it, so a resumed run draws what the uninterrupted one did.
+    step: Optional[int] = None
 
     def to(self, device) -> "Batch":
         return Batch(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)

@@ -30,13 +30,29 @@ weights, gradients and optimizer state are exact up to bucket padding.
 A VLM's first stage also holds its vision encoder and projector (:func:`vision_params`; their TP split as
 megatron-core makes it); a frozen encoder (the default) has no gradients or optimizer state and, run without
 gradients, keeps no activations; a training one keeps ``34·T·h_v`` per layer and image (one image per row).
+
+A frozen model of another architecture the task holds (GKD's teacher, :class:`FrozenModel`) adds its weights
+only, in the compute dtype, as its own layout places them: a tensor-parallel size of its own (one pipeline
+stage, its vocabulary padded for that size), or the run's (the same stage as the rank's).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Dict, Optional
 
 GIB = 2**30
+
+
+@dataclass(frozen=True)
+class FrozenModel:
+    """A frozen model of its own architecture the task holds beside the trained one (GKD's teacher)."""
+
+    arch: object
+    tp: Optional[int] = None
+    """Its own tensor-parallel size (one pipeline stage); None: the run's layout."""
+    vocab_divisible_by: int = 128
+    """model.make_vocab_size_divisible_by (its vocabulary is padded to a multiple of this x its TP)."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +73,7 @@ class Layout:
     # Frozen copies of the policy's weights the task holds (a DPO/KTO/GRPO reference: 1; CPO, SimPO, ORPO, a
     # precomputed reference or LoRA's own base: 0): weights only, no gradients, optimizer state or activations.
     reference_copies: int = 0
+    frozen: Optional[FrozenModel] = None  # a frozen model of another architecture (task.teacher): weights only
 
     @property
     def world(self) -> int:
@@ -75,7 +92,8 @@ def layout_of(cfg, world: int) -> Layout:
                   sp=par.sp, distributed_optimizer=par.distributed_optimizer, recompute=train.recompute,
                   micro_batch_size=train.micro_batch_size,
                   num_microbatches=train.global_batch_size // (train.micro_batch_size * dp), cp=par.cp,
-                  cp_comm=par.cp_comm, train_vision=train.train_vision, reference_copies=reference_copies(cfg))
+                  cp_comm=par.cp_comm, train_vision=train.train_vision, reference_copies=reference_copies(cfg),
+                  frozen=frozen_model_of(cfg))
 
 
 def reference_copies(cfg) -> int:
@@ -85,6 +103,29 @@ def reference_copies(cfg) -> int:
 
     count = getattr(task_class(cfg.task.name), "reference_copies", None)
     return count(cfg) if count else 0
+
+
+def frozen_model_of(cfg) -> Optional[FrozenModel]:
+    """The frozen model of another architecture ``cfg``'s task holds (its class's ``frozen_model``), or None."""
+    from megatron_swift.tasks import task_class
+
+    find = getattr(task_class(cfg.task.name), "frozen_model", None)
+    return find(cfg) if find else None
+
+
+def frozen_weights(layout: Layout, stage: int, precision: str) -> int:
+    """Bytes of the weights of ``layout.frozen`` on a rank of pipeline stage ``stage`` of the run."""
+    from megatron_swift.models.arch import padded_vocab_size
+
+    model = layout.frozen
+    if model is None:
+        return 0
+    if model.tp is not None:
+        layout, stage = Layout(tp=model.tp, etp=model.tp, dp=layout.world // model.tp), 0
+    padded = padded_vocab_size(model.arch.vocab_size, model.vocab_divisible_by, layout.tp)
+    n = stage_params(dataclasses.replace(model.arch, vision=None), padded, dataclasses.replace(layout, frozen=None),
+                     stage)
+    return (n["dense"] + n["expert"]) * (2 if precision in ("bf16", "fp16") else 4)
 
 
 def layer_params(arch, layout: Layout, moe: Optional[bool] = None) -> Dict[str, int]:
@@ -196,10 +237,12 @@ class RankMemory:
     stage: int
     reference: int = 0
     """Weights of the task's frozen reference copies (Layout.reference_copies)."""
+    frozen: int = 0
+    """Weights of the task's frozen model of another architecture on this rank (Layout.frozen: GKD's teacher)."""
 
     @property
     def total(self) -> int:
-        return self.weights + self.grads + self.optimizer + self.activations + self.reference
+        return self.weights + self.grads + self.optimizer + self.activations + self.reference + self.frozen
 
 
 def rank_memory(arch, padded_vocab: int, layout: Layout, seq_length: int, precision: str = "bf16",
@@ -221,4 +264,4 @@ def rank_memory(arch, padded_vocab: int, layout: Layout, seq_length: int, precis
     return RankMemory(params=count, weights=weights, grads=(trained_dense + n["expert"]) * 4,
                       optimizer=int(optimizer),
                       activations=activation_bytes(arch, padded_vocab, layout, seq_length, stage), stage=stage,
-                      reference=layout.reference_copies * weights)
+                      reference=layout.reference_copies * weights, frozen=frozen_weights(layout, stage, precision))

@@ -66,12 +66,13 @@ def cp_options(arch, tp: int, seq_length: int, limit: int, te: bool):
 
 def candidates(arch, padded_vocab_of, gpus: int, gpus_per_node: int, gpu: str, seq_length: int,
                global_batch: int, precision: str = "bf16", te: bool = True,
-               reference_copies: int = 0) -> List[Candidate]:
+               reference_copies: int = 0, frozen=None) -> List[Candidate]:
     """Every valid layout on ``gpus`` devices, best first (fitting ones before the others).
 
     ``padded_vocab_of(tp)`` is the padded vocabulary under a TP size; ``te``: whether the cluster has
     Transformer Engine (TE's ring CP modes where Ulysses does not divide the heads); ``reference_copies``:
-    frozen copies of the model the task holds (plan.memory.reference_copies)."""
+    frozen copies of the model the task holds (plan.memory.reference_copies); ``frozen``: a frozen model of
+    another architecture it holds (plan.memory.FrozenModel: GKD's teacher)."""
     memory_gib, peak = GPUS[gpu]
     out = []
     for tp in _divisors(gpus_per_node, 8):
@@ -90,7 +91,7 @@ def candidates(arch, padded_vocab_of, gpus: int, gpus_per_node: int, gpu: str, s
                     for recompute in ("none", "selective", "full"):
                         layout = Layout(tp=tp, pp=pp, ep=ep, etp=1, dp=dp, sp=tp > 1, recompute=recompute,
                                         num_microbatches=global_batch // dp, cp=cp, cp_comm=cp_comm,
-                                        reference_copies=reference_copies)
+                                        reference_copies=reference_copies, frozen=frozen)
                         if arch.decoder_family.layout_problems(arch, layout):  # e.g. MLA has no CP yet
                             continue
                         padded = padded_vocab_of(tp)

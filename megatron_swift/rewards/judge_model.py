@@ -9,31 +9,15 @@ import dataclasses
 from typing import Callable, List
 
 import torch
-from omegaconf import OmegaConf
-
-
-def _judge_arch(cfg, folder: str):
-    """The judge's architecture from its config.json alone (none of the policy's model.* overrides apply)."""
-    from megatron_swift.config.schema import ModelConfig
-    from megatron_swift.convert.hf_config import read_hf_config
-    from megatron_swift.models.families import hf_family_name
-    from megatron_swift.models.arch import resolve
-
-    family = hf_family_name(read_hf_config(folder), folder)
-    model_cfg = OmegaConf.structured(ModelConfig(family=family, pretrained=folder))
-    return resolve(model_cfg)
 
 
 def build_judge_generate(cfg, backend) -> Callable[[List[str]], List[str]]:
     """``generate(texts) -> replies`` for task.judge.model: each text is sent as one user turn."""
-    from megatron_swift.training.optim import frozen_model
-
-    from megatron_swift.convert.hf_load import load_hf_weights
     from megatron_swift.data.prompts import stop_token_ids
     from megatron_swift.data.templates import load_template
     from megatron_swift.data.tokenizer import build_tokenizer
     from megatron_swift.models.arch import padded_vocab_size
-    from megatron_swift.models.builder import build_model, transformer_config
+    from megatron_swift.models.frozen import arch_from_folder, build_frozen
     from megatron_swift.rewards.judge import truncated_reply
     from megatron_swift.rollout.megatron_engine import MegatronEngine
     from megatron_swift.rollout.sampling import SamplingParams
@@ -48,13 +32,10 @@ def build_judge_generate(cfg, backend) -> Callable[[List[str]], List[str]]:
         template = load_template(None, folder)
     except (DataError, ValueError, OSError) as e:
         raise ConfigError([f"task.judge.model={folder}: the judge's tokenizer or chat template: {e}"]) from None
-    arch = _judge_arch(cfg, folder)
+    arch = arch_from_folder(folder)
     arch = dataclasses.replace(arch, vocab_size=arch.vocab_size or tokenizer.vocab_size)
     padded = padded_vocab_size(arch.vocab_size, cfg.model.make_vocab_size_divisible_by, cfg.parallel.tp)
-    tconfig = transformer_config(arch, cfg, backend, initialize=False)
-    chunks = build_model(arch, tconfig, padded, arch.max_position_embeddings or cfg.train.seq_length, backend)
-    load_hf_weights(chunks, folder, arch, padded)
-    chunks = frozen_model(chunks, tconfig)
+    chunks = build_frozen(cfg, backend, arch, folder, padded, arch.max_position_embeddings or cfg.train.seq_length)
     engine = MegatronEngine(chunks, backend.torch_device, arch.vocab_size, masks=backend.attention != "te")
     stops = stop_token_ids(template, tokenizer)
     params = SamplingParams(max_new_tokens=judge.max_new_tokens, temperature=0, stop_token_ids=stops)

@@ -31,6 +31,8 @@ class Task(Protocol):
 
     # Optional: ``reference_copies(cfg) -> int``, frozen copies of the policy's weights the run holds (a
     # reference model; the memory planner adds their weights; absent: 0).
+    # Optional: ``frozen_model(cfg) -> plan.memory.FrozenModel``, a frozen model of another architecture the run
+    # holds (GKD's teacher; the planner adds its weights on its layout; absent: none).
     # Optional: ``data_keys``, names of task.* settings that decide which samples a step trains on (a resume with
     # one changed is refused, like data.* settings; training/resume_check.py).
 

@@ -120,7 +120,7 @@ class TeacherConfig:
     tokenizer: Optional[str] = None
     """The teacher's tokenizer (byte, an HF folder or tokenizer.json, a .model); None: the teacher folder's own. Must be the student's."""
     tp: Optional[int] = None
-    """Tensor-parallel size of the teacher; None: the student's parallel.tp (the only size supported yet: the divergence pairs vocabulary shards)."""
+    """Tensor-parallel size of the teacher over the same ranks; None: the student's parallel.tp. Another size needs parallel.pp=1 and no seq_kd; its logits are sent to the student's vocabulary shards."""
 
 
 @dataclass

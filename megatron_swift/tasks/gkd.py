@@ -10,9 +10,12 @@ forward-only schedule and its logits (this rank's vocabulary shard, last pipelin
 the batches. The loss is the divergence summed over completion tokens and divided by their number over the
 global batch (megatron-core's per-token loss contract), TRL's ``batchmean``.
 
-Known limits of this version: the step in the on-policy draw is the task's own count of prepared batches
-(evaluation included; a resumed run starts it again, so it draws other samples than the uninterrupted run
-would); sampled completions depend on how rows are grouped into micro-batches, so on-policy runs are not
+The on-policy draw and the sampling generators key on the training step each micro-batch is for (the
+trainer's iteration, restored with a checkpoint), so a resumed run draws and samples what the uninterrupted
+one did; evaluation passes key on their own count. With ``task.teacher.tp`` other than ``parallel.tp`` the
+teacher runs on process groups of its own (tasks/teacher_logits.py).
+
+Known limits of this version: sampled completions depend on how rows are grouped into micro-batches, so on-policy runs are not
 comparable number for number across layouts (off-policy ones are); the teacher's logits of a step's
 micro-batches are held at once ([rows, seq, vocabulary shard] each).
 """
@@ -28,7 +31,8 @@ from megatron.core import parallel_state as ps
 from megatron_swift.tasks.base import register
 from megatron_swift.tasks.configs import GKDConfig
 from megatron_swift.tasks.reports import reduce_reports
-from megatron_swift.tasks.teacher import build_teacher, teacher_folder_problem, tokenizer_problem
+from megatron_swift.tasks.teacher import (build_teacher, teacher_folder_problem, teacher_layout_problems,
+                                          tokenizer_problem)
 from megatron_swift.training.forward_only import collect, eval_mode
 from megatron_swift.training.gkd_loss import generalized_jsd
 
@@ -46,12 +50,13 @@ class GKDTask:
     head = "lm"
     read_data = None  # conversation rows from data.source (data=sft)
 
-    def __init__(self, cfg, teacher, student, engines, pad_id: int, stops: List[int]):
+    def __init__(self, cfg, teacher, student, engines, pad_id: int, stops: List[int], own_layout=None):
         self.cfg, self.task = cfg, cfg.task
         self.teacher, self.student = teacher, student
         self.engines = engines  # {"student": MegatronEngine, "teacher": MegatronEngine} as needed
         self.pad_id, self.stops = pad_id, stops
-        self.steps = 0
+        self.own_layout = own_layout  # tasks.teacher_logits.TeacherOnOwnLayout, or None: the student's layout
+        self.evaluations = 0  # evaluation passes so far (their draws key on it; training's on the step)
 
     @classmethod
     def validate(cls, cfg, problems: List[str]) -> None:
@@ -59,9 +64,8 @@ class GKDTask:
         folder = teacher_folder_problem(task.teacher.model)
         if folder:
             problems.append(folder)
-        if task.teacher.tp not in (None, par.tp):
-            problems.append(f"task.teacher.tp={task.teacher.tp}: the teacher runs on the student's tensor-parallel "
-                            f"size (parallel.tp={par.tp}) in this version; leave task.teacher.tp out")
+        if not folder:
+            problems += teacher_layout_problems(cfg)
         if not 0 <= task.lmbda <= 1:
             problems.append(f"task.lmbda={task.lmbda} must be in [0, 1]")
         if not 0 <= task.beta <= 1:
@@ -77,6 +81,18 @@ class GKDTask:
             if mismatch:
                 problems.append(mismatch)
 
+    @staticmethod
+    def frozen_model(cfg):
+        """The teacher, for the memory planner (plan.memory.FrozenModel): its architecture and layout (None
+        without task.teacher.model: training refuses that config)."""
+        from megatron_swift.models.frozen import arch_from_folder
+        from megatron_swift.plan.memory import FrozenModel
+
+        if teacher_folder_problem(cfg.task.teacher.model):
+            return None
+        return FrozenModel(arch_from_folder(cfg.task.teacher.model), cfg.task.teacher.tp,
+                           cfg.model.make_vocab_size_divisible_by)
+
     @classmethod
     def build(cls, cfg, backend, arch, padded_vocab: int, datasets=(), output_dir: str = ".", model=None):
         from megatron_swift.data.prompts import stop_token_ids
@@ -87,33 +103,49 @@ class GKDTask:
         spec = cfg.data.tokenizer or cfg.model.pretrained or "byte"
         tokenizer = build_tokenizer(spec)
         template = load_template(cfg.data.template, spec if spec != "byte" else None)
-        teacher = build_teacher(cfg, backend, arch, padded_vocab)
+        teacher, layout, teacher_padded = build_teacher(cfg, backend, arch, padded_vocab)
+        own = None
+        if layout is not None:
+            from megatron_swift.tasks.teacher_logits import TeacherOnOwnLayout
+
+            own = TeacherOnOwnLayout(teacher, layout, arch.vocab_size, padded_vocab, teacher_padded, _logits)
         masks = backend.attention != "te"
         engines = {}
         if cfg.task.lmbda > 0:
             engines["student"] = MegatronEngine(model, backend.torch_device, arch.vocab_size, masks=masks)
         if cfg.task.seq_kd and cfg.task.lmbda < 1:
             engines["teacher"] = MegatronEngine(teacher, backend.torch_device, arch.vocab_size, masks=masks)
-        return cls(cfg, teacher, model, engines, tokenizer.pad, stop_token_ids(template, tokenizer))
+        return cls(cfg, teacher, model, engines, tokenizer.pad, stop_token_ids(template, tokenizer), own)
 
     # -- before the step ------------------------------------------------------------------------------
 
     def prepare(self, batches, dataset=None) -> None:
         """Student (and with seq_kd teacher) completions where drawn, then the teacher's logits of the rows."""
-        self.steps += 1
+        if batches and batches[0].step is None:
+            self.evaluations += 1
         if self.engines:
             for k, batch in enumerate(batches):
                 self._rewrite(batch, k)
-        logits = collect(self.teacher, batches, _logits, lambda batch, out: out.detach(),
-                         self.cfg.train.seq_length, self.cfg.train.micro_batch_size)
+        if self.own_layout is not None:
+            logits = self.own_layout.logits(batches, self.cfg.train.seq_length, self.cfg.train.micro_batch_size)
+        else:
+            logits = collect(self.teacher, batches, _logits, lambda batch, out: out.detach(),
+                             self.cfg.train.seq_length, self.cfg.train.micro_batch_size)
         if ps.is_pipeline_last_stage(ignore_virtual=True):
             for batch, out in zip(batches, logits):
                 batch.teacher_logits = out
 
+    def _draw_key(self, batch) -> List[int]:
+        """Seed of a micro-batch's draws: the run seed and the training step it is for (the trainer's iteration,
+        restored on resume), or the evaluation pass."""
+        if batch.step is not None:
+            return [self.cfg.train.seed, 0, int(batch.step)]
+        return [self.cfg.train.seed, 1, self.evaluations]
+
     def _on_policy(self, batch) -> List[bool]:
         """Per row: whether the student writes its completion (a draw from the seed, step and sample index)."""
         ids = batch.sample_ids.tolist() if batch.sample_ids is not None else range(batch.tokens.shape[0])
-        draws = [np.random.default_rng([self.cfg.train.seed, self.steps, int(i)]).random() for i in ids]
+        draws = [np.random.default_rng([*self._draw_key(batch), int(i)]).random() for i in ids]
         return [u < self.task.lmbda for u in draws]
 
     def _rewrite(self, batch, k: int) -> None:
@@ -130,7 +162,7 @@ class GKDTask:
             prompts = [self._prompt(batch, i) for i in rows]
             # one generator per micro-batch and writer, the same on every rank of the model-parallel group
             generator = torch.Generator(device=batch.tokens.device)
-            generator.manual_seed(int(np.random.default_rng([self.cfg.train.seed, self.steps, k, n])
+            generator.manual_seed(int(np.random.default_rng([*self._draw_key(batch), k, n])
                                       .integers(2**62)))
             params = SamplingParams(max_new_tokens=self.task.max_new_tokens,
                                     temperature=self.task.temperature if who == "student" else 0,

@@ -129,8 +129,10 @@ class Trainer:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
-        reports = self._forward_backward(self._microbatches(self.train_data, self.sampler, iteration), False,
-                                         self.train_data)
+        batches = self._microbatches(self.train_data, self.sampler, iteration)
+        for batch in batches:
+            batch.step = iteration  # restored with the checkpoint: per-step draws continue on resume
+        reports = self._forward_backward(batches, False, self.train_data)
         figures = self._task_metrics(reports)  # before the update: the guard needs the loss
         self.guard.observe_loss(figures["loss"] if figures else None, self.backend.torch_device)
         ok, grad_norm, _ = self.optimizer.step()

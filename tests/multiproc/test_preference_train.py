@@ -143,14 +143,17 @@ GKD = ["data=sft", "train.seq_length=128", "data.truncation=drop", "task.lmbda=0
        "task.temperature=0.8"]
 
 
+def _gkd_item(teacher, *own):
+    return "@".join(["gkd", *GKD, f"task.teacher.model={teacher}", "task.teacher.tokenizer=byte", *own])
+
+
 def _train_each_free_task(tmp, tiny_hf, teacher, nproc, layout, extra=()):
     """One torchrun job training CPO, SimPO, ORPO and GKD in turn (dpo_worker --tasks), then the ``extra``
-    items; per-task metrics rows."""
+    items (their own train.output_dir); per-task metrics rows."""
     out = tmp / "runs"
     overrides = [o for o in _base(tiny_hf, None) if not o.startswith(("task=", "train.output_dir="))]
     overrides += [*FREE_SETTINGS, *layout]
-    gkd = "@".join(["gkd", *GKD, f"task.teacher.model={teacher}", "task.teacher.tokenizer=byte"])
-    items = [*REFERENCE_FREE, gkd, *extra]
+    items = [*REFERENCE_FREE, _gkd_item(teacher), *extra]
     proc = subprocess.run(launch_cmd(nproc, [str(tmp / "unused.json"), f"--tasks={','.join(items)}", str(out),
                                              *overrides], script=WORKER),
                           cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=600)
@@ -175,8 +178,12 @@ def free_one_rank(tmp_path_factory, tiny_hf, teacher_hf):
     on_policy = "@".join(["gkd", *GKD[:3], "task.lmbda=1", "task.max_new_tokens=12", "train.train_iters=1",
                           f"task.teacher.model={tiny_hf}", "task.teacher.tokenizer=byte",
                           f"train.output_dir={tmp_path_factory.getbasetemp() / 'free1-self'}"])
-    rows = _train_each_free_task(tmp_path_factory.mktemp("free1"), tiny_hf, teacher_hf, 1, [], [on_policy])
+    # and with seq_kd: the data's replies replaced by the teacher's greedy ones
+    seq_kd = _gkd_item(teacher_hf, "task.seq_kd=true", "task.max_new_tokens=12",
+                       f"train.output_dir={tmp_path_factory.getbasetemp() / 'free1-seq_kd'}")
+    rows = _train_each_free_task(tmp_path_factory.mktemp("free1"), tiny_hf, teacher_hf, 1, [], [on_policy, seq_kd])
     rows["self"] = read_metrics(tmp_path_factory.getbasetemp() / "free1-self")
+    rows["seq_kd"] = read_metrics(tmp_path_factory.getbasetemp() / "free1-seq_kd")
     return rows
 
 
@@ -196,7 +203,16 @@ def test_reference_free_tasks_and_gkd_give_the_one_rank_run_under_each_layout(tm
     """CPO, SimPO, ORPO: 3 steps under TP=2, and PP=2 x DP=2 with the distributed optimizer (one 4-rank job:
     a launch less), report the one-rank losses, figures and gradient norms within 1e-5, and they train (no
     reference: from the start the rewards differ from 0, unlike DPO's)."""
-    got = _train_each_free_task(tmp_path, tiny_hf, teacher_hf, nproc, layout)
+    # Under TP=2 the teacher also runs on a layout of its own: TP=1 beside the student's TP=2, and TP=2 beside
+    # a student on TP=1 x DP=2 (its group gathers both ranks' rows; logits go back to each rank's shard).
+    # Also under TP=2: seq_kd (the teacher's greedy replies, generated on TP=2), and a LoRA student (its adapters
+    # start at 0: the first step is the full model's).
+    own = {"teacher-tp1": ["task.teacher.tp=1"], "student-tp1": ["parallel.tp=1", "task.teacher.tp=2"],
+           "seq_kd": ["task.seq_kd=true", "task.max_new_tokens=12"], "lora": ["tuner=lora", "train.lr=1e-2"]}
+    extra = [_gkd_item(teacher_hf, *o, f"train.output_dir={tmp_path / name}") for name, o in own.items()] \
+        if layout == ["parallel.tp=2"] else []
+    got = _train_each_free_task(tmp_path, tiny_hf, teacher_hf, nproc, layout, extra)
+    got.update({name: read_metrics(tmp_path / name) for name in own if extra})
     for task in REFERENCE_FREE:
         want, rows = free_one_rank[task], got[task]
         assert [r["iteration"] for r in rows] == [r["iteration"] for r in want] == [1, 2, 3], task
@@ -207,9 +223,19 @@ def test_reference_free_tasks_and_gkd_give_the_one_rank_run_under_each_layout(tm
         assert want[0]["rewards/chosen"] != 0.0 and want[-1]["loss"] < want[0]["loss"], (task, want)
     assert "log_odds_ratio" in got["orpo"][0] and "log_odds_chosen" in got["orpo"][0]
     # GKD: the divergence (its loss), vocabulary-parallel under TP=2, equals the one-rank run's
-    want, rows = free_one_rank["gkd"], got["gkd"]
-    assert [r["iteration"] for r in rows] == [r["iteration"] for r in want] == [1, 2, 3]
-    for a, b in zip(want, rows):
-        assert abs(a["loss"] - b["loss"]) < 1e-5, ("gkd", a["iteration"], a["loss"], b["loss"])
-        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5), ("gkd", a["grad_norm"], b["grad_norm"])
+    for name in ("gkd", "teacher-tp1", "student-tp1", "seq_kd"):
+        want, rows = free_one_rank["seq_kd" if name == "seq_kd" else "gkd"], got.get(name)
+        if rows is None:
+            continue
+        assert [r["iteration"] for r in rows] == [r["iteration"] for r in want] == [1, 2, 3], name
+        for a, b in zip(want, rows):
+            assert abs(a["loss"] - b["loss"]) < 1e-5, (name, a["iteration"], a["loss"], b["loss"])
+            assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5), (name, a["grad_norm"], b["grad_norm"])
+    assert ("student-tp1" in got) == (layout == ["parallel.tp=2"])
+    if "lora" in got:
+        full, lora = free_one_rank["gkd"], got["lora"]
+        assert abs(lora[0]["loss"] - full[0]["loss"]) < 1e-5, (lora[0], full[0])
+        assert lora[-1]["loss"] < lora[0]["loss"] and abs(lora[1]["loss"] - full[1]["loss"]) > 1e-4, lora
+    # seq_kd trains on other completions than the data's replies
+    assert abs(free_one_rank["seq_kd"][0]["loss"] - free_one_rank["gkd"][0]["loss"]) > 1e-4
     assert want[0]["loss"] > 1e-3 and want[-1]["loss"] < want[0]["loss"], want  # random models: close, not equal

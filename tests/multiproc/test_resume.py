@@ -189,3 +189,42 @@ def test_adam_state_is_per_parameter_after_resume(tmp_path):
     procs.run(2, [str(result), *base, "train.train_iters=3"], script=Path(__file__).with_name("adam_state_worker.py"))
     steps = json.loads(result.read_text())
     assert steps["values"] == [3.0] and steps["distinct"] == steps["count"] > 1, steps
+
+
+GKD_TOTAL = 12
+
+
+def test_gkd_on_policy_draws_continue_after_a_kill(tmp_path, tiny_hf):
+    """task=gkd with lmbda 0.5: which samples the student completes itself, and what it samples, key on the
+    training step, which comes back with the checkpoint: after a SIGKILL and the same command, every step's
+    loss, gradient norm and on-policy fraction equal the uninterrupted run's (a count restarting at the resume
+    would draw other samples)."""
+    from tests.multiproc.test_hf_load import _save_tiny
+
+    teacher = tmp_path / "teacher"  # another random tiny Qwen3 with tiny_hf's vocabulary
+    _save_tiny("qwen3", teacher, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+               num_key_value_heads=2, head_dim=16, tie_word_embeddings=False)
+    command = ["+model=qwen3", f"model.pretrained={tiny_hf}", "data=sft", "data.tokenizer=byte", "task=gkd",
+               f"task.teacher.model={teacher}", "task.teacher.tokenizer=byte", "task.lmbda=0.5",
+               "task.max_new_tokens=8", "train.seq_length=128", "data.truncation=drop", "train.precision=fp32",
+               f"train.train_iters={GKD_TOTAL}", "train.global_batch_size=4", "train.micro_batch_size=2",
+               "train.save_interval=2", "train.keep_last=2", "train.lr=1e-3", "logging.tensorboard=false"]
+    whole, out = tmp_path / "whole", tmp_path / "run"
+    procs.run(1, [*command, f"train.output_dir={whole}"])
+    expected = per_step(whole)
+    proc = procs.start(1, [*command, f"train.output_dir={out}"], log=tmp_path / "killed.log")
+    try:
+        procs.wait_until(proc, lambda: procs.last_step(procs.metrics_file(out)) >= 5)
+    finally:
+        procs.kill_tree(proc.pid)
+    killed_at = procs.last_step(procs.metrics_file(out))
+    assert killed_at < GKD_TOTAL
+    start = resumed_at(procs.run(1, [*command, f"train.output_dir={out}"]).stdout)
+    assert 0 < start <= killed_at, (start, killed_at)
+    resumed = per_step(out)
+    assert sorted(resumed) == sorted(expected) == list(range(1, GKD_TOTAL + 1))
+    for step in range(1, GKD_TOTAL + 1):
+        for key in ("loss", "grad_norm", "on_policy"):
+            assert resumed[step][key] == expected[step][key], f"step {step}: {key} differs after the resume"
+    # the draws mattered: after the resume point some steps mixed the student's samples with the data's
+    assert any(0 < expected[s]["on_policy"] < 1 for s in range(start + 1, GKD_TOTAL + 1)), expected
