@@ -23,7 +23,7 @@ def _save_tiny(kind: str, folder, dtype=torch.float32, **extra):
     common.update(extra)
     hf_name = {"qwen3": "Qwen3", "qwen2": "Qwen2", "llama": "Llama", "mistral": "Mistral", "qwen3_moe": "Qwen3Moe",
                "mixtral": "Mixtral", "qwen2_moe": "Qwen2Moe", "glm4_moe": "Glm4Moe", "deepseek_v2": "DeepseekV2",
-               "deepseek_v3": "DeepseekV3"}[kind]
+               "deepseek_v3": "DeepseekV3", "olmo2": "Olmo2", "phi3": "Phi3"}[kind]
     config = getattr(transformers, hf_name + "Config")(**common)
     torch.manual_seed(0)
     model = getattr(transformers, hf_name + "ForCausalLM")(config)
