@@ -89,11 +89,10 @@ class WholeProjectionRMSNorm(torch.nn.Module):
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata: Optional[dict] = None):
         """The weight as a TP-sharded tensor (dim 0) in distributed checkpoints."""
-        from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
+        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
-        metadata = ensure_metadata_has_dp_cp_group(metadata)
         return make_sharded_tensors_for_checkpoint(self.state_dict(prefix="", keep_vars=True), prefix, {"weight": 0},
-                                                   sharded_offsets, dp_cp_group=metadata["dp_cp_group"])
+                                                   sharded_offsets)
 
 
 class _SumOverTP(torch.autograd.Function):
