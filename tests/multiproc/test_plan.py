@@ -16,11 +16,8 @@ MOE = ["+model=qwen3_moe", "model.hidden_size=256", "model.moe_ffn_hidden_size=2
        "model.num_attention_heads=8", "model.num_query_groups=4", "model.kv_channels=32"]
 VLM = ["+model=llava", "model.hidden_size=256", "model.ffn_hidden_size=768", "model.num_layers=4",
        "model.num_attention_heads=8", "model.num_query_groups=4"]
-# OLMo 2: its QK norms as wide as the projections, split over TP; its norms after attention and MLP.
-OLMO2 = ["+model=olmo2", *DENSE[1:]]
 CASES = {
     "tp2-fp32": (DENSE, ["parallel.tp=2", "train.precision=fp32"]),
-    "olmo2-tp2-sp-fp32": (OLMO2, ["parallel.tp=2", "parallel.sp=true", "train.precision=fp32"]),
     "pp2-fp32": (DENSE, ["parallel.pp=2", "train.precision=fp32"]),
     "dp2-bf16-distopt": (DENSE, ["train.precision=bf16", "parallel.distributed_optimizer=true"]),
     "ep2-fp32": (MOE, ["parallel.ep=2", "train.precision=fp32"]),
