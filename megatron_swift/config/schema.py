@@ -18,7 +18,7 @@ class ModelConfig:
     """Which model to build; architecture fields left at None come from the family's size table."""
 
     family: str = MISSING
-    """Model family, chosen with +model=<family> (llama, qwen2, qwen3, qwen3_moe, mixtral, qwen2_moe, glm4_moe, deepseek, llava)."""
+    """Model family, chosen with +model=<family> (llama, qwen2, qwen3, qwen3_moe, mixtral, qwen2_moe, glm4_moe, deepseek, mimo, olmo2, phi3, llava)."""
     size: str = "tiny"
     """Named size in the family's table (tiny for CPU, or a published size such as 8b)."""
     pretrained: Optional[str] = None

@@ -190,3 +190,67 @@ class SwapHalves:
     def split(self, full: torch.Tensor, layer: Dict[str, str], ctx) -> Dict[str, torch.Tensor]:
         embedding, hidden = full.chunk(2, dim=1)
         return {self.hf.format(**layer): torch.cat([hidden, embedding], dim=1).contiguous()}
+
+
+class _Rows:
+    """A reader that shows row blocks of one HF tensor as tensors of their own (``blocks``: name -> (first row,
+    rows)), so that a fused HF tensor is read by the rules of the unfused ones, one rank's rows at a time."""
+
+    def __init__(self, reader: Reader, name: str, blocks: Dict[str, Tuple[int, int]]):
+        self.reader, self.name, self.blocks = reader, name, blocks
+
+    def shape(self, name: str) -> Tuple[int, ...]:
+        return (self.blocks[name][1],) + tuple(self.reader.shape(self.name)[1:])
+
+    def read(self, name: str, dim: int = 0, start: Optional[int] = None, stop: Optional[int] = None) -> torch.Tensor:
+        first, rows = self.blocks[name]
+        if dim == 0:
+            return self.reader.read(self.name, 0, first + (start or 0), first + (rows if stop is None else stop))
+        return self.reader.read(self.name, 0, first, first + rows)[:, start:stop]
+
+
+@dataclass(frozen=True)
+class FusedQKV:
+    """One HF tensor holding all queries, then all keys, then all values (Phi-3's ``qkv_proj``), as Megatron's
+    per-query-group QKV: read and split by :class:`QKV`'s rules over its three row blocks."""
+
+    mcore: Tuple[str, ...]
+    hf: str
+
+    def hf_names(self):
+        return (self.hf,)
+
+    def _blocks(self, rows: int, ctx) -> Dict[str, Tuple[int, int]]:
+        kv = ctx.num_query_groups * ctx.kv_channels
+        return {"q": (0, rows - 2 * kv), "k": (rows - 2 * kv, kv), "v": (rows - kv, kv)}
+
+    def build(self, reader: Reader, layer: Dict[str, str], ctx, part: Optional[Part] = None) -> torch.Tensor:
+        name = self.hf.format(**layer)
+        rows = _Rows(reader, name, self._blocks(reader.shape(name)[0], ctx))
+        return QKV(self.mcore, "q", "k", "v").build(rows, {}, ctx, part)
+
+    def split(self, full: torch.Tensor, layer: Dict[str, str], ctx) -> Dict[str, torch.Tensor]:
+        parts = QKV(self.mcore, "q", "k", "v").split(full, {}, ctx)
+        return {self.hf.format(**layer): torch.cat([parts["q"], parts["k"], parts["v"]])}
+
+
+@dataclass(frozen=True)
+class FusedGateUp:
+    """One HF tensor holding the gate rows, then the up rows (Phi-3's ``gate_up_proj``), as Megatron's fc1:
+    read and split by :class:`GateUp`'s rules over its two halves."""
+
+    mcore: Tuple[str, ...]
+    hf: str
+
+    def hf_names(self):
+        return (self.hf,)
+
+    def build(self, reader: Reader, layer: Dict[str, str], ctx, part: Optional[Part] = None) -> torch.Tensor:
+        name = self.hf.format(**layer)
+        half = reader.shape(name)[0] // 2
+        return GateUp(self.mcore, "gate", "up").build(_Rows(reader, name, {"gate": (0, half), "up": (half, half)}),
+                                                       {}, ctx, part)
+
+    def split(self, full: torch.Tensor, layer: Dict[str, str], ctx) -> Dict[str, torch.Tensor]:
+        parts = GateUp(self.mcore, "gate", "up").split(full, {}, ctx)
+        return {self.hf.format(**layer): torch.cat([parts["gate"], parts["up"]])}

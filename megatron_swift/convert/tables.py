@@ -2,14 +2,14 @@
 
 Llama, Mistral, Qwen2 and Qwen3 are ``llama_style`` with options; Qwen3-MoE, Mixtral, Qwen2-MoE and GLM-4.5
 are ``moe_style`` with options: the same embedding and attention with routed experts (and shared experts,
-dense layers) as the MLP.
+dense layers) as the MLP. OLMo 2 (norms after attention and MLP) and Phi-3 (fused HF projections) have their own.
 """
 from __future__ import annotations
 
 import dataclasses
 from typing import List, Optional
 
-from megatron_swift.convert.rules import QKV, Direct, GateUp, Reshape, SwapHalves
+from megatron_swift.convert.rules import QKV, Direct, FusedGateUp, FusedQKV, GateUp, Reshape, SwapHalves
 
 _L = "decoder.layers.{layer}."
 _H = "model.layers.{layer}."
@@ -101,6 +101,37 @@ def moe_style(qk_norm: bool = False, qkv_bias: bool = False, tied: bool = False,
     rules = _embedding(tied, head) + _attention(qk_norm, qkv_bias) + _dense_mlp()
     rules += _routed_experts(mlp, expert_names, expert_bias)
     return rules + (_shared_experts(shared, shared_gate) if shared else [])
+
+
+def olmo2_style(tied: bool = False, head: str = "lm") -> List[object]:
+    """OLMo 2: no norm before attention or MLP; RMSNorm on their outputs (models/post_norm.py's
+    post_self_attn_layernorm / post_mlp_layernorm) and on the whole query and key projections (its q/k norm
+    weights are as wide as the projections, split over TP with the heads)."""
+    a = _L + "self_attention."
+    return _embedding(tied, head) + [
+        QKV((a + "linear_qkv.weight",), _H + "self_attn.q_proj.weight", _H + "self_attn.k_proj.weight",
+            _H + "self_attn.v_proj.weight"),
+        Direct((a + "linear_proj.weight",), _H + "self_attn.o_proj.weight"),
+        Direct((a + "q_layernorm.weight",), _H + "self_attn.q_norm.weight"),
+        Direct((a + "k_layernorm.weight",), _H + "self_attn.k_norm.weight"),
+        Direct((_L + "post_self_attn_layernorm.weight",), _H + "post_attention_layernorm.weight"),
+        Direct((_L + "post_mlp_layernorm.weight",), _H + "post_feedforward_layernorm.weight"),
+    ] + _dense_mlp()
+
+
+def phi3_style(tied: bool = False, head: str = "lm") -> List[object]:
+    """Phi-3 / Phi-4: a Llama-style decoder whose HF checkpoint fuses q, k and v into ``qkv_proj`` (all queries,
+    then keys, then values) and gate and up into ``gate_up_proj``."""
+    return _embedding(tied, head) + [
+        Direct((_L + "input_layernorm.weight", _L + "self_attention.linear_qkv.layer_norm_weight"),
+               _H + "input_layernorm.weight"),
+        FusedQKV((_L + "self_attention.linear_qkv.weight",), _H + "self_attn.qkv_proj.weight"),
+        Direct((_L + "self_attention.linear_proj.weight",), _H + "self_attn.o_proj.weight"),
+        Direct((_L + "pre_mlp_layernorm.weight", _L + "mlp.linear_fc1.layer_norm_weight"),
+               _H + "post_attention_layernorm.weight"),
+        FusedGateUp((_L + "mlp.linear_fc1.weight",), _H + "mlp.gate_up_proj.weight"),
+        Direct((_L + "mlp.linear_fc2.weight",), _H + "mlp.down_proj.weight"),
+    ]
 
 
 def _mla(q_lora: bool) -> List[object]:

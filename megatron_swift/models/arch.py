@@ -144,6 +144,9 @@ def _from_hf(folder: str, family: Family) -> dict:
     archs = hf.get("architectures") or []
     owners = {families.by_hf_architecture(a).name for a in archs if a in families.hf_architectures()}
     if family.name not in owners:
+        missing = [families.NOT_BUILT[a] for a in archs if a in families.NOT_BUILT]
+        if missing:
+            raise KeyError(f"model.pretrained={folder}: {missing[0]}")
         raise KeyError(f"model.pretrained={folder} is a {archs or 'model without architectures'}, "
                        f"which +model={family.name} does not load; supported: {', '.join(family.hf_architectures)}"
                        + (f" (use +model={sorted(owners)[0]})" if owners else ""))

@@ -20,6 +20,7 @@ from megatron_swift.backend import Backend
 from megatron_swift.models import rope
 from megatron_swift.models.attention import use_core_attention
 from megatron_swift.models.norm import swap_torch_norms, unfuse_layernorm_linears
+from megatron_swift.models.post_norm import post_norm_layers, whole_projection_qk_norm
 from megatron_swift.models.reward_head import RewardHead
 from megatron_swift.models.vocab_mask import mask_padded_logits
 
@@ -171,6 +172,15 @@ class MTPGPTModel(GPTModel):
             self.config.mtp_num_layers = saved
 
 
+def _place_norms(arch, block_spec, backend: Backend) -> None:
+    """The family's norm axes megatron-core's specs do not have (models/post_norm.py), in place."""
+    family = arch.decoder_family
+    if family.norm_placement == "post":
+        post_norm_layers(block_spec, backend.use_te)
+    if family.qk_norm_whole and arch.uses_qk_norm:
+        whole_projection_qk_norm(block_spec, arch.num_attention_heads, arch.num_query_groups)
+
+
 def build_model(arch, tconfig: TransformerConfig, padded_vocab: int, seq_length: int,
                 backend: Backend, unfuse_norms: bool = False) -> list:
     """This rank's model chunks, one per virtual pipeline stage, as the family builds them (GPTModels, or a
@@ -195,6 +205,7 @@ def build_gpt_chunks(arch, tconfig: TransformerConfig, padded_vocab: int, seq_le
             swap_torch_norms(block_spec)
         elif unfuse_norms:
             unfuse_layernorm_linears(block_spec)
+        _place_norms(arch, block_spec, backend)
         use_core_attention(block_spec, backend.attention, tconfig.context_parallel_size)
         model = MTPGPTModel(
             config=tconfig,

@@ -133,12 +133,12 @@ def layer_params(arch, layout: Layout, moe: Optional[bool] = None) -> Dict[str, 
     routed experts (None: whether the model does; a model may have dense layers among its MoE layers)."""
     h, t = arch.hidden_size, layout.tp
     q, kv = arch.num_attention_heads * arch.kv_channels, arch.num_query_groups * arch.kv_channels
-    dense = 2 * h  # input and pre-MLP norms
+    dense = 2 * h  # two norms: before attention and MLP, or after them (OLMo 2)
     dense += h * (q + 2 * kv) // t + q * h // t
     if arch.uses_qkv_bias:
         dense += (q + 2 * kv) // t
-    if arch.uses_qk_norm:
-        dense += 2 * arch.kv_channels
+    if arch.uses_qk_norm:  # per head, or over the whole projections (OLMo 2: split over TP with the heads)
+        dense += (q + kv) // t if arch.decoder_family.qk_norm_whole else 2 * arch.kv_channels
     expert = 0
     if arch.is_moe if moe is None else moe:
         dense += arch.num_experts * h  # router (its expert bias is a buffer)

@@ -15,8 +15,8 @@ from safetensors.torch import load_file, save_file
 from megatron_swift.convert.safetensors_io import current_umask
 
 from tests.conftest import ROOT, free_port, launch_cmd, run_train, train_env
-from tests.multiproc.test_hf_load import (CASES, DEEPSEEK, MOE_MODELS, ROPE_MODELS, VOCAB, WORKER, _save_tiny,
-                                          _v4_spelling)
+from tests.multiproc.test_hf_load import (CASES, DEEPSEEK, MOE_MODELS, ROPE_MODELS, TEXT_MODELS, VOCAB, WORKER,
+                                          _save_tiny, _v4_spelling)
 
 CONVERT = ROOT / "tools" / "convert" / "mcore_to_hf.py"
 HF_TO_MCORE = ROOT / "tools" / "convert" / "hf_to_mcore.py"
@@ -141,11 +141,13 @@ def test_trained_export_loads_in_transformers_with_megatron_logits(tmp_path):
     assert (hf_logits - before).abs().max().item() > 1e-3  # the exported weights are the trained ones
 
 
-@pytest.mark.parametrize("case", ["qwen3-tp2", "glm4_moe-ep2"])
+@pytest.mark.parametrize("case", ["qwen3-tp2", "glm4_moe-ep2", "olmo2-tp2", "phi3-tp2"])
 def test_check_tool_reports_logit_agreement(tmp_path, case):
     """The check users run on a folder (the issue's GLM-4.5 command: parallel.ep=2)."""
     if case == "glm4_moe-ep2":
         (kind, extra), layout = MOE_MODELS["glm4_moe"], ["parallel.ep=2"]
+    elif case in ("olmo2-tp2", "phi3-tp2"):
+        (kind, extra), layout = TEXT_MODELS[case.split("-")[0]], ["parallel.tp=2"]
     else:
         kind, extra, _, _ = CASES[case]
         layout = ["parallel.tp=2"]

@@ -23,7 +23,7 @@ def _save_tiny(kind: str, folder, dtype=torch.float32, **extra):
     common.update(extra)
     hf_name = {"qwen3": "Qwen3", "qwen2": "Qwen2", "llama": "Llama", "mistral": "Mistral", "qwen3_moe": "Qwen3Moe",
                "mixtral": "Mixtral", "qwen2_moe": "Qwen2Moe", "glm4_moe": "Glm4Moe", "deepseek_v2": "DeepseekV2",
-               "deepseek_v3": "DeepseekV3"}[kind]
+               "deepseek_v3": "DeepseekV3", "olmo2": "Olmo2", "phi3": "Phi3"}[kind]
     config = getattr(transformers, hf_name + "Config")(**common)
     torch.manual_seed(0)
     model = getattr(transformers, hf_name + "ForCausalLM")(config)
@@ -315,6 +315,92 @@ def test_moe_families_round_trip_is_bitwise(moe_run, tmp_path):
     biases = [k for k in bf16 if k.endswith("e_score_correction_bias")]
     assert biases and all(bf16[k].dtype == torch.float32 for k in biases)
     assert bf16["model.embed_tokens.weight"].dtype == torch.bfloat16
+
+
+# Dense families beyond Llama's layer (issue 28 item 9), all in one launch per layout like the MoE ones. OLMo 2:
+# norms after attention and MLP, QK norm over whole projections (split over TP with the heads); head_dim other than
+# hidden/heads, a wider MHA model with tied embeddings. Phi-3 / Phi-4: fused qkv_proj and gate_up_proj, partial
+# rotary (0.5; Phi-4-mini's 0.75 with tied embeddings and MHA).
+TEXT_MODELS = {
+    "olmo2": ("olmo2", dict(num_key_value_heads=2, head_dim=24, tie_word_embeddings=False)),
+    "olmo2-mha-tied": ("olmo2", dict(hidden_size=96, num_attention_heads=6, num_key_value_heads=6,
+                                     intermediate_size=80, rope_theta=5e5, tie_word_embeddings=True)),
+    "phi3": ("phi3", dict(num_key_value_heads=2, partial_rotary_factor=0.5, pad_token_id=0,
+                          tie_word_embeddings=False)),
+    "phi3-mha-tied": ("phi3", dict(num_key_value_heads=4, intermediate_size=40, partial_rotary_factor=0.75,
+                                   rope_theta=2.5e5, pad_token_id=0, tie_word_embeddings=True)),
+}
+TEXT_LAYOUTS = {"tp2": "parallel.tp=2", "pp2": "parallel.tp=1,parallel.pp=2"}
+
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory):
+    """Every TEXT_MODELS model saved, with transformers' logits (and those of its partial-rotary models rotating every
+    feature, to show the factor matters); one launch of two processes: TP=1, then TP=2 (models saved for the round
+    trip) and PP=2."""
+    root = tmp_path_factory.mktemp("text")
+    tokens = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(9))
+    torch.save(tokens, root / "tokens.pt")
+    models = {}
+    for name, (kind, extra) in TEXT_MODELS.items():
+        model, full = _save_tiny(kind, root / name, **extra), None
+        with torch.no_grad():
+            expected = model(tokens).logits.float()
+            if "partial_rotary_factor" in extra:  # the same weights, every feature rotated
+                config = model.config.to_dict()
+                config.update(partial_rotary_factor=1.0,
+                              rope_parameters=dict(config["rope_parameters"], partial_rotary_factor=1.0))
+                config = type(model.config).from_dict(config)
+                rotated = type(model)(config).float().eval()
+                rotated.load_state_dict(model.state_dict())
+                full = rotated(tokens).logits.float()
+        models[name] = (kind, root / name, expected, full)
+    names = list(models)
+    also = [f"--also={models[n][1]},{root / n}.pt" for n in names[1:]]
+    then = [f"--then={name}:{layout}" for name, layout in TEXT_LAYOUTS.items()]
+    overrides = [f"+model={models[names[0]][0]}", f"model.pretrained={models[names[0]][1]}", "train.precision=fp32",
+                 "train.device=cpu", f"train.output_dir={root / 'run'}", "logging.tensorboard=false"]
+    proc = subprocess.run(launch_cmd(2, [str(root / "tokens.pt"), str(root / f"{names[0]}.pt"), *overrides, *also,
+                                         *then, "--save=tp2"], script=WORKER),
+                          cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return root, models
+
+
+@pytest.mark.parametrize("layout", ["tp1", *TEXT_LAYOUTS])
+def test_olmo2_and_phi3_logits_equal_hf_logits(text_run, layout):
+    root, models = text_run
+    for name, (_, _, expected, full) in models.items():
+        got = torch.load(root / (f"{name}.pt" if layout == "tp1" else f"{name}.{layout}.pt"), weights_only=True)
+        diff = (got[..., :VOCAB] - expected).abs().max().item()
+        print(f"{name} {layout}: max |logit diff| {diff:.2e}")
+        assert diff < 1e-4, f"{name} {layout}: max |logit diff| {diff}"
+        if full is not None:  # rotating every feature instead moves transformers' logits far beyond the tolerance
+            assert (full - expected).abs().max().item() > 20 * 1e-4, name
+
+
+def test_olmo2_and_phi3_round_trip_is_bitwise(text_run, tmp_path):
+    """HF -> Megatron (loaded under TP=2, saved by the launch above) -> HF (the export tool's convert, one process
+    for all models): every tensor (Phi-3's fused projections, OLMo 2's TP-split QK norms) and config.json as they
+    were."""
+    from safetensors.torch import load_file
+
+    root, models = text_run
+    jobs = [(str(root / f"{name}.tp2.ckpt"), str(tmp_path / name)) for name in models]
+    script = ("import json, sys; sys.path.insert(0, 'tools/convert'); from mcore_to_hf import convert\n"
+              "for ckpt, dest in json.loads(sys.argv[1]): convert(ckpt, dest)")
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps(jobs)], cwd=ROOT, env=train_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    volatile = {"transformers_version", "torch_dtype", "dtype"}
+    for name, (_, folder, _, _) in models.items():
+        original, exported = load_file(folder / "model.safetensors"), load_file(tmp_path / name / "model.safetensors")
+        assert sorted(exported) == sorted(original), name
+        for key, tensor in original.items():
+            assert exported[key].dtype == tensor.dtype and torch.equal(exported[key], tensor), f"{name}: {key}"
+        configs = [{k: v for k, v in json.loads((f / "config.json").read_text()).items() if k not in volatile}
+                   for f in (folder, tmp_path / name)]
+        assert configs[0] == configs[1], name
 
 
 # DeepSeek-V2/V3 (families/deepseek.py). V3-style: a query LoRA, sigmoid routing with its correction bias over

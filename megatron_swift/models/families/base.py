@@ -86,6 +86,11 @@ class Family:
     hf_read: Optional[Callable[[dict, str], dict]] = None
     hf_write: Optional[Callable[[dict], dict]] = None
     layers_prefix: str = "decoder.layers."  # Megatron names of the pipelined (language) decoder layers
+    # Where a layer's norms sit: "pre" (before attention and MLP) or "post" (on their outputs, before the residual
+    # add: OLMo 2; models/post_norm.py).
+    norm_placement: str = "pre"
+    # QK norm over a token's whole query / key projection, all heads together (OLMo 2), instead of per head.
+    qk_norm_whole: bool = False
 
     # What a family may override (families/llava.py does): how its HF config reads and writes, how its
     # module is built, its weight table, and which HF tensors it reads under which names.
