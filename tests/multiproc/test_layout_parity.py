@@ -42,7 +42,8 @@ def moe(tmp_path_factory):
 
 def _check(tmp_path, model, init, baseline, layout, nproc=2):
     out = tmp_path / "run"
-    run_train(nproc, [*model, *COMMON, *layout, f"model.load={init}", f"train.output_dir={out}"])
+    start = [f"model.load={init}"] if init else []  # else model.pretrained in ``model``
+    run_train(nproc, [*model, *COMMON, *layout, *start, f"train.output_dir={out}"])
     rows = read_metrics(out)
     assert [r["iteration"] for r in rows] == [r["iteration"] for r in baseline] == list(range(1, STEPS + 1))
     assert rows[0]["loss"] > 1.0  # a real cross-entropy, not an empty batch
@@ -79,6 +80,50 @@ def test_context_parallel_with_tp_or_pp_on_four_ranks_matches_single_rank(tmp_pa
 def test_moe_expert_parallel_matches_single_rank(tmp_path, moe):
     init, baseline = moe
     _check(tmp_path, MOE, init, baseline, ["parallel.ep=2"])
+
+
+# DeepSeek-V3 style (families/deepseek.py): MLA with a query LoRA, one dense first layer, then a shared expert and
+# 8 routed ones under sigmoid routing with the expert bias updated every step (aux-loss-free balancing), and one
+# multi-token-prediction layer whose loss is part of the backward.
+DEEPSEEK = ["+model=deepseek", "model.moe_expert_bias_update_rate=0.01", "model.mtp_loss_weight=0.3"]
+BIAS_RATE = 0.01
+
+
+@pytest.fixture(scope="module")
+def deepseek(tmp_path_factory):
+    """The HF folder (random weights, MTP layer stored as model.layers.4) and the one-rank run's rows and export."""
+    from tests.multiproc.test_hf_load import DEEPSEEK_MTP, save_tiny_nextn_mtp
+
+    root = tmp_path_factory.mktemp("deepseek")
+    save_tiny_nextn_mtp("deepseek_v3", root / "hf", dict(DEEPSEEK_MTP, num_hidden_layers=4))
+    model = [*DEEPSEEK, f"model.pretrained={root / 'hf'}"]
+    base = root / "base"
+    run_train(1, [*model, *COMMON, "train.save_at_end=true", "train.save_hf=true", f"train.output_dir={base}"])
+    return model, read_metrics(base), root
+
+
+def test_deepseek_v3_with_mtp_and_expert_bias_matches_single_rank_on_tp_pp_ep_dp(tmp_path, deepseek):
+    """8 ranks: TP=2 with SP, PP=2 (the MTP layer on the last stage), EP=2 and DP=2 with the distributed optimizer;
+    loss, MTP loss and grad norm per step equal the one-rank run's. Before the MLA workaround
+    (models/mla_rope_grad.py) TP=2 alone moved the grad norm by 2e-5 relative at step 1."""
+    from safetensors.torch import load_file
+
+    model, baseline, root = deepseek
+    _check(tmp_path, model, None, baseline, ["parallel.tp=2", "parallel.sp=true", "parallel.pp=2", "parallel.ep=2",
+                                             "parallel.etp=1", "parallel.distributed_optimizer=true"], nproc=8)
+    rows = read_metrics(tmp_path / "run")
+    for step, (got, want) in enumerate(zip(rows, baseline), start=1):
+        assert want["mtp_loss"] > 1.0
+        assert abs(got["mtp_loss"] - want["mtp_loss"]) < 1e-5, f"step {step}: mtp_loss {got['mtp_loss']} vs {want}"
+    # The expert bias really moved: after 3 steps each entry is the checkpoint's plus k x rate, |k| <= 3.
+    before = load_file(root / "hf" / "model.safetensors")
+    after = load_file(next((root / "base" / "hf").iterdir()) / "model.safetensors")
+    names = [k for k in before if k.endswith("e_score_correction_bias")]
+    assert len(names) == 4  # 3 routed decoder layers and the MTP layer
+    for name in names:
+        steps = (after[name].double() - before[name].double()) / BIAS_RATE
+        assert (steps - steps.round()).abs().max() < 1e-4 and steps.abs().max() <= 3, (name, steps)
+        assert steps.abs().max() >= 1, name
 
 
 def test_bf16_mixed_precision_tracks_fp32(tmp_path, dense):
