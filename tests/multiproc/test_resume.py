@@ -5,8 +5,8 @@ training, after a checkpoint; the same command continues from that checkpoint,
 and every step's loss, learning rate and gradient norm equal an uninterrupted
 run's bitwise. Dropout (RNG state), warmup + cosine (scheduler state), the
 distributed optimizer (sharded Adam state and its step count), TP+SP (the
-tensor-parallel RNG tracker) and packed streaming SFT (the stream's position)
-all have to come back for that to hold.
+tensor-parallel RNG tracker), packed streaming SFT (the stream's position) and
+MoE routers' expert bias (aux-loss-free balancing moves it every step) all have to come back for that to hold.
 """
 from __future__ import annotations
 
