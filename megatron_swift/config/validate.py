@@ -381,6 +381,18 @@ def _backend(cfg, te_available: bool, device: str, problems: List[str]) -> None:
         problems.append("train.precision=fp16 is not supported on CPU; use fp32 or bf16")
 
 
+def _moe_on_gloo(cfg, arch, device: str, problems: List[str]) -> None:
+    """megatron-core 0.16.1's alltoall dispatcher with EP > 1 and expert-TP > 1 all-gathers each expert-TP rank's
+    token count, which differ, in one all_gather: gloo (CPU) needs equal sizes and fails mid-step."""
+    par = cfg.parallel
+    etp = par.etp if par.etp is not None else par.tp
+    if (device == "cpu" and arch.is_moe and par.ep > 1 and etp > 1
+            and cfg.model.moe_token_dispatcher == "alltoall"):
+        problems.append(f"parallel.ep={par.ep} with expert tensor parallelism {etp} (parallel.etp, default "
+                        "parallel.tp) on CPU: megatron-core's alltoall dispatcher gathers uneven token counts, "
+                        "which gloo cannot; set parallel.etp=1 or model.moe_token_dispatcher=allgather")
+
+
 def validate(cfg, world_size: Optional[int], te_available: bool = False, device: str = "cpu"):
     """Raise :class:`ConfigError` listing every problem; return the resolved architecture."""
     from megatron_swift.models.arch import resolve
@@ -404,6 +416,7 @@ def validate(cfg, world_size: Optional[int], te_available: bool = False, device:
     _vision(cfg, arch, problems)
     _new_tokens(cfg.model, problems)
     _backend(cfg, te_available, device, problems)
+    _moe_on_gloo(cfg, arch, device, problems)
     if problems:
         raise ConfigError(problems)
     return arch
