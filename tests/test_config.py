@@ -119,6 +119,39 @@ def test_experts_must_divide_by_ep():
         validate(compose(["+model=qwen3_moe", "parallel.ep=3"]), 3)
 
 
+def test_peft_adapter_export_of_moe_experts_is_refused_and_attention_only_passes(tmp_path):
+    """transformers keeps a layer's experts in fused tensors, so a PEFT adapter cannot target them."""
+    def refusals(overrides):
+        try:
+            validate(compose(["+model=qwen3_moe", "tuner=lora", f"model.load={tmp_path}", "tuner.export=adapter",
+                              *overrides]), 1)
+        except ConfigError as e:
+            return [p for p in e.problems if p.startswith("tuner.export=adapter")]
+        return []
+
+    refused = refusals([])
+    assert len(refused) == 1 and "MoE expert adapters" in refused[0] and "tuner.export=merged" in refused[0]
+    for ok in (["tuner.target_modules=[linear_qkv,linear_proj]"], [r"tuner.target_regex=.*self_attention\..*"],
+               ["tuner.export=merged"]):
+        assert refusals(ok) == [], ok
+
+
+def test_expert_tensor_parallel_with_ep_on_cpu_names_the_keys():
+    """Measured: TP=2 (+SP) x EP=2 with expert-TP 2 fails in megatron-core's alltoall dispatcher on gloo; expert-TP 1
+    and the allgather dispatcher train."""
+    def problems(overrides):
+        try:
+            validate(compose(["+model=qwen3_moe", "parallel.tp=2", "parallel.sp=true", "parallel.ep=2", *overrides]), 4)
+        except ConfigError as e:
+            return [p for p in e.problems if "alltoall dispatcher" in p]
+        return []
+
+    assert problems([]) == ["parallel.ep=2 with expert tensor parallelism 2 (parallel.etp, default parallel.tp) on "
+                            "CPU: megatron-core's alltoall dispatcher gathers uneven token counts, which gloo cannot; "
+                            "set parallel.etp=1 or model.moe_token_dispatcher=allgather"]
+    assert problems(["parallel.etp=1"]) == problems(["model.moe_token_dispatcher=allgather"]) == []
+
+
 def test_all_problems_reported_together():
     problems = _problems(["parallel.tp=3", "train.lr_decay_style=step"], world=3)
     assert problems == ["parallel.tp=3 does not divide model.num_attention_heads=4",

@@ -45,3 +45,10 @@ def test_deepseek_counts_latent_attention_dense_first_layers_and_shared_experts(
     dense = 3 * 64 * 128
     moe = 2 * 3 * 64 * 32 + 3 * 64 * 32 + 64 * 8  # routed top-2, the shared expert, the router
     assert flops_per_token(arch, s, v) == 6 * (3 * attention + dense + 2 * moe + 64 * v)
+    # One MTP layer (as a V3 checkpoint stores): its [embedding; hidden] projection, an MLA + MoE layer like the
+    # last decoder layer, and the output head once more.
+    import dataclasses
+
+    with_mtp = dataclasses.replace(arch, mtp_num_layers=1)
+    mtp = 2 * 64 * 64 + attention + moe + 64 * v
+    assert flops_per_token(with_mtp, s, v) == 6 * (3 * attention + dense + 2 * moe + 64 * v + mtp)

@@ -6,6 +6,7 @@ a user fixes them in one go.
 from __future__ import annotations
 
 import os
+import re
 from typing import List, Optional
 
 from omegaconf import OmegaConf
@@ -248,8 +249,6 @@ def _task(cfg, problems: List[str]) -> None:
 
 
 def _tuner(cfg, arch, problems: List[str]) -> None:
-    import re
-
     from megatron_swift.tuners import FREEZE_GROUPS, LORA_TARGETS
 
     tuner, train = cfg.tuner, cfg.train
@@ -278,9 +277,24 @@ def _tuner(cfg, arch, problems: List[str]) -> None:
     if not (cfg.model.pretrained or cfg.model.load):
         problems.append("tuner=lora trains adapters on given weights: set model.pretrained (HF folder) or "
                         "model.load (checkpoint); the base is read from there again on resume and export")
+    if tuner.export == "adapter" and arch.is_moe and _adapts_experts(tuner):
+        problems.append("tuner.export=adapter: a PEFT adapter cannot hold MoE expert adapters (transformers keeps "
+                        "each layer's experts in fused tensors, not per-expert linears); use tuner.export=merged, "
+                        "or keep the experts out of the targets (tuner.target_regex)")
     if arch.is_moe and (cfg.parallel.etp if cfg.parallel.etp is not None else cfg.parallel.tp) != 1:
         problems.append("tuner=lora on a MoE model needs parallel.etp=1 (expert adapters are not split over "
                         "an expert tensor-parallel group)")
+
+
+def _adapts_experts(tuner) -> bool:
+    """Whether LoRA would adapt routed experts' linears (linear_fc1/linear_fc2 under mlp.experts)."""
+    expert = "decoder.layers.0.mlp.experts.local_experts.0.linear_fc1"
+    if tuner.target_regex is not None:
+        try:
+            return re.fullmatch(tuner.target_regex, expert) is not None
+        except re.error:
+            return False  # reported as a bad regex above
+    return bool({"all-linear", "linear_fc1", "linear_fc2"} & set(tuner.target_modules))
 
 
 def _vision(cfg, arch, problems: List[str]) -> None:
@@ -367,6 +381,18 @@ def _backend(cfg, te_available: bool, device: str, problems: List[str]) -> None:
         problems.append("train.precision=fp16 is not supported on CPU; use fp32 or bf16")
 
 
+def _moe_on_gloo(cfg, arch, device: str, problems: List[str]) -> None:
+    """megatron-core 0.16.1's alltoall dispatcher with EP > 1 and expert-TP > 1 all-gathers each expert-TP rank's
+    token count, which differ, in one all_gather: gloo (CPU) needs equal sizes and fails mid-step."""
+    par = cfg.parallel
+    etp = par.etp if par.etp is not None else par.tp
+    if (device == "cpu" and arch.is_moe and par.ep > 1 and etp > 1
+            and cfg.model.moe_token_dispatcher == "alltoall"):
+        problems.append(f"parallel.ep={par.ep} with expert tensor parallelism {etp} (parallel.etp, default "
+                        "parallel.tp) on CPU: megatron-core's alltoall dispatcher gathers uneven token counts, "
+                        "which gloo cannot; set parallel.etp=1 or model.moe_token_dispatcher=allgather")
+
+
 def validate(cfg, world_size: Optional[int], te_available: bool = False, device: str = "cpu"):
     """Raise :class:`ConfigError` listing every problem; return the resolved architecture."""
     from megatron_swift.models.arch import resolve
@@ -390,6 +416,7 @@ def validate(cfg, world_size: Optional[int], te_available: bool = False, device:
     _vision(cfg, arch, problems)
     _new_tokens(cfg.model, problems)
     _backend(cfg, te_available, device, problems)
+    _moe_on_gloo(cfg, arch, device, problems)
     if problems:
         raise ConfigError(problems)
     return arch

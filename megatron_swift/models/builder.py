@@ -17,7 +17,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.transformer_config import MLATransformerConfig
 
 from megatron_swift.backend import Backend
-from megatron_swift.models import rope
+from megatron_swift.models import moe_aux_scale, rope
 from megatron_swift.models.attention import use_core_attention
 from megatron_swift.models.norm import swap_torch_norms, unfuse_layernorm_linears
 from megatron_swift.models.post_norm import post_norm_layers, whole_projection_qk_norm
@@ -100,6 +100,8 @@ def transformer_config(arch, cfg, backend: Backend, initialize: bool = True) -> 
     if train.fp8:
         kwargs.update(fp8=train.fp8, fp8_recipe="delayed")
     if arch.is_moe:
+        if model.moe_aux_loss_coeff > 0:
+            moe_aux_scale.install()  # megatron-core 0.16.1: the aux loss's token count under SP / CP
         kwargs.update(
             num_moe_experts=arch.num_experts,
             moe_ffn_hidden_size=arch.moe_ffn_hidden_size,

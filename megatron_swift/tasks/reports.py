@@ -46,3 +46,33 @@ def mtp_losses(num_microbatches: int, device) -> Dict[str, float]:
     if values.numel() > 1:
         out.update({f"mtp_{i + 1}_loss": v.item() for i, v in enumerate(values)})
     return out
+
+
+def moe_aux_loss(tconfig, num_microbatches: int, device) -> Dict[str, float]:
+    """This step's MoE load-balancing loss (``model.moe_aux_loss_coeff`` > 0), as megatron-core 0.16.1's router
+    records it: per layer, the Switch-Transformer loss E * sum_i f_i * P_i without its coefficient, summed over
+    this rank's micro-batches (``get_moe_layer_wise_logging_tracker()['load_balancing_loss']``; the backward gets
+    coefficient x loss through MoEAuxLossAutoScaler). Returned as ``moe_aux_loss``: the mean over MoE layers and
+    micro-batches, like megatron-core's ``track_moe_metrics``; the tracker is emptied for the next step.
+
+    Every rank calls it (the layers are spread over pipeline stages); the figure is the last stage's to report.
+    Reduced here as ``reduce_aux_losses_tracker_across_ranks`` does (sum over PP and over the TP x CP group, whose
+    ranks hold parts of each layer's token sum; mean over DP), with sums: gloo has no ReduceOp.AVG."""
+    if not (tconfig.num_moe_experts and tconfig.moe_aux_loss_coeff) or not num_microbatches:
+        return {}
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+    entry = get_moe_layer_wise_logging_tracker().get("load_balancing_loss")
+    slots = tconfig.num_layers + (tconfig.mtp_num_layers or 0)
+    values = (entry["values"].detach().to(device=device, dtype=torch.float64) if entry is not None
+              else torch.zeros(slots, dtype=torch.float64, device=device))  # a stage without MoE layers
+    dist.all_reduce(values, group=ps.get_pipeline_model_parallel_group())
+    dist.all_reduce(values, group=ps.get_tensor_and_context_parallel_group())
+    dp = ps.get_data_parallel_group()
+    dist.all_reduce(values, group=dp)
+    if entry is not None:
+        entry["values"].zero_()
+    layers = int((values != 0).sum())  # each MoE layer's loss is positive; dense layers leave their slot at 0
+    if not layers:
+        return {}
+    return {"moe_aux_loss": (values.sum() / (layers * num_microbatches * dist.get_world_size(dp))).item()}

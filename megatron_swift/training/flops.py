@@ -23,6 +23,8 @@ for the projections, ``2 * T * h_v`` for scores and values, ``2 * h_v * f_v`` fo
 """
 from __future__ import annotations
 
+import dataclasses
+
 from megatron_swift.models.arch import Arch
 
 
@@ -32,7 +34,11 @@ def flops_per_token(arch: Arch, seq_length: int, padded_vocab: int) -> float:
     outputs = padded_vocab if arch.head == "lm" else 1
     layers = arch.decoder_family.layer_macs(arch, seq_length)  # a family's own layers (MLA, dense + MoE)
     if layers is not None:
-        return 3 * 2 * (layers + h * outputs)
+        # Each MTP layer: its [embedding; hidden] projection, a layer like the last decoder layer (the family's
+        # count of n layers less its count of n - 1), and the shared output head once more.
+        fewer = arch.decoder_family.layer_macs(dataclasses.replace(arch, num_layers=arch.num_layers - 1), seq_length)
+        mtp = arch.mtp_num_layers * (2 * h * h + layers - fewer + h * outputs)
+        return 3 * 2 * (layers + h * outputs + mtp)
     q = arch.num_attention_heads * arch.kv_channels
     kv = arch.num_query_groups * arch.kv_channels
     attention = h * (q + 2 * kv) + q * h + 2 * seq_length * q

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+from megatron.core.utils import get_model_config
 from omegaconf import OmegaConf
 
 from megatron_swift import backend as backend_mod
@@ -34,6 +35,7 @@ from megatron_swift.models.vlm import add_image_token
 from megatron_swift.observe import Sinks
 from megatron_swift.observe.progress import Progress
 from megatron_swift.tasks import build_task, task_class
+from megatron_swift.tasks.reports import moe_aux_loss
 from megatron_swift.tuners.apply import apply_tuner
 from megatron_swift.training import checkpoint as ckpt
 from megatron_swift.training import cp_shard, resume_check, run_dir, run_index, run_length
@@ -134,6 +136,9 @@ class Trainer:
             batch.step = iteration  # restored with the checkpoint: per-step draws continue on resume
         reports = self._forward_backward(batches, False, self.train_data)
         figures = self._task_metrics(reports)  # before the update: the guard needs the loss
+        aux = moe_aux_loss(get_model_config(self.model[0]), len(batches), self.backend.torch_device)
+        if figures is not None:  # the router's load-balancing loss, on its own (every stage took part)
+            figures.update(aux)
         self.guard.observe_loss(figures["loss"] if figures else None, self.backend.torch_device)
         ok, grad_norm, _ = self.optimizer.step()
         skipped = self.guard.end_step(fp16_skipped=not ok)

@@ -5,8 +5,8 @@ training, after a checkpoint; the same command continues from that checkpoint,
 and every step's loss, learning rate and gradient norm equal an uninterrupted
 run's bitwise. Dropout (RNG state), warmup + cosine (scheduler state), the
 distributed optimizer (sharded Adam state and its step count), TP+SP (the
-tensor-parallel RNG tracker) and packed streaming SFT (the stream's position)
-all have to come back for that to hold.
+tensor-parallel RNG tracker), packed streaming SFT (the stream's position) and
+MoE routers' expert bias (aux-loss-free balancing moves it every step) all have to come back for that to hold.
 """
 from __future__ import annotations
 
@@ -38,12 +38,24 @@ LAYOUTS = {
     "cp2_sft_packed_stream": ["data=sft", "data.packing=true", "data.streaming=true", "data.stream_buffer=16",
                               "data.pack_window=8", "train.seq_length=256", "parallel.distributed_optimizer=true",
                               "parallel.cp=2", "train.global_batch_size=4", "train.micro_batch_size=1"],
+    # MoE with aux-loss-free balancing (DeepSeek-V3 style: sigmoid routing, a shared expert, a dense first layer)
+    # under EP=2: the routers' expert bias is a buffer the trainer moves every step (megatron-core's
+    # finalize_model_grads), not the optimizer; it must come back with the checkpoint, or routing changes.
+    "moe_expert_bias_ep2": ["model.moe_expert_bias_update_rate=0.01", "parallel.ep=2",
+                            "parallel.distributed_optimizer=true", "train.global_batch_size=4",
+                            "train.micro_batch_size=2"],
 }
+MODELS = {"moe_expert_bias_ep2": "+model=deepseek"}  # the others: COMMON's qwen3
 # The divergence guard at work: with these settings the uninterrupted run skips steps 10, 12-14, 17-19 and 21-23
 # as loss spikes (above 1.01 x the mean of the last 2 good losses), and saves no checkpoint at step 12 (mid-streak).
 GUARDED = {"dp2_distopt_spikes": [*LAYOUTS["dp2_distopt"], "train.lr=1e-2", "train.loss_spike_factor=1.01",
                                   "train.loss_spike_window=2", "train.max_skipped_steps=50"]}
 KILL_AFTER_STEP = 6  # a checkpoint (step 4) exists and later steps ran
+
+
+def base(layout: str) -> list:
+    """COMMON with the layout's model."""
+    return [MODELS.get(layout, COMMON[0]), *COMMON[1:]]
 
 
 def per_step(output_dir: Path) -> dict:
@@ -62,7 +74,7 @@ def uninterrupted(tmp_path_factory):
     def rows(layout: str) -> dict:
         if layout not in cache:
             out = tmp_path_factory.mktemp(f"whole_{layout}")
-            procs.run(2, [*COMMON, *{**LAYOUTS, **GUARDED}[layout], f"train.output_dir={out}"])
+            procs.run(2, [*base(layout), *{**LAYOUTS, **GUARDED}[layout], f"train.output_dir={out}"])
             cache[layout] = per_step(out)
             assert sorted(cache[layout]) == list(range(1, TOTAL + 1))
         return cache[layout]
@@ -86,7 +98,7 @@ def resumed_at(stdout: str) -> int:
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_killed_mid_run_resumes_exactly(tmp_path, uninterrupted, layout):
     out = tmp_path / "run"
-    command = [*COMMON, *LAYOUTS[layout], f"train.output_dir={out}"]
+    command = [*base(layout), *LAYOUTS[layout], f"train.output_dir={out}"]
     proc = procs.start(2, command, log=tmp_path / "killed.log")
     try:
         procs.wait_until(proc, lambda: procs.last_step(procs.metrics_file(out)) >= KILL_AFTER_STEP)

@@ -138,11 +138,13 @@ class DeepSeekFamily(Family):
         return fields
 
     def build(self, arch, tconfig, padded_vocab: int, seq_length: int, backend, unfuse_norms: bool = False) -> list:
+        from megatron_swift.models import mla_rope_grad
         from megatron_swift.models.builder import build_gpt_chunks
 
         # MLA builds its own rotary embedding (plain or YaRN) from the TransformerConfig: the GPT-level RoPE
         # replacement (models.rope.install) does not apply.
         _note_dropped(arch)
+        mla_rope_grad.install()  # megatron-core 0.16.1: the rotary key's gradient under TP without TE
         with _mla_without_te(backend.use_te):
             return build_gpt_chunks(dataclasses.replace(arch, rope_scaling=None), tconfig, padded_vocab,
                                     seq_length, backend, unfuse_norms)
