@@ -109,7 +109,8 @@ def megatron_logits(tmp_path, batch: dict, nproc: int, overrides):
     return torch.load(out, weights_only=True)
 
 
-CASES = {"tp1": (1, []), "tp2": (2, ["parallel.tp=2"]), "pp2": (2, ["parallel.pp=2"])}
+# TP=1 is tools/convert/check.py's run below (the same two photographs in one row).
+CASES = {"tp2": (2, ["parallel.tp=2"]), "pp2": (2, ["parallel.pp=2"])}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -166,3 +167,21 @@ def test_config_written_without_a_source_is_the_same_model(hf):
     fields = dict(dataclasses.asdict(family.size("tiny")), **family.read_hf(source, str(folder)))
     written = family.write_hf(Arch(family=family, **fields).plain(), "float32")
     assert transformers.Qwen2_5_VLConfig(**written).to_dict() == transformers.Qwen2_5_VLConfig(**source).to_dict()
+
+
+def test_check_tool_with_images_at_tp1(tmp_path, hf):
+    """tools/convert/check.py --image (the folder's own image processor; the two photographs in one row, M-RoPE
+    positions continuing across them) reports transformers' logits at TP=1."""
+    folder = hf[0]
+    paths = []
+    for i, photo in enumerate(two_photos()):
+        paths.append(str(tmp_path / f"photo{i}.png"))
+        photo.save(paths[-1])
+    report = tmp_path / "report.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "convert" / "check.py"), "--hf", str(folder),
+                           "--image", *paths, "--seq", "6", "--report", str(report), "train.device=cpu"],
+                          cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "top-1 agreement" in proc.stdout
+    figures = json.loads(report.read_text())
+    assert figures["max_abs_diff"] < 1e-4 and figures["token_agreement"] == 1.0, figures
