@@ -166,6 +166,9 @@ class QwenVLFamily(Family):
     def check_inputs(self, folder: str, hf: dict, images: list, seq: int, generator) -> dict:
         return check_inputs(folder, hf, images, seq, generator)
 
+    def vision_data(self, cfg, arch):
+        return vision_data(cfg, arch)
+
     def canonical_hf_name(self, name: str) -> str:
         for alias, canonical in _ALIASES:
             if name.startswith(alias):
@@ -208,6 +211,66 @@ def check_inputs(folder: str, hf: dict, images: list, seq: int, generator) -> di
     media = {"pixel_values": pixels["pixel_values"], "image_grid_thw": grid}
     return {"hf": dict(input_ids=tokens, mm_token_type_ids=types_, **media),
             "megatron": dict(tokens=tokens, position_ids=positions, image_index=index, media=media)}
+
+
+def vision_data(cfg, arch):
+    """What vl_sft rows need: the folder's own image processor (data.min_pixels / max_pixels passed to it)
+    decides each image's pixels, grid and token count; each <image> tag becomes <|vision_start|>, T image
+    tokens, <|vision_end|>; positions are get_rope_index's per sample."""
+    from megatron_swift.data.images import VisionData, load_image_processor
+
+    folder = cfg.model.pretrained
+    if not folder:
+        raise DataError("model.pretrained", None, f"+model={FAMILY.name} with data.source=vl_sft needs "
+                                                  "model.pretrained: the HF folder whose image processor makes the pixels")
+    overrides = {k: v for k, v in (("min_pixels", cfg.data.min_pixels), ("max_pixels", cfg.data.max_pixels))
+                 if v is not None}
+    processor = load_image_processor(folder, **overrides).hf
+    return qwen_vision_data(processor, arch)
+
+
+def qwen_vision_data(processor, arch):
+    """VisionData over a Qwen2-VL image processor (transformers') for the architecture ``arch``."""
+    import numpy as np
+    import torch
+    import transformers
+
+    from megatron_swift.data.images import VisionData
+    from megatron_swift.models.mrope import hf_rope_index
+
+    merge = processor.merge_size
+    options, image_id = arch.family_options, arch.image_token_id
+    config = hf_config(arch)
+
+    def tokens_for(file: str) -> int:
+        height, width = _upright_size(file)
+        return processor.get_number_of_image_patches(height, width, {}) // merge ** 2
+
+    def process(image) -> dict:
+        out = processor(images=[image], return_tensors="pt")
+        return {"pixel_values": out["pixel_values"].to(torch.float32), "image_grid_thw": out["image_grid_thw"]}
+
+    def positions(ids, media: list):
+        tokens = torch.from_numpy(np.asarray(ids)).unsqueeze(0)
+        grid = torch.cat([m["image_grid_thw"] for m in media]) if media else None
+        streams = hf_rope_index(transformers.Qwen2_5_VLModel, config, tokens, (tokens == image_id).long(), grid)
+        return streams[:, 0].numpy()
+
+    return VisionData("<image>", image_id, 0, process, tokens_for=tokens_for,
+                      wrap=((options["vision_start_token_id"],), (options["vision_end_token_id"],)),
+                      positions=positions, count=lambda media: int(media["image_grid_thw"].prod()) // merge ** 2)
+
+
+def _upright_size(file: str):
+    """(height, width) of the image as data.images.open_image gives it (EXIF orientations 5-8 swap the sides),
+    from the header alone."""
+    from PIL import Image
+
+    with Image.open(file) as image:
+        width, height = image.size
+        if image.getexif().get(0x0112) in (5, 6, 7, 8):
+            width, height = height, width
+    return height, width
 
 
 def tower_parameter_names(vision_hf: dict) -> list:
