@@ -130,3 +130,11 @@ def test_truncation_never_cuts_an_image(folders, qwen):  # noqa: F811
     start = int(whole.samples.starts[0][1])  # the second image's first token
     cut = _source(folders, qwen, ROWS[:1] + ROWS[1:], seq_length=start + 3, truncation="truncate")
     assert cut.description.count("dropped") and "1 dropped" in cut.description  # the row the cut would split
+
+
+def test_video_rows_are_refused_with_file_and_line(folders, qwen):  # noqa: F811
+    from megatron_swift.data.errors import DataError
+
+    row = dict(_row("<video>What happens?", "A dance."), videos=["clip.mp4"])
+    with pytest.raises(DataError, match=r"q\.jsonl:1.*'videos': video rows are not supported yet"):
+        _source(folders, qwen, [row])

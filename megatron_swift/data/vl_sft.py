@@ -136,6 +136,8 @@ def vl_line_encoder(data_cfg, template, tokenizer, seq_length: int, counts: Coun
     where = {}  # the JSONL file of the line being encoded: image paths are relative to it
 
     def encode_row(row):
+        if row.get("videos"):
+            raise RowError("'videos': video rows are not supported yet (images only)")
         messages = to_messages(row, data_cfg.format)
         text, spans = template.spans(messages)
         files = images.files(row, where["path"], text.count(vision.image_token))
