@@ -138,3 +138,21 @@ def test_video_rows_are_refused_with_file_and_line(folders, qwen):  # noqa: F811
     row = dict(_row("<video>What happens?", "A dance."), videos=["clip.mp4"])
     with pytest.raises(DataError, match=r"q\.jsonl:1.*'videos': video rows are not supported yet"):
         _source(folders, qwen, [row])
+
+
+def test_freeze_groups_split_the_tower_from_its_merger():
+    """train.freeze=[vision] / [projector] on a held tower: the merger (transformers' names) is the projector,
+    every other tower parameter the vision group, nothing in both."""
+    import re
+
+    from megatron_swift.models import families
+    from megatron_swift.models.families import qwen2_5_vl
+
+    names = ["vision_model.hf." + n
+             for n in qwen2_5_vl.tower_parameter_names(families.get("qwen2_5_vl").size("tiny").vision_hf)]
+    groups = qwen2_5_vl._FREEZE_GROUPS
+    vision = {n for n in names if re.search(groups["vision"], n)}
+    projector = {n for n in names if re.search(groups["projector"], n)}
+    assert vision | projector == set(names) and not vision & projector
+    assert projector == {n for n in names if n.startswith("vision_model.hf.merger.")} and projector
+    assert not re.search(groups["vision"], "language_model.embedding.word_embeddings.weight")

@@ -226,13 +226,37 @@ def training_folder(root):
     return root
 
 
-def test_training_with_images_tp2_sp_equals_one_rank(tmp_path):
+@pytest.fixture(scope="module")
+def train_root(tmp_path_factory):
+    return training_folder(tmp_path_factory.mktemp("qwen_vl_train"))
+
+
+def test_packed_rows_give_each_token_its_unpacked_loss(tmp_path, train_root):
+    """Rows packed with images of two sizes (different token counts) and each sample's own three position
+    streams give every token the loss it has alone in a row, within 1e-5."""
+    root = train_root
+    out = tmp_path / "losses.pt"
+    overrides = ["+model=qwen2_5_vl", f"model.pretrained={root / 'hf'}", "data=vl_sft",
+                 f"data.path=[{root / 'd.jsonl'}]", "train.seq_length=160", "train.precision=fp32", "train.device=cpu",
+                 f"train.output_dir={tmp_path / 'run'}", "logging.tensorboard=false"]
+    proc = subprocess.run(launch_cmd(1, [str(out), *overrides], script=ROOT / "tests" / "multiproc" /
+                                     "sft_loss_worker.py"), cwd=ROOT, env=train_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    result = torch.load(out, weights_only=True)
+    assert sorted(result["unpacked"]) == sorted(result["packed"]) == list(range(16))
+    assert result["rows"] <= 8  # rows really hold several samples, each with its image
+    for sample, losses in result["unpacked"].items():
+        assert (losses - result["packed"][sample]).abs().max().item() < 1e-5, sample
+
+
+def test_training_with_images_tp2_sp_equals_one_rank(tmp_path, train_root):
     """3 steps of SFT with images (tower, merger and language model all training) under TP=2 + SP report the
     one-rank run's losses and gradient norms within 1e-5: the held tower's gradients are equal on the TP ranks
     and counted once in the norm."""
     from tests.conftest import read_metrics, run_train
 
-    root = training_folder(tmp_path)
+    root = train_root
     common = ["+model=qwen2_5_vl", f"model.pretrained={root / 'hf'}", "data=vl_sft", f"data.path=[{root / 'd.jsonl'}]",
               "train.precision=fp32", "train.train_iters=3", "train.global_batch_size=4", "train.micro_batch_size=1",
               "train.seq_length=64", "train.save_at_end=false", "train.lr=1e-3", "train.lr_warmup_iters=1",
