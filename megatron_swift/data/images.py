@@ -145,7 +145,7 @@ def vision_data(cfg, arch) -> Optional[VisionData]:
     """What the data side needs of the run's VLM (None for a text model): its image token, the image tokens per
     image, and its encoder's image processor (model.pretrained's or model.vision's, else the default one)."""
     if arch.vision_hf is not None:  # a held tower: its family knows its processor, tokens and positions
-        return arch.family.vision_data(cfg, arch)
+        return arch.family.vision_data(cfg, arch) if cfg.data.source == "vl_sft" else None
     if arch.vision is None:
         return None
     from megatron_swift.models.vision_arch import image_seq_length

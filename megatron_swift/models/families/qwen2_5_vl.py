@@ -297,12 +297,12 @@ FAMILY = QwenVLFamily(
     sizes={
         # CPU-sized: a 2-layer Qwen2-like decoder (head dim 16: sections [2, 3, 3]) and a 2-block tower (one with
         # full attention) whose 28-px windows hold 2x2 merged tokens.
-        "tiny": QwenVLSize(2, 64, 128, 4, 2, vocab_size=256, max_position_embeddings=1024, untie_embeddings=True,
-                           text_family="qwen2", image_token_id=250,
+        "tiny": QwenVLSize(2, 64, 128, 4, 2, vocab_size=300, max_position_embeddings=1024, untie_embeddings=True,
+                           text_family="qwen2", image_token_id=290,
                            vision_hf=dict(_VISION_7B, depth=2, hidden_size=32, intermediate_size=64, num_heads=4,
                                           window_size=56, fullatt_block_indexes=[1], out_hidden_size=64),
-                           family_options=dict(mrope_section=[2, 3, 3], video_token_id=251,
-                                               vision_start_token_id=252, vision_end_token_id=253)),
+                           family_options=dict(mrope_section=[2, 3, 3], video_token_id=291,
+                                               vision_start_token_id=292, vision_end_token_id=293)),
         "3b": QwenVLSize(36, 2048, 11008, 16, 2, vocab_size=151936, untie_embeddings=False,
                          vision_hf=dict(_VISION_7B, out_hidden_size=2048),
                          family_options=dict(mrope_section=[16, 24, 24], **_TOKEN_IDS), **_Q),
