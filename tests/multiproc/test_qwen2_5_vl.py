@@ -231,15 +231,19 @@ def train_root(tmp_path_factory):
     return training_folder(tmp_path_factory.mktemp("qwen_vl_train"))
 
 
-def test_packed_rows_give_each_token_its_unpacked_loss(tmp_path, train_root):
-    """Rows packed with images of two sizes (different token counts) and each sample's own three position
-    streams give every token the loss it has alone in a row, within 1e-5."""
+def test_packed_rows_under_cp2_give_transformers_per_token_losses(tmp_path, train_root):
+    """CP=2 (M-RoPE positions whole, image features placed by each rank's own positions): rows packed with
+    images of two sizes give every token the loss it has alone in a row, and that loss is transformers' (its
+    model on the sample's ids, the processor's pixels, its own positions) within 1e-5."""
+    import torch.nn.functional as F
+    from PIL import Image
+
     root = train_root
     out = tmp_path / "losses.pt"
     overrides = ["+model=qwen2_5_vl", f"model.pretrained={root / 'hf'}", "data=vl_sft",
                  f"data.path=[{root / 'd.jsonl'}]", "train.seq_length=160", "train.precision=fp32", "train.device=cpu",
-                 f"train.output_dir={tmp_path / 'run'}", "logging.tensorboard=false"]
-    proc = subprocess.run(launch_cmd(1, [str(out), *overrides], script=ROOT / "tests" / "multiproc" /
+                 f"train.output_dir={tmp_path / 'run'}", "logging.tensorboard=false", "parallel.cp=2"]
+    proc = subprocess.run(launch_cmd(2, [str(out), *overrides], script=ROOT / "tests" / "multiproc" /
                                      "sft_loss_worker.py"), cwd=ROOT, env=train_env(), capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-5000:]
@@ -248,6 +252,17 @@ def test_packed_rows_give_each_token_its_unpacked_loss(tmp_path, train_root):
     assert result["rows"] <= 8  # rows really hold several samples, each with its image
     for sample, losses in result["unpacked"].items():
         assert (losses - result["packed"][sample]).abs().max().item() < 1e-5, sample
+    model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(root / "hf").float().eval()
+    processor = transformers.AutoImageProcessor.from_pretrained(root / "hf", backend="pil")
+    rows = [json.loads(line) for line in (root / "d.jsonl").read_text().splitlines()]
+    for sample in (0, 1):  # one of each photograph
+        ids = result["ids"][sample][None]
+        pixels = processor(images=[Image.open(root / rows[sample]["images"][0]).convert("RGB")], return_tensors="pt")
+        with torch.no_grad():
+            logits = model(input_ids=ids, pixel_values=pixels["pixel_values"], image_grid_thw=pixels["image_grid_thw"],
+                           mm_token_type_ids=(ids == 5).long()).logits[0, :-1]
+        want = F.cross_entropy(logits, ids[0, 1:], reduction="none")
+        assert (result["unpacked"][sample] - want).abs().max().item() < 1e-5, sample
 
 
 def test_training_with_images_tp2_sp_equals_one_rank(tmp_path, train_root):

@@ -137,14 +137,6 @@ class QwenVLFamily(Family):
     def transformer_fields(self, arch) -> dict:
         return {"mrope_section": list(arch.family_options["mrope_section"])}
 
-    def layout_problems(self, arch, parallel) -> list:
-        problems = []
-        if getattr(parallel, "cp", 1) > 1:
-            problems.append(f"parallel.cp={parallel.cp}: context parallelism with M-RoPE (+model={self.name}) is "
-                            "not supported yet (megatron-core cuts [3, b, s] position ids on the wrong axis); use "
-                            "parallel.cp=1")
-        return problems
-
     def build(self, arch, tconfig, padded_vocab: int, seq_length: int, backend, unfuse_norms: bool = False):
         from megatron_swift.models.held_tower import build_held_tower
         from megatron_swift.models.vlm import build_held_vlm_chunks
