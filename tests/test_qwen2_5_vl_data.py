@@ -156,3 +156,19 @@ def test_freeze_groups_split_the_tower_from_its_merger():
     assert vision | projector == set(names) and not vision & projector
     assert projector == {n for n in names if n.startswith("vision_model.hf.merger.")} and projector
     assert not re.search(groups["vision"], "language_model.embedding.word_embeddings.weight")
+
+
+def test_flops_count_the_tower_per_image_token():
+    """A step's FLOPs grow with the data's image tokens by the tower's count per token (closed form here)."""
+    from omegaconf import OmegaConf
+
+    from megatron_swift.models.arch import resolve
+    from megatron_swift.training.flops import flops_per_step
+
+    arch = resolve(OmegaConf.create(dict(family="qwen2_5_vl", size="7b", pretrained=None, llm=None)))
+    base = flops_per_step(arch, 4096, 152064, 8)
+    with_images = flops_per_step(arch, 4096, 152064, 8, 1.0, True, image_tokens_per_row=1000.0)
+    h, f, window = 1280, 3420, 64  # Qwen2.5-VL-7B's tower: 8 x 8 patches per 112-px window
+    per_token = 4 * (3 * 2 * 14 * 14 * h + 32 * (4 * h * h + 3 * h * f + 2 * h * window)) \
+        + (4 * h) ** 2 + 4 * h * 3584
+    assert with_images - base == pytest.approx(2 * 3 * per_token * 1000 * 8)

@@ -187,6 +187,11 @@ class VLRows(SFTRows):
         """Mean images per row (the FLOPs of a step count the encoder per image)."""
         return sum(len(files) for files in self.samples.images) / max(1, len(self.rows))
 
+    @property
+    def image_tokens_per_row(self) -> float:
+        """Mean image tokens per row (a held tower's FLOPs follow its images' sizes)."""
+        return sum(int(c.sum()) for c in self.samples.counts) / max(1, len(self.rows))
+
     def __getitem__(self, index: int) -> dict:
         row = super().__getitem__(index)
         image_index = np.full(self.seq_length, -1, dtype=np.int64)

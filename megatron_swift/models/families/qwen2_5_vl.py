@@ -158,6 +158,22 @@ class QwenVLFamily(Family):
     def check_inputs(self, folder: str, hf: dict, images: list, seq: int, generator) -> dict:
         return check_inputs(folder, hf, images, seq, generator)
 
+    def tower_flops_per_token(self, arch, train_vision: bool) -> float:
+        """Per LLM image token (merge^2 patches): patch embedding, the blocks (QKV + output 4h^2, gated MLP 3hf,
+        scores and values 2h x the patches a window holds; the full-attention blocks counted as windows: the
+        image size is not known here, a lower bound), and the merger (4h -> 4h -> out). Training is 3x the
+        forward, the tower's part 1x when it is frozen (train.train_vision=false); the merger always trains."""
+        v = arch.vision_hf
+        h, f, depth = v["hidden_size"], v["intermediate_size"], v["depth"]
+        merge, patch, out = v.get("spatial_merge_size", 2), v.get("patch_size", 14), v["out_hidden_size"]
+        patches = merge ** 2
+        window = (v.get("window_size", 112) // patch) ** 2
+        embed = v.get("in_channels", 3) * v.get("temporal_patch_size", 2) * patch ** 2 * h
+        block = 4 * h * h + 3 * h * f + 2 * h * window
+        tower = patches * (embed + depth * block)
+        merger = (patches * h) ** 2 + patches * h * out
+        return 2 * ((3 if train_vision else 1) * tower + 3 * merger)
+
     def vision_data(self, cfg, arch):
         return vision_data(cfg, arch)
 
