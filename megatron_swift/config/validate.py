@@ -71,6 +71,8 @@ def _layout(cfg, arch, te_available: bool, problems: List[str]) -> None:
             problems.append(f"model.num_layers={arch.num_layers} leaves no MoE layer (the family's first "
                             f"{arch.moe_dense_first} layers are dense)")
     problems += arch.decoder_family.layout_problems(arch, par)
+    if arch.family is not arch.decoder_family:  # a VLM's own limits (M-RoPE and CP) besides its text family's
+        problems += arch.family.layout_problems(arch, par)
     _mtp(cfg, arch, problems)
     if par.overlap_param_gather and not par.distributed_optimizer:
         problems.append("parallel.overlap_param_gather=true needs parallel.distributed_optimizer=true")
@@ -300,8 +302,16 @@ def _adapts_experts(tuner) -> bool:
 def _vision(cfg, arch, problems: List[str]) -> None:
     """Vision-language models (+model=llava) and image data."""
     model = cfg.model
-    if cfg.data.source == "vl_sft" and arch.vision is None:
-        problems.append(f"data.source=vl_sft needs a vision-language model (+model=llava), not +model={model.family}")
+    if cfg.data.source == "vl_sft" and not arch.has_vision:
+        problems.append(f"data.source=vl_sft needs a vision-language model (+model=llava or +model=qwen2_5_vl), "
+                        f"not +model={model.family}")
+    for key in ("min_pixels", "max_pixels"):
+        value = cfg.data.get(key)
+        if value is not None and (arch.vision_hf is None or value <= 0):
+            problems.append(f"data.{key}={value}: a positive pixel count, for a native-resolution VLM "
+                            "(+model=qwen2_5_vl)" + ("" if arch.vision_hf is not None else f", not +model={model.family}"))
+    if arch.vision_hf is not None and cfg.task.name != "lm":
+        problems.append(f"task={cfg.task.name} does not take images yet: a VLM trains with task=lm (SFT, pretraining)")
     if model.llm and model.pretrained:
         problems.append("model.pretrained (an HF LLaVA folder) and model.llm + model.vision (one composed from an "
                         "LLM and a vision encoder) are alternatives: set one")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Tuple
 
 import torch
 
@@ -33,7 +33,21 @@ class VisionData:
     image_token: str
     image_token_id: int
     image_seq_length: int
-    processor: Callable[[Any], torch.Tensor]
+    processor: Callable[[Any], Any]
+    # A held tower's images (models/held_tower.py, e.g. Qwen2.5-VL), all None/empty for LLaVA:
+    # tokens_for(file) -> T of that image (the processor's own count from the image's size; None: every image
+    # has image_seq_length); processor(image) then gives the tower's inputs for one image ({name: tensor},
+    # concatenated along dim 0 over a micro-batch); wrap: the token ids written before and after each image's
+    # T tokens (Qwen's vision start / end); positions(ids, media of the sample's images) -> [3, n] M-RoPE
+    # positions of one sample (None: 1-D positions).
+    tokens_for: Optional[Callable[[str], int]] = None
+    wrap: Tuple[Tuple[int, ...], Tuple[int, ...]] = ((), ())
+    positions: Optional[Callable[[Any, list], Any]] = None
+    count: Optional[Callable[[dict], int]] = None  # T of one processed image (its media), checked at fetch
+
+    @property
+    def held(self) -> bool:
+        return self.tokens_for is not None
 
 
 class ImageProcessor:
@@ -51,13 +65,13 @@ class ImageProcessor:
 
 
 def load_image_processor(folder: Optional[str], fallback_model_type: Optional[str] = None,
-                         image_size: Optional[int] = None) -> ImageProcessor:
+                         image_size: Optional[int] = None, **overrides) -> ImageProcessor:
     """The image processor of the HF model ``folder`` (its preprocessor_config.json, or the "image_processor" of
     the processor_config.json transformers 5 writes); a folder without one (or None, a model built from scratch)
     gets the default processor of ``fallback_model_type`` (clip or siglip, also as *_vision_model) for square
     images of ``image_size``."""
     if folder and _has_image_processor(folder):
-        return ImageProcessor(_auto_processor(folder))
+        return ImageProcessor(_auto_processor(folder, **overrides))
     if image_size is None or fallback_model_type not in _CLIP + _SIGLIP:
         raise ValueError(f"no image processor (preprocessor_config.json) in {folder} and no default one for vision "
                          f"model type {fallback_model_type!r} (clip or siglip) with image size {image_size}")
@@ -74,14 +88,14 @@ def _has_image_processor(folder: str) -> bool:
         return "image_processor" in json.load(f)
 
 
-def _auto_processor(folder: str):
+def _auto_processor(folder: str, **overrides):
     import transformers
 
     # transformers 5 picks the torchvision ("fast") processor when it can and names the PIL one backend="pil";
     # 4.x has use_fast=False for the same thing.
     choice = {"backend": "pil"} if int(transformers.__version__.split(".")[0]) >= 5 else {"use_fast": False}
     return transformers.AutoImageProcessor.from_pretrained(folder, local_files_only=True, trust_remote_code=False,
-                                                           **choice)
+                                                           **choice, **overrides)
 
 
 def _default_processor(model_type: str, image_size: int):
@@ -130,6 +144,8 @@ def open_image(path: str):
 def vision_data(cfg, arch) -> Optional[VisionData]:
     """What the data side needs of the run's VLM (None for a text model): its image token, the image tokens per
     image, and its encoder's image processor (model.pretrained's or model.vision's, else the default one)."""
+    if arch.vision_hf is not None:  # a held tower: its family knows its processor, tokens and positions
+        return arch.family.vision_data(cfg, arch) if cfg.data.source == "vl_sft" else None
     if arch.vision is None:
         return None
     from megatron_swift.models.vision_arch import image_seq_length

@@ -36,6 +36,7 @@ class VLSamples(_Samples):
 
     starts: List[np.ndarray] = field(default_factory=list)
     images: List[tuple] = field(default_factory=list)
+    counts: List[np.ndarray] = field(default_factory=list)  # T of each image (a held tower's vary per image)
 
 
 class ImageTokens:
@@ -48,11 +49,14 @@ class ImageTokens:
             raise DataError(getattr(tokenizer, "folder", "data.tokenizer"), None,
                             f"the tokenizer encodes {vision.image_token} as token id {tag_ids[0]} but the model's "
                             f"image token id is {vision.image_token_id}")
-        self.whole = len(tag_ids) == 1  # the tag is one special token: encode the text as it is
+        # the tag is one special token: encode the text as it is (a held tower's images are wrapped in their own
+        # tokens: the text between tags is encoded piece by piece)
+        self.whole = len(tag_ids) == 1 and not vision.held
         self._tag = re.compile(re.escape(vision.image_token))
 
-    def __call__(self, text: str):
-        ids, offsets, starts = self._whole(text) if self.whole else self._pieces(text)
+    def __call__(self, text: str, counts: Sequence[int] = ()):
+        """``counts``: T of each image in order (a held tower's); empty: image_seq_length each."""
+        ids, offsets, starts = self._whole(text) if self.whole else self._pieces(text, counts)
         return np.asarray(ids, dtype=np.int64), np.asarray(offsets, dtype=np.int64).reshape(-1, 2), starts
 
     def _whole(self, text: str):
@@ -68,23 +72,26 @@ class ImageTokens:
         repeat = np.where(ids == image_id, T, 1)
         return np.repeat(ids, repeat), np.repeat(offsets, repeat, axis=0), at + (T - 1) * np.arange(len(at))
 
-    def _pieces(self, text: str):
-        """Encode the text between tags piece by piece (offsets into the whole text), T image ids per tag."""
-        T, image_id = self.vision.image_seq_length, self.vision.image_token_id
+    def _pieces(self, text: str, counts: Sequence[int] = ()):
+        """Encode the text between tags piece by piece (offsets into the whole text), T image ids per tag
+        (between the vision's wrap ids, if any)."""
+        image_id, (before, after) = self.vision.image_token_id, self.vision.wrap
         ids: List[int] = []
         offsets: List[tuple] = []
         starts: List[int] = []
         pos = 0
-        for match in [*self._tag.finditer(text), None]:
+        for k, match in enumerate([*self._tag.finditer(text), None]):
             end = match.start() if match else len(text)
             if end > pos:
                 piece_ids, piece_offsets = self.tokenizer.encode_with_offsets(text[pos:end])
                 ids += piece_ids
                 offsets += [(a + pos, b + pos) for a, b in piece_offsets]
             if match:
+                T = counts[k] if counts else self.vision.image_seq_length
+                ids += list(before)
                 starts.append(len(ids))
-                ids += [image_id] * T
-                offsets += [match.span()] * T
+                ids += [image_id] * T + list(after)
+                offsets += [match.span()] * (len(before) + T + len(after))
                 pos = match.end()
         return ids, offsets, np.asarray(starts, dtype=np.int64)
 
@@ -112,28 +119,40 @@ class RowImages:
                 raise RowError(f"image '{name}': {self._problems[file]}")
         return files
 
+    def tokens(self, file: str) -> int:
+        """T of the image at ``file`` (checked already): the processor's count for a held tower's image."""
+        if not self.vision.held:
+            return self.vision.image_seq_length
+        try:
+            return self.vision.tokens_for(file)
+        except (OSError, SyntaxError, ValueError) as e:
+            raise RowError(f"image '{file}': {e}") from None
+
 
 def vl_line_encoder(data_cfg, template, tokenizer, seq_length: int, counts: Counts, vision: VisionData):
     """``encode(line, path, line_no)`` -> (ids, targets, image starts, image files) of one row, or None
     (skipped or dropped; see sft.row_encoder)."""
-    tokens, images, T = ImageTokens(tokenizer, vision), RowImages(vision), vision.image_seq_length
+    tokens, images = ImageTokens(tokenizer, vision), RowImages(vision)
     where = {}  # the JSONL file of the line being encoded: image paths are relative to it
 
     def encode_row(row):
+        if row.get("videos"):
+            raise RowError("'videos': video rows are not supported yet (images only)")
         messages = to_messages(row, data_cfg.format)
         text, spans = template.spans(messages)
         files = images.files(row, where["path"], text.count(vision.image_token))
-        ids, offsets, starts = tokens(text)
+        counts = np.asarray([images.tokens(f) for f in files], dtype=np.int64)
+        ids, offsets, starts = tokens(text, counts.tolist() if vision.held else ())
         targets = loss_targets(messages, spans, offsets, data_cfg.loss_on)
-        targets[_image_positions(starts, T, len(ids))] = False
-        return [(ids, targets, starts, files)]
+        targets[_image_positions(starts, counts, len(ids))] = False
+        return [(ids, targets, starts, files, counts)]
 
     def cut(side, length: int):
-        ids, targets, starts, files = side
-        if any(s < length < s + T for s in starts.tolist()):
+        ids, targets, starts, files, counts = side
+        if any(s < length < s + T for s, T in zip(starts.tolist(), counts.tolist())):
             return None  # an image cut in two cannot be fed to the model: drop the row
-        keep = starts + T <= length
-        return ids[:length], targets[:length], starts[keep], files[:int(keep.sum())]
+        keep = starts + counts <= length
+        return ids[:length], targets[:length], starts[keep], files[:int(keep.sum())], counts[keep]
 
     encode_sides = row_encoder(data_cfg, seq_length, counts, encode_row, "conversation", cut)
 
@@ -145,10 +164,10 @@ def vl_line_encoder(data_cfg, template, tokenizer, seq_length: int, counts: Coun
     return encode_line
 
 
-def _image_positions(starts: np.ndarray, T: int, length: int) -> np.ndarray:
-    """Boolean mask of the positions that hold image tokens."""
+def _image_positions(starts: np.ndarray, counts: np.ndarray, length: int) -> np.ndarray:
+    """Boolean mask of the positions that hold image tokens (``counts``: T of each image)."""
     mask = np.zeros(length, dtype=bool)
-    for s in starts.tolist():
+    for s, T in zip(starts.tolist(), counts.tolist()):
         mask[s:s + T] = True
     return mask
 
@@ -168,21 +187,53 @@ class VLRows(SFTRows):
         """Mean images per row (the FLOPs of a step count the encoder per image)."""
         return sum(len(files) for files in self.samples.images) / max(1, len(self.rows))
 
+    @property
+    def image_tokens_per_row(self) -> float:
+        """Mean image tokens per row (a held tower's FLOPs follow its images' sizes)."""
+        return sum(int(c.sum()) for c in self.samples.counts) / max(1, len(self.rows))
+
     def __getitem__(self, index: int) -> dict:
         row = super().__getitem__(index)
-        T = self.vision.image_seq_length
         image_index = np.full(self.seq_length, -1, dtype=np.int64)
         files: List[str] = []
-        at = 0
+        at = features = 0
         for i in self.rows[index]:  # the samples in the order fill_row placed them
-            for s, file in zip(self.samples.starts[i].tolist(), self.samples.images[i]):
-                image_index[at + s:at + s + T] = len(files) * T + np.arange(T)
+            for s, file, T in zip(self.samples.starts[i].tolist(), self.samples.images[i],
+                                  self.samples.counts[i].tolist()):
+                image_index[at + s:at + s + T] = features + np.arange(T)
                 files.append(file)
+                features += T
             at += len(self.samples.ids[i])
         row["loss_mask"][image_index >= 0] = 0  # an image position predicts nothing
         row["image_index"] = image_index
-        row["images"] = self._pixels(files)
+        if self.vision.held:
+            media = [self._media(file) for file in files]
+            row["images"] = media
+            if self.vision.positions is not None:
+                row["positions"] = self._positions(index, media)
+        else:
+            row["images"] = self._pixels(files)
         return row
+
+    def _media(self, file: str) -> dict:
+        """A held tower's inputs for one image; its token count must be the one the row was made with."""
+        media = self._image(file)
+        if self.vision.tokens_for(file) != self.vision.count(media):
+            raise DataError(file, None, "the image processor gives this image a different number of tokens than "
+                                        "when the data was read")
+        return media
+
+    def _positions(self, index: int, media: List[dict]) -> np.ndarray:
+        """[3, S] M-RoPE positions: each sample's own (from its ids and images), restarting per sample as 1-D
+        positions do; padding continues 0, 1, ... in all three streams."""
+        positions = np.tile(np.arange(self.seq_length, dtype=np.int64), (3, 1))
+        at = k = 0
+        for i in self.rows[index]:
+            ids, n = self.samples.ids[i], len(self.samples.images[i])
+            positions[:, at:at + len(ids)] = self.vision.positions(ids, media[k:k + n])
+            at, k = at + len(ids), k + n
+        positions[:, at:] = np.arange(self.seq_length - at)
+        return positions
 
     def _pixels(self, files: List[str]) -> torch.Tensor:
         if not files:
@@ -194,7 +245,8 @@ class VLRows(SFTRows):
             image = open_image(file)
         except (OSError, SyntaxError, ValueError) as e:
             raise DataError(file, None, f"image cannot be read any more ({e}); it could when the data was read")
-        return self.vision.processor(image).to(torch.float32)
+        out = self.vision.processor(image)
+        return out if self.vision.held else out.to(torch.float32)
 
     def _no_images(self) -> torch.Tensor:
         """[0, 3, H, W]: rows without images still give a tensor the model can concatenate."""
@@ -208,13 +260,19 @@ class VLRows(SFTRows):
     def collate(self, items: List[dict]):
         batch = self.collate_items([{k: v for k, v in item.items() if k not in _VISION_KEYS} for item in items],
                                    self.packing)
-        T, before, index = self.vision.image_seq_length, 0, []
-        for item in items:  # renumber: image k of a row is image (images of earlier rows) + k of the micro-batch
+        before, index = 0, []
+        for item in items:  # renumber: feature rows of a row come after those of the earlier rows
             local = torch.from_numpy(item["image_index"])
-            index.append(torch.where(local >= 0, local + before * T, local))
-            before += len(item["images"])
-        batch.images = torch.cat([item["images"] for item in items])
+            index.append(torch.where(local >= 0, local + before, local))
+            before += int((local >= 0).sum())
         batch.image_index = torch.stack(index)
+        if self.vision.held:
+            media = [m for item in items for m in item["images"]]
+            batch.media = {k: torch.cat([m[k] for m in media]) for k in media[0]} if media else None
+            if batch.position_ids.dim() == 3:  # [b, 3, s] -> M-RoPE's [3, b, s]
+                batch.position_ids = batch.position_ids.transpose(0, 1).contiguous()
+        else:
+            batch.images = torch.cat([item["images"] for item in items])
         return batch
 
 
@@ -235,7 +293,9 @@ def vl_sft_source(paths: Sequence[str], data_cfg, tokenizer, seq_length: int, te
     samples, counts = read_files(
         paths, data_cfg, lambda some: read_vl(some, data_cfg, template, tokenizer, seq_length, vision))
     images = sum(len(files) for files in samples.images)
+    tokens = (f"{sum(int(c.sum()) for c in samples.counts)} image tokens in all" if vision.held
+              else f"{vision.image_seq_length} tokens each")
     description = (f"vl_sft:{','.join(paths)} ({counts.rows} rows, template {template.name}: {len(samples.ids)} "
-                   f"samples with {images} images ({vision.image_seq_length} tokens each), {counts.skipped} bad "
+                   f"samples with {images} images ({tokens}), {counts.skipped} bad "
                    f"rows skipped, {counts.truncated} truncated, {counts.dropped} dropped)")
     return VLRows(samples, seq_length, tokenizer.pad, data_cfg.packing, description, vision)
