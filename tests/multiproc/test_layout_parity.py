@@ -133,6 +133,27 @@ def test_deepseek_v3_with_mtp_and_expert_bias_matches_single_rank_on_tp_pp_ep_dp
         assert steps.abs().max() >= 1, name
 
 
+# OLMo 2 (families/olmo2.py): norms after attention and MLP, and a q/k norm over whole projections whose weight
+# is split over TP with the heads (models/post_norm.py).
+@pytest.fixture(scope="module")
+def olmo2(tmp_path_factory):
+    """A 2-layer OLMo 2 saved by transformers (random norm weights) and the one-rank run's rows."""
+    from tests.multiproc.test_hf_load import _save_tiny
+
+    root = tmp_path_factory.mktemp("olmo2")
+    _save_tiny("olmo2", root / "hf", num_hidden_layers=2, num_key_value_heads=2, tie_word_embeddings=False)
+    model = ["+model=olmo2", f"model.pretrained={root / 'hf'}"]
+    run_train(1, [*model, *COMMON, f"train.output_dir={root / 'base'}"])
+    return model, read_metrics(root / "base")
+
+
+def test_olmo2_tp2_sp_matches_single_rank(tmp_path, olmo2):
+    """Without models/post_norm.py's _keep_split_norm_grads, megatron-core 0.16.1 summed the TP-split q/k norm
+    weights' gradients over TP: this run's grad norm was 7.5e-5 off (relative) at step 3."""
+    model, baseline = olmo2
+    _check(tmp_path, model, None, baseline, ["parallel.tp=2", "parallel.sp=true"])
+
+
 def test_bf16_mixed_precision_tracks_fp32(tmp_path, dense):
     """bf16 params (Float16Module) with fp32 main params: same first loss as fp32 to bf16 accuracy."""
     init, baseline = dense
