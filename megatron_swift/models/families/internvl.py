@@ -1,0 +1,212 @@
+"""InternVL 3 / 3.5 in transformers' native format (HF ``InternVLForConditionalGeneration``, model_type
+"internvl", the ``-hf`` checkpoints): InternViT (layer scale, optional QK norm, LayerNorm or RMSNorm), pixel
+shuffle, an MLP projector (LayerNorm -> Linear -> GELU -> Linear) and a Qwen2.5 or Qwen3 language model.
+
+The vision tower and projector are held as the transformers modules themselves, whole on each TP rank of the
+first pipeline stage (models/held_tower.py); their features are transformers' ``get_image_features`` by
+construction. The language model is the text family's megatron-core GPTModel. Images are tiled by the folder's
+own ``GotOcr2ImageProcessor`` (crop_to_patches plus a thumbnail); each tile gives ``image_seq_length`` tokens
+between ``<img>`` and ``</img>`` (data/images.py).
+
+The original remote-code folders (``InternVLChatModel``) are refused with one line naming the ``-hf``
+checkpoint to use instead.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+from megatron_swift.convert.rules import Direct
+from megatron_swift.convert.tables import prefixed
+from megatron_swift.data.errors import DataError
+from megatron_swift.models.families.base import Family
+from megatron_swift.models.families.llava import VLSize
+from megatron_swift.models.vision_arch import VisionArch
+
+# The canonical on-disk spellings (what transformers 5 writes, and 4.x before 4.52); 4.52+ keeps "model." in
+# front of the tower, the projector and the language model, and the head at the top. The exporter writes these.
+_TOWER, _PROJ, _LM = "vision_tower.", "multi_modal_projector.", "language_model."
+_ALIASES = (("model.vision_tower.", _TOWER), ("model.multi_modal_projector.", _PROJ),
+            ("model.language_model.", _LM + "model."), ("lm_head.", _LM + "lm_head."))
+# The megatron parameters of the held modules: vision_model.hf.<HF name below the model>.
+HELD = "vision_model.hf."
+REMOTE_CODE = "InternVLChatModel"
+
+# Keys of an HF InternVL vision_config that describe the tower (the rest is transformers' bookkeeping).
+_VISION_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "attention_bias", "use_qk_norm",
+                "intermediate_size", "hidden_act", "norm_type", "layer_norm_eps", "image_size", "patch_size",
+                "num_channels", "use_mask_token", "use_absolute_position_embeddings", "layer_scale_init_value",
+                "use_mean_pooling", "hidden_dropout_prob", "attention_dropout", "projection_dropout",
+                "initializer_range")
+
+
+def _side(value) -> int:
+    """transformers writes image_size / patch_size as [h, w]; InternVL tiles are square."""
+    if isinstance(value, (list, tuple)):
+        if len(set(value)) != 1:
+            raise ValueError(f"non-square {value} is not supported (InternVL tiles are square)")
+        return int(value[0])
+    return int(value)
+
+
+def tokens_per_tile(vision: dict, ratio: float) -> int:
+    """Image tokens one tile gives: its patches after pixel shuffle by ``ratio`` (InternVL3: 448/14, 0.5 -> 256)."""
+    side = _side(vision["image_size"]) // _side(vision["patch_size"])
+    return int(side * ratio) ** 2
+
+
+def vision_record(vision: dict) -> VisionArch:
+    """The tower's numbers as the planner, FLOPs and validation read them (VisionArch)."""
+    return VisionArch("internvl", vision["num_hidden_layers"], vision["hidden_size"], vision["intermediate_size"],
+                      vision["num_attention_heads"], _side(vision["image_size"]), _side(vision["patch_size"]),
+                      float(vision.get("layer_norm_eps", 1e-6)), vision.get("hidden_act", "gelu"),
+                      vision["num_hidden_layers"])
+
+
+def remote_code_refusal(hf: dict, folder: str) -> str:
+    """The one line for an original (remote-code) InternVL folder: which -hf checkpoint to use instead."""
+    name = os.path.basename(os.path.normpath(folder)) or "InternVL3-1B"
+    return (f"architectures {hf.get('architectures')}: the original remote-code InternVL format is not loaded "
+            f"(its code would have to run); use the transformers-native checkpoint OpenGVLab/{name}-hf "
+            f"(InternVLForConditionalGeneration)")
+
+
+@dataclass(frozen=True)
+class InternVLFamily(Family):
+    """The family spec of InternVL (-hf): Family's hooks for its nested config, its held tower and its table."""
+
+    def read_hf(self, hf: dict, folder: str) -> dict:
+        where = os.path.join(folder, "config.json")
+        if REMOTE_CODE in (hf.get("architectures") or []) or "llm_config" in hf:
+            raise DataError(where, None, remote_code_refusal(hf, folder))
+        vision = dict(hf.get("vision_config") or {})
+        layer, select = hf.get("vision_feature_layer", -1), hf.get("vision_feature_select_strategy", "default")
+        ratio = float(hf.get("downsample_ratio", 0.5))
+        problems = []
+        if vision.get("model_type", "internvl_vision") != "internvl_vision":
+            problems.append(f"vision_config.model_type={vision.get('model_type')!r} is not internvl_vision")
+        if not isinstance(layer, int) or not -vision.get("num_hidden_layers", 0) <= layer < 0:
+            problems.append(f"vision_feature_layer={layer}: one negative layer index of the tower is supported")
+        if select not in ("default", "full"):
+            problems.append(f"vision_feature_select_strategy={select!r} is not default or full")
+        if problems:
+            raise DataError(where, None, "; ".join(problems))
+        try:
+            per_tile = tokens_per_tile(vision, ratio)
+            from megatron_swift.models import families
+
+            text_cfg = hf.get("text_config") or {}
+            text_family = families.by_hf_model_type(text_cfg.get("model_type", "qwen2"))
+        except (KeyError, ValueError) as e:
+            raise DataError(where, None, str(e).strip("'\"")) from None
+        if hf.get("image_seq_length", per_tile) != per_tile:
+            raise DataError(where, None, f"image_seq_length={hf['image_seq_length']} but a tile gives {per_tile} "
+                                         f"tokens (image_size / patch_size and downsample_ratio={ratio})")
+        tie = text_cfg.get("tie_word_embeddings", hf.get("tie_word_embeddings", False))
+        fields = text_family.read_hf(dict(text_cfg, tie_word_embeddings=tie), folder)
+        options = dict(fields.get("family_options") or {})
+        options.update(vision_config={k: vision[k] for k in _VISION_KEYS if k in vision}, downsample_ratio=ratio,
+                       vision_feature_layer=layer, image_seq_length=per_tile)
+        fields.update(text_family=text_family.name, vision=vision_record(vision), vision_select=select,
+                      image_token_id=hf.get("image_token_id", hf.get("image_token_index")),
+                      projector_activation=hf.get("projector_hidden_act", "gelu"), projector_bias=True,
+                      family_options=options)
+        return fields
+
+    def write_hf(self, arch: dict, dtype: str) -> dict:
+        from megatron_swift.models import families
+
+        options = arch["family_options"]
+        text = families.get(arch["text_family"]).write_hf(arch, dtype)
+        text.pop("architectures", None)
+        vision = dict(options["vision_config"], model_type="internvl_vision")
+        return dict(architectures=[self.hf_architectures[0]], model_type=self.hf_model_type, text_config=text,
+                    vision_config=vision, image_token_id=arch["image_token_id"],
+                    image_seq_length=options["image_seq_length"], downsample_ratio=options["downsample_ratio"],
+                    projector_hidden_act=arch["projector_activation"],
+                    vision_feature_layer=options["vision_feature_layer"],
+                    vision_feature_select_strategy=arch["vision_select"],
+                    tie_word_embeddings=text.get("tie_word_embeddings", False), torch_dtype=dtype)
+
+    def rules(self, arch) -> list:
+        text = arch.decoder_family.weights(tied=not arch.untie_embeddings, head=arch.head)
+        language = prefixed(text, "language_model.", {"model.": _LM + "model.", "lm_head.": _LM + "lm_head."})
+        return language + _held_rules(arch)
+
+    def canonical_hf_name(self, name: str) -> str:
+        for alias, canonical in _ALIASES:
+            if name.startswith(alias):
+                return canonical + name[len(alias):]
+        return name
+
+
+def _held_rules(arch) -> list:
+    """The tower and projector tensors, one Direct rule each: the held modules' own names under HELD."""
+    vision = arch.family_options["vision_config"]
+    layer, tower = "encoder.layer.{layer}.", []
+    linears = ["attention.q_proj", "attention.k_proj", "attention.v_proj"]
+    tower += [layer + f"{n}.weight" for n in linears]
+    if vision.get("attention_bias", False):
+        tower += [layer + f"{n}.bias" for n in linears]
+    norm_parts = ("weight", "bias") if vision.get("norm_type", "layer_norm") == "layer_norm" else ("weight",)
+    if vision.get("use_qk_norm", False):
+        tower += [layer + f"attention.{q}_norm.{t}" for q in "qk" for t in ("weight",)]  # RMSNorm: weight only
+    tower += [layer + f"{n}.{t}" for n in ("attention.projection_layer", "mlp.fc1", "mlp.fc2") for t in ("weight", "bias")]
+    tower += [layer + f"{n}.{t}" for n in ("layernorm_before", "layernorm_after") for t in norm_parts]
+    if vision.get("layer_scale_init_value", 0.1) > 0:
+        tower += [layer + "lambda_1", layer + "lambda_2"]
+    tower += ["embeddings.cls_token", "embeddings.patch_embeddings.projection.weight",
+              "embeddings.patch_embeddings.projection.bias"]
+    if vision.get("use_absolute_position_embeddings", True):
+        tower.append("embeddings.position_embeddings")
+    if vision.get("use_mask_token", False):
+        tower.append("embeddings.mask_token")
+    if not vision.get("use_mean_pooling", True):
+        tower += [f"layernorm.{t}" for t in norm_parts]
+    projector = [f"{n}.{t}" for n in ("layer_norm", "linear_1", "linear_2") for t in ("weight", "bias")]
+    return ([Direct((HELD + _TOWER + n,), _TOWER + n) for n in tower]
+            + [Direct((HELD + _PROJ + n,), _PROJ + n) for n in projector])
+
+
+_TINY_VISION = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, attention_bias=True,
+                    use_qk_norm=False, intermediate_size=64, hidden_act="gelu", norm_type="layer_norm",
+                    layer_norm_eps=1e-6, image_size=[56, 56], patch_size=[14, 14], num_channels=3,
+                    use_mask_token=False, use_absolute_position_embeddings=True, layer_scale_init_value=0.1,
+                    use_mean_pooling=True)
+# InternViT-300M-448px (V2.5), the tower of InternVL3-1B/2B and InternVL3.5-1B/2B.
+_VIT_300M = dict(_TINY_VISION, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                 intermediate_size=4096, image_size=[448, 448], patch_size=[14, 14])
+
+
+def _size(layers, hidden, ffn, heads, groups, text_family, vision, **text) -> VLSize:
+    """A published (or test) size: the language model's numbers, its family and the tower's HF vision config."""
+    options = dict(vision_config=vision, downsample_ratio=0.5, vision_feature_layer=-1,
+                   image_seq_length=tokens_per_tile(vision, 0.5))
+    return VLSize(layers, hidden, ffn, heads, groups, text_family=text_family, vision=vision_record(vision),
+                  family_options=options, **text)
+
+
+_Q = dict(max_position_embeddings=32768, rotary_base=1e6, norm_epsilon=1e-6, untie_embeddings=False)
+
+FAMILY = InternVLFamily(
+    name="internvl",
+    # The first is written on export; the remote-code one is registered so that its folders get read_hf's
+    # one-line refusal rather than "unsupported architecture".
+    hf_architectures=("InternVLForConditionalGeneration", REMOTE_CODE),
+    hf_model_type="internvl",
+    hf_head=_LM + "lm_head.weight",
+    layers_prefix="language_model.decoder.layers.",
+    sizes={
+        # CPU-sized: a 2-layer Qwen2-like decoder and a 2-layer InternViT on 56 x 56 tiles (4 tokens each).
+        "tiny": _size(2, 64, 128, 4, 2, "qwen2", _TINY_VISION, max_position_embeddings=1024,
+                      untie_embeddings=False),
+        # Language models as published (InternVL3: Qwen2.5, vocabulary 151674; InternVL3.5: Qwen3).
+        "internvl3-1b": _size(24, 896, 4864, 14, 2, "qwen2", _VIT_300M, vocab_size=151674, **_Q),
+        "internvl3-2b": _size(28, 1536, 8960, 12, 2, "qwen2", _VIT_300M, vocab_size=151674, **_Q),
+        "internvl3.5-1b": _size(28, 1024, 3072, 16, 8, "qwen3", _VIT_300M, kv_channels=128, vocab_size=151936,
+                                **dict(_Q, max_position_embeddings=40960)),
+        "internvl3.5-2b": _size(28, 2048, 6144, 16, 8, "qwen3", _VIT_300M, kv_channels=128, vocab_size=151936,
+                                **dict(_Q, max_position_embeddings=40960)),
+    },
+)
