@@ -159,6 +159,10 @@ class DataConfig:
     """Bad rows (invalid JSON or UTF-8, missing roles, empty assistant turn, over-long lines, missing or unreadable images): error (name file and line) or skip (count them)."""
     max_line_bytes: int = 16777216
     """Longest JSONL line accepted, in bytes (16 MiB); a longer line is rejected without reading it whole into memory."""
+    max_pixels: Optional[int] = None
+    """vl_sft with a model whose image processor sizes images (InternVL's tiles): the most pixels one image may take; the processor's own limit when None (InternVL: max tiles = max_pixels // tile area, plus the thumbnail)."""
+    min_pixels: Optional[int] = None
+    """vl_sft, as data.max_pixels: the fewest pixels one image takes (InternVL: min tiles = min_pixels // tile area); None: the processor's own."""
 
 
 @dataclass

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Tuple
 
 import torch
 
@@ -27,13 +27,26 @@ class VisionData:
     """What the data side needs of a vision-language model (made by the model side).
 
     ``image_token``: the tag rows write where an image goes ("<image>"); ``image_token_id``: the token id that
-    marks each image position; ``image_seq_length``: T, the positions (features) one image takes;
-    ``processor``: PIL image -> float32 tensor [3, H, W] (see :func:`load_image_processor`)."""
+    marks each image position; ``image_seq_length``: T, the positions (features) one image (or one tile of it)
+    takes; ``processor``: PIL image -> float32 tensor [3, H, W] (see :func:`load_image_processor`), or
+    [tiles, 3, H, W] for a model that tiles images.
+
+    Models that tile (InternVL) also set ``tiles``: the tiles their image processor cuts an upright image of
+    (width, height) into (the image then takes tiles x T positions); ``wrap``: the tokens written before and
+    after each image's positions (InternVL's "<img>", "</img>"); ``media_key``: the pixels go to the model as
+    this keyword of the batch's ``media`` (a held tower, models/held_tower.py), not as ``images``."""
 
     image_token: str
     image_token_id: int
     image_seq_length: int
     processor: Callable[[Any], torch.Tensor]
+    tiles: Optional[Callable[[int, int], int]] = None
+    wrap: Optional[Tuple[str, str]] = None
+    media_key: Optional[str] = None
+
+    def positions(self, size: Tuple[int, int]) -> int:
+        """Positions (features) an upright image of ``size`` (width, height) takes."""
+        return self.image_seq_length * (self.tiles(*size) if self.tiles else 1)
 
 
 class ImageProcessor:
@@ -48,6 +61,45 @@ class ImageProcessor:
 
     def __repr__(self) -> str:
         return f"ImageProcessor({type(self.hf).__name__})"
+
+
+class TiledImageProcessor(ImageProcessor):
+    """A tiling transformers image processor (GotOcr2's ``crop_to_patches``: the tiles of the best grid for the
+    image's aspect ratio plus a thumbnail, as InternVLProcessor asks for them) applied to one PIL image: float32
+    [tiles, 3, H, W]; ``tiles(width, height)`` counts them from the size alone (its own formula)."""
+
+    def __init__(self, hf_processor, **limits):
+        super().__init__(hf_processor)
+        self.settings = {"crop_to_patches": True, **{k: v for k, v in limits.items() if v is not None}}
+
+    def __call__(self, image) -> torch.Tensor:
+        return self.hf(images=[image], return_tensors="pt", **self.settings)["pixel_values"].to(torch.float32)
+
+    def tiles(self, width: int, height: int) -> int:
+        return self.hf.get_number_of_image_patches(height, width, dict(self.settings))
+
+
+def tile_limits(data_cfg, side: int) -> dict:
+    """data.min_pixels / max_pixels as a tiling processor's min_patches / max_patches (tiles of side x side)."""
+    limits = {}
+    for key, name in (("min_pixels", "min_patches"), ("max_pixels", "max_patches")):
+        value = data_cfg.get(key)
+        if value is not None:
+            limits[name] = max(1, int(value) // (side * side))
+    return limits
+
+
+def tiled_processor(folder: Optional[str], side: int, data_cfg) -> TiledImageProcessor:
+    """The tiling image processor of the HF model ``folder`` (GotOcr2ImageProcessor, its PIL backend), or
+    transformers' default one for ``side``-pixel tiles when the model has no folder; data.min/max_pixels applied."""
+    if folder and _has_image_processor(folder):
+        hf = _auto_processor(folder)
+    else:
+        import transformers
+
+        cls = getattr(transformers, "GotOcr2ImageProcessorPil", None) or transformers.GotOcr2ImageProcessor
+        hf = cls(size={"height": side, "width": side})
+    return TiledImageProcessor(hf, **tile_limits(data_cfg, side))
 
 
 def load_image_processor(folder: Optional[str], fallback_model_type: Optional[str] = None,
@@ -119,6 +171,16 @@ def image_problem(path: str) -> Optional[str]:
     return None
 
 
+def upright_size(path: str) -> Tuple[int, int]:
+    """(width, height) of the image at ``path`` as :func:`open_image` turns it (EXIF orientations 5-8 swap
+    them); reads the header only."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        width, height = image.size
+        return (height, width) if image.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (width, height)
+
+
 def open_image(path: str):
     """The image at ``path`` as RGB, turned upright by its EXIF orientation (as transformers' load_image does)."""
     from PIL import Image, ImageOps
@@ -132,6 +194,9 @@ def vision_data(cfg, arch) -> Optional[VisionData]:
     image, and its encoder's image processor (model.pretrained's or model.vision's, else the default one)."""
     if arch.vision is None:
         return None
+    own = getattr(arch.family, "vision_data", None)  # a family whose processor decides more (tiles: InternVL)
+    if own is not None:
+        return own(cfg, arch)
     from megatron_swift.models.vision_arch import image_seq_length
 
     folder = cfg.model.pretrained or cfg.model.get("vision")

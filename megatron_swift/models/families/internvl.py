@@ -129,6 +129,17 @@ class InternVLFamily(Family):
                     vision_feature_select_strategy=arch["vision_select"],
                     tie_word_embeddings=text.get("tie_word_embeddings", False), torch_dtype=dtype)
 
+    def vision_data(self, cfg, arch):
+        """What the data side needs (data/images.VisionData): the folder's own tiling image processor decides
+        tiles and pixels, each tile takes image_seq_length <IMG_CONTEXT> positions, each image sits between the
+        tokenizer's <img> and </img> (as InternVLProcessor writes them); the pixels go to the held tower."""
+        from megatron_swift.data.images import VisionData, tiled_processor
+
+        options, folder = arch.family_options, cfg.model.pretrained
+        processor = tiled_processor(folder, arch.vision.image_size, cfg.data)
+        return VisionData("<image>", arch.image_token_id, options["image_seq_length"], processor,
+                          tiles=processor.tiles, wrap=_wrap_tokens(folder), media_key="pixel_values")
+
     def rules(self, arch) -> list:
         text = arch.decoder_family.weights(tied=not arch.untie_embeddings, head=arch.head)
         language = prefixed(text, "language_model.", {"model.": _LM + "model.", "lm_head.": _LM + "lm_head."})
@@ -139,6 +150,21 @@ class InternVLFamily(Family):
             if name.startswith(alias):
                 return canonical + name[len(alias):]
         return name
+
+
+def _wrap_tokens(folder):
+    """The tokens InternVLProcessor writes around an image: the tokenizer's start_image_token / end_image_token
+    (tokenizer_config.json, at its top or under extra_special_tokens); None for a model without a folder."""
+    import json
+
+    path = os.path.join(folder or "", "tokenizer_config.json")
+    if not folder or not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    named = config.get("extra_special_tokens")
+    named = dict(named, **config) if isinstance(named, dict) else config
+    return named.get("start_image_token", "<img>"), named.get("end_image_token", "</img>")
 
 
 def _held_rules(arch) -> list:

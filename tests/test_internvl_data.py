@@ -1,0 +1,121 @@
+"""InternVL image rows (families/internvl.py, data/images.py, data/vl_sft.py): the folder's own processors
+decide tiles, pixels and image tokens, so the ids and pixel values equal transformers' InternVLProcessor on two
+real photographs of different sizes (different tile counts); data.max_pixels caps the tiles; truncation never
+cuts an image; a remote-code folder and a corrupt image are one line each."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_swift.config.compose import compose
+from megatron_swift.data.errors import DataError
+from megatron_swift.data.images import vision_data
+from megatron_swift.data.tokenizer import HFTokenizer
+from megatron_swift.data.vl_sft import vl_sft_source
+from megatron_swift.models.arch import resolve
+from tests.internvl_tiny import hf_processor, photos, tiny_internvl, tokens_per_tile
+
+ROW = {"messages": [{"role": "user", "content": "What is in the picture? <image> and <image>"},
+                    {"role": "assistant", "content": "A temple, a flower and the sky."}],
+       "images": ["img/china.jpg", "img/flower.jpg"]}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """The tiny qwen2-shaped InternVL folder, the two photographs as files under img/."""
+    root = tmp_path_factory.mktemp("internvl")
+    tiny_internvl("qwen2", root / "hf")
+    (root / "img").mkdir()
+    for image, name in zip(photos(), ("china.jpg", "flower.jpg")):
+        image.save(root / "img" / name, quality=95)
+    (root / "img" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    return root
+
+
+def _rows(folder, rows, *overrides, seq_length=512):
+    cfg = compose(["+model=internvl", f"model.pretrained={folder / 'hf'}", "data=vl_sft", *overrides])
+    arch = resolve(cfg.model)
+    path = folder / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tok = HFTokenizer(str(folder / "hf"))
+    return vl_sft_source([str(path)], cfg.data, tok, seq_length, None, str(folder / "hf"), vision_data(cfg, arch))
+
+
+def test_tokens_and_pixels_equal_internvl_processor(folder):
+    from PIL import Image
+
+    rows = _rows(folder, [ROW])
+    processor = hf_processor(folder / "hf")
+    # InternVLProcessor reads an image where the text has <IMG_CONTEXT> (its chat template writes it there).
+    text = processor.tokenizer.apply_chat_template(ROW["messages"], tokenize=False).replace("<image>", "<IMG_CONTEXT>")
+    images = [Image.open(folder / name).convert("RGB") for name in ROW["images"]]
+    expected = processor(images=images, text=[text], return_tensors="pt")
+    ids = expected["input_ids"][0]
+    row = rows[0]
+    assert row["tokens"][:len(ids)].tolist() == ids.tolist()
+    tiles = processor.image_processor(images=images, crop_to_patches=True)["num_patches"]
+    assert list(tiles) == [7, 3]  # the two sizes tile differently (6 + thumbnail, 2 + thumbnail)
+    per_tile = tokens_per_tile("qwen2")
+    assert (row["image_index"] >= 0).sum() == (ids == processor.image_token_id).sum() == 10 * per_tile
+    assert row["images"].shape == (10, 3, 56, 56) and torch.equal(row["images"], expected["pixel_values"])
+    batch = rows.collate([row, row])  # the held tower gets the pixels as its own keyword
+    assert batch.images is None and torch.equal(batch.media["pixel_values"], torch.cat([row["images"]] * 2))
+    assert batch.image_index[1].max().item() == 2 * 10 * per_tile - 1
+    # <img>, the image positions and </img> carry no loss and are never predicted.
+    wrapped = np.isin(row["tokens"], processor.image_token_ids)
+    assert not row["loss_mask"][wrapped].any() and not row["loss_mask"][:-1][wrapped[1:]].any()
+
+
+def test_max_pixels_caps_the_tiles(folder):
+    """data.max_pixels = 2 tiles' area: the processor's max_patches=2 (the folder says 6)."""
+    from PIL import Image
+
+    rows = _rows(folder, [ROW], f"data.max_pixels={2 * 56 * 56 + 100}")
+    images = [Image.open(folder / name).convert("RGB") for name in ROW["images"]]
+    expected = hf_processor(folder / "hf").image_processor(images=images, crop_to_patches=True, max_patches=2,
+                                                            return_tensors="pt")
+    assert expected["num_patches"].tolist() == [1, 3]  # the landscape fits one tile; the portrait 2 + thumbnail
+    assert torch.equal(rows[0]["images"], expected["pixel_values"])
+    assert (rows[0]["image_index"] >= 0).sum() == 4 * tokens_per_tile("qwen2")
+
+
+def test_truncation_never_cuts_an_image(folder):
+    """data.truncation=truncate: a cut inside an image (or its <img> ... </img>) drops the row; a cut after the
+    first image's answer keeps that image and leaves the second one out with its tokens."""
+    row = {"messages": [{"role": "user", "content": "<image> What is in the picture?"},
+                        {"role": "assistant", "content": "A temple."},
+                        {"role": "user", "content": "And <image>?"}, {"role": "assistant", "content": "A flower."}],
+           "images": ROW["images"]}
+    full = _rows(folder, [row])[0]
+    end = hf_processor(folder / "hf").end_image_token_id
+    first_end = int(np.flatnonzero(full["tokens"] == end)[0])  # </img> of the first image
+    with pytest.raises(DataError, match="1 dropped"):
+        _rows(folder, [row], "data.truncation=truncate", seq_length=first_end)  # </img> would be cut off
+    second_start = int(np.flatnonzero(full["image_index"] >= 7 * tokens_per_tile("qwen2"))[0])
+    kept = _rows(folder, [row], "data.truncation=truncate", seq_length=second_start - 2)[0]
+    assert kept["images"].shape[0] == 7 and (kept["image_index"] >= 0).sum() == 7 * tokens_per_tile("qwen2")
+    assert kept["tokens"].tolist() == full["tokens"][:second_start - 2].tolist()
+
+
+def test_corrupt_image_is_one_line(folder):
+    row = dict(ROW, images=["img/china.jpg", "img/broken.jpg"])
+    with pytest.raises(DataError) as e:
+        _rows(folder, [row])
+    assert "d.jsonl:1" in str(e.value) and "broken.jpg" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_remote_code_folder_is_refused_naming_the_hf_checkpoint(tmp_path):
+    from megatron_swift.config.validate import ConfigError, validate
+
+    folder = tmp_path / "InternVL3-1B"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": ["InternVLChatModel"], "model_type": "internvl_chat", "auto_map": {},
+        "llm_config": {"model_type": "qwen2"}, "vision_config": {"model_type": "intern_vit_6b"}}))
+    with pytest.raises(ConfigError) as e:
+        validate(compose(["+model=internvl", f"model.pretrained={folder}"]), 1)
+    line = str(e.value)
+    assert "OpenGVLab/InternVL3-1B-hf" in line and "InternVLForConditionalGeneration" in line and "config.json" in line
