@@ -32,6 +32,8 @@ _ALIASES = (("model.vision_tower.", _TOWER), ("model.multi_modal_projector.", _P
 # The megatron parameters of the held modules: vision_model.hf.<HF name below the model>.
 HELD = "vision_model.hf."
 REMOTE_CODE = "InternVLChatModel"
+# train.freeze groups of the held modules (tuners.FREEZE_GROUPS' "vision" would take the projector too).
+FREEZE_GROUPS = {"vision": r"^vision_model\.hf\.vision_tower\.", "projector": r"^vision_model\.hf\.multi_modal_projector\."}
 
 # Keys of an HF InternVL vision_config that describe the tower (the rest is transformers' bookkeeping).
 _VISION_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "attention_bias", "use_qk_norm",
@@ -128,6 +130,20 @@ class InternVLFamily(Family):
                     vision_feature_layer=options["vision_feature_layer"],
                     vision_feature_select_strategy=arch["vision_select"],
                     tie_word_embeddings=text.get("tie_word_embeddings", False), torch_dtype=dtype)
+
+    def build(self, arch, tconfig, padded_vocab: int, seq_length: int, backend, unfuse_norms: bool = False):
+        """The language model's chunks; the first stage's first holds the tower and projector (transformers')."""
+        from functools import partial
+
+        from megatron_swift.models.held_tower import build_held_tower
+        from megatron_swift.models.internvl_tower import build_internvl_tower, internvl_features
+        from megatron_swift.models.vlm import build_held_vlm_chunks
+
+        config = self.write_hf(arch.plain(), "float32")
+        make = partial(build_internvl_tower, config)
+        tower = partial(build_held_tower, make, internvl_features, backend.attention, backend.torch_device)
+        return build_held_vlm_chunks(arch, tconfig, padded_vocab, seq_length, backend, tower, unfuse_norms,
+                                     freeze_groups=FREEZE_GROUPS)
 
     def vision_data(self, cfg, arch):
         """What the data side needs (data/images.VisionData): the folder's own tiling image processor decides
