@@ -12,7 +12,7 @@ would have read next.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 
@@ -46,12 +46,21 @@ class Batch:
     # the T tokens of image k; -1 for text). Made before the CP cut, so each rank places exactly its own.
     images: Optional[torch.Tensor] = None
     image_index: Optional[torch.Tensor] = None
+    # A held vision tower's own inputs (models/held_tower.py; e.g. Qwen2.5-VL: "pixel_values" [patches, dim] and
+    # "image_grid_thw" [n, 3]), whose features image_index places; None: none (or LLaVA-style ``images``).
+    # position_ids is [3, b, s] for an M-RoPE language model (the family's positions; same cut as tokens).
+    media: Optional[Dict[str, torch.Tensor]] = None
     # GKD: the teacher's logits of the rows ([b, s, this rank's vocabulary shard]; last pipeline stage).
     teacher_logits: Optional[torch.Tensor] = None
 
     def to(self, device) -> "Batch":
-        return Batch(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
-                        for f in fields(self)})
+        return Batch(**{f.name: _to(getattr(self, f.name), device) for f in fields(self)})
+
+
+def _to(value, device):
+    if isinstance(value, dict):
+        return {k: v.to(device) for k, v in value.items()}
+    return None if value is None else value.to(device)
 
 
 @dataclass

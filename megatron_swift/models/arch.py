@@ -59,6 +59,9 @@ class Arch:
     vision_select: str = "default"  # HF vision_feature_select_strategy: default drops CLIP's class token
     projector_activation: str = "gelu"  # between the projector's two linears (HF projector_hidden_act)
     projector_bias: bool = True  # biases on the projector's linears (HF multimodal_projector_bias)
+    # A tower held as the transformers module (models/held_tower.py; Qwen2.5-VL, InternVL): its HF vision_config
+    # as read (the family builds the module from it); None: none, or a megatron-core tower (``vision``).
+    vision_hf: Optional[dict] = None
 
     def __post_init__(self):
         if isinstance(self.vision, dict):  # from a checkpoint's stored numbers (plain())
@@ -93,6 +96,11 @@ class Arch:
         return sum(moe_layer_pattern(self)) if self.is_moe else 0
 
     @property
+    def has_vision(self) -> bool:
+        """A vision-language model: a megatron-core tower (``vision``) or a held transformers one (``vision_hf``)."""
+        return self.vision is not None or self.vision_hf is not None
+
+    @property
     def decoder_family(self) -> Family:
         """The family whose decoder layers the language model has (itself, or a VLM's text family)."""
         return families.get(self.text_family) if self.text_family else self.family
@@ -101,7 +109,7 @@ class Arch:
         """Every field but the family as JSON-able values (stored with checkpoints; Arch(family=..., **plain)).
         A text model leaves out the vision fields, a model with default full RoPE the RoPE fields and one without
         family options those, so its record equals one written before they existed."""
-        skip = {"family"} | (set() if self.vision else set(_VLM_FIELDS))
+        skip = {"family"} | (set() if self.has_vision else set(_VLM_FIELDS))
         skip |= {name for name, default in _OPTIONAL_DEFAULTS.items() if getattr(self, name) == default}
         return {f.name: (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v)
                 for f in dataclasses.fields(self) if f.name not in skip for v in [getattr(self, f.name)]}
@@ -114,7 +122,7 @@ _OPTIONAL_DEFAULTS = {"rotary_percent": 1.0, "rope_scaling": None, "qkv_bias": N
                       "moe_shared_expert_gate": False, "moe_score_function": "softmax", "moe_expert_bias": False,
                       "moe_topk_scaling_factor": None, "moe_num_groups": None, "moe_group_topk": None,
                       "moe_dense_first": 0, "moe_sparse_step": 1, "moe_dense_layers": (),
-                      "family_options": None, "mtp_num_layers": 0}
+                      "family_options": None, "mtp_num_layers": 0, "vision_hf": None}
 _VLM_FIELDS = ("text_family", "vision", "image_token_id", "vision_select", "projector_activation", "projector_bias")
 
 

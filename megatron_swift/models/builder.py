@@ -115,6 +115,8 @@ def transformer_config(arch, cfg, backend: Backend, initialize: bool = True) -> 
     if arch.mtp_num_layers:
         kwargs.update(mtp_num_layers=arch.mtp_num_layers, mtp_loss_scaling_factor=model.mtp_loss_weight)
     kwargs.update(arch.decoder_family.transformer_fields(arch))
+    if arch.family is not arch.decoder_family:  # a VLM's own fields (M-RoPE's sections) over its text family's
+        kwargs.update(arch.family.transformer_fields(arch))
     # Multi-latent attention's ranks and head dims are fields of megatron-core's MLATransformerConfig.
     config_class = MLATransformerConfig if kwargs.get("multi_latent_attention") else TransformerConfig
     return config_class(**kwargs)
@@ -205,7 +207,9 @@ def build_gpt_chunks(arch, tconfig: TransformerConfig, padded_vocab: int, seq_le
             post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
             # A reward head is its own weight even in models whose LM head is tied to the embedding.
             share_embeddings_and_output_weights=not arch.untie_embeddings and arch.head == "lm",
-            position_embedding_type="rope",  # every RoPE type: scaled ones through rope.install below
+            # every RoPE type: scaled ones through rope.install below; M-RoPE (three position streams,
+            # [3, b, s] position ids) when the family sets the config's mrope_section
+            position_embedding_type="mrope" if tconfig.mrope_section else "rope",
             rotary_base=arch.rotary_base,
             rotary_percent=arch.rotary_percent,
             scatter_embedding_sequence_parallel=scatter_sp,

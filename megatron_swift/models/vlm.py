@@ -35,6 +35,8 @@ class VisionLanguageModel(MegatronModule):
     """One pipeline chunk of a VLM; behaves as its GPTModel for the training loop and schedules."""
 
     def __init__(self, language_model, vision_model=None, vision_projection=None, drop_class_token: bool = False):
+        """``vision_projection`` None with a ``vision_model``: a tower that gives LM-width features itself
+        (models/held_tower.HeldTower, called with the batch's family-specific ``media``)."""
         super().__init__(config=language_model.config)
         self.language_model = language_model
         self.vision_model = vision_model
@@ -44,6 +46,7 @@ class VisionLanguageModel(MegatronModule):
         self.post_process = language_model.post_process
         self.share_embeddings_and_output_weights = language_model.share_embeddings_and_output_weights
         self.model_type = language_model.model_type
+        self.freeze_groups = {}  # train.freeze groups whose regex differs from tuners.FREEZE_GROUPS' (a held tower)
 
     # What megatron-core's schedules and finalize_model_grads ask a model chunk for.
     def set_input_tensor(self, input_tensor) -> None:
@@ -60,13 +63,27 @@ class VisionLanguageModel(MegatronModule):
             features = features[:, self.vision_model.class_token_len:]
         return self.vision_projection(features).reshape(-1, self.config.hidden_size)
 
+    def media_features(self, images: Optional[torch.Tensor], media: Optional[dict]) -> Optional[torch.Tensor]:
+        """[N, hidden] LM-width features of the micro-batch's images (None: it has none): LLaVA-style pixels
+        through encoder and projector, or a held tower's own inputs (``media``: e.g. Qwen2.5-VL's flattened
+        patches and ``image_grid_thw``) through the tower alone."""
+        if media:
+            return self.vision_model(**media)
+        if images is not None and images.numel():
+            return self.image_features(images)
+        return None
+
     def forward(self, input_ids, position_ids, attention_mask=None, decoder_input=None, labels=None,
-                images: Optional[torch.Tensor] = None, image_index: Optional[torch.Tensor] = None, **kwargs):
-        """GPTModel's call with the micro-batch's ``images`` and their ``image_index`` ([b, s], -1: text)."""
+                images: Optional[torch.Tensor] = None, image_index: Optional[torch.Tensor] = None,
+                media: Optional[dict] = None, **kwargs):
+        """GPTModel's call with the micro-batch's ``images`` (or a held tower's ``media``) and their
+        ``image_index`` ([b, s], -1: text). ``position_ids`` may be M-RoPE's [3, b, s] (the language model built
+        with position_embedding_type='mrope')."""
         if self.pre_process and decoder_input is None:
-            decoder_input = self.language_model.embedding(input_ids=input_ids, position_ids=position_ids)
-            if images is not None and images.numel():
-                decoder_input = place_images(decoder_input, self.image_features(images), image_index)
+            decoder_input = self.language_model.embedding(input_ids=input_ids, position_ids=None)
+            features = self.media_features(images, media)
+            if features is not None:
+                decoder_input = place_images(decoder_input, features, image_index)
             if self.config.sequence_parallel:
                 decoder_input = tensor_parallel.scatter_to_sequence_parallel_region(decoder_input)
         return self.language_model(input_ids, position_ids, attention_mask, decoder_input=decoder_input,
@@ -75,8 +92,10 @@ class VisionLanguageModel(MegatronModule):
 
 def image_inputs(batch) -> dict:
     """The keyword arguments a batch with images adds to the model call (none for text: any model takes it)."""
-    if batch.images is None:
+    if batch.images is None and not batch.media:
         return {}
+    if batch.media:
+        return {"media": batch.media, "image_index": batch.image_index}
     return {"images": batch.images, "image_index": batch.image_index}
 
 
@@ -128,6 +147,23 @@ def build_vlm_chunks(arch, tconfig: TransformerConfig, padded_vocab: int, seq_le
             projection.to(backend.torch_device)
         drop = arch.vision.class_token and arch.vision_select == "default"
         chunks.append(VisionLanguageModel(lm, vision, projection, drop_class_token=drop))
+    return chunks
+
+
+def build_held_vlm_chunks(arch, tconfig: TransformerConfig, padded_vocab: int, seq_length: int, backend,
+                          tower, unfuse_norms: bool = False, freeze_groups: Optional[dict] = None
+                          ) -> List[VisionLanguageModel]:
+    """This rank's chunks for a VLM whose tower is held as the transformers module (models/held_tower.py):
+    the language model's GPTModel chunks, the first stage's first holding ``tower()`` (which gives LM-width
+    features itself: no vision_projection). ``freeze_groups``: the train.freeze regexes of its ``vision`` and
+    ``projector`` groups (which of the tower's parameters are its projector)."""
+    chunks = []
+    language = build_gpt_chunks(arch, tconfig, padded_vocab, seq_length, backend, unfuse_norms, scatter_sp=False)
+    for vp_stage, lm in enumerate(language):
+        held = tower() if vp_stage == 0 and ps.is_pipeline_first_stage(ignore_virtual=True) else None
+        chunk = VisionLanguageModel(lm, held, None)
+        chunk.freeze_groups = dict(freeze_groups or {})
+        chunks.append(chunk)
     return chunks
 
 

@@ -19,5 +19,6 @@ def apply_tuner(chunks, cfg, check_patterns: bool = True) -> str:
     named: List = list(global_parameters(chunks))
     if check_patterns:
         vlm = any(hasattr(chunk, "vision_model") for chunk in chunks)  # models.vlm, with its encoder or not (PP)
-        set_trainable(named, cfg.tuner, cfg.train, vlm)
+        groups = next((c.freeze_groups for c in chunks if getattr(c, "freeze_groups", None)), {})
+        set_trainable(named, cfg.tuner, cfg.train, vlm, groups)
     return summary(named)

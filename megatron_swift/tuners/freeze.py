@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -30,15 +30,17 @@ def _aliases(name: str, param) -> Tuple[str, ...]:
     return (name,)
 
 
-def _rules(tuner, train, vlm: bool = False) -> List[Tuple[str, str, bool]]:
+def _rules(tuner, train, vlm: bool = False, groups: Optional[dict] = None) -> List[Tuple[str, str, bool]]:
     """(config key, pattern, trainable) in the order they apply; a VLM's vision encoder is frozen first unless
-    train.train_vision (as the peers do: its features are what the projector learns to read)."""
+    train.train_vision (as the peers do: its features are what the projector learns to read). ``groups``: the
+    model's own regexes for some train.freeze groups (a held tower's vision / projector split)."""
+    patterns = {**FREEZE_GROUPS, **(groups or {})}
     rules = []
     if vlm and not train.train_vision:
-        rules.append(("train.train_vision=false", FREEZE_GROUPS["vision"], False))
+        rules.append(("train.train_vision=false", patterns["vision"], False))
     if tuner.name == "lora":
         rules += [(f"tuner.modules_to_save={m}", rf"(^|\.){re.escape(m)}(\.|$)", True) for m in tuner.modules_to_save]
-    rules += [(f"train.freeze={g}", FREEZE_GROUPS[g], False) for g in train.freeze]
+    rules += [(f"train.freeze={g}", patterns[g], False) for g in train.freeze]
     if train.freeze_regex:
         rules.append((f"train.freeze_regex={train.freeze_regex!r}", train.freeze_regex, False))
     if train.trainable_regex:
@@ -46,11 +48,12 @@ def _rules(tuner, train, vlm: bool = False) -> List[Tuple[str, str, bool]]:
     return rules
 
 
-def set_trainable(named: List[Tuple[str, torch.nn.Parameter]], tuner, train, vlm: bool = False) -> None:
+def set_trainable(named: List[Tuple[str, torch.nn.Parameter]], tuner, train, vlm: bool = False,
+                  groups: Optional[dict] = None) -> None:
     """Set requires_grad on every (global name, parameter); raises ConfigError for a pattern that matches nothing."""
     for _, param in named:  # with LoRA only the adapters train unless a rule says otherwise
         param.requires_grad_(tuner.name != "lora" or getattr(param, "is_lora", False))
-    rules = _rules(tuner, train, vlm)
+    rules = _rules(tuner, train, vlm, groups)
     hits = torch.zeros(len(rules), device=collective_device())  # NCCL reduces only GPU tensors
     for i, (_, pattern, trainable) in enumerate(rules):
         regex = re.compile(pattern)

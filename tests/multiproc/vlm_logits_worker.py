@@ -2,6 +2,9 @@
 fixed tokens and images through megatron-core's forward-only schedule, save full-vocabulary logits.
 
 usage: vlm_logits_worker.py <inputs.pt: tokens, images, image_index> <out.pt> <override> [<override> ...]
+
+A held tower's inputs come as "media.<name>" entries of inputs.pt (models/held_tower.py), M-RoPE's [3, b, s]
+positions as "position_ids" (default: 0..s-1).
 """
 import os
 import sys
@@ -25,10 +28,12 @@ def main() -> None:
     device = trainer.backend.torch_device
     inputs = {k: v.to(device) for k, v in torch.load(inputs_file, weights_only=True).items()}
     tokens = inputs["tokens"]
-    positions = torch.arange(tokens.shape[1], device=device).expand_as(tokens)
+    positions = inputs.get("position_ids", torch.arange(tokens.shape[1], device=device).expand_as(tokens))
+    media = {k[len("media."):]: v for k, v in inputs.items() if k.startswith("media.")} or None
 
     def forward(batch, chunk):
-        return chunk(batch["tokens"], positions, None, images=batch["images"], image_index=batch["image_index"])
+        return chunk(batch["tokens"], positions, None, images=batch.get("images"), image_index=batch["image_index"],
+                     media=media)
 
     with eval_mode(trainer.model):
         out = collect(trainer.model, [inputs], forward, lambda _, logits: gather_from_tensor_model_parallel_region(

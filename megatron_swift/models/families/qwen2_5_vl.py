@@ -1,0 +1,217 @@
+"""Qwen2.5-VL (HF ``Qwen2_5_VLForConditionalGeneration``): transformers' own vision tower (14-px patches,
+temporal patch 2, 2-D rotary, window attention with full-attention blocks, and the 2x2 patch merger that is
+its projector) held whole on each TP rank (models/held_tower.py, docs/design/vlm/towers.md), and a Qwen2
+language model on megatron-core with M-RoPE (three position streams split by ``mrope_section``; the positions
+are transformers' ``get_rope_index``, models/mrope.py).
+
+Names: the on-disk spelling of the published checkpoints is canonical (``visual.*``, ``model.*``,
+``lm_head.*``; transformers 5 keeps it on save); its in-memory spelling (``model.visual.``,
+``model.language_model.``) is read as an alias. The tower's parameter ``vision_model.hf.<n>`` is ``visual.<n>``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+from megatron_swift.convert.rules import Direct
+from megatron_swift.convert.tables import prefixed
+from megatron_swift.data.errors import DataError
+from megatron_swift.models.families.base import Family, Size
+
+_TOWER, _MTOWER = "visual.", "vision_model.hf."
+_ALIASES = (("model.visual.", _TOWER), ("model.language_model.", "model."))
+# Top-level HF keys kept in family_options (what the data side and the export need besides the numbers).
+_TOKENS = ("video_token_id", "vision_start_token_id", "vision_end_token_id")
+_HF_TEXT_TYPE = "qwen2_5_vl_text"
+# train.freeze groups: the patch merger is the projector, the rest of the tower the vision group.
+_FREEZE_GROUPS = {"vision": r"^vision_model\.hf\.(?!merger\.)", "projector": r"^vision_model\.hf\.merger\."}
+
+
+@dataclass(frozen=True)
+class QwenVLSize(Size):
+    """A language-model size plus the HF vision_config of its tower and the image token."""
+
+    text_family: str = "qwen2"
+    vision_hf: Optional[dict] = None
+    image_token_id: Optional[int] = None
+
+
+def _vision_module_class():
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
+
+    return modeling_qwen2_5_vl.Qwen2_5_VisionTransformerPretrainedModel
+
+
+def vision_config(vision_hf: dict):
+    """transformers' vision config object of a stored vision_config dict."""
+    import transformers
+
+    return transformers.Qwen2_5_VLVisionConfig(**vision_hf)
+
+
+def hf_config(arch) -> "object":
+    """The transformers Qwen2_5_VLConfig of an architecture (what get_rope_index reads)."""
+    import transformers
+
+    plain = arch if isinstance(arch, dict) else arch.plain()
+    return transformers.Qwen2_5_VLConfig(**FAMILY.write_hf(plain, "float32"))
+
+
+def tower_features(module, pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None,
+                   **_unused):
+    """[N, lm_hidden]: the merged features of the micro-batch's images, then of its videos (the order
+    image_index numbers them in), as transformers' get_image_features / get_video_features compute them."""
+    import torch
+
+    parts = []
+    if pixel_values is not None and pixel_values.numel():
+        parts.append(module(pixel_values, grid_thw=image_grid_thw).pooler_output)
+    if pixel_values_videos is not None and pixel_values_videos.numel():
+        parts.append(module(pixel_values_videos, grid_thw=video_grid_thw).pooler_output)
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def _split_rope(hf: dict, where: str):
+    """(HF text config without M-RoPE's keys, mrope_section): the sections live in rope_parameters (5.x) or
+    rope_scaling (4.x, ``type: mrope``); the rest is default RoPE for the text family to read."""
+    hf = dict(hf)
+    section = None
+    for key in ("rope_parameters", "rope_scaling"):
+        rope = hf.get(key)
+        if isinstance(rope, dict):
+            rope = dict(rope)
+            section = rope.pop("mrope_section", section)
+            if rope.get("rope_type", rope.get("type")) in ("mrope", "default"):
+                rope.pop("type", None)
+                rope["rope_type"] = "default"
+            hf[key] = rope
+    if section is None:
+        raise DataError(where, None, "rope_parameters.mrope_section is missing: a Qwen2.5-VL language model "
+                                     "rotates by three position streams (e.g. [16, 24, 24])")
+    return hf, [int(x) for x in section]
+
+
+@dataclass(frozen=True)
+class QwenVLFamily(Family):
+    """The family spec of Qwen2.5-VL: each hook of Family for its nested HF config and held tower."""
+
+    def read_hf(self, hf: dict, folder: str) -> dict:
+        from megatron_swift.models import families
+
+        where = os.path.join(folder, "config.json")
+        text = {k: v for k, v in hf.items() if k not in ("text_config", "vision_config", "architectures")}
+        text.update(hf.get("text_config") or {})  # 4.x configs have the text keys at the top level
+        text, section = _split_rope(text, where)
+        if text.get("use_sliding_window"):
+            raise DataError(where, None, "use_sliding_window=true: sliding-window attention in the language "
+                                         "model is not supported (the published Qwen2.5-VL checkpoints have false)")
+        if 2 * sum(section) != (text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]):
+            raise DataError(where, None, f"mrope_section={section} must sum to half the head dimension")
+        fields = families.get("qwen2").read_hf(text, folder)
+        vision = dict(hf.get("vision_config") or {})
+        vision.pop("transformers_version", None)
+        fields.update(text_family="qwen2", vision_hf=vision, image_token_id=hf.get("image_token_id", 151655),
+                      family_options=dict(mrope_section=section, **{k: hf[k] for k in _TOKENS if k in hf}))
+        return fields
+
+    def write_hf(self, arch: dict, dtype: str) -> dict:
+        """A transformers 5 config.json (text_config / vision_config nested; transformers 4.46+ reads it too)."""
+        from megatron_swift.models import families
+
+        options = arch["family_options"]
+        text = families.get("qwen2").write_hf(arch, dtype)
+        for key in ("architectures", "torch_dtype", "dtype", "tie_word_embeddings"):
+            text.pop(key, None)
+        rope = text.pop("rope_parameters", None) or {"rope_type": "default", "rope_theta": text.pop("rope_theta")}
+        text.pop("rope_theta", None)
+        if text.get("head_dim") == text["hidden_size"] // text["num_attention_heads"]:
+            text.pop("head_dim")  # transformers' Qwen2.5-VL text config derives it
+        text.update(model_type=_HF_TEXT_TYPE, rope_parameters=dict(rope, mrope_section=list(options["mrope_section"])))
+        return dict(architectures=list(self.hf_architectures), model_type=self.hf_model_type, text_config=text,
+                    vision_config=dict(arch["vision_hf"]), image_token_id=arch["image_token_id"],
+                    **{k: options[k] for k in _TOKENS if k in options},
+                    tie_word_embeddings=not arch["untie_embeddings"], dtype=dtype)
+
+    def transformer_fields(self, arch) -> dict:
+        return {"mrope_section": list(arch.family_options["mrope_section"])}
+
+    def layout_problems(self, arch, parallel) -> list:
+        problems = []
+        if getattr(parallel, "cp", 1) > 1:
+            problems.append(f"parallel.cp={parallel.cp}: context parallelism with M-RoPE (+model={self.name}) is "
+                            "not supported yet (megatron-core cuts [3, b, s] position ids on the wrong axis); use "
+                            "parallel.cp=1")
+        return problems
+
+    def build(self, arch, tconfig, padded_vocab: int, seq_length: int, backend, unfuse_norms: bool = False):
+        from megatron_swift.models.held_tower import build_held_tower
+        from megatron_swift.models.vlm import build_held_vlm_chunks
+
+        cls, config = _vision_module_class(), vision_config(arch.vision_hf)
+
+        def tower():
+            return build_held_tower(lambda attn: cls._from_config(config, attn_implementation=attn),
+                                    tower_features, backend.attention, backend.torch_device)
+
+        return build_held_vlm_chunks(arch, tconfig, padded_vocab, seq_length, backend, tower, unfuse_norms,
+                                     _FREEZE_GROUPS)
+
+    def rules(self, arch) -> list:
+        text = arch.decoder_family.weights(tied=not arch.untie_embeddings, head=arch.head)
+        return prefixed(text, "language_model.", {}) + [
+            Direct((_MTOWER + name,), _TOWER + name) for name in tower_parameter_names(arch.vision_hf)]
+
+    def canonical_hf_name(self, name: str) -> str:
+        for alias, canonical in _ALIASES:
+            if name.startswith(alias):
+                return canonical + name[len(alias):]
+        return name
+
+
+
+def tower_parameter_names(vision_hf: dict) -> list:
+    """The tower's parameter names, read off the module built on the meta device (nothing allocated)."""
+    import torch
+
+    with torch.device("meta"):
+        module = _vision_module_class()._from_config(vision_config(vision_hf))
+    return [name for name, _ in module.named_parameters()]
+
+
+_VISION_7B = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, hidden_act="silu",
+                  patch_size=14, spatial_merge_size=2, temporal_patch_size=2, tokens_per_second=2, window_size=112,
+                  fullatt_block_indexes=[7, 15, 23, 31], in_channels=3, model_type="qwen2_5_vl_vision")
+_TOKEN_IDS = dict(video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653)
+_Q = dict(max_position_embeddings=128000, rotary_base=1e6, norm_epsilon=1e-6, text_family="qwen2",
+          image_token_id=151655)
+
+FAMILY = QwenVLFamily(
+    name="qwen2_5_vl",
+    hf_architectures=("Qwen2_5_VLForConditionalGeneration",),
+    hf_model_type="qwen2_5_vl",
+    layers_prefix="language_model.decoder.layers.",
+    sizes={
+        # CPU-sized: a 2-layer Qwen2-like decoder (head dim 16: sections [2, 3, 3]) and a 2-block tower (one with
+        # full attention) whose 28-px windows hold 2x2 merged tokens.
+        "tiny": QwenVLSize(2, 64, 128, 4, 2, vocab_size=256, max_position_embeddings=1024, untie_embeddings=True,
+                           text_family="qwen2", image_token_id=250,
+                           vision_hf=dict(_VISION_7B, depth=2, hidden_size=32, intermediate_size=64, num_heads=4,
+                                          window_size=56, fullatt_block_indexes=[1], out_hidden_size=64),
+                           family_options=dict(mrope_section=[2, 3, 3], video_token_id=251,
+                                               vision_start_token_id=252, vision_end_token_id=253)),
+        "3b": QwenVLSize(36, 2048, 11008, 16, 2, vocab_size=151936, untie_embeddings=False,
+                         vision_hf=dict(_VISION_7B, out_hidden_size=2048),
+                         family_options=dict(mrope_section=[16, 24, 24], **_TOKEN_IDS), **_Q),
+        "7b": QwenVLSize(28, 3584, 18944, 28, 4, vocab_size=152064,
+                         vision_hf=dict(_VISION_7B, out_hidden_size=3584),
+                         family_options=dict(mrope_section=[16, 24, 24], **_TOKEN_IDS), **_Q),
+        "32b": QwenVLSize(64, 5120, 27648, 40, 8, vocab_size=152064,
+                          vision_hf=dict(_VISION_7B, out_hidden_size=5120),
+                          family_options=dict(mrope_section=[16, 24, 24], **_TOKEN_IDS), **_Q),
+        "72b": QwenVLSize(80, 8192, 29568, 64, 8, vocab_size=152064,
+                          vision_hf=dict(_VISION_7B, out_hidden_size=8192),
+                          family_options=dict(mrope_section=[16, 24, 24], **_TOKEN_IDS), **_Q),
+    },
+)

@@ -1,0 +1,121 @@
+"""Qwen2.5-VL (families/qwen2_5_vl.py: transformers' tower held whole per TP rank, M-RoPE language model on
+megatron-core): the Megatron model built from an HF ``Qwen2_5_VLForConditionalGeneration`` folder gives
+transformers' logits on two real photographs of different sizes (different token counts, non-square), under
+TP and PP; HF -> Megatron -> HF is bitwise. Ground truth: transformers' model, image processor and
+``get_rope_index``."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+
+from tests.conftest import ROOT, launch_cmd, train_env
+from tests.multiproc.test_vlm import WORKER, photos
+
+VOCAB, IMAGE, VIDEO, START, END = 300, 290, 291, 292, 293
+MAX_PIXELS = 28 * 28 * 24  # at most 24 merged tokens per image: tiny shapes
+
+
+def tiny_qwen_vl(folder):
+    """A random tiny HF Qwen2.5-VL (random norms and biases, so a skipped tensor shows; a 3-block tower whose
+    56-px windows split every image, with block 1 on full attention) and its image processor, saved."""
+    text = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+    vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2, window_size=56, out_hidden_size=64, fullatt_block_indexes=[1],
+                  tokens_per_second=2)
+    config = transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE,
+                                           video_token_id=VIDEO, vision_start_token_id=START, vision_end_token_id=END)
+    torch.manual_seed(0)
+    model = transformers.Qwen2_5_VLForConditionalGeneration(config).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.normal_(1.0 if "norm" in name else 0.0, 0.2)
+    model.save_pretrained(folder)
+    processor = transformers.Qwen2VLImageProcessorPil(min_pixels=28 * 28 * 4, max_pixels=MAX_PIXELS)
+    processor.save_pretrained(folder)
+    return model, processor
+
+
+def two_photos():
+    """china.jpg as shipped (landscape) and a portrait crop of flower.jpg: different token counts."""
+    china, flower = photos()
+    return [china, flower.crop((200, 0, 440, 427))]
+
+
+def inputs(model, processor):
+    """Two rows, one photograph each at different places, with the vision start/end tokens around the image
+    tokens as the chat template writes them: ids, the processor's pixels and grids, our image_index, and the
+    M-RoPE positions transformers' get_rope_index gives (the model's own method, the ground truth)."""
+    pix = processor(images=two_photos(), return_tensors="pt")
+    grid = pix["image_grid_thw"]
+    counts = (grid.prod(-1) // 4).tolist()
+    assert counts[0] != counts[1], counts
+    seq = max(counts) + 20
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, IMAGE, (2, seq), generator=g)
+    index, types_ = torch.full((2, seq), -1), torch.zeros(2, seq, dtype=torch.long)
+    before = 0
+    for row, start in ((0, 2), (1, 6)):
+        n = counts[row]
+        tokens[row, start - 1], tokens[row, start + n] = START, END
+        tokens[row, start:start + n] = IMAGE
+        index[row, start:start + n] = torch.arange(n) + before
+        types_[row, start:start + n] = 1
+        before += n
+    positions, _ = model.model.get_rope_index(tokens, mm_token_type_ids=types_, image_grid_thw=grid)
+    return {"tokens": tokens, "image_index": index, "position_ids": positions, "mm_token_type_ids": types_,
+            "media.pixel_values": pix["pixel_values"], "media.image_grid_thw": grid}
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("qwen_vl") / "hf"
+    model, processor = tiny_qwen_vl(folder)
+    batch = inputs(model, processor)
+    with torch.no_grad():
+        expected = model(input_ids=batch["tokens"], pixel_values=batch["media.pixel_values"],
+                         image_grid_thw=batch["media.image_grid_thw"],
+                         mm_token_type_ids=batch["mm_token_type_ids"]).logits.float()
+    return folder, model, processor, batch, expected
+
+
+def test_mrope_positions_are_get_rope_index(hf):
+    """models/mrope.hf_rope_index runs transformers' get_rope_index on the config alone: the same streams."""
+    from megatron_swift.models.mrope import hf_rope_index
+
+    folder, model, _, batch, _ = hf
+    got = hf_rope_index(transformers.Qwen2_5_VLModel, model.config, batch["tokens"], batch["mm_token_type_ids"],
+                        batch["media.image_grid_thw"])
+    assert torch.equal(got, batch["position_ids"])
+    assert not torch.equal(got[1], got[2])  # the image rows really have 2-D positions
+
+
+def megatron_logits(tmp_path, batch: dict, nproc: int, overrides):
+    torch.save({k: v for k, v in batch.items() if k != "mm_token_type_ids"}, tmp_path / "inputs.pt")
+    out = tmp_path / "out.pt"
+    base = ["+model=qwen2_5_vl", "train.precision=fp32", "train.device=cpu", f"train.output_dir={tmp_path / 'run'}",
+            "logging.tensorboard=false"]
+    proc = subprocess.run(launch_cmd(nproc, [str(tmp_path / "inputs.pt"), str(out), *base, *overrides],
+                                     script=WORKER), cwd=ROOT, env=train_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return torch.load(out, weights_only=True)
+
+
+CASES = {"tp1": (1, []), "tp2": (2, ["parallel.tp=2"]), "pp2": (2, ["parallel.pp=2"])}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_qwen2_5_vl_logits_equal_transformers(tmp_path, hf, case):
+    folder, _, _, batch, expected = hf
+    nproc, layout = CASES[case]
+    got = megatron_logits(tmp_path, batch, nproc, [f"model.pretrained={folder}", *layout])
+    diff = (got[..., :VOCAB] - expected).abs().max().item()
+    assert diff < 1e-4, f"{case}: max |logit diff| {diff}"
