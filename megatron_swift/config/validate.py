@@ -286,7 +286,7 @@ def _tuner(cfg, arch, problems: List[str]) -> None:
 def _vision(cfg, arch, problems: List[str]) -> None:
     """Vision-language models (+model=llava) and image data."""
     model = cfg.model
-    if cfg.data.source == "vl_sft" and arch.vision is None:
+    if cfg.data.source == "vl_sft" and not arch.has_vision:
         problems.append(f"data.source=vl_sft needs a vision-language model (+model=llava), not +model={model.family}")
     if model.llm and model.pretrained:
         problems.append("model.pretrained (an HF LLaVA folder) and model.llm + model.vision (one composed from an "
@@ -294,7 +294,7 @@ def _vision(cfg, arch, problems: List[str]) -> None:
     if model.vision_feature_layer is not None and not model.llm:
         problems.append("model.vision_feature_layer applies to a VLM composed with model.llm + model.vision; "
                         "a checkpoint's comes from its config.json")
-    if arch.vision is None:
+    if not arch.has_vision:
         return
     from megatron_swift.models.vision_arch import image_seq_length
 
@@ -302,6 +302,8 @@ def _vision(cfg, arch, problems: List[str]) -> None:
     _choice(problems, "model.vision_select", arch.vision_select, ("default", "full"))
     if cfg.task.name != "lm":
         problems.append(f"task={cfg.task.name} does not take images yet: a VLM trains with task=lm (SFT, pretraining)")
+    if vision is None:  # a held transformers tower (models/held_tower.py): whole on each TP rank, any shape
+        return
     if vision.num_attention_heads % tp:
         problems.append(f"parallel.tp={tp} must divide the vision encoder's {vision.num_attention_heads} heads")
     if vision.image_size % vision.patch_size:

@@ -192,7 +192,7 @@ def open_image(path: str):
 def vision_data(cfg, arch) -> Optional[VisionData]:
     """What the data side needs of the run's VLM (None for a text model): its image token, the image tokens per
     image, and its encoder's image processor (model.pretrained's or model.vision's, else the default one)."""
-    if arch.vision is None:
+    if not arch.has_vision:
         return None
     own = getattr(arch.family, "vision_data", None)  # a family whose processor decides more (tiles: InternVL)
     if own is not None:

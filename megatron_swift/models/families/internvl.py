@@ -16,13 +16,12 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from typing import Optional
 
 from megatron_swift.convert.rules import Direct
 from megatron_swift.convert.tables import prefixed
 from megatron_swift.data.errors import DataError
-from megatron_swift.models.families.base import Family
-from megatron_swift.models.families.llava import VLSize
-from megatron_swift.models.vision_arch import VisionArch
+from megatron_swift.models.families.base import Family, Size
 
 # The canonical on-disk spellings (what transformers 5 writes, and 4.x before 4.52); 4.52+ keeps "model." in
 # front of the tower, the projector and the language model, and the head at the top. The exporter writes these.
@@ -56,14 +55,6 @@ def tokens_per_tile(vision: dict, ratio: float) -> int:
     """Image tokens one tile gives: its patches after pixel shuffle by ``ratio`` (InternVL3: 448/14, 0.5 -> 256)."""
     side = _side(vision["image_size"]) // _side(vision["patch_size"])
     return int(side * ratio) ** 2
-
-
-def vision_record(vision: dict) -> VisionArch:
-    """The tower's numbers as the planner, FLOPs and validation read them (VisionArch)."""
-    return VisionArch("internvl", vision["num_hidden_layers"], vision["hidden_size"], vision["intermediate_size"],
-                      vision["num_attention_heads"], _side(vision["image_size"]), _side(vision["patch_size"]),
-                      float(vision.get("layer_norm_eps", 1e-6)), vision.get("hidden_act", "gelu"),
-                      vision["num_hidden_layers"])
 
 
 def remote_code_refusal(hf: dict, folder: str) -> str:
@@ -108,9 +99,9 @@ class InternVLFamily(Family):
         tie = text_cfg.get("tie_word_embeddings", hf.get("tie_word_embeddings", False))
         fields = text_family.read_hf(dict(text_cfg, tie_word_embeddings=tie), folder)
         options = dict(fields.get("family_options") or {})
-        options.update(vision_config={k: vision[k] for k in _VISION_KEYS if k in vision}, downsample_ratio=ratio,
-                       vision_feature_layer=layer, image_seq_length=per_tile)
-        fields.update(text_family=text_family.name, vision=vision_record(vision), vision_select=select,
+        options.update(downsample_ratio=ratio, vision_feature_layer=layer, image_seq_length=per_tile)
+        fields.update(text_family=text_family.name, vision_hf={k: vision[k] for k in _VISION_KEYS if k in vision},
+                      vision_select=select,
                       image_token_id=hf.get("image_token_id", hf.get("image_token_index")),
                       projector_activation=hf.get("projector_hidden_act", "gelu"), projector_bias=True,
                       family_options=options)
@@ -122,9 +113,10 @@ class InternVLFamily(Family):
         options = arch["family_options"]
         text = families.get(arch["text_family"]).write_hf(arch, dtype)
         text.pop("architectures", None)
-        vision = dict(options["vision_config"], model_type="internvl_vision")
+        vision = dict(arch["vision_hf"], model_type="internvl_vision")
         return dict(architectures=[self.hf_architectures[0]], model_type=self.hf_model_type, text_config=text,
-                    vision_config=vision, image_token_id=arch["image_token_id"],
+                    vision_config=vision, **({} if arch["image_token_id"] is None else
+                                             {"image_token_id": arch["image_token_id"]}),
                     image_seq_length=options["image_seq_length"], downsample_ratio=options["downsample_ratio"],
                     projector_hidden_act=arch["projector_activation"],
                     vision_feature_layer=options["vision_feature_layer"],
@@ -152,7 +144,7 @@ class InternVLFamily(Family):
         from megatron_swift.data.images import VisionData, tiled_processor
 
         options, folder = arch.family_options, cfg.model.pretrained
-        processor = tiled_processor(folder, arch.vision.image_size, cfg.data)
+        processor = tiled_processor(folder, _side(arch.vision_hf["image_size"]), cfg.data)
         return VisionData("<image>", arch.image_token_id, options["image_seq_length"], processor,
                           tiles=processor.tiles, wrap=_wrap_tokens(folder), media_key="pixel_values")
 
@@ -184,31 +176,15 @@ def _wrap_tokens(folder):
 
 
 def _held_rules(arch) -> list:
-    """The tower and projector tensors, one Direct rule each: the held modules' own names under HELD."""
-    vision = arch.family_options["vision_config"]
-    layer, tower = "encoder.layer.{layer}.", []
-    linears = ["attention.q_proj", "attention.k_proj", "attention.v_proj"]
-    tower += [layer + f"{n}.weight" for n in linears]
-    if vision.get("attention_bias", False):
-        tower += [layer + f"{n}.bias" for n in linears]
-    norm_parts = ("weight", "bias") if vision.get("norm_type", "layer_norm") == "layer_norm" else ("weight",)
-    if vision.get("use_qk_norm", False):
-        tower += [layer + f"attention.{q}_norm.{t}" for q in "qk" for t in ("weight",)]  # RMSNorm: weight only
-    tower += [layer + f"{n}.{t}" for n in ("attention.projection_layer", "mlp.fc1", "mlp.fc2") for t in ("weight", "bias")]
-    tower += [layer + f"{n}.{t}" for n in ("layernorm_before", "layernorm_after") for t in norm_parts]
-    if vision.get("layer_scale_init_value", 0.1) > 0:
-        tower += [layer + "lambda_1", layer + "lambda_2"]
-    tower += ["embeddings.cls_token", "embeddings.patch_embeddings.projection.weight",
-              "embeddings.patch_embeddings.projection.bias"]
-    if vision.get("use_absolute_position_embeddings", True):
-        tower.append("embeddings.position_embeddings")
-    if vision.get("use_mask_token", False):
-        tower.append("embeddings.mask_token")
-    if not vision.get("use_mean_pooling", True):
-        tower += [f"layernorm.{t}" for t in norm_parts]
-    projector = [f"{n}.{t}" for n in ("layer_norm", "linear_1", "linear_2") for t in ("weight", "bias")]
-    return ([Direct((HELD + _TOWER + n,), _TOWER + n) for n in tower]
-            + [Direct((HELD + _PROJ + n,), _PROJ + n) for n in projector])
+    """One Direct rule per parameter of the held modules (their HF names below ``model.``, read off the module
+    built on the meta device: nothing allocated)."""
+    import torch
+
+    from megatron_swift.models.internvl_tower import build_internvl_tower
+
+    with torch.device("meta"):
+        tower = build_internvl_tower(FAMILY.write_hf(arch.plain(), "float32"), "eager")
+    return [Direct((HELD + name,), name) for name, _ in tower.named_parameters()]
 
 
 _TINY_VISION = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, attention_bias=True,
@@ -221,12 +197,22 @@ _VIT_300M = dict(_TINY_VISION, hidden_size=1024, num_hidden_layers=24, num_atten
                  intermediate_size=4096, image_size=[448, 448], patch_size=[14, 14])
 
 
-def _size(layers, hidden, ffn, heads, groups, text_family, vision, **text) -> VLSize:
+@dataclass(frozen=True)
+class InternVLSize(Size):
+    """A language-model size plus its family, the tower's HF vision_config and the InternVL numbers."""
+
+    text_family: str = "qwen2"
+    vision_hf: Optional[dict] = None
+    image_token_id: Optional[int] = None  # None: the tokenizer's <IMG_CONTEXT> (or a token added for it)
+    vision_select: str = "default"
+    projector_activation: str = "gelu"
+
+
+def _size(layers, hidden, ffn, heads, groups, text_family, vision, **text) -> InternVLSize:
     """A published (or test) size: the language model's numbers, its family and the tower's HF vision config."""
-    options = dict(vision_config=vision, downsample_ratio=0.5, vision_feature_layer=-1,
-                   image_seq_length=tokens_per_tile(vision, 0.5))
-    return VLSize(layers, hidden, ffn, heads, groups, text_family=text_family, vision=vision_record(vision),
-                  family_options=options, **text)
+    options = dict(downsample_ratio=0.5, vision_feature_layer=-1, image_seq_length=tokens_per_tile(vision, 0.5))
+    return InternVLSize(layers, hidden, ffn, heads, groups, text_family=text_family, vision_hf=vision,
+                        family_options=options, **text)
 
 
 _Q = dict(max_position_embeddings=32768, rotary_base=1e6, norm_epsilon=1e-6, untie_embeddings=False)
