@@ -32,7 +32,7 @@ SHAPES = {
                               image_size=64, patch_size=8, use_qk_norm=False, norm_type="rms_norm",
                               attention_bias=False, layer_scale_init_value=0.5),
                   text=("Qwen3Config", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                            num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+                                            num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                             tie_word_embeddings=True)),
                   max_patches=4),
 }
