@@ -119,3 +119,35 @@ def test_remote_code_folder_is_refused_naming_the_hf_checkpoint(tmp_path):
         validate(compose(["+model=internvl", f"model.pretrained={folder}"]), 1)
     line = str(e.value)
     assert "OpenGVLab/InternVL3-1B-hf" in line and "InternVLForConditionalGeneration" in line and "config.json" in line
+
+
+@pytest.mark.parametrize("shape", ["qwen2", "qwen3"])
+def test_config_written_from_the_architecture_equals_transformers(tmp_path, shape):
+    """families/internvl.py reads an HF config.json and writes one back (an export without a source folder):
+    transformers reads both as the same InternVLConfig."""
+    import transformers
+
+    from megatron_swift.models import families
+    from tests.internvl_tiny import SHAPES
+
+    spec = SHAPES[shape]
+    text_cls, text = spec["text"]
+    config = transformers.InternVLConfig(
+        vision_config=transformers.InternVLVisionConfig(**spec["vision"]), image_token_id=5,
+        text_config=getattr(transformers, text_cls)(vocab_size=320, **text), image_seq_length=tokens_per_tile(shape),
+        tie_word_embeddings=text["tie_word_embeddings"])
+    config.architectures = ["InternVLForConditionalGeneration"]
+    config.save_pretrained(tmp_path)
+    arch = resolve(compose(["+model=internvl", f"model.pretrained={tmp_path}"]).model)
+    written = families.get("internvl").write_hf(arch.plain(), "float32")
+    volatile = ("transformers_version", "dtype", "torch_dtype")
+
+    def plain(c):
+        out = {k: v for k, v in c.to_dict().items() if k not in volatile}
+        for sub in ("text_config", "vision_config"):
+            out[sub] = {k: v for k, v in out[sub].items() if k not in volatile}
+        text = out["text_config"]  # Qwen2 derives head_dim when it is not written
+        text["head_dim"] = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
+        return out
+
+    assert plain(transformers.InternVLConfig.from_dict(written)) == plain(config)

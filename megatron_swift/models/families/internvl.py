@@ -112,7 +112,8 @@ class InternVLFamily(Family):
 
         options = arch["family_options"]
         text = families.get(arch["text_family"]).write_hf(arch, dtype)
-        text.pop("architectures", None)
+        for key in ("architectures", "torch_dtype", "dtype"):  # the top level carries the dtype
+            text.pop(key, None)
         vision = dict(arch["vision_hf"], model_type="internvl_vision")
         return dict(architectures=[self.hf_architectures[0]], model_type=self.hf_model_type, text_config=text,
                     vision_config=vision, **({} if arch["image_token_id"] is None else
