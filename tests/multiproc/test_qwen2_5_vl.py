@@ -109,7 +109,8 @@ def megatron_logits(tmp_path, batch: dict, nproc: int, overrides):
     return torch.load(out, weights_only=True)
 
 
-CASES = {"tp1": (1, []), "tp2": (2, ["parallel.tp=2"]), "pp2": (2, ["parallel.pp=2"])}
+# TP=1 is tools/convert/check.py's run below (the same two photographs in one row).
+CASES = {"tp2": (2, ["parallel.tp=2"]), "pp2": (2, ["parallel.pp=2"])}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -119,3 +120,68 @@ def test_qwen2_5_vl_logits_equal_transformers(tmp_path, hf, case):
     got = megatron_logits(tmp_path, batch, nproc, [f"model.pretrained={folder}", *layout])
     diff = (got[..., :VOCAB] - expected).abs().max().item()
     assert diff < 1e-4, f"{case}: max |logit diff| {diff}"
+
+
+def test_hf_round_trip_is_bitwise_and_loads_in_transformers(tmp_path, hf):
+    """HF -> Megatron (converter tool, TP=2) -> HF: every tensor bitwise, config.json equal; transformers loads
+    the export with nothing missing and gives the same logits; the image processor is copied along."""
+    from safetensors.torch import load_file
+
+    folder, model, _, batch, expected = hf
+    run, out = tmp_path / "mcore", tmp_path / "out"
+    proc = subprocess.run(launch_cmd(2, ["--hf", str(folder), "--out", str(run), "--tp", "2", "train.device=cpu"],
+                                     script=ROOT / "tools" / "convert" / "hf_to_mcore.py"),
+                          cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "convert" / "mcore_to_hf.py"), "--ckpt", str(run),
+                           "--out", str(out)], cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    original, exported = load_file(folder / "model.safetensors"), load_file(out / "model.safetensors")
+    assert sorted(exported) == sorted(original)
+    for name, tensor in original.items():
+        assert torch.equal(exported[name], tensor), name
+    volatile = ("transformers_version", "torch_dtype", "dtype")  # the exporter writes the dtype as torch_dtype
+    config = {k: v for k, v in json.loads((out / "config.json").read_text()).items() if k not in volatile}
+    assert config == {k: v for k, v in json.loads((folder / "config.json").read_text()).items() if k not in volatile}
+    assert (out / "preprocessor_config.json").read_text() == (folder / "preprocessor_config.json").read_text()
+    reloaded, info = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    with torch.no_grad():
+        got = reloaded.float().eval()(input_ids=batch["tokens"], pixel_values=batch["media.pixel_values"],
+                                      image_grid_thw=batch["media.image_grid_thw"],
+                                      mm_token_type_ids=batch["mm_token_type_ids"]).logits
+    assert torch.equal(got, expected)
+
+
+def test_config_written_without_a_source_is_the_same_model(hf):
+    """family.write_hf(read_hf(config.json)) (an export with no source folder) describes the same transformers
+    model: equal Qwen2_5_VLConfig dicts."""
+    import dataclasses
+
+    from megatron_swift.models import families
+    from megatron_swift.models.arch import Arch
+
+    folder = hf[0]
+    family = families.get("qwen2_5_vl")
+    source = json.loads((folder / "config.json").read_text())
+    fields = dict(dataclasses.asdict(family.size("tiny")), **family.read_hf(source, str(folder)))
+    written = family.write_hf(Arch(family=family, **fields).plain(), "float32")
+    assert transformers.Qwen2_5_VLConfig(**written).to_dict() == transformers.Qwen2_5_VLConfig(**source).to_dict()
+
+
+def test_check_tool_with_images_at_tp1(tmp_path, hf):
+    """tools/convert/check.py --image (the folder's own image processor; the two photographs in one row, M-RoPE
+    positions continuing across them) reports transformers' logits at TP=1."""
+    folder = hf[0]
+    paths = []
+    for i, photo in enumerate(two_photos()):
+        paths.append(str(tmp_path / f"photo{i}.png"))
+        photo.save(paths[-1])
+    report = tmp_path / "report.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "convert" / "check.py"), "--hf", str(folder),
+                           "--image", *paths, "--seq", "6", "--report", str(report), "train.device=cpu"],
+                          cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "top-1 agreement" in proc.stdout
+    figures = json.loads(report.read_text())
+    assert figures["max_abs_diff"] < 1e-4 and figures["token_agreement"] == 1.0, figures

@@ -163,6 +163,12 @@ class Family:
         """The convert.hf_load.Context of Megatron parameter ``name`` (``dense``: the language model's)."""
         return dense
 
+    def check_inputs(self, folder: str, hf: dict, images: list, seq: int, generator) -> dict:
+        """tools/convert/check.py --image: one row of random text around ``images`` (PIL images, through the
+        folder's own processor) as transformers' model takes it ("hf": its forward's keyword arguments) and as
+        ours does ("megatron": tokens, position_ids, image_index and the model's media keywords)."""
+        raise NotImplementedError(f"--image: +model={self.name} has no image check yet (qwen2_5_vl has)")
+
     def canonical_hf_name(self, name: str) -> str:
         """One spelling for an on-disk HF tensor name (checkpoints of different transformers releases differ)."""
         return name

@@ -163,12 +163,51 @@ class QwenVLFamily(Family):
         return prefixed(text, "language_model.", {}) + [
             Direct((_MTOWER + name,), _TOWER + name) for name in tower_parameter_names(arch.vision_hf)]
 
+    def check_inputs(self, folder: str, hf: dict, images: list, seq: int, generator) -> dict:
+        return check_inputs(folder, hf, images, seq, generator)
+
     def canonical_hf_name(self, name: str) -> str:
         for alias, canonical in _ALIASES:
             if name.startswith(alias):
                 return canonical + name[len(alias):]
         return name
 
+
+
+def check_inputs(folder: str, hf: dict, images: list, seq: int, generator) -> dict:
+    """One row for tools/convert/check.py --image: random text with the images (through the folder's own image
+    processor) between the vision start and end tokens, ``seq`` text tokens before each and after the last,
+    as transformers' model takes it ("hf") and as ours does ("megatron": tokens, [3, 1, s] positions from
+    get_rope_index, image_index, media)."""
+    import torch
+    import transformers
+
+    from megatron_swift.data.images import load_image_processor
+    from megatron_swift.models.mrope import hf_rope_index
+
+    pixels = load_image_processor(folder).hf(images=list(images), return_tensors="pt")
+    grid = pixels["image_grid_thw"]
+    merge = hf["vision_config"].get("spatial_merge_size", 2)
+    image_id, vocab = hf["image_token_id"], (hf.get("text_config") or hf)["vocab_size"]
+    special = torch.tensor(sorted({image_id, *(hf[k] for k in _TOKENS if k in hf)}))
+
+    def text():
+        ids = torch.randint(0, vocab, (seq,), generator=generator)
+        return torch.where(torch.isin(ids, special), 0, ids)
+
+    parts = []
+    for thw in grid.tolist():
+        n = thw[0] * thw[1] * thw[2] // merge ** 2
+        parts += [text(), torch.tensor([hf["vision_start_token_id"]]), torch.full((n,), image_id),
+                  torch.tensor([hf["vision_end_token_id"]])]
+    tokens = torch.cat([*parts, text()]).unsqueeze(0)
+    types_ = (tokens == image_id).long()
+    index = torch.where(types_.bool(), types_.cumsum(-1) - 1, -1)
+    positions = hf_rope_index(transformers.Qwen2_5_VLModel, transformers.Qwen2_5_VLConfig(**hf), tokens, types_,
+                              grid)
+    media = {"pixel_values": pixels["pixel_values"], "image_grid_thw": grid}
+    return {"hf": dict(input_ids=tokens, mm_token_type_ids=types_, **media),
+            "megatron": dict(tokens=tokens, position_ids=positions, image_index=index, media=media)}
 
 
 def tower_parameter_names(vision_hf: dict) -> list:
