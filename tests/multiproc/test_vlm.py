@@ -132,15 +132,15 @@ def internvl_inputs(shape: str, folder):
     return {"tokens": tokens, "media.pixel_values": pixels["pixel_values"], "image_index": index}
 
 
-INTERNVL_CASES = {"qwen2-tp1": ("qwen2", 1, []), "qwen2-pp2": ("qwen2", 2, ["parallel.pp=2"]),
-                  "qwen3-tp2": ("qwen3", 2, ["parallel.tp=2"])}
+INTERNVL_CASES = {"qwen2-pp2": ("qwen2", 2, ["parallel.pp=2"]), "qwen3-tp2": ("qwen3", 2, ["parallel.tp=2"])}
 
 
 @pytest.mark.parametrize("case", list(INTERNVL_CASES))
 def test_internvl_logits_equal_transformers(tmp_path, case):
     """InternVL (-hf) from an HF folder: logits equal InternVLForConditionalGeneration's on two photographs of
-    different sizes (7 and 3 tiles), at TP=1, PP=2 and TP=2 (two shapes: Qwen2 + LayerNorm InternViT with QK
-    norm; Qwen3 tied + RMSNorm InternViT, 16 tokens a tile)."""
+    different sizes (7 and 3 tiles; 5 and 3), at PP=2 and TP=2 (TP=1: the check tool's test below), two shapes:
+    Qwen2 + LayerNorm InternViT with QK norm, 4 tokens a tile; Qwen3 tied + RMSNorm InternViT with 3 heads
+    (held whole under TP=2), 16 tokens a tile."""
     from tests.internvl_tiny import VOCAB as IVL_VOCAB, tiny_internvl
 
     shape, nproc, layout = INTERNVL_CASES[case]
@@ -148,14 +148,41 @@ def test_internvl_logits_equal_transformers(tmp_path, case):
     batch = internvl_inputs(shape, tmp_path / "hf")
     with torch.no_grad():
         expected = hf_model(input_ids=batch["tokens"], pixel_values=batch["media.pixel_values"]).logits.float()
+        # The pixels matter: other pixels move transformers' logits far more than the tolerance.
+        other = hf_model(input_ids=batch["tokens"], pixel_values=batch["media.pixel_values"].flip(-1)).logits
+    assert (other - expected).abs().max().item() > 1e-2
     got = megatron_logits(tmp_path, batch, nproc, [f"model.pretrained={tmp_path / 'hf'}", *layout], "internvl")
     diff = (got[..., :IVL_VOCAB] - expected).abs().max().item()
     print(f"internvl {case}: max |logit diff| {diff:.2e}")
     assert diff < 1e-4, f"{case}: max |logit diff| {diff}"
-    # The pixels matter: other pixels move transformers' logits far more than the tolerance.
-    with torch.no_grad():
-        other = hf_model(input_ids=batch["tokens"], pixel_values=batch["media.pixel_values"].flip(-1)).logits
-    assert (other - expected).abs().max().item() > 1e-2
+
+
+def test_internvl_check_tool_with_images_at_tp1(tmp_path):
+    """tools/convert/check.py --image on an InternVL folder (its own tiling processor; both photographs in one
+    row, 7 + 3 tiles) reports transformers' logits at TP=1; a corrupt image is one line, exit 2."""
+    import json
+    import sys
+
+    from tests.internvl_tiny import photos, tiny_internvl
+
+    tiny_internvl("qwen2", tmp_path / "hf")
+    paths = []
+    for i, photo in enumerate(photos()):
+        paths.append(str(tmp_path / f"photo{i}.png"))
+        photo.save(paths[-1])
+    report = tmp_path / "report.json"
+    check = [sys.executable, str(ROOT / "tools" / "convert" / "check.py"), "--hf", str(tmp_path / "hf"), "--seq", "5"]
+    proc = subprocess.run([*check, "--image", *paths, "--report", str(report), "train.device=cpu"], cwd=ROOT,
+                          env=train_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    figures = json.loads(report.read_text())
+    print(f"internvl check.py --image tp1: {figures}")
+    assert figures["max_abs_diff"] < 1e-4 and figures["token_agreement"] == 1.0, figures
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    proc = subprocess.run([*check, "--image", str(tmp_path / "broken.jpg"), "train.device=cpu"], cwd=ROOT,
+                          env=train_env(), capture_output=True, text=True, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "broken.jpg" in lines[0], proc.stderr[-2000:]
 
 
 def test_internvl_hf_round_trip_is_bitwise_with_equal_config(tmp_path):

@@ -149,6 +149,38 @@ class InternVLFamily(Family):
         return VisionData("<image>", arch.image_token_id, options["image_seq_length"], processor,
                           tiles=processor.tiles, wrap=_wrap_tokens(folder), media_key="pixel_values")
 
+    def check_inputs(self, folder: str, hf: dict, images: list, seq: int, generator) -> dict:
+        """tools/convert/check.py --image: ``seq`` random text tokens before each image and after the last; each
+        image as InternVLProcessor writes it (<img>, tiles x T <IMG_CONTEXT>, </img>; the wrap tokens only when
+        the folder has a tokenizer), its tiles through the folder's own image processor."""
+        import torch
+
+        from megatron_swift.data.images import tiled_processor
+
+        if REMOTE_CODE in (hf.get("architectures") or []) or "llm_config" in hf:
+            raise DataError(os.path.join(folder, "config.json"), None, remote_code_refusal(hf, folder))
+        vision, per_tile = hf.get("vision_config") or {}, tokens_per_tile(hf.get("vision_config") or {},
+                                                                          float(hf.get("downsample_ratio", 0.5)))
+        processor = tiled_processor(folder, _side(vision["image_size"]), {})
+        pixels = [processor(image) for image in images]
+        image_id, vocab = hf["image_token_id"], (hf.get("text_config") or hf)["vocab_size"]
+        wrap = _wrap_ids(folder)
+        special = torch.tensor([image_id, *wrap])
+
+        def text():
+            ids = torch.randint(0, vocab, (seq,), generator=generator)
+            return torch.where(torch.isin(ids, special), 0, ids)
+
+        parts = []
+        for tiles in pixels:
+            image = torch.full((len(tiles) * per_tile,), image_id)
+            parts += [text(), *([torch.tensor(wrap[:1]), image, torch.tensor(wrap[1:])] if wrap else [image])]
+        tokens = torch.cat([*parts, text()]).unsqueeze(0)
+        is_image = tokens == image_id
+        index = torch.where(is_image, is_image.long().cumsum(-1) - 1, -1)
+        media = {"pixel_values": torch.cat(pixels)}
+        return {"hf": dict(input_ids=tokens, **media), "megatron": dict(tokens=tokens, image_index=index, media=media)}
+
     def rules(self, arch) -> list:
         text = arch.decoder_family.weights(tied=not arch.untie_embeddings, head=arch.head)
         language = prefixed(text, "language_model.", {"model.": _LM + "model.", "lm_head.": _LM + "lm_head."})
@@ -174,6 +206,18 @@ def _wrap_tokens(folder):
     named = config.get("extra_special_tokens")
     named = dict(named, **config) if isinstance(named, dict) else config
     return named.get("start_image_token", "<img>"), named.get("end_image_token", "</img>")
+
+
+def _wrap_ids(folder) -> list:
+    """The ids of <img> and </img> in the folder's tokenizer ([] when it has none)."""
+    wrap = _wrap_tokens(folder)
+    if wrap is None or not os.path.isfile(os.path.join(folder, "tokenizer.json")):
+        return []
+    from megatron_swift.data.tokenizer import HFTokenizer
+
+    tokenizer = HFTokenizer(folder)
+    ids = [tokenizer.encode_with_offsets(token)[0] for token in wrap]
+    return [i[0] for i in ids] if all(len(i) == 1 for i in ids) else []
 
 
 def _held_rules(arch) -> list:
