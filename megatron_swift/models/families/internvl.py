@@ -132,8 +132,7 @@ class InternVLFamily(Family):
         from megatron_swift.models.internvl_tower import build_internvl_tower, internvl_features
         from megatron_swift.models.vlm import build_held_vlm_chunks
 
-        config = self.write_hf(arch.plain(), "float32")
-        make = partial(build_internvl_tower, config)
+        make = partial(build_internvl_tower, tower_config(arch))
         tower = partial(build_held_tower, make, internvl_features, backend.attention, backend.torch_device)
         return build_held_vlm_chunks(arch, tconfig, padded_vocab, seq_length, backend, tower, unfuse_norms,
                                      freeze_groups=FREEZE_GROUPS)
@@ -208,6 +207,14 @@ def _wrap_tokens(folder):
     return named.get("start_image_token", "<img>"), named.get("end_image_token", "</img>")
 
 
+def tower_config(arch) -> dict:
+    """The HF config the held modules are built from: the model's own, with a placeholder vocabulary when the
+    tokenizer decides it (a model from scratch; the tower does not read it)."""
+    config = FAMILY.write_hf(arch.plain(), "float32")
+    config["text_config"]["vocab_size"] = config["text_config"].get("vocab_size") or 1
+    return config
+
+
 def _wrap_ids(folder) -> list:
     """The ids of <img> and </img> in the folder's tokenizer ([] when it has none)."""
     wrap = _wrap_tokens(folder)
@@ -228,7 +235,7 @@ def _held_rules(arch) -> list:
     from megatron_swift.models.internvl_tower import build_internvl_tower
 
     with torch.device("meta"):
-        tower = build_internvl_tower(FAMILY.write_hf(arch.plain(), "float32"), "eager")
+        tower = build_internvl_tower(tower_config(arch), "eager")
     return [Direct((HELD + name,), name) for name, _ in tower.named_parameters()]
 
 

@@ -151,3 +151,29 @@ def test_config_written_from_the_architecture_equals_transformers(tmp_path, shap
         return out
 
     assert plain(transformers.InternVLConfig.from_dict(written)) == plain(config)
+
+
+@pytest.mark.parametrize("freeze,trains", [
+    ([], {"projector", "llm"}),  # the tower is frozen by default (train.train_vision=false)
+    (["llm"], {"projector"}), (["projector"], {"llm"})])
+def test_freeze_groups_split_the_held_tower_from_its_projector(freeze, trains):
+    """train.freeze groups on the held modules' real parameter names (the tower built on the meta device):
+    vision = InternViT, projector = the MLP projector, llm = the language model."""
+    from types import SimpleNamespace
+
+    from megatron_swift.models.families.internvl import FREEZE_GROUPS, HELD, tower_config
+    from megatron_swift.models.internvl_tower import build_internvl_tower
+    from megatron_swift.tuners.freeze import set_trainable
+
+    arch = resolve(compose(["+model=internvl"]).model)
+    with torch.device("meta"):
+        tower = build_internvl_tower(tower_config(arch), "eager")
+    names = [HELD + n for n, _ in tower.named_parameters()] + [
+        "language_model.embedding.word_embeddings.weight", "language_model.decoder.layers.0.mlp.linear_fc1.weight"]
+    named = [(n, torch.nn.Parameter(torch.zeros(1))) for n in names]
+    train = SimpleNamespace(train_vision=False, freeze=freeze, freeze_regex=None, trainable_regex=None)
+    set_trainable(named, SimpleNamespace(name="none", modules_to_save=[]), train, True, FREEZE_GROUPS)
+    part = {"vision_tower": "vision", "multi_modal_projector": "projector"}
+    got = {("llm" if n.startswith("language_model.") else part[n[len(HELD):].split(".")[0]])
+           for n, p in named if p.requires_grad}
+    assert got == trains
