@@ -177,3 +177,12 @@ def test_freeze_groups_split_the_held_tower_from_its_projector(freeze, trains):
     got = {("llm" if n.startswith("language_model.") else part[n[len(HELD):].split(".")[0]])
            for n, p in named if p.requires_grad}
     assert got == trains
+
+
+def test_pixel_limits_are_checked_with_the_key():
+    from megatron_swift.config.validate import ConfigError, validate
+
+    with pytest.raises(ConfigError) as e:
+        validate(compose(["+model=internvl", "data=vl_sft", "data.max_pixels=0", "data.min_pixels=5"]), 1)
+    assert "data.max_pixels=0 must be a positive number of pixels" in str(e.value)
+    assert "data.min_pixels=5 is above data.max_pixels=0" in str(e.value)

@@ -294,6 +294,12 @@ def _vision(cfg, arch, problems: List[str]) -> None:
     if model.vision_feature_layer is not None and not model.llm:
         problems.append("model.vision_feature_layer applies to a VLM composed with model.llm + model.vision; "
                         "a checkpoint's comes from its config.json")
+    data = cfg.data
+    for key in ("min_pixels", "max_pixels"):
+        if data.get(key) is not None and data[key] <= 0:
+            problems.append(f"data.{key}={data[key]} must be a positive number of pixels")
+    if None not in (data.get("min_pixels"), data.get("max_pixels")) and data.min_pixels > data.max_pixels:
+        problems.append(f"data.min_pixels={data.min_pixels} is above data.max_pixels={data.max_pixels}")
     if not arch.has_vision:
         return
     from megatron_swift.models.vision_arch import image_seq_length
