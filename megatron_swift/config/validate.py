@@ -288,6 +288,8 @@ def _vision(cfg, arch, problems: List[str]) -> None:
     model = cfg.model
     if cfg.data.source == "vl_sft" and not arch.has_vision:
         problems.append(f"data.source=vl_sft needs a vision-language model (+model=llava), not +model={model.family}")
+    elif cfg.data.source == "vl_sft" and arch.vision is None and not hasattr(arch.family, "vision_data"):
+        problems.append(f"data.source=vl_sft: +model={model.family} does not read image rows yet")
     if model.llm and model.pretrained:
         problems.append("model.pretrained (an HF LLaVA folder) and model.llm + model.vision (one composed from an "
                         "LLM and a vision encoder) are alternatives: set one")

@@ -197,6 +197,8 @@ def vision_data(cfg, arch) -> Optional[VisionData]:
     own = getattr(arch.family, "vision_data", None)  # a family whose processor decides more (tiles: InternVL)
     if own is not None:
         return own(cfg, arch)
+    if arch.vision is None:  # a held tower without a data side yet (config.validate refuses data=vl_sft)
+        return None
     from megatron_swift.models.vision_arch import image_seq_length
 
     folder = cfg.model.pretrained or cfg.model.get("vision")
