@@ -44,6 +44,11 @@ def _rows(folder, rows, *overrides, seq_length=512):
     return vl_sft_source([str(path)], cfg.data, tok, seq_length, None, str(folder / "hf"), vision_data(cfg, arch))
 
 
+def _pixels(row):
+    """All tiles of a row's images (the held tower's pixel_values, image after image)."""
+    return torch.cat([media["pixel_values"] for media in row["images"]])
+
+
 def test_tokens_and_pixels_equal_internvl_processor(folder):
     from PIL import Image
 
@@ -60,9 +65,10 @@ def test_tokens_and_pixels_equal_internvl_processor(folder):
     assert list(tiles) == [7, 3]  # the two sizes tile differently (6 + thumbnail, 2 + thumbnail)
     per_tile = tokens_per_tile("qwen2")
     assert (row["image_index"] >= 0).sum() == (ids == processor.image_token_id).sum() == 10 * per_tile
-    assert row["images"].shape == (10, 3, 56, 56) and torch.equal(row["images"], expected["pixel_values"])
+    pixels = _pixels(row)
+    assert pixels.shape == (10, 3, 56, 56) and torch.equal(pixels, expected["pixel_values"])
     batch = rows.collate([row, row])  # the held tower gets the pixels as its own keyword
-    assert batch.images is None and torch.equal(batch.media["pixel_values"], torch.cat([row["images"]] * 2))
+    assert batch.images is None and torch.equal(batch.media["pixel_values"], torch.cat([pixels] * 2))
     assert batch.image_index[1].max().item() == 2 * 10 * per_tile - 1
     # <img>, the image positions and </img> carry no loss and are never predicted.
     wrapped = np.isin(row["tokens"], processor.image_token_ids)
@@ -78,7 +84,7 @@ def test_max_pixels_caps_the_tiles(folder):
     expected = hf_processor(folder / "hf").image_processor(images=images, crop_to_patches=True, max_patches=2,
                                                             return_tensors="pt")
     assert expected["num_patches"].tolist() == [1, 3]  # the landscape fits one tile; the portrait 2 + thumbnail
-    assert torch.equal(rows[0]["images"], expected["pixel_values"])
+    assert torch.equal(_pixels(rows[0]), expected["pixel_values"])
     assert (rows[0]["image_index"] >= 0).sum() == 4 * tokens_per_tile("qwen2")
 
 
@@ -96,7 +102,7 @@ def test_truncation_never_cuts_an_image(folder):
         _rows(folder, [row], "data.truncation=truncate", seq_length=first_end)  # </img> would be cut off
     second_start = int(np.flatnonzero(full["image_index"] >= 7 * tokens_per_tile("qwen2"))[0])
     kept = _rows(folder, [row], "data.truncation=truncate", seq_length=second_start - 2)[0]
-    assert kept["images"].shape[0] == 7 and (kept["image_index"] >= 0).sum() == 7 * tokens_per_tile("qwen2")
+    assert _pixels(kept).shape[0] == 7 and (kept["image_index"] >= 0).sum() == 7 * tokens_per_tile("qwen2")
     assert kept["tokens"].tolist() == full["tokens"][:second_start - 2].tolist()
 
 
@@ -184,5 +190,5 @@ def test_pixel_limits_are_checked_with_the_key():
 
     with pytest.raises(ConfigError) as e:
         validate(compose(["+model=internvl", "data=vl_sft", "data.max_pixels=0", "data.min_pixels=5"]), 1)
-    assert "data.max_pixels=0 must be a positive number of pixels" in str(e.value)
+    assert "data.max_pixels=0: a positive pixel count" in str(e.value)
     assert "data.min_pixels=5 is above data.max_pixels=0" in str(e.value)

@@ -147,6 +147,10 @@ class DataConfig:
     """SFT tokens that carry loss: assistant (every assistant turn), last_assistant, or all."""
     packing: bool = False
     """Pack several SFT samples into each row of train.seq_length (best-fit decreasing), each attending only to itself."""
+    min_pixels: Optional[int] = None
+    """vl_sft with a native-resolution VLM (+model=qwen2_5_vl): the fewest pixels an image is resized to (the image processor's min_pixels; InternVL: min tiles = min_pixels // tile area); None: the processor's own."""
+    max_pixels: Optional[int] = None
+    """vl_sft with a native-resolution VLM: the most pixels an image is resized to (its max_pixels; fewer pixels, fewer image tokens; InternVL: max tiles = max_pixels // tile area, plus the thumbnail); None: the processor's own."""
     truncation: str = "error"
     """SFT samples longer than train.seq_length: error, truncate (keep the start; vl_sft: drop a row the cut would split an image of) or drop."""
     streaming: bool = False
@@ -159,10 +163,6 @@ class DataConfig:
     """Bad rows (invalid JSON or UTF-8, missing roles, empty assistant turn, over-long lines, missing or unreadable images): error (name file and line) or skip (count them)."""
     max_line_bytes: int = 16777216
     """Longest JSONL line accepted, in bytes (16 MiB); a longer line is rejected without reading it whole into memory."""
-    max_pixels: Optional[int] = None
-    """vl_sft with a model whose image processor sizes images (InternVL's tiles): the most pixels one image may take; the processor's own limit when None (InternVL: max tiles = max_pixels // tile area, plus the thumbnail)."""
-    min_pixels: Optional[int] = None
-    """vl_sft, as data.max_pixels: the fewest pixels one image takes (InternVL: min tiles = min_pixels // tile area); None: the processor's own."""
 
 
 @dataclass

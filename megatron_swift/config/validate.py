@@ -70,6 +70,8 @@ def _layout(cfg, arch, te_available: bool, problems: List[str]) -> None:
             problems.append(f"model.num_layers={arch.num_layers} leaves no MoE layer (the family's first "
                             f"{arch.moe_dense_first} layers are dense)")
     problems += arch.decoder_family.layout_problems(arch, par)
+    if arch.family is not arch.decoder_family:  # a VLM's own limits (M-RoPE and CP) besides its text family's
+        problems += arch.family.layout_problems(arch, par)
     _mtp(cfg, arch, problems)
     if par.overlap_param_gather and not par.distributed_optimizer:
         problems.append("parallel.overlap_param_gather=true needs parallel.distributed_optimizer=true")
@@ -287,9 +289,15 @@ def _vision(cfg, arch, problems: List[str]) -> None:
     """Vision-language models (+model=llava) and image data."""
     model = cfg.model
     if cfg.data.source == "vl_sft" and not arch.has_vision:
-        problems.append(f"data.source=vl_sft needs a vision-language model (+model=llava), not +model={model.family}")
-    elif cfg.data.source == "vl_sft" and arch.vision is None and not hasattr(arch.family, "vision_data"):
-        problems.append(f"data.source=vl_sft: +model={model.family} does not read image rows yet")
+        problems.append(f"data.source=vl_sft needs a vision-language model (+model=llava or +model=qwen2_5_vl), "
+                        f"not +model={model.family}")
+    for key in ("min_pixels", "max_pixels"):
+        value = cfg.data.get(key)
+        if value is not None and (arch.vision_hf is None or value <= 0):
+            problems.append(f"data.{key}={value}: a positive pixel count, for a native-resolution VLM "
+                            "(+model=qwen2_5_vl)" + ("" if arch.vision_hf is not None else f", not +model={model.family}"))
+    if arch.vision_hf is not None and cfg.task.name != "lm":
+        problems.append(f"task={cfg.task.name} does not take images yet: a VLM trains with task=lm (SFT, pretraining)")
     if model.llm and model.pretrained:
         problems.append("model.pretrained (an HF LLaVA folder) and model.llm + model.vision (one composed from an "
                         "LLM and a vision encoder) are alternatives: set one")
@@ -297,12 +305,9 @@ def _vision(cfg, arch, problems: List[str]) -> None:
         problems.append("model.vision_feature_layer applies to a VLM composed with model.llm + model.vision; "
                         "a checkpoint's comes from its config.json")
     data = cfg.data
-    for key in ("min_pixels", "max_pixels"):
-        if data.get(key) is not None and data[key] <= 0:
-            problems.append(f"data.{key}={data[key]} must be a positive number of pixels")
     if None not in (data.get("min_pixels"), data.get("max_pixels")) and data.min_pixels > data.max_pixels:
         problems.append(f"data.min_pixels={data.min_pixels} is above data.max_pixels={data.max_pixels}")
-    if not arch.has_vision:
+    if arch.vision is None:
         return
     from megatron_swift.models.vision_arch import image_seq_length
 
@@ -310,8 +315,6 @@ def _vision(cfg, arch, problems: List[str]) -> None:
     _choice(problems, "model.vision_select", arch.vision_select, ("default", "full"))
     if cfg.task.name != "lm":
         problems.append(f"task={cfg.task.name} does not take images yet: a VLM trains with task=lm (SFT, pretraining)")
-    if vision is None:  # a held transformers tower (models/held_tower.py): whole on each TP rank, any shape
-        return
     if vision.num_attention_heads % tp:
         problems.append(f"parallel.tp={tp} must divide the vision encoder's {vision.num_attention_heads} heads")
     if vision.image_size % vision.patch_size:

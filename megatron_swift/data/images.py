@@ -27,26 +27,27 @@ class VisionData:
     """What the data side needs of a vision-language model (made by the model side).
 
     ``image_token``: the tag rows write where an image goes ("<image>"); ``image_token_id``: the token id that
-    marks each image position; ``image_seq_length``: T, the positions (features) one image (or one tile of it)
-    takes; ``processor``: PIL image -> float32 tensor [3, H, W] (see :func:`load_image_processor`), or
-    [tiles, 3, H, W] for a model that tiles images.
-
-    Models that tile (InternVL) also set ``tiles``: the tiles their image processor cuts an upright image of
-    (width, height) into (the image then takes tiles x T positions); ``wrap``: the tokens written before and
-    after each image's positions (InternVL's "<img>", "</img>"); ``media_key``: the pixels go to the model as
-    this keyword of the batch's ``media`` (a held tower, models/held_tower.py), not as ``images``."""
+    marks each image position; ``image_seq_length``: T, the positions (features) one image takes;
+    ``processor``: PIL image -> float32 tensor [3, H, W] (see :func:`load_image_processor`)."""
 
     image_token: str
     image_token_id: int
     image_seq_length: int
-    processor: Callable[[Any], torch.Tensor]
-    tiles: Optional[Callable[[int, int], int]] = None
-    wrap: Optional[Tuple[str, str]] = None
-    media_key: Optional[str] = None
+    processor: Callable[[Any], Any]
+    # A held tower's images (models/held_tower.py, e.g. Qwen2.5-VL), all None/empty for LLaVA:
+    # tokens_for(file) -> T of that image (the processor's own count from the image's size; None: every image
+    # has image_seq_length); processor(image) then gives the tower's inputs for one image ({name: tensor},
+    # concatenated along dim 0 over a micro-batch); wrap: the token ids written before and after each image's
+    # T tokens (Qwen's vision start / end); positions(ids, media of the sample's images) -> [3, n] M-RoPE
+    # positions of one sample (None: 1-D positions).
+    tokens_for: Optional[Callable[[str], int]] = None
+    wrap: Tuple[Tuple[int, ...], Tuple[int, ...]] = ((), ())
+    positions: Optional[Callable[[Any, list], Any]] = None
+    count: Optional[Callable[[dict], int]] = None  # T of one processed image (its media), checked at fetch
 
-    def positions(self, size: Tuple[int, int]) -> int:
-        """Positions (features) an upright image of ``size`` (width, height) takes."""
-        return self.image_seq_length * (self.tiles(*size) if self.tiles else 1)
+    @property
+    def held(self) -> bool:
+        return self.tokens_for is not None
 
 
 class ImageProcessor:
@@ -103,13 +104,13 @@ def tiled_processor(folder: Optional[str], side: int, data_cfg) -> TiledImagePro
 
 
 def load_image_processor(folder: Optional[str], fallback_model_type: Optional[str] = None,
-                         image_size: Optional[int] = None) -> ImageProcessor:
+                         image_size: Optional[int] = None, **overrides) -> ImageProcessor:
     """The image processor of the HF model ``folder`` (its preprocessor_config.json, or the "image_processor" of
     the processor_config.json transformers 5 writes); a folder without one (or None, a model built from scratch)
     gets the default processor of ``fallback_model_type`` (clip or siglip, also as *_vision_model) for square
     images of ``image_size``."""
     if folder and _has_image_processor(folder):
-        return ImageProcessor(_auto_processor(folder))
+        return ImageProcessor(_auto_processor(folder, **overrides))
     if image_size is None or fallback_model_type not in _CLIP + _SIGLIP:
         raise ValueError(f"no image processor (preprocessor_config.json) in {folder} and no default one for vision "
                          f"model type {fallback_model_type!r} (clip or siglip) with image size {image_size}")
@@ -126,14 +127,14 @@ def _has_image_processor(folder: str) -> bool:
         return "image_processor" in json.load(f)
 
 
-def _auto_processor(folder: str):
+def _auto_processor(folder: str, **overrides):
     import transformers
 
     # transformers 5 picks the torchvision ("fast") processor when it can and names the PIL one backend="pil";
     # 4.x has use_fast=False for the same thing.
     choice = {"backend": "pil"} if int(transformers.__version__.split(".")[0]) >= 5 else {"use_fast": False}
     return transformers.AutoImageProcessor.from_pretrained(folder, local_files_only=True, trust_remote_code=False,
-                                                           **choice)
+                                                           **choice, **overrides)
 
 
 def _default_processor(model_type: str, image_size: int):
@@ -192,12 +193,9 @@ def open_image(path: str):
 def vision_data(cfg, arch) -> Optional[VisionData]:
     """What the data side needs of the run's VLM (None for a text model): its image token, the image tokens per
     image, and its encoder's image processor (model.pretrained's or model.vision's, else the default one)."""
-    if not arch.has_vision:
-        return None
-    own = getattr(arch.family, "vision_data", None)  # a family whose processor decides more (tiles: InternVL)
-    if own is not None:
-        return own(cfg, arch)
-    if arch.vision is None:  # a held tower without a data side yet (config.validate refuses data=vl_sft)
+    if arch.vision_hf is not None:  # a held tower: its family knows its processor, tokens and positions
+        return arch.family.vision_data(cfg, arch) if cfg.data.source == "vl_sft" else None
+    if arch.vision is None:
         return None
     from megatron_swift.models.vision_arch import image_seq_length
 

@@ -24,7 +24,7 @@ import torch
 
 from megatron_swift.data.conversations import RowError, to_messages
 from megatron_swift.data.errors import DataError
-from megatron_swift.data.images import VisionData, image_path, image_problem, open_image, upright_size
+from megatron_swift.data.images import VisionData, image_path, image_problem, open_image
 from megatron_swift.data.sft import Counts, SFTRows, _Samples, loss_targets, read_files, read_samples, row_encoder
 
 _VISION_KEYS = ("images", "image_index")
@@ -32,17 +32,15 @@ _VISION_KEYS = ("images", "image_index")
 
 @dataclass
 class VLSamples(_Samples):
-    """SFT samples plus, per sample, the first position of each image, its positions, and the image files, in
-    order."""
+    """SFT samples plus, per sample, the first position of each image and the image files, in order."""
 
     starts: List[np.ndarray] = field(default_factory=list)
     images: List[tuple] = field(default_factory=list)
-    lengths: List[np.ndarray] = field(default_factory=list)
+    counts: List[np.ndarray] = field(default_factory=list)  # T of each image (a held tower's vary per image)
 
 
 class ImageTokens:
-    """Text -> (ids, offsets, image starts): the tokenizer's ids with image tag k as n_k image token ids (between
-    the model's wrap tokens, if it has them)."""
+    """Text -> (ids, offsets, image starts): the tokenizer's ids with each image tag as T image token ids."""
 
     def __init__(self, tokenizer, vision: VisionData):
         self.tokenizer, self.vision = tokenizer, vision
@@ -51,19 +49,19 @@ class ImageTokens:
             raise DataError(getattr(tokenizer, "folder", "data.tokenizer"), None,
                             f"the tokenizer encodes {vision.image_token} as token id {tag_ids[0]} but the model's "
                             f"image token id is {vision.image_token_id}")
-        self.wrap = [] if vision.wrap is None else [_one_token(tokenizer, t) for t in vision.wrap]
-        # the tag is one special token: encode the text as it is (tokens around each image: piece by piece)
-        self.whole = len(tag_ids) == 1 and not self.wrap
+        # the tag is one special token: encode the text as it is (a held tower's images are wrapped in their own
+        # tokens: the text between tags is encoded piece by piece)
+        self.whole = len(tag_ids) == 1 and not vision.held
         self._tag = re.compile(re.escape(vision.image_token))
 
-    def __call__(self, text: str, lengths: Sequence[int]):
-        """``lengths``: the positions of each image, in order."""
-        ids, offsets, starts = self._whole(text, lengths) if self.whole else self._pieces(text, lengths)
+    def __call__(self, text: str, counts: Sequence[int] = ()):
+        """``counts``: T of each image in order (a held tower's); empty: image_seq_length each."""
+        ids, offsets, starts = self._whole(text) if self.whole else self._pieces(text, counts)
         return np.asarray(ids, dtype=np.int64), np.asarray(offsets, dtype=np.int64).reshape(-1, 2), starts
 
-    def _whole(self, text: str, lengths: Sequence[int]):
-        """Encode the text as it is and repeat image token k n_k times (= expanding the tags first)."""
-        image_id = self.vision.image_token_id
+    def _whole(self, text: str):
+        """Encode the text as it is and repeat each image token T times (= expanding the tags first)."""
+        T, image_id = self.vision.image_seq_length, self.vision.image_token_id
         ids, offsets = self.tokenizer.encode_with_offsets(text)
         ids, offsets = np.asarray(ids, dtype=np.int64), np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
         at = np.flatnonzero(ids == image_id)
@@ -71,15 +69,13 @@ class ImageTokens:
         if len(at) != tags:  # e.g. a template that prints the token itself
             raise RowError(f"the rendered conversation has {tags} {self.vision.image_token} tags but the tokenizer "
                            f"finds {len(at)} image tokens (id {image_id}) in it")
-        repeat = np.ones(len(ids), dtype=np.int64)
-        repeat[at] = lengths
-        before = np.concatenate([[0], np.cumsum(np.asarray(lengths, dtype=np.int64) - 1)[:-1]])
-        return np.repeat(ids, repeat), np.repeat(offsets, repeat, axis=0), at + before
+        repeat = np.where(ids == image_id, T, 1)
+        return np.repeat(ids, repeat), np.repeat(offsets, repeat, axis=0), at + (T - 1) * np.arange(len(at))
 
-    def _pieces(self, text: str, lengths: Sequence[int]):
-        """Encode the text between tags piece by piece (offsets into the whole text), n_k image ids for tag k
-        (after the opening and before the closing wrap token)."""
-        image_id = self.vision.image_token_id
+    def _pieces(self, text: str, counts: Sequence[int] = ()):
+        """Encode the text between tags piece by piece (offsets into the whole text), T image ids per tag
+        (between the vision's wrap ids, if any)."""
+        image_id, (before, after) = self.vision.image_token_id, self.vision.wrap
         ids: List[int] = []
         offsets: List[tuple] = []
         starts: List[int] = []
@@ -91,21 +87,13 @@ class ImageTokens:
                 ids += piece_ids
                 offsets += [(a + pos, b + pos) for a, b in piece_offsets]
             if match:
-                n = lengths[k]
-                wrapped = [self.wrap[0], *[image_id] * n, self.wrap[1]] if self.wrap else [image_id] * n
-                starts.append(len(ids) + bool(self.wrap))
-                ids += wrapped
-                offsets += [match.span()] * len(wrapped)
+                T = counts[k] if counts else self.vision.image_seq_length
+                ids += list(before)
+                starts.append(len(ids))
+                ids += [image_id] * T + list(after)
+                offsets += [match.span()] * (len(before) + T + len(after))
                 pos = match.end()
         return ids, offsets, np.asarray(starts, dtype=np.int64)
-
-
-def _one_token(tokenizer, text: str) -> int:
-    ids = tokenizer.encode_with_offsets(text)[0]
-    if len(ids) != 1:
-        raise DataError(getattr(tokenizer, "folder", "data.tokenizer"), None,
-                        f"the tokenizer does not have {text} as one token (the model writes it around each image)")
-    return ids[0]
 
 
 class RowImages:
@@ -114,10 +102,8 @@ class RowImages:
     def __init__(self, vision: VisionData):
         self.vision = vision
         self._problems: Dict[str, Optional[str]] = {}
-        self._lengths: Dict[str, int] = {}
 
     def files(self, row: dict, jsonl_path: str, tags: int) -> tuple:
-        """(image files, the positions each takes) of the row."""
         names = row.get("images")
         names = [] if names is None else names  # a row without images is a text-only conversation
         if not isinstance(names, list):
@@ -131,34 +117,43 @@ class RowImages:
                 self._problems[file] = image_problem(file)
             if self._problems[file]:
                 raise RowError(f"image '{name}': {self._problems[file]}")
-            if file not in self._lengths:  # the model's processor decides, from the upright size (header only)
-                self._lengths[file] = self.vision.positions(upright_size(file))
-        return files, [self._lengths[file] for file in files]
+        return files
+
+    def tokens(self, file: str) -> int:
+        """T of the image at ``file`` (checked already): the processor's count for a held tower's image."""
+        if not self.vision.held:
+            return self.vision.image_seq_length
+        try:
+            return self.vision.tokens_for(file)
+        except (OSError, SyntaxError, ValueError) as e:
+            raise RowError(f"image '{file}': {e}") from None
 
 
 def vl_line_encoder(data_cfg, template, tokenizer, seq_length: int, counts: Counts, vision: VisionData):
     """``encode(line, path, line_no)`` -> (ids, targets, image starts, image files) of one row, or None
     (skipped or dropped; see sft.row_encoder)."""
-    tokens, images, wrap = ImageTokens(tokenizer, vision), RowImages(vision), int(vision.wrap is not None)
+    tokens, images = ImageTokens(tokenizer, vision), RowImages(vision)
     where = {}  # the JSONL file of the line being encoded: image paths are relative to it
 
     def encode_row(row):
+        if row.get("videos"):
+            raise RowError("'videos': video rows are not supported yet (images only)")
         messages = to_messages(row, data_cfg.format)
         text, spans = template.spans(messages)
-        files, lengths = images.files(row, where["path"], text.count(vision.image_token))
-        ids, offsets, starts = tokens(text, lengths)
-        lengths = np.asarray(lengths, dtype=np.int64)
+        files = images.files(row, where["path"], text.count(vision.image_token))
+        counts = np.asarray([images.tokens(f) for f in files], dtype=np.int64)
+        ids, offsets, starts = tokens(text, counts.tolist() if vision.held else ())
         targets = loss_targets(messages, spans, offsets, data_cfg.loss_on)
-        targets[_image_positions(starts - wrap, lengths + 2 * wrap, len(ids))] = False
-        return [(ids, targets, starts, files, lengths)]
+        targets[_image_positions(starts, counts, len(ids))] = False
+        return [(ids, targets, starts, files, counts)]
 
     def cut(side, length: int):
-        ids, targets, starts, files, lengths = side
-        first, end = starts - wrap, starts + lengths + wrap  # an image's span, its wrap tokens included
+        ids, targets, starts, files, counts = side
+        first, end = starts - len(vision.wrap[0]), starts + counts + len(vision.wrap[1])  # with its wrap tokens
         if any(a < length < b for a, b in zip(first.tolist(), end.tolist())):
             return None  # an image cut in two cannot be fed to the model: drop the row
         keep = end <= length
-        return ids[:length], targets[:length], starts[keep], files[:int(keep.sum())], lengths[keep]
+        return ids[:length], targets[:length], starts[keep], files[:int(keep.sum())], counts[keep]
 
     encode_sides = row_encoder(data_cfg, seq_length, counts, encode_row, "conversation", cut)
 
@@ -170,11 +165,11 @@ def vl_line_encoder(data_cfg, template, tokenizer, seq_length: int, counts: Coun
     return encode_line
 
 
-def _image_positions(starts: np.ndarray, lengths: np.ndarray, length: int) -> np.ndarray:
-    """Boolean mask of the positions that hold image tokens."""
+def _image_positions(starts: np.ndarray, counts: np.ndarray, length: int) -> np.ndarray:
+    """Boolean mask of the positions that hold image tokens (``counts``: T of each image)."""
     mask = np.zeros(length, dtype=bool)
-    for s, n in zip(starts.tolist(), lengths.tolist()):
-        mask[s:s + n] = True
+    for s, T in zip(starts.tolist(), counts.tolist()):
+        mask[s:s + T] = True
     return mask
 
 
@@ -193,43 +188,73 @@ class VLRows(SFTRows):
         """Mean images per row (the FLOPs of a step count the encoder per image)."""
         return sum(len(files) for files in self.samples.images) / max(1, len(self.rows))
 
+    @property
+    def image_tokens_per_row(self) -> float:
+        """Mean image tokens per row (a held tower's FLOPs follow its images' sizes)."""
+        return sum(int(c.sum()) for c in self.samples.counts) / max(1, len(self.rows))
+
     def __getitem__(self, index: int) -> dict:
         row = super().__getitem__(index)
         image_index = np.full(self.seq_length, -1, dtype=np.int64)
         files: List[str] = []
         at = features = 0
         for i in self.rows[index]:  # the samples in the order fill_row placed them
-            samples = self.samples
-            for s, n, file in zip(samples.starts[i].tolist(), samples.lengths[i].tolist(), samples.images[i]):
-                image_index[at + s:at + s + n] = features + np.arange(n)
-                features += n
+            for s, file, T in zip(self.samples.starts[i].tolist(), self.samples.images[i],
+                                  self.samples.counts[i].tolist()):
+                image_index[at + s:at + s + T] = features + np.arange(T)
                 files.append(file)
+                features += T
             at += len(self.samples.ids[i])
         row["loss_mask"][image_index >= 0] = 0  # an image position predicts nothing
         row["image_index"] = image_index
-        row["images"] = self._pixels(files)
+        if self.vision.held:
+            media = [self._media(file) for file in files]
+            row["images"] = media
+            if self.vision.positions is not None:
+                row["positions"] = self._positions(index, media)
+        else:
+            row["images"] = self._pixels(files)
         return row
 
+    def _media(self, file: str) -> dict:
+        """A held tower's inputs for one image; its token count must be the one the row was made with."""
+        media = self._image(file)
+        if self.vision.tokens_for(file) != self.vision.count(media):
+            raise DataError(file, None, "the image processor gives this image a different number of tokens than "
+                                        "when the data was read")
+        return media
+
+    def _positions(self, index: int, media: List[dict]) -> np.ndarray:
+        """[3, S] M-RoPE positions: each sample's own (from its ids and images), restarting per sample as 1-D
+        positions do; padding continues 0, 1, ... in all three streams."""
+        positions = np.tile(np.arange(self.seq_length, dtype=np.int64), (3, 1))
+        at = k = 0
+        for i in self.rows[index]:
+            ids, n = self.samples.ids[i], len(self.samples.images[i])
+            positions[:, at:at + len(ids)] = self.vision.positions(ids, media[k:k + n])
+            at, k = at + len(ids), k + n
+        positions[:, at:] = np.arange(self.seq_length - at)
+        return positions
+
     def _pixels(self, files: List[str]) -> torch.Tensor:
-        """[images (or all their tiles), 3, H, W]."""
         if not files:
             return self._no_images()
-        pixels = [self._image(file) for file in files]
-        return torch.cat(pixels) if pixels[0].dim() == 4 else torch.stack(pixels)
+        return torch.stack([self._image(file) for file in files])
 
     def _image(self, file: str) -> torch.Tensor:
         try:
             image = open_image(file)
         except (OSError, SyntaxError, ValueError) as e:
             raise DataError(file, None, f"image cannot be read any more ({e}); it could when the data was read")
-        return self.vision.processor(image).to(torch.float32)
+        out = self.vision.processor(image)
+        return out if self.vision.held else out.to(torch.float32)
 
     def _no_images(self) -> torch.Tensor:
         """[0, 3, H, W]: rows without images still give a tensor the model can concatenate."""
         if self._empty is None:
             from PIL import Image
 
-            shape = self.vision.processor(Image.new("RGB", (64, 64))).shape[-3:]
+            shape = self.vision.processor(Image.new("RGB", (64, 64))).shape
             self._empty = torch.zeros((0, *shape), dtype=torch.float32)
         return self._empty
 
@@ -237,23 +262,19 @@ class VLRows(SFTRows):
         batch = self.collate_items([{k: v for k, v in item.items() if k not in _VISION_KEYS} for item in items],
                                    self.packing)
         before, index = 0, []
-        for item in items:  # renumber: feature row j of a row is (features of earlier rows) + j of the micro-batch
+        for item in items:  # renumber: feature rows of a row come after those of the earlier rows
             local = torch.from_numpy(item["image_index"])
             index.append(torch.where(local >= 0, local + before, local))
             before += int((local >= 0).sum())
-        pixels = torch.cat([item["images"] for item in items])
-        if self.vision.media_key:  # a held tower takes its own keyword (models/held_tower.py)
-            batch.media = {self.vision.media_key: pixels} if len(pixels) else None
-        else:
-            batch.images = pixels
         batch.image_index = torch.stack(index)
+        if self.vision.held:
+            media = [m for item in items for m in item["images"]]
+            batch.media = {k: torch.cat([m[k] for m in media]) for k in media[0]} if media else None
+            if batch.position_ids.dim() == 3:  # [b, 3, s] -> M-RoPE's [3, b, s]
+                batch.position_ids = batch.position_ids.transpose(0, 1).contiguous()
+        else:
+            batch.images = torch.cat([item["images"] for item in items])
         return batch
-
-
-def _tokens_each(vision: VisionData) -> str:
-    if vision.tiles is None:
-        return f"{vision.image_seq_length} tokens each"
-    return f"{vision.image_seq_length} tokens per tile, tiles by the image processor"
 
 
 def read_vl(paths: Sequence[str], data_cfg, template, tokenizer, seq_length: int, vision: VisionData):
@@ -273,7 +294,9 @@ def vl_sft_source(paths: Sequence[str], data_cfg, tokenizer, seq_length: int, te
     samples, counts = read_files(
         paths, data_cfg, lambda some: read_vl(some, data_cfg, template, tokenizer, seq_length, vision))
     images = sum(len(files) for files in samples.images)
+    tokens = (f"{sum(int(c.sum()) for c in samples.counts)} image tokens in all" if vision.held
+              else f"{vision.image_seq_length} tokens each")
     description = (f"vl_sft:{','.join(paths)} ({counts.rows} rows, template {template.name}: {len(samples.ids)} "
-                   f"samples with {images} images ({_tokens_each(vision)}), {counts.skipped} bad "
+                   f"samples with {images} images ({tokens}), {counts.skipped} bad "
                    f"rows skipped, {counts.truncated} truncated, {counts.dropped} dropped)")
     return VLRows(samples, seq_length, tokenizer.pad, data_cfg.packing, description, vision)

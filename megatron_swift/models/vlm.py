@@ -79,6 +79,8 @@ class VisionLanguageModel(MegatronModule):
         """GPTModel's call with the micro-batch's ``images`` (or a held tower's ``media``) and their
         ``image_index`` ([b, s], -1: text). ``position_ids`` may be M-RoPE's [3, b, s] (the language model built
         with position_embedding_type='mrope')."""
+        if position_ids is not None and position_ids.dim() == 2 and self.language_model.position_embedding_type == "mrope":
+            position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)  # text only: one position in all three streams
         if self.pre_process and decoder_input is None:
             decoder_input = self.language_model.embedding(input_ids=input_ids, position_ids=None)
             features = self.media_features(images, media)

@@ -35,7 +35,10 @@ def shard(batch: Batch) -> Batch:
     """This CP rank's part of ``batch`` (the batch itself when cp = 1)."""
     if cp_size() == 1:
         return batch
-    parts = get_batch_on_this_cp_rank({name: getattr(batch, name) for name in SEQUENCE_FIELDS})
+    # M-RoPE's [3, b, s] positions stay whole: megatron-core's MultimodalRotaryEmbedding (0.16) computes the
+    # rotary table of the whole sequence and keeps this CP rank's chunks itself.
+    names = [n for n in SEQUENCE_FIELDS if not (n == "position_ids" and batch.position_ids.dim() == 3)]
+    parts = get_batch_on_this_cp_rank({name: getattr(batch, name) for name in names})
     return dataclasses.replace(batch, **parts)
 
 

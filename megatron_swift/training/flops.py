@@ -67,8 +67,12 @@ def vision_flops_per_image(arch: Arch, train_vision: bool = False) -> float:
 
 
 def flops_per_step(arch: Arch, seq_length: int, padded_vocab: int, global_batch_size: int,
-                   images_per_row: float = 0.0, train_vision: bool = False) -> float:
+                   images_per_row: float = 0.0, train_vision: bool = False,
+                   image_tokens_per_row: float = 0.0) -> float:
     """Training FLOPs of one optimizer step over the whole global batch (``images_per_row``: a VLM's data's
-    mean images per row)."""
+    mean images per row; ``image_tokens_per_row``: its mean image tokens per row, which a held tower's
+    native-resolution images vary: the family counts its tower per image token)."""
     text = flops_per_token(arch, seq_length, padded_vocab) * seq_length * global_batch_size
+    if arch.vision_hf is not None:
+        return text + arch.family.tower_flops_per_token(arch, train_vision) * image_tokens_per_row * global_batch_size
     return text + vision_flops_per_image(arch, train_vision) * images_per_row * global_batch_size

@@ -3,7 +3,8 @@
 usage: sft_loss_worker.py <out.pt> <override> [<override> ...]   (data.source=sft or vl_sft)
 
 Both row sets come from the same encoded samples; each row goes through megatron-core's forward-only
-schedule on the trainer's model. Saves {"unpacked": {sample: losses}, "packed": {...}, "rows": n}.
+schedule on the trainer's model. Saves {"unpacked": {sample: losses}, "packed": {...}, "rows": n,
+"ids": {sample: token ids}}.
 """
 import os
 import sys
@@ -50,7 +51,7 @@ def main() -> None:
     vision = getattr(unpacked, "vision", None)  # data.source=vl_sft: rows with images (data.vl_sft.VLRows)
     packed = (SFTRows(unpacked.samples, unpacked.seq_length, unpacked.pad_id, True, "packed") if vision is None else
               VLRows(unpacked.samples, unpacked.seq_length, unpacked.pad_id, True, "packed", vision))
-    result = {"rows": len(packed)}
+    result = {"rows": len(packed), "ids": {i: torch.from_numpy(ids) for i, ids in enumerate(unpacked.samples.ids)}}
     for name, rows in (("unpacked", unpacked), ("packed", packed)):
         losses = {}
         for r in range(len(rows)):

@@ -185,3 +185,102 @@ def test_check_tool_with_images_at_tp1(tmp_path, hf):
     assert "top-1 agreement" in proc.stdout
     figures = json.loads(report.read_text())
     assert figures["max_abs_diff"] < 1e-4 and figures["token_agreement"] == 1.0, figures
+
+
+def training_folder(root):
+    """An HF folder a run trains from: the tiny model with a tokenizer whose special tokens are the config's
+    vision ids (trained on the fly), a ChatML template and the image processor; plus 16 SFT rows alternating the
+    two photographs."""
+    import os
+    import shutil
+
+    import sklearn.datasets
+
+    from tests.conftest import bpe_tokenizer
+    from tests.test_vl_data import CHATML
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                "<|image_pad|>", "<|video_pad|>"]
+    tok = bpe_tokenizer(["What is in the picture? A temple, a flower and the sky.",
+                         "system user assistant says hello"], specials)
+    text = dict(vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=512,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, window_size=56, out_hidden_size=64,
+                  fullatt_block_indexes=[1])
+    config = transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=5,
+                                           video_token_id=6, vision_start_token_id=3, vision_end_token_id=4)
+    torch.manual_seed(0)
+    transformers.Qwen2_5_VLForConditionalGeneration(config).save_pretrained(root / "hf")
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+                                        pad_token="<|endoftext|>").save_pretrained(root / "hf")
+    (root / "hf" / "chat_template.jinja").write_text(CHATML)
+    transformers.Qwen2VLImageProcessorPil(min_pixels=28 * 28 * 4, max_pixels=MAX_PIXELS).save_pretrained(root / "hf")
+    images = os.path.join(os.path.dirname(sklearn.datasets.__file__), "images")
+    shutil.copy(os.path.join(images, "china.jpg"), root / "china.jpg")
+    two_photos()[1].save(root / "portrait.png")
+    rows = [{"messages": [{"role": "user", "content": "<image>What is in the picture?"},
+                          {"role": "assistant", "content": ["A temple.", "A flower, red."][i % 2]}],
+             "images": [["china.jpg", "portrait.png"][i % 2]]} for i in range(16)]
+    (root / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+@pytest.fixture(scope="module")
+def train_root(tmp_path_factory):
+    return training_folder(tmp_path_factory.mktemp("qwen_vl_train"))
+
+
+def test_packed_rows_under_cp2_give_transformers_per_token_losses(tmp_path, train_root):
+    """CP=2 (M-RoPE positions whole, image features placed by each rank's own positions): rows packed with
+    images of two sizes give every token the loss it has alone in a row, and that loss is transformers' (its
+    model on the sample's ids, the processor's pixels, its own positions) within 1e-5."""
+    import torch.nn.functional as F
+    from PIL import Image
+
+    root = train_root
+    out = tmp_path / "losses.pt"
+    overrides = ["+model=qwen2_5_vl", f"model.pretrained={root / 'hf'}", "data=vl_sft",
+                 f"data.path=[{root / 'd.jsonl'}]", "train.seq_length=160", "train.precision=fp32", "train.device=cpu",
+                 f"train.output_dir={tmp_path / 'run'}", "logging.tensorboard=false", "parallel.cp=2"]
+    proc = subprocess.run(launch_cmd(2, [str(out), *overrides], script=ROOT / "tests" / "multiproc" /
+                                     "sft_loss_worker.py"), cwd=ROOT, env=train_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    result = torch.load(out, weights_only=True)
+    assert sorted(result["unpacked"]) == sorted(result["packed"]) == list(range(16))
+    assert result["rows"] <= 8  # rows really hold several samples, each with its image
+    for sample, losses in result["unpacked"].items():
+        assert (losses - result["packed"][sample]).abs().max().item() < 1e-5, sample
+    model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(root / "hf").float().eval()
+    processor = transformers.AutoImageProcessor.from_pretrained(root / "hf", backend="pil")
+    rows = [json.loads(line) for line in (root / "d.jsonl").read_text().splitlines()]
+    for sample in (0, 1):  # one of each photograph
+        ids = result["ids"][sample][None]
+        pixels = processor(images=[Image.open(root / rows[sample]["images"][0]).convert("RGB")], return_tensors="pt")
+        with torch.no_grad():
+            logits = model(input_ids=ids, pixel_values=pixels["pixel_values"], image_grid_thw=pixels["image_grid_thw"],
+                           mm_token_type_ids=(ids == 5).long()).logits[0, :-1]
+        want = F.cross_entropy(logits, ids[0, 1:], reduction="none")
+        assert (result["unpacked"][sample] - want).abs().max().item() < 1e-5, sample
+
+
+def test_training_with_images_tp2_sp_equals_one_rank(tmp_path, train_root):
+    """3 steps of SFT with images (tower, merger and language model all training) under TP=2 + SP report the
+    one-rank run's losses and gradient norms within 1e-5: the held tower's gradients are equal on the TP ranks
+    and counted once in the norm."""
+    from tests.conftest import read_metrics, run_train
+
+    root = train_root
+    common = ["+model=qwen2_5_vl", f"model.pretrained={root / 'hf'}", "data=vl_sft", f"data.path=[{root / 'd.jsonl'}]",
+              "train.precision=fp32", "train.train_iters=3", "train.global_batch_size=4", "train.micro_batch_size=1",
+              "train.seq_length=64", "train.save_at_end=false", "train.lr=1e-3", "train.lr_warmup_iters=1",
+              "logging.tensorboard=false", "train.train_vision=true"]
+    run_train(1, [*common, f"train.output_dir={tmp_path / 'one'}"])
+    run_train(2, [*common, "parallel.tp=2", "parallel.sp=true", f"train.output_dir={tmp_path / 'tp2'}"])
+    baseline, rows = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "tp2")
+    assert [r["iteration"] for r in rows] == [1, 2, 3]
+    for got, want in zip(rows, baseline):
+        assert abs(got["loss"] - want["loss"]) < 1e-5, (got["loss"], want["loss"])
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
+    assert rows[-1]["loss"] < rows[0]["loss"]

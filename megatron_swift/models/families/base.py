@@ -163,6 +163,14 @@ class Family:
         """The convert.hf_load.Context of Megatron parameter ``name`` (``dense``: the language model's)."""
         return dense
 
+    def vision_data(self, cfg, arch):
+        """data.images.VisionData of a VLM whose tower is held as the transformers module (Arch.vision_hf)."""
+        raise NotImplementedError(f"+model={self.name} has no image data")
+
+    def tower_flops_per_token(self, arch, train_vision: bool) -> float:
+        """Training FLOPs of a held tower (Arch.vision_hf) per image token the language model receives."""
+        return 0.0
+
     def check_inputs(self, folder: str, hf: dict, images: list, seq: int, generator) -> dict:
         """tools/convert/check.py --image: one row of random text around ``images`` (PIL images, through the
         folder's own processor) as transformers' model takes it ("hf": its forward's keyword arguments) and as

@@ -138,15 +138,19 @@ class InternVLFamily(Family):
                                      freeze_groups=FREEZE_GROUPS)
 
     def vision_data(self, cfg, arch):
-        """What the data side needs (data/images.VisionData): the folder's own tiling image processor decides
-        tiles and pixels, each tile takes image_seq_length <IMG_CONTEXT> positions, each image sits between the
-        tokenizer's <img> and </img> (as InternVLProcessor writes them); the pixels go to the held tower."""
-        from megatron_swift.data.images import VisionData, tiled_processor
+        """What vl_sft rows need (data/images.VisionData): the folder's own tiling image processor decides each
+        image's tiles and pixels (data.min/max_pixels cap the tiles), each tile takes image_seq_length
+        <IMG_CONTEXT> positions, each image sits between the tokenizer's <img> and </img> (as InternVLProcessor
+        writes them); the pixels go to the held tower as its ``pixel_values``."""
+        from megatron_swift.data.images import VisionData, tiled_processor, upright_size
 
-        options, folder = arch.family_options, cfg.model.pretrained
-        processor = tiled_processor(folder, _side(arch.vision_hf["image_size"]), cfg.data)
-        return VisionData("<image>", arch.image_token_id, options["image_seq_length"], processor,
-                          tiles=processor.tiles, wrap=_wrap_tokens(folder), media_key="pixel_values")
+        per_tile, folder = arch.family_options["image_seq_length"], cfg.model.pretrained
+        tiles = tiled_processor(folder, _side(arch.vision_hf["image_size"]), cfg.data)
+        wrap = _wrap_ids(folder)
+        return VisionData("<image>", arch.image_token_id, per_tile, lambda image: {"pixel_values": tiles(image)},
+                          tokens_for=lambda file: per_tile * tiles.tiles(*upright_size(file)),
+                          wrap=((wrap[0],), (wrap[1],)) if wrap else ((), ()),
+                          count=lambda media: per_tile * len(media["pixel_values"]))
 
     def check_inputs(self, folder: str, hf: dict, images: list, seq: int, generator) -> dict:
         """tools/convert/check.py --image: ``seq`` random text tokens before each image and after the last; each

@@ -137,14 +137,6 @@ class QwenVLFamily(Family):
     def transformer_fields(self, arch) -> dict:
         return {"mrope_section": list(arch.family_options["mrope_section"])}
 
-    def layout_problems(self, arch, parallel) -> list:
-        problems = []
-        if getattr(parallel, "cp", 1) > 1:
-            problems.append(f"parallel.cp={parallel.cp}: context parallelism with M-RoPE (+model={self.name}) is "
-                            "not supported yet (megatron-core cuts [3, b, s] position ids on the wrong axis); use "
-                            "parallel.cp=1")
-        return problems
-
     def build(self, arch, tconfig, padded_vocab: int, seq_length: int, backend, unfuse_norms: bool = False):
         from megatron_swift.models.held_tower import build_held_tower
         from megatron_swift.models.vlm import build_held_vlm_chunks
@@ -165,6 +157,25 @@ class QwenVLFamily(Family):
 
     def check_inputs(self, folder: str, hf: dict, images: list, seq: int, generator) -> dict:
         return check_inputs(folder, hf, images, seq, generator)
+
+    def tower_flops_per_token(self, arch, train_vision: bool) -> float:
+        """Per LLM image token (merge^2 patches): patch embedding, the blocks (QKV + output 4h^2, gated MLP 3hf,
+        scores and values 2h x the patches a window holds; the full-attention blocks counted as windows: the
+        image size is not known here, a lower bound), and the merger (4h -> 4h -> out). Training is 3x the
+        forward, the tower's part 1x when it is frozen (train.train_vision=false); the merger always trains."""
+        v = arch.vision_hf
+        h, f, depth = v["hidden_size"], v["intermediate_size"], v["depth"]
+        merge, patch, out = v.get("spatial_merge_size", 2), v.get("patch_size", 14), v["out_hidden_size"]
+        patches = merge ** 2
+        window = (v.get("window_size", 112) // patch) ** 2
+        embed = v.get("in_channels", 3) * v.get("temporal_patch_size", 2) * patch ** 2 * h
+        block = 4 * h * h + 3 * h * f + 2 * h * window
+        tower = patches * (embed + depth * block)
+        merger = (patches * h) ** 2 + patches * h * out
+        return 2 * ((3 if train_vision else 1) * tower + 3 * merger)
+
+    def vision_data(self, cfg, arch):
+        return vision_data(cfg, arch)
 
     def canonical_hf_name(self, name: str) -> str:
         for alias, canonical in _ALIASES:
@@ -210,6 +221,66 @@ def check_inputs(folder: str, hf: dict, images: list, seq: int, generator) -> di
             "megatron": dict(tokens=tokens, position_ids=positions, image_index=index, media=media)}
 
 
+def vision_data(cfg, arch):
+    """What vl_sft rows need: the folder's own image processor (data.min_pixels / max_pixels passed to it)
+    decides each image's pixels, grid and token count; each <image> tag becomes <|vision_start|>, T image
+    tokens, <|vision_end|>; positions are get_rope_index's per sample."""
+    from megatron_swift.data.images import VisionData, load_image_processor
+
+    folder = cfg.model.pretrained
+    if not folder:
+        raise DataError("model.pretrained", None, f"+model={FAMILY.name} with data.source=vl_sft needs "
+                                                  "model.pretrained: the HF folder whose image processor makes the pixels")
+    overrides = {k: v for k, v in (("min_pixels", cfg.data.min_pixels), ("max_pixels", cfg.data.max_pixels))
+                 if v is not None}
+    processor = load_image_processor(folder, **overrides).hf
+    return qwen_vision_data(processor, arch)
+
+
+def qwen_vision_data(processor, arch):
+    """VisionData over a Qwen2-VL image processor (transformers') for the architecture ``arch``."""
+    import numpy as np
+    import torch
+    import transformers
+
+    from megatron_swift.data.images import VisionData
+    from megatron_swift.models.mrope import hf_rope_index
+
+    merge = processor.merge_size
+    options, image_id = arch.family_options, arch.image_token_id
+    config = hf_config(arch)
+
+    def tokens_for(file: str) -> int:
+        height, width = _upright_size(file)
+        return processor.get_number_of_image_patches(height, width, {}) // merge ** 2
+
+    def process(image) -> dict:
+        out = processor(images=[image], return_tensors="pt")
+        return {"pixel_values": out["pixel_values"].to(torch.float32), "image_grid_thw": out["image_grid_thw"]}
+
+    def positions(ids, media: list):
+        tokens = torch.from_numpy(np.asarray(ids)).unsqueeze(0)
+        grid = torch.cat([m["image_grid_thw"] for m in media]) if media else None
+        streams = hf_rope_index(transformers.Qwen2_5_VLModel, config, tokens, (tokens == image_id).long(), grid)
+        return streams[:, 0].numpy()
+
+    return VisionData("<image>", image_id, 0, process, tokens_for=tokens_for,
+                      wrap=((options["vision_start_token_id"],), (options["vision_end_token_id"],)),
+                      positions=positions, count=lambda media: int(media["image_grid_thw"].prod()) // merge ** 2)
+
+
+def _upright_size(file: str):
+    """(height, width) of the image as data.images.open_image gives it (EXIF orientations 5-8 swap the sides),
+    from the header alone."""
+    from PIL import Image
+
+    with Image.open(file) as image:
+        width, height = image.size
+        if image.getexif().get(0x0112) in (5, 6, 7, 8):
+            width, height = height, width
+    return height, width
+
+
 def tower_parameter_names(vision_hf: dict) -> list:
     """The tower's parameter names, read off the module built on the meta device (nothing allocated)."""
     import torch
@@ -234,12 +305,12 @@ FAMILY = QwenVLFamily(
     sizes={
         # CPU-sized: a 2-layer Qwen2-like decoder (head dim 16: sections [2, 3, 3]) and a 2-block tower (one with
         # full attention) whose 28-px windows hold 2x2 merged tokens.
-        "tiny": QwenVLSize(2, 64, 128, 4, 2, vocab_size=256, max_position_embeddings=1024, untie_embeddings=True,
-                           text_family="qwen2", image_token_id=250,
+        "tiny": QwenVLSize(2, 64, 128, 4, 2, vocab_size=300, max_position_embeddings=1024, untie_embeddings=True,
+                           text_family="qwen2", image_token_id=290,
                            vision_hf=dict(_VISION_7B, depth=2, hidden_size=32, intermediate_size=64, num_heads=4,
                                           window_size=56, fullatt_block_indexes=[1], out_hidden_size=64),
-                           family_options=dict(mrope_section=[2, 3, 3], video_token_id=251,
-                                               vision_start_token_id=252, vision_end_token_id=253)),
+                           family_options=dict(mrope_section=[2, 3, 3], video_token_id=291,
+                                               vision_start_token_id=292, vision_end_token_id=293)),
         "3b": QwenVLSize(36, 2048, 11008, 16, 2, vocab_size=151936, untie_embeddings=False,
                          vision_hf=dict(_VISION_7B, out_hidden_size=2048),
                          family_options=dict(mrope_section=[16, 24, 24], **_TOKEN_IDS), **_Q),
