@@ -192,3 +192,21 @@ def test_pixel_limits_are_checked_with_the_key():
         validate(compose(["+model=internvl", "data=vl_sft", "data.max_pixels=0", "data.min_pixels=5"]), 1)
     assert "data.max_pixels=0: a positive pixel count" in str(e.value)
     assert "data.min_pixels=5 is above data.max_pixels=0" in str(e.value)
+
+
+def test_tower_flops_per_token_equal_torch_flop_counter(folder):
+    """The step FLOPs' count of the held tower (families/internvl.tower_flops_per_token) against torch's own
+    FlopCounterMode over transformers' get_image_features on 3 tiles: the forward per image token agrees."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from megatron_swift.models.families.internvl import tower_config
+    from megatron_swift.models.internvl_tower import build_internvl_tower, internvl_features
+
+    arch = resolve(compose(["+model=internvl", f"model.pretrained={folder / 'hf'}"]).model)
+    tower = build_internvl_tower(tower_config(arch), "eager")  # attention as matmuls, which the counter sees
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        features = internvl_features(tower, torch.randn(3, 3, 56, 56))
+    frozen, trained = (arch.family.tower_flops_per_token(arch, t) for t in (False, True))
+    tower_macs = (trained - frozen) / 4  # frozen: 2 x (tower + 3 projector), trained: 2 x (3 tower + 3 projector)
+    projector_macs = (frozen - 2 * tower_macs) / 6
+    assert counter.get_total_flops() / len(features) == pytest.approx(2 * (tower_macs + projector_macs), rel=1e-6)

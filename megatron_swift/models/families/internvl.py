@@ -137,6 +137,21 @@ class InternVLFamily(Family):
         return build_held_vlm_chunks(arch, tconfig, padded_vocab, seq_length, backend, tower, unfuse_norms,
                                      freeze_groups=FREEZE_GROUPS)
 
+    def tower_flops_per_token(self, arch, train_vision: bool) -> float:
+        """Per LLM image token: the 1 / ratio^2 patches pixel shuffle folds into it (plus its share of the class
+        token) through the patch embedding and every InternViT layer (Q/K/V + output 4h^2, MLP 2hf, scores and
+        values 2h x the tile's positions), then the projector (LayerNorm, 4h -> H -> H). Training is 3x the
+        forward, the tower's part 1x when it is frozen (train.train_vision=false); the projector always trains."""
+        v, options = arch.vision_hf, arch.family_options
+        h, f, depth = v["hidden_size"], v["intermediate_size"], v["num_hidden_layers"]
+        patch, per_tile = _side(v["patch_size"]), options["image_seq_length"]
+        positions = (_side(v["image_size"]) // patch) ** 2 + 1  # the tile's patches and the class token
+        shuffled = h * int(1 / options["downsample_ratio"]) ** 2
+        embed = v.get("num_channels", 3) * patch ** 2 * h * (positions - 1) / per_tile
+        tower = embed + depth * (4 * h * h + 2 * h * f + 2 * h * positions) * positions / per_tile
+        projector = shuffled * arch.hidden_size + arch.hidden_size ** 2
+        return 2 * ((3 if train_vision else 1) * tower + 3 * projector)
+
     def vision_data(self, cfg, arch):
         """What vl_sft rows need (data/images.VisionData): the folder's own tiling image processor decides each
         image's tiles and pixels (data.min/max_pixels cap the tiles), each tile takes image_seq_length
