@@ -14,7 +14,6 @@ checkpoint to use instead.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -32,7 +31,8 @@ _ALIASES = (("model.vision_tower.", _TOWER), ("model.multi_modal_projector.", _P
 HELD = "vision_model.hf."
 REMOTE_CODE = "InternVLChatModel"
 # train.freeze groups of the held modules (tuners.FREEZE_GROUPS' "vision" would take the projector too).
-FREEZE_GROUPS = {"vision": r"^vision_model\.hf\.vision_tower\.", "projector": r"^vision_model\.hf\.multi_modal_projector\."}
+FREEZE_GROUPS = {"vision": r"^vision_model\.hf\.vision_tower\.",
+                 "projector": r"^vision_model\.hf\.multi_modal_projector\."}
 
 # Keys of an HF InternVL vision_config that describe the tower (the rest is transformers' bookkeeping).
 _VISION_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "attention_bias", "use_qk_norm",
