@@ -148,9 +148,9 @@ class DataConfig:
     packing: bool = False
     """Pack several SFT samples into each row of train.seq_length (best-fit decreasing), each attending only to itself."""
     min_pixels: Optional[int] = None
-    """vl_sft with a native-resolution VLM (+model=qwen2_5_vl): the fewest pixels an image is resized to (the image processor's min_pixels); None: the processor's own."""
+    """vl_sft with a native-resolution VLM (+model=qwen2_5_vl): the fewest pixels an image is resized to (the image processor's min_pixels; InternVL: min tiles = min_pixels // tile area); None: the processor's own."""
     max_pixels: Optional[int] = None
-    """vl_sft with a native-resolution VLM: the most pixels an image is resized to (its max_pixels; fewer pixels, fewer image tokens); None: the processor's own."""
+    """vl_sft with a native-resolution VLM: the most pixels an image is resized to (its max_pixels; fewer pixels, fewer image tokens; InternVL: max tiles = max_pixels // tile area, plus the thumbnail); None: the processor's own."""
     truncation: str = "error"
     """SFT samples longer than train.seq_length: error, truncate (keep the start; vl_sft: drop a row the cut would split an image of) or drop."""
     streaming: bool = False

@@ -303,7 +303,7 @@ def _vision(cfg, arch, problems: List[str]) -> None:
     """Vision-language models (+model=llava) and image data."""
     model = cfg.model
     if cfg.data.source == "vl_sft" and not arch.has_vision:
-        problems.append(f"data.source=vl_sft needs a vision-language model (+model=llava or +model=qwen2_5_vl), "
+        problems.append(f"data.source=vl_sft needs a vision-language model (+model=llava, qwen2_5_vl or internvl), "
                         f"not +model={model.family}")
     for key in ("min_pixels", "max_pixels"):
         value = cfg.data.get(key)
@@ -318,6 +318,9 @@ def _vision(cfg, arch, problems: List[str]) -> None:
     if model.vision_feature_layer is not None and not model.llm:
         problems.append("model.vision_feature_layer applies to a VLM composed with model.llm + model.vision; "
                         "a checkpoint's comes from its config.json")
+    data = cfg.data
+    if None not in (data.get("min_pixels"), data.get("max_pixels")) and data.min_pixels > data.max_pixels:
+        problems.append(f"data.min_pixels={data.min_pixels} is above data.max_pixels={data.max_pixels}")
     if arch.vision is None:
         return
     from megatron_swift.models.vision_arch import image_seq_length

@@ -26,7 +26,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
            "tokenizer.model", "added_tokens.json", "generation_config.json", "chat_template.jinja",
-           "chat_template.json", "preprocessor_config.json", "processor_config.json")
+           "chat_template.json", "preprocessor_config.json", "processor_config.json",
+           "video_preprocessor_config.json")
 
 
 class ShardWriter:

@@ -64,6 +64,45 @@ class ImageProcessor:
         return f"ImageProcessor({type(self.hf).__name__})"
 
 
+class TiledImageProcessor(ImageProcessor):
+    """A tiling transformers image processor (GotOcr2's ``crop_to_patches``: the tiles of the best grid for the
+    image's aspect ratio plus a thumbnail, as InternVLProcessor asks for them) applied to one PIL image: float32
+    [tiles, 3, H, W]; ``tiles(width, height)`` counts them from the size alone (its own formula)."""
+
+    def __init__(self, hf_processor, **limits):
+        super().__init__(hf_processor)
+        self.settings = {"crop_to_patches": True, **{k: v for k, v in limits.items() if v is not None}}
+
+    def __call__(self, image) -> torch.Tensor:
+        return self.hf(images=[image], return_tensors="pt", **self.settings)["pixel_values"].to(torch.float32)
+
+    def tiles(self, width: int, height: int) -> int:
+        return self.hf.get_number_of_image_patches(height, width, dict(self.settings))
+
+
+def tile_limits(data_cfg, side: int) -> dict:
+    """data.min_pixels / max_pixels as a tiling processor's min_patches / max_patches (tiles of side x side)."""
+    limits = {}
+    for key, name in (("min_pixels", "min_patches"), ("max_pixels", "max_patches")):
+        value = data_cfg.get(key)
+        if value is not None:
+            limits[name] = max(1, int(value) // (side * side))
+    return limits
+
+
+def tiled_processor(folder: Optional[str], side: int, data_cfg) -> TiledImageProcessor:
+    """The tiling image processor of the HF model ``folder`` (GotOcr2ImageProcessor, its PIL backend), or
+    transformers' default one for ``side``-pixel tiles when the model has no folder; data.min/max_pixels applied."""
+    if folder and _has_image_processor(folder):
+        hf = _auto_processor(folder)
+    else:
+        import transformers
+
+        cls = getattr(transformers, "GotOcr2ImageProcessorPil", None) or transformers.GotOcr2ImageProcessor
+        hf = cls(size={"height": side, "width": side})
+    return TiledImageProcessor(hf, **tile_limits(data_cfg, side))
+
+
 def load_image_processor(folder: Optional[str], fallback_model_type: Optional[str] = None,
                          image_size: Optional[int] = None, **overrides) -> ImageProcessor:
     """The image processor of the HF model ``folder`` (its preprocessor_config.json, or the "image_processor" of
@@ -131,6 +170,16 @@ def image_problem(path: str) -> Optional[str]:
     except (OSError, SyntaxError, ValueError) as e:  # PIL reports broken files with these
         return f"{path} cannot be read as an image ({e})"
     return None
+
+
+def upright_size(path: str) -> Tuple[int, int]:
+    """(width, height) of the image at ``path`` as :func:`open_image` turns it (EXIF orientations 5-8 swap
+    them); reads the header only."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        width, height = image.size
+        return (height, width) if image.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (width, height)
 
 
 def open_image(path: str):

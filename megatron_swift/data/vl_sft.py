@@ -149,9 +149,10 @@ def vl_line_encoder(data_cfg, template, tokenizer, seq_length: int, counts: Coun
 
     def cut(side, length: int):
         ids, targets, starts, files, counts = side
-        if any(s < length < s + T for s, T in zip(starts.tolist(), counts.tolist())):
+        first, end = starts - len(vision.wrap[0]), starts + counts + len(vision.wrap[1])  # with its wrap tokens
+        if any(a < length < b for a, b in zip(first.tolist(), end.tolist())):
             return None  # an image cut in two cannot be fed to the model: drop the row
-        keep = starts + counts <= length
+        keep = end <= length
         return ids[:length], targets[:length], starts[keep], files[:int(keep.sum())], counts[keep]
 
     encode_sides = row_encoder(data_cfg, seq_length, counts, encode_row, "conversation", cut)

@@ -173,7 +173,7 @@ def add_image_token(arch, vocab: int, tokenizer, tag: str = "<image>"):
     """(arch, vocabulary size) with the image token a VLM needs: the checkpoint's, else the tokenizer's own
     ``tag`` token, else the id the tokenizer would give a new token (its size): a spare row of an embedding
     larger than the tokenizer (Qwen's), or one row more (as transformers' LLaVA conversions add the token)."""
-    if arch.vision is None or arch.image_token_id is not None:
+    if not arch.has_vision or arch.image_token_id is not None:
         return arch, vocab
     ids = tokenizer.encode_with_offsets(tag)[0]
     token = ids[0] if len(ids) == 1 else tokenizer.vocab_size

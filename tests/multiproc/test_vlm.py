@@ -69,10 +69,10 @@ def inputs(processor, tokens_per_image: int = 16):
     return dict(tokens=tokens, images=pixels, image_index=index)
 
 
-def megatron_logits(tmp_path, batch: dict, nproc: int, overrides):
+def megatron_logits(tmp_path, batch: dict, nproc: int, overrides, model: str = "llava"):
     torch.save(batch, tmp_path / "inputs.pt")
     out = tmp_path / "out.pt"
-    base = ["+model=llava", "train.precision=fp32", "train.device=cpu", f"train.output_dir={tmp_path / 'run'}",
+    base = [f"+model={model}", "train.precision=fp32", "train.device=cpu", f"train.output_dir={tmp_path / 'run'}",
             "logging.tensorboard=false"]
     proc = subprocess.run(launch_cmd(nproc, [str(tmp_path / "inputs.pt"), str(out), *base, *overrides],
                                      script=WORKER), cwd=ROOT, env=train_env(), capture_output=True, text=True,
@@ -106,6 +106,132 @@ def test_vlm_logits_equal_transformers(tmp_path, case):
                             [f"model.pretrained={tmp_path / 'hf'}", *layout]) if case.endswith("tp1") else None
     if plain is not None:
         assert (plain[..., :VOCAB] - expected).abs().max().item() > 1e-2
+
+
+# --- InternVL (transformers' native format): held tower, tiles ------------------------------------------------
+
+def internvl_inputs(shape: str, folder):
+    """Two rows of random text, one photograph each (the two tile differently), each image as InternVLProcessor
+    writes it: <img>, tiles x T <IMG_CONTEXT>, </img>; the pixels of all tiles from the folder's image processor
+    (crop_to_patches, as the processor asks); image_index numbers the feature rows as transformers fills them."""
+    from tests.internvl_tiny import VOCAB as IVL_VOCAB, hf_processor, photos, tokens_per_tile
+
+    processor = hf_processor(folder)
+    pixels = processor.image_processor(images=photos(), crop_to_patches=True, return_tensors="pt")
+    counts = [n * tokens_per_tile(shape) for n in pixels["num_patches"].tolist()]
+    seq = max(counts) + 24
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(len(processor.tokenizer), IVL_VOCAB, (2, seq), generator=g)  # no special token by chance
+    index = torch.full((2, seq), -1)
+    before = 0
+    for row, (start, n) in enumerate(zip((3, 9), counts)):
+        tokens[row, start - 1], tokens[row, start + n] = processor.start_image_token_id, processor.end_image_token_id
+        tokens[row, start:start + n] = processor.image_token_id
+        index[row, start:start + n] = torch.arange(n) + before
+        before += n
+    return {"tokens": tokens, "media.pixel_values": pixels["pixel_values"], "image_index": index}
+
+
+INTERNVL_CASES = {"qwen2-pp2": ("qwen2", 2, ["parallel.pp=2"]), "qwen3-tp2": ("qwen3", 2, ["parallel.tp=2"])}
+
+
+@pytest.mark.parametrize("case", list(INTERNVL_CASES))
+def test_internvl_logits_equal_transformers(tmp_path, case):
+    """InternVL (-hf) from an HF folder: logits equal InternVLForConditionalGeneration's on two photographs of
+    different sizes (7 and 3 tiles; 5 and 3), at PP=2 and TP=2 (TP=1: the check tool's test below), two shapes:
+    Qwen2 + LayerNorm InternViT with QK norm, 4 tokens a tile; Qwen3 tied + RMSNorm InternViT with 3 heads
+    (held whole under TP=2), 16 tokens a tile."""
+    from tests.internvl_tiny import VOCAB as IVL_VOCAB, tiny_internvl
+
+    shape, nproc, layout = INTERNVL_CASES[case]
+    hf_model = tiny_internvl(shape, tmp_path / "hf")
+    batch = internvl_inputs(shape, tmp_path / "hf")
+    with torch.no_grad():
+        expected = hf_model(input_ids=batch["tokens"], pixel_values=batch["media.pixel_values"]).logits.float()
+        # The pixels matter: other pixels move transformers' logits far more than the tolerance.
+        other = hf_model(input_ids=batch["tokens"], pixel_values=batch["media.pixel_values"].flip(-1)).logits
+    assert (other - expected).abs().max().item() > 1e-2
+    got = megatron_logits(tmp_path, batch, nproc, [f"model.pretrained={tmp_path / 'hf'}", *layout], "internvl")
+    diff = (got[..., :IVL_VOCAB] - expected).abs().max().item()
+    print(f"internvl {case}: max |logit diff| {diff:.2e}")
+    assert diff < 1e-4, f"{case}: max |logit diff| {diff}"
+
+
+def test_internvl_check_tool_with_images_at_tp1(tmp_path):
+    """tools/convert/check.py --image on an InternVL folder (its own tiling processor; both photographs in one
+    row, 7 + 3 tiles) reports transformers' logits at TP=1; a corrupt image is one line, exit 2."""
+    import json
+    import sys
+
+    from tests.internvl_tiny import photos, tiny_internvl
+
+    tiny_internvl("qwen2", tmp_path / "hf")
+    paths = []
+    for i, photo in enumerate(photos()):
+        paths.append(str(tmp_path / f"photo{i}.png"))
+        photo.save(paths[-1])
+    report = tmp_path / "report.json"
+    check = [sys.executable, str(ROOT / "tools" / "convert" / "check.py"), "--hf", str(tmp_path / "hf"), "--seq", "5"]
+    proc = subprocess.run([*check, "--image", *paths, "--report", str(report), "train.device=cpu"], cwd=ROOT,
+                          env=train_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    figures = json.loads(report.read_text())
+    print(f"internvl check.py --image tp1: {figures}")
+    assert figures["max_abs_diff"] < 1e-4 and figures["token_agreement"] == 1.0, figures
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    proc = subprocess.run([*check, "--image", str(tmp_path / "broken.jpg"), "train.device=cpu"], cwd=ROOT,
+                          env=train_env(), capture_output=True, text=True, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "broken.jpg" in lines[0], proc.stderr[-2000:]
+
+
+def test_internvl_hf_round_trip_is_bitwise_with_equal_config(tmp_path):
+    """InternVL: HF -> Megatron (converter tool, TP=2: the held tower whole on both ranks) -> HF: every tensor
+    bitwise, config.json and the processor files equal; transformers loads the export with nothing missing and
+    gives the same logits; the HF names of transformers 4.52+ (model.vision_tower. ...) read the same."""
+    import json
+    import sys
+
+    from safetensors.torch import load_file, save_file
+
+    from megatron_swift.models import families
+    from tests.internvl_tiny import tiny_internvl
+
+    hf_model = tiny_internvl("qwen3", tmp_path / "hf")
+    # The 4.52+ on-disk spelling: the converter must read it as the same checkpoint.
+    def newer(name):
+        if name.startswith("language_model.lm_head."):
+            return name.removeprefix("language_model.")
+        return "model." + (name.replace("language_model.model.", "language_model.", 1))
+
+    renamed = {newer(k): v for k, v in load_file(tmp_path / "hf" / "model.safetensors").items()}
+    save_file(renamed, tmp_path / "hf" / "model.safetensors", metadata={"format": "pt"})
+    run, out = tmp_path / "mcore", tmp_path / "out"
+    proc = subprocess.run(launch_cmd(2, ["--hf", str(tmp_path / "hf"), "--out", str(run), "--tp", "2",
+                                         "train.device=cpu"], script=ROOT / "tools" / "convert" / "hf_to_mcore.py"),
+                          cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "convert" / "mcore_to_hf.py"), "--ckpt", str(run),
+                           "--out", str(out)], cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    internvl = families.get("internvl")
+    original = {internvl.canonical_hf_name(k): v for k, v in renamed.items()}
+    exported = load_file(out / "model.safetensors")
+    assert sorted(exported) == sorted(original)
+    for name, tensor in original.items():
+        assert torch.equal(exported[name], tensor), name
+    volatile = {"transformers_version", "torch_dtype", "dtype"}  # the dtype key's spelling (as test_hf_export)
+    for name in ("config.json", "preprocessor_config.json", "processor_config.json", "tokenizer_config.json"):
+        got, want = (json.loads((folder / name).read_text()) for folder in (out, tmp_path / "hf"))
+        assert {k: v for k, v in got.items() if k not in volatile} == \
+            {k: v for k, v in want.items() if k not in volatile}, name
+    reloaded, info = transformers.InternVLForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    batch = internvl_inputs("qwen3", tmp_path / "hf")
+    with torch.no_grad():
+        want = hf_model(input_ids=batch["tokens"], pixel_values=batch["media.pixel_values"]).logits
+        got = reloaded.float().eval()(input_ids=batch["tokens"], pixel_values=batch["media.pixel_values"]).logits
+    assert torch.equal(got, want)
 
 
 def _canonical_tensors(folder):
