@@ -338,3 +338,23 @@ def test_lora_on_a_vlm_adapts_the_language_model_and_exports_merged(tmp_path):
     assert any(not torch.equal(merged[n], t) for n, t in original.items() if ".self_attn.q_proj." in n)
     reloaded, info = transformers.LlavaForConditionalGeneration.from_pretrained(export, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
+
+
+def test_vision_lr_zero_keeps_the_trained_tower_still(tmp_path):
+    """train.train_vision=true with train.vision_lr=0 (one rank, one step): the tower's own optimizer group has lr 0
+    through the schedule, so every tower tensor of the export equals the source's while the projector and the
+    language model, at train.lr, move."""
+    from tests.conftest import run_train
+
+    tiny_llava("clip", tmp_path / "hf")
+    run = tmp_path / "run"
+    proc = run_train(1, ["+model=llava", f"model.pretrained={tmp_path / 'hf'}", "data=vl_sft", "data.tokenizer=byte",
+                         "train.precision=fp32", "train.train_iters=1", "train.lr=1e-2", "train.lr_warmup_iters=0",
+                         "train.train_vision=true", "train.vision_lr=0", "train.save_hf=true",
+                         f"train.output_dir={run}", "logging.tensorboard=false"])
+    assert "vision_model" in proc.stdout.split("trainable parameters")[1].split("\n")[0]  # the tower is trainable
+    original, trained = _canonical_tensors(tmp_path / "hf"), _canonical_tensors(next((run / "hf").iterdir()))
+    moved = {name for name, tensor in original.items() if not torch.equal(trained[name], tensor)}
+    assert not {n for n in moved if n.startswith("vision_tower.")}
+    assert any(n.startswith("multi_modal_projector.") for n in moved)
+    assert any(n.startswith("language_model.") and ".self_attn.q_proj." in n for n in moved)
