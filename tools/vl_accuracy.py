@@ -3,8 +3,8 @@ itself.
 
 Each row's last assistant turn is the answer; the model answers the turns before it (with their images) by greedy
 generation through the folder's processor (``LlavaProcessor``; Qwen2.5-VL: its image processor and tokenizer) and
-``AutoModelForImageTextToText``, and the answer counts when it equals
-the reference (case and surrounding space ignored). Rows with a "kind" column (the demo set: colour, shape,
+``AutoModelForImageTextToText``, and the answer counts when it equals the reference (case and surrounding space
+ignored). Rows with a "kind" column (the demo set: colour, shape,
 caption) are also counted per kind, next to the accuracy of guessing (the most common answer of that kind).
 
 usage: python tools/vl_accuracy.py --hf RUN_OR_HF_FOLDER [--data megatron_swift/assets/vl_shapes/eval.jsonl]
@@ -48,10 +48,10 @@ def native_inputs(hf: str, config):
     """The same for a native-resolution model (Qwen2.5-VL): its image processor gives pixels and grids, and each
     <image> becomes <|vision_start|>, grid / merge^2 image tokens, <|vision_end|>, as its processor writes them
     (transformers' Qwen2_5_VLProcessor itself also builds a video processor, which needs torchvision)."""
-    import torch
     import transformers
 
-    images_of, tokenizer = transformers.AutoImageProcessor.from_pretrained(hf), transformers.AutoTokenizer.from_pretrained(hf)
+    images_of = transformers.AutoImageProcessor.from_pretrained(hf)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(hf)
     start, pad, end = tokenizer.convert_ids_to_tokens([config.vision_start_token_id, config.image_token_id,
                                                        config.vision_end_token_id])
 

@@ -311,7 +311,8 @@ def _part_lrs(train, arch, family: str, problems: List[str]) -> None:
         elif value < 0:
             problems.append(f"{key}={value} must be >= 0")
         elif part in train.freeze or (part == "vision" and not train.train_vision):
-            fix = ("set train.train_vision=true and leave " if part == "vision" else "leave ") + f"{part} out of train.freeze"
+            fix = ("set train.train_vision=true and leave " if part == "vision" else "leave ") + part
+            fix += " out of train.freeze"
             problems.append(f"{key}={value}: the {part} group is frozen ({fix}, or remove {key})")
 
 
