@@ -247,6 +247,10 @@ class TrainConfig:
     """Freeze the parameters whose Megatron name (global layer numbers) matches this regex."""
     trainable_regex: Optional[str] = None
     """Train the parameters matching this regex even if frozen by freeze, freeze_regex or a tuner (applied last)."""
+    vision_lr: Optional[float] = None
+    """VLMs: peak learning rate of the vision tower (train.freeze group vision; needs train.train_vision=true); None: train.lr. Warmup and decay scale it with train.lr."""
+    projector_lr: Optional[float] = None
+    """VLMs: peak learning rate of the projector (train.freeze group projector); None: train.lr. Warmup and decay scale it with train.lr."""
 
 
 @dataclass

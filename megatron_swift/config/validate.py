@@ -299,6 +299,23 @@ def _adapts_experts(tuner) -> bool:
     return bool({"all-linear", "linear_fc1", "linear_fc2"} & set(tuner.target_modules))
 
 
+def _part_lrs(train, arch, family: str, problems: List[str]) -> None:
+    """train.vision_lr / train.projector_lr: a learning rate >= 0 for a part that exists and trains."""
+    for part in ("vision", "projector"):
+        key, value = f"train.{part}_lr", getattr(train, f"{part}_lr")
+        if value is None:
+            continue
+        if not arch.has_vision:
+            problems.append(f"{key}={value}: a vision-language model's {part} learning rate; +model={family} "
+                            "has no vision tower (remove it)")
+        elif value < 0:
+            problems.append(f"{key}={value} must be >= 0")
+        elif part in train.freeze or (part == "vision" and not train.train_vision):
+            fix = ("set train.train_vision=true and leave " if part == "vision" else "leave ") + part
+            fix += " out of train.freeze"
+            problems.append(f"{key}={value}: the {part} group is frozen ({fix}, or remove {key})")
+
+
 def _vision(cfg, arch, problems: List[str]) -> None:
     """Vision-language models (+model=llava) and image data."""
     model = cfg.model
@@ -312,6 +329,7 @@ def _vision(cfg, arch, problems: List[str]) -> None:
                             "(+model=qwen2_5_vl)" + ("" if arch.vision_hf is not None else f", not +model={model.family}"))
     if arch.vision_hf is not None and cfg.task.name != "lm":
         problems.append(f"task={cfg.task.name} does not take images yet: a VLM trains with task=lm (SFT, pretraining)")
+    _part_lrs(cfg.train, arch, model.family, problems)
     if model.llm and model.pretrained:
         problems.append("model.pretrained (an HF LLaVA folder) and model.llm + model.vision (one composed from an "
                         "LLM and a vision encoder) are alternatives: set one")

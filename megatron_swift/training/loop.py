@@ -60,6 +60,15 @@ def _log_rank() -> bool:
     return dist.get_rank() == dist.get_world_size() - 1
 
 
+def _run_lr(groups) -> float:
+    """The run's lr (train.lr's schedule), not a part's with its own (train.vision_lr / projector_lr): megatron-core's
+    first group without an lr override, or the first group when every trained parameter has one."""
+    from megatron.core.optimizer_param_scheduler import get_canonical_lr_for_logging
+
+    lr = get_canonical_lr_for_logging(groups)
+    return groups[0]["lr"] if lr is None else lr
+
+
 def _print0(*args) -> None:
     if dist.get_rank() == 0:
         print(*args, flush=True)
@@ -130,7 +139,7 @@ class Trainer:
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
+        lr = _run_lr(self.optimizer.param_groups)  # the rate this step uses
         batches = self._microbatches(self.train_data, self.sampler, iteration)
         for batch in batches:
             batch.step = iteration  # restored with the checkpoint: per-step draws continue on resume

@@ -11,6 +11,7 @@ from megatron.core.transformer.module import Float16Module
 
 from megatron_swift.backend import collective_device
 from megatron_swift.backend.no_apex import fuse_adam
+from megatron_swift.tuners import part_lr
 
 
 def frozen_model(chunks, tconfig):
@@ -72,24 +73,27 @@ def build_optimizer(model, tconfig, train, par):
         overlap_param_gather_with_optimizer_step=False,
         initial_loss_scale=2**16 if tconfig.fp16 else None,
     )
-    optimizer = get_megatron_optimizer(config, model, config_overrides=_overrides(config, model))
+    optimizer = get_megatron_optimizer(config, model, config_overrides=_overrides(config, model, train))
     fuse_adam(optimizer)
     return optimizer
 
 
-def _overrides(config, model):
+def _overrides(config, model, train):
     """megatron-core's standard groups (no weight decay on biases and 1-D parameters), plus none on a matrix that
-    trains only its new-token rows (models/new_tokens.py): decay would move the rows it must leave unchanged.
-    None (megatron-core's default) when there is no such matrix on any rank."""
+    trains only its new-token rows (models/new_tokens.py): decay would move the rows it must leave unchanged;
+    plus a VLM's parts with their own learning rate (train.vision_lr / projector_lr, tuners/part_lr.py).
+    None (megatron-core's default) when there is neither on any rank."""
     from megatron.core.optimizer import ParamGroupOverride, ParamKey, get_standard_config_overrides
 
     mine = torch.tensor([float(any(getattr(p, "new_rows_only", False) for c in model for p in c.parameters()))],
                         device=collective_device())
     if dist.is_initialized():
         dist.all_reduce(mine)  # every rank must build the same parameter groups
-    if not mine.item():
+    parts = part_lr.overrides(train)  # from the config: the same on every rank
+    if not mine.item() and not parts:
         return None
-    return {**get_standard_config_overrides(config), ParamKey(attr="new_rows_only"): ParamGroupOverride(wd_mult=0.0)}
+    rows = {ParamKey(attr="new_rows_only"): ParamGroupOverride(wd_mult=0.0)} if mine.item() else {}
+    return {**get_standard_config_overrides(config), **rows, **parts}
 
 
 def build_scheduler(optimizer, train, total_iters: int) -> OptimizerParamScheduler:

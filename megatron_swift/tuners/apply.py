@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import List
 
+from megatron_swift.tuners import part_lr
 from megatron_swift.tuners.freeze import set_trainable, summary
 from megatron_swift.tuners.lora import attach
 from megatron_swift.tuners.names import global_parameters, offsets, to_global
@@ -21,4 +22,5 @@ def apply_tuner(chunks, cfg, check_patterns: bool = True) -> str:
         vlm = any(hasattr(chunk, "vision_model") for chunk in chunks)  # models.vlm, with its encoder or not (PP)
         groups = next((c.freeze_groups for c in chunks if getattr(c, "freeze_groups", None)), {})
         set_trainable(named, cfg.tuner, cfg.train, vlm, groups)
+        part_lr.mark(named, cfg.train, groups)  # train.vision_lr / projector_lr: their optimizer groups
     return summary(named)

@@ -464,3 +464,57 @@ def test_lora_on_a_vlm_adapts_the_language_model_and_exports_merged(tmp_path):
     assert any(not torch.equal(merged[n], t) for n, t in original.items() if ".self_attn.q_proj." in n)
     reloaded, info = transformers.LlavaForConditionalGeneration.from_pretrained(export, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
+
+
+
+def readme_qwen_recipe():
+    """The commands of README's "a Qwen2.5-VL-style model from scratch" block, continuation lines joined."""
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"```bash\n(# a Qwen2.5-VL-style model from scratch.*?)```", text, re.S).group(1)
+    return [" ".join(line.split()) for line in block.replace("\\\n", " ").splitlines()
+            if line.strip() and not line.startswith("#")]
+
+
+def test_qwen_vl_from_scratch_recipe_runs_and_vision_lr_zero_keeps_the_tower(tmp_path):
+    """README's Qwen2.5-VL recipe (its train command, 2 steps here; the full run's held-out accuracy is measured in
+    README) on the tiny folder make_vl_demo.py writes, with train.train_vision=true and train.vision_lr=0: the
+    tower's own optimizer group (the held tower's vision group: all but the merger) has lr 0, so the export's tower
+    equals the source's while the merger (projector) and the language model, at train.lr, move; transformers
+    loads the export with nothing missing."""
+    import importlib.util
+    import sys
+
+    from megatron_swift.models import families
+
+    spec = importlib.util.spec_from_file_location("make_vl_demo", ROOT / "tools" / "make_vl_demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    demo.write_qwen2_5_vl(str(tmp_path / "vl_models" / "qwen2_5_vl"))
+    train, accuracy = readme_qwen_recipe()
+    assert accuracy.startswith("python tools/vl_accuracy.py --hf outputs/qwen-vl"), accuracy
+    args = train.split()[1:]
+    args[0] = str(ROOT / args[0])
+    extra = ["train.device=cpu", "train.train_iters=2", "train.train_vision=true", "train.vision_lr=0",
+             "logging.tensorboard=false"]
+    proc = subprocess.run([sys.executable, *args, *extra], cwd=tmp_path, env=train_env(), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, f"{train}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert "vision_model.hf.patch_embed" in proc.stdout.split("trainable parameters")[1].split("\n")[0]
+    qwen = families.get("qwen2_5_vl")
+    export = next((tmp_path / "outputs" / "qwen-vl" / "hf").iterdir())
+
+    def tensors(folder):
+        from safetensors.torch import load_file
+
+        return {qwen.canonical_hf_name(k): v for k, v in load_file(folder / "model.safetensors").items()}
+
+    original, trained = tensors(tmp_path / "vl_models" / "qwen2_5_vl"), tensors(export)
+    assert sorted(trained) == sorted(original)
+    moved = {name for name, tensor in original.items() if not torch.equal(trained[name], tensor)}
+    assert not {n for n in moved if n.startswith("visual.") and not n.startswith("visual.merger.")}
+    assert any(n.startswith("visual.merger.") for n in moved)
+    assert any(n.startswith("model.") and ".self_attn.q_proj." in n for n in moved)
+    _, info = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(export, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
