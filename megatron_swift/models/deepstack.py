@@ -30,10 +30,7 @@ class DeepStack:
         self.count, self.sequence_parallel = count, sequence_parallel
         self._features: Optional[List[torch.Tensor]] = None
         self._index: Optional[torch.Tensor] = None
-        held = sorted(layer.layer_number - 1 for layer in layers if layer.layer_number <= count)
-        if held != list(range(count)):
-            raise ValueError(f"DeepStack adds vision features after the first {count} decoder layers, but the first "
-                             f"pipeline chunk holds layers {held}: use fewer pipeline stages (parallel.pp / vpp)")
+        self._held = sorted(layer.layer_number - 1 for layer in layers if layer.layer_number <= count)
         for layer in layers:
             if layer.layer_number <= count:
                 layer.register_forward_hook(self._hook(layer.layer_number - 1))
@@ -45,6 +42,11 @@ class DeepStack:
             self._features = self._index = None
             return None
         main, per_layer = features
+        # Checked here, not at build: a model built with fewer layers (the converter's one-layer reader) never
+        # runs; a layout that families/qwen3_vl.layout_problems let through (uneven stages) would be wrong.
+        if self._held != list(range(self.count)):
+            raise ValueError(f"DeepStack adds vision features after the first {self.count} decoder layers, but the "
+                             f"first pipeline chunk holds layers {self._held}: use fewer pipeline stages")
         self._features, self._index = list(per_layer), self._local(image_index)
         return main
 
