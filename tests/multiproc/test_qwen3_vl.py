@@ -1,7 +1,7 @@
 """Qwen3-VL (families/qwen3_vl.py: transformers' tower held whole per TP rank, Qwen3 language model with
 interleaved M-RoPE and DeepStack on megatron-core): the Megatron model built from an HF
 ``Qwen3VLForConditionalGeneration`` folder gives transformers' logits on two real photographs of different
-sizes at TP=1, TP=2 (tools/convert/check.py --image) and PP=2; HF -> Megatron -> HF is bitwise. Ground truth:
+sizes at TP=1 (tools/convert/check.py --image) and TP=2 x PP=2; HF -> Megatron -> HF is bitwise. Ground truth:
 transformers' model, rotary module, image processor and ``get_rope_index``."""
 from __future__ import annotations
 
@@ -144,39 +144,34 @@ def megatron_logits(tmp_path, batch: dict, nproc: int, overrides):
     out = tmp_path / "out.pt"
     base = ["+model=qwen3_vl", "train.precision=fp32", "train.device=cpu", f"train.output_dir={tmp_path / 'run'}",
             "logging.tensorboard=false"]
-    proc = subprocess.run(launch_cmd(nproc, [str(tmp_path / "inputs.pt"), str(out), *base, *overrides],
-                                     script=WORKER), cwd=ROOT, env=train_env(), capture_output=True, text=True,
+    args = [str(tmp_path / "inputs.pt"), str(out), *base, *overrides]
+    cmd = launch_cmd(nproc, args, script=WORKER)
+    proc = subprocess.run(cmd, cwd=ROOT, env=train_env(), capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-5000:]
     return torch.load(out, weights_only=True)
 
 
-# TP=2 is tools/convert/check.py's run below (the same two photographs in one row).
-CASES = {"tp1": (1, []), "pp2": (2, ["parallel.pp=2"])}
-
-
-@pytest.mark.parametrize("case", list(CASES))
-def test_qwen3_vl_logits_equal_transformers(tmp_path, hf, case):
+def test_qwen3_vl_logits_equal_transformers_tp2_pp2(tmp_path, hf):
+    """TP=2 and PP=2 in one run (4 ranks): the held tower and both DeepStack layers on the first stage, the TP
+    ranks' tower copies equal; TP=1 is tools/convert/check.py's run below."""
     folder, _, _, batch, expected = hf
-    nproc, layout = CASES[case]
-    got = megatron_logits(tmp_path, batch, nproc, [f"model.pretrained={folder}", *layout])
+    got = megatron_logits(tmp_path, batch, 4, [f"model.pretrained={folder}", "parallel.tp=2", "parallel.pp=2"])
     diff = (got[..., :VOCAB] - expected).abs().max().item()
-    assert diff < 1e-4, f"{case}: max |logit diff| {diff}"
+    assert diff < 1e-4, f"max |logit diff| {diff}"
 
 
-def test_check_tool_with_images_at_tp2(tmp_path, hf):
-    """torchrun --nproc_per_node 2 tools/convert/check.py --hf DIR --image A B parallel.tp=2: the folder's own
-    image processor, M-RoPE positions continuing across the photographs, transformers' logits."""
+def test_check_tool_with_images_at_tp1(tmp_path, hf):
+    """tools/convert/check.py --hf DIR --image A B: the folder's own image processor, M-RoPE positions
+    continuing across the photographs (one row), transformers' logits."""
     folder = hf[0]
     paths = []
     for i, photo in enumerate(two_photos()):
         paths.append(str(tmp_path / f"photo{i}.png"))
         photo.save(paths[-1])
     report = tmp_path / "report.json"
-    proc = subprocess.run(launch_cmd(2, ["--hf", str(folder), "--image", *paths, "--seq", "6", "--report",
-                                         str(report), "train.device=cpu", "parallel.tp=2"],
-                                     script=ROOT / "tools" / "convert" / "check.py"),
-                          cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "convert" / "check.py"), "--hf", str(folder),
+                           "--image", *paths, "--seq", "6", "--report", str(report), "train.device=cpu"], cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "top-1 agreement" in proc.stdout
     figures = json.loads(report.read_text())
@@ -190,9 +185,8 @@ def test_hf_round_trip_is_bitwise_and_loads_in_transformers(tmp_path, hf):
 
     folder, model, _, batch, expected = hf
     run, out = tmp_path / "mcore", tmp_path / "out"
-    proc = subprocess.run(launch_cmd(1, ["--hf", str(folder), "--out", str(run), "train.device=cpu"],
-                                     script=ROOT / "tools" / "convert" / "hf_to_mcore.py"),
-                          cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "convert" / "hf_to_mcore.py"), "--hf", str(folder),
+                           "--out", str(run), "train.device=cpu"], cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "convert" / "mcore_to_hf.py"), "--ckpt", str(run),
                            "--out", str(out)], cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=300)
