@@ -210,3 +210,28 @@ def test_tower_flops_per_token_equal_torch_flop_counter(folder):
     tower_macs = (trained - frozen) / 4  # frozen: 2 x (tower + 3 projector), trained: 2 x (3 tower + 3 projector)
     projector_macs = (frozen - 2 * tower_macs) / 6
     assert counter.get_total_flops() / len(features) == pytest.approx(2 * (tower_macs + projector_macs), rel=1e-6)
+
+
+@pytest.mark.parametrize("shape", ["qwen2", "qwen3"])
+def test_tower_params_equal_transformers_module(tmp_path, shape):
+    """The planner's count of the held tower (from the config alone) equals transformers' modules' numel."""
+    import transformers
+
+    from megatron_swift.models.families.internvl import tower_config
+    from megatron_swift.models.internvl_tower import build_internvl_tower
+    from tests.internvl_tiny import SHAPES
+
+    spec = SHAPES[shape]
+    text_cls, text = spec["text"]
+    vision = dict(spec["vision"], use_mean_pooling=shape == "qwen2", use_mask_token=shape == "qwen3")
+    config = transformers.InternVLConfig(
+        vision_config=transformers.InternVLVisionConfig(**vision), image_token_id=5,
+        text_config=getattr(transformers, text_cls)(vocab_size=320, **text), image_seq_length=tokens_per_tile(shape))
+    config.architectures = ["InternVLForConditionalGeneration"]
+    config.save_pretrained(tmp_path)
+    arch = resolve(compose(["+model=internvl", f"model.pretrained={tmp_path}"]).model)
+    with torch.device("meta"):
+        tower = build_internvl_tower(tower_config(arch), "eager")
+    want = {"encoder": sum(p.numel() for p in tower.vision_tower.parameters()),
+            "projector": sum(p.numel() for p in tower.multi_modal_projector.parameters())}
+    assert arch.family.tower_params(arch) == want

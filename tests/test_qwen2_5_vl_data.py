@@ -172,3 +172,21 @@ def test_flops_count_the_tower_per_image_token():
     per_token = 4 * (3 * 2 * 14 * 14 * h + 32 * (4 * h * h + 3 * h * f + 2 * h * window)) \
         + (4 * h) ** 2 + 4 * h * 3584
     assert with_images - base == pytest.approx(2 * 3 * per_token * 1000 * 8)
+
+
+def test_planner_counts_the_held_tower_as_transformers_builds_it():
+    """plan.memory.vision_params of the 7B tower (from its config alone) equals the parameters of transformers'
+    module built on the meta device, merger apart, and does not shrink with TP (the tower is held whole)."""
+    from omegaconf import OmegaConf
+
+    from megatron_swift.models.arch import resolve
+    from megatron_swift.models.families.qwen2_5_vl import _vision_module_class, vision_config
+    from megatron_swift.plan.memory import vision_params
+
+    arch = resolve(OmegaConf.create(dict(family="qwen2_5_vl", size="7b", pretrained=None, llm=None)))
+    with torch.device("meta"):
+        tower = _vision_module_class()._from_config(vision_config(arch.vision_hf))
+    merger = sum(p.numel() for p in tower.merger.parameters())
+    layout = type("Layout", (), {"tp": 4})()
+    assert vision_params(arch, layout) == {"encoder": sum(p.numel() for p in tower.parameters()) - merger,
+                                           "projector": merger}

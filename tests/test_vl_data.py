@@ -321,4 +321,5 @@ def test_config_group_validates_as_sft_without_streaming():
                           "train.train_iters=3", "data.truncation=cut"]), 1)
     assert "data.streaming is not supported with data.source=vl_sft" in str(e.value)
     assert "data.truncation" in str(e.value) and "data.path is empty; give the vl_sft file(s)" in str(e.value)
-    assert "data.source=vl_sft needs a vision-language model (+model=llava), not +model=qwen3" in str(e.value)
+    assert "data.source=vl_sft needs a vision-language model (+model=llava, qwen2_5_vl or internvl), not " \
+        "+model=qwen3" in str(e.value)

@@ -16,7 +16,8 @@ How it behaves under the layouts:
 - Its parameters carry no ``tensor_model_parallel`` attribute, so megatron-core treats them as replicated:
   DDP (and the distributed optimizer) reduce them over data parallelism like the norms, and
   ``param_is_not_tensor_parallel_duplicate`` counts them on TP rank 0 only in the gradient norm
-  (tests/test_held_tower.py checks both facts).
+  (tests/multiproc/test_qwen2_5_vl.py: 3 training steps with the tower training under TP=2+SP give the one-rank
+  losses and gradient norms).
 """
 from __future__ import annotations
 

@@ -111,6 +111,8 @@ def layer_params(arch, layout: Layout, moe: Optional[bool] = None) -> Dict[str, 
 
 def vision_params(arch, layout: Layout) -> Dict[str, int]:
     """A VLM's encoder and projector on one first-stage rank: {"encoder": n, "projector": n} (zeros otherwise)."""
+    if getattr(arch, "vision_hf", None) is not None:  # a tower held whole on every TP rank: the family counts it
+        return arch.family.tower_params(arch)
     v = arch.vision
     if v is None:
         return {"encoder": 0, "projector": 0}

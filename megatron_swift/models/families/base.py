@@ -167,6 +167,10 @@ class Family:
         """data.images.VisionData of a VLM whose tower is held as the transformers module (Arch.vision_hf)."""
         raise NotImplementedError(f"+model={self.name} has no image data")
 
+    def tower_params(self, arch) -> Dict[str, int]:
+        """Parameters of a held tower (Arch.vision_hf), whole on each first-stage rank: {"encoder", "projector"}."""
+        return {"encoder": 0, "projector": 0}
+
     def tower_flops_per_token(self, arch, train_vision: bool) -> float:
         """Training FLOPs of a held tower (Arch.vision_hf) per image token the language model receives."""
         return 0.0

@@ -14,7 +14,6 @@ checkpoint to use instead.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -32,7 +31,8 @@ _ALIASES = (("model.vision_tower.", _TOWER), ("model.multi_modal_projector.", _P
 HELD = "vision_model.hf."
 REMOTE_CODE = "InternVLChatModel"
 # train.freeze groups of the held modules (tuners.FREEZE_GROUPS' "vision" would take the projector too).
-FREEZE_GROUPS = {"vision": r"^vision_model\.hf\.vision_tower\.", "projector": r"^vision_model\.hf\.multi_modal_projector\."}
+FREEZE_GROUPS = {"vision": r"^vision_model\.hf\.vision_tower\.",
+                 "projector": r"^vision_model\.hf\.multi_modal_projector\."}
 
 # Keys of an HF InternVL vision_config that describe the tower (the rest is transformers' bookkeeping).
 _VISION_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "attention_bias", "use_qk_norm",
@@ -136,6 +136,25 @@ class InternVLFamily(Family):
         tower = partial(build_held_tower, make, internvl_features, backend.attention, backend.torch_device)
         return build_held_vlm_chunks(arch, tconfig, padded_vocab, seq_length, backend, tower, unfuse_norms,
                                      freeze_groups=FREEZE_GROUPS)
+
+    def tower_params(self, arch) -> dict:
+        """From the vision_config alone (the planner imports no torch): the class token (and mask token), the
+        patch convolution, position embeddings; per layer Q/K/V (biases: attention_bias), QK RMSNorms
+        (use_qk_norm), the output projection, the MLP, two norms (LayerNorm: weight and bias; RMSNorm: weight)
+        and two layer scales; a final LayerNorm without mean pooling. The projector: LayerNorm over the pixel-
+        shuffled width, then width -> H -> H, with biases."""
+        v, h, f = arch.vision_hf, arch.vision_hf["hidden_size"], arch.vision_hf["intermediate_size"]
+        patch, H = _side(v["patch_size"]), arch.hidden_size
+        positions = (_side(v["image_size"]) // patch) ** 2 + 1
+        norm = 2 * h if v.get("norm_type", "layer_norm") == "layer_norm" else h
+        embed = h * (1 + bool(v.get("use_mask_token"))) + v.get("num_channels", 3) * patch ** 2 * h + h
+        embed += positions * h if v.get("use_absolute_position_embeddings", True) else 0
+        layer = (3 * h * h + 3 * h * bool(v.get("attention_bias")) + 2 * h * bool(v.get("use_qk_norm"))
+                 + h * h + h + 2 * h * f + f + h + 2 * norm + 2 * h)
+        final = 0 if v.get("use_mean_pooling", True) else 2 * h
+        wide = h * int(1 / arch.family_options["downsample_ratio"]) ** 2
+        return {"encoder": embed + v["num_hidden_layers"] * layer + final,
+                "projector": 2 * wide + wide * H + H + H * H + H}
 
     def tower_flops_per_token(self, arch, train_vision: bool) -> float:
         """Per LLM image token: the 1 / ratio^2 patches pixel shuffle folds into it (plus its share of the class

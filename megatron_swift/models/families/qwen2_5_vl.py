@@ -158,6 +158,18 @@ class QwenVLFamily(Family):
     def check_inputs(self, folder: str, hf: dict, images: list, seq: int, generator) -> dict:
         return check_inputs(folder, hf, images, seq, generator)
 
+    def tower_params(self, arch) -> dict:
+        """From the vision_config alone (the planner imports no torch): the patch convolution (no bias), per block
+        two RMSNorms, QKV and output projections and a gated MLP, all with biases; the merger (an RMSNorm over
+        the tower width, then 4h -> 4h -> out with biases) is the projector."""
+        v = arch.vision_hf
+        h, f, patch = v["hidden_size"], v["intermediate_size"], v.get("patch_size", 14)
+        wide = v.get("spatial_merge_size", 2) ** 2 * h
+        embed = v.get("in_channels", 3) * v.get("temporal_patch_size", 2) * patch ** 2 * h
+        block = 2 * h + (3 * h * h + 3 * h) + (h * h + h) + 2 * (h * f + f) + (f * h + h)
+        merger = h + (wide * wide + wide) + (wide * v["out_hidden_size"] + v["out_hidden_size"])
+        return {"encoder": embed + v["depth"] * block, "projector": merger}
+
     def tower_flops_per_token(self, arch, train_vision: bool) -> float:
         """Per LLM image token (merge^2 patches): patch embedding, the blocks (QKV + output 4h^2, gated MLP 3hf,
         scores and values 2h x the patches a window holds; the full-attention blocks counted as windows: the
