@@ -201,3 +201,47 @@ def test_hf_round_trip_is_bitwise_and_loads_in_transformers(tmp_path, hf):
     reloaded, info = transformers.Qwen3VLForConditionalGeneration.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     assert torch.equal(hf_logits(reloaded.float().eval(), batch), expected)
+
+
+def test_vision_data_gives_processor_pixels_and_get_rope_index_positions(hf):
+    """families/qwen3_vl.qwen3_vision_data (what vl_sft rows use): each photograph's pixels and grid are the
+    folder's processor's, its token count the grid's, and a sample's M-RoPE streams are the model's own
+    get_rope_index on the sample's ids."""
+    from megatron_swift.models import families
+    from megatron_swift.models.arch import Arch
+    from megatron_swift.models.families.qwen3_vl import qwen3_vision_data
+
+    folder, model, processor, batch, _ = hf
+    family = families.get("qwen3_vl")
+    source = json.loads((folder / "config.json").read_text())
+    arch = Arch(family=family, **dict(dataclasses.asdict(family.size("tiny")), **family.read_hf(source, str(folder))))
+    data = qwen3_vision_data(processor, arch)
+    media = [data.processor(photo) for photo in two_photos()]
+    assert torch.equal(torch.cat([m["pixel_values"] for m in media]), batch["media.pixel_values"])
+    assert torch.equal(torch.cat([m["image_grid_thw"] for m in media]), batch["media.image_grid_thw"])
+    ids = batch["tokens"][0].tolist()
+    assert data.count(media[0]) == ids.count(IMAGE)
+    assert torch.equal(torch.from_numpy(data.positions(ids, media[:1])), batch["position_ids"][:, 0])
+
+
+def test_freeze_groups_and_planner_count_the_tower_as_transformers_builds_it():
+    """train.freeze groups: the patch merger and DeepStack mergers are the projector, everything else of the
+    tower the vision group; Family.tower_params (the planner, from vision_config alone) counts what transformers'
+    module holds, for the tiny and published sizes."""
+    import re
+
+    from megatron_swift.models import families
+    from megatron_swift.models.arch import Arch
+    from megatron_swift.models.families.qwen3_vl import _FREEZE_GROUPS, _vision_module_class, vision_config
+
+    family = families.get("qwen3_vl")
+    for size in ("tiny", "2b", "8b"):
+        arch = Arch(family=family, **dataclasses.asdict(family.size(size)))
+        with torch.device("meta"):
+            tower = _vision_module_class()._from_config(vision_config(arch.vision_hf))
+        counts = {group: sum(p.numel() for n, p in tower.named_parameters()
+                             if re.match(pattern, "vision_model.hf." + n))
+                  for group, pattern in (("encoder", _FREEZE_GROUPS["vision"]),
+                                         ("projector", _FREEZE_GROUPS["projector"]))}
+        assert sum(counts.values()) == sum(p.numel() for p in tower.parameters()), size
+        assert counts == family.tower_params(arch), size

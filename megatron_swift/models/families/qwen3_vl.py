@@ -195,6 +195,21 @@ class Qwen3VLFamily(Family):
     def check_inputs(self, folder: str, hf: dict, images: list, seq: int, generator) -> dict:
         return check_inputs(folder, hf, images, seq, generator)
 
+    def tower_params(self, arch) -> dict:
+        """From the vision_config alone: the patch convolution (with bias) and the learned position table, per
+        block two LayerNorms, QKV and output projections and a plain MLP, all with biases; the merger (a LayerNorm
+        over the tower width, then 4h -> 4h -> out) and the DeepStack mergers (their LayerNorm over 4h) are the
+        projector."""
+        v = arch.vision_hf
+        h, f, patch, out = v["hidden_size"], v["intermediate_size"], v.get("patch_size", 16), v["out_hidden_size"]
+        wide = v.get("spatial_merge_size", 2) ** 2 * h
+        embed = v.get("in_channels", 3) * v.get("temporal_patch_size", 2) * patch ** 2 * h + h
+        embed += v.get("num_position_embeddings", 2304) * h
+        block = 4 * h + (3 * h * h + 3 * h) + (h * h + h) + (h * f + f) + (f * h + h)
+        linears = (wide * wide + wide) + (wide * out + out)
+        deep = len(v.get("deepstack_visual_indexes") or ())
+        return {"encoder": embed + v["depth"] * block, "projector": 2 * h + linears + deep * (2 * wide + linears)}
+
     def tower_flops_per_token(self, arch, train_vision: bool) -> float:
         """Per LLM image token (merge^2 patches): patch embedding, the blocks (QKV + output 4h^2, MLP 2hf; the
         attention scores over the whole image are not counted: the image size is not known here, a lower
