@@ -245,3 +245,14 @@ def test_freeze_groups_and_planner_count_the_tower_as_transformers_builds_it():
                                          ("projector", _FREEZE_GROUPS["projector"]))}
         assert sum(counts.values()) == sum(p.numel() for p in tower.parameters()), size
         assert counts == family.tower_params(arch), size
+
+
+def test_pipeline_layout_without_deepstack_layers_on_the_first_chunk_is_refused():
+    """DeepStack's layers (the tiny size: decoder layers 0 and 1 of 4) must all be on the first pipeline chunk:
+    PP=4 leaves one there and is refused before any work, naming parallel.pp; PP=2 is accepted."""
+    from megatron_swift.config.compose import compose
+    from megatron_swift.config.validate import ConfigError, validate
+
+    with pytest.raises(ConfigError, match="parallel.pp=4: DeepStack"):
+        validate(compose(["+model=qwen3_vl", "parallel.pp=4"]), 4)
+    validate(compose(["+model=qwen3_vl", "parallel.pp=2"]), 2)
