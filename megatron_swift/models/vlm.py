@@ -47,6 +47,7 @@ class VisionLanguageModel(MegatronModule):
         self.share_embeddings_and_output_weights = language_model.share_embeddings_and_output_weights
         self.model_type = language_model.model_type
         self.freeze_groups = {}  # train.freeze groups whose regex differs from tuners.FREEZE_GROUPS' (a held tower)
+        self.deepstack = None  # models/deepstack.DeepStack of a tower that also feeds the first decoder layers
 
     # What megatron-core's schedules and finalize_model_grads ask a model chunk for.
     def set_input_tensor(self, input_tensor) -> None:
@@ -84,6 +85,8 @@ class VisionLanguageModel(MegatronModule):
         if self.pre_process and decoder_input is None:
             decoder_input = self.language_model.embedding(input_ids=input_ids, position_ids=None)
             features = self.media_features(images, media)
+            if self.deepstack is not None:  # Qwen3-VL: per-layer features go to hooks (models/deepstack.py)
+                features = self.deepstack.take(features, image_index)
             if features is not None:
                 decoder_input = place_images(decoder_input, features, image_index)
             if self.config.sequence_parallel:

@@ -1,0 +1,258 @@
+"""Qwen3-VL (families/qwen3_vl.py: transformers' tower held whole per TP rank, Qwen3 language model with
+interleaved M-RoPE and DeepStack on megatron-core): the Megatron model built from an HF
+``Qwen3VLForConditionalGeneration`` folder gives transformers' logits on two real photographs of different
+sizes at TP=1 (tools/convert/check.py --image) and TP=2 x PP=2; HF -> Megatron -> HF is bitwise. Ground truth:
+transformers' model, rotary module, image processor and ``get_rope_index``."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+
+from tests.conftest import ROOT, launch_cmd, train_env
+from tests.multiproc.test_qwen2_5_vl import two_photos
+from tests.multiproc.test_vlm import WORKER
+
+VOCAB, IMAGE, VIDEO, START, END = 300, 290, 291, 292, 293
+MAX_PIXELS = 32 * 32 * 24  # at most 24 merged tokens per image
+
+
+def tiny_qwen3_vl(folder):
+    """A random tiny HF Qwen3-VL (random norms and biases, so a skipped tensor shows): a 4-layer Qwen3 decoder
+    (QK norm, head dim 16, interleaved sections [2, 3, 3]) and a 3-block tower with DeepStack from blocks 0 and 2
+    (into decoder layers 0 and 1); its 16-px image processor, saved."""
+    text = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, max_position_embeddings=512, rms_norm_eps=1e-6,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
+                                 "mrope_interleaved": True})
+    vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=16, spatial_merge_size=2,
+                  temporal_patch_size=2, out_hidden_size=64, num_position_embeddings=64,
+                  deepstack_visual_indexes=[0, 2])
+    config = transformers.Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE,
+                                        video_token_id=VIDEO, vision_start_token_id=START, vision_end_token_id=END)
+    torch.manual_seed(0)
+    model = transformers.Qwen3VLForConditionalGeneration(config).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.normal_(1.0 if "norm" in name else 0.0, 0.2)
+            elif "deepstack" in name or "pos_embed" in name:
+                p.normal_(0.0, 0.5)  # DeepStack and learned positions large enough to matter in the logits
+    model.save_pretrained(folder)
+    processor = transformers.Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, min_pixels=32 * 32 * 4,
+                                                      max_pixels=MAX_PIXELS, image_mean=[0.5] * 3,
+                                                      image_std=[0.5] * 3)
+    processor.save_pretrained(folder)
+    return model, processor
+
+
+def inputs(model, processor):
+    """Two rows, one photograph each at different places, wrapped in the vision start/end tokens: ids, pixels,
+    grids, our image_index and transformers' get_rope_index positions."""
+    pix = processor(images=two_photos(), return_tensors="pt")
+    grid = pix["image_grid_thw"]
+    counts = (grid.prod(-1) // 4).tolist()
+    assert counts[0] != counts[1], counts
+    seq = max(counts) + 20
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, IMAGE, (2, seq), generator=g)
+    index, types_ = torch.full((2, seq), -1), torch.zeros(2, seq, dtype=torch.long)
+    before = 0
+    for row, start in ((0, 2), (1, 6)):
+        n = counts[row]
+        tokens[row, start - 1], tokens[row, start + n] = START, END
+        tokens[row, start:start + n] = IMAGE
+        index[row, start:start + n] = torch.arange(n) + before
+        types_[row, start:start + n] = 1
+        before += n
+    positions, _ = model.model.get_rope_index(tokens, mm_token_type_ids=types_, image_grid_thw=grid)
+    return {"tokens": tokens, "image_index": index, "position_ids": positions, "mm_token_type_ids": types_,
+            "media.pixel_values": pix["pixel_values"], "media.image_grid_thw": grid}
+
+
+def hf_logits(model, batch):
+    with torch.no_grad():
+        return model(input_ids=batch["tokens"], pixel_values=batch["media.pixel_values"],
+                     image_grid_thw=batch["media.image_grid_thw"],
+                     mm_token_type_ids=batch["mm_token_type_ids"]).logits.float()
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("qwen3_vl") / "hf"
+    model, processor = tiny_qwen3_vl(folder)
+    batch = inputs(model, processor)
+    expected = hf_logits(model, batch)
+    # DeepStack really moves the logits (a model that skipped it could not pass the comparisons below)
+    deep = model.model.visual.deepstack_visual_indexes
+    model.model.visual.deepstack_visual_indexes = []
+    assert (hf_logits(model, batch) - expected).abs().max().item() > 1e-2
+    model.model.visual.deepstack_visual_indexes = deep
+    return folder, model, processor, batch, expected
+
+
+def test_interleaved_mrope_is_transformers_rotary():
+    """megatron-core's MultimodalRotaryEmbedding (unchanged) fed families/qwen3_vl.megatron_mrope_splits gives
+    transformers' Qwen3-VL text rotary angles, for the published sections and the tiny ones."""
+    from megatron.core.models.common.embeddings import rotary_pos_embedding as rpe
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextRotaryEmbedding
+
+    from megatron_swift.models.families.qwen3_vl import megatron_mrope_splits
+
+    for section, head_dim in (([24, 20, 20], 128), ([2, 3, 3], 16)):
+        config = transformers.Qwen3VLTextConfig(head_dim=head_dim, rope_parameters={
+            "rope_type": "default", "rope_theta": 5e6, "mrope_section": section, "mrope_interleaved": True})
+        hf_rot = Qwen3VLTextRotaryEmbedding(config)
+        positions = torch.randint(0, 300, (3, 2, 9))
+        cos, _ = hf_rot(torch.zeros(1), positions)  # [b, s, head_dim]
+        mc = rpe.MultimodalRotaryEmbedding.__new__(rpe.MultimodalRotaryEmbedding)
+        torch.nn.Module.__init__(mc)  # its __init__ puts inv_freq on CUDA; the same inverse frequencies here
+        mc.rotary_interleaved, mc.seq_len_interpolation_factor, mc.cp_group = False, None, None
+        mc.inv_freq = hf_rot.inv_freq
+        angles = mc(positions, megatron_mrope_splits(section, head_dim // 2))  # [s, b, 1, head_dim]
+        assert torch.allclose(angles[:, :, 0].transpose(0, 1).cos(), cos, atol=1e-6), section
+
+
+def test_config_written_without_a_source_is_the_same_model(hf):
+    from megatron_swift.models import families
+    from megatron_swift.models.arch import Arch
+
+    folder = hf[0]
+    family = families.get("qwen3_vl")
+    source = json.loads((folder / "config.json").read_text())
+    fields = dict(dataclasses.asdict(family.size("tiny")), **family.read_hf(source, str(folder)))
+    written = family.write_hf(Arch(family=family, **fields).plain(), "float32")
+    assert transformers.Qwen3VLConfig(**written).to_dict() == transformers.Qwen3VLConfig(**source).to_dict()
+
+
+def test_moe_variant_is_refused_with_one_line(tmp_path):
+    from megatron_swift.data.errors import DataError
+    from megatron_swift.models import families
+
+    with pytest.raises(DataError, match="MoE language model is not supported"):
+        families.get("qwen3_vl").read_hf({"architectures": ["Qwen3VLMoeForConditionalGeneration"],
+                                          "model_type": "qwen3_vl_moe"}, str(tmp_path))
+
+
+def megatron_logits(tmp_path, batch: dict, nproc: int, overrides):
+    torch.save({k: v for k, v in batch.items() if k != "mm_token_type_ids"}, tmp_path / "inputs.pt")
+    out = tmp_path / "out.pt"
+    base = ["+model=qwen3_vl", "train.precision=fp32", "train.device=cpu", f"train.output_dir={tmp_path / 'run'}",
+            "logging.tensorboard=false"]
+    args = [str(tmp_path / "inputs.pt"), str(out), *base, *overrides]
+    cmd = launch_cmd(nproc, args, script=WORKER)
+    proc = subprocess.run(cmd, cwd=ROOT, env=train_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return torch.load(out, weights_only=True)
+
+
+def test_qwen3_vl_logits_equal_transformers_tp2_pp2(tmp_path, hf):
+    """TP=2 and PP=2 in one run (4 ranks): the held tower and both DeepStack layers on the first stage, the TP
+    ranks' tower copies equal; TP=1 is tools/convert/check.py's run below."""
+    folder, _, _, batch, expected = hf
+    got = megatron_logits(tmp_path, batch, 4, [f"model.pretrained={folder}", "parallel.tp=2", "parallel.pp=2"])
+    diff = (got[..., :VOCAB] - expected).abs().max().item()
+    assert diff < 1e-4, f"max |logit diff| {diff}"
+
+
+def test_check_tool_with_images_at_tp1(tmp_path, hf):
+    """tools/convert/check.py --hf DIR --image A B: the folder's own image processor, M-RoPE positions
+    continuing across the photographs (one row), transformers' logits."""
+    folder = hf[0]
+    paths = []
+    for i, photo in enumerate(two_photos()):
+        paths.append(str(tmp_path / f"photo{i}.png"))
+        photo.save(paths[-1])
+    report = tmp_path / "report.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "convert" / "check.py"), "--hf", str(folder),
+                           "--image", *paths, "--seq", "6", "--report", str(report), "train.device=cpu"], cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "top-1 agreement" in proc.stdout
+    figures = json.loads(report.read_text())
+    assert figures["max_abs_diff"] < 1e-4 and figures["token_agreement"] == 1.0, figures
+
+
+def test_hf_round_trip_is_bitwise_and_loads_in_transformers(tmp_path, hf):
+    """HF -> Megatron (converter tool) -> HF: every tensor bitwise, config.json equal; transformers loads the
+    export with nothing missing and gives the same logits."""
+    from safetensors.torch import load_file
+
+    folder, model, _, batch, expected = hf
+    run, out = tmp_path / "mcore", tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "convert" / "hf_to_mcore.py"), "--hf", str(folder),
+                           "--out", str(run), "train.device=cpu"], cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "convert" / "mcore_to_hf.py"), "--ckpt", str(run),
+                           "--out", str(out)], cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    original, exported = load_file(folder / "model.safetensors"), load_file(out / "model.safetensors")
+    assert sorted(exported) == sorted(original)
+    for name, tensor in original.items():
+        assert torch.equal(exported[name], tensor), name
+    volatile = ("transformers_version", "torch_dtype", "dtype")
+    config = {k: v for k, v in json.loads((out / "config.json").read_text()).items() if k not in volatile}
+    assert config == {k: v for k, v in json.loads((folder / "config.json").read_text()).items() if k not in volatile}
+    reloaded, info = transformers.Qwen3VLForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert torch.equal(hf_logits(reloaded.float().eval(), batch), expected)
+
+
+def test_vision_data_gives_processor_pixels_and_get_rope_index_positions(hf):
+    """families/qwen3_vl.qwen3_vision_data (what vl_sft rows use): each photograph's pixels and grid are the
+    folder's processor's, its token count the grid's, and a sample's M-RoPE streams are the model's own
+    get_rope_index on the sample's ids."""
+    from megatron_swift.models import families
+    from megatron_swift.models.arch import Arch
+    from megatron_swift.models.families.qwen3_vl import qwen3_vision_data
+
+    folder, model, processor, batch, _ = hf
+    family = families.get("qwen3_vl")
+    source = json.loads((folder / "config.json").read_text())
+    arch = Arch(family=family, **dict(dataclasses.asdict(family.size("tiny")), **family.read_hf(source, str(folder))))
+    data = qwen3_vision_data(processor, arch)
+    media = [data.processor(photo) for photo in two_photos()]
+    assert torch.equal(torch.cat([m["pixel_values"] for m in media]), batch["media.pixel_values"])
+    assert torch.equal(torch.cat([m["image_grid_thw"] for m in media]), batch["media.image_grid_thw"])
+    ids = batch["tokens"][0].tolist()
+    assert data.count(media[0]) == ids.count(IMAGE)
+    assert torch.equal(torch.from_numpy(data.positions(ids, media[:1])), batch["position_ids"][:, 0])
+
+
+def test_freeze_groups_and_planner_count_the_tower_as_transformers_builds_it():
+    """train.freeze groups: the patch merger and DeepStack mergers are the projector, everything else of the
+    tower the vision group; Family.tower_params (the planner, from vision_config alone) counts what transformers'
+    module holds, for the tiny and published sizes."""
+    import re
+
+    from megatron_swift.models import families
+    from megatron_swift.models.arch import Arch
+    from megatron_swift.models.families.qwen3_vl import _FREEZE_GROUPS, _vision_module_class, vision_config
+
+    family = families.get("qwen3_vl")
+    for size in ("tiny", "2b", "8b"):
+        arch = Arch(family=family, **dataclasses.asdict(family.size(size)))
+        with torch.device("meta"):
+            tower = _vision_module_class()._from_config(vision_config(arch.vision_hf))
+        counts = {group: sum(p.numel() for n, p in tower.named_parameters()
+                             if re.match(pattern, "vision_model.hf." + n))
+                  for group, pattern in (("encoder", _FREEZE_GROUPS["vision"]),
+                                         ("projector", _FREEZE_GROUPS["projector"]))}
+        assert sum(counts.values()) == sum(p.numel() for p in tower.parameters()), size
+        assert counts == family.tower_params(arch), size
+
+
+def test_pipeline_layout_without_deepstack_layers_on_the_first_chunk_is_refused():
+    """DeepStack's layers (the tiny size: decoder layers 0 and 1 of 4) must all be on the first pipeline chunk:
+    PP=4 leaves one there and is refused before any work, naming parallel.pp; PP=2 is accepted."""
+    from megatron_swift.config.compose import compose
+    from megatron_swift.config.validate import ConfigError, validate
+
+    with pytest.raises(ConfigError, match="parallel.pp=4: DeepStack"):
+        validate(compose(["+model=qwen3_vl", "parallel.pp=4"]), 4)
+    validate(compose(["+model=qwen3_vl", "parallel.pp=2"]), 2)
