@@ -149,7 +149,9 @@ def test_the_scheduler_stays_put_while_steps_are_skipped():
     guard.install(opt)
     losses = iter([2.0, math.nan, math.inf, 2.0])
     trainer = Trainer.__new__(Trainer)
-    trainer.model, trainer.optimizer, trainer.guard = [SimpleNamespace(zero_grad_buffer=lambda: None)], opt, guard
+    dense = SimpleNamespace(num_moe_experts=None, moe_aux_loss_coeff=0.0)  # a chunk's config: no MoE loss to report
+    chunk = SimpleNamespace(zero_grad_buffer=lambda: None, config=dense)
+    trainer.model, trainer.optimizer, trainer.guard = [chunk], opt, guard
     trainer.scheduler, trainer.sampler, trainer.train_data = FakeScheduler(opt), None, None
     trainer.backend = SimpleNamespace(torch_device="cpu")
     trainer._microbatches = lambda *a: []
