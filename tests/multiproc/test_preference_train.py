@@ -147,18 +147,31 @@ def _gkd_item(teacher, *own):
     return "@".join(["gkd", *GKD, f"task.teacher.model={teacher}", "task.teacher.tokenizer=byte", *own])
 
 
-def _train_each_free_task(tmp, tiny_hf, teacher, nproc, layout, extra=()):
-    """One torchrun job training CPO, SimPO, ORPO and GKD in turn (dpo_worker --tasks), then the ``extra``
-    items (their own train.output_dir); per-task metrics rows."""
+def _train_each_free_task(tmp, tiny_hf, teacher, nproc, layout, extra=(), model="qwen3"):
+    """One torchrun job training CPO, SimPO, ORPO and GKD (unless ``teacher`` is None) in turn (dpo_worker
+    --tasks), then the ``extra`` items (their own train.output_dir); per-task metrics rows."""
     out = tmp / "runs"
     overrides = [o for o in _base(tiny_hf, None) if not o.startswith(("task=", "train.output_dir="))]
+    overrides = [f"+model={model}" if o.startswith("+model=") else o for o in overrides]
     overrides += [*FREE_SETTINGS, *layout]
-    items = [*REFERENCE_FREE, _gkd_item(teacher), *extra]
+    items = [*REFERENCE_FREE, *([_gkd_item(teacher)] if teacher else []), *extra]
     proc = subprocess.run(launch_cmd(nproc, [str(tmp / "unused.json"), f"--tasks={','.join(items)}", str(out),
                                              *overrides], script=WORKER),
                           cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-5000:]
     return {task: read_metrics(out / task) for task in (i.split("@")[0] for i in items)}
+
+
+def _same_reference_free_runs(one_rank, got):
+    """CPO, SimPO, ORPO: the same losses, figures and gradient norms as the one-rank run, and they train."""
+    for task in REFERENCE_FREE:
+        want, rows = one_rank[task], got[task]
+        assert [r["iteration"] for r in rows] == [r["iteration"] for r in want] == [1, 2, 3], task
+        for a, b in zip(want, rows):
+            for key in ("loss", "rewards/margins", "rewards/chosen", "nll_loss", "logps/rejected"):
+                assert abs(a[key] - b[key]) < 1e-5, (task, a["iteration"], key, a[key], b[key])
+            assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5), (task, a["grad_norm"], b["grad_norm"])
+        assert want[0]["rewards/chosen"] != 0.0 and want[-1]["loss"] < want[0]["loss"], (task, want)
 
 
 @pytest.fixture(scope="module")
@@ -196,8 +209,9 @@ def test_gkd_on_the_students_own_samples_against_itself_is_zero(free_one_rank):
 
 
 @pytest.mark.parametrize("nproc,layout", [(2, ["parallel.tp=2"]),
-                                          (4, ["parallel.pp=2", "parallel.distributed_optimizer=true"])],
-                         ids=["tp2", "pp2-dp2-distopt"])
+                                          (4, ["parallel.pp=2", "parallel.distributed_optimizer=true"]),
+                                          (2, ["parallel.cp=2"])],
+                         ids=["tp2", "pp2-dp2-distopt", "cp2"])
 def test_reference_free_tasks_and_gkd_give_the_one_rank_run_under_each_layout(tmp_path, tiny_hf, teacher_hf,
                                                                               free_one_rank, nproc, layout):
     """CPO, SimPO, ORPO: 3 steps under TP=2, and PP=2 x DP=2 with the distributed optimizer (one 4-rank job:
@@ -207,20 +221,19 @@ def test_reference_free_tasks_and_gkd_give_the_one_rank_run_under_each_layout(tm
     # a student on TP=1 x DP=2 (its group gathers both ranks' rows; logits go back to each rank's shard).
     # Also under TP=2: seq_kd (the teacher's greedy replies, generated on TP=2), and a LoRA student (its adapters
     # start at 0: the first step is the full model's).
+    # Under CP=2 (GKD refuses it: one line, tested elsewhere) the three tasks also train LoRA students.
     own = {"teacher-tp1": ["task.teacher.tp=1"], "student-tp1": ["parallel.tp=1", "task.teacher.tp=2"],
            "seq_kd": ["task.seq_kd=true", "task.max_new_tokens=12"], "lora": ["tuner=lora", "train.lr=1e-2"]}
+    cp = layout == ["parallel.cp=2"]
     extra = [_gkd_item(teacher_hf, *o, f"train.output_dir={tmp_path / name}") for name, o in own.items()] \
         if layout == ["parallel.tp=2"] else []
-    got = _train_each_free_task(tmp_path, tiny_hf, teacher_hf, nproc, layout, extra)
+    if cp:
+        own = {f"{task}-lora": [] for task in REFERENCE_FREE}
+        extra = ["@".join([task, "tuner=lora", "train.lr=1e-2", f"train.output_dir={tmp_path / (task + '-lora')}"])
+                 for task in REFERENCE_FREE]
+    got = _train_each_free_task(tmp_path, tiny_hf, None if cp else teacher_hf, nproc, layout, extra)
     got.update({name: read_metrics(tmp_path / name) for name in own if extra})
-    for task in REFERENCE_FREE:
-        want, rows = free_one_rank[task], got[task]
-        assert [r["iteration"] for r in rows] == [r["iteration"] for r in want] == [1, 2, 3], task
-        for a, b in zip(want, rows):
-            for key in ("loss", "rewards/margins", "rewards/chosen", "nll_loss", "logps/rejected"):
-                assert abs(a[key] - b[key]) < 1e-5, (task, a["iteration"], key, a[key], b[key])
-            assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5), (task, a["grad_norm"], b["grad_norm"])
-        assert want[0]["rewards/chosen"] != 0.0 and want[-1]["loss"] < want[0]["loss"], (task, want)
+    _same_reference_free_runs(free_one_rank, got)
     assert "log_odds_ratio" in got["orpo"][0] and "log_odds_chosen" in got["orpo"][0]
     # GKD: the divergence (its loss), vocabulary-parallel under TP=2, equals the one-rank run's
     for name in ("gkd", "teacher-tp1", "student-tp1", "seq_kd"):
@@ -231,7 +244,11 @@ def test_reference_free_tasks_and_gkd_give_the_one_rank_run_under_each_layout(tm
         for a, b in zip(want, rows):
             assert abs(a["loss"] - b["loss"]) < 1e-5, (name, a["iteration"], a["loss"], b["loss"])
             assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5), (name, a["grad_norm"], b["grad_norm"])
-    assert ("student-tp1" in got) == (layout == ["parallel.tp=2"])
+    assert ("student-tp1" in got) == (layout == ["parallel.tp=2"]) and ("gkd" in got) != cp
+    for task in REFERENCE_FREE if cp else ():  # LoRA adapters start at 0: the first step is the full model's
+        full, lora = free_one_rank[task], got[f"{task}-lora"]
+        assert abs(lora[0]["loss"] - full[0]["loss"]) < 1e-5, (task, lora[0], full[0])
+        assert lora[-1]["loss"] < lora[0]["loss"] and abs(lora[1]["loss"] - full[1]["loss"]) > 1e-4, (task, lora)
     if "lora" in got:
         full, lora = free_one_rank["gkd"], got["lora"]
         assert abs(lora[0]["loss"] - full[0]["loss"]) < 1e-5, (lora[0], full[0])
@@ -239,3 +256,17 @@ def test_reference_free_tasks_and_gkd_give_the_one_rank_run_under_each_layout(tm
     # seq_kd trains on other completions than the data's replies
     assert abs(free_one_rank["seq_kd"][0]["loss"] - free_one_rank["gkd"][0]["loss"]) > 1e-4
     assert want[0]["loss"] > 1e-3 and want[-1]["loss"] < want[0]["loss"], want  # random models: close, not equal
+
+
+def test_reference_free_tasks_under_expert_parallel_give_the_one_rank_run(tmp_path):
+    """A tiny Qwen3-MoE (6 experts, top 2, 2 layers): CPO, SimPO and ORPO for 3 steps with EP=2 (the experts
+    split over two ranks that are also DP=2) report the one-rank losses, figures and gradient norms."""
+    from tests.multiproc.test_hf_load import _MOE, _save_tiny
+
+    hf = tmp_path / "moe"
+    _save_tiny("qwen3_moe", hf, **{**_MOE, "norm_topk_prob": True, "num_hidden_layers": 2})
+    runs = {}
+    for name, nproc, layout in (("one", 1, []), ("ep2", 2, ["parallel.ep=2"])):
+        (tmp_path / name).mkdir()
+        runs[name] = _train_each_free_task(tmp_path / name, hf, None, nproc, layout, model="qwen3_moe")
+    _same_reference_free_runs(runs["one"], runs["ep2"])
