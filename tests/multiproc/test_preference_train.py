@@ -147,12 +147,11 @@ def _gkd_item(teacher, *own):
     return "@".join(["gkd", *GKD, f"task.teacher.model={teacher}", "task.teacher.tokenizer=byte", *own])
 
 
-def _train_each_free_task(tmp, tiny_hf, teacher, nproc, layout, extra=(), model="qwen3"):
+def _train_each_free_task(tmp, tiny_hf, teacher, nproc, layout, extra=()):
     """One torchrun job training CPO, SimPO, ORPO and GKD (unless ``teacher`` is None) in turn (dpo_worker
     --tasks), then the ``extra`` items (their own train.output_dir); per-task metrics rows."""
     out = tmp / "runs"
     overrides = [o for o in _base(tiny_hf, None) if not o.startswith(("task=", "train.output_dir="))]
-    overrides = [f"+model={model}" if o.startswith("+model=") else o for o in overrides]
     overrides += [*FREE_SETTINGS, *layout]
     items = [*REFERENCE_FREE, *([_gkd_item(teacher)] if teacher else []), *extra]
     proc = subprocess.run(launch_cmd(nproc, [str(tmp / "unused.json"), f"--tasks={','.join(items)}", str(out),
@@ -186,7 +185,27 @@ def teacher_hf(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def free_one_rank(tmp_path_factory, tiny_hf, teacher_hf):
+def moe_hf(tmp_path_factory):
+    """A random tiny Qwen3-MoE (6 experts, top 2, 2 layers): the reference-free tasks under EP=2."""
+    from tests.multiproc.test_hf_load import _MOE, _save_tiny
+
+    folder = tmp_path_factory.mktemp("moe")
+    _save_tiny("qwen3_moe", folder, **{**_MOE, "norm_topk_prob": True, "num_hidden_layers": 2})
+    return folder
+
+
+def _moe_items(moe_hf, out, *layout):
+    """CPO, SimPO, ORPO items training the MoE model (riding along in another job; output ``out/<task>-moe``)."""
+    return ["@".join([task, "+model=qwen3_moe", f"model.pretrained={moe_hf}", *layout,
+                      f"train.output_dir={out / (task + '-moe')}"]) for task in REFERENCE_FREE]
+
+
+def _moe_rows(out):
+    return {task: read_metrics(out / (task + "-moe")) for task in REFERENCE_FREE}
+
+
+@pytest.fixture(scope="module")
+def free_one_rank(tmp_path_factory, tiny_hf, teacher_hf, moe_hf):
     # and GKD fully on-policy with the student's own starting weights as the teacher (output folder "self")
     on_policy = "@".join(["gkd", *GKD[:3], "task.lmbda=1", "task.max_new_tokens=12", "train.train_iters=1",
                           f"task.teacher.model={tiny_hf}", "task.teacher.tokenizer=byte",
@@ -194,7 +213,11 @@ def free_one_rank(tmp_path_factory, tiny_hf, teacher_hf):
     # and with seq_kd: the data's replies replaced by the teacher's greedy ones
     seq_kd = _gkd_item(teacher_hf, "task.seq_kd=true", "task.max_new_tokens=12",
                        f"train.output_dir={tmp_path_factory.getbasetemp() / 'free1-seq_kd'}")
-    rows = _train_each_free_task(tmp_path_factory.mktemp("free1"), tiny_hf, teacher_hf, 1, [], [on_policy, seq_kd])
+    # and the three reference-free tasks on the MoE model (key "moe": the one-rank run EP=2 must give)
+    moe_out = tmp_path_factory.mktemp("free1-moe")
+    rows = _train_each_free_task(tmp_path_factory.mktemp("free1"), tiny_hf, teacher_hf, 1, [],
+                                 [on_policy, seq_kd, *_moe_items(moe_hf, moe_out)])
+    rows["moe"] = _moe_rows(moe_out)
     rows["self"] = read_metrics(tmp_path_factory.getbasetemp() / "free1-self")
     rows["seq_kd"] = read_metrics(tmp_path_factory.getbasetemp() / "free1-seq_kd")
     return rows
@@ -211,8 +234,8 @@ def test_gkd_on_the_students_own_samples_against_itself_is_zero(free_one_rank):
 @pytest.mark.parametrize("nproc,layout", [(2, ["parallel.tp=2"]),
                                           (4, ["parallel.pp=2", "parallel.distributed_optimizer=true"]),
                                           (2, ["parallel.cp=2"])],
-                         ids=["tp2", "pp2-dp2-distopt", "cp2"])
-def test_reference_free_tasks_and_gkd_give_the_one_rank_run_under_each_layout(tmp_path, tiny_hf, teacher_hf,
+                         ids=["tp2", "pp2-dp2-distopt", "cp2-lora-and-moe-ep2"])
+def test_reference_free_tasks_and_gkd_give_the_one_rank_run_under_each_layout(tmp_path, tiny_hf, teacher_hf, moe_hf,
                                                                               free_one_rank, nproc, layout):
     """CPO, SimPO, ORPO: 3 steps under TP=2, and PP=2 x DP=2 with the distributed optimizer (one 4-rank job:
     a launch less), report the one-rank losses, figures and gradient norms within 1e-5, and they train (no
@@ -221,7 +244,8 @@ def test_reference_free_tasks_and_gkd_give_the_one_rank_run_under_each_layout(tm
     # a student on TP=1 x DP=2 (its group gathers both ranks' rows; logits go back to each rank's shard).
     # Also under TP=2: seq_kd (the teacher's greedy replies, generated on TP=2), and a LoRA student (its adapters
     # start at 0: the first step is the full model's).
-    # Under CP=2 (GKD refuses it: one line, tested elsewhere) the three tasks also train LoRA students.
+    # Under CP=2 (GKD refuses it: one line, tested elsewhere) the three tasks also train LoRA students, and, in
+    # the same job, the MoE model with its experts split over the two ranks (EP=2 x DP=2, no CP).
     own = {"teacher-tp1": ["task.teacher.tp=1"], "student-tp1": ["parallel.tp=1", "task.teacher.tp=2"],
            "seq_kd": ["task.seq_kd=true", "task.max_new_tokens=12"], "lora": ["tuner=lora", "train.lr=1e-2"]}
     cp = layout == ["parallel.cp=2"]
@@ -230,7 +254,7 @@ def test_reference_free_tasks_and_gkd_give_the_one_rank_run_under_each_layout(tm
     if cp:
         own = {f"{task}-lora": [] for task in REFERENCE_FREE}
         extra = ["@".join([task, "tuner=lora", "train.lr=1e-2", f"train.output_dir={tmp_path / (task + '-lora')}"])
-                 for task in REFERENCE_FREE]
+                 for task in REFERENCE_FREE] + _moe_items(moe_hf, tmp_path, "parallel.cp=1", "parallel.ep=2")
     got = _train_each_free_task(tmp_path, tiny_hf, None if cp else teacher_hf, nproc, layout, extra)
     got.update({name: read_metrics(tmp_path / name) for name in own if extra})
     _same_reference_free_runs(free_one_rank, got)
@@ -245,6 +269,8 @@ def test_reference_free_tasks_and_gkd_give_the_one_rank_run_under_each_layout(tm
             assert abs(a["loss"] - b["loss"]) < 1e-5, (name, a["iteration"], a["loss"], b["loss"])
             assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5), (name, a["grad_norm"], b["grad_norm"])
     assert ("student-tp1" in got) == (layout == ["parallel.tp=2"]) and ("gkd" in got) != cp
+    if cp:
+        _same_reference_free_runs(free_one_rank["moe"], _moe_rows(tmp_path))
     for task in REFERENCE_FREE if cp else ():  # LoRA adapters start at 0: the first step is the full model's
         full, lora = free_one_rank[task], got[f"{task}-lora"]
         assert abs(lora[0]["loss"] - full[0]["loss"]) < 1e-5, (task, lora[0], full[0])
@@ -257,16 +283,3 @@ def test_reference_free_tasks_and_gkd_give_the_one_rank_run_under_each_layout(tm
     assert abs(free_one_rank["seq_kd"][0]["loss"] - free_one_rank["gkd"][0]["loss"]) > 1e-4
     assert want[0]["loss"] > 1e-3 and want[-1]["loss"] < want[0]["loss"], want  # random models: close, not equal
 
-
-def test_reference_free_tasks_under_expert_parallel_give_the_one_rank_run(tmp_path):
-    """A tiny Qwen3-MoE (6 experts, top 2, 2 layers): CPO, SimPO and ORPO for 3 steps with EP=2 (the experts
-    split over two ranks that are also DP=2) report the one-rank losses, figures and gradient norms."""
-    from tests.multiproc.test_hf_load import _MOE, _save_tiny
-
-    hf = tmp_path / "moe"
-    _save_tiny("qwen3_moe", hf, **{**_MOE, "norm_topk_prob": True, "num_hidden_layers": 2})
-    runs = {}
-    for name, nproc, layout in (("one", 1, []), ("ep2", 2, ["parallel.ep=2"])):
-        (tmp_path / name).mkdir()
-        runs[name] = _train_each_free_task(tmp_path / name, hf, None, nproc, layout, model="qwen3_moe")
-    _same_reference_free_runs(runs["one"], runs["ep2"])
