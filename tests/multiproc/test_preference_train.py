@@ -3,8 +3,8 @@
 DPO: log 2 at the start under every layout, learns a learnable preference, reference frozen, precomputed
 reference equal to live. KTO: the closed-form start value, then desirable rewards rise and undesirable fall.
 RM: learns the pairs, and the exported HF sequence-classification model scores rows as Megatron does.
-CPO, SimPO, ORPO and (off-policy) GKD: TP=2 and PP=2 x DP=2 give the one-rank run; GKD on the student's own
-samples against its own weights is 0.
+CPO, SimPO, ORPO and (off-policy) GKD: TP=2 and PP=2 x DP=2 give the one-rank run; CPO, SimPO, ORPO also under
+CP=2 (with LoRA students) and EP=2 on a tiny Qwen3-MoE; GKD on the student's own samples against its own weights is 0.
 """
 from __future__ import annotations
 
