@@ -4,7 +4,8 @@ DPO: log 2 at the start under every layout, learns a learnable preference, refer
 reference equal to live. KTO: the closed-form start value, then desirable rewards rise and undesirable fall.
 RM: learns the pairs, and the exported HF sequence-classification model scores rows as Megatron does.
 CPO, SimPO, ORPO and (off-policy) GKD: TP=2 and PP=2 x DP=2 give the one-rank run; CPO, SimPO, ORPO also under
-CP=2 (with LoRA students) and EP=2 on a tiny Qwen3-MoE; GKD on the student's own samples against its own weights is 0.
+CP=2 (ORPO with a LoRA student too) and EP=2 on a tiny Qwen3-MoE; GKD on the student's own samples against its
+own weights is 0.
 """
 from __future__ import annotations
 
@@ -131,6 +132,7 @@ def test_context_parallel_gives_the_one_rank_run(tmp_path, tiny_hf, task, data, 
 
 
 REFERENCE_FREE = ("cpo", "simpo", "orpo")
+LORA_FREE = ("orpo",)
 # Each task's defaults: CPO's NLL weight 1, SimPO's margin, ORPO's lambda (the formulas' other settings are
 # checked against TRL in tests/test_reference_free_losses.py).
 FREE_SETTINGS = ["train.train_iters=3", "train.lr=1e-3", "train.global_batch_size=4", "train.micro_batch_size=1",
@@ -244,7 +246,8 @@ def test_reference_free_tasks_and_gkd_give_the_one_rank_run_under_each_layout(tm
     # a student on TP=1 x DP=2 (its group gathers both ranks' rows; logits go back to each rank's shard).
     # Also under TP=2: seq_kd (the teacher's greedy replies, generated on TP=2), and a LoRA student (its adapters
     # start at 0: the first step is the full model's).
-    # Under CP=2 (GKD refuses it: one line, tested elsewhere) the three tasks also train LoRA students, and, in
+    # Under CP=2 (GKD refuses it: one line, tested elsewhere) ORPO also trains a LoRA student (the adapters'
+    # path is the tasks' shared one: one run of the three, the one with both NLL and pair terms), and, in
     # the same job, the MoE model with its experts split over the two ranks (EP=2 x DP=2, no CP).
     own = {"teacher-tp1": ["task.teacher.tp=1"], "student-tp1": ["parallel.tp=1", "task.teacher.tp=2"],
            "seq_kd": ["task.seq_kd=true", "task.max_new_tokens=12"], "lora": ["tuner=lora", "train.lr=1e-2"]}
@@ -252,9 +255,9 @@ def test_reference_free_tasks_and_gkd_give_the_one_rank_run_under_each_layout(tm
     extra = [_gkd_item(teacher_hf, *o, f"train.output_dir={tmp_path / name}") for name, o in own.items()] \
         if layout == ["parallel.tp=2"] else []
     if cp:
-        own = {f"{task}-lora": [] for task in REFERENCE_FREE}
+        own = {f"{task}-lora": [] for task in LORA_FREE}
         extra = ["@".join([task, "tuner=lora", "train.lr=1e-2", f"train.output_dir={tmp_path / (task + '-lora')}"])
-                 for task in REFERENCE_FREE] + _moe_items(moe_hf, tmp_path, "parallel.cp=1", "parallel.ep=2")
+                 for task in LORA_FREE] + _moe_items(moe_hf, tmp_path, "parallel.cp=1", "parallel.ep=2")
     got = _train_each_free_task(tmp_path, tiny_hf, None if cp else teacher_hf, nproc, layout, extra)
     got.update({name: read_metrics(tmp_path / name) for name in own if extra})
     _same_reference_free_runs(free_one_rank, got)
@@ -271,7 +274,7 @@ def test_reference_free_tasks_and_gkd_give_the_one_rank_run_under_each_layout(tm
     assert ("student-tp1" in got) == (layout == ["parallel.tp=2"]) and ("gkd" in got) != cp
     if cp:
         _same_reference_free_runs(free_one_rank["moe"], _moe_rows(tmp_path))
-    for task in REFERENCE_FREE if cp else ():  # LoRA adapters start at 0: the first step is the full model's
+    for task in LORA_FREE if cp else ():  # LoRA adapters start at 0: the first step is the full model's
         full, lora = free_one_rank[task], got[f"{task}-lora"]
         assert abs(lora[0]["loss"] - full[0]["loss"]) < 1e-5, (task, lora[0], full[0])
         assert lora[-1]["loss"] < lora[0]["loss"] and abs(lora[1]["loss"] - full[1]["loss"]) > 1e-4, (task, lora)
