@@ -94,3 +94,16 @@ def test_a_teacher_with_another_tokenizer_is_one_line(tmp_path):
                         "runs the teacher on the student's layout; leave task.teacher.tp out",
                         "task.lmbda=-0.1 must be in [0, 1]",
                         "task.beta=1.5 must be in [0, 1]", "task.temperature=0.0 must be > 0"], problems
+
+
+def test_context_parallel_and_packing_are_refused_one_line_each(tmp_path):
+    """The reference-free tasks run under CP=2 (tests/multiproc/test_preference_train.py); GKD names the key."""
+    import transformers
+
+    transformers.Qwen3Config(vocab_size=259, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                             architectures=["Qwen3ForCausalLM"]).save_pretrained(tmp_path)
+    problems = _gkd_problems([f"task.teacher.model={tmp_path}", "task.teacher.tokenizer=byte", "parallel.cp=2",
+                              "data.packing=true"])
+    assert "task=gkd does not support parallel.cp > 1 yet (its completions are written per row)" in problems
+    assert "task=gkd reads conversation rows (data=sft) without data.packing or data.streaming" in problems

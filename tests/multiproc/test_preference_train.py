@@ -3,8 +3,9 @@
 DPO: log 2 at the start under every layout, learns a learnable preference, reference frozen, precomputed
 reference equal to live. KTO: the closed-form start value, then desirable rewards rise and undesirable fall.
 RM: learns the pairs, and the exported HF sequence-classification model scores rows as Megatron does.
-CPO, SimPO, ORPO and (off-policy) GKD: TP=2 and PP=2 x DP=2 give the one-rank run; GKD on the student's own
-samples against its own weights is 0.
+CPO, SimPO, ORPO and (off-policy) GKD: TP=2 and PP=2 x DP=2 give the one-rank run; CPO, SimPO, ORPO also under
+CP=2 (ORPO with a LoRA student too) and EP=2 on a tiny Qwen3-MoE; GKD on the student's own samples against its
+own weights is 0.
 """
 from __future__ import annotations
 
@@ -131,6 +132,7 @@ def test_context_parallel_gives_the_one_rank_run(tmp_path, tiny_hf, task, data, 
 
 
 REFERENCE_FREE = ("cpo", "simpo", "orpo")
+LORA_FREE = ("orpo",)
 # Each task's defaults: CPO's NLL weight 1, SimPO's margin, ORPO's lambda (the formulas' other settings are
 # checked against TRL in tests/test_reference_free_losses.py).
 FREE_SETTINGS = ["train.train_iters=3", "train.lr=1e-3", "train.global_batch_size=4", "train.micro_batch_size=1",
@@ -148,17 +150,29 @@ def _gkd_item(teacher, *own):
 
 
 def _train_each_free_task(tmp, tiny_hf, teacher, nproc, layout, extra=()):
-    """One torchrun job training CPO, SimPO, ORPO and GKD in turn (dpo_worker --tasks), then the ``extra``
-    items (their own train.output_dir); per-task metrics rows."""
+    """One torchrun job training CPO, SimPO, ORPO and GKD (unless ``teacher`` is None) in turn (dpo_worker
+    --tasks), then the ``extra`` items (their own train.output_dir); per-task metrics rows."""
     out = tmp / "runs"
     overrides = [o for o in _base(tiny_hf, None) if not o.startswith(("task=", "train.output_dir="))]
     overrides += [*FREE_SETTINGS, *layout]
-    items = [*REFERENCE_FREE, _gkd_item(teacher), *extra]
+    items = [*REFERENCE_FREE, *([_gkd_item(teacher)] if teacher else []), *extra]
     proc = subprocess.run(launch_cmd(nproc, [str(tmp / "unused.json"), f"--tasks={','.join(items)}", str(out),
                                              *overrides], script=WORKER),
                           cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-5000:]
     return {task: read_metrics(out / task) for task in (i.split("@")[0] for i in items)}
+
+
+def _same_reference_free_runs(one_rank, got):
+    """CPO, SimPO, ORPO: the same losses, figures and gradient norms as the one-rank run, and they train."""
+    for task in REFERENCE_FREE:
+        want, rows = one_rank[task], got[task]
+        assert [r["iteration"] for r in rows] == [r["iteration"] for r in want] == [1, 2, 3], task
+        for a, b in zip(want, rows):
+            for key in ("loss", "rewards/margins", "rewards/chosen", "nll_loss", "logps/rejected"):
+                assert abs(a[key] - b[key]) < 1e-5, (task, a["iteration"], key, a[key], b[key])
+            assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5), (task, a["grad_norm"], b["grad_norm"])
+        assert want[0]["rewards/chosen"] != 0.0 and want[-1]["loss"] < want[0]["loss"], (task, want)
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +187,27 @@ def teacher_hf(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def free_one_rank(tmp_path_factory, tiny_hf, teacher_hf):
+def moe_hf(tmp_path_factory):
+    """A random tiny Qwen3-MoE (6 experts, top 2, 2 layers): the reference-free tasks under EP=2."""
+    from tests.multiproc.test_hf_load import _MOE, _save_tiny
+
+    folder = tmp_path_factory.mktemp("moe")
+    _save_tiny("qwen3_moe", folder, **{**_MOE, "norm_topk_prob": True, "num_hidden_layers": 2})
+    return folder
+
+
+def _moe_items(moe_hf, out, *layout):
+    """CPO, SimPO, ORPO items training the MoE model (riding along in another job; output ``out/<task>-moe``)."""
+    return ["@".join([task, "+model=qwen3_moe", f"model.pretrained={moe_hf}", *layout,
+                      f"train.output_dir={out / (task + '-moe')}"]) for task in REFERENCE_FREE]
+
+
+def _moe_rows(out):
+    return {task: read_metrics(out / (task + "-moe")) for task in REFERENCE_FREE}
+
+
+@pytest.fixture(scope="module")
+def free_one_rank(tmp_path_factory, tiny_hf, teacher_hf, moe_hf):
     # and GKD fully on-policy with the student's own starting weights as the teacher (output folder "self")
     on_policy = "@".join(["gkd", *GKD[:3], "task.lmbda=1", "task.max_new_tokens=12", "train.train_iters=1",
                           f"task.teacher.model={tiny_hf}", "task.teacher.tokenizer=byte",
@@ -181,7 +215,11 @@ def free_one_rank(tmp_path_factory, tiny_hf, teacher_hf):
     # and with seq_kd: the data's replies replaced by the teacher's greedy ones
     seq_kd = _gkd_item(teacher_hf, "task.seq_kd=true", "task.max_new_tokens=12",
                        f"train.output_dir={tmp_path_factory.getbasetemp() / 'free1-seq_kd'}")
-    rows = _train_each_free_task(tmp_path_factory.mktemp("free1"), tiny_hf, teacher_hf, 1, [], [on_policy, seq_kd])
+    # and the three reference-free tasks on the MoE model (key "moe": the one-rank run EP=2 must give)
+    moe_out = tmp_path_factory.mktemp("free1-moe")
+    rows = _train_each_free_task(tmp_path_factory.mktemp("free1"), tiny_hf, teacher_hf, 1, [],
+                                 [on_policy, seq_kd, *_moe_items(moe_hf, moe_out)])
+    rows["moe"] = _moe_rows(moe_out)
     rows["self"] = read_metrics(tmp_path_factory.getbasetemp() / "free1-self")
     rows["seq_kd"] = read_metrics(tmp_path_factory.getbasetemp() / "free1-seq_kd")
     return rows
@@ -196,9 +234,10 @@ def test_gkd_on_the_students_own_samples_against_itself_is_zero(free_one_rank):
 
 
 @pytest.mark.parametrize("nproc,layout", [(2, ["parallel.tp=2"]),
-                                          (4, ["parallel.pp=2", "parallel.distributed_optimizer=true"])],
-                         ids=["tp2", "pp2-dp2-distopt"])
-def test_reference_free_tasks_and_gkd_give_the_one_rank_run_under_each_layout(tmp_path, tiny_hf, teacher_hf,
+                                          (4, ["parallel.pp=2", "parallel.distributed_optimizer=true"]),
+                                          (2, ["parallel.cp=2"])],
+                         ids=["tp2", "pp2-dp2-distopt", "cp2-lora-and-moe-ep2"])
+def test_reference_free_tasks_and_gkd_give_the_one_rank_run_under_each_layout(tmp_path, tiny_hf, teacher_hf, moe_hf,
                                                                               free_one_rank, nproc, layout):
     """CPO, SimPO, ORPO: 3 steps under TP=2, and PP=2 x DP=2 with the distributed optimizer (one 4-rank job:
     a launch less), report the one-rank losses, figures and gradient norms within 1e-5, and they train (no
@@ -207,20 +246,21 @@ def test_reference_free_tasks_and_gkd_give_the_one_rank_run_under_each_layout(tm
     # a student on TP=1 x DP=2 (its group gathers both ranks' rows; logits go back to each rank's shard).
     # Also under TP=2: seq_kd (the teacher's greedy replies, generated on TP=2), and a LoRA student (its adapters
     # start at 0: the first step is the full model's).
+    # Under CP=2 (GKD refuses it: one line, tested elsewhere) ORPO also trains a LoRA student (the adapters'
+    # path is the tasks' shared one: one run of the three, the one with both NLL and pair terms), and, in
+    # the same job, the MoE model with its experts split over the two ranks (EP=2 x DP=2, no CP).
     own = {"teacher-tp1": ["task.teacher.tp=1"], "student-tp1": ["parallel.tp=1", "task.teacher.tp=2"],
            "seq_kd": ["task.seq_kd=true", "task.max_new_tokens=12"], "lora": ["tuner=lora", "train.lr=1e-2"]}
+    cp = layout == ["parallel.cp=2"]
     extra = [_gkd_item(teacher_hf, *o, f"train.output_dir={tmp_path / name}") for name, o in own.items()] \
         if layout == ["parallel.tp=2"] else []
-    got = _train_each_free_task(tmp_path, tiny_hf, teacher_hf, nproc, layout, extra)
+    if cp:
+        own = {f"{task}-lora": [] for task in LORA_FREE}
+        extra = ["@".join([task, "tuner=lora", "train.lr=1e-2", f"train.output_dir={tmp_path / (task + '-lora')}"])
+                 for task in LORA_FREE] + _moe_items(moe_hf, tmp_path, "parallel.cp=1", "parallel.ep=2")
+    got = _train_each_free_task(tmp_path, tiny_hf, None if cp else teacher_hf, nproc, layout, extra)
     got.update({name: read_metrics(tmp_path / name) for name in own if extra})
-    for task in REFERENCE_FREE:
-        want, rows = free_one_rank[task], got[task]
-        assert [r["iteration"] for r in rows] == [r["iteration"] for r in want] == [1, 2, 3], task
-        for a, b in zip(want, rows):
-            for key in ("loss", "rewards/margins", "rewards/chosen", "nll_loss", "logps/rejected"):
-                assert abs(a[key] - b[key]) < 1e-5, (task, a["iteration"], key, a[key], b[key])
-            assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5), (task, a["grad_norm"], b["grad_norm"])
-        assert want[0]["rewards/chosen"] != 0.0 and want[-1]["loss"] < want[0]["loss"], (task, want)
+    _same_reference_free_runs(free_one_rank, got)
     assert "log_odds_ratio" in got["orpo"][0] and "log_odds_chosen" in got["orpo"][0]
     # GKD: the divergence (its loss), vocabulary-parallel under TP=2, equals the one-rank run's
     for name in ("gkd", "teacher-tp1", "student-tp1", "seq_kd"):
@@ -231,7 +271,13 @@ def test_reference_free_tasks_and_gkd_give_the_one_rank_run_under_each_layout(tm
         for a, b in zip(want, rows):
             assert abs(a["loss"] - b["loss"]) < 1e-5, (name, a["iteration"], a["loss"], b["loss"])
             assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5), (name, a["grad_norm"], b["grad_norm"])
-    assert ("student-tp1" in got) == (layout == ["parallel.tp=2"])
+    assert ("student-tp1" in got) == (layout == ["parallel.tp=2"]) and ("gkd" in got) != cp
+    if cp:
+        _same_reference_free_runs(free_one_rank["moe"], _moe_rows(tmp_path))
+    for task in LORA_FREE if cp else ():  # LoRA adapters start at 0: the first step is the full model's
+        full, lora = free_one_rank[task], got[f"{task}-lora"]
+        assert abs(lora[0]["loss"] - full[0]["loss"]) < 1e-5, (task, lora[0], full[0])
+        assert lora[-1]["loss"] < lora[0]["loss"] and abs(lora[1]["loss"] - full[1]["loss"]) > 1e-4, (task, lora)
     if "lora" in got:
         full, lora = free_one_rank["gkd"], got["lora"]
         assert abs(lora[0]["loss"] - full[0]["loss"]) < 1e-5, (lora[0], full[0])
@@ -239,3 +285,4 @@ def test_reference_free_tasks_and_gkd_give_the_one_rank_run_under_each_layout(tm
     # seq_kd trains on other completions than the data's replies
     assert abs(free_one_rank["seq_kd"][0]["loss"] - free_one_rank["gkd"][0]["loss"]) > 1e-4
     assert want[0]["loss"] > 1e-3 and want[-1]["loss"] < want[0]["loss"], want  # random models: close, not equal
+
