@@ -10,7 +10,6 @@ Names: the on-disk spelling of the published checkpoints is canonical (``visual.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -237,7 +236,7 @@ def vision_data(cfg, arch):
     """What vl_sft rows need: the folder's own image processor (data.min_pixels / max_pixels passed to it)
     decides each image's pixels, grid and token count; each <image> tag becomes <|vision_start|>, T image
     tokens, <|vision_end|>; positions are get_rope_index's per sample."""
-    from megatron_swift.data.images import VisionData, load_image_processor
+    from megatron_swift.data.images import load_image_processor
 
     folder = cfg.model.pretrained
     if not folder:
@@ -249,8 +248,10 @@ def vision_data(cfg, arch):
     return qwen_vision_data(processor, arch)
 
 
-def qwen_vision_data(processor, arch):
-    """VisionData over a Qwen2-VL image processor (transformers') for the architecture ``arch``."""
+def qwen_vision_data(processor, arch, model_class: str = "Qwen2_5_VLModel", config=None):
+    """VisionData over a Qwen2-VL-style image processor (transformers') for the architecture ``arch``; the
+    position streams are those of transformers' ``model_class`` (its ``get_rope_index``) over ``config``
+    (default: this family's transformers config of ``arch``)."""
     import numpy as np
     import torch
     import transformers
@@ -260,7 +261,7 @@ def qwen_vision_data(processor, arch):
 
     merge = processor.merge_size
     options, image_id = arch.family_options, arch.image_token_id
-    config = hf_config(arch)
+    config = hf_config(arch) if config is None else config
 
     def tokens_for(file: str) -> int:
         height, width = _upright_size(file)
@@ -273,7 +274,7 @@ def qwen_vision_data(processor, arch):
     def positions(ids, media: list):
         tokens = torch.from_numpy(np.asarray(ids)).unsqueeze(0)
         grid = torch.cat([m["image_grid_thw"] for m in media]) if media else None
-        streams = hf_rope_index(transformers.Qwen2_5_VLModel, config, tokens, (tokens == image_id).long(), grid)
+        streams = hf_rope_index(getattr(transformers, model_class), config, tokens, (tokens == image_id).long(), grid)
         return streams[:, 0].numpy()
 
     return VisionData("<image>", image_id, 0, process, tokens_for=tokens_for,

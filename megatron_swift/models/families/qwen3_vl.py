@@ -23,7 +23,7 @@ from megatron_swift.convert.rules import Direct
 from megatron_swift.convert.tables import prefixed
 from megatron_swift.data.errors import DataError
 from megatron_swift.models.families.base import Family
-from megatron_swift.models.families.qwen2_5_vl import QwenVLSize, _upright_size
+from megatron_swift.models.families.qwen2_5_vl import QwenVLSize, qwen_vision_data
 
 _TOWER, _MTOWER = "model.visual.", "vision_model.hf."
 _TOKENS = ("video_token_id", "vision_start_token_id", "vision_end_token_id")
@@ -278,32 +278,9 @@ def check_inputs(folder: str, hf: dict, images: list, seq: int, generator) -> di
 
 
 def qwen3_vision_data(processor, arch):
-    """VisionData over the folder's Qwen2-VL-style image processor (16-px patches for Qwen3-VL)."""
-    import numpy as np
-    import torch
-
-    from megatron_swift.data.images import VisionData
-
-    merge = processor.merge_size
-    options, image_id = arch.family_options, arch.image_token_id
-    config = hf_config(arch)
-
-    def tokens_for(file: str) -> int:
-        height, width = _upright_size(file)
-        return processor.get_number_of_image_patches(height, width, {}) // merge ** 2
-
-    def process(image) -> dict:
-        out = processor(images=[image], return_tensors="pt")
-        return {"pixel_values": out["pixel_values"].to(torch.float32), "image_grid_thw": out["image_grid_thw"]}
-
-    def positions(ids, media: list):
-        tokens = torch.from_numpy(np.asarray(ids)).unsqueeze(0)
-        grid = torch.cat([m["image_grid_thw"] for m in media]) if media else None
-        return _rope_index(config, tokens, (tokens == image_id).long(), grid)[:, 0].numpy()
-
-    return VisionData("<image>", image_id, 0, process, tokens_for=tokens_for,
-                      wrap=((options["vision_start_token_id"],), (options["vision_end_token_id"],)),
-                      positions=positions, count=lambda media: int(media["image_grid_thw"].prod()) // merge ** 2)
+    """VisionData over the folder's Qwen2-VL-style image processor (16-px patches for Qwen3-VL), positions from
+    Qwen3-VL's get_rope_index."""
+    return qwen_vision_data(processor, arch, "Qwen3VLModel", hf_config(arch))
 
 
 def tower_parameter_names(vision_hf: dict) -> list:
