@@ -196,11 +196,12 @@ class QwenVLFamily(Family):
 
 
 
-def check_inputs(folder: str, hf: dict, images: list, seq: int, generator) -> dict:
+def check_inputs(folder: str, hf: dict, images: list, seq: int, generator, model_class: str = "Qwen2_5_VLModel",
+                 config_class: str = "Qwen2_5_VLConfig") -> dict:
     """One row for tools/convert/check.py --image: random text with the images (through the folder's own image
     processor) between the vision start and end tokens, ``seq`` text tokens before each and after the last,
     as transformers' model takes it ("hf") and as ours does ("megatron": tokens, [3, 1, s] positions from
-    get_rope_index, image_index, media)."""
+    transformers' ``model_class``'s get_rope_index over its ``config_class``, image_index, media)."""
     import torch
     import transformers
 
@@ -225,8 +226,8 @@ def check_inputs(folder: str, hf: dict, images: list, seq: int, generator) -> di
     tokens = torch.cat([*parts, text()]).unsqueeze(0)
     types_ = (tokens == image_id).long()
     index = torch.where(types_.bool(), types_.cumsum(-1) - 1, -1)
-    positions = hf_rope_index(transformers.Qwen2_5_VLModel, transformers.Qwen2_5_VLConfig(**hf), tokens, types_,
-                              grid)
+    positions = hf_rope_index(getattr(transformers, model_class), getattr(transformers, config_class)(**hf),
+                              tokens, types_, grid)
     media = {"pixel_values": pixels["pixel_values"], "image_grid_thw": grid}
     return {"hf": dict(input_ids=tokens, mm_token_type_ids=types_, **media),
             "megatron": dict(tokens=tokens, position_ids=positions, image_index=index, media=media)}
@@ -236,16 +237,20 @@ def vision_data(cfg, arch):
     """What vl_sft rows need: the folder's own image processor (data.min_pixels / max_pixels passed to it)
     decides each image's pixels, grid and token count; each <image> tag becomes <|vision_start|>, T image
     tokens, <|vision_end|>; positions are get_rope_index's per sample."""
+    return qwen_vision_data(folder_image_processor(cfg, FAMILY.name), arch)
+
+
+def folder_image_processor(cfg, family: str):
+    """transformers' image processor of model.pretrained, with data.min_pixels / max_pixels passed to it."""
     from megatron_swift.data.images import load_image_processor
 
     folder = cfg.model.pretrained
     if not folder:
-        raise DataError("model.pretrained", None, f"+model={FAMILY.name} with data.source=vl_sft needs "
+        raise DataError("model.pretrained", None, f"+model={family} with data.source=vl_sft needs "
                                                   "model.pretrained: the HF folder whose image processor makes the pixels")
     overrides = {k: v for k, v in (("min_pixels", cfg.data.min_pixels), ("max_pixels", cfg.data.max_pixels))
                  if v is not None}
-    processor = load_image_processor(folder, **overrides).hf
-    return qwen_vision_data(processor, arch)
+    return load_image_processor(folder, **overrides).hf
 
 
 def qwen_vision_data(processor, arch, model_class: str = "Qwen2_5_VLModel", config=None):

@@ -23,10 +23,10 @@ from megatron_swift.convert.rules import Direct
 from megatron_swift.convert.tables import prefixed
 from megatron_swift.data.errors import DataError
 from megatron_swift.models.families.base import Family
-from megatron_swift.models.families.qwen2_5_vl import QwenVLSize, qwen_vision_data
+from megatron_swift.models.families.qwen2_5_vl import (_TOKENS, QwenVLSize, check_inputs, folder_image_processor,
+                                                       qwen_vision_data)
 
 _TOWER, _MTOWER = "model.visual.", "vision_model.hf."
-_TOKENS = ("video_token_id", "vision_start_token_id", "vision_end_token_id")
 _HF_TEXT_TYPE = "qwen3_vl_text"
 _MOE_ARCH = "Qwen3VLMoeForConditionalGeneration"
 # train.freeze groups: the patch merger and the DeepStack mergers are the projector, the rest the vision group.
@@ -193,7 +193,7 @@ class Qwen3VLFamily(Family):
             Direct((_MTOWER + name,), _TOWER + name) for name in tower_parameter_names(arch.vision_hf)]
 
     def check_inputs(self, folder: str, hf: dict, images: list, seq: int, generator) -> dict:
-        return check_inputs(folder, hf, images, seq, generator)
+        return check_inputs(folder, hf, images, seq, generator, "Qwen3VLModel", "Qwen3VLConfig")
 
     def tower_params(self, arch) -> dict:
         """From the vision_config alone: the patch convolution (with bias) and the learned position table, per
@@ -225,56 +225,7 @@ class Qwen3VLFamily(Family):
         return 2 * ((3 if train_vision else 1) * tower + 3 * mergers)
 
     def vision_data(self, cfg, arch):
-        from megatron_swift.data.images import load_image_processor
-
-        folder = cfg.model.pretrained
-        if not folder:
-            raise DataError("model.pretrained", None, "+model=qwen3_vl with data.source=vl_sft needs "
-                                                      "model.pretrained: the HF folder whose image processor makes "
-                                                      "the pixels")
-        overrides = {k: v for k, v in (("min_pixels", cfg.data.min_pixels), ("max_pixels", cfg.data.max_pixels))
-                     if v is not None}
-        return qwen3_vision_data(load_image_processor(folder, **overrides).hf, arch)
-
-
-def _rope_index(hf_cfg, tokens, types_, grid):
-    import transformers
-
-    from megatron_swift.models.mrope import hf_rope_index
-
-    return hf_rope_index(transformers.Qwen3VLModel, hf_cfg, tokens, types_, grid)
-
-
-def check_inputs(folder: str, hf: dict, images: list, seq: int, generator) -> dict:
-    """One row for tools/convert/check.py --image (as families/qwen2_5_vl.check_inputs, positions from
-    Qwen3-VL's get_rope_index)."""
-    import torch
-    import transformers
-
-    from megatron_swift.data.images import load_image_processor
-
-    pixels = load_image_processor(folder).hf(images=list(images), return_tensors="pt")
-    grid = pixels["image_grid_thw"]
-    merge = hf["vision_config"].get("spatial_merge_size", 2)
-    image_id, vocab = hf["image_token_id"], hf["text_config"]["vocab_size"]
-    special = torch.tensor(sorted({image_id, *(hf[k] for k in _TOKENS if k in hf)}))
-
-    def text():
-        ids = torch.randint(0, vocab, (seq,), generator=generator)
-        return torch.where(torch.isin(ids, special), 0, ids)
-
-    parts = []
-    for thw in grid.tolist():
-        n = thw[0] * thw[1] * thw[2] // merge ** 2
-        parts += [text(), torch.tensor([hf["vision_start_token_id"]]), torch.full((n,), image_id),
-                  torch.tensor([hf["vision_end_token_id"]])]
-    tokens = torch.cat([*parts, text()]).unsqueeze(0)
-    types_ = (tokens == image_id).long()
-    index = torch.where(types_.bool(), types_.cumsum(-1) - 1, -1)
-    positions = _rope_index(transformers.Qwen3VLConfig(**hf), tokens, types_, grid)
-    media = {"pixel_values": pixels["pixel_values"], "image_grid_thw": grid}
-    return {"hf": dict(input_ids=tokens, mm_token_type_ids=types_, **media),
-            "megatron": dict(tokens=tokens, position_ids=positions, image_index=index, media=media)}
+        return qwen3_vision_data(folder_image_processor(cfg, self.name), arch)
 
 
 def qwen3_vision_data(processor, arch):
