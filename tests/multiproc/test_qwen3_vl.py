@@ -15,7 +15,7 @@ import torch
 import transformers
 
 from tests.conftest import ROOT, launch_cmd, train_env
-from tests.multiproc.test_qwen2_5_vl import two_photos
+from tests.multiproc.test_qwen2_5_vl import inputs, two_photos  # the same token ids (VOCAB ... END) as here
 from tests.multiproc.test_vlm import WORKER
 
 VOCAB, IMAGE, VIDEO, START, END = 300, 290, 291, 292, 293
@@ -49,30 +49,6 @@ def tiny_qwen3_vl(folder):
                                                       image_std=[0.5] * 3)
     processor.save_pretrained(folder)
     return model, processor
-
-
-def inputs(model, processor):
-    """Two rows, one photograph each at different places, wrapped in the vision start/end tokens: ids, pixels,
-    grids, our image_index and transformers' get_rope_index positions."""
-    pix = processor(images=two_photos(), return_tensors="pt")
-    grid = pix["image_grid_thw"]
-    counts = (grid.prod(-1) // 4).tolist()
-    assert counts[0] != counts[1], counts
-    seq = max(counts) + 20
-    g = torch.Generator().manual_seed(1)
-    tokens = torch.randint(0, IMAGE, (2, seq), generator=g)
-    index, types_ = torch.full((2, seq), -1), torch.zeros(2, seq, dtype=torch.long)
-    before = 0
-    for row, start in ((0, 2), (1, 6)):
-        n = counts[row]
-        tokens[row, start - 1], tokens[row, start + n] = START, END
-        tokens[row, start:start + n] = IMAGE
-        index[row, start:start + n] = torch.arange(n) + before
-        types_[row, start:start + n] = 1
-        before += n
-    positions, _ = model.model.get_rope_index(tokens, mm_token_type_ids=types_, image_grid_thw=grid)
-    return {"tokens": tokens, "image_index": index, "position_ids": positions, "mm_token_type_ids": types_,
-            "media.pixel_values": pix["pixel_values"], "media.image_grid_thw": grid}
 
 
 def hf_logits(model, batch):
