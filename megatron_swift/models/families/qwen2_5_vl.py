@@ -308,6 +308,7 @@ def tower_parameter_names(vision_hf: dict) -> list:
     return [name for name, _ in module.named_parameters()]
 
 
+# Published configs (Qwen/Qwen2.5-VL-*-Instruct config.json): the 32B and 72B towers have a 3456-wide MLP.
 _VISION_7B = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, hidden_act="silu",
                   patch_size=14, spatial_merge_size=2, temporal_patch_size=2, tokens_per_second=2, window_size=112,
                   fullatt_block_indexes=[7, 15, 23, 31], in_channels=3, model_type="qwen2_5_vl_vision")
@@ -336,10 +337,10 @@ FAMILY = QwenVLFamily(
                          vision_hf=dict(_VISION_7B, out_hidden_size=3584),
                          family_options=dict(mrope_section=[16, 24, 24], **_TOKEN_IDS), **_Q),
         "32b": QwenVLSize(64, 5120, 27648, 40, 8, vocab_size=152064,
-                          vision_hf=dict(_VISION_7B, out_hidden_size=5120),
+                          vision_hf=dict(_VISION_7B, intermediate_size=3456, out_hidden_size=5120),
                           family_options=dict(mrope_section=[16, 24, 24], **_TOKEN_IDS), **_Q),
         "72b": QwenVLSize(80, 8192, 29568, 64, 8, vocab_size=152064,
-                          vision_hf=dict(_VISION_7B, out_hidden_size=8192),
+                          vision_hf=dict(_VISION_7B, intermediate_size=3456, out_hidden_size=8192),
                           family_options=dict(mrope_section=[16, 24, 24], **_TOKEN_IDS), **_Q),
     },
 )
