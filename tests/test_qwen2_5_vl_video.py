@@ -225,3 +225,48 @@ def test_bad_video_rows_name_file_and_line(folders, qwen, media, case):  # noqa:
     skipped = source(folders, qwen, [row, dict(_row("<video>And?", "The sky."), videos=["img/clip.mp4"])],
                      on_error="skip")
     assert "1 bad rows skipped" in skipped.description
+
+
+def test_videos_for_llava_are_refused_in_one_line(folders):  # noqa: F811
+    from megatron_swift.data.errors import DataError
+    from tests.test_vl_data import _source as llava_source
+
+    row = dict(_row("<image>What happens next?", "A dance.", images=["img/china.jpg"]), videos=["img/clip.mp4"])
+    with pytest.raises(DataError, match=r"\.jsonl:1: 'videos': this model takes no video input"):
+        llava_source(folders, [row])
+
+
+def _transformers_video_defaults() -> dict:
+    """Qwen2VLVideoProcessor's class attributes read from the installed transformers source (its module imports
+    torchvision, so it is parsed, not imported)."""
+    import ast
+    import os
+
+    import transformers
+
+    path = os.path.join(os.path.dirname(transformers.__file__), "models", "qwen2_vl", "video_processing_qwen2_vl.py")
+    tree = ast.parse(open(path, encoding="utf-8").read())
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Qwen2VLVideoProcessor")
+    return {n.targets[0].id: eval(compile(ast.Expression(n.value), path, "eval"))  # constant expressions only
+            for n in cls.body if isinstance(n, ast.Assign) and n.targets[0].id in ("size", "min_frames", "max_frames")}
+
+
+def test_video_settings_follow_the_folder_as_transformers_loads_it(tmp_path):
+    """No config: transformers' Qwen2-VL video defaults; video_preprocessor_config.json before
+    preprocessor_config.json (transformers' order); data.video_* win."""
+    import json
+
+    from megatron_swift.data.videos import folder_video_config, video_settings
+
+    want = _transformers_video_defaults()
+    got = video_settings(folder_video_config(str(tmp_path)), _cfg())
+    assert (got.min_pixels, got.max_pixels, got.min_frames, got.max_frames, got.fps) == (
+        want["size"]["shortest_edge"], want["size"]["longest_edge"], want["min_frames"], want["max_frames"], 2.0)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"min_pixels": 3136, "max_pixels": 12845056}))
+    got = video_settings(folder_video_config(str(tmp_path)), _cfg())
+    assert (got.min_pixels, got.max_pixels) == (3136, 12845056)
+    (tmp_path / "video_preprocessor_config.json").write_text(json.dumps(
+        {"size": {"shortest_edge": 4096, "longest_edge": 65536}, "max_frames": 6, "image_mean": [0.5] * 3}))
+    got = video_settings(folder_video_config(str(tmp_path)), _cfg(video_max_pixels=32768, video_fps=1.0))
+    assert (got.min_pixels, got.max_pixels, got.max_frames, got.fps) == (4096, 32768, 6, 1.0)
+    assert got.pixels == {"image_mean": [0.5] * 3}
