@@ -13,8 +13,6 @@ import torch
 from tests.test_qwen2_5_vl_data import MAX, MIN, PAD, SPECIALS, qwen  # noqa: F401 (fixture)
 from tests.test_vl_data import CHATML, _cfg, _row, _write, folders  # noqa: F401 (fixture)
 
-pytest.importorskip("av")
-
 VIDEO_PAD = 6
 FRAMES, FILE_FPS, VIDEO_FPS = 8, 8, 4.0  # 1 s of video sampled at 4 fps: frames 0, 2, 4, 6
 SAMPLED = [0, 2, 4, 6]
@@ -47,6 +45,7 @@ def write_mp4(path, frames, fps: int) -> str:
 @pytest.fixture(scope="module")
 def media(folders):  # noqa: F811
     """clip.mp4 (8 frames at 8 fps), a still frame file, and a corrupt mp4, under img/."""
+    pytest.importorskip("av")  # the [video] extra (in [test]); pan_frames is also used without it
     clip = write_mp4(folders / "img" / "clip.mp4", pan_frames(), FILE_FPS)
     pan_frames(1)[0].save(folders / "img" / "still.png")
     (folders / "img" / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"\x13" * 200)
