@@ -269,3 +269,11 @@ def test_video_settings_follow_the_folder_as_transformers_loads_it(tmp_path):
     got = video_settings(folder_video_config(str(tmp_path)), _cfg(video_max_pixels=32768, video_fps=1.0))
     assert (got.min_pixels, got.max_pixels, got.max_frames, got.fps) == (4096, 32768, 6, 1.0)
     assert got.pixels == {"image_mean": [0.5] * 3}
+
+
+def test_video_settings_are_checked_with_the_key():
+    from megatron_swift.config.compose import compose
+    from megatron_swift.config.validate import ConfigError, validate
+
+    with pytest.raises(ConfigError, match=r"data\.video_fps=0\.0: must be positive"):
+        validate(compose(["+model=qwen2_5_vl", "data=vl_sft", "data.video_fps=0"]), 1)
