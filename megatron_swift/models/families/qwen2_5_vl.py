@@ -236,8 +236,15 @@ def check_inputs(folder: str, hf: dict, images: list, seq: int, generator, model
 def vision_data(cfg, arch):
     """What vl_sft rows need: the folder's own image processor (data.min_pixels / max_pixels passed to it)
     decides each image's pixels, grid and token count; each <image> tag becomes <|vision_start|>, T image
-    tokens, <|vision_end|>; positions are get_rope_index's per sample."""
-    return qwen_vision_data(folder_image_processor(cfg, FAMILY.name), arch)
+    tokens, <|vision_end|>; positions are get_rope_index's per sample. Videos (<video> tags): frames through the
+    same image processor at the video processor's sizes (data/videos.py; data.video_* settings)."""
+    from megatron_swift.data.videos import folder_video_config, qwen_video_data, video_settings
+
+    processor = folder_image_processor(cfg, FAMILY.name)
+    settings = video_settings(folder_video_config(cfg.model.pretrained), cfg.data)
+    video_id = arch.family_options.get("video_token_id")
+    video = None if video_id is None else qwen_video_data(processor, settings, video_id)
+    return qwen_vision_data(processor, arch, video=video)
 
 
 def folder_image_processor(cfg, family: str):
@@ -253,10 +260,11 @@ def folder_image_processor(cfg, family: str):
     return load_image_processor(folder, **overrides).hf
 
 
-def qwen_vision_data(processor, arch, model_class: str = "Qwen2_5_VLModel", config=None):
+def qwen_vision_data(processor, arch, model_class: str = "Qwen2_5_VLModel", config=None, video=None):
     """VisionData over a Qwen2-VL-style image processor (transformers') for the architecture ``arch``; the
     position streams are those of transformers' ``model_class`` (its ``get_rope_index``) over ``config``
-    (default: this family's transformers config of ``arch``)."""
+    (default: this family's transformers config of ``arch``); ``video``: data.videos.VideoData (None: rows with
+    videos are refused)."""
     import numpy as np
     import torch
     import transformers
@@ -278,13 +286,22 @@ def qwen_vision_data(processor, arch, model_class: str = "Qwen2_5_VLModel", conf
 
     def positions(ids, media: list):
         tokens = torch.from_numpy(np.asarray(ids)).unsqueeze(0)
-        grid = torch.cat([m["image_grid_thw"] for m in media]) if media else None
-        streams = hf_rope_index(getattr(transformers, model_class), config, tokens, (tokens == image_id).long(), grid)
+
+        def cat(name):
+            parts = [m[name] for m in media if name in m]
+            return torch.cat(parts) if parts else None
+
+        types_ = (tokens == image_id).long()
+        if video is not None:  # get_rope_index's token types: 1 image, 2 video
+            types_ = torch.where(tokens == video.token_id, 2, types_)
+        streams = hf_rope_index(getattr(transformers, model_class), config, tokens, types_, cat("image_grid_thw"),
+                                cat("video_grid_thw"), cat("second_per_grid_ts"))
         return streams[:, 0].numpy()
 
     return VisionData("<image>", image_id, 0, process, tokens_for=tokens_for,
                       wrap=((options["vision_start_token_id"],), (options["vision_end_token_id"],)),
-                      positions=positions, count=lambda media: int(media["image_grid_thw"].prod()) // merge ** 2)
+                      positions=positions, count=lambda media: int(media["image_grid_thw"].prod()) // merge ** 2,
+                      video=video)
 
 
 def _upright_size(file: str):
