@@ -89,8 +89,13 @@ def hf(tmp_path_factory, request):
     model, processor = tiny_qwen3_vl(folder, request.param)
     batch = inputs(model, processor)
     expected = hf_logits(model, batch)
-    if request.param == "qwen3_vl_moe":  # tokens go to different experts (a router that did not matter could)
+    if request.param == "qwen3_vl_moe":  # tokens go to different experts, whose order matters in the logits
         assert len({tuple(sorted(row)) for row in routed_experts(model, batch).tolist()}) > 2
+        experts = model.model.language_model.layers[0].mlp.experts
+        saved = experts.gate_up_proj.data.clone()
+        experts.gate_up_proj.data = saved.roll(1, dims=0)
+        assert (hf_logits(model, batch) - expected).abs().max().item() > 1e-2
+        experts.gate_up_proj.data = saved
     # DeepStack really moves the logits (a model that skipped it could not pass the comparisons below)
     deep = model.model.visual.deepstack_visual_indexes
     model.model.visual.deepstack_visual_indexes = []
