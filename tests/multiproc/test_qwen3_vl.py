@@ -180,6 +180,16 @@ def test_stacked_experts_split_over_expert_tensor_parallel_ranks():
             assert torch.equal(cols, down[2][:, rows])
         full = fc1.build(reader, {"expert": "1"}, ctx)
         assert torch.equal(fc1.split(full, {"expert": "1"}, ctx)["gate_up"], gate_up[1:2])
+    # model.init_strategy generates the whole stacked HF tensor and cuts each expert from it, as loading does
+    from megatron_swift.convert.hf_load import compile_rules
+    from megatron_swift.models.init_strategy import generate, shard_of
+
+    fc1 = StackedExperts(("experts.{expert}.fc1",), "gate_up", experts, hidden, gate_up=True)
+    param = torch.nn.Parameter(torch.empty(2 * width, hidden))
+    whole = generate("normal", (experts, 2 * width, hidden), "gate_up", 1, 0.02)
+    shard = shard_of("experts.2.fc1", param, compile_rules([fc1]), {"expert": 0}, Context(2, 4, 0, tp=1), 0,
+                     "normal", 1, 0.02)
+    assert torch.equal(shard, whole[2])
 
 
 # the MoE variant's multi-rank run adds expert parallelism (its experts split over two ranks of each stage)
