@@ -36,6 +36,7 @@ FAMILY = Qwen3VLFamily(
     name="qwen3_vl_moe",
     hf_architectures=("Qwen3VLMoeForConditionalGeneration",),
     hf_model_type="qwen3_vl_moe",
+    moe=True,
     layers_prefix=DENSE.layers_prefix,
     hf_read=_read,
     text_family="qwen3_moe",
