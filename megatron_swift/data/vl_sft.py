@@ -129,38 +129,55 @@ class RowImages:
             raise RowError(f"image '{file}': {e}") from None
 
 
-def vl_line_encoder(data_cfg, template, tokenizer, seq_length: int, counts: Counts, vision: VisionData):
-    """``encode(line, path, line_no)`` -> (ids, targets, image starts, image files) of one row, or None
-    (skipped or dropped; see sft.row_encoder)."""
-    tokens, images = ImageTokens(tokenizer, vision), RowImages(vision)
-    where = {}  # the JSONL file of the line being encoded: image paths are relative to it
+class VLSides:
+    """Rendered messages whose <image> tags are a row's images -> one side (ids, targets, image starts, image
+    files, T of each image); ``cut`` truncates a side without cutting an image (SFT rows, preference pairs)."""
 
-    def encode_row(row):
-        if row.get("videos"):
-            raise RowError("'videos': video rows are not supported yet (images only)")
-        messages = to_messages(row, data_cfg.format)
-        text, spans = template.spans(messages)
-        files = images.files(row, where["path"], text.count(vision.image_token))
-        counts = np.asarray([images.tokens(f) for f in files], dtype=np.int64)
-        ids, offsets, starts = tokens(text, counts.tolist() if vision.held else ())
-        targets = loss_targets(messages, spans, offsets, data_cfg.loss_on)
+    def __init__(self, template, tokenizer, vision: VisionData):
+        self.template, self.vision = template, vision
+        self.tokens, self.images = ImageTokens(tokenizer, vision), RowImages(vision)
+
+    def __call__(self, messages: List[dict], row: dict, jsonl_path: str, loss_on: str) -> tuple:
+        vision = self.vision
+        text, spans = self.template.spans(messages)
+        files = self.images.files(row, jsonl_path, text.count(vision.image_token))
+        counts = np.asarray([self.images.tokens(f) for f in files], dtype=np.int64)
+        ids, offsets, starts = self.tokens(text, counts.tolist() if vision.held else ())
+        targets = loss_targets(messages, spans, offsets, loss_on)
         targets[_image_positions(starts, counts, len(ids))] = False
-        return [(ids, targets, starts, files, counts)]
+        return ids, targets, starts, files, counts
 
-    def cut(side, length: int):
+    def cut(self, side: tuple, length: int):
         ids, targets, starts, files, counts = side
-        first, end = starts - len(vision.wrap[0]), starts + counts + len(vision.wrap[1])  # with its wrap tokens
+        wrap = self.vision.wrap
+        first, end = starts - len(wrap[0]), starts + counts + len(wrap[1])  # with its wrap tokens
         if any(a < length < b for a, b in zip(first.tolist(), end.tolist())):
             return None  # an image cut in two cannot be fed to the model: drop the row
         keep = end <= length
         return ids[:length], targets[:length], starts[keep], files[:int(keep.sum())], counts[keep]
 
-    encode_sides = row_encoder(data_cfg, seq_length, counts, encode_row, "conversation", cut)
+
+def no_videos(row) -> None:
+    if isinstance(row, dict) and row.get("videos"):
+        raise RowError("'videos': video rows are not supported yet (images only)")
+
+
+def vl_line_encoder(data_cfg, template, tokenizer, seq_length: int, counts: Counts, vision: VisionData):
+    """``encode(line, path, line_no)`` -> (ids, targets, image starts, image files) of one row, or None
+    (skipped or dropped; see sft.row_encoder)."""
+    sides = VLSides(template, tokenizer, vision)
+    where = {}  # the JSONL file of the line being encoded: image paths are relative to it
+
+    def encode_row(row):
+        no_videos(row)
+        return [sides(to_messages(row, data_cfg.format), row, where["path"], data_cfg.loss_on)]
+
+    encode_sides = row_encoder(data_cfg, seq_length, counts, encode_row, "conversation", sides.cut)
 
     def encode_line(line: str, path: str, line_no: int):
         where["path"] = path
-        sides = encode_sides(line, path, line_no)
-        return None if sides is None else sides[0]
+        encoded = encode_sides(line, path, line_no)
+        return None if encoded is None else encoded[0]
 
     return encode_line
 

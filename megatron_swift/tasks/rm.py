@@ -36,6 +36,8 @@ class RewardTask:
     forward_passes = 1.0
     head = "reward"
     read_data = staticmethod(preference_source)
+    takes_images = False
+    no_images_why = "its reward head (models.reward_head) is not built on a vision-language model yet"
 
     def __init__(self, task_cfg):
         self.cfg = task_cfg

@@ -1,0 +1,115 @@
+"""Preference tasks with images (data.preference rows with "images", a Qwen2.5-VL held tower with M-RoPE).
+
+DPO's per-row log-probabilities of chosen and rejected (each with its photograph) are transformers' own
+(``Qwen2_5_VLForConditionalGeneration`` on the processor's pixels, its own positions); each step's loss is the
+closed form from the policy's log-probs and transformers' reference log-probs; the preference, which depends on
+the image, is learnt; TP=2 + SP gives the one-rank run.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import transformers
+
+from tests.conftest import read_metrics, run_train
+from tests.multiproc.test_qwen2_5_vl import training_folder
+
+ANSWERS = ("A temple.", "A flower, red.")  # the right answer for china.jpg, then for the portrait
+PHOTOS = ("china.jpg", "portrait.png")
+QUESTION = "<image>What is in the picture?"
+BETA = 0.1
+
+
+def pair(i: int) -> dict:
+    """Pair i: photograph i % 2, its right answer chosen, the other rejected (both row shapes in turn)."""
+    chosen, rejected = ANSWERS[i % 2], ANSWERS[1 - i % 2]
+    if i % 4 < 2:
+        return {"prompt": QUESTION, "chosen": chosen, "rejected": rejected, "images": [PHOTOS[i % 2]]}
+    return {"messages": [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": chosen}],
+            "rejected_response": rejected, "images": [PHOTOS[i % 2]]}
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = training_folder(tmp_path_factory.mktemp("vl_prefs"))
+    (root / "prefs.jsonl").write_text("".join(json.dumps(pair(i)) + "\n" for i in range(4)))
+    return root
+
+
+def common(root):
+    return ["+model=qwen2_5_vl", f"model.pretrained={root / 'hf'}", "data=vl_sft", f"data.path=[{root / 'prefs.jsonl'}]",
+            "task=dpo", f"task.beta={BETA}", "train.precision=fp32", "train.seq_length=64", "train.save_at_end=false",
+            "logging.tensorboard=false", "data.shuffle=false"]
+
+
+def hf_logps(root) -> torch.Tensor:
+    """[pairs, 2] summed log-probs of the chosen and rejected completions (their tokens and the end of turn) by
+    transformers' model, the rows written as Qwen2.5-VL's processor writes them (each image's grid of pad tokens
+    between vision start and end)."""
+    from PIL import Image
+
+    model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(root / "hf").float().eval()
+    processor = transformers.AutoImageProcessor.from_pretrained(root / "hf", backend="pil")
+    tok = transformers.AutoTokenizer.from_pretrained(root / "hf")
+    out = torch.zeros(4, 2, dtype=torch.float64)
+    for i in range(4):
+        pixels = processor(images=[Image.open(root / PHOTOS[i % 2]).convert("RGB")], return_tensors="pt")
+        image = "<|vision_start|>" + "<|image_pad|>" * (int(pixels["image_grid_thw"].prod()) // 4) + "<|vision_end|>"
+        prompt = f"<|im_start|>user\n{QUESTION.replace('<image>', image)}<|im_end|>\n<|im_start|>assistant\n"
+        start = len(tok(prompt)["input_ids"])
+        for side, answer in enumerate((ANSWERS[i % 2], ANSWERS[1 - i % 2])):
+            ids = torch.tensor([tok(prompt + answer + "<|im_end|>")["input_ids"]])
+            with torch.no_grad():
+                logits = model(input_ids=ids, pixel_values=pixels["pixel_values"],
+                               image_grid_thw=pixels["image_grid_thw"], mm_token_type_ids=(ids == 5).long()).logits
+            logp = torch.log_softmax(logits[0, :-1].double(), -1).gather(-1, ids[0, 1:, None])[:, 0]
+            out[i, side] = logp[start - 1:].sum()
+    return out
+
+
+def test_dpo_with_images_is_transformers_closed_form_and_learns(tmp_path, root):
+    """One rank, one pair a step, reference log-probs precomputed: the reference table is transformers' per-row
+    log-probs; step 1 (policy = reference) gives the policy's log-probs = transformers' and log 2; every step's
+    loss is -log sigmoid(beta * ((pc - rc) - (pr - rr))) from the step's policy log-probs and transformers'
+    reference ones; on its second visit every pair's margin is higher than on its first, though the right answer
+    depends on the photograph (the same two answers are chosen for one and rejected for the other)."""
+    run = tmp_path / "run"
+    run_train(1, [*common(root), "task.precompute_ref=true", "train.global_batch_size=1", "train.micro_batch_size=1",
+                  "train.train_iters=8", "train.lr=3e-3", "train.lr_warmup_iters=0", "train.max_epochs=null",
+                  f"train.output_dir={run}"])
+    want = hf_logps(root)
+    table = torch.load(run / "ref_logps_train.pt", weights_only=True).double()
+    assert (table - want).abs().max().item() < 1e-4, (table, want)
+    rows = read_metrics(run)
+    assert [r["iteration"] for r in rows] == list(range(1, 9))
+    first = rows[0]
+    assert abs(first["logps/chosen"] - want[0, 0].item()) < 1e-4 and abs(first["logps/rejected"] - want[0, 1]) < 1e-4
+    assert abs(first["loss"] - math.log(2)) < 1e-6
+    for step, row in enumerate(rows):
+        rc, rr = want[step % 4].tolist()
+        delta = (row["logps/chosen"] - rc) - (row["logps/rejected"] - rr)
+        closed = -torch.nn.functional.logsigmoid(torch.tensor(BETA * delta, dtype=torch.float64)).item()
+        assert abs(row["loss"] - closed) < 1e-5, (step + 1, row["loss"], closed)
+    margins = [r["rewards/margins"] for r in rows]
+    assert all(margins[k + 4] > margins[k] for k in range(4)), margins  # each pair's margin rose on its 2nd visit
+    assert sum(r["loss"] for r in rows[4:]) < sum(r["loss"] for r in rows[:4])
+
+
+def test_dpo_with_images_tp2_sp_equals_one_rank(tmp_path, root):
+    """3 steps, two pairs (four rows, two photographs of different token counts) per micro-batch, tower, merger
+    and language model training, live reference: TP=2 + SP reports the one-rank run's losses, margins and
+    gradient norms within 1e-5."""
+    base = [*common(root), "train.global_batch_size=2", "train.micro_batch_size=2", "train.train_iters=3",
+            "train.lr=3e-3", "train.lr_warmup_iters=0", "train.train_vision=true"]
+    run_train(1, [*base, f"train.output_dir={tmp_path / 'one'}"])
+    run_train(2, [*base, "parallel.tp=2", "parallel.sp=true", f"train.output_dir={tmp_path / 'tp2'}"])
+    baseline, rows = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "tp2")
+    assert [r["iteration"] for r in rows] == [1, 2, 3]
+    for got, want in zip(rows, baseline):
+        for key in ("loss", "rewards/margins", "logps/chosen"):
+            assert abs(got[key] - want[key]) < 1e-5, (got["iteration"], key, got[key], want[key])
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
+    assert rows[-1]["loss"] != rows[0]["loss"]
