@@ -21,12 +21,13 @@ ANSWERS = ("A temple.", "A flower, red.")  # the right answer for china.jpg, the
 PHOTOS = ("china.jpg", "portrait.png")
 QUESTION = "<image>What is in the picture?"
 BETA = 0.1
+PAIRS = 2
 
 
 def pair(i: int) -> dict:
     """Pair i: photograph i % 2, its right answer chosen, the other rejected (both row shapes in turn)."""
     chosen, rejected = ANSWERS[i % 2], ANSWERS[1 - i % 2]
-    if i % 4 < 2:
+    if i % 2 == 0:
         return {"prompt": QUESTION, "chosen": chosen, "rejected": rejected, "images": [PHOTOS[i % 2]]}
     return {"messages": [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": chosen}],
             "rejected_response": rejected, "images": [PHOTOS[i % 2]]}
@@ -35,7 +36,7 @@ def pair(i: int) -> dict:
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     root = training_folder(tmp_path_factory.mktemp("vl_prefs"))
-    (root / "prefs.jsonl").write_text("".join(json.dumps(pair(i)) + "\n" for i in range(4)))
+    (root / "prefs.jsonl").write_text("".join(json.dumps(pair(i)) + "\n" for i in range(PAIRS)))
     return root
 
 
@@ -54,8 +55,8 @@ def hf_logps(root) -> torch.Tensor:
     model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(root / "hf").float().eval()
     processor = transformers.AutoImageProcessor.from_pretrained(root / "hf", backend="pil")
     tok = transformers.AutoTokenizer.from_pretrained(root / "hf")
-    out = torch.zeros(4, 2, dtype=torch.float64)
-    for i in range(4):
+    out = torch.zeros(PAIRS, 2, dtype=torch.float64)
+    for i in range(PAIRS):
         pixels = processor(images=[Image.open(root / PHOTOS[i % 2]).convert("RGB")], return_tensors="pt")
         image = "<|vision_start|>" + "<|image_pad|>" * (int(pixels["image_grid_thw"].prod()) // 4) + "<|vision_end|>"
         prompt = f"<|im_start|>user\n{QUESTION.replace('<image>', image)}<|im_end|>\n<|im_start|>assistant\n"
@@ -78,24 +79,24 @@ def test_dpo_with_images_is_transformers_closed_form_and_learns(tmp_path, root):
     depends on the photograph (the same two answers are chosen for one and rejected for the other)."""
     run = tmp_path / "run"
     run_train(1, [*common(root), "task.precompute_ref=true", "train.global_batch_size=1", "train.micro_batch_size=1",
-                  "train.train_iters=8", "train.lr=3e-3", "train.lr_warmup_iters=0", "train.max_epochs=null",
+                  "train.train_iters=4", "train.lr=3e-3", "train.lr_warmup_iters=0", "train.max_epochs=null",
                   f"train.output_dir={run}"])
     want = hf_logps(root)
     table = torch.load(run / "ref_logps_train.pt", weights_only=True).double()
     assert (table - want).abs().max().item() < 1e-4, (table, want)
     rows = read_metrics(run)
-    assert [r["iteration"] for r in rows] == list(range(1, 9))
+    assert [r["iteration"] for r in rows] == list(range(1, 5))
     first = rows[0]
     assert abs(first["logps/chosen"] - want[0, 0].item()) < 1e-4 and abs(first["logps/rejected"] - want[0, 1]) < 1e-4
     assert abs(first["loss"] - math.log(2)) < 1e-6
     for step, row in enumerate(rows):
-        rc, rr = want[step % 4].tolist()
+        rc, rr = want[step % PAIRS].tolist()
         delta = (row["logps/chosen"] - rc) - (row["logps/rejected"] - rr)
         closed = -torch.nn.functional.logsigmoid(torch.tensor(BETA * delta, dtype=torch.float64)).item()
         assert abs(row["loss"] - closed) < 1e-5, (step + 1, row["loss"], closed)
     margins = [r["rewards/margins"] for r in rows]
-    assert all(margins[k + 4] > margins[k] for k in range(4)), margins  # each pair's margin rose on its 2nd visit
-    assert sum(r["loss"] for r in rows[4:]) < sum(r["loss"] for r in rows[:4])
+    assert all(margins[k + PAIRS] > margins[k] for k in range(PAIRS)), margins  # each rose on its 2nd visit
+    assert sum(r["loss"] for r in rows[PAIRS:]) < sum(r["loss"] for r in rows[:PAIRS])
 
 
 def test_dpo_with_images_tp2_sp_equals_one_rank(tmp_path, root):
@@ -103,7 +104,7 @@ def test_dpo_with_images_tp2_sp_equals_one_rank(tmp_path, root):
     and language model training, live reference: TP=2 + SP reports the one-rank run's losses, margins and
     gradient norms within 1e-5."""
     base = [*common(root), "train.global_batch_size=2", "train.micro_batch_size=2", "train.train_iters=3",
-            "train.lr=3e-3", "train.lr_warmup_iters=0", "train.train_vision=true"]
+            "train.lr=3e-3", "train.lr_warmup_iters=0", "train.train_vision=true", "train.max_epochs=null"]
     run_train(1, [*base, f"train.output_dir={tmp_path / 'one'}"])
     run_train(2, [*base, "parallel.tp=2", "parallel.sp=true", f"train.output_dir={tmp_path / 'tp2'}"])
     baseline, rows = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "tp2")
