@@ -71,20 +71,29 @@ def hf_logps(root) -> torch.Tensor:
     return out
 
 
-def test_dpo_with_images_is_transformers_closed_form_and_learns(tmp_path, root):
-    """One rank, one pair a step, reference log-probs precomputed: the reference table is transformers' per-row
-    log-probs; step 1 (policy = reference) gives the policy's log-probs = transformers' and log 2; every step's
-    loss is -log sigmoid(beta * ((pc - rc) - (pr - rr))) from the step's policy log-probs and transformers'
-    reference ones; on its second visit every pair's margin is higher than on its first, though the right answer
-    depends on the photograph (the same two answers are chosen for one and rejected for the other)."""
-    run = tmp_path / "run"
-    run_train(1, [*common(root), "task.precompute_ref=true", "train.global_batch_size=1", "train.micro_batch_size=1",
-                  "train.train_iters=4", "train.lr=3e-3", "train.lr_warmup_iters=0", "train.max_epochs=null",
-                  f"train.output_dir={run}"])
+# One pair a step, reference log-probs precomputed, tower, merger and language model all training; the one-rank
+# run is shared by both tests.
+SETTINGS = ["task.precompute_ref=true", "train.global_batch_size=1", "train.micro_batch_size=1", "train.train_iters=4",
+            "train.lr=3e-3", "train.lr_warmup_iters=0", "train.max_epochs=null", "train.train_vision=true"]
+
+
+@pytest.fixture(scope="module")
+def one_rank(root, tmp_path_factory):
+    run = tmp_path_factory.mktemp("vl_dpo") / "one"
+    run_train(1, [*common(root), *SETTINGS, f"train.output_dir={run}"])
+    return run
+
+
+def test_dpo_with_images_is_transformers_closed_form_and_learns(root, one_rank):
+    """The reference table is transformers' per-row log-probs; step 1 (policy = reference) gives the policy's
+    log-probs = transformers' and log 2; every step's loss is -log sigmoid(beta * ((pc - rc) - (pr - rr))) from
+    the step's policy log-probs and transformers' reference ones; on its second visit every pair's margin is
+    higher than on its first, though the right answer depends on the photograph (the same two answers are chosen
+    for one and rejected for the other)."""
     want = hf_logps(root)
-    table = torch.load(run / "ref_logps_train.pt", weights_only=True).double()
+    table = torch.load(one_rank / "ref_logps_train.pt", weights_only=True).double()
     assert (table - want).abs().max().item() < 1e-4, (table, want)
-    rows = read_metrics(run)
+    rows = read_metrics(one_rank)
     assert [r["iteration"] for r in rows] == list(range(1, 5))
     first = rows[0]
     assert abs(first["logps/chosen"] - want[0, 0].item()) < 1e-4 and abs(first["logps/rejected"] - want[0, 1]) < 1e-4
@@ -99,18 +108,16 @@ def test_dpo_with_images_is_transformers_closed_form_and_learns(tmp_path, root):
     assert sum(r["loss"] for r in rows[PAIRS:]) < sum(r["loss"] for r in rows[:PAIRS])
 
 
-def test_dpo_with_images_tp2_sp_equals_one_rank(tmp_path, root):
-    """3 steps, two pairs (four rows, two photographs of different token counts) per micro-batch, tower, merger
-    and language model training, live reference: TP=2 + SP reports the one-rank run's losses, margins and
-    gradient norms within 1e-5."""
-    base = [*common(root), "train.global_batch_size=2", "train.micro_batch_size=2", "train.train_iters=3",
-            "train.lr=3e-3", "train.lr_warmup_iters=0", "train.train_vision=true", "train.max_epochs=null"]
-    run_train(1, [*base, f"train.output_dir={tmp_path / 'one'}"])
-    run_train(2, [*base, "parallel.tp=2", "parallel.sp=true", f"train.output_dir={tmp_path / 'tp2'}"])
-    baseline, rows = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "tp2")
-    assert [r["iteration"] for r in rows] == [1, 2, 3]
+def test_dpo_with_images_tp2_sp_equals_one_rank(tmp_path, root, one_rank):
+    """TP=2 + SP (the held tower whole on each rank, its gradients counted once): the same reference table and
+    the one-rank run's losses, log-probs, margins and gradient norms within 1e-5."""
+    run = tmp_path / "tp2"
+    run_train(2, [*common(root), *SETTINGS, "parallel.tp=2", "parallel.sp=true", f"train.output_dir={run}"])
+    tables = [torch.load(r / "ref_logps_train.pt", weights_only=True) for r in (one_rank, run)]
+    assert (tables[0] - tables[1]).abs().max().item() < 1e-5
+    baseline, rows = read_metrics(one_rank), read_metrics(run)
+    assert [r["iteration"] for r in rows] == [1, 2, 3, 4]
     for got, want in zip(rows, baseline):
-        for key in ("loss", "rewards/margins", "logps/chosen"):
+        for key in ("loss", "rewards/margins", "logps/chosen", "logps/rejected"):
             assert abs(got[key] - want[key]) < 1e-5, (got["iteration"], key, got[key], want[key])
         assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
-    assert rows[-1]["loss"] != rows[0]["loss"]
