@@ -1,9 +1,10 @@
-"""Preference tasks with images (data.preference rows with "images", a Qwen2.5-VL held tower with M-RoPE).
+"""Preference tasks with images (data.preference rows with "images"; a Qwen2.5-VL held tower with M-RoPE, and
+LLaVA).
 
 DPO's per-row log-probabilities of chosen and rejected (each with its photograph) are transformers' own
-(``Qwen2_5_VLForConditionalGeneration`` on the processor's pixels, its own positions); each step's loss is the
-closed form from the policy's log-probs and transformers' reference log-probs; the preference, which depends on
-the image, is learnt; TP=2 + SP gives the one-rank run.
+(``Qwen2_5_VLForConditionalGeneration`` on the processor's pixels, its own positions; ``LlavaForConditionalGeneration``
+on LlavaProcessor's expansion); each step's loss is the closed form from the policy's log-probs and transformers'
+reference log-probs; the preference, which depends on the image, is learnt; TP=2 + SP gives the one-rank run.
 """
 from __future__ import annotations
 
@@ -121,3 +122,61 @@ def test_dpo_with_images_tp2_sp_equals_one_rank(tmp_path, root, one_rank):
         for key in ("loss", "rewards/margins", "logps/chosen", "logps/rejected"):
             assert abs(got[key] - want[key]) < 1e-5, (got["iteration"], key, got[key], want[key])
         assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
+
+
+def tiny_llava_folder(root):
+    """An HF LLaVA folder a run trains from: CLIP (56 px, 14-px patches: 16 tokens per image) + a tiny Qwen2, a BPE
+    tokenizer whose <image> special is the config's image token, the ChatML template and the image processor."""
+    from tests.conftest import bpe_tokenizer
+    from tests.test_vl_data import CHATML, SPECIALS
+
+    tok = bpe_tokenizer(["What is in the picture? A temple, a flower and the sky.",
+                         "system user assistant says hello"], SPECIALS)
+    image_id = tok.token_to_id("<image>")
+    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                           num_attention_heads=4, image_size=56, patch_size=14)
+    text = transformers.Qwen2Config(vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    config = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_id,
+                                      vision_feature_layer=-2, vision_feature_select_strategy="default",
+                                      image_seq_length=16, projector_hidden_act="gelu")
+    torch.manual_seed(0)
+    folder = root / "llava"
+    transformers.LlavaForConditionalGeneration(config).save_pretrained(folder)
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                        extra_special_tokens={"image_token": "<image>"}).save_pretrained(folder)
+    (folder / "chat_template.jinja").write_text(CHATML)
+    transformers.CLIPImageProcessor(size={"shortest_edge": 56},
+                                    crop_size={"height": 56, "width": 56}).save_pretrained(folder)
+    return folder, image_id
+
+
+def test_llava_dpo_reference_log_probs_are_transformers(tmp_path, root):
+    """LLaVA (CLIP + Qwen2): the precomputed reference log-probs of chosen and rejected, each with its photograph
+    (16 image tokens per <image>, as LlavaProcessor expands it), equal transformers' within 1e-4, and step 1
+    (policy = reference) gives log 2."""
+    from PIL import Image
+
+    folder, image_id = tiny_llava_folder(tmp_path)
+    run = tmp_path / "run"
+    run_train(1, [*common(root)[2:], "+model=llava", f"model.pretrained={folder}", "task.precompute_ref=true",
+                  "train.global_batch_size=2", "train.micro_batch_size=2", "train.train_iters=1", f"train.output_dir={run}"])
+    model = transformers.LlavaForConditionalGeneration.from_pretrained(folder).float().eval()
+    processor = transformers.AutoImageProcessor.from_pretrained(folder, backend="pil")
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    want = torch.zeros(PAIRS, 2, dtype=torch.float64)
+    for i in range(PAIRS):
+        pixels = processor(images=[Image.open(root / PHOTOS[i % 2]).convert("RGB")], return_tensors="pt")
+        prompt = f"<|im_start|>user\n{QUESTION.replace('<image>', '<image>' * 16)}<|im_end|>\n<|im_start|>assistant\n"
+        start = len(tok(prompt)["input_ids"])
+        for side, answer in enumerate((ANSWERS[i % 2], ANSWERS[1 - i % 2])):
+            ids = torch.tensor([tok(prompt + answer + "<|im_end|>")["input_ids"]])
+            assert int((ids == image_id).sum()) == 16
+            with torch.no_grad():
+                logits = model(input_ids=ids, pixel_values=pixels["pixel_values"]).logits
+            logp = torch.log_softmax(logits[0, :-1].double(), -1).gather(-1, ids[0, 1:, None])[:, 0]
+            want[i, side] = logp[start - 1:].sum()
+    table = torch.load(run / "ref_logps_train.pt", weights_only=True).double()
+    assert (table - want).abs().max().item() < 1e-4, (table, want)
+    (first,) = read_metrics(run)
+    assert abs(first["loss"] - math.log(2)) < 1e-6
