@@ -36,8 +36,9 @@ def _sft(folders, rows):
 
 def test_each_side_is_the_vl_sft_row_and_collate_numbers_images_over_the_rows(folders):
     pairs = _pairs(folders, [CHINA, FLOWER])
-    sft = _sft(folders, [_row(Q, "A temple.", images=["img/china.jpg"]), _row(Q, "A flower.", images=["img/china.jpg"]),
-                         _row(Q, "A flower.", images=["img/flower.jpg"]), _row(Q, "A temple.", images=["img/flower.jpg"])])
+    sft = _sft(folders, [_row(Q, answer, images=[image]) for image, answer in
+                         (("img/china.jpg", "A temple."), ("img/china.jpg", "A flower."),
+                          ("img/flower.jpg", "A flower."), ("img/flower.jpg", "A temple."))])
     sides = [pairs[0][0], pairs[0][1], pairs[1][0], pairs[1][1]]
     for got, want in zip(sides, [sft[k] for k in range(4)]):
         for key in ("tokens", "labels", "loss_mask", "image_index"):

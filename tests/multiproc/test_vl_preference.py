@@ -42,7 +42,8 @@ def root(tmp_path_factory):
 
 
 def common(root):
-    return ["+model=qwen2_5_vl", f"model.pretrained={root / 'hf'}", "data=vl_sft", f"data.path=[{root / 'prefs.jsonl'}]",
+    return ["+model=qwen2_5_vl", f"model.pretrained={root / 'hf'}", "data=vl_sft",
+            f"data.path=[{root / 'prefs.jsonl'}]",
             "task=dpo", f"task.beta={BETA}", "train.precision=fp32", "train.seq_length=64", "train.save_at_end=false",
             "logging.tensorboard=false", "data.shuffle=false"]
 
@@ -160,7 +161,8 @@ def test_llava_dpo_reference_log_probs_are_transformers(tmp_path, root):
     folder, image_id = tiny_llava_folder(tmp_path)
     run = tmp_path / "run"
     run_train(1, [*common(root)[2:], "+model=llava", f"model.pretrained={folder}", "task.precompute_ref=true",
-                  "train.global_batch_size=2", "train.micro_batch_size=2", "train.train_iters=1", f"train.output_dir={run}"])
+                  "train.global_batch_size=2", "train.micro_batch_size=2", "train.train_iters=1",
+                  f"train.output_dir={run}"])
     model = transformers.LlavaForConditionalGeneration.from_pretrained(folder).float().eval()
     processor = transformers.AutoImageProcessor.from_pretrained(folder, backend="pil")
     tok = transformers.AutoTokenizer.from_pretrained(folder)
