@@ -69,8 +69,8 @@ def test_unknown_vision_tower(tmp_path):
     (["+model=qwen2_5_vl", "task=grpo", "data=prompts"], "task=grpo does not take images: its rollout engine"),
     (["+model=llava", "task=gkd", "data=sft"], "task=gkd does not take images: its teacher and its on-policy "
      "generation (megatron_swift/rollout) take token rows only"),
-    (["+model=qwen2_5_vl", "task=rm", "data=prefs"], "task=rm does not take images: its reward head "
-     "(models.reward_head) is not built on a vision-language model yet"),
+    (["+model=qwen2_5_vl", "task=rm", "data=prefs"], "task=rm does not take images: a reward model is exported "
+     "as a transformers *ForSequenceClassification, which has no vision-language class"),
     (["+model=llava", "parallel.tp=8", "model.num_attention_heads=8", "model.num_query_groups=8"],
      "parallel.tp=8 must divide the vision encoder's 4 heads"),
     (["+model=llava", "data=vl_sft", "train.seq_length=16"], "train.seq_length=16 must hold an image's 16 tokens"),

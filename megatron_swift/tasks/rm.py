@@ -37,7 +37,8 @@ class RewardTask:
     head = "reward"
     read_data = staticmethod(preference_source)
     takes_images = False
-    no_images_why = "its reward head (models.reward_head) is not built on a vision-language model yet"
+    no_images_why = ("a reward model is exported as a transformers *ForSequenceClassification, which has no "
+                     "vision-language class")
 
     def __init__(self, task_cfg):
         self.cfg = task_cfg
