@@ -152,22 +152,15 @@ def tiny_llava_folder(root):
     return folder, image_id
 
 
-def test_llava_dpo_log_probs_with_images_are_transformers(tmp_path, root):
-    """LLaVA (CLIP + Qwen2), two pairs (four rows, two photographs) in one micro-batch, a live reference model: the
-    policy's log-probs of chosen and rejected, each with its photograph (16 image tokens per <image>, as
-    LlavaProcessor expands it), equal transformers' within 1e-4 (the step's mean over the pairs), and the reference,
-    which must see the same images, gives log 2 at step 1."""
+def llava_logps(folder, root, image_id: int):
+    """[pairs, 2] summed log-probs of chosen and rejected by transformers' LlavaForConditionalGeneration (each
+    <image> expanded to its 16 image tokens, as LlavaProcessor does) and [pairs, 2] completion token counts."""
     from PIL import Image
 
-    folder, image_id = tiny_llava_folder(tmp_path)
-    run = tmp_path / "run"
-    run_train(1, [*common(root)[2:], "+model=llava", f"model.pretrained={folder}",
-                  "train.global_batch_size=2", "train.micro_batch_size=2", "train.train_iters=1",
-                  f"train.output_dir={run}"])
     model = transformers.LlavaForConditionalGeneration.from_pretrained(folder).float().eval()
     processor = transformers.AutoImageProcessor.from_pretrained(folder, backend="pil")
     tok = transformers.AutoTokenizer.from_pretrained(folder)
-    want = torch.zeros(PAIRS, 2, dtype=torch.float64)
+    logps, counts = torch.zeros(PAIRS, 2, dtype=torch.float64), torch.zeros(PAIRS, 2, dtype=torch.float64)
     for i in range(PAIRS):
         pixels = processor(images=[Image.open(root / PHOTOS[i % 2]).convert("RGB")], return_tensors="pt")
         prompt = f"<|im_start|>user\n{QUESTION.replace('<image>', '<image>' * 16)}<|im_end|>\n<|im_start|>assistant\n"
@@ -178,8 +171,45 @@ def test_llava_dpo_log_probs_with_images_are_transformers(tmp_path, root):
             with torch.no_grad():
                 logits = model(input_ids=ids, pixel_values=pixels["pixel_values"]).logits
             logp = torch.log_softmax(logits[0, :-1].double(), -1).gather(-1, ids[0, 1:, None])[:, 0]
-            want[i, side] = logp[start - 1:].sum()
-    (first,) = read_metrics(run)
-    assert abs(first["logps/chosen"] - want[:, 0].mean().item()) < 1e-4, (first["logps/chosen"], want)
-    assert abs(first["logps/rejected"] - want[:, 1].mean().item()) < 1e-4, (first["logps/rejected"], want)
-    assert abs(first["loss"] - math.log(2)) < 1e-6 and first["rewards/chosen"] == 0.0
+            logps[i, side], counts[i, side] = logp[start - 1:].sum(), ids.shape[1] - start
+    return logps, counts
+
+
+def test_llava_preference_tasks_with_images_start_at_transformers_closed_forms(tmp_path, root):
+    """LLaVA (CLIP + Qwen2), one torchrun job training DPO, KTO, CPO and SimPO in turn; two pairs (four rows, two
+    photographs) in one micro-batch. Step 1 of each from transformers' log-probs (its own LLaVA on the same
+    pixels): DPO's policy log-probs equal them (the step's mean over the pairs) within 1e-4 and its live reference,
+    which must see the same images, gives log 2; KTO (examples: each pair's chosen, desirable, then its rejected)
+    reports the same log-probs, KL 0 and loss 1/2; CPO's loss is -log sigmoid(beta (pc - pr)) + NLL(chosen) and
+    SimPO's -log sigmoid(beta (pc/|c| - pr/|r| - gamma/beta)), averaged over the pairs."""
+    import subprocess
+
+    from tests.conftest import ROOT, launch_cmd, train_env
+
+    folder, image_id = tiny_llava_folder(tmp_path)
+    kto = root / "kto.jsonl"  # next to the photographs
+    kto.write_text("".join(json.dumps({"prompt": QUESTION, "completion": ANSWERS[(i + side) % 2], "label": not side,
+                                       "images": [PHOTOS[i % 2]]}) + "\n" for i in range(PAIRS) for side in (0, 1)))
+    out = tmp_path / "runs"
+    overrides = [*common(root)[2:], "+model=llava", f"model.pretrained={folder}", "train.global_batch_size=2",
+                 "train.micro_batch_size=2", "train.train_iters=1", "train.device=cpu"]
+    tasks = f"--tasks=dpo,kto@data.path=[{kto}],cpo,simpo"
+    proc = subprocess.run(launch_cmd(1, [str(tmp_path / "unused.json"), tasks, str(out), *overrides],
+                                     script=ROOT / "tests" / "multiproc" / "dpo_worker.py"),
+                          cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    want, counts = llava_logps(folder, root, image_id)
+    (dpo,) = read_metrics(out / "dpo")
+    assert abs(dpo["logps/chosen"] - want[:, 0].mean().item()) < 1e-4, (dpo["logps/chosen"], want)
+    assert abs(dpo["logps/rejected"] - want[:, 1].mean().item()) < 1e-4, (dpo["logps/rejected"], want)
+    assert abs(dpo["loss"] - math.log(2)) < 1e-6 and dpo["rewards/chosen"] == 0.0
+    (kto_row,) = read_metrics(out / "kto")  # step 1: pair 0's chosen (desirable) and rejected (undesirable)
+    assert abs(kto_row["logps/chosen"] - want[0, 0].item()) < 1e-4 and abs(kto_row["logps/rejected"] - want[0, 1]) < 1e-4
+    assert abs(kto_row["loss"] - 0.5) < 1e-6 and kto_row["kl"] == 0.0
+    F = torch.nn.functional
+    # task.beta (common's) for both; CPO's NLL weight alpha 1 and SimPO's gamma/beta 0.5 are their defaults
+    cpo = (-F.logsigmoid(BETA * (want[:, 0] - want[:, 1])) - want[:, 0] / counts[:, 0]).mean().item()
+    simpo = (-F.logsigmoid(BETA * (want[:, 0] / counts[:, 0] - want[:, 1] / counts[:, 1] - 0.5))).mean().item()
+    for task, closed in (("cpo", cpo), ("simpo", simpo)):
+        (row,) = read_metrics(out / task)
+        assert abs(row["loss"] - closed) < 1e-5, (task, row["loss"], closed)
