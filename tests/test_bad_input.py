@@ -117,4 +117,3 @@ def test_fresh_run_refuses_a_directory_with_checkpoints(tmp_path):
     assert proc.returncode == 2
     assert "already holds checkpoints (iter_0000003)" in proc.stderr
     assert _tree_digest(out) == before
-
