@@ -63,7 +63,14 @@ def test_unknown_vision_tower(tmp_path):
 @pytest.mark.parametrize("overrides,message", [
     (["+model=qwen3", "model.llm=/x"], "model.llm / model.vision compose a vision-language model; +model=qwen3"),
     (["+model=llava", "model.llm=/x"], "model.llm needs model.vision"),
-    (["+model=llava", "task=dpo", "data=prefs"], "task=dpo does not take images yet"),
+    (["+model=llava", "task=grpo", "data=prompts"], "task=grpo does not take images: its rollout engine "
+     "(megatron_swift/rollout) generates from token prompts only, so the rollouts would not see the images; a "
+     "vision-language model trains with task=cpo, dpo, kto, lm, orpo, simpo"),
+    (["+model=qwen2_5_vl", "task=grpo", "data=prompts"], "task=grpo does not take images: its rollout engine"),
+    (["+model=llava", "task=gkd", "data=sft"], "task=gkd does not take images: its teacher and its on-policy "
+     "generation (megatron_swift/rollout) take token rows only"),
+    (["+model=qwen2_5_vl", "task=rm", "data=prefs"], "task=rm does not take images: a reward model is exported "
+     "as a transformers *ForSequenceClassification, which has no vision-language class"),
     (["+model=llava", "parallel.tp=8", "model.num_attention_heads=8", "model.num_query_groups=8"],
      "parallel.tp=8 must divide the vision encoder's 4 heads"),
     (["+model=llava", "data=vl_sft", "train.seq_length=16"], "train.seq_length=16 must hold an image's 16 tokens"),
@@ -72,6 +79,14 @@ def test_unknown_vision_tower(tmp_path):
 ])
 def test_vlm_settings_refused_with_the_key(overrides, message):
     assert message in _problems(overrides)
+
+
+@pytest.mark.parametrize("task", ["dpo", "kto", "cpo", "simpo", "orpo"])
+def test_preference_tasks_take_images(tmp_path, task):
+    """The tasks whose forward passes a VLM its images validate with one (their rows: data.preference)."""
+    folder = _llava_folder(tmp_path)
+    data = "data=kto" if task == "kto" else "data=prefs"
+    validate(compose(["+model=llava", f"model.pretrained={folder}", f"task={task}", data]), 1)
 
 
 def test_pretrained_and_composed_are_alternatives(tmp_path):

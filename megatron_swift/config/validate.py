@@ -316,6 +316,18 @@ def _part_lrs(train, arch, family: str, problems: List[str]) -> None:
             problems.append(f"{key}={value}: the {part} group is frozen ({fix}, or remove {key})")
 
 
+def _image_tasks(name: str, arch, problems: List[str]) -> None:
+    """A VLM trains only with the tasks that pass images to it (each task's ``takes_images``)."""
+    from megatron_swift.tasks import TASKS
+
+    task = TASKS.get(name)
+    if not arch.has_vision or task is None or getattr(task, "takes_images", False):
+        return
+    able = ", ".join(n for n, t in sorted(TASKS.items()) if getattr(t, "takes_images", False))
+    problems.append(f"task={name} does not take images: {task.no_images_why}; a vision-language model trains "
+                    f"with task={able}")
+
+
 def _vision(cfg, arch, problems: List[str]) -> None:
     """Vision-language models (+model=llava) and image data."""
     model = cfg.model
@@ -327,8 +339,7 @@ def _vision(cfg, arch, problems: List[str]) -> None:
         if value is not None and (arch.vision_hf is None or value <= 0):
             problems.append(f"data.{key}={value}: a positive pixel count, for a native-resolution VLM "
                             "(+model=qwen2_5_vl)" + ("" if arch.vision_hf is not None else f", not +model={model.family}"))
-    if arch.vision_hf is not None and cfg.task.name != "lm":
-        problems.append(f"task={cfg.task.name} does not take images yet: a VLM trains with task=lm (SFT, pretraining)")
+    _image_tasks(cfg.task.name, arch, problems)
     _part_lrs(cfg.train, arch, model.family, problems)
     if model.llm and model.pretrained:
         problems.append("model.pretrained (an HF LLaVA folder) and model.llm + model.vision (one composed from an "
@@ -349,8 +360,6 @@ def _vision(cfg, arch, problems: List[str]) -> None:
 
     vision, tp = arch.vision, cfg.parallel.tp
     _choice(problems, "model.vision_select", arch.vision_select, ("default", "full"))
-    if cfg.task.name != "lm":
-        problems.append(f"task={cfg.task.name} does not take images yet: a VLM trains with task=lm (SFT, pretraining)")
     if vision.num_attention_heads % tp:
         problems.append(f"parallel.tp={tp} must divide the vision encoder's {vision.num_attention_heads} heads")
     if vision.image_size % vision.patch_size:

@@ -191,11 +191,12 @@ def open_image(path: str):
         return ImageOps.exif_transpose(image).convert("RGB")
 
 
-def vision_data(cfg, arch) -> Optional[VisionData]:
+def vision_data(cfg, arch, own_rows: bool = False) -> Optional[VisionData]:
     """What the data side needs of the run's VLM (None for a text model): its image token, the image tokens per
-    image, and its encoder's image processor (model.pretrained's or model.vision's, else the default one)."""
+    image, and its encoder's image processor (model.pretrained's or model.vision's, else the default one).
+    ``own_rows``: the task reads its own rows (preference pairs), which may carry images whatever data.source."""
     if arch.vision_hf is not None:  # a held tower: its family knows its processor, tokens and positions
-        return arch.family.vision_data(cfg, arch) if cfg.data.source == "vl_sft" else None
+        return arch.family.vision_data(cfg, arch) if cfg.data.source == "vl_sft" or own_rows else None
     if arch.vision is None:
         return None
     from megatron_swift.models.vision_arch import image_seq_length

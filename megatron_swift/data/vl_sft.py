@@ -176,44 +176,68 @@ class RowImages:
             raise RowError(f"image '{file}': {e}") from None
 
 
-def vl_line_encoder(data_cfg, template, tokenizer, seq_length: int, counts: Counts, vision: VisionData):
-    """``encode(line, path, line_no)`` -> (ids, targets, image starts, image files) of one row, or None
-    (skipped or dropped; see sft.row_encoder)."""
-    tokens, images = ImageTokens(tokenizer, vision), RowImages(vision)
-    where = {}  # the JSONL file of the line being encoded: image paths are relative to it
+class VLSides:
+    """Rendered messages whose <image> tags are a row's images -> one side (ids, targets, image starts, image
+    files, T of each image); ``cut`` truncates a side without cutting an image (SFT rows, preference pairs)."""
 
-    def encode_row(row):
+    def __init__(self, template, tokenizer, vision: VisionData):
+        self.template, self.vision = template, vision
+        self.tokens, self.images = ImageTokens(tokenizer, vision), RowImages(vision)
+
+    def __call__(self, messages: List[dict], row: dict, jsonl_path: str, loss_on: str) -> tuple:
+        """(ids, targets, starts, media, counts, kinds): media are the row's images and videos in the order of
+        their tags (kinds: IMAGE or VIDEO of each)."""
+        vision, images = self.vision, self.images
         if row.get("videos") and vision.video is None:
             raise RowError("'videos': this model takes no video input (video rows: +model=qwen2_5_vl)")
-        messages = to_messages(row, data_cfg.format)
-        text, spans = template.spans(messages)
-        kinds = tokens.kinds(text) if vision.video is not None else np.zeros(0, dtype=np.int64)
-        tags = int((kinds == IMAGE).sum()) if vision.video is not None else text.count(vision.image_token)
-        files = iter(images.files(row, where["path"], tags))
-        videos = iter(images.videos(row, where["path"], int((kinds == VIDEO).sum())))
-        kinds = kinds if vision.video is not None else np.zeros(tags, dtype=np.int64)
+        text, spans = self.template.spans(messages)
+        if vision.video is not None:
+            kinds = self.tokens.kinds(text)
+            tags = int((kinds == IMAGE).sum())
+        else:
+            tags = text.count(vision.image_token)
+            kinds = np.zeros(tags, dtype=np.int64)
+        files = iter(images.files(row, jsonl_path, tags))
+        videos = iter(images.videos(row, jsonl_path, int((kinds == VIDEO).sum())))
         media = tuple(next(files) if kind == IMAGE else next(videos) for kind in kinds.tolist())
         counts = np.asarray([images.tokens(m) if kind == IMAGE else images.video_tokens(m)
                              for m, kind in zip(media, kinds.tolist())], dtype=np.int64)
-        ids, offsets, starts = tokens(text, counts.tolist() if vision.held else ())
-        targets = loss_targets(messages, spans, offsets, data_cfg.loss_on)
+        ids, offsets, starts = self.tokens(text, counts.tolist() if vision.held else ())
+        targets = loss_targets(messages, spans, offsets, loss_on)
         targets[_image_positions(starts, counts, len(ids))] = False
-        return [(ids, targets, starts, media, counts, kinds)]
+        return ids, targets, starts, media, counts, kinds
 
-    def cut(side, length: int):
+    def cut(self, side: tuple, length: int):
         ids, targets, starts, media, counts, kinds = side
-        first, end = starts - len(vision.wrap[0]), starts + counts + len(vision.wrap[1])  # with its wrap tokens
+        wrap = self.vision.wrap
+        first, end = starts - len(wrap[0]), starts + counts + len(wrap[1])  # with its wrap tokens
         if any(a < length < b for a, b in zip(first.tolist(), end.tolist())):
             return None  # an image or video cut in two cannot be fed to the model: drop the row
         keep = end <= length
         return ids[:length], targets[:length], starts[keep], media[:int(keep.sum())], counts[keep], kinds[keep]
 
-    encode_sides = row_encoder(data_cfg, seq_length, counts, encode_row, "conversation", cut)
+
+def no_videos(row) -> None:
+    """Preference rows take images only (their sides share the row's media; videos there are not built yet)."""
+    if isinstance(row, dict) and row.get("videos"):
+        raise RowError("'videos': preference rows take images only (video rows: data=vl_sft)")
+
+
+def vl_line_encoder(data_cfg, template, tokenizer, seq_length: int, counts: Counts, vision: VisionData):
+    """``encode(line, path, line_no)`` -> (ids, targets, image starts, image files) of one row, or None
+    (skipped or dropped; see sft.row_encoder)."""
+    sides = VLSides(template, tokenizer, vision)
+    where = {}  # the JSONL file of the line being encoded: image paths are relative to it
+
+    def encode_row(row):
+        return [sides(to_messages(row, data_cfg.format), row, where["path"], data_cfg.loss_on)]
+
+    encode_sides = row_encoder(data_cfg, seq_length, counts, encode_row, "conversation", sides.cut)
 
     def encode_line(line: str, path: str, line_no: int):
         where["path"] = path
-        sides = encode_sides(line, path, line_no)
-        return None if sides is None else sides[0]
+        encoded = encode_sides(line, path, line_no)
+        return None if encoded is None else encoded[0]
 
     return encode_line
 

@@ -26,8 +26,12 @@ class Task(Protocol):
     head: str
     """The model's output layer: lm or reward (models.builder)."""
     read_data: Optional[Callable]
-    """How it reads its rows: (paths, data_cfg, tokenizer, seq_length, folder, cfg=run config) -> dataset;
-    None: data.source. A dataset with ``samples_per_epoch`` counts that many samples per epoch, not its length."""
+    """How it reads its rows: (paths, data_cfg, tokenizer, seq_length, folder, cfg=run config, vision=a VLM's
+    data.images.VisionData or None) -> dataset; None: data.source. A dataset with ``samples_per_epoch`` counts
+    that many samples per epoch, not its length."""
+    takes_images: bool
+    """Whether it trains a vision-language model on rows with images; False: validation refuses it for a VLM
+    with ``no_images_why`` (one line saying why)."""
 
     # Optional: ``reference_copies(cfg) -> int``, frozen copies of the policy's weights the run holds (a
     # reference model; the memory planner adds their weights; absent: 0).
@@ -72,7 +76,7 @@ def register(cls: type) -> type:
 def rows_from_jsonl(cfg, problems: List[str]) -> None:
     """Tasks whose rows have their own JSONL shape (pairs, labelled completions): what they need of data."""
     task, data = cfg.task, cfg.data
-    if data.source not in ("jsonl", "sft"):
+    if data.source not in ("jsonl", "sft", "vl_sft"):
         problems.append(f"task={task.name} reads its rows from JSONL files; data.source={data.source} "
                         "is not one (use data=sft or data=jsonl with data.path)")
     if data.packing or data.streaming:

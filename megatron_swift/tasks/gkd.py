@@ -49,6 +49,9 @@ class GKDTask:
     forward_passes = 4 / 3  # the student's forward+backward (3 units) and the teacher's forward (1)
     head = "lm"
     read_data = None  # conversation rows from data.source (data=sft)
+    takes_images = False
+    no_images_why = ("its teacher and its on-policy generation (megatron_swift/rollout) take token rows only, "
+                     "so neither would see the images")
 
     def __init__(self, cfg, teacher, student, engines, pad_id: int, stops: List[int], own_layout=None):
         self.cfg, self.task = cfg, cfg.task

@@ -26,8 +26,9 @@ from megatron_swift.training import grpo_losses
 from megatron_swift.training.forward_only import collect, eval_mode
 
 
-def read_prompts(paths, data_cfg, tokenizer, seq_length: int, folder, cfg=None):
-    """The task's rows: prompts (data.prompts); one epoch is every prompt once, num_generations times."""
+def read_prompts(paths, data_cfg, tokenizer, seq_length: int, folder, cfg=None, vision=None):
+    """The task's rows: prompts (data.prompts); one epoch is every prompt once, num_generations times (text
+    only: validation refuses a VLM, ``vision`` is never given)."""
     from megatron_swift.data.errors import DataError
     from megatron_swift.rewards.scoring import REQUIRED_COLUMNS
 
@@ -79,6 +80,9 @@ class GRPOTask:
     forward_passes = 1.0
     head = "lm"
     read_data = staticmethod(read_prompts)
+    takes_images = False
+    no_images_why = ("its rollout engine (megatron_swift/rollout) generates from token prompts only, so the "
+                     "rollouts would not see the images")
     # Settings that decide which completions a step trains on: a resume with any of them changed is refused.
     data_keys = ("num_generations", "steps_per_generation", "max_completion_length", "temperature", "top_p",
                  "top_k", "dynamic_sampling", "max_resample")

@@ -17,6 +17,7 @@ class LMTask:
     forward_passes = 1.0  # model forward+backward passes per row, for FLOP counting
     head = "lm"  # the model's output layer (models.builder)
     read_data = None  # rows come from the data.source readers (data.sources)
+    takes_images = True  # data=vl_sft rows
 
     def __init__(self, packed_format: str):
         self.packed_format = packed_format

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from megatron_swift.data.preference import preference_source
+from megatron_swift.models.vlm import image_inputs
 from megatron_swift.tasks.base import rows_from_jsonl
 from megatron_swift.tasks.reports import reduce_reports
 from megatron_swift.training import cp_shard
@@ -36,8 +37,9 @@ def sequence_logps(token_losses: torch.Tensor, loss_mask: torch.Tensor):
 
 
 def lm_forward(batch, model):
-    """Per-token cross-entropy of the rows (the model's own vocabulary-parallel loss)."""
-    return model(batch.tokens, batch.position_ids, attention_mask=None, labels=batch.labels)
+    """Per-token cross-entropy of the rows (the model's own vocabulary-parallel loss); a VLM's rows with their
+    images (or a held tower's media) and image_index, as task=lm passes them."""
+    return model(batch.tokens, batch.position_ids, attention_mask=None, labels=batch.labels, **image_inputs(batch))
 
 
 def pair_rows_step(loss_func):
@@ -56,6 +58,7 @@ class ReferenceTask:
     forward_passes = 4 / 3
     head = "lm"  # the policy's output layer (models.builder)
     read_data = staticmethod(preference_source)  # (paths, data_cfg, tokenizer, seq_length, folder) -> dataset
+    takes_images = True  # rows with images (data.preference), passed to the policy and the reference alike
 
     @classmethod
     def validate(cls, cfg, problems: List[str]) -> None:

@@ -27,6 +27,7 @@ class ReferenceFreeTask:
     forward_passes = 1.0  # the policy's forward+backward only
     head = "lm"
     read_data = staticmethod(preference_source)
+    takes_images = True  # rows with images (data.preference): tasks.reference's forward passes them
     nll_key = "alpha"  # the task.* key weighting the chosen completion's NLL
 
     @staticmethod

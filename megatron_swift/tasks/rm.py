@@ -36,6 +36,9 @@ class RewardTask:
     forward_passes = 1.0
     head = "reward"
     read_data = staticmethod(preference_source)
+    takes_images = False
+    no_images_why = ("a reward model is exported as a transformers *ForSequenceClassification, which has no "
+                     "vision-language class")
 
     def __init__(self, task_cfg):
         self.cfg = task_cfg

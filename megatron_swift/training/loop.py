@@ -365,9 +365,10 @@ def _read_data(cfg, tokenizer, folder, output_dir: str, vision=None):
     wanted = cfg.train.train_iters * cfg.train.global_batch_size if cfg.train.train_iters else None
     read_data = task_class(cfg.task.name).read_data  # preference tasks read their own row shapes
     if read_data is not None:
-        train_data = read_data(cfg.data.path, cfg.data, tokenizer, cfg.train.seq_length, folder, cfg=cfg)
-        eval_data = (read_data(cfg.data.eval_path, cfg.data, tokenizer, cfg.train.seq_length, folder, cfg=cfg)
-                     if cfg.data.eval_path else None)
+        train_data = read_data(cfg.data.path, cfg.data, tokenizer, cfg.train.seq_length, folder, cfg=cfg,
+                               vision=vision)
+        eval_data = (read_data(cfg.data.eval_path, cfg.data, tokenizer, cfg.train.seq_length, folder, cfg=cfg,
+                               vision=vision) if cfg.data.eval_path else None)
     else:
         train_data = build_source(cfg.data, cfg.data.path, tokenizer, cfg.train.seq_length, cfg.train.seed,
                                   folder, wanted, cache, (ps.get_data_parallel_rank(),
@@ -400,8 +401,9 @@ def setup(cfg) -> Trainer:
     added = new_tokens.add_to_tokenizer(tokenizer, cfg.model, _print0)  # model.new_tokens, before <image>
     vocab = added.grow(arch.vocab_size or tokenizer.vocab_size)
     arch, vocab = add_image_token(arch, vocab, tokenizer)  # VLMs: the id the data marks image positions with
+    own_rows = task_class(cfg.task.name).read_data is not None  # the task reads its rows (which may have images)
     train_data, eval_data, num_samples, streaming = _read_data(cfg, tokenizer, folder, output_dir,
-                                                               vision_data(cfg, arch))
+                                                               vision_data(cfg, arch, own_rows))
     length = run_length.plan(num_samples, cfg.train.global_batch_size, None if streaming else cfg.train.max_epochs,
                              cfg.train.train_iters, data=list(cfg.data.path))
     sampler = DataParallelSampler(num_samples, cfg.train.global_batch_size, cfg.train.micro_batch_size,
