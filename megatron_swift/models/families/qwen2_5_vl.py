@@ -237,20 +237,39 @@ def vision_data(cfg, arch):
     """What vl_sft rows need: the folder's own image processor (data.min_pixels / max_pixels passed to it)
     decides each image's pixels, grid and token count; each <image> tag becomes <|vision_start|>, T image
     tokens, <|vision_end|>; positions are get_rope_index's per sample."""
-    return qwen_vision_data(folder_image_processor(cfg, FAMILY.name), arch)
+    return qwen_vision_data(folder_image_processor(cfg, FAMILY.name, processor_defaults(arch.vision_hf)), arch)
 
 
-def folder_image_processor(cfg, family: str):
-    """transformers' image processor of model.pretrained, with data.min_pixels / max_pixels passed to it."""
+def folder_image_processor(cfg, family: str, defaults: Optional[dict] = None):
+    """transformers' image processor of model.pretrained, with data.min_pixels / max_pixels passed to it; without
+    a folder (a model built from scratch: model.size) transformers' Qwen2-VL image processor with ``defaults``
+    (the published checkpoints' preprocessor_config.json values for the family's patch and merge sizes)."""
     from megatron_swift.data.images import load_image_processor
 
     folder = cfg.model.pretrained
-    if not folder:
-        raise DataError("model.pretrained", None, f"+model={family} with data.source=vl_sft needs "
-                                                  "model.pretrained: the HF folder whose image processor makes the pixels")
     overrides = {k: v for k, v in (("min_pixels", cfg.data.min_pixels), ("max_pixels", cfg.data.max_pixels))
                  if v is not None}
+    if not folder:
+        if defaults is None:
+            raise DataError("model.pretrained", None, f"+model={family} with data.source=vl_sft needs "
+                                                      "model.pretrained: the HF folder whose image processor makes the pixels")
+        return default_image_processor(defaults, **overrides)
     return load_image_processor(folder, **overrides).hf
+
+
+def default_image_processor(defaults: dict, **overrides):
+    """transformers' (PIL) Qwen2-VL image processor built from ``defaults`` and ``overrides`` (min/max_pixels)."""
+    import transformers
+
+    cls = getattr(transformers, "Qwen2VLImageProcessorPil", None) or transformers.Qwen2VLImageProcessor
+    return cls(**{**defaults, **overrides})
+
+
+def processor_defaults(vision_hf: dict) -> dict:
+    """The preprocessor_config.json of the published Qwen2.5-VL checkpoints, for this tower's patch sizes
+    (transformers' Qwen2-VL image processor: CLIP mean/std, 56x56 to 3584x3584 pixels)."""
+    return dict(patch_size=vision_hf.get("patch_size", 14), temporal_patch_size=vision_hf.get("temporal_patch_size", 2),
+                merge_size=vision_hf.get("spatial_merge_size", 2), min_pixels=3136, max_pixels=12845056)
 
 
 def qwen_vision_data(processor, arch, model_class: str = "Qwen2_5_VLModel", config=None):

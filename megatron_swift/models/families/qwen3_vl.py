@@ -225,7 +225,12 @@ class Qwen3VLFamily(Family):
         return 2 * ((3 if train_vision else 1) * tower + 3 * mergers)
 
     def vision_data(self, cfg, arch):
-        return qwen3_vision_data(folder_image_processor(cfg, self.name), arch)
+        # without a folder: the published Qwen3-VL preprocessor_config.json (16-px patches, mean/std 0.5,
+        # 256x256 to 4096x4096 pixels)
+        defaults = dict(patch_size=arch.vision_hf.get("patch_size", 16), merge_size=arch.vision_hf.get("spatial_merge_size", 2),
+                        temporal_patch_size=arch.vision_hf.get("temporal_patch_size", 2), image_mean=[0.5] * 3,
+                        image_std=[0.5] * 3, min_pixels=65536, max_pixels=16777216)
+        return qwen3_vision_data(folder_image_processor(cfg, self.name, defaults), arch)
 
 
 def qwen3_vision_data(processor, arch):
