@@ -176,6 +176,17 @@ class Family:
         """Parameters of a held tower (Arch.vision_hf), whole on each first-stage rank: {"encoder", "projector"}."""
         return {"encoder": 0, "projector": 0}
 
+    def tower_image_grid(self, arch, max_pixels: Optional[int]):
+        """The (t, h, w) patch grid of the largest image a held tower (Arch.vision_hf) gets under data.max_pixels
+        (the planner's worst case); None: the family's tower activations are not counted."""
+        return None
+
+    def tower_activation_bytes(self, arch, grids, train_tower: bool, train_merger: bool, eager: bool,
+                               dtype_bytes: int) -> int:
+        """Bytes autograd keeps through a held tower for one micro-batch's images (``grids``: (t, h, w) patch
+        grids); ``eager``: transformers' eager attention (model.attention_backend=local), else SDPA."""
+        return 0
+
     def tower_flops_per_token(self, arch, train_vision: bool) -> float:
         """Training FLOPs of a held tower (Arch.vision_hf) per image token the language model receives."""
         return 0.0

@@ -185,6 +185,53 @@ class QwenVLFamily(Family):
         merger = (patches * h) ** 2 + patches * h * out
         return 2 * ((3 if train_vision else 1) * tower + 3 * merger)
 
+    def tower_image_grid(self, arch, max_pixels: Optional[int]):
+        """The (t, h, w) patch grid of the largest image the processor makes under ``max_pixels`` (None: the
+        published processor's 12845056): its sides are multiples of patch x merge with h x w <= max_pixels
+        (transformers' smart_resize), the most merged tokens taken near-square."""
+        v = arch.vision_hf
+        merge = v.get("spatial_merge_size", 2)
+        return largest_grid(max_pixels or processor_defaults(v)["max_pixels"], v.get("patch_size", 14) * merge, merge)
+
+    def tower_activation_bytes(self, arch, grids, train_tower: bool, train_merger: bool, eager: bool,
+                               dtype_bytes: int) -> int:
+        """Bytes autograd keeps for one micro-batch's images (``grids``: their (t, h, w) patch grids) through
+        transformers' tower, as its ops save them (P patches, N = P / merge^2 tokens, d the compute dtype's
+        bytes; the RMSNorms and rotary work in fp32):
+
+        - a trained tower: the pixels (the patch convolution's input, P x 3 x 2 x 14^2 x d), the window-order
+          index (8N), cos and sin (2 x 4 P x head_dim, shared by the blocks); per block its two RMSNorms (the
+          fp32 input, 1/rms, the normalised value and the weighted output: (4 + 2d) P h + 4P each), QKV's output
+          (3 P h d: V is a view of it), rotated Q and K (2 P h d), the output projection's input (P h d), the gated
+          MLP (gate, SiLU, up, product: 4 P f d), and the attention: eager (model.attention_backend=local) keeps
+          the fp32 softmax of every window or image (heads x L^2 each, and its copy in the compute dtype when
+          that is not fp32); torch's SDPA its output (P h d) and log-sum-exp (4 x heads x P);
+        - the merger: when the tower trains, its RMSNorm's fp32 input, 1/rms and the un-permuting index
+          (4 P h + 4P + 8N) and GELU's input (P h d), plus when the merger trains too the normalised value, the
+          RMSNorm's output and GELU's output (3 P h d); when only the merger trains 4 P h d + 8N (those four);
+        - nothing when both are frozen."""
+        v = arch.vision_hf
+        h, f, heads, merge = v["hidden_size"], v["intermediate_size"], v["num_heads"], v.get("spatial_merge_size", 2)
+        grids = [tuple(int(x) for x in g) for g in grids]
+        P = sum(t * gh * gw for t, gh, gw in grids)
+        N, d = P // merge ** 2, dtype_bytes
+        if not train_tower:
+            return 4 * P * h * d + 8 * N if train_merger else 0
+        merger = (4 + (4 if train_merger else 1) * d) * P * h + 4 * P + 8 * N
+        pixels = P * v.get("in_channels", 3) * v.get("temporal_patch_size", 2) * v.get("patch_size", 14) ** 2 * d
+        shared = pixels + 8 * N + 2 * 4 * P * (h // heads)
+        block = (8 + 10 * d) * P * h + 8 * P + 4 * P * f * d
+        total = merger + shared + v["depth"] * block
+        if not eager:
+            return total + v["depth"] * (P * h * d + 4 * heads * P)
+        units = v.get("window_size", 112) // v.get("patch_size", 14) // merge  # a window's side in merged tokens
+        full = sum(t * (gh * gw) ** 2 for t, gh, gw in grids)
+        windows = sum(t * merge ** 4 * _square_chunks(gh // merge, units) * _square_chunks(gw // merge, units)
+                      for t, gh, gw in grids)
+        per_score = heads * (4 + (d if d != 4 else 0))
+        full_blocks = len(v.get("fullatt_block_indexes") or [])
+        return total + per_score * (full_blocks * full + (v["depth"] - full_blocks) * windows)
+
     def vision_data(self, cfg, arch):
         return vision_data(cfg, arch)
 
@@ -316,6 +363,22 @@ def _upright_size(file: str):
         if image.getexif().get(0x0112) in (5, 6, 7, 8):
             width, height = height, width
     return height, width
+
+
+def largest_grid(max_pixels: int, factor: int, merge: int) -> tuple:
+    """(1, h, w) patches of the largest near-square image with sides multiples of ``factor`` px and at most
+    ``max_pixels`` pixels: U = max_pixels // factor^2 merged tokens, as many as a side^2 x (U // side) grid holds."""
+    import math
+
+    tokens = max(1, max_pixels // factor ** 2)
+    side = max(1, math.isqrt(tokens))
+    return (1, side * merge, tokens // side * merge)
+
+
+def _square_chunks(n: int, size: int) -> int:
+    """Sum of squares of the lengths ``n`` splits into: windows of ``size`` and the remainder (transformers'
+    get_vision_window_index pads the grid to whole windows, the padding dropped)."""
+    return (n // size) * size ** 2 + (n % size) ** 2
 
 
 def tower_parameter_names(vision_hf: dict) -> list:
