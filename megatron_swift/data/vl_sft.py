@@ -193,6 +193,16 @@ class VLRows(SFTRows):
         """Mean image tokens per row (a held tower's FLOPs follow its images' sizes)."""
         return sum(int(c.sum()) for c in self.samples.counts) / max(1, len(self.rows))
 
+    @property
+    def image_sizes(self) -> dict:
+        """{image tokens: mean images of that many tokens per row} (a held tower's attention FLOPs grow with
+        each image's own size)."""
+        sizes: dict = {}
+        for counts in self.samples.counts:
+            for tokens in counts.tolist():
+                sizes[int(tokens)] = sizes.get(int(tokens), 0) + 1
+        return {tokens: n / max(1, len(self.rows)) for tokens, n in sizes.items()}
+
     def __getitem__(self, index: int) -> dict:
         row = super().__getitem__(index)
         image_index = np.full(self.seq_length, -1, dtype=np.int64)

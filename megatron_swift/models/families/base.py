@@ -187,8 +187,9 @@ class Family:
         grids); ``eager``: transformers' eager attention (model.attention_backend=local), else SDPA."""
         return 0
 
-    def tower_flops_per_token(self, arch, train_vision: bool) -> float:
-        """Training FLOPs of a held tower (Arch.vision_hf) per image token the language model receives."""
+    def tower_flops_per_token(self, arch, train_vision: bool, image_tokens: Optional[int] = None) -> float:
+        """Training FLOPs of a held tower (Arch.vision_hf) per image token the language model receives, for an
+        image of ``image_tokens`` tokens (None: not known; the family's lower bound)."""
         return 0.0
 
     def check_inputs(self, folder: str, hf: dict, images: list, seq: int, generator) -> dict:

@@ -156,10 +156,11 @@ class InternVLFamily(Family):
         return {"encoder": embed + v["num_hidden_layers"] * layer + final,
                 "projector": 2 * wide + wide * H + H + H * H + H}
 
-    def tower_flops_per_token(self, arch, train_vision: bool) -> float:
+    def tower_flops_per_token(self, arch, train_vision: bool, image_tokens: Optional[int] = None) -> float:
         """Per LLM image token: the 1 / ratio^2 patches pixel shuffle folds into it (plus its share of the class
         token) through the patch embedding and every InternViT layer (Q/K/V + output 4h^2, MLP 2hf, scores and
-        values 2h x the tile's positions), then the projector (LayerNorm, 4h -> H -> H). Training is 3x the
+        values 2h x the tile's positions: tiles have one size, ``image_tokens`` changes nothing), then the
+        projector (LayerNorm, 4h -> H -> H). Training is 3x the
         forward, the tower's part 1x when it is frozen (train.train_vision=false); the projector always trains."""
         v, options = arch.vision_hf, arch.family_options
         h, f, depth = v["hidden_size"], v["intermediate_size"], v["num_hidden_layers"]

@@ -169,19 +169,25 @@ class QwenVLFamily(Family):
         merger = h + (wide * wide + wide) + (wide * v["out_hidden_size"] + v["out_hidden_size"])
         return {"encoder": embed + v["depth"] * block, "projector": merger}
 
-    def tower_flops_per_token(self, arch, train_vision: bool) -> float:
+    def tower_flops_per_token(self, arch, train_vision: bool, image_tokens: Optional[int] = None) -> float:
         """Per LLM image token (merge^2 patches): patch embedding, the blocks (QKV + output 4h^2, gated MLP 3hf,
-        scores and values 2h x the patches a window holds; the full-attention blocks counted as windows: the
-        image size is not known here, a lower bound), and the merger (4h -> 4h -> out). Training is 3x the
-        forward, the tower's part 1x when it is frozen (train.train_vision=false); the merger always trains."""
+        scores and values 2h x the keys a patch attends to), and the merger (4h -> 4h -> out). The keys: in a
+        full-attention block the image's P = image_tokens x merge^2 patches, in a windowed one a window's
+        patches (at most P); without ``image_tokens`` (the image unknown) the full-attention blocks are counted
+        as windows, a lower bound. Training is 3x the forward, the tower's part 1x when it is frozen
+        (train.train_vision=false); the merger always trains."""
         v = arch.vision_hf
         h, f, depth = v["hidden_size"], v["intermediate_size"], v["depth"]
         merge, patch, out = v.get("spatial_merge_size", 2), v.get("patch_size", 14), v["out_hidden_size"]
         patches = merge ** 2
         window = (v.get("window_size", 112) // patch) ** 2
+        full_blocks = len(v.get("fullatt_block_indexes") or []) if image_tokens else 0
+        keys = image_tokens * patches if image_tokens else window
+        window = min(window, keys)
         embed = v.get("in_channels", 3) * v.get("temporal_patch_size", 2) * patch ** 2 * h
-        block = 4 * h * h + 3 * h * f + 2 * h * window
-        tower = patches * (embed + depth * block)
+        block = 4 * h * h + 3 * h * f
+        attention = 2 * h * (full_blocks * keys + (depth - full_blocks) * window)
+        tower = patches * (embed + depth * block + attention)
         merger = (patches * h) ** 2 + patches * h * out
         return 2 * ((3 if train_vision else 1) * tower + 3 * merger)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 from megatron_swift.convert.rules import Direct
 from megatron_swift.convert.tables import prefixed
@@ -210,17 +211,18 @@ class Qwen3VLFamily(Family):
         deep = len(v.get("deepstack_visual_indexes") or ())
         return {"encoder": embed + v["depth"] * block, "projector": 2 * h + linears + deep * (2 * wide + linears)}
 
-    def tower_flops_per_token(self, arch, train_vision: bool) -> float:
-        """Per LLM image token (merge^2 patches): patch embedding, the blocks (QKV + output 4h^2, MLP 2hf; the
-        attention scores over the whole image are not counted: the image size is not known here, a lower
-        bound), the merger and the DeepStack mergers (4h -> 4h -> out each). Training 3x the forward, the
-        tower 1x when frozen; the mergers always train."""
+    def tower_flops_per_token(self, arch, train_vision: bool, image_tokens: Optional[int] = None) -> float:
+        """Per LLM image token (merge^2 patches): patch embedding, the blocks (QKV + output 4h^2, MLP 2hf, and
+        scores and values 2h x the image's P = image_tokens x merge^2 patches: every block attends over the
+        whole image; without ``image_tokens`` not counted, a lower bound), the merger and the DeepStack mergers
+        (4h -> 4h -> out each). Training 3x the forward, the tower 1x when frozen; the mergers always train."""
         v = arch.vision_hf
         h, f, depth = v["hidden_size"], v["intermediate_size"], v["depth"]
         merge, patch, out = v.get("spatial_merge_size", 2), v.get("patch_size", 16), v["out_hidden_size"]
         patches = merge ** 2
         embed = v.get("in_channels", 3) * v.get("temporal_patch_size", 2) * patch ** 2 * h
-        tower = patches * (embed + depth * (4 * h * h + 2 * h * f))
+        keys = (image_tokens or 0) * patches
+        tower = patches * (embed + depth * (4 * h * h + 2 * h * f + 2 * h * keys))
         mergers = (1 + len(v.get("deepstack_visual_indexes") or ())) * ((patches * h) ** 2 + patches * h * out)
         return 2 * ((3 if train_vision else 1) * tower + 3 * mergers)
 

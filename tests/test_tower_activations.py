@@ -1,0 +1,117 @@
+"""A held tower's activation memory and FLOPs as the planner and the progress line count them
+(families/qwen2_5_vl.py): against what autograd really saves through transformers' Qwen2.5-VL tower
+(plan.measure.SavedTensors), the grid transformers' image processor gives at data.max_pixels, and torch's
+FlopCounterMode."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from megatron_swift.models.families.qwen2_5_vl import FAMILY, _vision_module_class, tower_features, vision_config
+from megatron_swift.models.held_tower import build_held_tower
+from megatron_swift.plan.measure import SavedTensors
+
+
+class _Arch:
+    """What the family's counts read: the tower's vision_config and the LM width."""
+
+    def __init__(self, **vision):
+        self.vision_hf = dict(FAMILY.sizes["tiny"].vision_hf, **vision)
+        self.hidden_size = 64
+
+
+# 3 blocks, the middle one on full attention; 56-px windows (16 patches)
+ARCH = _Arch(depth=3, fullatt_block_indexes=[1])
+
+
+def _tower(attention: str, dtype, train_tower: bool, train_merger: bool):
+    config = vision_config(ARCH.vision_hf)
+    tower = build_held_tower(lambda a: _vision_module_class()._from_config(config, attn_implementation=a),
+                             tower_features, attention, "cpu").to(dtype)
+    for name, p in tower.named_parameters():
+        p.requires_grad_(train_merger if name.startswith("hf.merger.") else train_tower)
+    return tower
+
+
+def _pixels(sizes, max_pixels=10 ** 6):
+    processor = transformers.Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=max_pixels)
+    out = processor(images=[np.zeros((h, w, 3), np.uint8) for h, w in sizes], return_tensors="pt")
+    return out["pixel_values"], out["image_grid_thw"]
+
+
+# A square image whose sides are whole windows; two images, one cut into partial windows (84 x 56 px).
+@pytest.mark.parametrize("sizes", [[(112, 112)], [(112, 224), (84, 56)]], ids=["one", "two-partial"])
+@pytest.mark.parametrize("attention,dtype,train_tower,train_merger", [
+    ("local", torch.float32, True, True), ("local", torch.bfloat16, True, False), ("sdpa", torch.bfloat16, True, True),
+    ("sdpa", torch.float32, False, True)])
+def test_tower_activation_bytes_equal_what_autograd_saves(sizes, attention, dtype, train_tower, train_merger):
+    """tower_activation_bytes (from the grids alone) equals the bytes of the distinct storages autograd keeps for
+    backward through transformers' module (parameters apart): eager and SDPA, fp32 and bf16, tower and merger
+    trained or frozen."""
+    tower = _tower(attention, dtype, train_tower, train_merger)
+    pixels, grid = _pixels(sizes)
+    with SavedTensors(tower.parameters()) as saved:
+        tower(pixel_values=pixels, image_grid_thw=grid)
+    planned = FAMILY.tower_activation_bytes(ARCH, grid.tolist(), train_tower, train_merger, attention == "local",
+                                            torch.finfo(dtype).bits // 8)
+    assert planned == saved.bytes > 0
+    assert FAMILY.tower_activation_bytes(ARCH, grid.tolist(), False, False, attention == "local", 4) == 0
+
+
+@pytest.mark.parametrize("tokens_side", [(4, 4), (5, 7)])
+def test_largest_image_grid_is_the_processors(tokens_side):
+    """The planner's image at data.max_pixels = U merged tokens: an image of exactly those sides gets that grid
+    from transformers' processor, and no aspect ratio gets more patches."""
+    rows, cols = tokens_side
+    max_pixels = rows * cols * 28 * 28
+    t, h, w = FAMILY.tower_image_grid(ARCH, max_pixels)
+    assert t == 1 and h * w == 4 * rows * cols
+    for size in [(28 * rows, 28 * cols), (1000, 1000), (300, 2000), (2000, 500)]:
+        _, grid = _pixels([size], max_pixels)
+        assert int(grid.prod()) <= h * w, (size, grid.tolist())
+    _, grid = _pixels([(28 * rows, 28 * cols)], max_pixels)
+    assert int(grid.prod()) == h * w
+
+
+def test_tower_flops_with_the_image_size_equal_torch_flop_counter():
+    """With the image's token count known the full-attention block attends over the whole image: the forward
+    FLOPs per image token equal FlopCounterMode's over transformers' module (eager: attention as matmuls) on a
+    224 x 112 image (whole 56-px windows, 128 patches), and exceed the lower bound that counts it as windows."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    tower = _tower("local", torch.float32, False, False)
+    pixels, grid = _pixels([(112, 224)])
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        features = tower(pixel_values=pixels, image_grid_thw=grid)
+    tokens = len(features)
+    frozen, trained = (FAMILY.tower_flops_per_token(ARCH, t, tokens) for t in (False, True))
+    tower_flops = (trained - frozen) / 2  # frozen: 2 x (tower + 3 merger), trained: 2 x (3 tower + 3 merger)
+    merger_flops = (frozen - tower_flops) / 3
+    assert counter.get_total_flops() / tokens == pytest.approx(tower_flops + merger_flops, rel=1e-9)
+    assert FAMILY.tower_flops_per_token(ARCH, True) < trained
+
+
+def test_step_flops_count_each_image_at_its_size():
+    """flops_per_step with the data's image sizes ({tokens: images per row}) against a hand count for the 7B
+    tower: per image token 4 patches through the patch embedding, 32 blocks (projections, gated MLP) and the
+    merger; scores and values over 64-patch windows in 28 blocks and over the image's 4 x T patches in the 4
+    full-attention blocks."""
+    from omegaconf import OmegaConf
+
+    from megatron_swift.models.arch import resolve
+    from megatron_swift.training.flops import flops_per_step
+
+    arch = resolve(OmegaConf.create(dict(family="qwen2_5_vl", size="7b", pretrained=None, llm=None)))
+    sizes = {1000: 0.5, 250: 2.0}  # per row: half an image of 1000 tokens, two of 250
+    base = flops_per_step(arch, 4096, 152064, 8)
+    got = flops_per_step(arch, 4096, 152064, 8, 2.5, True, 1000.0, sizes) - base
+    h, f, out = 1280, 3420, 3584
+    want = 0.0
+    for tokens, count in sizes.items():
+        patches = 4 * tokens
+        forward = 4 * (3 * 2 * 14 * 14 * h + 32 * (4 * h * h + 3 * h * f) + 2 * h * (28 * 64 + 4 * patches))
+        merger = (4 * h) ** 2 + 4 * h * out
+        want += 2 * 3 * (forward + merger) * tokens * count * 8
+    assert got == pytest.approx(want, rel=1e-12)
