@@ -60,6 +60,33 @@ def test_tower_activation_bytes_equal_what_autograd_saves(sizes, attention, dtyp
     assert FAMILY.tower_activation_bytes(ARCH, grid.tolist(), False, False, attention == "local", 4) == 0
 
 
+# Qwen3-VL: DeepStack mergers after block 0 and after the last block (whose output the main merger keeps too),
+# or after block 1.
+@pytest.mark.parametrize("deepstack", [[0, 2], [1]])
+@pytest.mark.parametrize("attention,dtype,train_tower,train_merger", [
+    ("local", torch.bfloat16, True, True), ("sdpa", torch.float32, True, False), ("sdpa", torch.bfloat16, False, True)])
+def test_qwen3_vl_tower_activation_bytes_equal_what_autograd_saves(deepstack, attention, dtype, train_tower,
+                                                                   train_merger):
+    """The same for Qwen3-VL's tower (LayerNorms, learned positions, full attention in every block, DeepStack)
+    on two images of different sizes (16-px patches)."""
+    from megatron_swift.models.families import qwen3_vl
+
+    arch = _Arch()
+    arch.vision_hf = dict(qwen3_vl.FAMILY.sizes["tiny"].vision_hf, deepstack_visual_indexes=deepstack)
+    config = qwen3_vl.vision_config(arch.vision_hf)
+    tower = build_held_tower(lambda a: qwen3_vl._vision_module_class()._from_config(config, attn_implementation=a),
+                             qwen3_vl.tower_features, attention, "cpu").to(dtype)
+    for name, p in tower.named_parameters():
+        p.requires_grad_(train_merger if "merger" in name else train_tower)
+    processor = transformers.Qwen2VLImageProcessorPil(min_pixels=32 * 32, max_pixels=10 ** 6, patch_size=16)
+    out = processor(images=[np.zeros((128, 256, 3), np.uint8), np.zeros((96, 64, 3), np.uint8)], return_tensors="pt")
+    with SavedTensors(tower.parameters()) as saved:
+        tower(pixel_values=out["pixel_values"], image_grid_thw=out["image_grid_thw"])
+    planned = qwen3_vl.FAMILY.tower_activation_bytes(arch, out["image_grid_thw"].tolist(), train_tower, train_merger,
+                                                     attention == "local", torch.finfo(dtype).bits // 8)
+    assert planned == saved.bytes > 0
+
+
 @pytest.mark.parametrize("tokens_side", [(4, 4), (5, 7)])
 def test_largest_image_grid_is_the_processors(tokens_side):
     """The planner's image at data.max_pixels = U merged tokens: an image of exactly those sides gets that grid
