@@ -142,3 +142,33 @@ def test_step_flops_count_each_image_at_its_size():
         merger = (4 * h) ** 2 + 4 * h * out
         want += 2 * 3 * (forward + merger) * tokens * count * 8
     assert got == pytest.approx(want, rel=1e-12)
+
+
+@pytest.mark.parametrize("norm,qk_norm,attention,dtype,train_tower,train_merger", [
+    ("layer_norm", True, "eager", torch.bfloat16, True, True), ("rms_norm", False, "sdpa", torch.float32, True, False),
+    ("layer_norm", False, "sdpa", torch.bfloat16, False, True)])
+def test_internvl_tower_activation_bytes_equal_what_autograd_saves(norm, qk_norm, attention, dtype, train_tower,
+                                                                   train_merger):
+    """The same for InternVL's InternViT and projector (LayerNorm or RMSNorm, with or without QK norm, layer
+    scale, the class token, pixel shuffle) on 3 tiles, and the planner's tiles under data.max_pixels."""
+    import dataclasses
+
+    from omegaconf import OmegaConf
+
+    from megatron_swift.models.arch import resolve
+    from megatron_swift.models.families.internvl import tower_config
+    from megatron_swift.models.internvl_tower import build_internvl_tower, internvl_features
+
+    tiny = resolve(OmegaConf.create(dict(family="internvl", size="tiny", pretrained=None, llm=None)))
+    arch = dataclasses.replace(tiny, vision_hf=dict(tiny.vision_hf, norm_type=norm, use_qk_norm=qk_norm))
+    tower = build_internvl_tower(tower_config(arch), attention).to(dtype)
+    for name, p in tower.named_parameters():
+        p.requires_grad_(train_merger if name.startswith("multi_modal_projector.") else train_tower)
+    side = arch.vision_hf["image_size"][0]
+    with SavedTensors(tower.parameters()) as saved:
+        internvl_features(tower, torch.randn(3, 3, side, side).to(dtype))
+    grid = arch.family.tower_image_grid(arch, 2 * side * side)  # two tiles and the thumbnail
+    assert grid == (3, side // 14, side // 14)
+    planned = arch.family.tower_activation_bytes(arch, [grid], train_tower, train_merger, attention == "eager",
+                                                 torch.finfo(dtype).bits // 8)
+    assert planned == saved.bytes > 0

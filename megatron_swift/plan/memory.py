@@ -30,7 +30,7 @@ weights, gradients and optimizer state are exact up to bucket padding.
 A VLM's first stage also holds its vision encoder and projector (:func:`vision_params`; their TP split as
 megatron-core makes it); a frozen encoder (the default) has no gradients or optimizer state and, run without
 gradients, keeps no activations; a training one keeps ``34·T·h_v`` per layer and image (one image per row).
-A tower held whole (Arch.vision_hf: Qwen2.5-VL) adds, on every first-stage rank, what autograd keeps through it
+A tower held whole (Arch.vision_hf: Qwen2.5-VL, Qwen3-VL, InternVL) adds, on every first-stage rank, what autograd keeps through it
 for a micro-batch's images (Family.tower_activation_bytes, exact for its ops): the images of a row are
 Layout.tower_images (tools/plan.py: ``--images-per-row`` images, each the largest data.max_pixels allows).
 
