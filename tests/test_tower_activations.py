@@ -100,6 +100,7 @@ def test_largest_image_grid_is_the_processors(tokens_side):
         assert int(grid.prod()) <= h * w, (size, grid.tolist())
     _, grid = _pixels([(28 * rows, 28 * cols)], max_pixels)
     assert int(grid.prod()) == h * w
+    assert FAMILY.tower_image_grid(ARCH, max_pixels, max_tokens=6) == (1, 4, 6)  # a row of 6 image tokens
 
 
 def test_tower_flops_with_the_image_size_equal_torch_flop_counter():

@@ -108,11 +108,14 @@ def layout_of(cfg, world: int, arch=None, images_per_row: int = 1) -> Layout:
 
 def tower_fields(cfg, arch, images_per_row: int = 1) -> dict:
     """Layout fields of a held tower (Arch.vision_hf) under ``cfg``: ``images_per_row`` images each the largest
-    data.max_pixels allows (a micro-batch row's worst case; min_pixels only raises small images up to it),
+    data.max_pixels allows, and no longer than train.seq_length / images_per_row tokens (a micro-batch row's
+    worst case; min_pixels only raises small images up to it),
     whether the merger trains, and the attention transformers runs (eager for model.attention_backend=local)."""
     if getattr(arch, "vision_hf", None) is None:
         return {}
-    grid = arch.family.tower_image_grid(arch, cfg.data.get("max_pixels"))
+    # an image longer than a row is dropped by the data: a row's share of train.seq_length bounds its tokens
+    grid = arch.family.tower_image_grid(arch, cfg.data.get("max_pixels"),
+                                        cfg.train.seq_length // max(1, images_per_row))
     return dict(tower_images=(tuple(grid),) * images_per_row if grid else (),
                 train_projector="projector" not in (cfg.train.freeze or []),
                 tower_eager=cfg.model.attention_backend == "local")

@@ -176,9 +176,9 @@ class Family:
         """Parameters of a held tower (Arch.vision_hf), whole on each first-stage rank: {"encoder", "projector"}."""
         return {"encoder": 0, "projector": 0}
 
-    def tower_image_grid(self, arch, max_pixels: Optional[int]):
+    def tower_image_grid(self, arch, max_pixels: Optional[int], max_tokens: Optional[int] = None):
         """The (t, h, w) patch grid of the largest image a held tower (Arch.vision_hf) gets under data.max_pixels
-        (the planner's worst case); None: the family's tower activations are not counted."""
+        and of at most ``max_tokens`` image tokens (the planner's worst case); None: not counted."""
         return None
 
     def tower_activation_bytes(self, arch, grids, train_tower: bool, train_merger: bool, eager: bool,

@@ -172,14 +172,18 @@ class InternVLFamily(Family):
         projector = shuffled * arch.hidden_size + arch.hidden_size ** 2
         return 2 * ((3 if train_vision else 1) * tower + 3 * projector)
 
-    def tower_image_grid(self, arch, max_pixels: Optional[int]):
+    def tower_image_grid(self, arch, max_pixels: Optional[int], max_tokens: Optional[int] = None):
         """(tiles, patches per side, patches per side) of the most tiles an image gets under ``max_pixels``:
-        max_pixels // tile area tiles (None: GotOcr2's default max_patches, 12) plus the thumbnail."""
+        max_pixels // tile area tiles (None: GotOcr2's default max_patches, 12) plus the thumbnail, no more
+        than ``max_tokens`` (what a row holds) take."""
         v = arch.vision_hf
         side = _side(v["image_size"])
         tiles = max(1, max_pixels // side ** 2) if max_pixels else 12
+        tiles += 1 if tiles > 1 else 0
+        if max_tokens:
+            tiles = max(1, min(tiles, max_tokens // arch.family_options["image_seq_length"]))
         per_side = side // _side(v["patch_size"])
-        return (tiles + (1 if tiles > 1 else 0), per_side, per_side)
+        return (tiles, per_side, per_side)
 
     def tower_activation_bytes(self, arch, grids, train_tower: bool, train_merger: bool, eager: bool,
                                dtype_bytes: int) -> int:

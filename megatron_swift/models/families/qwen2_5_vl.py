@@ -191,13 +191,15 @@ class QwenVLFamily(Family):
         merger = (patches * h) ** 2 + patches * h * out
         return 2 * ((3 if train_vision else 1) * tower + 3 * merger)
 
-    def tower_image_grid(self, arch, max_pixels: Optional[int]):
+    def tower_image_grid(self, arch, max_pixels: Optional[int], max_tokens: Optional[int] = None):
         """The (t, h, w) patch grid of the largest image the processor makes under ``max_pixels`` (None: the
         published processor's 12845056): its sides are multiples of patch x merge with h x w <= max_pixels
-        (transformers' smart_resize), the most merged tokens taken near-square."""
+        (transformers' smart_resize), the most merged tokens (at most ``max_tokens``: what a row holds) taken
+        near-square."""
         v = arch.vision_hf
         merge = v.get("spatial_merge_size", 2)
-        return largest_grid(max_pixels or processor_defaults(v)["max_pixels"], v.get("patch_size", 14) * merge, merge)
+        return largest_grid(max_pixels or processor_defaults(v)["max_pixels"], v.get("patch_size", 14) * merge, merge,
+                            max_tokens)
 
     def tower_activation_bytes(self, arch, grids, train_tower: bool, train_merger: bool, eager: bool,
                                dtype_bytes: int) -> int:
@@ -371,12 +373,13 @@ def _upright_size(file: str):
     return height, width
 
 
-def largest_grid(max_pixels: int, factor: int, merge: int) -> tuple:
+def largest_grid(max_pixels: int, factor: int, merge: int, max_tokens: Optional[int] = None) -> tuple:
     """(1, h, w) patches of the largest near-square image with sides multiples of ``factor`` px and at most
-    ``max_pixels`` pixels: U = max_pixels // factor^2 merged tokens, as many as a side^2 x (U // side) grid holds."""
+    ``max_pixels`` pixels: U = max_pixels // factor^2 merged tokens (at most ``max_tokens``), as many as a
+    side x (U // side) grid holds."""
     import math
 
-    tokens = max(1, max_pixels // factor ** 2)
+    tokens = max(1, min(max_pixels // factor ** 2, max_tokens or max_pixels))
     side = max(1, math.isqrt(tokens))
     return (1, side * merge, tokens // side * merge)
 

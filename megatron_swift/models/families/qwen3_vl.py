@@ -227,14 +227,14 @@ class Qwen3VLFamily(Family):
         mergers = (1 + len(v.get("deepstack_visual_indexes") or ())) * ((patches * h) ** 2 + patches * h * out)
         return 2 * ((3 if train_vision else 1) * tower + 3 * mergers)
 
-    def tower_image_grid(self, arch, max_pixels: Optional[int]):
-        """The largest image under ``max_pixels`` (None: the published processor's 16777216), as for Qwen2.5-VL
-        with 16-px patches."""
+    def tower_image_grid(self, arch, max_pixels: Optional[int], max_tokens: Optional[int] = None):
+        """The largest image under ``max_pixels`` (None: the published processor's 16777216) and ``max_tokens``,
+        as for Qwen2.5-VL with 16-px patches."""
         from megatron_swift.models.families.qwen2_5_vl import largest_grid
 
         v = arch.vision_hf
         merge = v.get("spatial_merge_size", 2)
-        return largest_grid(max_pixels or _MAX_PIXELS, v.get("patch_size", 16) * merge, merge)
+        return largest_grid(max_pixels or _MAX_PIXELS, v.get("patch_size", 16) * merge, merge, max_tokens)
 
     def tower_activation_bytes(self, arch, grids, train_tower: bool, train_merger: bool, eager: bool,
                                dtype_bytes: int) -> int:
