@@ -173,3 +173,25 @@ def test_internvl_tower_activation_bytes_equal_what_autograd_saves(norm, qk_norm
     planned = arch.family.tower_activation_bytes(arch, [grid], train_tower, train_merger, attention == "eager",
                                                  torch.finfo(dtype).bits // 8)
     assert planned == saved.bytes > 0
+
+
+def test_qwen3_vl_tower_flops_with_the_image_size_equal_torch_flop_counter():
+    """Qwen3-VL attends over the whole image in every block: with the image's token count its forward FLOPs per
+    image token (tower, merger and DeepStack mergers) equal FlopCounterMode's over transformers' module."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from megatron_swift.models.families import qwen3_vl
+
+    arch = _Arch()
+    arch.vision_hf = dict(qwen3_vl.FAMILY.sizes["tiny"].vision_hf)
+    config = qwen3_vl.vision_config(arch.vision_hf)
+    tower = build_held_tower(lambda a: qwen3_vl._vision_module_class()._from_config(config, attn_implementation=a),
+                             qwen3_vl.tower_features, "local", "cpu")
+    processor = transformers.Qwen2VLImageProcessorPil(min_pixels=32 * 32, max_pixels=10 ** 6, patch_size=16)
+    out = processor(images=[np.zeros((128, 192, 3), np.uint8)], return_tensors="pt")
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        main, _ = tower(pixel_values=out["pixel_values"], image_grid_thw=out["image_grid_thw"])
+    tokens = len(main)
+    frozen, trained = (qwen3_vl.FAMILY.tower_flops_per_token(arch, t, tokens) for t in (False, True))
+    tower_flops = (trained - frozen) / 2
+    assert counter.get_total_flops() / tokens == pytest.approx(tower_flops + (frozen - tower_flops) / 3, rel=1e-9)
