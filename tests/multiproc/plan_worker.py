@@ -13,25 +13,25 @@ sys.path.insert(0, ROOT)
 
 
 def watch_towers(model) -> list:
-    """Hooks on every HeldTower of ``model``: the saved-tensor bytes of each of its forwards, appended to the
-    returned list."""
+    """Hooks on every HeldTower of ``model``: the bytes autograd saves in each of its forwards (parameters apart),
+    appended to the returned list."""
     from megatron_swift.models.held_tower import HeldTower
     from megatron_swift.plan.measure import SavedTensors
 
     seen, active = [], {}
+
+    def enter(module, args, kwargs):
+        active[module] = SavedTensors(module.parameters()).__enter__()
+
+    def leave(module, args, kwargs, output):
+        saved = active.pop(module)
+        saved.__exit__(None, None, None)
+        seen.append(saved.bytes)
+
     for tower in (m for chunk in model for m in chunk.modules() if isinstance(m, HeldTower)):
-        def enter(module, args, kwargs):
-            active[module] = SavedTensors(module.parameters()).__enter__()
-
         tower.register_forward_pre_hook(enter, with_kwargs=True)
-        tower.register_forward_hook(lambda m, a, k, o: seen.append(_close(active, m)), with_kwargs=True)
+        tower.register_forward_hook(leave, with_kwargs=True)
     return seen
-
-
-def _close(active: dict, module) -> int:
-    saved = active.pop(module)
-    saved.__exit__(None, None, None)
-    return saved.bytes
 
 
 def main() -> None:
