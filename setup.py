@@ -30,9 +30,12 @@ setup(
         "rl": ["math-verify>=0.7,<1"],
         # Vision-language models: the encoders' image processors (transformers, on PIL) and the VL demo tools.
         "vl": ["transformers>=4.45", "pillow>=9"],
+        # Video rows of vision-language SFT (Qwen2.5-VL): PyAV decodes the files (data/videos.py).
+        "video": ["av>=12"],
         # scikit-learn ships two real JPEGs (china.jpg, flower.jpg) the vision tests use; trl's own CPO/ORPO/GKD
         # loss functions are the ground truth of tests/test_reference_free_losses.py (pulls datasets/pandas/pyarrow).
-        "test": ["pytest>=8", "transformers>=4.45", "pillow>=9", "peft>=0.15", "math-verify>=0.7,<1",
-                 "scikit-learn>=1.3", "trl>=1.0,<2"],
+        # pytest-xdist: the suite's two workers (multi-process tests on one, in-process ones beside; tests/conftest.py).
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "transformers>=4.45", "pillow>=9", "peft>=0.15",
+                 "math-verify>=0.7,<1", "scikit-learn>=1.3", "trl>=1.0,<2", "av>=12"],
     },
 )

@@ -89,3 +89,13 @@ def tiny_corpus(tmp_path) -> Path:
     rows = [{"text": f"row {i}: the cat sat on mat number {i * 7 % 13} and looked at the door."} for i in range(200)]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return path
+
+
+def pytest_collection_modifyitems(config, items):
+    """The suite's command runs two pytest-xdist workers (``-n 2 --dist loadgroup``): one takes every
+    multi-process test, in file order (each launches ranks that already fill the machine's cores, so two at once
+    would only slow each other and tempt timeouts); the other runs the in-process tests meanwhile, on the time
+    the launches leave idle (imports, rendezvous, saves). Without xdist the marks do nothing."""
+    for item in items:
+        group = "multiproc" if item.nodeid.startswith("tests/multiproc/") else "inprocess"
+        item.add_marker(pytest.mark.xdist_group(group))

@@ -30,7 +30,7 @@ def test_no_model_lists_the_families(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == ("megatron-swift: error: no model chosen: add +model=<family>, one of: deepseek, "
                                    "glm4_moe, internvl, llama, llava, mimo, mixtral, olmo2, phi3, qwen2, qwen2_5_vl, "
-                                   "qwen2_moe, qwen3, qwen3_moe, qwen3_vl")
+                                   "qwen2_moe, qwen3, qwen3_moe, qwen3_vl, qwen3_vl_moe")
     assert not (tmp_path / "outputs").exists()
 
 
@@ -39,7 +39,7 @@ def test_unknown_model_names_the_choices():
     assert proc.returncode == 2
     assert proc.stderr.strip() == ("megatron-swift: error: model=gpt5: no such model; choose one of: deepseek, "
                                    "glm4_moe, internvl, llama, llava, mimo, mixtral, olmo2, phi3, qwen2, qwen2_5_vl, "
-                                   "qwen2_moe, qwen3, qwen3_moe, qwen3_vl")
+                                   "qwen2_moe, qwen3, qwen3_moe, qwen3_vl, qwen3_vl_moe")
 
 
 def test_a_misspelt_key_or_another_tasks_setting_is_one_line():

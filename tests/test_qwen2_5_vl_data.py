@@ -1,6 +1,7 @@
 """Qwen2.5-VL image rows (data/vl_sft.py with families/qwen2_5_vl.qwen_vision_data): token ids, pixel values and
 grids equal transformers' Qwen2_5_VLProcessor's on real photographs of two sizes; positions equal
-get_rope_index's, per sample in packed rows; truncation never cuts an image."""
+get_rope_index's, per sample in packed rows; truncation never cuts an image. Video rows (data/videos.py):
+tests/test_qwen2_5_vl_video.py."""
 from __future__ import annotations
 
 import dataclasses
@@ -132,11 +133,11 @@ def test_truncation_never_cuts_an_image(folders, qwen):  # noqa: F811
     assert cut.description.count("dropped") and "1 dropped" in cut.description  # the row the cut would split
 
 
-def test_video_rows_are_refused_with_file_and_line(folders, qwen):  # noqa: F811
+def test_video_rows_on_a_model_without_video_are_refused(folders, qwen):  # noqa: F811
     from megatron_swift.data.errors import DataError
 
     row = dict(_row("<video>What happens?", "A dance."), videos=["clip.mp4"])
-    with pytest.raises(DataError, match=r"q\.jsonl:1.*'videos': video rows are not supported yet"):
+    with pytest.raises(DataError, match=r"q\.jsonl:1: 'videos': this model takes no video input"):
         _source(folders, qwen, [row])
 
 

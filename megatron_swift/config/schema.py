@@ -151,6 +151,14 @@ class DataConfig:
     """vl_sft with a native-resolution VLM (+model=qwen2_5_vl): the fewest pixels an image is resized to (the image processor's min_pixels; InternVL: min tiles = min_pixels // tile area); None: the processor's own."""
     max_pixels: Optional[int] = None
     """vl_sft with a native-resolution VLM: the most pixels an image is resized to (its max_pixels; fewer pixels, fewer image tokens; InternVL: max tiles = max_pixels // tile area, plus the thumbnail); None: the processor's own."""
+    video_fps: float = 2.0
+    """vl_sft videos (+model=qwen2_5_vl): frames sampled per second of a video file (transformers' Qwen2-VL sample_frames rule); a list of frame files is taken as this many frames per second."""
+    video_max_frames: Optional[int] = None
+    """vl_sft videos: the most frames sampled from a video file; None: the model folder's video processor's max_frames (transformers' default 768)."""
+    video_min_pixels: Optional[int] = None
+    """vl_sft videos: the fewest pixels each frame is resized to; None: the folder's video processor's (transformers' Qwen2-VL default 100352)."""
+    video_max_pixels: Optional[int] = None
+    """vl_sft videos: the most pixels each frame is resized to (fewer pixels, fewer video tokens); None: the folder's video processor's (default 602112)."""
     truncation: str = "error"
     """SFT samples longer than train.seq_length: error, truncate (keep the start; vl_sft: drop a row the cut would split an image of) or drop."""
     streaming: bool = False

@@ -337,6 +337,10 @@ def _vision(cfg, arch, problems: List[str]) -> None:
         problems.append("model.vision_feature_layer applies to a VLM composed with model.llm + model.vision; "
                         "a checkpoint's comes from its config.json")
     data = cfg.data
+    for key in ("video_fps", "video_max_frames", "video_min_pixels", "video_max_pixels"):
+        value = data.get(key)
+        if value is not None and value <= 0:
+            problems.append(f"data.{key}={value}: must be positive (or null for the model folder's own)")
     if None not in (data.get("min_pixels"), data.get("max_pixels")) and data.min_pixels > data.max_pixels:
         problems.append(f"data.min_pixels={data.min_pixels} is above data.max_pixels={data.max_pixels}")
     if arch.vision is None:

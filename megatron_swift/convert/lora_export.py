@@ -85,8 +85,12 @@ def merge_into(base: Dict[str, torch.Tensor], trained, rules, ctx: Context, offs
     adapters, full = trained
     for mname, (a, b) in adapters.items():
         rule, layer = match_rule(mname, rules, {"layer": offset}, "export")
+        # a stacked-experts tensor (rules.StackedExperts) takes this expert's delta in its own slice only
+        rows = slice(int(layer["expert"]), int(layer["expert"]) + 1) if getattr(rule, "experts", 0) else slice(None)
         for hf_name, delta in rule.split((b.float() @ a.float()) * scale, layer, context_of(ctx, mname)).items():
-            base[hf_name] = (base[hf_name].float() + delta).to(base[hf_name].dtype)
+            merged = base[hf_name].float().clone()
+            merged[rows] += delta
+            base[hf_name] = merged.to(base[hf_name].dtype)
     for hf_name, tensor in hf_tensors(full, rules, ctx, offset, torch.float32):
         base[hf_name] = tensor.to(base[hf_name].dtype)
 

@@ -254,3 +254,58 @@ class FusedGateUp:
     def split(self, full: torch.Tensor, layer: Dict[str, str], ctx) -> Dict[str, torch.Tensor]:
         parts = GateUp(self.mcore, "gate", "up").split(full, {}, ctx)
         return {self.hf.format(**layer): torch.cat([parts["gate"], parts["up"]])}
+
+
+class _Tensors:
+    """A reader over tensors already in memory (name -> tensor), for rules that reuse another rule's slicing."""
+
+    def __init__(self, tensors: Dict[str, torch.Tensor]):
+        self.tensors = tensors
+
+    def shape(self, name: str) -> Tuple[int, ...]:
+        return tuple(self.tensors[name].shape)
+
+    def read(self, name: str, dim: int = 0, start: Optional[int] = None, stop: Optional[int] = None) -> torch.Tensor:
+        rows = slice(start, stop)
+        return self.tensors[name][rows] if dim == 0 else self.tensors[name][:, rows]
+
+
+@dataclass(frozen=True)
+class StackedExperts:
+    """One HF tensor holding every routed expert of a layer along dim 0 (transformers 5's fused experts:
+    Qwen3-VL-MoE's ``experts.gate_up_proj`` [E, 2I, H], gate rows then up rows, and ``experts.down_proj``
+    [E, H, I]) as Megatron's one tensor per expert (``{expert}`` in ``mcore``). ``gate_up``: fc1, split over
+    expert-TP ranks as :class:`GateUp`; else fc2. ``hidden``: the model width, which tells the layouts apart:
+    checkpoints saved by transformers 4.57 (the published Qwen3-VL-MoE ones) hold each expert transposed
+    ([E, H, 2I], [E, I, H]); like transformers 5's loader (its ``Transpose(check_dims=True)``), an expert is
+    transposed when it is not in the module's layout. Export writes transformers 5's layout; to_hf.hf_tensors
+    stacks the ``experts`` pieces :meth:`split` gives."""
+
+    mcore: Tuple[str, ...]
+    hf: str
+    experts: int
+    hidden: int
+    gate_up: bool = False
+
+    def hf_names(self):
+        return (self.hf,)
+
+    def _expert(self, reader: Reader, layer: Dict[str, str]) -> torch.Tensor:
+        index = int(layer["expert"])
+        matrix = reader.read(self.hf.format(**layer), 0, index, index + 1)[0]
+        in_layout = matrix.shape[1] == self.hidden if self.gate_up else matrix.shape[0] == self.hidden
+        return matrix if in_layout else matrix.t()
+
+    def build(self, reader: Reader, layer: Dict[str, str], ctx, part: Optional[Part] = None) -> torch.Tensor:
+        matrix = self._expert(reader, layer)
+        if not self.gate_up:
+            return _cut(matrix, part)
+        gate, up = matrix.chunk(2)
+        return GateUp(self.mcore, "gate", "up").build(_Tensors({"gate": gate, "up": up}), {}, ctx, part)
+
+    def split(self, full: torch.Tensor, layer: Dict[str, str], ctx) -> Dict[str, torch.Tensor]:
+        """This expert's [1, ...] piece of the stacked tensor."""
+        if self.gate_up:
+            parts = GateUp(self.mcore, "gate", "up").split(full, {}, ctx)
+            full = torch.cat([parts["gate"], parts["up"]])
+        return {self.hf.format(**layer): full.unsqueeze(0)}

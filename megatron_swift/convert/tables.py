@@ -7,9 +7,10 @@ dense layers) as the MLP. OLMo 2 (norms after attention and MLP) and Phi-3 (fuse
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
-from megatron_swift.convert.rules import QKV, Direct, FusedGateUp, FusedQKV, GateUp, Reshape, SwapHalves
+from megatron_swift.convert.rules import (QKV, Direct, FusedGateUp, FusedQKV, GateUp, Reshape, StackedExperts,
+                                         SwapHalves)
 
 _L = "decoder.layers.{layer}."
 _H = "model.layers.{layer}."
@@ -56,20 +57,25 @@ def _dense_mlp() -> List[object]:
 
 
 def _routed_experts(mlp: str = "mlp.", names=("gate_proj", "up_proj", "down_proj"),
-                    expert_bias: bool = False) -> List[object]:
+                    expert_bias: bool = False, stacked: Optional[Tuple[int, int]] = None) -> List[object]:
     """Router and routed experts; ``mlp``: the HF module holding them (Mixtral: block_sparse_moe.), ``names``:
-    each expert's gate, up and down projections; ``expert_bias``: the router's selection bias."""
+    each expert's gate, up and down projections; ``expert_bias``: the router's selection bias; ``stacked``:
+    (experts, hidden size) when the HF checkpoint holds a layer's experts as two stacked tensors
+    (``experts.gate_up_proj``, ``experts.down_proj``: rules.StackedExperts), not one module per expert."""
     # Megatron keeps one weight per expert: SequentialMLP (local spec) names it
     # local_experts.{i}.linear_fc1.weight, TEGroupedMLP linear_fc1.weight{i}; {expert} is global.
     seq, grouped = _L + "mlp.experts.local_experts.{expert}.", _L + "mlp.experts."
     hf = _H + mlp + "experts.{expert}."
     gate, up, down = names
-    rules = [
-        Direct((_L + "mlp.router.weight",), _H + mlp + "gate.weight"),
-        GateUp((seq + "linear_fc1.weight", grouped + "linear_fc1.weight{expert}"),
-               hf + f"{gate}.weight", hf + f"{up}.weight"),
-        Direct((seq + "linear_fc2.weight", grouped + "linear_fc2.weight{expert}"), hf + f"{down}.weight"),
-    ]
+    fc1 = (seq + "linear_fc1.weight", grouped + "linear_fc1.weight{expert}")
+    fc2 = (seq + "linear_fc2.weight", grouped + "linear_fc2.weight{expert}")
+    rules = [Direct((_L + "mlp.router.weight",), _H + mlp + "gate.weight")]
+    if stacked:
+        experts, hidden = stacked
+        rules += [StackedExperts(fc1, _H + mlp + "experts.gate_up_proj", experts, hidden, gate_up=True),
+                  StackedExperts(fc2, _H + mlp + "experts.down_proj", experts, hidden)]
+    else:
+        rules += [GateUp(fc1, hf + f"{gate}.weight", hf + f"{up}.weight"), Direct(fc2, hf + f"{down}.weight")]
     if expert_bias:  # a float32 buffer of the router (megatron-core keeps it in float32)
         rules.append(Direct((_L + "mlp.router.expert_bias",), _H + mlp + "gate.e_score_correction_bias", fp32=True))
     return rules
@@ -94,12 +100,13 @@ def llama_style(qk_norm: bool = False, qkv_bias: bool = False, tied: bool = Fals
 
 def moe_style(qk_norm: bool = False, qkv_bias: bool = False, tied: bool = False, head: str = "lm",
               mlp: str = "mlp.", expert_names=("gate_proj", "up_proj", "down_proj"), expert_bias: bool = False,
-              shared: Optional[str] = None, shared_gate: bool = False) -> List[object]:
+              shared: Optional[str] = None, shared_gate: bool = False,
+              stacked_experts: Optional[Tuple[int, int]] = None) -> List[object]:
     """Rules for a decoder whose MLPs are a router plus routed SwiGLU experts (Qwen3-MoE), some layers
     perhaps dense (their rules match only where a layer has a dense MLP); options as in _routed_experts and
     _shared_experts (``shared``: the HF name of the shared expert module, None: there is none)."""
     rules = _embedding(tied, head) + _attention(qk_norm, qkv_bias) + _dense_mlp()
-    rules += _routed_experts(mlp, expert_names, expert_bias)
+    rules += _routed_experts(mlp, expert_names, expert_bias, stacked_experts)
     return rules + (_shared_experts(shared, shared_gate) if shared else [])
 
 

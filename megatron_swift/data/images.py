@@ -44,6 +44,7 @@ class VisionData:
     wrap: Tuple[Tuple[int, ...], Tuple[int, ...]] = ((), ())
     positions: Optional[Callable[[Any, list], Any]] = None
     count: Optional[Callable[[dict], int]] = None  # T of one processed image (its media), checked at fetch
+    video: Optional[Any] = None  # data.videos.VideoData of a model that takes videos (None: rows with videos refused)
 
     @property
     def held(self) -> bool:

@@ -1,4 +1,4 @@
-"""Vision-language SFT rows (LLaVA style): conversations whose text says where each image goes.
+"""Vision-language SFT rows: conversations whose text says where each image (or video) goes.
 
 A row is an SFT row plus ``"images": ["img/001.jpg", ...]`` (paths relative to the JSONL file's folder), one
 per ``<image>`` tag in its messages, in order. The conversation is rendered and masked exactly as data/sft.py
@@ -8,6 +8,12 @@ where the model puts the image's T features (HF's convention: pre-expanded ids).
 encodes the whole text and each tag's id is repeated T times, exactly what transformers' LlavaProcessor gives;
 other tokenizers (byte, SentencePiece without the tag) encode the text between tags piece by piece. A row
 without images encodes exactly as an SFT row.
+
+Videos (a model whose VisionData has ``video``, e.g. Qwen2.5-VL): ``"videos": ["clip.mp4"]`` or
+``"videos": [["f0.jpg", "f1.jpg", ...]]``, one per ``<video>`` tag, in order; each tag becomes the video's T
+video token ids between the same wrap ids as an image (data/videos.py makes frames and pixels). A row's images
+and videos are kept in the order their tags appear; feature rows are numbered the way the tower returns them:
+a micro-batch's images first, then its videos (``image_index`` says which row goes where).
 
 Image files are checked while the files are read (bad rows name file and line, or are skipped with
 data.on_error=skip); pixels are made only when a row is fetched. A truncation (data.truncation=truncate)
@@ -27,16 +33,19 @@ from megatron_swift.data.errors import DataError
 from megatron_swift.data.images import VisionData, image_path, image_problem, open_image
 from megatron_swift.data.sft import Counts, SFTRows, _Samples, loss_targets, read_files, read_samples, row_encoder
 
-_VISION_KEYS = ("images", "image_index")
+_VISION_KEYS = ("images", "image_index", "video_index")
+IMAGE, VIDEO = 0, 1  # kinds of a sample's media entries
 
 
 @dataclass
 class VLSamples(_Samples):
-    """SFT samples plus, per sample, the first position of each image and the image files, in order."""
+    """SFT samples plus, per sample, the first position of each image or video, their files (a video: a file or
+    a tuple of frame files) and T, in the order of their tags, and their kinds (IMAGE or VIDEO)."""
 
     starts: List[np.ndarray] = field(default_factory=list)
     images: List[tuple] = field(default_factory=list)
     counts: List[np.ndarray] = field(default_factory=list)  # T of each image (a held tower's vary per image)
+    kinds: List[np.ndarray] = field(default_factory=list)
 
 
 class ImageTokens:
@@ -53,6 +62,13 @@ class ImageTokens:
         # tokens: the text between tags is encoded piece by piece)
         self.whole = len(tag_ids) == 1 and not vision.held
         self._tag = re.compile(re.escape(vision.image_token))
+        if vision.video is not None:  # <image> or <video>: each becomes its own token id
+            self._tag = re.compile(f"{re.escape(vision.image_token)}|{re.escape(vision.video.tag)}")
+
+    def kinds(self, text: str) -> np.ndarray:
+        """IMAGE or VIDEO of each tag of ``text``, in order."""
+        return np.asarray([IMAGE if m.group() == self.vision.image_token else VIDEO
+                           for m in self._tag.finditer(text)], dtype=np.int64)
 
     def __call__(self, text: str, counts: Sequence[int] = ()):
         """``counts``: T of each image in order (a held tower's); empty: image_seq_length each."""
@@ -73,9 +89,10 @@ class ImageTokens:
         return np.repeat(ids, repeat), np.repeat(offsets, repeat, axis=0), at + (T - 1) * np.arange(len(at))
 
     def _pieces(self, text: str, counts: Sequence[int] = ()):
-        """Encode the text between tags piece by piece (offsets into the whole text), T image ids per tag
-        (between the vision's wrap ids, if any)."""
+        """Encode the text between tags piece by piece (offsets into the whole text), T image (or video) ids per
+        tag (between the vision's wrap ids, if any)."""
         image_id, (before, after) = self.vision.image_token_id, self.vision.wrap
+        video_id = self.vision.video.token_id if self.vision.video is not None else None
         ids: List[int] = []
         offsets: List[tuple] = []
         starts: List[int] = []
@@ -90,7 +107,7 @@ class ImageTokens:
                 T = counts[k] if counts else self.vision.image_seq_length
                 ids += list(before)
                 starts.append(len(ids))
-                ids += [image_id] * T + list(after)
+                ids += [image_id if match.group() == self.vision.image_token else video_id] * T + list(after)
                 offsets += [match.span()] * (len(before) + T + len(after))
                 pos = match.end()
         return ids, offsets, np.asarray(starts, dtype=np.int64)
@@ -102,6 +119,7 @@ class RowImages:
     def __init__(self, vision: VisionData):
         self.vision = vision
         self._problems: Dict[str, Optional[str]] = {}
+        self._video_problems: Dict[object, Optional[str]] = {}
 
     def files(self, row: dict, jsonl_path: str, tags: int) -> tuple:
         names = row.get("images")
@@ -118,6 +136,35 @@ class RowImages:
             if self._problems[file]:
                 raise RowError(f"image '{name}': {self._problems[file]}")
         return files
+
+    def videos(self, row: dict, jsonl_path: str, tags: int) -> tuple:
+        """The row's videos (data/videos.py: a file path, or a tuple of frame files), one per <video> tag."""
+        from megatron_swift.data.videos import video_entry
+
+        entries = row.get("videos")
+        entries = [] if entries is None else entries
+        video = self.vision.video
+        if entries and video is None:
+            raise RowError("'videos': this model takes no video input (video rows: +model=qwen2_5_vl)")
+        if not isinstance(entries, list):
+            raise RowError("'videos' must be a list of video files (or of lists of frame files)")
+        if tags != len(entries):
+            raise RowError(f"{tags} <video> tag{'s' * (tags != 1)} but {len(entries)} "
+                           f"video{'s' * (len(entries) != 1)} ('videos' needs one entry per tag, in order)")
+        resolved = tuple(video_entry(entry, jsonl_path) for entry in entries)
+        for entry, path in zip(entries, resolved):
+            if path not in self._video_problems:
+                self._video_problems[path] = video.problem(path)
+            if self._video_problems[path]:
+                raise RowError(f"video {entry!r}: {self._video_problems[path]}")
+        return resolved
+
+    def video_tokens(self, video) -> int:
+        """T of a (checked) video."""
+        try:
+            return self.vision.video.tokens(video)
+        except (OSError, ValueError) as e:
+            raise RowError(f"video '{video}': {e}") from None
 
     def tokens(self, file: str) -> int:
         """T of the image at ``file`` (checked already): the processor's count for a held tower's image."""
@@ -136,24 +183,30 @@ def vl_line_encoder(data_cfg, template, tokenizer, seq_length: int, counts: Coun
     where = {}  # the JSONL file of the line being encoded: image paths are relative to it
 
     def encode_row(row):
-        if row.get("videos"):
-            raise RowError("'videos': video rows are not supported yet (images only)")
+        if row.get("videos") and vision.video is None:
+            raise RowError("'videos': this model takes no video input (video rows: +model=qwen2_5_vl)")
         messages = to_messages(row, data_cfg.format)
         text, spans = template.spans(messages)
-        files = images.files(row, where["path"], text.count(vision.image_token))
-        counts = np.asarray([images.tokens(f) for f in files], dtype=np.int64)
+        kinds = tokens.kinds(text) if vision.video is not None else np.zeros(0, dtype=np.int64)
+        tags = int((kinds == IMAGE).sum()) if vision.video is not None else text.count(vision.image_token)
+        files = iter(images.files(row, where["path"], tags))
+        videos = iter(images.videos(row, where["path"], int((kinds == VIDEO).sum())))
+        kinds = kinds if vision.video is not None else np.zeros(tags, dtype=np.int64)
+        media = tuple(next(files) if kind == IMAGE else next(videos) for kind in kinds.tolist())
+        counts = np.asarray([images.tokens(m) if kind == IMAGE else images.video_tokens(m)
+                             for m, kind in zip(media, kinds.tolist())], dtype=np.int64)
         ids, offsets, starts = tokens(text, counts.tolist() if vision.held else ())
         targets = loss_targets(messages, spans, offsets, data_cfg.loss_on)
         targets[_image_positions(starts, counts, len(ids))] = False
-        return [(ids, targets, starts, files, counts)]
+        return [(ids, targets, starts, media, counts, kinds)]
 
     def cut(side, length: int):
-        ids, targets, starts, files, counts = side
+        ids, targets, starts, media, counts, kinds = side
         first, end = starts - len(vision.wrap[0]), starts + counts + len(vision.wrap[1])  # with its wrap tokens
         if any(a < length < b for a, b in zip(first.tolist(), end.tolist())):
-            return None  # an image cut in two cannot be fed to the model: drop the row
+            return None  # an image or video cut in two cannot be fed to the model: drop the row
         keep = end <= length
-        return ids[:length], targets[:length], starts[keep], files[:int(keep.sum())], counts[keep]
+        return ids[:length], targets[:length], starts[keep], media[:int(keep.sum())], counts[keep], kinds[keep]
 
     encode_sides = row_encoder(data_cfg, seq_length, counts, encode_row, "conversation", cut)
 
@@ -196,29 +249,34 @@ class VLRows(SFTRows):
     @property
     def image_sizes(self) -> dict:
         """{image tokens: mean images of that many tokens per row} (a held tower's attention FLOPs grow with
-        each image's own size)."""
+        each image's own size; videos, whose frames attend one by one, are left to image_tokens_per_row)."""
         sizes: dict = {}
-        for counts in self.samples.counts:
-            for tokens in counts.tolist():
+        for counts, kinds in zip(self.samples.counts, self.samples.kinds):
+            for tokens in counts[kinds == IMAGE].tolist():
                 sizes[int(tokens)] = sizes.get(int(tokens), 0) + 1
         return {tokens: n / max(1, len(self.rows)) for tokens, n in sizes.items()}
 
     def __getitem__(self, index: int) -> dict:
         row = super().__getitem__(index)
-        image_index = np.full(self.seq_length, -1, dtype=np.int64)
-        files: List[str] = []
-        at = features = 0
+        # feature rows of the row's images and of its videos, each numbered from 0 in order (collate puts a
+        # micro-batch's video rows after all its image rows, the order the tower returns them in)
+        indexes = {IMAGE: np.full(self.seq_length, -1, dtype=np.int64),
+                   VIDEO: np.full(self.seq_length, -1, dtype=np.int64)}
+        features = {IMAGE: 0, VIDEO: 0}
+        files, kinds = [], []
+        at = 0
         for i in self.rows[index]:  # the samples in the order fill_row placed them
-            for s, file, T in zip(self.samples.starts[i].tolist(), self.samples.images[i],
-                                  self.samples.counts[i].tolist()):
-                image_index[at + s:at + s + T] = features + np.arange(T)
+            for s, file, T, kind in zip(self.samples.starts[i].tolist(), self.samples.images[i],
+                                        self.samples.counts[i].tolist(), self.samples.kinds[i].tolist()):
+                indexes[kind][at + s:at + s + T] = features[kind] + np.arange(T)
                 files.append(file)
-                features += T
+                kinds.append(kind)
+                features[kind] += T
             at += len(self.samples.ids[i])
-        row["loss_mask"][image_index >= 0] = 0  # an image position predicts nothing
-        row["image_index"] = image_index
+        row["loss_mask"][(indexes[IMAGE] >= 0) | (indexes[VIDEO] >= 0)] = 0  # a media position predicts nothing
+        row["image_index"], row["video_index"] = indexes[IMAGE], indexes[VIDEO]
         if self.vision.held:
-            media = [self._media(file) for file in files]
+            media = [self._media(file) if kind == IMAGE else self._video(file) for file, kind in zip(files, kinds)]
             row["images"] = media
             if self.vision.positions is not None:
                 row["positions"] = self._positions(index, media)
@@ -232,6 +290,17 @@ class VLRows(SFTRows):
         if self.vision.tokens_for(file) != self.vision.count(media):
             raise DataError(file, None, "the image processor gives this image a different number of tokens than "
                                         "when the data was read")
+        return media
+
+    def _video(self, video) -> dict:
+        """The tower's inputs for one video; its token count must be the one the row was made with."""
+        where = video if isinstance(video, str) else video[0]
+        try:
+            media = self.vision.video.media(video)
+        except (OSError, ValueError) as e:
+            raise DataError(where, None, f"video cannot be read any more ({e}); it could when the data was read")
+        if self.vision.video.tokens(video) != self.vision.video.count(media):
+            raise DataError(where, None, "the video gives a different number of tokens than when the data was read")
         return media
 
     def _positions(self, index: int, media: List[dict]) -> np.ndarray:
@@ -271,20 +340,38 @@ class VLRows(SFTRows):
     def collate(self, items: List[dict]):
         batch = self.collate_items([{k: v for k, v in item.items() if k not in _VISION_KEYS} for item in items],
                                    self.packing)
-        before, index = 0, []
-        for item in items:  # renumber: feature rows of a row come after those of the earlier rows
-            local = torch.from_numpy(item["image_index"])
-            index.append(torch.where(local >= 0, local + before, local))
-            before += int((local >= 0).sum())
-        batch.image_index = torch.stack(index)
+        batch.image_index = torch.stack(_feature_index(items))
         if self.vision.held:
             media = [m for item in items for m in item["images"]]
-            batch.media = {k: torch.cat([m[k] for m in media]) for k in media[0]} if media else None
+            batch.media = _concat_media(media) if media else None
             if batch.position_ids.dim() == 3:  # [b, 3, s] -> M-RoPE's [3, b, s]
                 batch.position_ids = batch.position_ids.transpose(0, 1).contiguous()
         else:
             batch.images = torch.cat([item["images"] for item in items])
         return batch
+
+
+def _feature_index(items: List[dict]) -> List[torch.Tensor]:
+    """Each row's image_index numbered over the micro-batch: the image feature rows of all its rows, row after
+    row, then their video feature rows (the tower's order: images, then videos)."""
+    images = sum(int((item["image_index"] >= 0).sum()) for item in items)
+    before, index = {"image_index": 0, "video_index": images}, []
+    for item in items:
+        row = torch.full(item["image_index"].shape, -1, dtype=torch.int64)
+        for key in before:
+            local = torch.from_numpy(item[key]) if key in item else None
+            if local is not None:
+                row = torch.where(local >= 0, local + before[key], row)
+                before[key] += int((local >= 0).sum())
+        index.append(row)
+    return index
+
+
+def _concat_media(media: List[dict]) -> dict:
+    """{name: the tensors of every image or video that has it, concatenated in order} (images and videos
+    have different names: a micro-batch's pixel_values are its images', pixel_values_videos its videos')."""
+    names = dict.fromkeys(k for m in media for k in m)
+    return {k: torch.cat([m[k] for m in media if k in m]) for k in names}
 
 
 def read_vl(paths: Sequence[str], data_cfg, template, tokenizer, seq_length: int, vision: VisionData):
@@ -303,10 +390,12 @@ def vl_sft_source(paths: Sequence[str], data_cfg, tokenizer, seq_length: int, te
     template = load_template(template_spec, template_folder)
     samples, counts = read_files(
         paths, data_cfg, lambda some: read_vl(some, data_cfg, template, tokenizer, seq_length, vision))
-    images = sum(len(files) for files in samples.images)
+    images = sum(int((kinds == IMAGE).sum()) for kinds in samples.kinds)
+    videos = sum(int((kinds == VIDEO).sum()) for kinds in samples.kinds)
     tokens = (f"{sum(int(c.sum()) for c in samples.counts)} image tokens in all" if vision.held
               else f"{vision.image_seq_length} tokens each")
+    with_videos = f" and {videos} videos" if videos else ""
     description = (f"vl_sft:{','.join(paths)} ({counts.rows} rows, template {template.name}: {len(samples.ids)} "
-                   f"samples with {images} images ({tokens}), {counts.skipped} bad "
+                   f"samples with {images} images{with_videos} ({tokens}), {counts.skipped} bad "
                    f"rows skipped, {counts.truncated} truncated, {counts.dropped} dropped)")
     return VLRows(samples, seq_length, tokenizer.pad, data_cfg.packing, description, vision)

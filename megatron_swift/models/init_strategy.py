@@ -88,8 +88,10 @@ def shard_of(name: str, param, rules, offsets, ctx, tp_rank: int, strategy: str,
     try:
         rule, layer = match_rule(name, rules, offsets, "init")
         hf = rule.split(torch.empty(shape, device="meta"), layer, ctx)
-        shard = rule.build(SeededTensors({n: tuple(t.shape) for n, t in hf.items()}, strategy, seed, std),
-                           layer, ctx, part)
+        # a stacked-experts tensor (convert/rules.StackedExperts): split gives one expert's slice of it
+        stacked = getattr(rule, "experts", 0)
+        shapes = {n: (stacked, *t.shape[1:]) if stacked else tuple(t.shape) for n, t in hf.items()}
+        shard = rule.build(SeededTensors(shapes, strategy, seed, std), layer, ctx, part)
         if tuple(shard.shape) == tuple(param.shape):
             return shard
     except (DataError, KeyError, RuntimeError, ValueError):  # no table entry, or shapes it cannot split

@@ -81,12 +81,14 @@ def flops_per_step(arch: Arch, seq_length: int, padded_vocab: int, global_batch_
     """Training FLOPs of one optimizer step over the whole global batch (``images_per_row``: a VLM's data's
     mean images per row; ``image_tokens_per_row``: its mean image tokens per row, which a held tower's
     native-resolution images vary: the family counts its tower per image token; ``image_sizes``: {image tokens:
-    images of that many per row, on average}, which lets the family count attention over the whole image)."""
+    images of that many per row, on average}, which lets the family count attention over the whole image; the
+    image tokens per row they do not cover (videos) are counted without it)."""
     text = flops_per_token(arch, seq_length, padded_vocab) * seq_length * global_batch_size
     if arch.vision_hf is not None:
-        if image_sizes:
-            tower = sum(tokens * count * arch.family.tower_flops_per_token(arch, train_vision, tokens)
-                        for tokens, count in image_sizes.items())
-            return text + tower * global_batch_size
-        return text + arch.family.tower_flops_per_token(arch, train_vision) * image_tokens_per_row * global_batch_size
+        sizes = image_sizes or {}
+        known = sum(tokens * count for tokens, count in sizes.items())
+        tower = sum(tokens * count * arch.family.tower_flops_per_token(arch, train_vision, tokens)
+                    for tokens, count in sizes.items())
+        tower += arch.family.tower_flops_per_token(arch, train_vision) * max(0.0, image_tokens_per_row - known)
+        return text + tower * global_batch_size
     return text + vision_flops_per_image(arch, train_vision) * images_per_row * global_batch_size

@@ -49,15 +49,31 @@ def two_photos():
     return [china, flower.crop((200, 0, 440, 427))]
 
 
-def inputs(model, processor):
+def four_frame_video(processor):
+    """A 4-frame video (crops panning across china.jpg) as data/videos.py makes its inputs: [2, 6, 8] grid, 24
+    tokens, half a second per temporal patch."""
+    from megatron_swift.data.videos import QwenVideo, VideoSettings
+    from tests.test_qwen2_5_vl_video import pan_frames
+
+    pixels, grid = QwenVideo(processor, VideoSettings(min_pixels=28 * 28 * 4, max_pixels=MAX_PIXELS)).pixels(
+        pan_frames(4))
+    return {"media.pixel_values_videos": pixels, "media.video_grid_thw": grid,
+            "media.second_per_grid_ts": torch.tensor([0.5])}
+
+
+def inputs(model, processor, video: bool = False):
     """Two rows, one photograph each at different places, with the vision start/end tokens around the image
-    tokens as the chat template writes them: ids, the processor's pixels and grids, our image_index, and the
-    M-RoPE positions transformers' get_rope_index gives (the model's own method, the ground truth)."""
+    tokens as the chat template writes them (``video``: the second row also has a 4-frame video after its
+    photograph): ids, the processor's pixels and grids, our image_index (video feature rows after all image
+    rows, the tower's order), and the M-RoPE positions transformers' get_rope_index gives (the model's own
+    method, the ground truth)."""
     pix = processor(images=two_photos(), return_tensors="pt")
     grid = pix["image_grid_thw"]
     counts = (grid.prod(-1) // 4).tolist()
     assert counts[0] != counts[1], counts
-    seq = max(counts) + 20
+    clip = four_frame_video(processor) if video else {}
+    frames = int(clip["media.video_grid_thw"].prod()) // 4 if video else 0
+    seq = max(counts[0] + 20, counts[1] + frames + 20)
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, IMAGE, (2, seq), generator=g)
     index, types_ = torch.full((2, seq), -1), torch.zeros(2, seq, dtype=torch.long)
@@ -69,21 +85,32 @@ def inputs(model, processor):
         index[row, start:start + n] = torch.arange(n) + before
         types_[row, start:start + n] = 1
         before += n
-    positions, _ = model.model.get_rope_index(tokens, mm_token_type_ids=types_, image_grid_thw=grid)
+    if video:  # in row 1, three text tokens after the photograph's end
+        start = 6 + counts[1] + 4
+        tokens[1, start - 1], tokens[1, start + frames] = START, END
+        tokens[1, start:start + frames] = VIDEO
+        index[1, start:start + frames] = before + torch.arange(frames)
+        types_[1, start:start + frames] = 2
+    positions, _ = model.model.get_rope_index(
+        tokens, mm_token_type_ids=types_, image_grid_thw=grid, video_grid_thw=clip.get("media.video_grid_thw"),
+        second_per_grid_ts=clip.get("media.second_per_grid_ts"))
     return {"tokens": tokens, "image_index": index, "position_ids": positions, "mm_token_type_ids": types_,
-            "media.pixel_values": pix["pixel_values"], "media.image_grid_thw": grid}
+            "media.pixel_values": pix["pixel_values"], "media.image_grid_thw": grid, **clip}
+
+
+def hf_logits(model, batch: dict) -> torch.Tensor:
+    """transformers' logits of the batch (its images and, if any, its video)."""
+    media = {k[len("media."):]: v for k, v in batch.items() if k.startswith("media.")}
+    with torch.no_grad():
+        return model(input_ids=batch["tokens"], mm_token_type_ids=batch["mm_token_type_ids"], **media).logits.float()
 
 
 @pytest.fixture(scope="module")
 def hf(tmp_path_factory):
     folder = tmp_path_factory.mktemp("qwen_vl") / "hf"
     model, processor = tiny_qwen_vl(folder)
-    batch = inputs(model, processor)
-    with torch.no_grad():
-        expected = model(input_ids=batch["tokens"], pixel_values=batch["media.pixel_values"],
-                         image_grid_thw=batch["media.image_grid_thw"],
-                         mm_token_type_ids=batch["mm_token_type_ids"]).logits.float()
-    return folder, model, processor, batch, expected
+    batch = inputs(model, processor, video=True)
+    return folder, model, processor, batch, hf_logits(model, batch)
 
 
 def test_mrope_positions_are_get_rope_index(hf):
@@ -92,7 +119,7 @@ def test_mrope_positions_are_get_rope_index(hf):
 
     folder, model, _, batch, _ = hf
     got = hf_rope_index(transformers.Qwen2_5_VLModel, model.config, batch["tokens"], batch["mm_token_type_ids"],
-                        batch["media.image_grid_thw"])
+                        batch["media.image_grid_thw"], batch["media.video_grid_thw"], batch["media.second_per_grid_ts"])
     assert torch.equal(got, batch["position_ids"])
     assert not torch.equal(got[1], got[2])  # the image rows really have 2-D positions
 
@@ -109,8 +136,8 @@ def megatron_logits(tmp_path, batch: dict, nproc: int, overrides):
     return torch.load(out, weights_only=True)
 
 
-# TP=1 is tools/convert/check.py's run below (the same two photographs in one row).
-CASES = {"tp2": (2, ["parallel.tp=2"]), "pp2": (2, ["parallel.pp=2"])}
+# The two photographs and a 4-frame video (check.py's run below also has the photographs at TP=1).
+CASES = {"tp1": (1, []), "tp2": (2, ["parallel.tp=2"]), "pp2": (2, ["parallel.pp=2"])}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -146,11 +173,7 @@ def test_hf_round_trip_is_bitwise_and_loads_in_transformers(tmp_path, hf):
     assert (out / "preprocessor_config.json").read_text() == (folder / "preprocessor_config.json").read_text()
     reloaded, info = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
-    with torch.no_grad():
-        got = reloaded.float().eval()(input_ids=batch["tokens"], pixel_values=batch["media.pixel_values"],
-                                      image_grid_thw=batch["media.image_grid_thw"],
-                                      mm_token_type_ids=batch["mm_token_type_ids"]).logits
-    assert torch.equal(got, expected)
+    assert torch.equal(hf_logits(reloaded.float().eval(), batch), expected)
 
 
 def test_config_written_without_a_source_is_the_same_model(hf):

@@ -291,8 +291,15 @@ def check_inputs(folder: str, hf: dict, images: list, seq: int, generator, model
 def vision_data(cfg, arch):
     """What vl_sft rows need: the folder's own image processor (data.min_pixels / max_pixels passed to it)
     decides each image's pixels, grid and token count; each <image> tag becomes <|vision_start|>, T image
-    tokens, <|vision_end|>; positions are get_rope_index's per sample."""
-    return qwen_vision_data(folder_image_processor(cfg, FAMILY.name, processor_defaults(arch.vision_hf)), arch)
+    tokens, <|vision_end|>; positions are get_rope_index's per sample. Videos (<video> tags): frames through the
+    same image processor at the video processor's sizes (data/videos.py; data.video_* settings)."""
+    from megatron_swift.data.videos import folder_video_config, qwen_video_data, video_settings
+
+    processor = folder_image_processor(cfg, FAMILY.name, processor_defaults(arch.vision_hf))
+    settings = video_settings(folder_video_config(cfg.model.pretrained), cfg.data)
+    video_id = arch.family_options.get("video_token_id")
+    video = None if video_id is None else qwen_video_data(processor, settings, video_id)
+    return qwen_vision_data(processor, arch, video=video)
 
 
 def folder_image_processor(cfg, family: str, defaults: Optional[dict] = None):
@@ -327,10 +334,11 @@ def processor_defaults(vision_hf: dict) -> dict:
                 merge_size=vision_hf.get("spatial_merge_size", 2), min_pixels=3136, max_pixels=12845056)
 
 
-def qwen_vision_data(processor, arch, model_class: str = "Qwen2_5_VLModel", config=None):
+def qwen_vision_data(processor, arch, model_class: str = "Qwen2_5_VLModel", config=None, video=None):
     """VisionData over a Qwen2-VL-style image processor (transformers') for the architecture ``arch``; the
     position streams are those of transformers' ``model_class`` (its ``get_rope_index``) over ``config``
-    (default: this family's transformers config of ``arch``)."""
+    (default: this family's transformers config of ``arch``); ``video``: data.videos.VideoData (None: rows with
+    videos are refused)."""
     import numpy as np
     import torch
     import transformers
@@ -352,13 +360,22 @@ def qwen_vision_data(processor, arch, model_class: str = "Qwen2_5_VLModel", conf
 
     def positions(ids, media: list):
         tokens = torch.from_numpy(np.asarray(ids)).unsqueeze(0)
-        grid = torch.cat([m["image_grid_thw"] for m in media]) if media else None
-        streams = hf_rope_index(getattr(transformers, model_class), config, tokens, (tokens == image_id).long(), grid)
+
+        def cat(name):
+            parts = [m[name] for m in media if name in m]
+            return torch.cat(parts) if parts else None
+
+        types_ = (tokens == image_id).long()
+        if video is not None:  # get_rope_index's token types: 1 image, 2 video
+            types_ = torch.where(tokens == video.token_id, 2, types_)
+        streams = hf_rope_index(getattr(transformers, model_class), config, tokens, types_, cat("image_grid_thw"),
+                                cat("video_grid_thw"), cat("second_per_grid_ts"))
         return streams[:, 0].numpy()
 
     return VisionData("<image>", image_id, 0, process, tokens_for=tokens_for,
                       wrap=((options["vision_start_token_id"],), (options["vision_end_token_id"],)),
-                      positions=positions, count=lambda media: int(media["image_grid_thw"].prod()) // merge ** 2)
+                      positions=positions, count=lambda media: int(media["image_grid_thw"].prod()) // merge ** 2,
+                      video=video)
 
 
 def _upright_size(file: str):
@@ -399,6 +416,7 @@ def tower_parameter_names(vision_hf: dict) -> list:
     return [name for name, _ in module.named_parameters()]
 
 
+# Published configs (Qwen/Qwen2.5-VL-*-Instruct config.json): the 32B and 72B towers have a 3456-wide MLP.
 _VISION_7B = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, hidden_act="silu",
                   patch_size=14, spatial_merge_size=2, temporal_patch_size=2, tokens_per_second=2, window_size=112,
                   fullatt_block_indexes=[7, 15, 23, 31], in_channels=3, model_type="qwen2_5_vl_vision")
@@ -427,10 +445,10 @@ FAMILY = QwenVLFamily(
                          vision_hf=dict(_VISION_7B, out_hidden_size=3584),
                          family_options=dict(mrope_section=[16, 24, 24], **_TOKEN_IDS), **_Q),
         "32b": QwenVLSize(64, 5120, 27648, 40, 8, vocab_size=152064,
-                          vision_hf=dict(_VISION_7B, out_hidden_size=5120),
+                          vision_hf=dict(_VISION_7B, intermediate_size=3456, out_hidden_size=5120),
                           family_options=dict(mrope_section=[16, 24, 24], **_TOKEN_IDS), **_Q),
         "72b": QwenVLSize(80, 8192, 29568, 64, 8, vocab_size=152064,
-                          vision_hf=dict(_VISION_7B, out_hidden_size=8192),
+                          vision_hf=dict(_VISION_7B, intermediate_size=3456, out_hidden_size=8192),
                           family_options=dict(mrope_section=[16, 24, 24], **_TOKEN_IDS), **_Q),
     },
 )

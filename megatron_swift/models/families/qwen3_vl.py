@@ -12,6 +12,10 @@ and megatron-core's own module computes it unchanged.
 
 Names: the checkpoints' spelling is transformers' in-memory one (``model.visual.*``, ``model.language_model.*``,
 ``lm_head.*``). The tower's parameter ``vision_model.hf.<n>`` is ``model.visual.<n>``.
+
+The MoE variant (families/qwen3_vl_moe.py) is this family with another text family (Qwen3-MoE's layers on
+megatron-core's MoE layer) and transformers' Qwen3VLMoe* classes; its checkpoints stack each layer's experts
+(convert/rules.StackedExperts).
 """
 from __future__ import annotations
 
@@ -28,9 +32,7 @@ from megatron_swift.models.families.qwen2_5_vl import (_TOKENS, QwenVLSize, chec
                                                        qwen_vision_data)
 
 _TOWER, _MTOWER = "model.visual.", "vision_model.hf."
-_HF_TEXT_TYPE = "qwen3_vl_text"
 _MAX_PIXELS = 16777216  # the published Qwen3-VL preprocessor_config.json's longest_edge (4096 x 4096)
-_MOE_ARCH = "Qwen3VLMoeForConditionalGeneration"
 # train.freeze groups: the patch merger and the DeepStack mergers are the projector, the rest the vision group.
 _FREEZE_GROUPS = {"vision": r"^vision_model\.hf\.(?!merger\.|deepstack_merger_list\.)",
                   "projector": r"^vision_model\.hf\.(merger|deepstack_merger_list)\."}
@@ -53,24 +55,18 @@ def megatron_mrope_splits(section, half_dim: int) -> list:
     return splits
 
 
-def _vision_module_class():
-    from transformers.models.qwen3_vl import modeling_qwen3_vl
-
-    return modeling_qwen3_vl.Qwen3VLVisionModel
+def _vision_module_class(family=None):
+    return (family or FAMILY).hf_class("VisionModel")
 
 
-def vision_config(vision_hf: dict):
-    import transformers
-
-    return transformers.Qwen3VLVisionConfig(**vision_hf)
+def vision_config(vision_hf: dict, family=None):
+    return (family or FAMILY).hf_class("VisionConfig")(**vision_hf)
 
 
 def hf_config(arch):
-    """The transformers Qwen3VLConfig of an architecture (what get_rope_index reads)."""
-    import transformers
-
-    plain = arch if isinstance(arch, dict) else arch.plain()
-    return transformers.Qwen3VLConfig(**FAMILY.write_hf(plain, "float32"))
+    """The transformers config (Qwen3VLConfig, Qwen3VLMoeConfig) of an architecture (what get_rope_index
+    reads)."""
+    return arch.family.hf_class("Config")(**arch.family.write_hf(arch.plain(), "float32"))
 
 
 def tower_features(module, pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None,
@@ -110,28 +106,37 @@ def _split_rope(text: dict, where: str):
 
 @dataclass(frozen=True)
 class Qwen3VLFamily(Family):
-    """The family spec of Qwen3-VL (dense language model)."""
+    """The family spec of Qwen3-VL; the dense and MoE variants differ in the fields below (and the MoE one
+    reads its router keys through ``hf_read``, given the text_config)."""
+
+    text_family: str = "qwen3"  # the language model's family (its decoder traits, config keys and weight table)
+    hf_classes: str = "Qwen3VL"  # transformers' <prefix>Model, Config, VisionModel and VisionConfig
+    hf_text_type: str = "qwen3_vl_text"  # text_config.model_type
+
+    def hf_class(self, suffix: str):
+        import transformers
+
+        return getattr(transformers, self.hf_classes + suffix)
 
     def read_hf(self, hf: dict, folder: str) -> dict:
         from megatron_swift.models import families
 
         where = os.path.join(folder, "config.json")
-        if _MOE_ARCH in (hf.get("architectures") or []) or hf.get("model_type") == "qwen3_vl_moe":
-            raise DataError(where, None, f"{_MOE_ARCH}: the Qwen3-VL MoE language model is not supported yet "
-                                         "(the dense Qwen3VLForConditionalGeneration is)")
         text = dict(hf.get("text_config") or {})
         text, section, interleaved = _split_rope(text, where)
         head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
         if 2 * sum(section) != head_dim:
             raise DataError(where, None, f"mrope_section={section} must sum to half the head dimension ({head_dim})")
-        fields = families.get("qwen3").read_hf(dict(text, tie_word_embeddings=hf.get("tie_word_embeddings", False)),
-                                               folder)
+        text["tie_word_embeddings"] = hf.get("tie_word_embeddings", False)
+        fields = families.get(self.text_family).read_hf(text, folder)
+        if self.hf_read is not None:
+            fields.update(self.hf_read(text, where))
         vision = dict(hf.get("vision_config") or {})
         vision.pop("transformers_version", None)
         options = dict(mrope_section=section, **{k: hf[k] for k in _TOKENS if k in hf})
         if interleaved is not None:
             options["mrope_interleaved"] = interleaved
-        fields.update(text_family="qwen3", vision_hf=vision, image_token_id=hf.get("image_token_id", 151655),
+        fields.update(text_family=self.text_family, vision_hf=vision, image_token_id=hf.get("image_token_id", 151655),
                       family_options=options)
         return fields
 
@@ -139,7 +144,7 @@ class Qwen3VLFamily(Family):
         from megatron_swift.models import families
 
         options = arch["family_options"]
-        text = families.get("qwen3").write_hf(arch, dtype)
+        text = families.get(self.text_family).write_hf(arch, dtype)
         for key in ("architectures", "torch_dtype", "dtype", "tie_word_embeddings"):
             text.pop(key, None)
         rope = text.pop("rope_parameters", None) or {"rope_type": "default", "rope_theta": text.pop("rope_theta")}
@@ -147,7 +152,7 @@ class Qwen3VLFamily(Family):
         rope = dict(rope, mrope_section=list(options["mrope_section"]))
         if "mrope_interleaved" in options:
             rope["mrope_interleaved"] = options["mrope_interleaved"]
-        text.update(model_type=_HF_TEXT_TYPE, rope_parameters=rope)
+        text.update(model_type=self.hf_text_type, rope_parameters=rope)
         return dict(architectures=list(self.hf_architectures[:1]), model_type=self.hf_model_type, text_config=text,
                     vision_config=dict(arch["vision_hf"]), image_token_id=arch["image_token_id"],
                     **{k: options[k] for k in _TOKENS if k in options},
@@ -174,8 +179,9 @@ class Qwen3VLFamily(Family):
         count = len(arch.vision_hf.get("deepstack_visual_indexes") or ())
         if count and tconfig.recompute_granularity == "full":
             raise ValueError("train.recompute=full: DeepStack's hooks (models/deepstack.py) would rerun with another "
-                             "micro-batch's features; use train.recompute=selective or none for +model=qwen3_vl")
-        cls, config = _vision_module_class(), vision_config(arch.vision_hf)
+                             "micro-batch's features; use train.recompute=selective or none for "
+                             f"+model={self.name}")
+        cls, config = _vision_module_class(self), vision_config(arch.vision_hf, self)
 
         def tower():
             return build_held_tower(lambda attn: cls._from_config(config, attn_implementation=attn),
@@ -190,12 +196,15 @@ class Qwen3VLFamily(Family):
         return chunks
 
     def rules(self, arch) -> list:
-        text = arch.decoder_family.weights(tied=not arch.untie_embeddings, head=arch.head)
+        # transformers 5 keeps a MoE layer's experts as two stacked tensors (convert/rules.StackedExperts)
+        stacked = {"stacked_experts": (arch.num_experts, arch.hidden_size)} if arch.is_moe else {}
+        text = arch.decoder_family.weights(tied=not arch.untie_embeddings, head=arch.head, **stacked)
         return prefixed(text, "language_model.", {"model.": "model.language_model."}) + [
-            Direct((_MTOWER + name,), _TOWER + name) for name in tower_parameter_names(arch.vision_hf)]
+            Direct((_MTOWER + name,), _TOWER + name) for name in tower_parameter_names(arch.vision_hf, self)]
 
     def check_inputs(self, folder: str, hf: dict, images: list, seq: int, generator) -> dict:
-        return check_inputs(folder, hf, images, seq, generator, "Qwen3VLModel", "Qwen3VLConfig")
+        return check_inputs(folder, hf, images, seq, generator, self.hf_classes + "Model",
+                            self.hf_classes + "Config")
 
     def tower_params(self, arch) -> dict:
         """From the vision_config alone: the patch convolution (with bias) and the learned position table, per
@@ -276,28 +285,30 @@ class Qwen3VLFamily(Family):
     def vision_data(self, cfg, arch):
         # without a folder: the published Qwen3-VL preprocessor_config.json (16-px patches, mean/std 0.5,
         # 256x256 to 4096x4096 pixels)
-        defaults = dict(patch_size=arch.vision_hf.get("patch_size", 16), merge_size=arch.vision_hf.get("spatial_merge_size", 2),
-                        temporal_patch_size=arch.vision_hf.get("temporal_patch_size", 2), image_mean=[0.5] * 3,
+        v = arch.vision_hf
+        defaults = dict(patch_size=v.get("patch_size", 16), merge_size=v.get("spatial_merge_size", 2),
+                        temporal_patch_size=v.get("temporal_patch_size", 2), image_mean=[0.5] * 3,
                         image_std=[0.5] * 3, min_pixels=65536, max_pixels=_MAX_PIXELS)
         return qwen3_vision_data(folder_image_processor(cfg, self.name, defaults), arch)
 
 
 def qwen3_vision_data(processor, arch):
     """VisionData over the folder's Qwen2-VL-style image processor (16-px patches for Qwen3-VL), positions from
-    Qwen3-VL's get_rope_index."""
-    return qwen_vision_data(processor, arch, "Qwen3VLModel", hf_config(arch))
+    the family's transformers model's get_rope_index."""
+    return qwen_vision_data(processor, arch, arch.family.hf_classes + "Model", hf_config(arch))
 
 
-def tower_parameter_names(vision_hf: dict) -> list:
+def tower_parameter_names(vision_hf: dict, family=None) -> list:
     """The tower's parameter names, read off the module built on the meta device."""
     import torch
 
     with torch.device("meta"):
-        module = _vision_module_class()._from_config(vision_config(vision_hf))
+        module = _vision_module_class(family)._from_config(vision_config(vision_hf, family))
     return [name for name, _ in module.named_parameters()]
 
 
-# Published configs (Qwen/Qwen3-VL-*-Instruct config.json): 16-px patches, 48x48 learned positions.
+# Published configs (Qwen/Qwen3-VL-*-Instruct config.json): 16-px patches, 48x48 learned positions
+# (families/qwen3_vl_moe.py uses the same towers).
 _VISION = dict(hidden_act="gelu_pytorch_tanh", patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
                in_channels=3, num_position_embeddings=2304, model_type="qwen3_vl_vision")
 _SMALL_TOWER = dict(_VISION, depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16,
@@ -311,7 +322,7 @@ _Q = dict(kv_channels=128, vocab_size=151936, max_position_embeddings=262144, ro
 
 FAMILY = Qwen3VLFamily(
     name="qwen3_vl",
-    hf_architectures=("Qwen3VLForConditionalGeneration", _MOE_ARCH),  # the MoE one only to refuse it by name
+    hf_architectures=("Qwen3VLForConditionalGeneration",),
     hf_model_type="qwen3_vl",
     layers_prefix="language_model.decoder.layers.",
     sizes={
