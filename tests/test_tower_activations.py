@@ -195,3 +195,27 @@ def test_qwen3_vl_tower_flops_with_the_image_size_equal_torch_flop_counter():
     frozen, trained = (qwen3_vl.FAMILY.tower_flops_per_token(arch, t, tokens) for t in (False, True))
     tower_flops = (trained - frozen) / 2
     assert counter.get_total_flops() / tokens == pytest.approx(tower_flops + (frozen - tower_flops) / 3, rel=1e-9)
+
+
+def test_planner_step_time_counts_the_tower_on_every_tp_rank():
+    """The planner's step time adds the held tower's FLOPs for its images (plan.search.step_time), once per TP
+    rank: the tower is replicated, so TP does not divide its work."""
+    import dataclasses
+
+    from omegaconf import OmegaConf
+
+    from megatron_swift.models.arch import resolve
+    from megatron_swift.plan.memory import Layout
+    from megatron_swift.plan.search import MFU, step_time
+    from megatron_swift.training.flops import flops_per_step
+
+    arch = resolve(OmegaConf.create(dict(family="qwen2_5_vl", size="7b", pretrained=None, llm=None)))
+    grid = arch.family.tower_image_grid(arch, 1003520)  # 1280 tokens: 35 x 36 merged
+    assert arch.family.tower_image_tokens(arch, grid) == 1260
+    plain = Layout(tp=2, dp=4, num_microbatches=8, train_vision=True)
+    held = dataclasses.replace(plain, tower_images=(grid,))
+    text = flops_per_step(arch, 4096, 152064, 64)
+    tower = flops_per_step(arch, 4096, 152064, 64, 1.0, True, 1260.0, {1260: 1.0}) - text
+    extra = step_time(arch, 152064, held, 4096, 64, 989.0) - step_time(arch, 152064, plain, 4096, 64, 989.0)
+    factor = 1 + 0.05 * (2 - 1)  # step_time's TP communication factor
+    assert extra == pytest.approx(2 * tower / (8 * 989e12 * MFU) * factor, rel=1e-9)

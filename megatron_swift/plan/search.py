@@ -41,7 +41,16 @@ def _divisors(n: int, limit: int) -> List[int]:
 
 
 def step_time(arch, padded_vocab: int, layout: Layout, seq_length: int, global_batch: int, peak_tflops: float) -> float:
-    ideal = flops_per_step(arch, seq_length, padded_vocab, global_batch) / (layout.world * peak_tflops * 1e12 * MFU)
+    flops = flops_per_step(arch, seq_length, padded_vocab, global_batch)
+    if layout.tower_images:  # a held tower: its images' FLOPs, computed again on every TP rank (replicated)
+        sizes: dict = {}
+        for grid in layout.tower_images:
+            tokens = arch.family.tower_image_tokens(arch, grid)
+            sizes[tokens] = sizes.get(tokens, 0) + 1
+        tower = flops_per_step(arch, seq_length, padded_vocab, global_batch, train_vision=layout.train_vision,
+                               image_tokens_per_row=sum(t * n for t, n in sizes.items()), image_sizes=sizes) - flops
+        flops += tower * layout.tp
+    ideal = flops / (layout.world * peak_tflops * 1e12 * MFU)
     factor = 1 + (layout.pp - 1) / layout.num_microbatches
     factor *= 1 + 0.05 * (layout.tp - 1) + 0.03 * (layout.ep - 1)
     factor *= {"none": 1.0, "selective": 1.03, "full": 4 / 3}[layout.recompute]

@@ -181,6 +181,10 @@ class Family:
         and of at most ``max_tokens`` image tokens (the planner's worst case); None: not counted."""
         return None
 
+    def tower_image_tokens(self, arch, grid) -> int:
+        """Language-model tokens of one image of a held tower with ``grid`` (as tower_image_grid gives it)."""
+        return 0
+
     def tower_activation_bytes(self, arch, grids, train_tower: bool, train_merger: bool, eager: bool,
                                dtype_bytes: int) -> int:
         """Bytes autograd keeps through a held tower for one micro-batch's images (``grids``: (t, h, w) patch

@@ -185,6 +185,10 @@ class InternVLFamily(Family):
         per_side = side // _side(v["patch_size"])
         return (tiles, per_side, per_side)
 
+    def tower_image_tokens(self, arch, grid) -> int:
+        """image_seq_length tokens a tile."""
+        return grid[0] * arch.family_options["image_seq_length"]
+
     def tower_activation_bytes(self, arch, grids, train_tower: bool, train_merger: bool, eager: bool,
                                dtype_bytes: int) -> int:
         """Bytes autograd keeps for one micro-batch's tiles (``grids``: (tiles, patches per side, patches per side)

@@ -245,6 +245,11 @@ class Qwen3VLFamily(Family):
         merge = v.get("spatial_merge_size", 2)
         return largest_grid(max_pixels or _MAX_PIXELS, v.get("patch_size", 16) * merge, merge, max_tokens)
 
+    def tower_image_tokens(self, arch, grid) -> int:
+        """t x h x w patches, merge^2 to a token."""
+        t, h, w = grid
+        return t * h * w // arch.vision_hf.get("spatial_merge_size", 2) ** 2
+
     def tower_activation_bytes(self, arch, grids, train_tower: bool, train_merger: bool, eager: bool,
                                dtype_bytes: int) -> int:
         """Bytes autograd keeps for one micro-batch's images through transformers' Qwen3-VL tower (P patches, N
