@@ -88,3 +88,19 @@ def test_a_same_size_edit_anywhere_in_a_large_file_is_caught_and_an_unchanged_fi
     os.utime(data, ns=(before.st_atime_ns, before.st_mtime_ns))  # even with the modification time put back
     refused, _ = resume_check.compare(saved, settings(f"data.path={data}"))
     assert refused == [f"data file {data}: contents changed"] and len(reads) == 2
+
+
+def test_a_vlm_parts_learning_rate_is_applied_but_its_group_cannot_appear_or_go():
+    """train.vision_lr / projector_lr: a new value is applied from the resume step like train.lr; setting one that
+    was unset (or the reverse) would add or remove an optimizer parameter group: refused, naming the key."""
+    def vlm(*overrides):
+        cfg = compose(["+model=qwen2_5_vl", "model.size=tiny", "train.train_vision=true", *overrides])
+        return json.loads(json.dumps(resume_check.settings(cfg, validate(cfg, 1))))
+
+    saved = vlm("train.vision_lr=1e-5")
+    refused, applied = resume_check.compare(saved, vlm("train.vision_lr=2e-5"))
+    assert refused == [] and applied == ["train.vision_lr: 1e-05 -> 2e-05"]
+    refused, applied = resume_check.compare(saved, vlm("train.projector_lr=1e-4"))
+    assert applied == [] and refused == [
+        "train.projector_lr: None -> 0.0001 (adds an optimizer parameter group the checkpoint has no state for)",
+        "train.vision_lr: 1e-05 -> None (removes an optimizer parameter group the checkpoint has state for)"]

@@ -31,6 +31,8 @@ def _arguments(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      usage="python tools/plan.py +model=<family> [key=value ...] [--top N] [--no-te]")
     parser.add_argument("--top", type=int, default=10, help="layouts to print")
+    parser.add_argument("--images-per-row", type=int, default=1,
+                        help="a VLM with a held tower: images in a row, each counted at data.max_pixels (default 1)")
     parser.add_argument("--no-te", action="store_true", help="the cluster has no Transformer Engine (CP as Ulysses only)")
     args, overrides = parser.parse_known_args(argv)
     unknown = [a for a in overrides if a.startswith("-")]
@@ -43,7 +45,7 @@ def main(argv) -> None:
     args, argv = _arguments(argv)
     from megatron_swift.config.compose import compose
     from megatron_swift.models.arch import padded_vocab_size, resolve
-    from megatron_swift.plan.memory import frozen_model_of, rank_memory, reference_copies
+    from megatron_swift.plan.memory import frozen_model_of, rank_memory, reference_copies, tower_fields
     from megatron_swift.plan.search import GPUS, candidates
 
     top, te = args.top, not args.no_te
@@ -60,7 +62,8 @@ def main(argv) -> None:
     precision = "bf16" if train.precision in ("auto", "bf16") else train.precision
     found = candidates(arch, lambda tp: padded_vocab_size(arch.vocab_size, cfg.model.make_vocab_size_divisible_by, tp),
                        gpus, cluster.gpus_per_node, cluster.gpu, train.seq_length, train.global_batch_size, precision,
-                       te, reference_copies(cfg), frozen_model_of(cfg))
+                       te, reference_copies(cfg), frozen_model_of(cfg),
+                       dict(train_vision=train.train_vision, **tower_fields(cfg, arch, args.images_per_row)))
     print(f"{arch.family.name}-{cfg.model.size}: seq {train.seq_length}, global batch {train.global_batch_size}, "
           f"{gpus} x {cluster.gpu} ({GPUS[cluster.gpu][0]:.0f} GiB); GiB on the largest rank, distributed optimizer")
     if found and found[0].layout.reference_copies:
@@ -72,6 +75,10 @@ def main(argv) -> None:
                  if teacher.tp else "on each layout below")
         print(f"task={cfg.task.name} holds a frozen {teacher.arch.family.name} model (weights only, counted in total) "
               f"{where}")
+    if found and found[0].layout.tower_images:
+        t, h, w = found[0].layout.tower_images[0]
+        print(f"vision tower held whole on each first-stage rank: {len(found[0].layout.tower_images)} image(s) a row of "
+              f"{h} x {w} patches (data.max_pixels; --images-per-row), activations counted")
     print("  tp cp        pp ep  dp recompute   weights  grads  optim  (no dist-opt)  activ   total  fits  step s")
     for c in found[:top]:
         lay, mem = c.layout, c.memory

@@ -270,6 +270,16 @@ class VLRows(SFTRows):
         """Mean image tokens per row (a held tower's FLOPs follow its images' sizes)."""
         return sum(int(c.sum()) for c in self.samples.counts) / max(1, len(self.rows))
 
+    @property
+    def image_sizes(self) -> dict:
+        """{image tokens: mean images of that many tokens per row} (a held tower's attention FLOPs grow with
+        each image's own size; videos, whose frames attend one by one, are left to image_tokens_per_row)."""
+        sizes: dict = {}
+        for counts, kinds in zip(self.samples.counts, self.samples.kinds):
+            for tokens in counts[kinds == IMAGE].tolist():
+                sizes[int(tokens)] = sizes.get(int(tokens), 0) + 1
+        return {tokens: n / max(1, len(self.rows)) for tokens, n in sizes.items()}
+
     def __getitem__(self, index: int) -> dict:
         row = super().__getitem__(index)
         # feature rows of the row's images and of its videos, each numbered from 0 in order (collate puts a

@@ -39,3 +39,33 @@ def allocated(model, optimizer) -> Dict[str, int]:
                      for b in list(chunk.buffers) + list(getattr(chunk, "expert_parallel_buffers", []))),
         "optimizer": optimizer_bytes(optimizer),
     }
+
+
+class SavedTensors:
+    """Bytes of the distinct storages autograd saves for backward while active (``with SavedTensors(skip) as s:``
+    then ``s.bytes``), the tensors whose storages are in ``skip`` (parameters) left out: the activation memory
+    of a forward pass, as the graph holds it until backward."""
+
+    def __init__(self, skip=()):
+        import torch
+
+        self._skip = {p.untyped_storage().data_ptr() for p in skip}
+        self._seen = {}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in self._skip:
+            self._seen[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    @property
+    def bytes(self) -> int:
+        return sum(self._seen.values())
+
+    def __enter__(self):
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)

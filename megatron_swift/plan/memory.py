@@ -30,6 +30,9 @@ weights, gradients and optimizer state are exact up to bucket padding.
 A VLM's first stage also holds its vision encoder and projector (:func:`vision_params`; their TP split as
 megatron-core makes it); a frozen encoder (the default) has no gradients or optimizer state and, run without
 gradients, keeps no activations; a training one keeps ``34·T·h_v`` per layer and image (one image per row).
+A tower held whole (Arch.vision_hf: Qwen2.5-VL, Qwen3-VL, InternVL) adds, on every first-stage rank, what autograd keeps through it
+for a micro-batch's images (Family.tower_activation_bytes, exact for its ops): the images of a row are
+Layout.tower_images (tools/plan.py: ``--images-per-row`` images, each the largest data.max_pixels allows).
 
 A frozen model of another architecture the task holds (GKD's teacher, :class:`FrozenModel`) adds its weights
 only, in the compute dtype, as its own layout places them: a tensor-parallel size of its own (one pipeline
@@ -39,7 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 GIB = 2**30
 
@@ -74,6 +77,12 @@ class Layout:
     # precomputed reference or LoRA's own base: 0): weights only, no gradients, optimizer state or activations.
     reference_copies: int = 0
     frozen: Optional[FrozenModel] = None  # a frozen model of another architecture (task.teacher): weights only
+    # A held tower (Arch.vision_hf): the (t, h, w) patch grids of one row's images (the planner's worst case:
+    # images_per_row images at data.max_pixels, Family.tower_image_grid), whether the merger trains
+    # (train.freeze without projector), and whether transformers' eager attention runs (attention_backend=local).
+    tower_images: Tuple[Tuple[int, int, int], ...] = ()
+    train_projector: bool = True
+    tower_eager: bool = False
 
     @property
     def world(self) -> int:
@@ -84,8 +93,9 @@ class Layout:
         return max(1, self.world // (self.pp * self.ep * self.etp))
 
 
-def layout_of(cfg, world: int) -> Layout:
-    """The Layout of a run's config on ``world`` ranks."""
+def layout_of(cfg, world: int, arch=None, images_per_row: int = 1) -> Layout:
+    """The Layout of a run's config on ``world`` ranks (``arch``: the model, for a held tower's images:
+    :func:`tower_fields`)."""
     par, train = cfg.parallel, cfg.train
     dp = world // (par.tp * par.pp * par.cp)
     return Layout(tp=par.tp, pp=par.pp, ep=par.ep, etp=par.etp if par.etp is not None else par.tp, dp=dp,
@@ -93,7 +103,22 @@ def layout_of(cfg, world: int) -> Layout:
                   micro_batch_size=train.micro_batch_size,
                   num_microbatches=train.global_batch_size // (train.micro_batch_size * dp), cp=par.cp,
                   cp_comm=par.cp_comm, train_vision=train.train_vision, reference_copies=reference_copies(cfg),
-                  frozen=frozen_model_of(cfg))
+                  frozen=frozen_model_of(cfg), **(tower_fields(cfg, arch, images_per_row) if arch is not None else {}))
+
+
+def tower_fields(cfg, arch, images_per_row: int = 1) -> dict:
+    """Layout fields of a held tower (Arch.vision_hf) under ``cfg``: ``images_per_row`` images each the largest
+    data.max_pixels allows, and no longer than train.seq_length / images_per_row tokens (a micro-batch row's
+    worst case; min_pixels only raises small images up to it),
+    whether the merger trains, and the attention transformers runs (eager for model.attention_backend=local)."""
+    if getattr(arch, "vision_hf", None) is None:
+        return {}
+    # an image longer than a row is dropped by the data: a row's share of train.seq_length bounds its tokens
+    grid = arch.family.tower_image_grid(arch, cfg.data.get("max_pixels"),
+                                        cfg.train.seq_length // max(1, images_per_row))
+    return dict(tower_images=(tuple(grid),) * images_per_row if grid else (),
+                train_projector="projector" not in (cfg.train.freeze or []),
+                tower_eager=cfg.model.attention_backend == "local")
 
 
 def reference_copies(cfg) -> int:
@@ -200,7 +225,7 @@ def stage_params(arch, padded_vocab: int, layout: Layout, stage: int) -> Dict[st
 
 
 def activation_bytes(arch, padded_vocab: int, layout: Layout, seq_length: int, stage: int,
-                     scores: bool = False) -> int:
+                     scores: bool = False, precision: str = "bf16") -> int:
     """Context parallelism: a rank holds s/cp tokens of every row (``s`` below). The ``5·a·s/h`` term of
     the formulas is the attention's stored ``s x s`` scores, softmax and dropout mask: only megatron-core's
     local attention keeps them (``scores=True``; a rank's heads' share of the whole sequence under CP);
@@ -224,7 +249,19 @@ def activation_bytes(arch, padded_vocab: int, layout: Layout, seq_length: int, s
     if stage == 0 and arch.vision is not None and layout.train_vision:
         v = arch.vision
         total += 34 * v.encoder_tokens * v.hidden_size * v.num_layers * b * in_flight
+    if stage == 0:
+        total += tower_activation_bytes(arch, layout, precision) * in_flight
     return int(total)
+
+
+def tower_activation_bytes(arch, layout: Layout, precision: str = "bf16") -> int:
+    """A held tower's saved activations for one micro-batch (its rows' Layout.tower_images), on every TP rank
+    of the first stage (the tower is replicated): the family's count (e.g. families/qwen2_5_vl.py)."""
+    if getattr(arch, "vision_hf", None) is None or not layout.tower_images:
+        return 0
+    grids = list(layout.tower_images) * layout.micro_batch_size
+    return arch.family.tower_activation_bytes(arch, grids, layout.train_vision, layout.train_projector,
+                                              layout.tower_eager, 2 if precision in ("bf16", "fp16") else 4)
 
 
 @dataclass(frozen=True)
@@ -265,5 +302,6 @@ def rank_memory(arch, padded_vocab: int, layout: Layout, seq_length: int, precis
     weights = count * (2 if low else 4)
     return RankMemory(params=count, weights=weights, grads=(trained_dense + n["expert"]) * 4,
                       optimizer=int(optimizer),
-                      activations=activation_bytes(arch, padded_vocab, layout, seq_length, stage), stage=stage,
+                      activations=activation_bytes(arch, padded_vocab, layout, seq_length, stage,
+                                                   precision=precision), stage=stage,
                       reference=layout.reference_copies * weights, frozen=frozen_weights(layout, stage, precision))

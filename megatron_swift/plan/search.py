@@ -15,7 +15,7 @@ trainer's own MFU figures on the target machine.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List
+from typing import List, Optional
 
 from megatron_swift.plan.memory import GIB, Layout, RankMemory, rank_memory
 from megatron_swift.training.flops import flops_per_step
@@ -41,7 +41,16 @@ def _divisors(n: int, limit: int) -> List[int]:
 
 
 def step_time(arch, padded_vocab: int, layout: Layout, seq_length: int, global_batch: int, peak_tflops: float) -> float:
-    ideal = flops_per_step(arch, seq_length, padded_vocab, global_batch) / (layout.world * peak_tflops * 1e12 * MFU)
+    flops = flops_per_step(arch, seq_length, padded_vocab, global_batch)
+    if layout.tower_images:  # a held tower: its images' FLOPs, computed again on every TP rank (replicated)
+        sizes: dict = {}
+        for grid in layout.tower_images:
+            tokens = arch.family.tower_image_tokens(arch, grid)
+            sizes[tokens] = sizes.get(tokens, 0) + 1
+        tower = flops_per_step(arch, seq_length, padded_vocab, global_batch, train_vision=layout.train_vision,
+                               image_tokens_per_row=sum(t * n for t, n in sizes.items()), image_sizes=sizes) - flops
+        flops += tower * layout.tp
+    ideal = flops / (layout.world * peak_tflops * 1e12 * MFU)
     factor = 1 + (layout.pp - 1) / layout.num_microbatches
     factor *= 1 + 0.05 * (layout.tp - 1) + 0.03 * (layout.ep - 1)
     factor *= {"none": 1.0, "selective": 1.03, "full": 4 / 3}[layout.recompute]
@@ -66,13 +75,14 @@ def cp_options(arch, tp: int, seq_length: int, limit: int, te: bool):
 
 def candidates(arch, padded_vocab_of, gpus: int, gpus_per_node: int, gpu: str, seq_length: int,
                global_batch: int, precision: str = "bf16", te: bool = True,
-               reference_copies: int = 0, frozen=None) -> List[Candidate]:
+               reference_copies: int = 0, frozen=None, vision: Optional[dict] = None) -> List[Candidate]:
     """Every valid layout on ``gpus`` devices, best first (fitting ones before the others).
 
     ``padded_vocab_of(tp)`` is the padded vocabulary under a TP size; ``te``: whether the cluster has
     Transformer Engine (TE's ring CP modes where Ulysses does not divide the heads); ``reference_copies``:
     frozen copies of the model the task holds (plan.memory.reference_copies); ``frozen``: a frozen model of
-    another architecture it holds (plan.memory.FrozenModel: GKD's teacher)."""
+    another architecture it holds (plan.memory.FrozenModel: GKD's teacher); ``vision``: a VLM's Layout fields
+    (train_vision, and a held tower's images: plan.memory.tower_fields)."""
     memory_gib, peak = GPUS[gpu]
     out = []
     for tp in _divisors(gpus_per_node, 8):
@@ -91,7 +101,7 @@ def candidates(arch, padded_vocab_of, gpus: int, gpus_per_node: int, gpu: str, s
                     for recompute in ("none", "selective", "full"):
                         layout = Layout(tp=tp, pp=pp, ep=ep, etp=1, dp=dp, sp=tp > 1, recompute=recompute,
                                         num_microbatches=global_batch // dp, cp=cp, cp_comm=cp_comm,
-                                        reference_copies=reference_copies, frozen=frozen)
+                                        reference_copies=reference_copies, frozen=frozen, **(vision or {}))
                         if arch.decoder_family.layout_problems(arch, layout):  # e.g. MLA has no CP yet
                             continue
                         padded = padded_vocab_of(tp)

@@ -19,11 +19,14 @@ FLOPs, so MFU does not rise when recompute adds work.
 A VLM adds, per image, its vision encoder over the image's patches (and class token): per layer ``4 * h_v^2``
 for the projections, ``2 * T * h_v`` for scores and values, ``2 * h_v * f_v`` for the (ungated) MLP, per token;
 3x when the encoder trains, 1x (forward only) when frozen; and the projector ``h_v * h + h * h`` per image token,
-3x. Image tokens in the language model are ordinary positions of the row.
+3x. Image tokens in the language model are ordinary positions of the row. A tower held as transformers' module
+(Qwen2.5-VL, Qwen3-VL, InternVL) is counted by its family per image token, with attention over the image's own
+patches where the data knows each image's token count (VLRows.image_sizes).
 """
 from __future__ import annotations
 
 import dataclasses
+from typing import Dict, Optional
 
 from megatron_swift.models.arch import Arch
 
@@ -74,11 +77,18 @@ def vision_flops_per_image(arch: Arch, train_vision: bool = False) -> float:
 
 def flops_per_step(arch: Arch, seq_length: int, padded_vocab: int, global_batch_size: int,
                    images_per_row: float = 0.0, train_vision: bool = False,
-                   image_tokens_per_row: float = 0.0) -> float:
+                   image_tokens_per_row: float = 0.0, image_sizes: Optional[Dict[int, float]] = None) -> float:
     """Training FLOPs of one optimizer step over the whole global batch (``images_per_row``: a VLM's data's
     mean images per row; ``image_tokens_per_row``: its mean image tokens per row, which a held tower's
-    native-resolution images vary: the family counts its tower per image token)."""
+    native-resolution images vary: the family counts its tower per image token; ``image_sizes``: {image tokens:
+    images of that many per row, on average}, which lets the family count attention over the whole image; the
+    image tokens per row they do not cover (videos) are counted without it)."""
     text = flops_per_token(arch, seq_length, padded_vocab) * seq_length * global_batch_size
     if arch.vision_hf is not None:
-        return text + arch.family.tower_flops_per_token(arch, train_vision) * image_tokens_per_row * global_batch_size
+        sizes = image_sizes or {}
+        known = sum(tokens * count for tokens, count in sizes.items())
+        tower = sum(tokens * count * arch.family.tower_flops_per_token(arch, train_vision, tokens)
+                    for tokens, count in sizes.items())
+        tower += arch.family.tower_flops_per_token(arch, train_vision) * max(0.0, image_tokens_per_row - known)
+        return text + tower * global_batch_size
     return text + vision_flops_per_image(arch, train_vision) * images_per_row * global_batch_size

@@ -473,7 +473,8 @@ def setup(cfg) -> Trainer:
     trainer = Trainer(cfg, be, arch, model, optimizer, scheduler, train_data, eval_data, sampler, length,
                       output_dir, flops_per_step(arch, cfg.train.seq_length, padded, cfg.train.global_batch_size,
                                                  getattr(train_data, "images_per_row", 0.0), cfg.train.train_vision,
-                                                 getattr(train_data, "image_tokens_per_row", 0.0)),
+                                                 getattr(train_data, "image_tokens_per_row", 0.0),
+                                                 getattr(train_data, "image_sizes", None)),
                       state, model_meta(arch, vocab, padded, added.rows))
     trainer.guard = guard
     trainer.resumed_from = resume_from

@@ -13,7 +13,9 @@ Three kinds of settings (``settings()`` returns them as one dict):
 - ``schedule``: learning rate, its schedule and the optimizer's
   hyperparameters: a change is applied (the config in force wins; see
   checkpoint._config_hyperparameters and the scheduler override in optim.py)
-  and reported.
+  and reported; a VLM part's own learning rate (train.vision_lr /
+  projector_lr) too, but set where it was unset or the reverse is refused
+  (an optimizer parameter group more or less).
 """
 from __future__ import annotations
 
@@ -34,6 +36,10 @@ _DATA_KEYS = ("train.global_batch_size", "train.seq_length", "train.seed", "data
 _SCHEDULE_KEYS = ("train.lr", "train.min_lr", "train.lr_warmup_iters", "train.lr_decay_iters",
                   "train.lr_decay_style", "train.weight_decay", "train.adam_beta1", "train.adam_beta2",
                   "train.adam_eps", "train.clip_grad", "train.train_iters", "train.max_epochs")
+# A VLM part's own learning rate: a new value is applied like train.lr (the config's max/min lr win when the
+# optimizer state loads: checkpoint._config_hyperparameters), but setting or unsetting one adds or removes an
+# optimizer parameter group, whose saved state would not line up: refused.
+_PART_LR_KEYS = ("train.vision_lr", "train.projector_lr")
 
 
 def _data_files(cfg) -> List[str]:
@@ -59,7 +65,7 @@ def settings(cfg, arch) -> Dict[str, dict]:
         "data": {key: plain(key) for key in data_keys},
         "files": fingerprint.fingerprints(_data_files(cfg)),
         "model": model,
-        "schedule": {key: plain(key) for key in _SCHEDULE_KEYS},
+        "schedule": {key: plain(key) for key in _SCHEDULE_KEYS + _PART_LR_KEYS},
     }
     return json.loads(json.dumps(out))  # as a checkpoint record holds it (lists, not tuples), so == compares
 
@@ -92,7 +98,12 @@ def compare(saved: dict, now: dict) -> Tuple[List[str], List[str]]:
                                                                                         now[part])]
     refused += [f"data file {k}: " + ("new" if a is None else "gone" if b is None else "contents changed")
                 for k, a, b in _diff(saved.get("files", {}), now["files"])]
-    applied = [f"{k}: {a} -> {b}" for k, a, b in _diff(saved.get("schedule", {}), now["schedule"])]
+    schedule = _diff(saved.get("schedule", {}), now["schedule"])
+    groups = [(k, a, b) for k, a, b in schedule if k in _PART_LR_KEYS and (a is None) != (b is None)]
+    why = {True: "adds an optimizer parameter group the checkpoint has no state for",
+           False: "removes an optimizer parameter group the checkpoint has state for"}
+    refused += [f"{k}: {a} -> {b} ({why[a is None]})" for k, a, b in groups]
+    applied = [f"{k}: {a} -> {b}" for k, a, b in schedule if (k, a, b) not in groups]
     return refused, applied
 
 

@@ -176,8 +176,24 @@ class Family:
         """Parameters of a held tower (Arch.vision_hf), whole on each first-stage rank: {"encoder", "projector"}."""
         return {"encoder": 0, "projector": 0}
 
-    def tower_flops_per_token(self, arch, train_vision: bool) -> float:
-        """Training FLOPs of a held tower (Arch.vision_hf) per image token the language model receives."""
+    def tower_image_grid(self, arch, max_pixels: Optional[int], max_tokens: Optional[int] = None):
+        """The (t, h, w) patch grid of the largest image a held tower (Arch.vision_hf) gets under data.max_pixels
+        and of at most ``max_tokens`` image tokens (the planner's worst case); None: not counted."""
+        return None
+
+    def tower_image_tokens(self, arch, grid) -> int:
+        """Language-model tokens of one image of a held tower with ``grid`` (as tower_image_grid gives it)."""
+        return 0
+
+    def tower_activation_bytes(self, arch, grids, train_tower: bool, train_merger: bool, eager: bool,
+                               dtype_bytes: int) -> int:
+        """Bytes autograd keeps through a held tower for one micro-batch's images (``grids``: (t, h, w) patch
+        grids); ``eager``: transformers' eager attention (model.attention_backend=local), else SDPA."""
+        return 0
+
+    def tower_flops_per_token(self, arch, train_vision: bool, image_tokens: Optional[int] = None) -> float:
+        """Training FLOPs of a held tower (Arch.vision_hf) per image token the language model receives, for an
+        image of ``image_tokens`` tokens (None: not known; the family's lower bound)."""
         return 0.0
 
     def check_inputs(self, folder: str, hf: dict, images: list, seq: int, generator) -> dict:

@@ -156,10 +156,11 @@ class InternVLFamily(Family):
         return {"encoder": embed + v["num_hidden_layers"] * layer + final,
                 "projector": 2 * wide + wide * H + H + H * H + H}
 
-    def tower_flops_per_token(self, arch, train_vision: bool) -> float:
+    def tower_flops_per_token(self, arch, train_vision: bool, image_tokens: Optional[int] = None) -> float:
         """Per LLM image token: the 1 / ratio^2 patches pixel shuffle folds into it (plus its share of the class
         token) through the patch embedding and every InternViT layer (Q/K/V + output 4h^2, MLP 2hf, scores and
-        values 2h x the tile's positions), then the projector (LayerNorm, 4h -> H -> H). Training is 3x the
+        values 2h x the tile's positions: tiles have one size, ``image_tokens`` changes nothing), then the
+        projector (LayerNorm, 4h -> H -> H). Training is 3x the
         forward, the tower's part 1x when it is frozen (train.train_vision=false); the projector always trains."""
         v, options = arch.vision_hf, arch.family_options
         h, f, depth = v["hidden_size"], v["intermediate_size"], v["num_hidden_layers"]
@@ -170,6 +171,61 @@ class InternVLFamily(Family):
         tower = embed + depth * (4 * h * h + 2 * h * f + 2 * h * positions) * positions / per_tile
         projector = shuffled * arch.hidden_size + arch.hidden_size ** 2
         return 2 * ((3 if train_vision else 1) * tower + 3 * projector)
+
+    def tower_image_grid(self, arch, max_pixels: Optional[int], max_tokens: Optional[int] = None):
+        """(tiles, patches per side, patches per side) of the most tiles an image gets under ``max_pixels``:
+        max_pixels // tile area tiles (None: GotOcr2's default max_patches, 12) plus the thumbnail, no more
+        than ``max_tokens`` (what a row holds) take."""
+        v = arch.vision_hf
+        side = _side(v["image_size"])
+        tiles = max(1, max_pixels // side ** 2) if max_pixels else 12
+        tiles += 1 if tiles > 1 else 0
+        if max_tokens:
+            tiles = max(1, min(tiles, max_tokens // arch.family_options["image_seq_length"]))
+        per_side = side // _side(v["patch_size"])
+        return (tiles, per_side, per_side)
+
+    def tower_image_tokens(self, arch, grid) -> int:
+        """image_seq_length tokens a tile."""
+        return grid[0] * arch.family_options["image_seq_length"]
+
+    def tower_activation_bytes(self, arch, grids, train_tower: bool, train_merger: bool, eager: bool,
+                               dtype_bytes: int) -> int:
+        """Bytes autograd keeps for one micro-batch's tiles (``grids``: (tiles, patches per side, patches per side)
+        each) through transformers' InternViT and projector: R = tiles x (patches + class token) rows, M tokens
+        after pixel shuffle, d the compute dtype's bytes. A LayerNorm keeps its input, its output (the next
+        linear's input) and per row its mean and 1/std in d; an RMSNorm its fp32 input, 1/rms (fp32), the
+        normalised value and its output.
+
+        - a trained tower: the pixels; per layer its two norms, QKV's inputs and V (R h d), Q and K (their
+          projections, 2 R h d; with QK norm the two RMSNorms over h instead), the output projection's input and
+          the layer-scaled attention and MLP outputs (3 R h d), the MLP's GELU input and output (2 R f d), and
+          the attention: eager each tile's softmax (heads x L^2 in d), SDPA its log-sum-exp (4 heads R; its
+          output is the projection's input);
+        - the projector (a LayerNorm over the shuffled width, then two linears with GELU between): its
+          LayerNorm's input and statistics and GELU's input, plus (trained) the LayerNorm's output and GELU's
+          output."""
+        v, H, d = arch.vision_hf, arch.hidden_size, dtype_bytes
+        h, f, heads = v["hidden_size"], v["intermediate_size"], v["num_attention_heads"]
+        grids = [tuple(int(x) for x in g) for g in grids]
+        R = sum(t * (gh * gw + 1) for t, gh, gw in grids)
+        M = int(sum(t * gh * gw for t, gh, gw in grids) * arch.family_options["downsample_ratio"] ** 2)
+        if not (train_tower or train_merger):
+            return 0
+        shuffled = sum(t * gh * gw for t, gh, gw in grids) * h  # the projector's input: M rows of 4h
+        projector = shuffled * d + 2 * M * d + M * H * d + ((shuffled + M * H) * d if train_merger else 0)
+        if not train_tower:
+            return projector
+        rms = v.get("norm_type", "rms_norm") == "rms_norm"
+        norm = (4 + 2 * d) * R * h + 4 * R if rms else 2 * R * h * d + 2 * R * d
+        qk = 2 * ((4 + 2 * d) * R * h + 4 * R if v.get("use_qk_norm") else R * h * d)
+        if eager:  # its eager softmax runs in the compute dtype
+            attention = heads * d * sum(t * (gh * gw + 1) ** 2 for t, gh, gw in grids)
+        else:  # SDPA's output is already laid out as the output projection's input: one storage
+            attention = 4 * heads * R
+        layer = 2 * norm + qk + R * h * d + 3 * R * h * d + 2 * R * f * d + attention
+        pixels = sum(t * gh * gw for t, gh, gw in grids) * v.get("num_channels", 3) * _side(v["patch_size"]) ** 2 * d
+        return pixels + v["num_hidden_layers"] * layer + projector
 
     def vision_data(self, cfg, arch):
         """What vl_sft rows need (data/images.VisionData): the folder's own tiling image processor decides each

@@ -169,21 +169,81 @@ class QwenVLFamily(Family):
         merger = h + (wide * wide + wide) + (wide * v["out_hidden_size"] + v["out_hidden_size"])
         return {"encoder": embed + v["depth"] * block, "projector": merger}
 
-    def tower_flops_per_token(self, arch, train_vision: bool) -> float:
+    def tower_flops_per_token(self, arch, train_vision: bool, image_tokens: Optional[int] = None) -> float:
         """Per LLM image token (merge^2 patches): patch embedding, the blocks (QKV + output 4h^2, gated MLP 3hf,
-        scores and values 2h x the patches a window holds; the full-attention blocks counted as windows: the
-        image size is not known here, a lower bound), and the merger (4h -> 4h -> out). Training is 3x the
-        forward, the tower's part 1x when it is frozen (train.train_vision=false); the merger always trains."""
+        scores and values 2h x the keys a patch attends to), and the merger (4h -> 4h -> out). The keys: in a
+        full-attention block the image's P = image_tokens x merge^2 patches, in a windowed one a window's
+        patches (at most P); without ``image_tokens`` (the image unknown) the full-attention blocks are counted
+        as windows, a lower bound. Training is 3x the forward, the tower's part 1x when it is frozen
+        (train.train_vision=false); the merger always trains."""
         v = arch.vision_hf
         h, f, depth = v["hidden_size"], v["intermediate_size"], v["depth"]
         merge, patch, out = v.get("spatial_merge_size", 2), v.get("patch_size", 14), v["out_hidden_size"]
         patches = merge ** 2
         window = (v.get("window_size", 112) // patch) ** 2
+        full_blocks = len(v.get("fullatt_block_indexes") or []) if image_tokens else 0
+        keys = image_tokens * patches if image_tokens else window
+        window = min(window, keys)
         embed = v.get("in_channels", 3) * v.get("temporal_patch_size", 2) * patch ** 2 * h
-        block = 4 * h * h + 3 * h * f + 2 * h * window
-        tower = patches * (embed + depth * block)
+        block = 4 * h * h + 3 * h * f
+        attention = 2 * h * (full_blocks * keys + (depth - full_blocks) * window)
+        tower = patches * (embed + depth * block + attention)
         merger = (patches * h) ** 2 + patches * h * out
         return 2 * ((3 if train_vision else 1) * tower + 3 * merger)
+
+    def tower_image_grid(self, arch, max_pixels: Optional[int], max_tokens: Optional[int] = None):
+        """The (t, h, w) patch grid of the largest image the processor makes under ``max_pixels`` (None: the
+        published processor's 12845056): its sides are multiples of patch x merge with h x w <= max_pixels
+        (transformers' smart_resize), the most merged tokens (at most ``max_tokens``: what a row holds) taken
+        near-square."""
+        v = arch.vision_hf
+        merge = v.get("spatial_merge_size", 2)
+        return largest_grid(max_pixels or processor_defaults(v)["max_pixels"], v.get("patch_size", 14) * merge, merge,
+                            max_tokens)
+
+    def tower_image_tokens(self, arch, grid) -> int:
+        """t x h x w patches, merge^2 to a token."""
+        t, h, w = grid
+        return t * h * w // arch.vision_hf.get("spatial_merge_size", 2) ** 2
+
+    def tower_activation_bytes(self, arch, grids, train_tower: bool, train_merger: bool, eager: bool,
+                               dtype_bytes: int) -> int:
+        """Bytes autograd keeps for one micro-batch's images (``grids``: their (t, h, w) patch grids) through
+        transformers' tower, as its ops save them (P patches, N = P / merge^2 tokens, d the compute dtype's
+        bytes; the RMSNorms and rotary work in fp32):
+
+        - a trained tower: the pixels (the patch convolution's input, P x 3 x 2 x 14^2 x d), the window-order
+          index (8N), cos and sin (2 x 4 P x head_dim, shared by the blocks); per block its two RMSNorms (the
+          fp32 input, 1/rms, the normalised value and the weighted output: (4 + 2d) P h + 4P each), QKV's output
+          (3 P h d: V is a view of it), rotated Q and K (2 P h d), the output projection's input (P h d), the gated
+          MLP (gate, SiLU, up, product: 4 P f d), and the attention: eager (model.attention_backend=local) keeps
+          the fp32 softmax of every window or image (heads x L^2 each, and its copy in the compute dtype when
+          that is not fp32); torch's SDPA its output (P h d) and log-sum-exp (4 x heads x P);
+        - the merger: when the tower trains, its RMSNorm's fp32 input, 1/rms and the un-permuting index
+          (4 P h + 4P + 8N) and GELU's input (P h d), plus when the merger trains too the normalised value, the
+          RMSNorm's output and GELU's output (3 P h d); when only the merger trains 4 P h d + 8N (those four);
+        - nothing when both are frozen."""
+        v = arch.vision_hf
+        h, f, heads, merge = v["hidden_size"], v["intermediate_size"], v["num_heads"], v.get("spatial_merge_size", 2)
+        grids = [tuple(int(x) for x in g) for g in grids]
+        P = sum(t * gh * gw for t, gh, gw in grids)
+        N, d = P // merge ** 2, dtype_bytes
+        if not train_tower:
+            return 4 * P * h * d + 8 * N if train_merger else 0
+        merger = (4 + (4 if train_merger else 1) * d) * P * h + 4 * P + 8 * N
+        pixels = P * v.get("in_channels", 3) * v.get("temporal_patch_size", 2) * v.get("patch_size", 14) ** 2 * d
+        shared = pixels + 8 * N + 2 * 4 * P * (h // heads)
+        block = (8 + 10 * d) * P * h + 8 * P + 4 * P * f * d
+        total = merger + shared + v["depth"] * block
+        if not eager:
+            return total + v["depth"] * (P * h * d + 4 * heads * P)
+        units = v.get("window_size", 112) // v.get("patch_size", 14) // merge  # a window's side in merged tokens
+        full = sum(t * (gh * gw) ** 2 for t, gh, gw in grids)
+        windows = sum(t * merge ** 4 * _square_chunks(gh // merge, units) * _square_chunks(gw // merge, units)
+                      for t, gh, gw in grids)
+        per_score = heads * (4 + (d if d != 4 else 0))
+        full_blocks = len(v.get("fullatt_block_indexes") or [])
+        return total + per_score * (full_blocks * full + (v["depth"] - full_blocks) * windows)
 
     def vision_data(self, cfg, arch):
         return vision_data(cfg, arch)
@@ -240,24 +300,43 @@ def vision_data(cfg, arch):
     same image processor at the video processor's sizes (data/videos.py; data.video_* settings)."""
     from megatron_swift.data.videos import folder_video_config, qwen_video_data, video_settings
 
-    processor = folder_image_processor(cfg, FAMILY.name)
+    processor = folder_image_processor(cfg, FAMILY.name, processor_defaults(arch.vision_hf))
     settings = video_settings(folder_video_config(cfg.model.pretrained), cfg.data)
     video_id = arch.family_options.get("video_token_id")
     video = None if video_id is None else qwen_video_data(processor, settings, video_id)
     return qwen_vision_data(processor, arch, video=video)
 
 
-def folder_image_processor(cfg, family: str):
-    """transformers' image processor of model.pretrained, with data.min_pixels / max_pixels passed to it."""
+def folder_image_processor(cfg, family: str, defaults: Optional[dict] = None):
+    """transformers' image processor of model.pretrained, with data.min_pixels / max_pixels passed to it; without
+    a folder (a model built from scratch: model.size) transformers' Qwen2-VL image processor with ``defaults``
+    (the published checkpoints' preprocessor_config.json values for the family's patch and merge sizes)."""
     from megatron_swift.data.images import load_image_processor
 
     folder = cfg.model.pretrained
-    if not folder:
-        raise DataError("model.pretrained", None, f"+model={family} with data.source=vl_sft needs "
-                                                  "model.pretrained: the HF folder whose image processor makes the pixels")
     overrides = {k: v for k, v in (("min_pixels", cfg.data.min_pixels), ("max_pixels", cfg.data.max_pixels))
                  if v is not None}
+    if not folder:
+        if defaults is None:
+            raise DataError("model.pretrained", None, f"+model={family} with data.source=vl_sft needs "
+                                                      "model.pretrained: the HF folder whose image processor makes the pixels")
+        return default_image_processor(defaults, **overrides)
     return load_image_processor(folder, **overrides).hf
+
+
+def default_image_processor(defaults: dict, **overrides):
+    """transformers' (PIL) Qwen2-VL image processor built from ``defaults`` and ``overrides`` (min/max_pixels)."""
+    import transformers
+
+    cls = getattr(transformers, "Qwen2VLImageProcessorPil", None) or transformers.Qwen2VLImageProcessor
+    return cls(**{**defaults, **overrides})
+
+
+def processor_defaults(vision_hf: dict) -> dict:
+    """The preprocessor_config.json of the published Qwen2.5-VL checkpoints, for this tower's patch sizes
+    (transformers' Qwen2-VL image processor: CLIP mean/std, 56x56 to 3584x3584 pixels)."""
+    return dict(patch_size=vision_hf.get("patch_size", 14), temporal_patch_size=vision_hf.get("temporal_patch_size", 2),
+                merge_size=vision_hf.get("spatial_merge_size", 2), min_pixels=3136, max_pixels=12845056)
 
 
 def qwen_vision_data(processor, arch, model_class: str = "Qwen2_5_VLModel", config=None, video=None):
@@ -314,6 +393,23 @@ def _upright_size(file: str):
         if image.getexif().get(0x0112) in (5, 6, 7, 8):
             width, height = height, width
     return height, width
+
+
+def largest_grid(max_pixels: int, factor: int, merge: int, max_tokens: Optional[int] = None) -> tuple:
+    """(1, h, w) patches of the largest near-square image with sides multiples of ``factor`` px and at most
+    ``max_pixels`` pixels: U = max_pixels // factor^2 merged tokens (at most ``max_tokens``), as many as a
+    side x (U // side) grid holds."""
+    import math
+
+    tokens = max(1, min(max_pixels // factor ** 2, max_tokens or max_pixels))
+    side = max(1, math.isqrt(tokens))
+    return (1, side * merge, tokens // side * merge)
+
+
+def _square_chunks(n: int, size: int) -> int:
+    """Sum of squares of the lengths ``n`` splits into: windows of ``size`` and the remainder (transformers'
+    get_vision_window_index pads the grid to whole windows, the padding dropped)."""
+    return (n // size) * size ** 2 + (n % size) ** 2
 
 
 def tower_parameter_names(vision_hf: dict) -> list:

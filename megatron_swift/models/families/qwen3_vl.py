@@ -22,6 +22,7 @@ from __future__ import annotations
 import itertools
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 from megatron_swift.convert.rules import Direct
 from megatron_swift.convert.tables import prefixed
@@ -31,6 +32,7 @@ from megatron_swift.models.families.qwen2_5_vl import (_TOKENS, QwenVLSize, chec
                                                        qwen_vision_data)
 
 _TOWER, _MTOWER = "model.visual.", "vision_model.hf."
+_MAX_PIXELS = 16777216  # the published Qwen3-VL preprocessor_config.json's longest_edge (4096 x 4096)
 # train.freeze groups: the patch merger and the DeepStack mergers are the projector, the rest the vision group.
 _FREEZE_GROUPS = {"vision": r"^vision_model\.hf\.(?!merger\.|deepstack_merger_list\.)",
                   "projector": r"^vision_model\.hf\.(merger|deepstack_merger_list)\."}
@@ -219,22 +221,80 @@ class Qwen3VLFamily(Family):
         deep = len(v.get("deepstack_visual_indexes") or ())
         return {"encoder": embed + v["depth"] * block, "projector": 2 * h + linears + deep * (2 * wide + linears)}
 
-    def tower_flops_per_token(self, arch, train_vision: bool) -> float:
-        """Per LLM image token (merge^2 patches): patch embedding, the blocks (QKV + output 4h^2, MLP 2hf; the
-        attention scores over the whole image are not counted: the image size is not known here, a lower
-        bound), the merger and the DeepStack mergers (4h -> 4h -> out each). Training 3x the forward, the
-        tower 1x when frozen; the mergers always train."""
+    def tower_flops_per_token(self, arch, train_vision: bool, image_tokens: Optional[int] = None) -> float:
+        """Per LLM image token (merge^2 patches): patch embedding, the blocks (QKV + output 4h^2, MLP 2hf, and
+        scores and values 2h x the image's P = image_tokens x merge^2 patches: every block attends over the
+        whole image; without ``image_tokens`` not counted, a lower bound), the merger and the DeepStack mergers
+        (4h -> 4h -> out each). Training 3x the forward, the tower 1x when frozen; the mergers always train."""
         v = arch.vision_hf
         h, f, depth = v["hidden_size"], v["intermediate_size"], v["depth"]
         merge, patch, out = v.get("spatial_merge_size", 2), v.get("patch_size", 16), v["out_hidden_size"]
         patches = merge ** 2
         embed = v.get("in_channels", 3) * v.get("temporal_patch_size", 2) * patch ** 2 * h
-        tower = patches * (embed + depth * (4 * h * h + 2 * h * f))
+        keys = (image_tokens or 0) * patches
+        tower = patches * (embed + depth * (4 * h * h + 2 * h * f + 2 * h * keys))
         mergers = (1 + len(v.get("deepstack_visual_indexes") or ())) * ((patches * h) ** 2 + patches * h * out)
         return 2 * ((3 if train_vision else 1) * tower + 3 * mergers)
 
+    def tower_image_grid(self, arch, max_pixels: Optional[int], max_tokens: Optional[int] = None):
+        """The largest image under ``max_pixels`` (None: the published processor's 16777216) and ``max_tokens``,
+        as for Qwen2.5-VL with 16-px patches."""
+        from megatron_swift.models.families.qwen2_5_vl import largest_grid
+
+        v = arch.vision_hf
+        merge = v.get("spatial_merge_size", 2)
+        return largest_grid(max_pixels or _MAX_PIXELS, v.get("patch_size", 16) * merge, merge, max_tokens)
+
+    def tower_image_tokens(self, arch, grid) -> int:
+        """t x h x w patches, merge^2 to a token."""
+        t, h, w = grid
+        return t * h * w // arch.vision_hf.get("spatial_merge_size", 2) ** 2
+
+    def tower_activation_bytes(self, arch, grids, train_tower: bool, train_merger: bool, eager: bool,
+                               dtype_bytes: int) -> int:
+        """Bytes autograd keeps for one micro-batch's images through transformers' Qwen3-VL tower (P patches, N
+        tokens, d the compute dtype's bytes; a LayerNorm keeps its input and its mean and 1/std per row in d):
+
+        - a trained tower: the pixels (P x 3 x 2 x 16^2 x d), the position table's bilinear indices and weights
+          (32P + 16P), cos and sin (2 x 4 P x head_dim); per block its LayerNorms' inputs and outputs and
+          statistics (4 P h d + 4 P d), QKV's output (3 P h d), rotated Q and K (2 P h d), the output
+          projection's input (P h d), the MLP's GELU input and output (2 P f d), and the attention: eager keeps
+          each image's fp32 softmax (heads x P_i^2, and its copy in d when d is not fp32), SDPA its output and
+          log-sum-exp (P h d + 4 heads P);
+        - each merger (the main one over P rows of h, the DeepStack ones over N rows of 4h): its LayerNorm's
+          statistics and GELU's input, plus (trained) the LayerNorm's output and GELU's output (P h d each);
+          the main one's input (the last block's output) too, a DeepStack one's only when the tower is
+          frozen and no other merger keeps that block's output."""
+        v = arch.vision_hf
+        h, f, heads, depth = v["hidden_size"], v["intermediate_size"], v["num_heads"], v["depth"]
+        merge, d = v.get("spatial_merge_size", 2), dtype_bytes
+        grids = [tuple(int(x) for x in g) for g in grids]
+        P = sum(t * gh * gw for t, gh, gw in grids)
+        N = P // merge ** 2
+        deep = sorted(set(v.get("deepstack_visual_indexes") or ()))
+        if not (train_tower or train_merger):
+            return 0
+        kept = (3 if train_merger else 1) * P * h * d
+        mergers = P * h * d + 2 * P * d + kept + len(deep) * (2 * N * d + kept)
+        if not train_tower:  # a DeepStack merger's input is kept by it alone (unless it is the last block's)
+            return mergers + sum(P * h * d for k in deep if k != depth - 1)
+        pixels = P * v.get("in_channels", 3) * v.get("temporal_patch_size", 2) * v.get("patch_size", 16) ** 2 * d
+        shared = pixels + 48 * P + 2 * 4 * P * (h // heads)
+        block = 10 * P * h * d + 4 * P * d + 2 * P * f * d
+        if eager:
+            attention = heads * (4 + (d if d != 4 else 0)) * sum(t * (gh * gw) ** 2 for t, gh, gw in grids)
+        else:
+            attention = P * h * d + 4 * heads * P
+        return shared + depth * (block + attention) + mergers
+
     def vision_data(self, cfg, arch):
-        return qwen3_vision_data(folder_image_processor(cfg, self.name), arch)
+        # without a folder: the published Qwen3-VL preprocessor_config.json (16-px patches, mean/std 0.5,
+        # 256x256 to 4096x4096 pixels)
+        v = arch.vision_hf
+        defaults = dict(patch_size=v.get("patch_size", 16), merge_size=v.get("spatial_merge_size", 2),
+                        temporal_patch_size=v.get("temporal_patch_size", 2), image_mean=[0.5] * 3,
+                        image_std=[0.5] * 3, min_pixels=65536, max_pixels=_MAX_PIXELS)
+        return qwen3_vision_data(folder_image_processor(cfg, self.name, defaults), arch)
 
 
 def qwen3_vision_data(processor, arch):
