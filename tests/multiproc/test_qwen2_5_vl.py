@@ -288,22 +288,39 @@ def test_packed_rows_under_cp2_give_transformers_per_token_losses(tmp_path, trai
         assert (result["unpacked"][sample] - want).abs().max().item() < 1e-5, sample
 
 
-def test_training_with_images_tp2_sp_equals_one_rank(tmp_path, train_root):
-    """3 steps of SFT with images (tower, merger and language model all training) under TP=2 + SP report the
-    one-rank run's losses and gradient norms within 1e-5: the held tower's gradients are equal on the TP ranks
-    and counted once in the norm."""
+TRAIN_LAYOUTS = {"tp2-sp": ["parallel.tp=2", "parallel.sp=true"], "pp2": ["parallel.pp=2"],
+                 "dp2-distopt": ["parallel.distributed_optimizer=true"]}
+
+
+def _training_overrides(root) -> list:
+    return ["+model=qwen2_5_vl", f"model.pretrained={root / 'hf'}", "data=vl_sft", f"data.path=[{root / 'd.jsonl'}]",
+            "train.precision=fp32", "train.train_iters=3", "train.global_batch_size=4", "train.micro_batch_size=1",
+            "train.seq_length=64", "train.save_at_end=false", "train.lr=1e-3", "train.lr_warmup_iters=1",
+            "logging.tensorboard=false", "train.train_vision=true"]
+
+
+@pytest.fixture(scope="module")
+def one_rank_training(tmp_path_factory, train_root):
+    """The metrics rows of 3 SFT steps with images on one rank (the baseline of every layout)."""
     from tests.conftest import read_metrics, run_train
 
-    root = train_root
-    common = ["+model=qwen2_5_vl", f"model.pretrained={root / 'hf'}", "data=vl_sft", f"data.path=[{root / 'd.jsonl'}]",
-              "train.precision=fp32", "train.train_iters=3", "train.global_batch_size=4", "train.micro_batch_size=1",
-              "train.seq_length=64", "train.save_at_end=false", "train.lr=1e-3", "train.lr_warmup_iters=1",
-              "logging.tensorboard=false", "train.train_vision=true"]
-    run_train(1, [*common, f"train.output_dir={tmp_path / 'one'}"])
-    run_train(2, [*common, "parallel.tp=2", "parallel.sp=true", f"train.output_dir={tmp_path / 'tp2'}"])
-    baseline, rows = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "tp2")
+    out = tmp_path_factory.mktemp("one_rank")
+    run_train(1, [*_training_overrides(train_root), f"train.output_dir={out}"])
+    return read_metrics(out)
+
+
+@pytest.mark.parametrize("layout", list(TRAIN_LAYOUTS))
+def test_training_with_images_equals_one_rank(tmp_path, train_root, one_rank_training, layout):
+    """3 steps of SFT with images (tower, merger and language model all training) under TP=2 + SP, PP=2 (the
+    tower on the first stage) and DP=2 with the distributed optimizer report the one-rank run's losses and
+    gradient norms within 1e-5: the held tower's gradients are equal on the TP ranks and counted once in the
+    norm, and reduced over DP like any replicated parameter."""
+    from tests.conftest import read_metrics, run_train
+
+    run_train(2, [*_training_overrides(train_root), *TRAIN_LAYOUTS[layout], f"train.output_dir={tmp_path}"])
+    rows = read_metrics(tmp_path)
     assert [r["iteration"] for r in rows] == [1, 2, 3]
-    for got, want in zip(rows, baseline):
+    for got, want in zip(rows, one_rank_training):
         assert abs(got["loss"] - want["loss"]) < 1e-5, (got["loss"], want["loss"])
         assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
     assert rows[-1]["loss"] < rows[0]["loss"]
