@@ -35,7 +35,7 @@ setup(
         # scikit-learn ships two real JPEGs (china.jpg, flower.jpg) the vision tests use; trl's own CPO/ORPO/GKD
         # loss functions are the ground truth of tests/test_reference_free_losses.py (pulls datasets/pandas/pyarrow).
         # pytest-xdist: the suite's two workers (README's test command).
-        "test": ["pytest>=8", "pytest-xdist>=3.6", "transformers>=4.45", "pillow>=9", "peft>=0.15",
+        "test": ["pytest>=8", "pytest-xdist>=3.8", "transformers>=4.45", "pillow>=9", "peft>=0.15",
                  "math-verify>=0.7,<1", "scikit-learn>=1.3", "trl>=1.0,<2", "av>=12"],
     },
 )
