@@ -122,41 +122,39 @@ class RowImages:
         self._video_problems: Dict[object, Optional[str]] = {}
 
     def files(self, row: dict, jsonl_path: str, tags: int) -> tuple:
-        names = row.get("images")
-        names = [] if names is None else names  # a row without images is a text-only conversation
-        if not isinstance(names, list):
-            raise RowError("'images' must be a list of image file paths")
-        if tags != len(names):
-            raise RowError(f"{tags} {self.vision.image_token} tag{'s' * (tags != 1)} but {len(names)} "
-                           f"image{'s' * (len(names) != 1)} ('images' needs one file per tag, in order)")
-        files = tuple(image_path(name, jsonl_path) for name in names)
-        for name, file in zip(names, files):
-            if file not in self._problems:
-                self._problems[file] = image_problem(file)
-            if self._problems[file]:
-                raise RowError(f"image '{name}': {self._problems[file]}")
-        return files
+        """The row's image files, one per image tag, resolved and checked."""
+        return self._entries(row, "images", tags, self.vision.image_token, "image", "image file paths",
+                             lambda name: image_path(name, jsonl_path), image_problem, self._problems)
 
     def videos(self, row: dict, jsonl_path: str, tags: int) -> tuple:
         """The row's videos (data/videos.py: a file path, or a tuple of frame files), one per <video> tag."""
         from megatron_swift.data.videos import video_entry
 
-        entries = row.get("videos")
-        entries = [] if entries is None else entries
         video = self.vision.video
-        if entries and video is None:
+        if row.get("videos") and video is None:
             raise RowError("'videos': this model takes no video input (video rows: +model=qwen2_5_vl)")
-        if not isinstance(entries, list):
-            raise RowError("'videos' must be a list of video files (or of lists of frame files)")
-        if tags != len(entries):
-            raise RowError(f"{tags} <video> tag{'s' * (tags != 1)} but {len(entries)} "
-                           f"video{'s' * (len(entries) != 1)} ('videos' needs one entry per tag, in order)")
-        resolved = tuple(video_entry(entry, jsonl_path) for entry in entries)
-        for entry, path in zip(entries, resolved):
-            if path not in self._video_problems:
-                self._video_problems[path] = video.problem(path)
-            if self._video_problems[path]:
-                raise RowError(f"video {entry!r}: {self._video_problems[path]}")
+        return self._entries(row, "videos", tags, "<video>", "video", "video files (or of lists of frame files)",
+                             lambda entry: video_entry(entry, jsonl_path), lambda path: video.problem(path),
+                             self._video_problems)
+
+    @staticmethod
+    def _entries(row: dict, key: str, tags: int, tag: str, noun: str, kind: str, resolve, problem, seen: dict):
+        """``row[key]`` (absent: none) resolved, one per tag, in order; each checked once (``seen`` caches the
+        problem of every path)."""
+        names = row.get(key)
+        names = [] if names is None else names  # a row without media is a text-only conversation
+        if not isinstance(names, list):
+            raise RowError(f"'{key}' must be a list of {kind}")
+        if tags != len(names):
+            raise RowError(f"{tags} {tag} tag{'s' * (tags != 1)} but {len(names)} {noun}{'s' * (len(names) != 1)} "
+                           f"('{key}' needs one {'file' if noun == 'image' else 'entry'} per tag, in order)")
+        resolved = tuple(resolve(name) for name in names)
+        for name, path in zip(names, resolved):
+            if path not in seen:
+                seen[path] = problem(path)
+            if seen[path]:
+                shown = f"'{name}'" if isinstance(name, str) else repr(name)
+                raise RowError(f"{noun} {shown}: {seen[path]}")
         return resolved
 
     def video_tokens(self, video) -> int:
