@@ -306,7 +306,7 @@ def test_build_source_needs_a_vision_model(folders):
 
     tok, vision = _vision(folders)
     path = _write(folders / "d.jsonl", [ONE])
-    with pytest.raises(ConfigError, match=r"data.source=vl_sft needs a vision-language model \(\+model=llava\)"):
+    with pytest.raises(ConfigError, match=r"data.source=vl_sft needs a vision-language model \(e.g. \+model=llava or qwen2_5_vl\)"):
         build_source(_cfg(), [path], tok, 128, 0, str(folders / "tok"))
     rows = build_source(_cfg(), [path], tok, 128, 0, str(folders / "tok"), vision=vision)
     assert rows.description.startswith("vl_sft:") and "1 images" in rows.description
@@ -321,5 +321,5 @@ def test_config_group_validates_as_sft_without_streaming():
                           "train.train_iters=3", "data.truncation=cut"]), 1)
     assert "data.streaming is not supported with data.source=vl_sft" in str(e.value)
     assert "data.truncation" in str(e.value) and "data.path is empty; give the vl_sft file(s)" in str(e.value)
-    assert "data.source=vl_sft needs a vision-language model (+model=llava, qwen2_5_vl or internvl), not " \
-        "+model=qwen3" in str(e.value)
+    assert ("data.source=vl_sft needs a vision-language model (+model=llava, qwen2_5_vl, qwen3_vl, qwen3_vl_moe or "
+            "internvl), not +model=qwen3") in str(e.value)

@@ -332,8 +332,8 @@ def _vision(cfg, arch, problems: List[str]) -> None:
     """Vision-language models (+model=llava) and image data."""
     model = cfg.model
     if cfg.data.source == "vl_sft" and not arch.has_vision:
-        problems.append(f"data.source=vl_sft needs a vision-language model (+model=llava, qwen2_5_vl or internvl), "
-                        f"not +model={model.family}")
+        problems.append(f"data.source=vl_sft needs a vision-language model (+model=llava, qwen2_5_vl, qwen3_vl, "
+                        f"qwen3_vl_moe or internvl), not +model={model.family}")
     for key in ("min_pixels", "max_pixels"):
         value = cfg.data.get(key)
         if value is not None and (arch.vision_hf is None or value <= 0):

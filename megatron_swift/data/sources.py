@@ -110,7 +110,7 @@ def build_source(data_cfg, paths: Sequence[str], tokenizer, seq_length: int, see
         from megatron_swift.data.vl_sft import vl_sft_source
 
         if vision is None:  # ConfigError: the CLI ends the run with this one line
-            raise ConfigError(["data.source=vl_sft needs a vision-language model (+model=llava)"])
+            raise ConfigError(["data.source=vl_sft needs a vision-language model (e.g. +model=llava or qwen2_5_vl)"])
         return vl_sft_source(paths, data_cfg, tokenizer, seq_length, data_cfg.template, template_folder, vision)
     if data_cfg.source == "sft":
         from megatron_swift.data.sft import sft_source

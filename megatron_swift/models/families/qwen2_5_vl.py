@@ -318,7 +318,7 @@ def folder_image_processor(cfg, family: str, defaults: Optional[dict] = None):
                  if v is not None}
     if not folder:
         if defaults is None:
-            raise DataError("model.pretrained", None, f"+model={family} with data.source=vl_sft needs "
+            raise DataError("model.pretrained", None, f"+model={family} with image rows needs "
                                                       "model.pretrained: the HF folder whose image processor makes the pixels")
         return default_image_processor(defaults, **overrides)
     return load_image_processor(folder, **overrides).hf
