@@ -127,12 +127,11 @@ class RowImages:
                              lambda name: image_path(name, jsonl_path), image_problem, self._problems)
 
     def videos(self, row: dict, jsonl_path: str, tags: int) -> tuple:
-        """The row's videos (data/videos.py: a file path, or a tuple of frame files), one per <video> tag."""
+        """The row's videos (data/videos.py: a file path, or a tuple of frame files), one per <video> tag (a model
+        without video input has none: VLSides refuses its rows with videos first)."""
         from megatron_swift.data.videos import video_entry
 
         video = self.vision.video
-        if row.get("videos") and video is None:
-            raise RowError("'videos': this model takes no video input (video rows: +model=qwen2_5_vl)")
         return self._entries(row, "videos", tags, "<video>", "video", "video files (or of lists of frame files)",
                              lambda entry: video_entry(entry, jsonl_path), lambda path: video.problem(path),
                              self._video_problems)
