@@ -152,14 +152,20 @@ def video_problem(video: Video) -> Optional[str]:
     return None
 
 
+def _sampled(path: str, settings: VideoSettings, temporal: int) -> Tuple[VideoHeader, List[int], float]:
+    """(header, the sampled frame indices, their rate in frames per second) of a video file."""
+    header = read_header(path)
+    indices = sample_indices(header.frames, header.fps, settings, temporal)
+    return header, indices, len(indices) / header.frames * header.fps
+
+
 def frame_plan(video: Video, settings: VideoSettings, temporal: int) -> Tuple[int, Tuple[int, int], float]:
     """(frames taken, (height, width) of a frame, their rate in frames per second) without decoding pixels."""
     if isinstance(video, tuple):
         width, height = upright_size(video[0])
         return len(video), (height, width), settings.fps
-    header = read_header(video)
-    indices = sample_indices(header.frames, header.fps, settings, temporal)
-    return len(indices), (header.height, header.width), len(indices) / header.frames * header.fps
+    header, indices, fps = _sampled(video, settings, temporal)
+    return len(indices), (header.height, header.width), fps
 
 
 def read_frames(video: Video, settings: VideoSettings, temporal: int) -> Tuple[list, float]:
@@ -167,8 +173,7 @@ def read_frames(video: Video, settings: VideoSettings, temporal: int) -> Tuple[l
     if isinstance(video, tuple):
         return [open_image(frame) for frame in video], settings.fps
     av = _av()
-    header = read_header(video)
-    indices = sample_indices(header.frames, header.fps, settings, temporal)
+    _, indices, fps = _sampled(video, settings, temporal)
     wanted, frames = set(indices), []
     with av.open(video) as container:
         for i, frame in enumerate(container.decode(video=0)):
@@ -178,7 +183,7 @@ def read_frames(video: Video, settings: VideoSettings, temporal: int) -> Tuple[l
                 frames.append(frame.to_image().convert("RGB"))
     if len(frames) != len(indices):
         raise ValueError(f"{len(frames)} of the {len(indices)} sampled frames decode")
-    return frames, len(indices) / header.frames * header.fps
+    return frames, fps
 
 
 class QwenVideo:
