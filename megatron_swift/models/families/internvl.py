@@ -208,11 +208,12 @@ class InternVLFamily(Family):
         v, H, d = arch.vision_hf, arch.hidden_size, dtype_bytes
         h, f, heads = v["hidden_size"], v["intermediate_size"], v["num_attention_heads"]
         grids = [tuple(int(x) for x in g) for g in grids]
-        R = sum(t * (gh * gw + 1) for t, gh, gw in grids)
-        M = int(sum(t * gh * gw for t, gh, gw in grids) * arch.family_options["downsample_ratio"] ** 2)
         if not (train_tower or train_merger):
             return 0
-        shuffled = sum(t * gh * gw for t, gh, gw in grids) * h  # the projector's input: M rows of 4h
+        patches = sum(t * gh * gw for t, gh, gw in grids)
+        R = sum(t * (gh * gw + 1) for t, gh, gw in grids)
+        M = int(patches * arch.family_options["downsample_ratio"] ** 2)
+        shuffled = patches * h  # the projector's input: M rows of 4h
         projector = shuffled * d + 2 * M * d + M * H * d + ((shuffled + M * H) * d if train_merger else 0)
         if not train_tower:
             return projector
@@ -224,7 +225,7 @@ class InternVLFamily(Family):
         else:  # SDPA's output is already laid out as the output projection's input: one storage
             attention = 4 * heads * R
         layer = 2 * norm + qk + R * h * d + 3 * R * h * d + 2 * R * f * d + attention
-        pixels = sum(t * gh * gw for t, gh, gw in grids) * v.get("num_channels", 3) * _side(v["patch_size"]) ** 2 * d
+        pixels = patches * v.get("num_channels", 3) * _side(v["patch_size"]) ** 2 * d
         return pixels + v["num_hidden_layers"] * layer + projector
 
     def vision_data(self, cfg, arch):
