@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -50,6 +51,20 @@ def bpe_tokenizer(corpus: Sequence[str], specials: Sequence[str], vocab_size: in
 
 
 def free_port() -> int:
+    """A port free now for a launch's rendezvous. Under the suite's two xdist workers each worker draws from its
+    own range below Linux's ephemeral ports (32768+), so the other worker's launches and the kernel's own picks
+    cannot take it between this check and torchrun's bind (seen: EADDRINUSE)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if worker.startswith("gw") and worker[2:].isdigit():
+        base = 20000 + 4000 * (int(worker[2:]) % 3)
+        for _ in range(100):
+            port = base + random.randrange(4000)
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
